@@ -1,0 +1,107 @@
+"""Plain dense prefill + decode with a contiguous KV cache (no reuse, no pages).
+
+The simplest correct generation path: the reference the paged engine is tested against, and a
+fallback that needs nothing but the model. One jitted step serves prefill (T tokens) and decode
+(T = 1): it writes the step's K/V at their absolute positions and attends over the whole cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import llama
+from models.config import ModelConfig
+from sparsex_jax.sampling import SamplingParams, sample
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """The power of two >= n (at least `minimum`): bounds the number of compiled shapes."""
+  return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int):
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+def dense_step(params, cfg: ModelConfig, cache, tokens, positions, kv_len, last_index):
+  """Runs tokens [B, T] at positions [B, T]; returns (logits [B, V] at last_index [B], cache).
+
+  Padding tokens carry position max_len (out of range): their K/V writes are dropped.
+  """
+  b = tokens.shape[0]
+  rows = jnp.arange(b)[:, None]
+
+  def one_layer(x, xs):
+    layer_params, k_cache, v_cache = xs
+    q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+    k_cache = k_cache.at[rows, positions].set(k, mode="drop")
+    v_cache = v_cache.at[rows, positions].set(v, mode="drop")
+    attn = llama.dense_attention(q, k_cache, v_cache, positions, kv_len, cfg.sm_scale)
+    return llama.layer_output(layer_params, cfg, x, attn), (k_cache, v_cache)
+
+  x, (k_all, v_all) = jax.lax.scan(
+      one_layer, llama.embed(params, tokens), (params["layers"], cache["k"], cache["v"]))
+  x_last = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+  return llama.logits(params, cfg, x_last), {"k": k_all, "v": v_all}
+
+
+def check_prompt(cfg: ModelConfig, token_ids, max_new_tokens: int = 0) -> np.ndarray:
+  """Validates a prompt's token ids; returns them as int32. Clear errors for bad input."""
+  ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+  if ids.size == 0:
+    raise ValueError("empty prompt: at least one token is needed")
+  bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+  if bad.size:
+    raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+  if ids.size + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"prompt of {ids.size} tokens + {max_new_tokens} new tokens exceeds the model's context "
+        f"of {cfg.max_seq_len} tokens")
+  return ids.astype(np.int32)
+
+
+def generate(params, cfg: ModelConfig, prompt_ids, sampling: SamplingParams,
+             stop_ids=()) -> tuple[list[int], dict]:
+  """Generates from one prompt; returns (new token ids, stats with ttft_s and decode_s)."""
+  ids = check_prompt(cfg, prompt_ids, sampling.max_new_tokens)
+  n = ids.size
+  max_len = bucket(n + sampling.max_new_tokens)
+  t_pad = bucket(n)
+  tokens = np.zeros((1, t_pad), np.int32)
+  tokens[0, :n] = ids
+  positions = np.full((1, t_pad), max_len, np.int32)  # padding: out-of-range, dropped
+  positions[0, :n] = np.arange(n)
+  stops = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else stop_ids)
+  if sampling.ignore_eos:
+    stops = set()
+  temperature = jnp.array([sampling.temperature], jnp.float32)
+  top_p = jnp.array([sampling.top_p], jnp.float32)
+  key = jax.random.PRNGKey(sampling.seed)
+
+  start = time.perf_counter()
+  cache = init_cache(cfg, 1, max_len)
+  logits, cache = dense_step(params, cfg, cache, tokens, positions, np.array([n], np.int32),
+                             np.array([n - 1], np.int32))
+  key, sub = jax.random.split(key)
+  token = int(sample(logits, temperature, top_p, sub[None])[0])
+  ttft = time.perf_counter() - start
+  out = [token]
+  pos = n
+  while len(out) < sampling.max_new_tokens and token not in stops:
+    logits, cache = dense_step(params, cfg, cache, np.array([[token]], np.int32),
+                               np.array([[pos]], np.int32), np.array([pos + 1], np.int32),
+                               np.zeros((1,), np.int32))
+    key, sub = jax.random.split(key)
+    token = int(sample(logits, temperature, top_p, sub[None])[0])
+    out.append(token)
+    pos += 1
+  if out[-1] in stops:
+    out = out[:-1]
+  return out, {"ttft_s": ttft, "decode_s": time.perf_counter() - start - ttft, "n_prompt": n}

@@ -1,0 +1,48 @@
+"""Token sampling (greedy, temperature, top-p) and the request's sampling parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to pick output tokens. temperature 0 is greedy; seed makes sampling reproducible."""
+
+  max_new_tokens: int = 32
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's stop ids
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array):
+  """Next tokens [B] from logits [B, V]; temperature, top_p [B] and PRNG keys [B, 2] per row.
+
+  Temperature 0 is argmax. Per-row keys make a request's samples independent of its batch mates.
+  Per-row parameters are arrays, not static, so one compiled program serves any mix of requests.
+  """
+  greedy = jnp.argmax(logits, axis=-1)
+  t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  scaled = logits / t
+  # top-p: keep the smallest set of tokens whose probability mass reaches top_p.
+  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  kept = mass_before < top_p[:, None]
+  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
