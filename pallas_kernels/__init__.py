@@ -1,0 +1,32 @@
+"""GPU kernels (Pallas, Triton lowering) with a pure-jnp reference beside each.
+
+- paged_attention / paged_attention_reference: sparse-query attention over the
+  paged KV pool (GQA, causal by absolute position), returns (out, lse).
+- sparse_q_importance / sparse_q_importance_reference: per-key attention mass of
+  the Sparse-Q rows, exact and deterministic.
+- paged_decode_attention / paged_decode_attention_reference: flash-decoding.
+- ops: dispatch (kernels on GPU, references on CPU) behind one interface.
+"""
+
+from pallas_kernels import ops
+from pallas_kernels.attention import paged_attention, paged_attention_reference
+from pallas_kernels.decode import (paged_decode_attention,
+                                   paged_decode_attention_reference)
+from pallas_kernels.importance import (sparse_q_importance,
+                                       sparse_q_importance_reference)
+from pallas_kernels.ops import (attention, attention_with_importance,
+                                decode_attention, importance)
+
+__all__ = [
+    "attention",
+    "attention_with_importance",
+    "decode_attention",
+    "importance",
+    "ops",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "sparse_q_importance",
+    "sparse_q_importance_reference",
+]

