@@ -258,7 +258,7 @@ def _gguf_value(reader, key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(reader, name: str | None = None, dtype: str = "float32") -> ModelConfig:
-  """A ModelConfig from a `gguf.GGUFReader`'s `llama.*` or `qwen2.*` metadata (and tensor shapes)."""
+  """A ModelConfig from a GGUF reader's `llama.*` / `qwen2.*` metadata (and tensor shapes)."""
   arch = _gguf_value(reader, "general.architecture")
   if arch not in SUPPORTED_GGUF_ARCHS:
     raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: "

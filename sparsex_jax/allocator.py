@@ -52,7 +52,8 @@ class PageAllocator:
 
   def __init__(self, num_pages: int, page_size: int):
     if num_pages < 2:
-      raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), got {num_pages}")
+      raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), "
+                       f"got {num_pages}")
     if page_size < 1:
       raise ValueError(f"page_size must be >= 1, got {page_size}")
     self.num_pages = int(num_pages)

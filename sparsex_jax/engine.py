@@ -149,9 +149,10 @@ class Engine:
         for p in prepared:
           n = p.plan.n
           pages = p.plan.page_table[:math.ceil(n / self.page_size)]
+          # Only the segment cache references these pages: a page held by two caches could
+          # never be evicted (eviction frees pages only one cache holds).
           self.segment_cache.insert(p.plan.token_ids, pages, np.arange(n, dtype=np.int32),
                                     computed_alone=True)
-          self._insert_prefix(p.plan, n)
       finally:
         self._release(prepared)
     return len(todo)

@@ -142,7 +142,8 @@ class PrefixCache:
       raise ValueError("two blocks of one sequence cannot share a page")
     already = [int(p) for p in new_pages if int(p) in self._page_to_key]
     if already:
-      raise ValueError(f"page(s) {already[:8]} already cache other blocks: write new KV to new pages")
+      raise ValueError(f"page(s) {already[:8]} already cache other blocks: "
+                       "write new KV to new pages")
     if np.any(self.allocator.refcounts(new_pages) < 1):
       raise ValueError("can only cache pages in use (allocated and written)")
 

@@ -236,7 +236,8 @@ class CacheMachine(RuleBasedStateMachine):
     for block in self.prefix._blocks.values():
       np.testing.assert_array_equal(self.pool[block.page], block.tokens)
     for entry in self.segments._entries.values():
-      np.testing.assert_array_equal(self.pool[entry.pages], layout(entry.token_ids, len(entry.pages)))
+      np.testing.assert_array_equal(self.pool[entry.pages],
+                                    layout(entry.token_ids, len(entry.pages)))
 
   @invariant()
   def pinned_entries_survive(self):
