@@ -223,22 +223,25 @@ def ungroup_rows(x, n_tok, group):
 
 
 def default_block_m(n_rows):
-  """Row block: 128 rows where there are that many, never under 16 (dot minimum)."""
-  return max(16, min(128, _compat.next_pow2(n_rows)))
+  """Row block: 64 rows where there are that many (fastest in the H100 sweep,
+  docs/BENCHMARKS.md), never under 16 (the Triton dot minimum)."""
+  return max(16, min(64, _compat.next_pow2(n_rows)))
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "block_m", "block_k", "num_warps", "num_stages",
-                     "interpret"))
+                     "longest_first", "interpret"))
 def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
                     block_m=None, block_k=64, num_warps=None, num_stages=2,
-                    interpret=False):
+                    longest_first=True, interpret=False):
   """Pallas (Triton lowering) sparse-query paged attention. Returns (out, lse).
 
   Same contract as paged_attention_reference. block_m: rows (tokens x group
-  heads) per program, a power of two >= 16 (default: up to 128). block_k:
-  keys per inner step, a power of two >= 16.
+  heads) per program, a power of two >= 16 (default: up to 64). block_k:
+  keys per inner step, a power of two >= 16. longest_first: launch the row
+  blocks with the largest positions (the longest KV loops) first, so the
+  causal triangle does not end on a tail of long programs.
   """
   batch, n_tok, n_heads, head_dim = q.shape
   n_kv, n_pages, page_size, _ = k_pages.shape
@@ -256,16 +259,19 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   kernel = functools.partial(_attention_kernel, sm_scale=sm_scale,
                              block_k=block_k, page_size=page_size,
                              max_pages=max_pages)
-  grid = (batch, n_kv, r_pad // block_m)
+  n_blk = r_pad // block_m
+  grid = (batch, n_kv, n_blk)
+  # The last grid axis is the slowest-varying in the Triton launch order.
+  blk = (lambda i: n_blk - 1 - i) if longest_first else (lambda i: i)
   out, lse = pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[
           pl.BlockSpec((batch,), lambda b, h, i: (0,)),  # kv_len
           pl.BlockSpec((None, max_pages), lambda b, h, i: (b, 0)),  # page table
-          pl.BlockSpec((None, block_m), lambda b, h, i: (b, i)),  # row pos
+          pl.BlockSpec((None, block_m), lambda b, h, i: (b, blk(i))),  # pos
           pl.BlockSpec((None, None, block_m, head_dim),
-                       lambda b, h, i: (b, h, i, 0)),  # q rows
+                       lambda b, h, i: (b, h, blk(i), 0)),  # q rows
           pl.BlockSpec((None, n_pages * page_size, head_dim),
                        lambda b, h, i: (h, 0, 0)),  # k pool of kv head h
           pl.BlockSpec((None, n_pages * page_size, head_dim),
@@ -273,8 +279,8 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
       ],
       out_specs=[
           pl.BlockSpec((None, None, block_m, head_dim),
-                       lambda b, h, i: (b, h, i, 0)),
-          pl.BlockSpec((None, None, block_m), lambda b, h, i: (b, h, i)),
+                       lambda b, h, i: (b, h, blk(i), 0)),
+          pl.BlockSpec((None, None, block_m), lambda b, h, i: (b, h, blk(i))),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((batch, n_kv, r_pad, head_dim), q.dtype),

@@ -101,15 +101,21 @@ def choose_splits(batch, n_kv, n_keys, block_k, target_programs=512):
 
 
 def merge_splits(acc, m, l):
-  """Combine flash-decoding partials [.., NS, GP, (H)] along NS (m in log2 units)."""
+  """Combine flash-decoding partials along NS -> (out, natural-log lse).
+
+  acc [..., NS, G, H] unnormalised, m [..., NS, G] running max in log2 units,
+  l [..., NS, G] running sums. Empty splits (m = -inf, l = 0) weigh 0.
+  """
   m_all = jnp.max(m, axis=-2)  # [.., GP]
   m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
   w = jnp.exp2(m - m_safe[..., None, :])  # 0 for empty splits (m = -inf)
   l_all = jnp.sum(l * w, axis=-2)
   out = jnp.sum(acc * w[..., None], axis=-3)
   ok = l_all > 0
-  return jnp.where(ok[..., None], out / jnp.where(ok, l_all, 1.0)[..., None],
-                   0.0), jnp.where(ok, (m_safe + jnp.log2(jnp.where(ok, l_all, 1.0))) * _LN2, -jnp.inf)
+  l_safe = jnp.where(ok, l_all, 1.0)
+  out = jnp.where(ok[..., None], out / l_safe[..., None], 0.0)
+  lse = jnp.where(ok, (m_safe + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+  return out, lse
 
 
 @functools.partial(

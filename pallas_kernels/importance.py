@@ -7,9 +7,9 @@ probabilities are exact, normalised over all visible keys). Masked keys
 (j > q_pos or j >= kv_len) contribute 0.
 
 Determinism: no float atomics, no scatter-add. The kernel owns one block of
-keys per program and loops over the query rows itself, so every output element
-is written by exactly one program in a fixed order; the head reduction is a
-plain jnp reduce over a [B, N, L] array afterwards.
+keys (for one kv head) per program and loops over the query rows itself, so
+every output element is written by exactly one program in a fixed order; the
+head reduction is a plain jnp reduce over a [B, N, L] array afterwards.
 """
 
 import functools
@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import gather_kv, key_rows, visibility
+from pallas_kernels.attention import (default_block_m, gather_kv, group_rows,
+                                      key_rows, visibility)
 
 _LOG2E = math.log2(math.e)
 
@@ -55,47 +56,69 @@ def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
                        axis=1)
 
 
-def _importance_kernel(kvlen_ref, nsp_ref, rstart_ref, pt_ref, pos_ref, lse_ref,
-                       q_ref, k_ref, o_ref, *, sm_scale, block_q, block_k,
-                       page_size, max_pages, group):
-  """One (request b, query head n, key block c) program.
+def _importance_kernel(kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,
+                       lse_ref, q_ref, k_ref, o_ref, *, sm_scale, block_m,
+                       block_k, page_size, max_pages, group, split_p):
+  """One (request b, kv head h, key block c) program.
 
-  Refs: kvlen, nsp [B]; rstart [C] (first Sparse-Q row, in compacted order,
-  whose position reaches key block c); pt [MP]; pos [T_pad] and lse [T_pad]
-  (compacted Sparse-Q rows of head n); q [T_pad, H]; k [P*S, H] (kv head
-  n // G); o [BK].
+  Rows are the compacted Sparse-Q rows of the G query heads of kv head h
+  (row r = Sparse-Q token r // G, head r % G), in ascending position order.
+  Refs: kvlen, nrow [B] (nrow = Sparse-Q rows = G x Sparse-Q tokens);
+  rstart [C] (first row whose position reaches key block c); pt [MP];
+  pos, lse [R_pad]; q [R_pad, H]; k [P*S, H]; o [GP, BK] per-head sums.
   """
   b = pl.program_id(0)
   c = pl.program_id(2)
   kv_len = kvlen_ref[b]
-  n_sp = nsp_ref[b]
+  n_rows = nrow_ref[b]
   start = c * block_k
   kpos, rows = key_rows(pt_ref, start, block_k, page_size, max_pages)
   k = k_ref[rows, :]
   key_ok = kpos < kv_len
   qk_scale = sm_scale * _LOG2E
+  heads_p = o_ref.shape[0]
 
-  # Rows are compacted Sparse-Q rows in ascending position order: rows before
-  # rstart cannot see this key block (causal), rows from n_sp on are padding.
-  first = lax.div(rstart_ref[c], block_q)
-  last = jnp.where(start < kv_len, lax.div(n_sp + block_q - 1, block_q), 0)
+  # Rows before rstart cannot see this key block (causal); rows from n_rows
+  # on are padding (position -1, masked below).
+  first = lax.div(rstart_ref[c], block_m)
+  last = jnp.where(start < kv_len, lax.div(n_rows + block_m - 1, block_m), 0)
+  # Per-head column sums as a [GP, BM] x [BM, BK] dot with a one-hot head
+  # selector: a tensor-core product instead of a cross-warp reduction of p
+  # every step, and the per-head split that head_reduce="max" needs.
+  sel_dtype = jnp.bfloat16 if split_p else jnp.float32
+  head_of = lax.broadcasted_iota(jnp.int32, (heads_p, block_m), 0)
+  row_of = lax.broadcasted_iota(jnp.int32, (heads_p, block_m), 1)
 
   def body(i, acc):
-    r0 = pl.multiple_of(i * block_q, block_q)
-    rid = r0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-    pos = pos_ref[pl.ds(r0, block_q)]
-    lse = lse_ref[pl.ds(r0, block_q)] * _LOG2E
-    q = q_ref[pl.ds(r0, block_q), :]
+    r0 = pl.multiple_of(i * block_m, block_m)
+    # Head of global row r0 + r (block_m need not be a multiple of G).
+    sel = (head_of == lax.rem(r0 + row_of, group)).astype(sel_dtype)
+    pos = pos_ref[pl.ds(r0, block_m)]
+    lse = lse_ref[pl.ds(r0, block_m)] * _LOG2E
+    q = q_ref[pl.ds(r0, block_m), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * qk_scale
-    keep = ((rid < n_sp)[:, None] & (kpos[None, :] <= pos[:, None])
-            & key_ok[None, :])
-    # exp2 of the masked-out entries may overflow (lse = -inf rows); the
-    # where discards them before the sum.
+    keep = (kpos[None, :] <= pos[:, None]) & key_ok[None, :]
+    # exp2 of masked-out entries may overflow (lse = -inf on padding rows);
+    # the where discards them before the sum.
     p = jnp.where(keep, jnp.exp2(s - lse[:, None]), 0.0)
-    return acc + jnp.sum(p, axis=0)
+    dims = (((1,), (0,)), ((), ()))
+    if split_p:
+      # p = hi + lo in two bf16 parts keeps ~16 mantissa bits through the
+      # bf16 tensor-core dot (the selector is exact in bf16).
+      hi = p.astype(jnp.bfloat16)
+      lo = (p - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+      acc = acc + lax.dot_general(sel, hi, dims,
+                                  preferred_element_type=jnp.float32)
+      acc = acc + lax.dot_general(sel, lo, dims,
+                                  preferred_element_type=jnp.float32)
+    else:
+      acc = acc + lax.dot_general(sel, p, dims,
+                                  preferred_element_type=jnp.float32)
+    return acc
 
-  acc = lax.fori_loop(first, last, body, jnp.zeros((block_k,), jnp.float32))
+  acc = lax.fori_loop(first, last, body,
+                      jnp.zeros((heads_p, block_k), jnp.float32))
   o_ref[...] = acc
 
 
@@ -108,72 +131,77 @@ def compact_sparse_rows(q_pos, q_is_sparse):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "head_reduce", "block_q", "block_k",
+    static_argnames=("sm_scale", "head_reduce", "block_m", "block_k",
                      "num_warps", "num_stages", "interpret"))
 def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
-                        *, sm_scale, head_reduce="sum", block_q=64, block_k=64,
-                        num_warps=4, num_stages=2, interpret=False):
+                        *, sm_scale, head_reduce="sum", block_m=None,
+                        block_k=128, num_warps=4, num_stages=2, interpret=False):
   """Pallas (Triton lowering) Sparse-Q importance -> [B, MP*S] float32.
 
-  Same contract as sparse_q_importance_reference. Grid: (request, query head,
-  key block); each program loops over only the Sparse-Q rows that can see its
-  keys. Outside the kernel (plain jnp, O(T) work): compact the Sparse-Q rows to
-  the front, and find per key block the first row that reaches it.
+  Same contract as sparse_q_importance_reference. Grid: (request, kv head,
+  key block); each program loops over only the Sparse-Q rows (tokens x the
+  G heads of its kv head) that can see its keys, and writes per-head sums;
+  the head reduction is a jnp sum/max afterwards. Outside the kernel (plain
+  jnp, O(T) work): compact the Sparse-Q rows to the front, and find per key
+  block the first row that reaches it. Defaults (block_m 64, block_k 128,
+  4 warps, 2 stages) are the H100 sweep's best (docs/BENCHMARKS.md).
   """
   batch, n_tok, n_heads, head_dim = q.shape
   n_kv, n_pages, page_size, _ = k_pages.shape
   group = n_heads // n_kv
+  heads_p = max(16, _compat.next_pow2(group))
   max_pages = page_table.shape[1]
   n_keys = max_pages * page_size
   n_cblk = _compat.cdiv(n_keys, block_k)
-  block_q = min(block_q, max(16, _compat.next_pow2(n_tok)))
-  t_pad = _compat.cdiv(n_tok, block_q) * block_q
+  if block_m is None:
+    block_m = default_block_m(n_tok * group)
 
   order, n_sp = compact_sparse_rows(q_pos, q_is_sparse)
-  tok = jnp.arange(n_tok, dtype=jnp.int32)
-  is_row = tok[None, :] < n_sp[:, None]
+  is_row = jnp.arange(n_tok, dtype=jnp.int32)[None, :] < n_sp[:, None]
   pos_c = jnp.take_along_axis(q_pos.astype(jnp.int32), order, axis=1)
   pos_c = jnp.where(is_row, pos_c, -1)
-  # First compacted row with position >= each key block's start.
+  # First compacted token with position >= each key block's start, in rows.
   pos_sorted = jnp.where(is_row, pos_c, jnp.iinfo(jnp.int32).max)
   starts = jnp.arange(n_cblk, dtype=jnp.int32) * block_k
   rstart = jax.vmap(lambda p: jnp.searchsorted(p, starts, side="left"))(
-      pos_sorted).astype(jnp.int32)  # [B, C]
+      pos_sorted).astype(jnp.int32) * group  # [B, C]
 
-  q_c = jnp.take_along_axis(q, order[:, :, None, None], axis=1)  # [B, T, N, H]
-  q_c = jnp.transpose(q_c, (0, 2, 1, 3))  # [B, N, T, H]
-  lse_c = jnp.take_along_axis(lse, order[:, :, None], axis=1)
-  lse_c = jnp.transpose(lse_c, (0, 2, 1))  # [B, N, T]
-  pad = t_pad - n_tok
-  q_c = jnp.pad(q_c, ((0, 0), (0, 0), (0, pad), (0, 0)))
-  lse_c = jnp.pad(lse_c.astype(jnp.float32), ((0, 0), (0, 0), (0, pad)))
-  pos_c = jnp.pad(pos_c, ((0, 0), (0, pad)), constant_values=-1)
+  q_c = jnp.take_along_axis(q, order[:, :, None, None], axis=1)
+  qr, pos_r = group_rows(q_c, pos_c, n_kv, block_m)  # [B, K, R_pad, H]
+  lse_c = jnp.take_along_axis(lse.astype(jnp.float32), order[:, :, None],
+                              axis=1)
+  lse_r, _ = group_rows(lse_c[..., None], pos_c, n_kv, block_m)
+  lse_r = lse_r[..., 0]  # [B, K, R_pad]
+  r_pad = qr.shape[2]
   k_flat = k_pages.reshape(n_kv, n_pages * page_size, head_dim)
+  split_p = jnp.dtype(q.dtype).itemsize < 4
 
   kernel = functools.partial(
-      _importance_kernel, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-      page_size=page_size, max_pages=max_pages, group=group)
+      _importance_kernel, sm_scale=sm_scale, block_m=block_m, block_k=block_k,
+      page_size=page_size, max_pages=max_pages, group=group, split_p=split_p)
   per_head = pl.pallas_call(
       kernel,
-      grid=(batch, n_heads, n_cblk),
+      grid=(batch, n_kv, n_cblk),
       in_specs=[
-          pl.BlockSpec((batch,), lambda b, n, c: (0,)),  # kv_len
-          pl.BlockSpec((batch,), lambda b, n, c: (0,)),  # n_sp
-          pl.BlockSpec((None, n_cblk), lambda b, n, c: (b, 0)),  # rstart
-          pl.BlockSpec((None, max_pages), lambda b, n, c: (b, 0)),  # pages
-          pl.BlockSpec((None, t_pad), lambda b, n, c: (b, 0)),  # pos
-          pl.BlockSpec((None, None, t_pad), lambda b, n, c: (b, n, 0)),  # lse
-          pl.BlockSpec((None, None, t_pad, head_dim),
-                       lambda b, n, c: (b, n, 0, 0)),  # q
+          pl.BlockSpec((batch,), lambda b, h, c: (0,)),  # kv_len
+          pl.BlockSpec((batch,), lambda b, h, c: (0,)),  # Sparse-Q rows
+          pl.BlockSpec((None, n_cblk), lambda b, h, c: (b, 0)),  # rstart
+          pl.BlockSpec((None, max_pages), lambda b, h, c: (b, 0)),  # pages
+          pl.BlockSpec((None, r_pad), lambda b, h, c: (b, 0)),  # pos
+          pl.BlockSpec((None, None, r_pad), lambda b, h, c: (b, h, 0)),  # lse
+          pl.BlockSpec((None, None, r_pad, head_dim),
+                       lambda b, h, c: (b, h, 0, 0)),  # q rows
           pl.BlockSpec((None, n_pages * page_size, head_dim),
-                       lambda b, n, c: (n // group, 0, 0)),  # k of kv head
+                       lambda b, h, c: (h, 0, 0)),  # k of kv head h
       ],
-      out_specs=pl.BlockSpec((None, None, block_k), lambda b, n, c: (b, n, c)),
-      out_shape=jax.ShapeDtypeStruct((batch, n_heads, n_cblk * block_k),
-                                     jnp.float32),
+      out_specs=pl.BlockSpec((None, None, heads_p, block_k),
+                             lambda b, h, c: (b, h, 0, c)),
+      out_shape=jax.ShapeDtypeStruct(
+          (batch, n_kv, heads_p, n_cblk * block_k), jnp.float32),
       compiler_params=_compat.triton_params(num_warps, num_stages),
       interpret=interpret,
       name="sparsex_sparse_q_importance",
-  )(kv_len.astype(jnp.int32), n_sp, rstart, page_table.astype(jnp.int32),
-    pos_c, lse_c, q_c, k_flat)
-  return _reduce_heads(per_head[:, :, :n_keys], head_reduce, axis=1)
+  )(kv_len.astype(jnp.int32), n_sp * group, rstart,
+    page_table.astype(jnp.int32), pos_r, lse_r, qr, k_flat)
+  per_head = per_head[:, :, :group, :n_keys].reshape(batch, n_heads, n_keys)
+  return _reduce_heads(per_head, head_reduce, axis=1)

@@ -42,6 +42,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 N_HEADS, N_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
+# --smoke (CPU): kernels in interpret mode, tiny shapes, to check the script.
+KERNEL_KW = {}
+DECODE_MIN_BYTES = 512e6
+SWEEP_CTX = 8192
 
 
 # ----------------------------------------------------------------------------
@@ -169,10 +173,15 @@ def attn_flops(pos_np):
 # Sections
 # ----------------------------------------------------------------------------
 
-SWEEP_ATTN = [  # (block_m, block_k, num_warps, num_stages)
-    (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
-    (64, 64, 4, 2),
+SWEEP_ATTN = [  # (block_m, block_k, num_warps, num_stages, longest_first)
+    (64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, True),
+    (64, 128, 4, 2, True), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
+    (128, 64, 4, 3, True),
 ]
+SWEEP_IMP = [  # (block_m, block_k, num_warps, num_stages)
+    (64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
+]
+SWEEP_PROBLEMS = ((8192, 0.15), (32768, 0.05))
 SWEEP_DECODE = [  # (block_k, num_warps, num_stages)
     (64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4),
 ]
@@ -222,31 +231,67 @@ def section_sparse(contexts, fracs, sweep, results):
     print(f"cudnn dense causal ctx={ctx}: {r}", flush=True)
   results["cudnn_dense"] = list(dense.values())
 
-  # Block-size sweep at one mid-size problem; the best is used everywhere.
-  best_cfg = SWEEP_ATTN[0]
+  # Block-size sweep on two problems; the config with the smallest summed
+  # time relative to each problem's best is used everywhere.
+  def pick(rows, n_prob):
+    ok = {}
+    for r in rows:
+      if r["ms"]:
+        ok.setdefault(tuple(r["cfg"]), []).append(r["ms"])
+    best = [min(r["ms"] for r in rows if r["ms"] and r["problem"] == i)
+            for i in range(n_prob)] if ok else []
+    full = {c: v for c, v in ok.items() if len(v) == n_prob}
+    if not full:
+      return None
+    return min(full, key=lambda c: sum(t / b for t, b in zip(full[c], best)))
+
+  attn_cfg, imp_cfg = SWEEP_ATTN[1], SWEEP_IMP[0]
   if sweep:
-    p = sparse_problem(8192, 0.15)
-    fl = attn_flops(p["pos_np"])
-    rows = []
-    for cfg in SWEEP_ATTN:
-      bm, bk, nw, ns = cfg
-      f = jax.jit(functools.partial(paged_attention, sm_scale=scale, block_m=bm,
-                                    block_k=bk, num_warps=nw, num_stages=ns))
-      t, err = safe(f"sweep {cfg}", bench, f, p["q"], p["q_pos"], p["k"],
-                    p["v"], p["table"], p["kv_len"])
-      rows.append(dict(cfg=cfg, ms=t and t * 1e3, tflops=t and fl / t / 1e12,
-                       error=err))
-      print(f"sweep attn {cfg}: {rows[-1]}", flush=True)
+    rows, irows = [], []
+    for pi, (ctx, frac) in enumerate(SWEEP_PROBLEMS):
+      p = sparse_problem(ctx, frac)
+      fl = attn_flops(p["pos_np"])
+      args = (p["q"], p["q_pos"], p["k"], p["v"], p["table"], p["kv_len"])
+      for cfg in SWEEP_ATTN:
+        bm, bk, nw, ns, lf = cfg
+        f = jax.jit(functools.partial(
+            paged_attention, sm_scale=scale, block_m=bm, block_k=bk,
+            num_warps=nw, num_stages=ns, longest_first=lf, **KERNEL_KW))
+        t, err = safe(f"sweep {cfg}", bench, f, *args)
+        rows.append(dict(problem=pi, ctx=ctx, frac=frac, cfg=cfg,
+                         ms=t and t * 1e3, tflops=t and fl / t / 1e12,
+                         error=err))
+        print(f"sweep attn {ctx} {frac} {cfg}: {rows[-1]}", flush=True)
+      lse = jax.jit(functools.partial(paged_attention, sm_scale=scale,
+                                      **KERNEL_KW))(*args)[1]
+      iargs = (p["q"], p["q_pos"], p["q_pos"] >= 0, p["k"], p["table"],
+               p["kv_len"], lse)
+      for cfg in SWEEP_IMP:
+        bm, bk, nw, ns = cfg
+        f = jax.jit(functools.partial(
+            sparse_q_importance, sm_scale=scale, block_m=bm, block_k=bk,
+            num_warps=nw, num_stages=ns, **KERNEL_KW))
+        t, err = safe(f"sweep imp {cfg}", bench, f, *iargs)
+        irows.append(dict(problem=pi, ctx=ctx, frac=frac, cfg=cfg,
+                          ms=t and t * 1e3, tflops=t and fl / 2 / t / 1e12,
+                          error=err))
+        print(f"sweep imp {ctx} {frac} {cfg}: {irows[-1]}", flush=True)
     results["sweep_attention"] = rows
-    ok = [r for r in rows if r["ms"]]
-    if ok:
-      best_cfg = min(ok, key=lambda r: r["ms"])["cfg"]
-  results["attention_cfg"] = best_cfg
-  bm, bk, nw, ns = best_cfg
+    results["sweep_importance"] = irows
+    attn_cfg = pick(rows, len(SWEEP_PROBLEMS)) or attn_cfg
+    imp_cfg = pick(irows, len(SWEEP_PROBLEMS)) or imp_cfg
+  results["attention_cfg"] = attn_cfg
+  results["importance_cfg"] = imp_cfg
+  print("picked", attn_cfg, imp_cfg, flush=True)
+  bm, bk, nw, ns, lf = attn_cfg
   kern = jax.jit(functools.partial(paged_attention, sm_scale=scale, block_m=bm,
-                                   block_k=bk, num_warps=nw, num_stages=ns))
+                                   block_k=bk, num_warps=nw, num_stages=ns,
+                                   longest_first=lf, **KERNEL_KW))
   ref = jax.jit(functools.partial(paged_attention_reference, sm_scale=scale))
-  imp_k = jax.jit(functools.partial(sparse_q_importance, sm_scale=scale))
+  bm, bk, nw, ns = imp_cfg
+  imp_k = jax.jit(functools.partial(sparse_q_importance, sm_scale=scale,
+                                    block_m=bm, block_k=bk, num_warps=nw,
+                                    num_stages=ns, **KERNEL_KW))
   imp_r = jax.jit(functools.partial(sparse_q_importance_reference,
                                     sm_scale=scale))
 
@@ -296,10 +341,11 @@ def section_sparse(contexts, fracs, sweep, results):
   results["sparse"] = rows
 
 
-def decode_problem(batch, ctx, min_bytes=512e6, seed=0):
+def decode_problem(batch, ctx, min_bytes=None, seed=0):
   """R disjoint page sets of one pool, R chosen so R * K/V bytes >= min_bytes."""
   import jax.numpy as jnp
   rng = np.random.default_rng(seed)
+  min_bytes = DECODE_MIN_BYTES if min_bytes is None else min_bytes
   max_pages = ctx // PAGE
   kv_bytes = batch * ctx * N_KV * HEAD_DIM * 2 * 2
   reps = int(max(1, min(32, math.ceil(min_bytes / kv_bytes))))
@@ -335,11 +381,11 @@ def section_decode(batches, contexts, sweep, results):
     bk, nw, ns = cfg
     return replicated(functools.partial(
         paged_decode_attention, sm_scale=scale, block_k=bk, num_warps=nw,
-        num_stages=ns))
+        num_stages=ns, **KERNEL_KW))
 
   best = SWEEP_DECODE[0]
   if sweep:
-    p = decode_problem(32, 8192)
+    p = decode_problem(32, SWEEP_CTX)
     rows = []
     for cfg in SWEEP_DECODE:
       t, err = safe(f"sweep {cfg}", bench, ours(cfg), p["qs"], p["k"], p["v"],
@@ -363,7 +409,8 @@ def section_decode(batches, contexts, sweep, results):
     pages = t.shape[1]
     splits = 16 if pages % 16 == 0 else 1
     return jax_pa.paged_attention(q * scale, k, v, t, kv_len, k_splits=splits,
-                                  pages_per_compute_block=min(8, pages // splits))
+                                  pages_per_compute_block=min(8, pages // splits),
+                                  **KERNEL_KW)
   jx = replicated(jax_op)
 
   rows = []
@@ -481,6 +528,8 @@ def main():
   ap.add_argument("--batches", default="1,8,32,64")
   ap.add_argument("--decode-contexts", default="2048,8192,32768")
   ap.add_argument("--no-sweep", action="store_true")
+  ap.add_argument("--smoke", action="store_true",
+                  help="CPU check of this script: interpret mode, tiny shapes")
   ap.add_argument("--report", help="JSON from a run: print tables, write PNG")
   ap.add_argument("--png", default="docs/bench_kernels.png")
   a = ap.parse_args()
@@ -490,6 +539,14 @@ def main():
     print(tables(res))
     plot(res, a.png)
     return
+  if a.smoke:
+    global DECODE_MIN_BYTES, SWEEP_CTX
+    KERNEL_KW["interpret"] = True
+    global SWEEP_PROBLEMS
+    DECODE_MIN_BYTES, SWEEP_CTX = 1e6, 256
+    SWEEP_PROBLEMS = ((256, 0.15), (512, 0.05))
+    a.contexts, a.fracs, a.batches, a.decode_contexts = "256", "0.1", "2", "256"
+    a.sections = "sparse,decode"
   os.makedirs(a.out, exist_ok=True)
   res = dict(env=environment(), command=" ".join(sys.argv))
   print(json.dumps(res["env"], indent=1), flush=True)

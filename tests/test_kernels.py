@@ -259,7 +259,7 @@ def test_sparse_q_importance_matches_references(case):
 
   imp = sparse_q_importance(q, q_pos, is_sparse, k_pages, table, kv, lse,
                             sm_scale=scale, head_reduce=head_reduce,
-                            block_q=16, block_k=block_k, interpret=True)
+                            block_m=16, block_k=block_k, interpret=True)
   ref = sparse_q_importance_reference(q, q_pos, is_sparse, k_pages, table, kv,
                                       lse, sm_scale=scale,
                                       head_reduce=head_reduce)
@@ -276,7 +276,7 @@ def test_sparse_q_importance_matches_references(case):
   # Deterministic: a second run is bit-identical.
   imp2 = sparse_q_importance(q, q_pos, is_sparse, k_pages, table, kv, lse,
                              sm_scale=scale, head_reduce=head_reduce,
-                             block_q=16, block_k=block_k, interpret=True)
+                             block_m=16, block_k=block_k, interpret=True)
   np.testing.assert_array_equal(np.asarray(imp), np.asarray(imp2))
 
 
@@ -314,8 +314,8 @@ def test_paged_decode_matches_references(case):
 
 def test_ops_dispatch():
   """'auto' is the reference on CPU; the interpret route agrees; bad names fail."""
-  assert jax.default_backend() == "cpu"
-  assert ops.resolve_backend("auto") == "reference"
+  on_gpu = jax.default_backend() == "gpu"
+  assert ops.resolve_backend("auto") == ("pallas" if on_gpu else "reference")
   with pytest.raises(ValueError):
     ops.resolve_backend("cuda")
   rng = np.random.default_rng(11)
@@ -326,7 +326,8 @@ def test_ops_dispatch():
   q_pos = jnp.asarray([[3, 10, 20, 30, 49]], jnp.int32)
   is_sparse = jnp.asarray([[False, True, False, True, True]])
   a = ops.attention_with_importance(q, q_pos, is_sparse, k_pages, v_pages,
-                                    table, kv, sm_scale=0.125)
+                                    table, kv, sm_scale=0.125,
+                                    backend="reference")
   b = ops.attention_with_importance(q, q_pos, is_sparse, k_pages, v_pages,
                                     table, kv, sm_scale=0.125,
                                     backend="pallas_interpret")
@@ -334,7 +335,7 @@ def test_ops_dispatch():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
                                atol=1e-6)
   d_ref = ops.decode_attention(q[:, -1], k_pages, v_pages, table, kv,
-                               sm_scale=0.125)
+                               sm_scale=0.125, backend="reference")
   d_int = ops.decode_attention(q[:, -1], k_pages, v_pages, table, kv,
                                sm_scale=0.125, backend="pallas_interpret")
   np.testing.assert_allclose(np.asarray(d_ref), np.asarray(d_int), rtol=1e-5,
@@ -342,3 +343,28 @@ def test_ops_dispatch():
   # Decode equals the last row of full attention at position kv_len - 1.
   np.testing.assert_allclose(np.asarray(d_ref), np.asarray(a[0][:, -1]),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_q_importance_bf16():
+  """bf16 inputs take the split (hi + lo) bf16 path for the per-head sums."""
+  rng = np.random.default_rng(21)
+  batch, n_heads, n_kv, head_dim, page_size, max_pages = 1, 8, 2, 64, 16, 6
+  kv_len = (90,)
+  k_pages, v_pages = make_pool(rng, n_kv, 8, page_size, head_dim, jnp.bfloat16)
+  table = make_table(rng, batch, max_pages, 8)
+  kv = jnp.asarray(kv_len, jnp.int32)
+  q_pos = make_positions(rng, kv_len, 24, "subset", 0)
+  q = jnp.asarray(rng.standard_normal((batch, 24, n_heads, head_dim)),
+                  jnp.bfloat16)
+  is_sparse = jnp.asarray(rng.random((batch, 24)) < 0.6)
+  _, lse = paged_attention_reference(q, q_pos, k_pages, v_pages, table, kv,
+                                     sm_scale=0.125)
+  for head_reduce in ("sum", "max"):
+    imp = sparse_q_importance(q, q_pos, is_sparse, k_pages, table, kv, lse,
+                              sm_scale=0.125, head_reduce=head_reduce,
+                              block_m=32, block_k=32, interpret=True)
+    ref = sparse_q_importance_reference(q, q_pos, is_sparse, k_pages, table,
+                                        kv, lse, sm_scale=0.125,
+                                        head_reduce=head_reduce)
+    assert not np.isnan(np.asarray(imp)).any()
+    assert rel_err(imp, ref) < 1e-3
