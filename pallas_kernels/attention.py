@@ -86,19 +86,41 @@ def masked_softmax_stats(s, vis):
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale",))
-def paged_attention_reference(q, q_pos, k_pages, v_pages, page_table, kv_len, *,
-                              sm_scale):
-  """Pure-jnp sparse-query paged attention (materialises [B, N, T, MP*S] logits).
+# Queries are processed in chunks of this many rows so the [rows, keys] logits of a long prompt
+# never materialise at once (a 4K-token prefill would otherwise hold GBs per layer on CPU).
+QUERY_CHUNK = 256
 
-  f32 logits and accumulation whatever q's dtype. Returns (out, lse).
+
+def map_query_chunks(fn, q, q_pos, *extra, per_row=True):
+  """Applies fn(q, q_pos, *extra) ([B, C, ...] row chunks) over T in chunks of QUERY_CHUNK.
+
+  per_row: fn's outputs are [B, C, ...] per row, stacked back to [B, T, ...]. Otherwise fn
+  returns [B, 1, ...] per chunk and the result is [B, n_chunks, ...]. Padding rows get q_pos -1.
   """
+  batch, n_tok = q_pos.shape
+  if n_tok <= QUERY_CHUNK:
+    return fn(q, q_pos, *extra)
+  pad = -n_tok % QUERY_CHUNK
+  n_chunks = (n_tok + pad) // QUERY_CHUNK
+
+  def split(x, fill):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.swapaxes(x.reshape((batch, n_chunks, QUERY_CHUNK) + x.shape[2:]), 0, 1)
+
+  outs = lax.map(lambda a: fn(*a), (split(q, 0), split(q_pos, -1))
+                 + tuple(split(e, 0) for e in extra))
+  if not per_row:
+    return jax.tree.map(lambda o: jnp.swapaxes(o[:, :, 0], 0, 1), outs)
+  return jax.tree.map(
+      lambda o: jnp.swapaxes(o, 0, 1).reshape((batch, n_chunks * QUERY_CHUNK) + o.shape[3:])[
+          :, :n_tok], outs)
+
+
+def _attention_rows(q, q_pos, k, v, kv_len, sm_scale):
+  """Attention of query rows q [B, T, N, H] over gathered keys k, v [B, K, L, H]."""
   batch, n_tok, n_heads, head_dim = q.shape
-  n_kv = k_pages.shape[0]
+  n_kv, n_keys = k.shape[1], k.shape[2]
   group = n_heads // n_kv
-  k = gather_kv(k_pages, page_table)  # [B, K, L, H]
-  v = gather_kv(v_pages, page_table)
-  n_keys = k.shape[2]
   qg = q.reshape(batch, n_tok, n_kv, group, head_dim)
   s = jnp.einsum("BTKGH,BKLH->BKGTL", qg, k,
                  preferred_element_type=jnp.float32) * sm_scale
@@ -110,6 +132,20 @@ def paged_attention_reference(q, q_pos, k_pages, v_pages, page_table, kv_len, *,
   out = out.reshape(batch, n_tok, n_heads, head_dim).astype(q.dtype)
   lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(batch, n_tok, n_heads)
   return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def paged_attention_reference(q, q_pos, k_pages, v_pages, page_table, kv_len, *,
+                              sm_scale):
+  """Pure-jnp sparse-query paged attention (materialises [B, N, rows, MP*S] logits
+  for chunks of QUERY_CHUNK rows).
+
+  f32 logits and accumulation whatever q's dtype. Returns (out, lse).
+  """
+  k = gather_kv(k_pages, page_table)  # [B, K, L, H]
+  v = gather_kv(v_pages, page_table)
+  return map_query_chunks(
+      lambda qc, pc: _attention_rows(qc, pc, k, v, kv_len, sm_scale), q, q_pos)
 
 
 # ----------------------------------------------------------------------------

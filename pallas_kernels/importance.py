@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import (default_block_m, gather_kv, group_rows,
+from pallas_kernels.attention import (map_query_chunks, default_block_m, gather_kv, group_rows,
                                       key_rows, visibility)
 
 _LOG2E = math.log2(math.e)
@@ -39,21 +39,26 @@ def _reduce_heads(per_head, head_reduce, axis):
 def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
                                   kv_len, lse, *, sm_scale, head_reduce="sum"):
   """Pure-jnp Sparse-Q importance -> [B, MP*S] float32."""
-  batch, n_tok, n_heads, head_dim = q.shape
+  batch, _, n_heads, head_dim = q.shape
   n_kv = k_pages.shape[0]
   group = n_heads // n_kv
   k = gather_kv(k_pages, page_table)  # [B, K, L, H]
   n_keys = k.shape[2]
-  qg = q.reshape(batch, n_tok, n_kv, group, head_dim)
-  s = jnp.einsum("BTKGH,BKLH->BKGTL", qg, k,
-                 preferred_element_type=jnp.float32) * sm_scale
-  lse_g = jnp.transpose(lse.reshape(batch, n_tok, n_kv, group), (0, 2, 3, 1))
-  sel = q_is_sparse & (q_pos >= 0)  # [B, T]
-  keep = visibility(q_pos, kv_len, n_keys) & sel[:, :, None]  # [B, T, L]
-  p = jnp.where(keep[:, None, None], jnp.exp(s - lse_g[..., None]), 0.0)
-  per_head = jnp.sum(p, axis=3)  # [B, K, G, L]
-  return _reduce_heads(per_head.reshape(batch, n_heads, n_keys), head_reduce,
-                       axis=1)
+
+  def per_head_mass(qc, pc, sparse_c, lse_c):
+    """Per-head attention mass [B, 1, N, L] of one chunk of rows (summed over its rows)."""
+    n_tok = qc.shape[1]
+    qg = qc.reshape(batch, n_tok, n_kv, group, head_dim)
+    s = jnp.einsum("BTKGH,BKLH->BKGTL", qg, k,
+                   preferred_element_type=jnp.float32) * sm_scale
+    lse_g = jnp.transpose(lse_c.reshape(batch, n_tok, n_kv, group), (0, 2, 3, 1))
+    keep = visibility(pc, kv_len, n_keys) & (sparse_c & (pc >= 0))[:, :, None]
+    p = jnp.where(keep[:, None, None], jnp.exp(s - lse_g[..., None]), 0.0)
+    return jnp.sum(p, axis=3).reshape(batch, 1, n_heads, n_keys)
+
+  # Row chunks come back as [B, n_chunks, N, L]: sum them, then reduce over heads.
+  per_head = map_query_chunks(per_head_mass, q, q_pos, q_is_sparse, lse, per_row=False)
+  return _reduce_heads(jnp.sum(per_head, axis=1), head_reduce, axis=1)
 
 
 def _importance_kernel(kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,

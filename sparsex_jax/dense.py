@@ -16,12 +16,8 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig
+from sparsex_jax.planner import bucket
 from sparsex_jax.sampling import SamplingParams, sample
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-  """The power of two >= n (at least `minimum`): bounds the number of compiled shapes."""
-  return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int):
