@@ -46,6 +46,7 @@ class PrefillSpec:
   n_probe: int = 0  # bucketed size of the Sparse-Q set (attention probe when T == 0)
   assemble: bool = False  # any reused tokens in the batch
   backend: str = "auto"
+  decode: bool = False  # one token per sequence: use the flash-decoding attention
 
 
 def _pool_sentinel(pool) -> int:
@@ -92,9 +93,14 @@ def _run_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
     layer_params, layer = xs
     q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
     pool = _write_kv(pool, layer, slots, k, v)
-    out, lse = ops.attention(q, positions, pool["k"][layer], pool["v"][layer],
-                             batch["page_table"], batch["kv_len"], sm_scale=cfg.sm_scale,
-                             backend=spec.backend)
+    if spec.decode:
+      out = ops.decode_attention(q[:, 0], pool["k"][layer], pool["v"][layer],
+                                 batch["page_table"], batch["kv_len"], sm_scale=cfg.sm_scale,
+                                 backend=spec.backend)[:, None]
+    else:
+      out, lse = ops.attention(q, positions, pool["k"][layer], pool["v"][layer],
+                               batch["page_table"], batch["kv_len"], sm_scale=cfg.sm_scale,
+                               backend=spec.backend)
     if sparse_q is not None:
       acc = acc + ops.importance(q, positions, sparse_q, pool["k"][layer], batch["page_table"],
                                  batch["kv_len"], lse, sm_scale=cfg.sm_scale,
@@ -221,7 +227,7 @@ def decode_step(params, pool, tokens, positions, slots, page_table, kv_len, temp
   """
   TRACE_COUNTS["decode"] += 1
   batch = {"page_table": page_table, "kv_len": kv_len}
-  spec = PrefillSpec(n_full_layers=cfg.n_layers, backend=backend)
+  spec = PrefillSpec(n_full_layers=cfg.n_layers, backend=backend, decode=True)
   x, pool, _ = _run_layers(params["layers"], cfg, 0, llama.embed(params, tokens[:, None]),
                            positions[:, None], slots[:, None], pool, batch, spec)
   out_logits = llama.logits(params, cfg, x[:, 0])
