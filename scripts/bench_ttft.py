@@ -122,8 +122,45 @@ def bench(results: dict, preset: str, n_passages: int, passage_len: int, repeats
           flush=True)
 
 
+def report(json_path: str, out_prefix: str):
+  """Renders a ttft.json (from a GPU run) as a markdown table and a PNG bar chart."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(json_path) as f:
+    res = json.load(f)
+  rows = res["ttft"]
+  full = next(r["ttft_ms_median"] for r in rows if r["policy"] == "full")
+  lines = [f"{res['device']}, jax {res['jax']}, {res['date']}. Command: `python {res['command']}`",
+           "", "| policy | prompt tokens | exact | reused | recomputed | TTFT median (ms) | "
+           "speed-up vs full |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    lines.append(f"| {r['policy']} | {r['n_prompt']} | {r['n_exact']} | {r['n_reused']} | "
+                 f"{r['n_recomputed']} | {r['ttft_ms_median']:.1f} | "
+                 f"{full / r['ttft_ms_median']:.2f}x |")
+  checks = res.get("checks", [])
+  if checks:
+    lines += ["", "Pallas-kernel engine vs jnp-reference engine (tiny model, same run):", "",
+              "| dtype | policy | logits rel. error | ok |", "| --- | --- | --- | --- |"]
+    for c in checks:
+      err = f"{c['rel_err']:.2e}" if "rel_err" in c else "tokens equal" if c["ok"] else (
+          "tokens differ")
+      lines.append(f"| {c['dtype']} | {c['policy']} | {err} | {c['ok']} |")
+  with open(out_prefix + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.barh([r["policy"] for r in rows][::-1], [r["ttft_ms_median"] for r in rows][::-1])
+  ax.set_xlabel("time to first token, median (ms)")
+  ax.set_title(f"{rows[0]['preset']} bf16, {rows[0]['n_prompt']}-token RAG prompt, "
+               f"{res['device']}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out_prefix + ".png", dpi=120)
+  print("\n".join(lines))
+
+
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--report", metavar="JSON", help="render a ttft.json as --out .md/.png; no GPU")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   ap.add_argument("--preset", default="llama3-8b")
   ap.add_argument("--passages", type=int, default=6)
@@ -131,6 +168,9 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--skip-checks", action="store_true")
   args = ap.parse_args()
+  if args.report:
+    report(args.report, args.out)
+    return
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
              "checks": [], "ttft": [], "errors": []}
