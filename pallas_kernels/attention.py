@@ -11,7 +11,8 @@ Shapes (see docs/CONTRACTS.md):
   q          [B, T, N, H]   queries (N heads)
   q_pos      [B, T] int32   absolute positions; -1 marks a padding row
   k_pages    [K, P, S, H]   one layer of the pool (K kv heads, P pages of S)
-  v_pages    [K, P, S, H]
+  v_pages    [K, P, S, H]   or, with `layer` given, the whole pool [L, K, P, S, H]
+  layer      int32 scalar   (optional) which layer of the whole pool to use
   page_table [B, MP] int32  logical key j lives in page page_table[b, j // S]
   kv_len     [B] int32
 Returns out [B, T, N, H] (q.dtype) and lse [B, T, N] float32 (natural log of
@@ -55,6 +56,46 @@ def gather_kv(pages, page_table):
   x = pages[:, page_table]  # [K, B, MP, S, H]
   x = jnp.swapaxes(x, 0, 1)
   return x.reshape(batch, n_kv, max_pages * page_size, head_dim)
+
+
+def layer_pages(pages, layer):
+  """One layer [K, P, S, H] of `pages`: pages itself if layer is None, else pages[layer].
+
+  For the references only: they are jnp, so XLA fuses the dynamic slice into the gather
+  that reads the pages and nothing is copied.
+  """
+  return pages if layer is None else pages[layer]
+
+
+def kernel_pool(pages, layer):
+  """The kernels' view of the pool: ([L*K, P*S, H] rows, layer as an int32 [1] array).
+
+  pages is one layer [K, P, S, H] (layer None, taken as L = 1, layer 0) or the whole pool
+  [L, K, P, S, H]. The reshape merges contiguous axes, so it is free (a bitcast): the kernel
+  gets the pool buffer itself and reads the rows layer * K + kv_head. Slicing pool[layer]
+  outside the kernel instead would make XLA materialise that layer's K/V for the custom call,
+  a copy of the layer's whole pool slice on every layer of every step. The layer travels as a
+  [1] array (a ref) because the Triton lowering has no scalar prefetch.
+  """
+  if layer is None:
+    pages, layer = pages[None], 0
+  n_layers, n_kv, n_pages, page_size, head_dim = pages.shape
+  rows = pages.reshape(n_layers * n_kv, n_pages * page_size, head_dim)
+  return rows, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+
+
+def pool_spec(pool_rows):
+  """Whole-array BlockSpec of the [L*K, P*S, H] pool view (any grid).
+
+  The kernel picks its kv head's rows with a dynamic index (pool_row); the block is never
+  loaded whole, only gathered by key rows, so its shape need not be a power of two.
+  """
+  return pl.BlockSpec(pool_rows.shape, lambda *_: (0,) * pool_rows.ndim)
+
+
+def pool_row(layer_ref, n_kv):
+  """Row of the [L*K, P*S, H] pool view for this program's kv head (grid axis 1)."""
+  return layer_ref[0] * n_kv + pl.program_id(1)
 
 
 def visibility(q_pos, kv_len, n_keys):
@@ -136,14 +177,16 @@ def _attention_rows(q, q_pos, k, v, kv_len, sm_scale):
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
 def paged_attention_reference(q, q_pos, k_pages, v_pages, page_table, kv_len, *,
-                              sm_scale):
+                              sm_scale, layer=None):
   """Pure-jnp sparse-query paged attention (materialises [B, N, rows, MP*S] logits
   for chunks of QUERY_CHUNK rows).
 
-  f32 logits and accumulation whatever q's dtype. Returns (out, lse).
+  f32 logits and accumulation whatever q's dtype. Returns (out, lse). layer:
+  None (k_pages, v_pages are one layer [K, P, S, H]) or the layer of the whole
+  pool [L, K, P, S, H] to use.
   """
-  k = gather_kv(k_pages, page_table)  # [B, K, L, H]
-  v = gather_kv(v_pages, page_table)
+  k = gather_kv(layer_pages(k_pages, layer), page_table)  # [B, K, L, H]
+  v = gather_kv(layer_pages(v_pages, layer), page_table)
   return map_query_chunks(
       lambda qc, pc: _attention_rows(qc, pc, k, v, kv_len, sm_scale), q, q_pos)
 
@@ -167,14 +210,17 @@ def key_rows(pt_ref, start, block_k, page_size, max_pages):
   return kpos, page * page_size + lax.rem(kpos, page_size)
 
 
-def _attention_kernel(kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref,
-                      o_ref, lse_ref, *, sm_scale, block_k, page_size, max_pages):
+def _attention_kernel(layer_ref, kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref,
+                      o_ref, lse_ref, *, sm_scale, block_k, page_size, max_pages,
+                      n_kv):
   """One (request b, kv head h, block of BM rows) program.
 
-  Refs: kvlen [B]; pt [MP] (row b of the page table); pos [BM]; q [BM, H];
-  k, v [P*S, H] (kv head h, pages flattened); o [BM, H]; lse [BM].
+  Refs: layer [1]; kvlen [B]; pt [MP] (row b of the page table); pos [BM];
+  q [BM, H]; k, v [L*K, P*S, H] (the whole pool, pages flattened; this program
+  reads row layer * K + h); o [BM, H]; lse [BM].
   """
   b = pl.program_id(0)
+  kv_row = pool_row(layer_ref, n_kv)
   kv_len = kvlen_ref[b]
   pos = pos_ref[...]
   valid = pos >= 0
@@ -198,8 +244,8 @@ def _attention_kernel(kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref,
   def body(i, carry, masked):
     acc, m_i, l_i = carry
     kpos, rows = key_rows(pt_ref, i * block_k, block_k, page_size, max_pages)
-    k = k_ref[rows, :]
-    v = v_ref[rows, :]
+    k = k_ref[kv_row, rows, :]
+    v = v_ref[kv_row, rows, :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * qk_scale
     if masked:
@@ -269,18 +315,20 @@ def default_block_m(n_rows):
     static_argnames=("sm_scale", "block_m", "block_k", "num_warps", "num_stages",
                      "longest_first", "interpret"))
 def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
-                    block_m=None, block_k=64, num_warps=None, num_stages=2,
-                    longest_first=True, interpret=False):
+                    layer=None, block_m=None, block_k=64, num_warps=None,
+                    num_stages=2, longest_first=True, interpret=False):
   """Pallas (Triton lowering) sparse-query paged attention. Returns (out, lse).
 
   Same contract as paged_attention_reference. block_m: rows (tokens x group
   heads) per program, a power of two >= 16 (default: up to 64). block_k:
   keys per inner step, a power of two >= 16. longest_first: launch the row
   blocks with the largest positions (the longest KV loops) first, so the
-  causal triangle does not end on a tail of long programs.
+  causal triangle does not end on a tail of long programs. layer: None
+  (k_pages, v_pages are one layer [K, P, S, H]) or the layer of the whole
+  pool [L, K, P, S, H] to read, selected inside the kernel (no copy).
   """
   batch, n_tok, n_heads, head_dim = q.shape
-  n_kv, n_pages, page_size, _ = k_pages.shape
+  n_kv, _, page_size, _ = k_pages.shape[-4:]
   group = n_heads // n_kv
   max_pages = page_table.shape[1]
   if block_m is None:
@@ -289,12 +337,12 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
     num_warps = 8 if block_m >= 128 else 4
   qr, pos = group_rows(q, q_pos, n_kv, block_m)
   r_pad = qr.shape[2]
-  k_flat = k_pages.reshape(n_kv, n_pages * page_size, head_dim)
-  v_flat = v_pages.reshape(n_kv, n_pages * page_size, head_dim)
+  k_flat, layer_arr = kernel_pool(k_pages, layer)
+  v_flat, _ = kernel_pool(v_pages, layer)
 
   kernel = functools.partial(_attention_kernel, sm_scale=sm_scale,
                              block_k=block_k, page_size=page_size,
-                             max_pages=max_pages)
+                             max_pages=max_pages, n_kv=n_kv)
   n_blk = r_pad // block_m
   grid = (batch, n_kv, n_blk)
   # The last grid axis is the slowest-varying in the Triton launch order.
@@ -303,15 +351,14 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
       kernel,
       grid=grid,
       in_specs=[
+          pl.BlockSpec((1,), lambda b, h, i: (0,)),  # layer
           pl.BlockSpec((batch,), lambda b, h, i: (0,)),  # kv_len
           pl.BlockSpec((None, max_pages), lambda b, h, i: (b, 0)),  # page table
           pl.BlockSpec((None, block_m), lambda b, h, i: (b, blk(i))),  # pos
           pl.BlockSpec((None, None, block_m, head_dim),
                        lambda b, h, i: (b, h, blk(i), 0)),  # q rows
-          pl.BlockSpec((None, n_pages * page_size, head_dim),
-                       lambda b, h, i: (h, 0, 0)),  # k pool of kv head h
-          pl.BlockSpec((None, n_pages * page_size, head_dim),
-                       lambda b, h, i: (h, 0, 0)),  # v pool of kv head h
+          pool_spec(k_flat),  # whole k pool (row layer * K + h is read)
+          pool_spec(v_flat),  # whole v pool
       ],
       out_specs=[
           pl.BlockSpec((None, None, block_m, head_dim),
@@ -325,6 +372,6 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
       compiler_params=_compat.triton_params(num_warps, num_stages),
       interpret=interpret,
       name="sparsex_paged_attention",
-  )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr, k_flat,
-    v_flat)
+  )(layer_arr, kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr,
+    k_flat, v_flat)
   return ungroup_rows(out, n_tok, group), ungroup_rows(lse, n_tok, group)

@@ -1,6 +1,8 @@
 """Paged decode attention (one query token per request): reference and flash-decoding kernel.
 
-q [B, N, H] attends to all keys j < kv_len[b] of its request's pages. Decode
+q [B, N, H] attends to all keys j < kv_len[b] of its request's pages (k_pages,
+v_pages: one layer [K, P, S, H], or with `layer` given the whole pool
+[L, K, P, S, H], as in attention.py). Decode
 is memory-bound (each K/V byte is used by only G = N // K query heads), so the
 kernel's job is to stream the pages at full HBM bandwidth:
   - grid (request, kv head, key split): the keys of one request are split
@@ -20,7 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import (gather_kv, key_rows, masked_softmax_stats)
+from pallas_kernels.attention import (gather_kv, kernel_pool, key_rows, layer_pages,
+                                      masked_softmax_stats, pool_row, pool_spec)
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -28,9 +31,13 @@ _LN2 = math.log(2.0)
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
 def paged_decode_attention_reference(q, k_pages, v_pages, page_table, kv_len, *,
-                                     sm_scale):
-  """Pure-jnp paged decode attention -> [B, N, H] in q.dtype (f32 accumulation)."""
+                                     sm_scale, layer=None):
+  """Pure-jnp paged decode attention -> [B, N, H] in q.dtype (f32 accumulation).
+
+  layer: None (one layer [K, P, S, H]) or the layer of the whole pool to use.
+  """
   batch, n_heads, head_dim = q.shape
+  k_pages, v_pages = layer_pages(k_pages, layer), layer_pages(v_pages, layer)
   n_kv = k_pages.shape[0]
   group = n_heads // n_kv
   k = gather_kv(k_pages, page_table)  # [B, K, L, H]
@@ -47,14 +54,17 @@ def paged_decode_attention_reference(q, k_pages, v_pages, page_table, kv_len, *,
   return out.reshape(batch, n_heads, head_dim).astype(q.dtype)
 
 
-def _decode_kernel(kvlen_ref, pt_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
-                   *, sm_scale, block_k, split_len, page_size, max_pages):
+def _decode_kernel(layer_ref, kvlen_ref, pt_ref, q_ref, k_ref, v_ref, acc_ref,
+                   m_ref, l_ref, *, sm_scale, block_k, split_len, page_size,
+                   max_pages, n_kv):
   """One (request b, kv head h, split s) program over keys [s*SL, (s+1)*SL).
 
-  Refs: kvlen [B]; pt [MP]; q [GP, H]; k, v [P*S, H]; acc [GP, H] (unnormalised
-  f32); m, l [GP] (running max in log2 units, running sum).
+  Refs: layer [1]; kvlen [B]; pt [MP]; q [GP, H]; k, v [L*K, P*S, H] (the
+  whole pool; row layer * K + h is read); acc [GP, H] (unnormalised f32);
+  m, l [GP] (running max in log2 units, running sum).
   """
   b = pl.program_id(0)
+  kv_row = pool_row(layer_ref, n_kv)
   split = pl.program_id(2)
   kv_len = kvlen_ref[b]
   q = q_ref[...]
@@ -68,8 +78,8 @@ def _decode_kernel(kvlen_ref, pt_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref
     acc, m_i, l_i = carry
     kpos, rows = key_rows(pt_ref, lo + i * block_k, block_k, page_size,
                           max_pages)
-    k = k_ref[rows, :]
-    v = v_ref[rows, :]
+    k = k_ref[kv_row, rows, :]
+    v = v_ref[kv_row, rows, :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * qk_scale
     s = jnp.where((kpos < hi)[None, :], s, -jnp.inf)
@@ -123,15 +133,16 @@ def merge_splits(acc, m, l):
     static_argnames=("sm_scale", "block_k", "num_splits", "num_warps",
                      "num_stages", "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
-                           block_k=64, num_splits=None, num_warps=4,
+                           layer=None, block_k=64, num_splits=None, num_warps=4,
                            num_stages=3, interpret=False):
   """Pallas (Triton lowering) flash-decoding over paged KV -> [B, N, H].
 
   Same contract as paged_decode_attention_reference. num_splits: key ranges
-  per (request, kv head); default from choose_splits.
+  per (request, kv head); default from choose_splits. layer: None or the
+  layer of the whole pool [L, K, P, S, H], selected inside the kernel.
   """
   batch, n_heads, head_dim = q.shape
-  n_kv, n_pages, page_size, _ = k_pages.shape
+  n_kv, _, page_size, _ = k_pages.shape[-4:]
   group = n_heads // n_kv
   max_pages = page_table.shape[1]
   n_keys = max_pages * page_size
@@ -142,24 +153,23 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   rows_q = max(16, _compat.next_pow2(group))
   qg = q.reshape(batch, n_kv, group, head_dim)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows_q - group), (0, 0)))
-  k_flat = k_pages.reshape(n_kv, n_pages * page_size, head_dim)
-  v_flat = v_pages.reshape(n_kv, n_pages * page_size, head_dim)
+  k_flat, layer_arr = kernel_pool(k_pages, layer)
+  v_flat, _ = kernel_pool(v_pages, layer)
 
   kernel = functools.partial(
       _decode_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
-      page_size=page_size, max_pages=max_pages)
+      page_size=page_size, max_pages=max_pages, n_kv=n_kv)
   acc, m, l = pl.pallas_call(
       kernel,
       grid=(batch, n_kv, num_splits),
       in_specs=[
+          pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer
           pl.BlockSpec((batch,), lambda b, h, s: (0,)),  # kv_len
           pl.BlockSpec((None, max_pages), lambda b, h, s: (b, 0)),  # pages
           pl.BlockSpec((None, None, rows_q, head_dim),
                        lambda b, h, s: (b, h, 0, 0)),  # q group
-          pl.BlockSpec((None, n_pages * page_size, head_dim),
-                       lambda b, h, s: (h, 0, 0)),
-          pl.BlockSpec((None, n_pages * page_size, head_dim),
-                       lambda b, h, s: (h, 0, 0)),
+          pool_spec(k_flat),  # whole k pool (row layer * K + h is read)
+          pool_spec(v_flat),  # whole v pool
       ],
       out_specs=[
           pl.BlockSpec((None, None, None, rows_q, head_dim),
@@ -176,7 +186,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
       compiler_params=_compat.triton_params(num_warps, num_stages),
       interpret=interpret,
       name="sparsex_paged_decode_attention",
-  )(kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_flat, v_flat)
+  )(layer_arr, kv_len.astype(jnp.int32), page_table.astype(jnp.int32), qg, k_flat,
+    v_flat)
   out, _ = merge_splits(acc[:, :, :, :group], m[:, :, :, :group],
                         l[:, :, :, :group])
   return out.reshape(batch, n_heads, head_dim).astype(q.dtype)

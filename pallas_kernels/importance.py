@@ -4,7 +4,8 @@ importance[b, j] = reduce over query heads n (sum or max) of
     sum over rows t with q_is_sparse[b, t] of exp(s[b, t, n, j] - lse[b, t, n]),
 where s are the scaled logits and lse comes from the attention pass (so the
 probabilities are exact, normalised over all visible keys). Masked keys
-(j > q_pos or j >= kv_len) contribute 0.
+(j > q_pos or j >= kv_len) contribute 0. k_pages is one layer [K, P, S, H] or,
+with `layer` given, the whole pool [L, K, P, S, H] (as in attention.py).
 
 Determinism: no float atomics, no scatter-add. The kernel owns one block of
 keys (for one kv head) per program and loops over the query rows itself, so
@@ -22,7 +23,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels.attention import (map_query_chunks, default_block_m, gather_kv, group_rows,
-                                      key_rows, visibility)
+                                      kernel_pool, key_rows, layer_pages, pool_row, pool_spec,
+                                      visibility)
 
 _LOG2E = math.log2(math.e)
 
@@ -37,9 +39,11 @@ def _reduce_heads(per_head, head_reduce, axis):
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "head_reduce"))
 def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
-                                  kv_len, lse, *, sm_scale, head_reduce="sum"):
-  """Pure-jnp Sparse-Q importance -> [B, MP*S] float32."""
+                                  kv_len, lse, *, sm_scale, head_reduce="sum",
+                                  layer=None):
+  """Pure-jnp Sparse-Q importance -> [B, MP*S] float32 (layer: as paged_attention)."""
   batch, _, n_heads, head_dim = q.shape
+  k_pages = layer_pages(k_pages, layer)
   n_kv = k_pages.shape[0]
   group = n_heads // n_kv
   k = gather_kv(k_pages, page_table)  # [B, K, L, H]
@@ -61,16 +65,17 @@ def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
   return _reduce_heads(jnp.sum(per_head, axis=1), head_reduce, axis=1)
 
 
-def _importance_kernel(kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,
+def _importance_kernel(layer_ref, kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,
                        lse_ref, q_ref, k_ref, o_ref, *, sm_scale, block_m,
-                       block_k, page_size, max_pages, group, split_p):
+                       block_k, page_size, max_pages, group, split_p, n_kv):
   """One (request b, kv head h, key block c) program.
 
   Rows are the compacted Sparse-Q rows of the G query heads of kv head h
   (row r = Sparse-Q token r // G, head r % G), in ascending position order.
-  Refs: kvlen, nrow [B] (nrow = Sparse-Q rows = G x Sparse-Q tokens);
-  rstart [C] (first row whose position reaches key block c); pt [MP];
-  pos, lse [R_pad]; q [R_pad, H]; k [P*S, H]; o [GP, BK] per-head sums.
+  Refs: layer [1]; kvlen, nrow [B] (nrow = Sparse-Q rows = G x Sparse-Q
+  tokens); rstart [C] (first row whose position reaches key block c); pt [MP];
+  pos, lse [R_pad]; q [R_pad, H]; k [L*K, P*S, H] (the whole pool; row
+  layer * K + h is read); o [GP, BK] per-head sums.
   """
   b = pl.program_id(0)
   c = pl.program_id(2)
@@ -78,7 +83,7 @@ def _importance_kernel(kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,
   n_rows = nrow_ref[b]
   start = c * block_k
   kpos, rows = key_rows(pt_ref, start, block_k, page_size, max_pages)
-  k = k_ref[rows, :]
+  k = k_ref[pool_row(layer_ref, n_kv), rows, :]
   key_ok = kpos < kv_len
   qk_scale = sm_scale * _LOG2E
   heads_p = o_ref.shape[0]
@@ -140,7 +145,8 @@ def compact_sparse_rows(q_pos, q_is_sparse):
                      "num_warps", "num_stages", "interpret"))
 def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
                         *, sm_scale, head_reduce="sum", block_m=None,
-                        block_k=128, num_warps=4, num_stages=2, interpret=False):
+                        block_k=128, num_warps=4, num_stages=2, interpret=False,
+                        layer=None):
   """Pallas (Triton lowering) Sparse-Q importance -> [B, MP*S] float32.
 
   Same contract as sparse_q_importance_reference. Grid: (request, kv head,
@@ -149,10 +155,12 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
   the head reduction is a jnp sum/max afterwards. Outside the kernel (plain
   jnp, O(T) work): compact the Sparse-Q rows to the front, and find per key
   block the first row that reaches it. Defaults (block_m 64, block_k 128,
-  4 warps, 2 stages) are the H100 sweep's best (docs/BENCHMARKS.md).
+  4 warps, 2 stages) are the H100 sweep's best (docs/BENCHMARKS.md). layer:
+  None or the layer of the whole pool [L, K, P, S, H], selected inside the
+  kernel.
   """
   batch, n_tok, n_heads, head_dim = q.shape
-  n_kv, n_pages, page_size, _ = k_pages.shape
+  n_kv, _, page_size, _ = k_pages.shape[-4:]
   group = n_heads // n_kv
   heads_p = max(16, _compat.next_pow2(group))
   max_pages = page_table.shape[1]
@@ -178,16 +186,18 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
   lse_r, _ = group_rows(lse_c[..., None], pos_c, n_kv, block_m)
   lse_r = lse_r[..., 0]  # [B, K, R_pad]
   r_pad = qr.shape[2]
-  k_flat = k_pages.reshape(n_kv, n_pages * page_size, head_dim)
+  k_flat, layer_arr = kernel_pool(k_pages, layer)
   split_p = jnp.dtype(q.dtype).itemsize < 4
 
   kernel = functools.partial(
       _importance_kernel, sm_scale=sm_scale, block_m=block_m, block_k=block_k,
-      page_size=page_size, max_pages=max_pages, group=group, split_p=split_p)
+      page_size=page_size, max_pages=max_pages, group=group, split_p=split_p,
+      n_kv=n_kv)
   per_head = pl.pallas_call(
       kernel,
       grid=(batch, n_kv, n_cblk),
       in_specs=[
+          pl.BlockSpec((1,), lambda b, h, c: (0,)),  # layer
           pl.BlockSpec((batch,), lambda b, h, c: (0,)),  # kv_len
           pl.BlockSpec((batch,), lambda b, h, c: (0,)),  # Sparse-Q rows
           pl.BlockSpec((None, n_cblk), lambda b, h, c: (b, 0)),  # rstart
@@ -196,8 +206,7 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
           pl.BlockSpec((None, None, r_pad), lambda b, h, c: (b, h, 0)),  # lse
           pl.BlockSpec((None, None, r_pad, head_dim),
                        lambda b, h, c: (b, h, 0, 0)),  # q rows
-          pl.BlockSpec((None, n_pages * page_size, head_dim),
-                       lambda b, h, c: (h, 0, 0)),  # k of kv head h
+          pool_spec(k_flat),  # whole k pool (row layer * K + h is read)
       ],
       out_specs=pl.BlockSpec((None, None, heads_p, block_k),
                              lambda b, h, c: (b, h, 0, c)),
@@ -206,7 +215,7 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
       compiler_params=_compat.triton_params(num_warps, num_stages),
       interpret=interpret,
       name="sparsex_sparse_q_importance",
-  )(kv_len.astype(jnp.int32), n_sp * group, rstart,
+  )(layer_arr, kv_len.astype(jnp.int32), n_sp * group, rstart,
     page_table.astype(jnp.int32), pos_r, lse_r, qr, k_flat)
   per_head = per_head[:, :, :group, :n_keys].reshape(batch, n_heads, n_keys)
   return _reduce_heads(per_head, head_reduce, axis=1)

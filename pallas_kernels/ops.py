@@ -8,6 +8,11 @@ backend:
   "pallas_interpret"  Pallas kernel in interpret mode (CPU; slow, for tests).
 Extra keyword arguments (block sizes, num_warps, ...) go to the kernel and are
 ignored by the reference.
+
+layer: None (k_pages, v_pages are one layer [K, P, S, H]) or an int32 scalar
+(traced or not) picking a layer of the whole pool [L, K, P, S, H]. Pass the
+whole pool with layer= inside a layer loop: slicing pool[layer] there would
+make XLA copy the layer's K/V for the kernel's custom call.
 """
 
 from pallas_kernels import _compat
@@ -38,24 +43,26 @@ def _call(kernel, reference, backend, args, kwargs, kernel_kwargs):
 
 
 def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
-              backend="auto", **kernel_kwargs):
+              layer=None, backend="auto", **kernel_kwargs):
   """Sparse-query paged attention -> (out [B,T,N,H], lse [B,T,N] f32)."""
   return _call(paged_attention, paged_attention_reference, backend,
                (q, q_pos, k_pages, v_pages, page_table, kv_len),
-               dict(sm_scale=sm_scale), kernel_kwargs)
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)
 
 
 def importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse, *,
-               sm_scale, head_reduce="sum", backend="auto", **kernel_kwargs):
+               sm_scale, head_reduce="sum", layer=None, backend="auto",
+               **kernel_kwargs):
   """Sparse-Q importance -> [B, MP*S] f32."""
   return _call(sparse_q_importance, sparse_q_importance_reference, backend,
                (q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse),
-               dict(sm_scale=sm_scale, head_reduce=head_reduce), kernel_kwargs)
+               dict(sm_scale=sm_scale, head_reduce=head_reduce, layer=layer),
+               kernel_kwargs)
 
 
 def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
                               page_table, kv_len, *, sm_scale, head_reduce="sum",
-                              backend="auto"):
+                              layer=None, backend="auto"):
   """Attention plus the Sparse-Q importance of the same layer -> (out, lse, imp).
 
   Two passes by necessity: the probabilities need the final lse of each row,
@@ -63,15 +70,16 @@ def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
   for the Sparse-Q rows only.
   """
   out, lse = attention(q, q_pos, k_pages, v_pages, page_table, kv_len,
-                       sm_scale=sm_scale, backend=backend)
+                       sm_scale=sm_scale, layer=layer, backend=backend)
   imp = importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
-                   sm_scale=sm_scale, head_reduce=head_reduce, backend=backend)
+                   sm_scale=sm_scale, head_reduce=head_reduce, layer=layer,
+                   backend=backend)
   return out, lse, imp
 
 
 def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
-                     backend="auto", **kernel_kwargs):
+                     layer=None, backend="auto", **kernel_kwargs):
   """Paged decode attention, one query token per request -> [B, N, H]."""
   return _call(paged_decode_attention, paged_decode_attention_reference, backend,
                (q, k_pages, v_pages, page_table, kv_len),
-               dict(sm_scale=sm_scale), kernel_kwargs)
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)

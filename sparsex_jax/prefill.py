@@ -93,18 +93,22 @@ def _run_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
     layer_params, layer = xs
     q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
     pool = _write_kv(pool, layer, slots, k, v)
+    # The kernels take the whole pool and the (traced) layer index: pool["k"][layer] here would
+    # be a dynamic slice that XLA must materialise for the Pallas custom call, a copy of the
+    # layer's whole pool slice on every layer of every prefill and decode step.
     if spec.decode:
-      out = ops.decode_attention(q[:, 0], pool["k"][layer], pool["v"][layer],
-                                 batch["page_table"], batch["kv_len"], sm_scale=cfg.sm_scale,
+      out = ops.decode_attention(q[:, 0], pool["k"], pool["v"], batch["page_table"],
+                                 batch["kv_len"], sm_scale=cfg.sm_scale, layer=layer,
                                  backend=spec.backend)[:, None]
     else:
-      out, lse = ops.attention(q, positions, pool["k"][layer], pool["v"][layer],
-                               batch["page_table"], batch["kv_len"], sm_scale=cfg.sm_scale,
+      out, lse = ops.attention(q, positions, pool["k"], pool["v"], batch["page_table"],
+                               batch["kv_len"], sm_scale=cfg.sm_scale, layer=layer,
                                backend=spec.backend)
     if sparse_q is not None:
-      acc = acc + ops.importance(q, positions, sparse_q, pool["k"][layer], batch["page_table"],
+      acc = acc + ops.importance(q, positions, sparse_q, pool["k"], batch["page_table"],
                                  batch["kv_len"], lse, sm_scale=cfg.sm_scale,
-                                 head_reduce=spec.head_reduce, backend=spec.backend)
+                                 head_reduce=spec.head_reduce, layer=layer,
+                                 backend=spec.backend)
     return (llama.layer_output(layer_params, cfg, x, out), pool, acc), None
 
   layer_ids = first_layer + jnp.arange(n, dtype=jnp.int32)

@@ -368,3 +368,71 @@ def test_sparse_q_importance_bf16():
                                         head_reduce=head_reduce)
     assert not np.isnan(np.asarray(imp)).any()
     assert rel_err(imp, ref) < 1e-3
+
+
+# (batch, n_heads, n_kv, head_dim, page_size, max_pages, kv_len, n_tok, n_layers)
+LAYER_CASES = [
+    (2, 4, 2, 64, 16, 5, (70, 33), 9, 3),  # group 2, ragged
+    (1, 6, 2, 64, 8, 6, (45,), 7, 4),  # group 3, page size 8
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_of_whole_pool_equals_per_layer(case):
+  """layer= over the whole pool [L, K, P, S, H] gives what the layer's own slice gives.
+
+  Every layer holds different random data, so reading the wrong layer (or the wrong kv head's
+  rows of the flattened [L*K, P*S, H] view) fails. Kernels run in interpret mode, where
+  unwritten outputs stay NaN. The layer is tried as a Python int and traced (inside
+  lax.scan, as the engine passes it).
+  """
+  (batch, n_heads, n_kv, head_dim, page_size, max_pages, kv_len, n_tok,
+   n_layers) = case
+  rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+  n_pages = batch * max_pages + 2
+  pools = [make_pool(rng, n_kv, n_pages, page_size, head_dim, jnp.float32)
+           for _ in range(n_layers)]
+  k_all = jnp.stack([k for k, _ in pools])  # [L, K, P, S, H]
+  v_all = jnp.stack([v for _, v in pools])
+  table = make_table(rng, batch, max_pages, n_pages)
+  kv = jnp.asarray(kv_len, jnp.int32)
+  q_pos = make_positions(rng, kv_len, n_tok, "subset", 2)
+  q = jnp.asarray(rng.standard_normal((batch, n_tok, n_heads, head_dim)),
+                  jnp.float32)
+  is_sparse = jnp.asarray(rng.random(q_pos.shape) < 0.5)
+  scale = 1.0 / math.sqrt(head_dim)
+
+  def all_ops(layer, k_pages, v_pages, backend):
+    """attention (out, lse), importance and decode of one layer, one backend."""
+    out, lse, imp = ops.attention_with_importance(
+        q, q_pos, is_sparse, k_pages, v_pages, table, kv, sm_scale=scale,
+        layer=layer, backend=backend)
+    dec = ops.decode_attention(q[:, -1], k_pages, v_pages, table, kv,
+                               sm_scale=scale, layer=layer, backend=backend)
+    return out, lse, imp, dec
+
+  for backend in ("reference", "pallas_interpret"):
+    per_layer = [all_ops(None, k_all[i], v_all[i], backend)
+                 for i in range(n_layers)]
+    # Traced layer index, as in the engine's scan over layers.
+    _, scanned = jax.lax.scan(
+        lambda c, i: (c, all_ops(i, k_all, v_all, backend)), 0,
+        jnp.arange(n_layers, dtype=jnp.int32))
+    for i in range(n_layers):
+      by_int = all_ops(i, k_all, v_all, backend)
+      for want, got_int, got_scan in zip(per_layer[i], by_int, scanned):
+        want = np.asarray(want)
+        assert not np.isnan(want).any()
+        np.testing.assert_allclose(np.asarray(got_int), want, rtol=1e-6,
+                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got_scan[i]), want, rtol=1e-6,
+                                   atol=1e-6)
+    # The layers differ, so the comparison above can tell them apart.
+    assert rel_err(per_layer[0][0], per_layer[1][0]) > 0.1
+  # The kernels on the whole pool still agree with the independent numpy maths.
+  last = n_layers - 1
+  np_out, _ = np_attention(q, np.asarray(q_pos), k_all[last], v_all[last],
+                           np.asarray(table), kv_len, scale)
+  out, _ = paged_attention(q, q_pos, k_all, v_all, table, kv, sm_scale=scale,
+                           layer=jnp.int32(last), block_k=16, interpret=True)
+  assert rel_err(out, np_out) < 1e-5

@@ -114,3 +114,70 @@ def test_decode_gpu(case):
 
 def test_auto_backend_is_pallas_on_gpu():
   assert ops.resolve_backend("auto") == "pallas"
+
+
+def test_layer_of_whole_pool_gpu():
+  """layer= over the whole pool [L, K, P, S, H] (traced, inside a scan as in the engine) gives
+  what the layer's own slice gives, for all three kernels."""
+  q, q_pos, _, _, table, kv = problem(4, *CASES[0])
+  n_layers = 3
+  rng = np.random.default_rng(5)
+  shape = (n_layers,) + problem(4, *CASES[0])[2].shape
+  k_all = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  v_all = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  is_sparse = jnp.asarray(rng.random(q_pos.shape) < 0.4)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+
+  def all_ops(layer, k_pages, v_pages):
+    out, lse, imp = ops.attention_with_importance(
+        q, q_pos, is_sparse, k_pages, v_pages, table, kv, sm_scale=scale,
+        layer=layer, backend="pallas")
+    dec = ops.decode_attention(q[:, -1], k_pages, v_pages, table, kv,
+                               sm_scale=scale, layer=layer, backend="pallas")
+    return out, lse, imp, dec
+
+  _, scanned = jax.jit(lambda k, v: jax.lax.scan(
+      lambda c, i: (c, all_ops(i, k, v)), 0,
+      jnp.arange(n_layers, dtype=jnp.int32)))(k_all, v_all)
+  for i in range(n_layers):
+    want = all_ops(None, k_all[i], v_all[i])
+    for w, got in zip(want, scanned):
+      w = np.asarray(jnp.asarray(w, jnp.float32))
+      got = np.asarray(jnp.asarray(got[i], jnp.float32))
+      assert not np.isnan(got).any()
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_past_32bit_offsets_gpu():
+  """A pool whose flat [L*K, P*S, H] view has over 2**31 elements (the engine's case: offsets
+  into it need 64-bit arithmetic): the last layer's last kv heads live past 2**31."""
+  n_layers, n_kv, n_pages, page_size, head_dim = 2, 8, 72000, 16, 128
+  shape = (n_layers, n_kv, n_pages, page_size, head_dim)
+  assert (n_layers * n_kv - 1) * n_pages * page_size * head_dim > 2**31
+  kk, kv_key = jax.random.split(jax.random.PRNGKey(0))
+  k_all = jax.random.normal(kk, shape, jnp.bfloat16)
+  v_all = jax.random.normal(kv_key, shape, jnp.bfloat16)
+  rng = np.random.default_rng(6)
+  kv_len = (1500, 900)
+  max_pages = -(-max(kv_len) // page_size)
+  # Pages near the end of the pool: the largest offsets.
+  table = jnp.asarray(n_pages - 1 - rng.permutation(2 * max_pages).reshape(2, max_pages),
+                      jnp.int32)
+  kv = jnp.asarray(kv_len, jnp.int32)
+  q_pos = jnp.asarray(np.stack([np.arange(l - 64, l) for l in kv_len]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((2, 64, 32, head_dim)), jnp.bfloat16)
+  scale = 1.0 / math.sqrt(head_dim)
+  layer = jnp.int32(n_layers - 1)
+  out, lse = paged_attention(q, q_pos, k_all, v_all, table, kv, sm_scale=scale, layer=layer)
+  ref_out, ref_lse = paged_attention_reference(q, q_pos, k_all, v_all, table, kv,
+                                               sm_scale=scale, layer=layer)
+  assert rel_err(out, ref_out) < 1e-2 and rel_err(lse, ref_lse) < 1e-2
+  imp = sparse_q_importance(q, q_pos, q_pos >= 0, k_all, table, kv, ref_lse, sm_scale=scale,
+                            layer=layer)
+  ref_imp = sparse_q_importance_reference(q, q_pos, q_pos >= 0, k_all, table, kv, ref_lse,
+                                          sm_scale=scale, layer=layer)
+  assert rel_err(imp, ref_imp) < 1e-2
+  dec = paged_decode_attention(q[:, -1], k_all, v_all, table, kv, sm_scale=scale, layer=layer)
+  ref_dec = paged_decode_attention_reference(q[:, -1], k_all, v_all, table, kv, sm_scale=scale,
+                                             layer=layer)
+  assert rel_err(dec, ref_dec) < 1e-2
