@@ -12,6 +12,17 @@ DEMO_PASSAGE = (
     "converted from paraffin to electricity in 1931. Today the tower houses a small museum "
     "about coastal shipping, open from May to September.")
 DEMO_QUESTION = "In which year was the lamp of the Lighthouse of Varnholm converted to electricity?"
+DEMO_QUESTION2 = "Who kept the logbook of the Lighthouse of Varnholm?"
+
+
+def _request(tok, passage, question, system=None):
+  """A chat turn whose passage is its own (cacheable) segment, cut out of the rendered template."""
+  import sparsex_jax as sx
+  messages = ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": f"{passage}\n\nQuestion: {question}"}]
+  head, tail = tok.apply_chat_template(messages, add_generation_prompt=True).split(passage, 1)
+  return sx.Request([sx.Segment(head, cache=False), sx.Segment(passage),
+                     sx.Segment(tail, cache=False)])
 
 
 def _demo(args) -> int:
@@ -19,31 +30,29 @@ def _demo(args) -> int:
 
   t0 = time.perf_counter()
   engine = sx.Engine.from_pretrained(args.model)
-  load_s = time.perf_counter() - t0
   tok = engine.tokenizer
-  # The passage and the question are separate segments: the passage's KV goes to the segment
-  # cache, so asking about it again re-uses it.
-  messages = [{"role": "user", "content": f"{args.passage}\n\nQuestion: {args.question}"}]
-  prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-  head, tail = prompt.split(args.passage, 1)
-  request = sx.Request([sx.Segment(head, cache=False), sx.Segment(args.passage),
-                        sx.Segment(tail, cache=False)])
   sampling = sx.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
+  sparsex = sx.ReuseConfig("sparsex")
   print(f"model: {engine.config.name} ({engine.config.num_params() / 1e6:.0f}M params), "
-        f"loaded in {load_s:.1f} s")
-  print(f"passage: {args.passage}\nquestion: {args.question}\n")
-  first = engine.generate([request], sampling, reuse=sx.ReuseConfig("full"))[0]
-  print(f"answer: {first.text.strip()}")
-  print(f"time to first token: {first.stats.ttft_s:.3f} s (full prefill of "
-        f"{first.stats.n_prompt} tokens, includes compilation)")
-  for label, reuse in (("full prefill, compiled", sx.ReuseConfig("full")),
-                       ("sparsex reuse of the passage", sx.ReuseConfig("sparsex"))):
-    engine.generate([request], sampling, reuse=reuse)  # warm-up (compiles this shape)
-    out = engine.generate([request], sampling, reuse=reuse)[0]
+        f"loaded in {time.perf_counter() - t0:.1f} s, device: {engine.pool['k'].device}")
+  print(f"passage: {args.passage}\n")
+
+  # First turn: nothing is cached yet, so this is a full prefill; the passage's KV is stored.
+  first = engine.generate([_request(tok, args.passage, args.question)], sampling, sparsex)[0]
+  print(f"Q: {args.question}\nA: {first.text.strip()}")
+  print(f"time to first token: {first.stats.ttft_s:.3f} s ({first.stats.n_prompt} prompt tokens, "
+        f"first call: includes compilation)\n")
+
+  # Second turn, another system prompt: the passage sits at other positions after other
+  # context, so SparseX re-rotates its cached KV and recomputes only the important tokens.
+  second = _request(tok, args.passage, args.question2, system="You answer in one short sentence.")
+  for label, reuse in (("full prefill", sx.ReuseConfig("full")), ("sparsex reuse", sparsex)):
+    engine.generate([second], sampling, reuse)  # compiles this shape
+    out = engine.generate([second], sampling, reuse)[0]
     s = out.stats
-    print(f"  {label:30s} ttft {s.ttft_s * 1e3:7.1f} ms  exact {s.n_exact:3d} reused "
-          f"{s.n_reused:3d} new {s.n_new:3d} recomputed {s.n_recomputed:3d}  answer: "
-          f"{out.text.strip()!r}")
+    print(f"{label:13s} ttft {s.ttft_s * 1e3:7.1f} ms | tokens: exact {s.n_exact}, reused "
+          f"{s.n_reused}, new {s.n_new}, recomputed {s.n_recomputed}")
+    print(f"  Q: {args.question2}\n  A: {out.text.strip()}")
   return 0
 
 
@@ -55,6 +64,7 @@ def main(argv=None) -> int:
                     help="smollm2-135m (embedded), a .gguf file or a Hugging Face folder")
   demo.add_argument("--passage", default=DEMO_PASSAGE)
   demo.add_argument("--question", default=DEMO_QUESTION)
+  demo.add_argument("--question2", default=DEMO_QUESTION2)
   demo.add_argument("--max-new-tokens", type=int, default=32)
   args = parser.parse_args(argv)
   try:
