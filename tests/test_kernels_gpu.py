@@ -119,10 +119,10 @@ def test_auto_backend_is_pallas_on_gpu():
 def test_layer_of_whole_pool_gpu():
   """layer= over the whole pool [L, K, P, S, H] (traced, inside a scan as in the engine) gives
   what the layer's own slice gives, for all three kernels."""
-  q, q_pos, _, _, table, kv = problem(4, *CASES[0])
+  q, q_pos, k_one, _, table, kv = problem(4, *CASES[0])
   n_layers = 3
   rng = np.random.default_rng(5)
-  shape = (n_layers,) + problem(4, *CASES[0])[2].shape
+  shape = (n_layers,) + k_one.shape
   k_all = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   v_all = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   is_sparse = jnp.asarray(rng.random(q_pos.shape) < 0.4)
