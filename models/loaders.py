@@ -316,6 +316,39 @@ def config_from_gguf(reader, name: str | None = None, dtype: str = "float32") ->
       tie_embeddings="output.weight" not in tensors, dtype=dtype)
 
 
+# One layer's tensors: our name -> (GGUF name, HF name), and their [out, in] shapes.
+_LAYER_TENSORS = {
+    "norm1": ("attn_norm.weight", "input_layernorm.weight"),
+    "q": ("attn_q.weight", "self_attn.q_proj.weight"),
+    "k": ("attn_k.weight", "self_attn.k_proj.weight"),
+    "v": ("attn_v.weight", "self_attn.v_proj.weight"),
+    "o": ("attn_output.weight", "self_attn.o_proj.weight"),
+    "norm2": ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    "gate": ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    "up": ("ffn_up.weight", "mlp.up_proj.weight"),
+    "down": ("ffn_down.weight", "mlp.down_proj.weight"),
+    "bq": ("attn_q.bias", "self_attn.q_proj.bias"),
+    "bk": ("attn_k.bias", "self_attn.k_proj.bias"),
+    "bv": ("attn_v.bias", "self_attn.v_proj.bias"),
+}
+GGUF_LAYER_NAMES = {key: names[0] for key, names in _LAYER_TENSORS.items()}
+HF_LAYER_NAMES = {key: names[1] for key, names in _LAYER_TENSORS.items()}
+
+
+def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  return {"norm1": (d,), "q": (n * h, d), "k": (k * h, d), "v": (k * h, d), "o": (d, n * h),
+          "norm2": (d,), "gate": (f, d), "up": (f, d), "down": (d, f), "bq": (n * h,),
+          "bk": (k * h,), "bv": (k * h,)}
+
+
+def _read_layer(get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict:
+  """One layer's weights in [out, in] layout via get(name, shape) (biases only for Qwen2)."""
+  keys = [key for key in _LAYER_TENSORS if cfg.qkv_bias or not key.startswith("b")]
+  shapes = _layer_shapes(cfg)
+  return {key: get(prefix + names[key], shapes[key]) for key in keys}
+
+
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None = None
               ) -> tuple[ModelConfig, dict, Tokenizer | None]:
   """Loads a llama/qwen2 GGUF file: (config, params in HF layout, tokenizer from its metadata).
@@ -327,7 +360,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None 
   cfg = config_from_gguf(reader, name=name, dtype=dtype)
   tensors = {t.name: t for t in reader.tensors}
   permuted = _gguf_value(reader, "general.architecture") == "llama"
-  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  d, n, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
 
   def get(tname, shape):
     if tname not in tensors:
@@ -338,22 +371,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None 
 
   layers = []
   for i in range(cfg.n_layers):
-    p = f"blk.{i}."
-    lw = {
-        "norm1": get(p + "attn_norm.weight", (d,)),
-        "q": get(p + "attn_q.weight", (n * h, d)),
-        "k": get(p + "attn_k.weight", (k * h, d)),
-        "v": get(p + "attn_v.weight", (k * h, d)),
-        "o": get(p + "attn_output.weight", (d, n * h)),
-        "norm2": get(p + "ffn_norm.weight", (d,)),
-        "gate": get(p + "ffn_gate.weight", (f, d)),
-        "up": get(p + "ffn_up.weight", (f, d)),
-        "down": get(p + "ffn_down.weight", (d, f)),
-    }
-    if cfg.qkv_bias:
-      lw["bq"] = get(p + "attn_q.bias", (n * h,))
-      lw["bk"] = get(p + "attn_k.bias", (k * h,))
-      lw["bv"] = get(p + "attn_v.bias", (k * h,))
+    lw = _read_layer(get, cfg, f"blk.{i}.", GGUF_LAYER_NAMES)
     if permuted:
       lw["q"] = unpermute_qk(lw["q"], n)
       lw["k"] = unpermute_qk(lw["k"], k)
@@ -440,7 +458,7 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
     hf = json.load(fh)
   cfg = config_from_hf(hf, name or os.path.basename(os.path.normpath(folder)), dtype)
   w = _read_safetensors(folder)
-  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  d = cfg.d_model
 
   def get(key, shape):
     if key not in w:
@@ -449,25 +467,8 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
     _check_shape(key, arr, shape)
     return arr
 
-  layers = []
-  for i in range(cfg.n_layers):
-    p = f"model.layers.{i}."
-    lw = {
-        "norm1": get(p + "input_layernorm.weight", (d,)),
-        "q": get(p + "self_attn.q_proj.weight", (n * h, d)),
-        "k": get(p + "self_attn.k_proj.weight", (k * h, d)),
-        "v": get(p + "self_attn.v_proj.weight", (k * h, d)),
-        "o": get(p + "self_attn.o_proj.weight", (d, n * h)),
-        "norm2": get(p + "post_attention_layernorm.weight", (d,)),
-        "gate": get(p + "mlp.gate_proj.weight", (f, d)),
-        "up": get(p + "mlp.up_proj.weight", (f, d)),
-        "down": get(p + "mlp.down_proj.weight", (d, f)),
-    }
-    if cfg.qkv_bias:
-      lw["bq"] = get(p + "self_attn.q_proj.bias", (n * h,))
-      lw["bk"] = get(p + "self_attn.k_proj.bias", (k * h,))
-      lw["bv"] = get(p + "self_attn.v_proj.bias", (k * h,))
-    layers.append(lw)
+  layers = [_read_layer(get, cfg, f"model.layers.{i}.", HF_LAYER_NAMES)
+            for i in range(cfg.n_layers)]
   embed = get("model.embed_tokens.weight", (cfg.vocab_size, d))
   final_norm = get("model.norm.weight", (d,))
   lm_head = None

@@ -371,7 +371,6 @@ def replicated(op):
 
 
 def section_decode(batches, contexts, sweep, results):
-  import jax
   from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
   from pallas_kernels import (paged_decode_attention,
                               paged_decode_attention_reference)

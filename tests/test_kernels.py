@@ -79,7 +79,6 @@ def np_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
 
 
 def np_decode(q, k_pages, v_pages, page_table, kv_len, scale):
-  batch = q.shape[0]
   q_pos = (np.asarray(kv_len) - 1)[:, None]
   out, _ = np_attention(np.asarray(q)[:, None], q_pos, k_pages, v_pages,
                         page_table, kv_len, scale)
