@@ -36,8 +36,10 @@ POLICIES = [
     ("naive", sx.ReuseConfig("naive")),
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
-    ("sparsex r=0.15", sx.ReuseConfig("sparsex", recompute_ratio=0.15)),
-    ("sparsex r=0.05", sx.ReuseConfig("sparsex", recompute_ratio=0.05)),
+    ("sparsex r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
+    ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
+    ("sparsex r=0.05 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=4)),
+    ("sparsex r=0.30 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2)),
     # Last: prefix mode caches every full block it computes, which would turn later policies'
     # passages into exact hits.
     ("prefix", sx.ReuseConfig("prefix")),

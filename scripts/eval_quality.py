@@ -42,6 +42,14 @@ CONFIGS = [
     ("sparsex r=0.15 importance=sum", ReuseConfig("sparsex", recompute_ratio=0.15,
                                                   importance_layers="sum")),
     ("sparsex r=0.15 heads=max", ReuseConfig("sparsex", recompute_ratio=0.15, head_reduce="max")),
+    # The importance options again at the better threshold.
+    ("sparsex r=0.15 T=4 importance=last", ReuseConfig(
+        "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="last")),
+    ("sparsex r=0.15 T=4 importance=sum", ReuseConfig(
+        "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="sum")),
+    ("sparsex r=0.15 T=4 heads=max", ReuseConfig(
+        "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="last",
+        head_reduce="max")),
 ]
 
 
@@ -82,6 +90,8 @@ def plot(rows: list[dict], path: str):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4))
   sweep = [r for r in rows if r["label"].startswith("sparsex r=") and " " not in r["label"][10:]]
+  if not sweep:
+    return
   xs = [r["recompute_ratio"] for r in sweep]
   ax.plot(xs, [r["kl_mean"] for r in sweep], "o-", label="sparsex (T=2)")
   markers = {"naive": "x", "cacheblend r=0.15": "s", "epic r=0.15": "^", "random r=0.15": "v"}
@@ -106,19 +116,25 @@ def main(argv=None):
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--passages", type=int, default=4)
   ap.add_argument("--out", default="docs/quality", help="output path prefix (.json/.md/.png)")
+  ap.add_argument("--only", nargs="*", help="run only the configs whose label contains one of "
+                  "these strings (default: all)")
   args = ap.parse_args(argv)
+  configs = [(label, reuse) for label, reuse in CONFIGS
+             if not args.only or any(s in label for s in args.only)]
+  if not configs:
+    raise SystemExit(f"--only {args.only} matches no config; labels: {[c[0] for c in CONFIGS]}")
 
   items = load_musique(args.data)[:args.prompts]
   engine = sx.Engine.from_pretrained(args.model, num_pages=4096)
   tok = engine.tokenizer
-  per_config = {label: {"kl": [], "top1": [], "ttft": [], "recomputed": []} for label, _ in CONFIGS}
+  per_config = {label: {"kl": [], "top1": [], "ttft": [], "recomputed": []} for label, _ in configs}
   n_tokens = []
   start = time.time()
   for i, item in enumerate(items):
     req, passages = build_request(tok, item, args.passages)
     engine.cache_segments(passages)
     full = engine.prefill_logits(req, reuse=ReuseConfig("full"))
-    for label, reuse in CONFIGS:
+    for label, reuse in configs:
       t0 = time.perf_counter()
       logits, plan = engine.prefill_logits(req, reuse=reuse, return_plan=True)
       kl, top1 = kl_and_top1(full, logits)
@@ -126,12 +142,11 @@ def main(argv=None):
       d["kl"].append(kl), d["top1"].append(top1), d["ttft"].append(time.perf_counter() - t0)
       d["recomputed"].append(int(plan.selected_positions.size))
     n_tokens.append(int(plan.labels.size))
-    print(f"[{i + 1}/{len(items)}] {n_tokens[-1]} tokens, {time.time() - start:.0f} s; "
-          f"naive KL {per_config['naive']['kl'][-1]:.3f}, sparsex r=0.15 KL "
-          f"{per_config['sparsex r=0.15']['kl'][-1]:.3f}", flush=True)
+    print(f"[{i + 1}/{len(items)}] {n_tokens[-1]} tokens, {time.time() - start:.0f} s; KL " +
+          ", ".join(f"{label} {d['kl'][-1]:.3f}" for label, d in per_config.items()), flush=True)
 
   rows = []
-  for label, reuse in CONFIGS:
+  for label, reuse in configs:
     d = per_config[label]
     rows.append({"label": label, "mode": reuse.mode, "recompute_ratio": reuse.ratio(),
                  "layer_threshold": reuse.threshold(engine.config.n_layers),
