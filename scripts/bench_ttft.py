@@ -148,6 +148,11 @@ def report(json_path: str, out_prefix: str):
       err = f"{c['rel_err']:.2e}" if "rel_err" in c else "tokens equal" if c["ok"] else (
           "tokens differ")
       lines.append(f"| {c['dtype']} | {c['policy']} | {err} | {c['ok']} |")
+  if "decode" in res:
+    d = res["decode"]
+    lines += ["", f"Paged decode ({d['preset']}, batch {d['batch']} x {d['context']}-token "
+              f"contexts, {d['steps']} steps, engine end to end incl. host loop): "
+              f"{d['decode_ms_per_step']:.2f} ms per step."]
   with open(out_prefix + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -158,6 +163,27 @@ def report(json_path: str, out_prefix: str):
   fig.tight_layout()
   fig.savefig(out_prefix + ".png", dpi=120)
   print("\n".join(lines))
+
+
+def bench_decode(results: dict, preset: str, batch: int, context: int, steps: int):
+  """Paged decode speed: a batch of `context`-token prompts, `steps` greedy tokens each."""
+  cfg = get_config(preset, dtype="bfloat16")
+  rng = np.random.default_rng(2)
+  engine = sx.Engine.random(preset, dtype="bfloat16", page_size=16,
+                            num_pages=batch * ((context + steps) // 16 + 2) + 64)
+  reqs = [sx.Request([sx.Segment(_ids(rng, context, cfg.vocab_size))]) for _ in range(batch)]
+  sp = sx.SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+  engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))  # compile
+  t0 = time.perf_counter()
+  outs = engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))
+  wall = time.perf_counter() - t0
+  step_ms = 1e3 * (wall - outs[0].stats.ttft_s) / steps
+  kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * batch * (context + steps / 2)
+  row = {"preset": preset, "batch": batch, "context": context, "steps": steps,
+         "decode_ms_per_step": step_ms, "kv_gb_per_s": kv_bytes / (step_ms * 1e-3) / 1e9}
+  results["decode"] = row
+  print(f"decode {preset} batch {batch} x {context}: {step_ms:.2f} ms/step "
+        f"({row['kv_gb_per_s']:.0f} GB/s of KV, weights not counted)", flush=True)
 
 
 def main():
@@ -180,6 +206,7 @@ def main():
   steps = [] if args.skip_checks else [lambda: check_backends(results)]
   steps.append(lambda: bench(results, args.preset, args.passages, args.passage_len,
                              args.repeats, "auto"))
+  steps.append(lambda: bench_decode(results, args.preset, 16, 4096, 32))
   for step in steps:
     try:
       step()
