@@ -53,7 +53,8 @@ def _ids(rng, n, vocab):
 def check_backends(results: dict):
   """Pallas-kernel engine vs reference engine on a tiny model: logits and decoded tokens."""
   for dtype, tol in (("float32", 2e-3), ("bfloat16", 3e-2)):
-    cfg = get_config("tiny", dtype=dtype).replace(n_heads=8, n_kv_heads=2, head_dim=64)
+    cfg = get_config("tiny", dtype=dtype).replace(n_layers=5, n_heads=8, n_kv_heads=2,
+                                                  head_dim=64)
     params = llama.init_params(cfg, 0)
     params = jax.tree.map(lambda w: w * 3 if w.ndim == 3 else w, params)
     rng = np.random.default_rng(0)
@@ -148,6 +149,8 @@ def report(json_path: str, out_prefix: str):
       err = f"{c['rel_err']:.2e}" if "rel_err" in c else "tokens equal" if c["ok"] else (
           "tokens differ")
       lines.append(f"| {c['dtype']} | {c['policy']} | {err} | {c['ok']} |")
+  for err in res.get("errors", []):
+    lines += ["", "A step of this run failed (the rest ran): `" + err.strip().splitlines()[-1] + "`"]
   if "decode" in res:
     d = res["decode"]
     lines += ["", f"Paged decode ({d['preset']}, batch {d['batch']} x {d['context']}-token "

@@ -25,23 +25,25 @@ from sparsex_jax.api import ReuseConfig  # noqa: E402
 
 INSTRUCTION = ("Answer the question using the passages. Give only the answer, in a few words.\n\n")
 
-# (label, ReuseConfig): baselines, the SparseX ratio sweep, then one-at-a-time ablations of the
-# sparsex defaults (threshold 2, importance at the last full layer, summed over heads) at r = 0.15.
+# (label, ReuseConfig): baselines, the SparseX ratio sweep at T = 2, then one-at-a-time ablations
+# (threshold; importance at the last full layer or summed; sum or max over heads) at r = 0.15.
+# Thresholds are explicit so the table does not move when a default changes.
 CONFIGS = [
     ("naive", ReuseConfig("naive")),
     ("cacheblend r=0.15", ReuseConfig("cacheblend", recompute_ratio=0.15)),
     ("epic r=0.15", ReuseConfig("epic", recompute_ratio=0.15)),
-    ("random r=0.15", ReuseConfig("random", recompute_ratio=0.15)),
-    ("sparsex r=0.05", ReuseConfig("sparsex", recompute_ratio=0.05)),
-    ("sparsex r=0.15", ReuseConfig("sparsex", recompute_ratio=0.15)),
-    ("sparsex r=0.30", ReuseConfig("sparsex", recompute_ratio=0.30)),
-    ("sparsex r=0.50", ReuseConfig("sparsex", recompute_ratio=0.50)),
+    ("random r=0.15", ReuseConfig("random", recompute_ratio=0.15, layer_threshold=2)),
+    ("sparsex r=0.05", ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=2)),
+    ("sparsex r=0.15", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
+    ("sparsex r=0.30", ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2)),
+    ("sparsex r=0.50", ReuseConfig("sparsex", recompute_ratio=0.50, layer_threshold=2)),
     ("sparsex r=0.15 T=0", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=0)),
     ("sparsex r=0.15 T=1", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1)),
     ("sparsex r=0.15 T=4", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
     ("sparsex r=0.15 importance=sum", ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                  importance_layers="sum")),
-    ("sparsex r=0.15 heads=max", ReuseConfig("sparsex", recompute_ratio=0.15, head_reduce="max")),
+                                                  layer_threshold=2, importance_layers="sum")),
+    ("sparsex r=0.15 heads=max", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
+                                             head_reduce="max")),
     # The importance options again at the better threshold.
     ("sparsex r=0.15 T=4 importance=last", ReuseConfig(
         "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="last")),

@@ -45,3 +45,15 @@ def test_epic_takes_the_head_of_every_reused_segment_and_sparse_q_holds_last_tok
 def test_cli_reports_bad_model_cleanly(capsys):
   assert cli.main(["demo", "--model", "no-such-model"]) == 2
   assert "unknown model" in capsys.readouterr().err.lower()
+
+
+def test_default_thresholds_by_mode_and_depth():
+  from sparsex_jax.api import DEFAULT_LAYER_THRESHOLD, ReuseConfig
+  assert ReuseConfig("sparsex").threshold(30) == DEFAULT_LAYER_THRESHOLD
+  assert ReuseConfig("sparsex").threshold(3) == 3  # capped for a shallow model
+  assert ReuseConfig("random").threshold(30) == DEFAULT_LAYER_THRESHOLD
+  assert ReuseConfig("cacheblend", check_layer=3).threshold(30) == 3
+  assert ReuseConfig("epic").threshold(30) == ReuseConfig("naive").threshold(30) == 0
+  assert ReuseConfig("full").threshold(30) == ReuseConfig("prefix").threshold(30) == 30
+  with pytest.raises(ValueError, match="layer_threshold"):
+    ReuseConfig("sparsex", layer_threshold=5).threshold(3)  # an explicit value is not capped
