@@ -69,6 +69,12 @@ class ReuseConfig:
     defaults were the better measured option (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
   seed: for mode="random".
+  rescore_layer, rescore_ratio: re-score the selection at a later layer (sparsex only). At layer
+    R = rescore_layer the selected tokens are ranked again by the Sparse-Q attention of layer R-1
+    and only the top ceil(rescore_ratio * n_reused) stay active in layers [R, L); the others keep
+    the K/V computed so far. Selection can only shrink: a token not computed in layers [T, R) has
+    no hidden state to continue from (CacheBlend's gradual filtering has the same shape).
+    rescore_ratio defaults to recompute_ratio / 2.
   """
 
   mode: str = "sparsex"
@@ -78,6 +84,8 @@ class ReuseConfig:
   head_reduce: str = "sum"
   check_layer: int = 1
   seed: int = 0
+  rescore_layer: int | None = None
+  rescore_ratio: float | None = None
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
@@ -91,6 +99,14 @@ class ReuseConfig:
                        f"got {self.importance_layers!r}")
     if self.head_reduce not in HEAD_REDUCE:
       raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {self.head_reduce!r}")
+    if self.rescore_layer is not None:
+      if self.mode != "sparsex":
+        raise ValueError(f"rescore_layer is a sparsex option, not for mode {self.mode!r}")
+      if self.rescore_ratio is not None and not 0.0 <= self.rescore_ratio <= self.recompute_ratio:
+        raise ValueError(f"rescore_ratio must be in [0, recompute_ratio={self.recompute_ratio}], "
+                         f"got {self.rescore_ratio}")
+    elif self.rescore_ratio is not None:
+      raise ValueError("rescore_ratio needs rescore_layer")
     if self.check_layer < 1:
       raise ValueError(f"check_layer must be >= 1 (layer 0 is always full), got {self.check_layer}")
 
@@ -116,6 +132,20 @@ class ReuseConfig:
     if self.mode == "cacheblend" and t < 1:
       raise ValueError("cacheblend needs layer_threshold (its check layer) >= 1")
     return t
+
+  def rescore(self, n_layers: int) -> int | None:
+    """The re-scoring layer R, validated: T < R < n_layers; None when not re-scoring."""
+    if self.rescore_layer is None:
+      return None
+    t = self.threshold(n_layers)
+    if not t < self.rescore_layer < n_layers:
+      raise ValueError(f"rescore_layer must be in ({t}, {n_layers}) (after the layer threshold, "
+                       f"before the last layer), got {self.rescore_layer}")
+    return self.rescore_layer
+
+  def kept_ratio(self) -> float:
+    """Fraction of the reused tokens still recomputed after re-scoring."""
+    return self.rescore_ratio if self.rescore_ratio is not None else self.recompute_ratio / 2
 
   def ratio(self) -> float:
     return 0.0 if self.mode == "naive" else self.recompute_ratio
@@ -150,4 +180,5 @@ class PrefillPlan:
   reused_positions: np.ndarray  # positions of the reused tokens
   scores: np.ndarray  # selection score of each reused token (importance, deviation, ...)
   selected_positions: np.ndarray  # reused positions recomputed in the sparse layers
+  kept_positions: np.ndarray | None = None  # of those, recomputed after re-scoring (if enabled)
   layer_threshold: int = 0

@@ -120,14 +120,14 @@ class Engine:
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     prepared = self._prepare_batch([self._tokenize(request)], reuse, max_new_tokens=0)
     try:
-      logits, scores, selected, _ = self._run_prefill(prepared, reuse)
+      logits, scores, selected, kept, _ = self._run_prefill(prepared, reuse)
       self._store_caches(prepared, reuse)
     finally:
       self._release(prepared)
     out = np.asarray(logits[0], np.float32)
     if not return_plan:
       return out
-    return out, self._analysis(prepared[0], scores[0], selected[0], reuse)
+    return out, self._analysis(prepared[0], scores[0], selected[0], kept[0], reuse)
 
   def cache_segments(self, segments: Iterable[str | Sequence[int] | Segment],
                      batch_size: int = 8) -> int:
@@ -215,7 +215,8 @@ class Engine:
 
   def _prepare_batch(self, tokenized, reuse: ReuseConfig, max_new_tokens: int) -> list[_Prepared]:
     """Plans every request, taking cache references; all-or-nothing on PoolExhausted."""
-    reuse.threshold(self.config.n_layers)  # validates the threshold against this model
+    reuse.threshold(self.config.n_layers)  # validate against this model's depth
+    reuse.rescore(self.config.n_layers)
     prepared = []
     try:
       for segs in tokenized:
@@ -281,6 +282,8 @@ class Engine:
       plan.given_score, plan.n_select = planner.epic_scores(plan, ratio)
     else:
       plan.n_select = planner.n_to_select(ratio, plan.n_reused, plan.n_candidates)
+      if reuse.rescore_layer is not None:
+        plan.n_keep = planner.n_to_select(reuse.kept_ratio(), plan.n_reused, plan.n_select)
       if reuse.mode == "random":
         plan.given_score = planner.random_scores(plan, reuse.seed)
     return prepared
@@ -308,11 +311,14 @@ class Engine:
       score = "none"  # every token is computed in full: nothing to select
     n_active = planner.bucket(max(int(p.sparse_q[p.n_exact:].sum()) + p.n_select for p in plans))
     n_probe = planner.bucket(max(int(p.sparse_q.sum()) for p in plans))
+    rescore = reuse.rescore(n_layers) if (score == "attention" and t_full < n_layers) else None
+    n_late = planner.bucket(max(int(p.sparse_q[p.n_exact:].sum()) + p.n_keep for p in plans))
     return device.PrefillSpec(
         n_full_layers=t_full, score=score, importance_layers=reuse.importance_layers,
         head_reduce=reuse.head_reduce, n_active=0 if t_full == n_layers else n_active,
         n_probe=n_probe if (t_full == 0 and score == "attention") else 0,
-        assemble=any_reused, backend=self.attention_backend)
+        assemble=any_reused, backend=self.attention_backend, rescore_layer=rescore or 0,
+        n_active_late=n_late if rescore else 0)
 
   def _run_prefill(self, prepared: list[_Prepared], reuse: ReuseConfig):
     plans = [p.plan for p in prepared]
@@ -321,15 +327,15 @@ class Engine:
     batch = planner.build_prefill_batch(plans, self.page_size, self.num_pages, batch_size,
                                         max_pages)
     spec = self._spec(plans, reuse)
-    logits, self.pool, scores, selected = device.prefill(
+    logits, self.pool, scores, selected, kept = device.prefill(
         self.params, self.pool, batch, cfg=self.config, spec=spec)
-    return logits, scores, selected, batch
+    return logits, scores, selected, kept, batch
 
   def _generate_batch(self, prepared: list[_Prepared], sampling: SamplingParams,
                       reuse: ReuseConfig) -> list[RequestOutput]:
     start = time.perf_counter()
     try:
-      logits, _, selected, batch = self._run_prefill(prepared, reuse)
+      logits, _, selected, _, batch = self._run_prefill(prepared, reuse)
       b = logits.shape[0]
       temperature = np.full(b, sampling.temperature, np.float32)
       top_p = np.full(b, sampling.top_p, np.float32)
@@ -448,13 +454,15 @@ class Engine:
       self.segment_cache.insert(x, pages, pos.astype(np.int32), computed_alone=alone)
       self.allocator.decref(pages)
 
-  def _analysis(self, prepared: _Prepared, scores, selected, reuse) -> PrefillPlan:
+  def _analysis(self, prepared: _Prepared, scores, selected, kept, reuse) -> PrefillPlan:
     plan = prepared.plan
     work = np.arange(plan.n_exact, plan.n)
     scores = np.asarray(scores)[:work.size]
     selected = np.asarray(selected)[:work.size]
+    kept = np.asarray(kept)[:work.size]
     reused = plan.labels[work] == REUSED
     return PrefillPlan(labels=plan.labels.copy(), sparse_q=plan.sparse_q,
                        reused_positions=work[reused], scores=scores[reused],
                        selected_positions=work[selected],
+                       kept_positions=work[kept] if reuse.rescore_layer is not None else None,
                        layer_threshold=reuse.threshold(self.config.n_layers))

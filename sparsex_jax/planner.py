@@ -39,6 +39,7 @@ class RequestPlan:
   page_table: np.ndarray  # [n_pages] int32: exact prefix pages, then the request's own pages
   n_exact: int
   n_select: int = 0  # reused tokens to recompute in the sparse layers
+  n_keep: int = 0  # of those, still recomputed after re-scoring
   given_score: np.ndarray | None = None  # epic / random scores, [n] float32
 
   @property
@@ -107,6 +108,7 @@ def build_prefill_batch(plans: list[RequestPlan], page_size: int, num_pages: int
       "sparse_q": np.zeros((b, t), bool),
       "given_score": np.zeros((b, t), np.float32),
       "n_select": np.zeros((b,), np.int32),
+      "n_keep": np.zeros((b,), np.int32),
       "last_index": np.zeros((b,), np.int32),
       "page_table": np.zeros((b, max_pages), np.int32),
       "kv_len": np.zeros((b,), np.int32),
@@ -126,6 +128,7 @@ def build_prefill_batch(plans: list[RequestPlan], page_size: int, num_pages: int
     if p.given_score is not None:
       out["given_score"][i, :m] = p.given_score[work]
     out["n_select"][i] = p.n_select
+    out["n_keep"][i] = p.n_keep
     out["last_index"][i] = m - 1
     out["page_table"][i, :p.page_table.size] = p.page_table
     out["kv_len"][i] = p.n

@@ -47,6 +47,8 @@ class PrefillSpec:
   assemble: bool = False  # any reused tokens in the batch
   backend: str = "auto"
   decode: bool = False  # one token per sequence: use the flash-decoding attention
+  rescore_layer: int = 0  # R > T: re-score the selection with layer R-1's Sparse-Q attention
+  n_active_late: int = 0  # bucketed active-set size in layers [R, L) after re-scoring
 
 
 def _pool_sentinel(pool) -> int:
@@ -155,12 +157,13 @@ def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("pool",))
 def prefill(params, pool, batch, *, cfg: ModelConfig, spec: PrefillSpec):
-  """One prefill program; returns (last-token logits [B, V], pool, scores [B, T], selected [B, T]).
+  """One prefill program; returns (last-token logits [B, V], pool, scores [B, T], selected [B, T],
+  kept [B, T]) where kept is the part of the selection still active after re-scoring.
 
   batch (int32 unless noted, all [B, T] over the non-exact tokens, padded):
     tokens, positions (-1 pad), slots (sentinel pad), src_slots, delta, reused (bool),
-    sparse_q (bool), given_score (f32); and per request: n_select [B], last_index [B],
-    page_table [B, MP], kv_len [B].
+    sparse_q (bool), given_score (f32); and per request: n_select [B], n_keep [B] (selected
+    tokens kept after re-scoring), last_index [B], page_table [B, MP], kv_len [B].
   """
   TRACE_COUNTS["prefill"] += 1
   inv_freq = llama.rope_inv_freq(cfg)
@@ -189,7 +192,7 @@ def prefill(params, pool, batch, *, cfg: ModelConfig, spec: PrefillSpec):
   selected = jnp.zeros((b, t), bool)
   if t_full == n_layers:
     x_last = _take(x, batch["last_index"][:, None])[:, 0]
-    return llama.logits(params, cfg, x_last), pool, scores, selected
+    return llama.logits(params, cfg, x_last), pool, scores, selected, selected
 
   if attention_scored:
     scores = _token_scores(importance, positions)
@@ -212,14 +215,35 @@ def prefill(params, pool, batch, *, cfg: ModelConfig, spec: PrefillSpec):
   candidates = batch["reused"] & ~batch["sparse_q"]
   selected = select_top_k(scores, candidates, batch["n_select"])
   idx, valid = compact(batch["sparse_q"] | selected, spec.n_active)
-  x, pool, _ = _run_layers(
-      llama.slice_layers(layers, t_full, n_layers), cfg, t_full, _take(x, idx),
-      jnp.where(valid, _take(positions, idx), -1),
-      jnp.where(valid, _take(slots, idx), _pool_sentinel(pool)), pool, batch, spec)
+  sentinel = _pool_sentinel(pool)
+  x, pos_a, slots_a = (_take(x, idx), jnp.where(valid, _take(positions, idx), -1),
+                       jnp.where(valid, _take(slots, idx), sentinel))
+  kept = selected
+  first_late = spec.rescore_layer or n_layers
+  x, pool, _ = _run_layers(llama.slice_layers(layers, t_full, first_late - 1 if spec.rescore_layer
+                                              else n_layers), cfg, t_full, x, pos_a, slots_a,
+                           pool, batch, spec)
+  if spec.rescore_layer:
+    # Layer R-1 also scores: the Sparse-Q rows are active, so their attention over every key is
+    # computed anyway. Only already-selected tokens can stay (nothing else has a hidden state).
+    sparse_a = _take(batch["sparse_q"], idx) & valid
+    x, pool, importance = _run_layers(
+        llama.slice_layers(layers, first_late - 1, first_late), cfg, first_late - 1, x, pos_a,
+        slots_a, pool, batch, spec, sparse_q=sparse_a, importance=jnp.zeros_like(importance))
+    keep_a = select_top_k(_token_scores(importance, pos_a), _take(selected, idx) & valid,
+                          batch["n_keep"])
+    idx2, valid = compact(sparse_a | keep_a, spec.n_active_late)
+    x, pos_a, slots_a = (_take(x, idx2), jnp.where(valid, _take(pos_a, idx2), -1),
+                         jnp.where(valid, _take(slots_a, idx2), sentinel))
+    rows = jnp.arange(b)[:, None]
+    kept = jnp.zeros_like(selected).at[rows, jnp.where(valid, _take(idx, idx2), t)].set(
+        _take(keep_a, idx2), mode="drop")
+    x, pool, _ = _run_layers(llama.slice_layers(layers, first_late, n_layers), cfg, first_late,
+                             x, pos_a, slots_a, pool, batch, spec)
   # The last prompt token is always active and has the highest position: the last valid row.
   last = jnp.sum(valid, axis=1) - 1
   x_last = _take(x, last[:, None])[:, 0]
-  return llama.logits(params, cfg, x_last), pool, scores, selected
+  return llama.logits(params, cfg, x_last), pool, scores, selected, kept
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("pool",))

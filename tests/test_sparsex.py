@@ -164,3 +164,36 @@ def test_decode_after_sparsex_prefill_continues_from_corrected_pool(warm_engine)
   ids = _full_ids() + full.token_ids[:-1]
   want = np.asarray(llama.forward(PARAMS, CFG, np.asarray(ids)[None]))[0]
   assert list(want[len(_full_ids()) - 1:].argmax(-1)) == full.token_ids
+
+
+def test_rescoring_shrinks_the_selection(warm_engine):
+  base = dict(layer_threshold=1, recompute_ratio=0.4)
+  plain, p_plan = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base),
+                                             return_plan=True)
+  # keeping everything at the re-scoring layer changes nothing
+  same, s_plan = warm_engine.prefill_logits(
+      _request(), reuse=sx.ReuseConfig("sparsex", rescore_layer=2, rescore_ratio=0.4, **base),
+      return_plan=True)
+  np.testing.assert_allclose(same, plain, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(s_plan.kept_positions, p_plan.selected_positions)
+  # keeping a quarter: exactly ceil(0.1 * n_reused) of the selected tokens stay active
+  fewer, f_plan = warm_engine.prefill_logits(
+      _request(), reuse=sx.ReuseConfig("sparsex", rescore_layer=2, rescore_ratio=0.1, **base),
+      return_plan=True)
+  n_reused = f_plan.reused_positions.size
+  assert f_plan.kept_positions.size == math.ceil(0.1 * n_reused)
+  assert set(f_plan.kept_positions) < set(f_plan.selected_positions)
+  np.testing.assert_array_equal(f_plan.selected_positions, p_plan.selected_positions)
+  assert np.all(np.isfinite(fewer)) and not np.allclose(fewer, plain)
+
+
+def test_rescoring_options_are_validated(warm_engine):
+  with pytest.raises(ValueError, match="sparsex option"):
+    sx.ReuseConfig("cacheblend", rescore_layer=2)
+  with pytest.raises(ValueError, match="rescore_ratio must be"):
+    sx.ReuseConfig("sparsex", recompute_ratio=0.1, rescore_layer=2, rescore_ratio=0.2)
+  with pytest.raises(ValueError, match="needs rescore_layer"):
+    sx.ReuseConfig("sparsex", rescore_ratio=0.05)
+  with pytest.raises(ValueError, match="rescore_layer must be in"):
+    warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+        "sparsex", layer_threshold=1, rescore_layer=1))
