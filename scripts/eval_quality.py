@@ -52,6 +52,13 @@ CONFIGS = [
     ("sparsex r=0.15 T=4 heads=max", ReuseConfig(
         "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="last",
         head_reduce="max")),
+    # Shrink-only re-scoring: select at T = 4, keep half of the selection from layer R on.
+    ("sparsex r=0.15 T=4 rescore@12 keep 0.075", ReuseConfig(
+        "sparsex", recompute_ratio=0.15, layer_threshold=4, rescore_layer=12,
+        rescore_ratio=0.075)),
+    ("sparsex r=0.30 T=4 rescore@8 keep 0.15", ReuseConfig(
+        "sparsex", recompute_ratio=0.30, layer_threshold=4, rescore_layer=8, rescore_ratio=0.15)),
+    ("sparsex r=0.075 T=4", ReuseConfig("sparsex", recompute_ratio=0.075, layer_threshold=4)),
 ]
 
 

@@ -184,3 +184,29 @@ def test_compilations_are_bounded_by_buckets():
   assert eng.num_compilations == after_first
   out = eng.generate([sx.Request([sx.Segment(_ids(9, 9))])], sp, reuse=sx.ReuseConfig("full"))
   assert out[0].stats.compilations == eng.num_compilations <= after_first + 2
+
+
+def test_mixed_batch_prefill_logits_match_full_forward():
+  eng = _engine()
+  prompts = [_ids(n, 30 + n) for n in (7, 33, 18)]
+  prepared = eng._prepare_batch([[(np.asarray(p, np.int32), False)] for p in prompts],
+                                sx.ReuseConfig("full"), max_new_tokens=1)
+  try:
+    logits = np.asarray(eng._run_prefill(prepared, sx.ReuseConfig("full"))[0])
+  finally:
+    eng._release(prepared)
+  for i, p in enumerate(prompts):
+    assert _rel(logits[i], _full_logits(p)) < 1e-4
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+  eng = _engine()
+  req = sx.Request([sx.Segment(_ids(12, 77))])
+  draw = lambda seed: eng.generate(
+      [req], sx.SamplingParams(max_new_tokens=12, temperature=1.5, seed=seed, ignore_eos=True),
+      reuse=sx.ReuseConfig("full"))[0].token_ids
+  assert draw(1) == draw(1)
+  assert draw(1) != draw(2)
+  greedy = eng.generate([req], sx.SamplingParams(max_new_tokens=12, ignore_eos=True),
+                        reuse=sx.ReuseConfig("full"))[0].token_ids
+  assert draw(1) != greedy
