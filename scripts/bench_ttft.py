@@ -168,12 +168,17 @@ def report(json_path: str, out_prefix: str):
   print("\n".join(lines))
 
 
-def bench_decode(results: dict, preset: str, batch: int, context: int, steps: int):
-  """Paged decode speed: a batch of `context`-token prompts, `steps` greedy tokens each."""
+def bench_decode(results: dict, preset: str, batch: int, context: int, steps: int,
+                 extra_pages: int = 64):
+  """Paged decode speed: a batch of `context`-token prompts, `steps` greedy tokens each.
+
+  extra_pages grows the pool beyond what the batch needs: if a step's time grows with it, some
+  step copies pool memory it does not use.
+  """
   cfg = get_config(preset, dtype="bfloat16")
   rng = np.random.default_rng(2)
   engine = sx.Engine.random(preset, dtype="bfloat16", page_size=16,
-                            num_pages=batch * ((context + steps) // 16 + 2) + 64)
+                            num_pages=batch * ((context + steps) // 16 + 2) + extra_pages)
   reqs = [sx.Request([sx.Segment(_ids(rng, context, cfg.vocab_size))]) for _ in range(batch)]
   sp = sx.SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
   engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))  # compile
@@ -183,9 +188,12 @@ def bench_decode(results: dict, preset: str, batch: int, context: int, steps: in
   step_ms = 1e3 * (wall - outs[0].stats.ttft_s) / steps
   kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * batch * (context + steps / 2)
   row = {"preset": preset, "batch": batch, "context": context, "steps": steps,
+         "pool_gb": engine.num_pages * engine.bytes_per_page / 1e9,
          "decode_ms_per_step": step_ms, "kv_gb_per_s": kv_bytes / (step_ms * 1e-3) / 1e9}
+  results.setdefault("decode_runs", []).append(row)
   results["decode"] = row
-  print(f"decode {preset} batch {batch} x {context}: {step_ms:.2f} ms/step "
+  print(f"decode {preset} batch {batch} x {context}, pool {row['pool_gb']:.1f} GB: "
+        f"{step_ms:.2f} ms/step "
         f"({row['kv_gb_per_s']:.0f} GB/s of KV, weights not counted)", flush=True)
 
 
@@ -198,6 +206,8 @@ def main():
   ap.add_argument("--passage-len", type=int, default=1280)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--skip-checks", action="store_true")
+  ap.add_argument("--decode-only", action="store_true",
+                  help="only the decode timing, at two pool sizes (a pool-copy check)")
   args = ap.parse_args()
   if args.report:
     report(args.report, args.out)
@@ -206,6 +216,12 @@ def main():
              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
              "checks": [], "ttft": [], "errors": []}
   path = os.path.join(args.out, "ttft.json")
+  if args.decode_only:
+    for extra in (64, 20000):  # +40 GB of pool on llama3-8b
+      bench_decode(results, args.preset, 16, 4096, 32, extra_pages=extra)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    return
   steps = [] if args.skip_checks else [lambda: check_backends(results)]
   steps.append(lambda: bench(results, args.preset, args.passages, args.passage_len,
                              args.repeats, "auto"))
