@@ -1,0 +1,54 @@
+"""Does any jitted engine step hold a second copy of the KV pool? (compiled memory analysis)
+
+For two pool sizes, compiles the prefill and the decode step and prints their temporary memory:
+a temp size that grows with the pool means a program copies the pool instead of updating it in
+place. Runs anywhere (reference path on CPU, Pallas kernels on GPU).
+
+  python scripts/check_pool_aliasing.py
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sparsex_jax as sx  # noqa: E402
+from models import llama  # noqa: E402
+from models.config import get_config  # noqa: E402
+from sparsex_jax import planner, prefill as device  # noqa: E402
+
+
+def main():
+  cfg = get_config("llama3-1b", dtype="bfloat16").replace(n_layers=2)
+  params = llama.init_params(cfg, 0)
+  for pages in (2048, 16384):
+    eng = sx.Engine(cfg, params, page_size=16, num_pages=pages)
+    pool_mb = eng.pool["k"].nbytes / 1e6
+    for mode in ("full", "naive"):
+      reuse = sx.ReuseConfig(mode)
+      req = sx.Request([sx.Segment(list(range(5, 300)))])
+      prepared = eng._prepare_batch([eng._tokenize(req)], reuse, 4)
+      plans = [p.plan for p in prepared]
+      batch = planner.build_prefill_batch(plans, 16, eng.num_pages, 1, 32)
+      m = device.prefill.lower(eng.params, eng.pool, batch, cfg=cfg,
+                               spec=eng._spec(plans, reuse)).compile().memory_analysis()
+      print(f"{jax.default_backend()} prefill {mode:5s} pages {pages:6d}: pool K {pool_mb:8.1f} MB,"
+            f" temp {m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f}"
+            " MB", flush=True)
+      eng._release(prepared)
+    b = 4
+    z = np.zeros(b, np.int32)
+    m = device.decode_step.lower(
+        eng.params, eng.pool, z, z, z, np.zeros((b, 32), np.int32), z + 1,
+        np.zeros(b, np.float32), np.ones(b, np.float32),
+        jax.random.split(jax.random.PRNGKey(0), b), cfg=cfg).compile().memory_analysis()
+    print(f"{jax.default_backend()} decode        pages {pages:6d}: pool K {pool_mb:8.1f} MB, temp "
+          f"{m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f} MB",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
