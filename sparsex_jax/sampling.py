@@ -34,15 +34,20 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: ja
   Temperature 0 is argmax. Per-row keys make a request's samples independent of its batch mates.
   Per-row parameters are arrays, not static, so one compiled program serves any mix of requests.
   """
-  greedy = jnp.argmax(logits, axis=-1)
-  t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  scaled = logits / t
-  # top-p: keep the smallest set of tokens whose probability mass reaches top_p.
-  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = mass_before < top_p[:, None]
-  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-  drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = logits / t
+    # top-p: keep the smallest set of tokens whose probability mass reaches top_p.
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = mass_before < top_p[:, None]
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  # An all-greedy batch skips the vocabulary sort (a real cost at 128K vocab, every step).
+  return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
