@@ -13,6 +13,8 @@ prefix tokens are only referenced through the page table). In one program:
                 overwrite their slots; queries attend over the whole request KV.
   6. logits     of the last prompt token.
 
+Optionally (sparsex), the selection is re-scored at a later layer R and shrinks for layers [R, L).
+
 Policies differ only in T, in how step 3 scores, and in n_select: the prefill itself is written once.
 The pool is donated: its pages are updated in place.
 """
@@ -219,10 +221,11 @@ def prefill(params, pool, batch, *, cfg: ModelConfig, spec: PrefillSpec):
   x, pos_a, slots_a = (_take(x, idx), jnp.where(valid, _take(positions, idx), -1),
                        jnp.where(valid, _take(slots, idx), sentinel))
   kept = selected
+  # Without re-scoring the sparse layers run to the end here; with it, up to the scoring layer R-1.
   first_late = spec.rescore_layer or n_layers
-  x, pool, _ = _run_layers(llama.slice_layers(layers, t_full, first_late - 1 if spec.rescore_layer
-                                              else n_layers), cfg, t_full, x, pos_a, slots_a,
-                           pool, batch, spec)
+  early_end = first_late - 1 if spec.rescore_layer else n_layers
+  x, pool, _ = _run_layers(llama.slice_layers(layers, t_full, early_end), cfg, t_full, x, pos_a,
+                           slots_a, pool, batch, spec)
   if spec.rescore_layer:
     # Layer R-1 also scores: the Sparse-Q rows are active, so their attention over every key is
     # computed anyway. Only already-selected tokens can stay (nothing else has a hidden state).
