@@ -33,6 +33,14 @@ def as_token_array(token_ids) -> np.ndarray:
   return ids.astype(np.int32)
 
 
+def cache_counters(cache) -> dict:
+  """The counters every cache reports: hits, misses, hit rate, evictions, pool occupancy."""
+  asked = cache.hits + cache.misses
+  return {"hits": cache.hits, "misses": cache.misses,
+          "hit_rate": cache.hits / asked if asked else 0.0, "evictions": cache.evictions,
+          "pages_used": cache.allocator.num_used, "pages_free": cache.allocator.num_free}
+
+
 def hash_tokens(token_ids: np.ndarray, parent: bytes = ROOT_KEY) -> bytes:
   """blake2b (16 bytes) of `parent` then the little-endian int32 bytes of the tokens.
 
@@ -226,15 +234,8 @@ class PrefixCache:
 
   def stats(self, bytes_per_page: int = 0) -> dict:
     """Counters and occupancy as a plain dict (hits and misses count blocks)."""
-    asked = self.hits + self.misses
-    return {
-        "hits": self.hits,
-        "misses": self.misses,
-        "hit_rate": self.hits / asked if asked else 0.0,
-        "evictions": self.evictions,
+    return cache_counters(self) | {
         "cached_blocks": self.num_cached_blocks,
         "cached_tokens": self.num_cached_blocks * self.page_size,
         "cached_bytes": self.num_cached_blocks * bytes_per_page,
-        "pages_used": self.allocator.num_used,
-        "pages_free": self.allocator.num_free,
     }

@@ -25,7 +25,7 @@ import itertools
 import numpy as np
 
 from sparsex_jax.allocator import NULL_PAGE, PageAllocator, as_page_array
-from sparsex_jax.prefix_cache import as_token_array, hash_tokens
+from sparsex_jax.prefix_cache import as_token_array, cache_counters, hash_tokens
 
 
 def segment_key(token_ids) -> str:
@@ -227,17 +227,10 @@ class SegmentCache:
 
   def stats(self, bytes_per_page: int = 0) -> dict:
     """Counters and occupancy as a plain dict (hits and misses count lookups)."""
-    asked = self.hits + self.misses
-    return {
-        "hits": self.hits,
-        "misses": self.misses,
-        "hit_rate": self.hits / asked if asked else 0.0,
-        "evictions": self.evictions,
+    return cache_counters(self) | {
         "entries": self.num_entries,
         "pinned_entries": sum(1 for e in self._entries.values() if e.pin_count),
         "cached_pages": self.num_pages,
         "cached_tokens": sum(e.num_tokens for e in self._entries.values()),
         "cached_bytes": self.num_pages * bytes_per_page,
-        "pages_used": self.allocator.num_used,
-        "pages_free": self.allocator.num_free,
     }
