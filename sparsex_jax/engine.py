@@ -182,12 +182,8 @@ class Engine:
         raise ValueError(f"segment {seg.content[:40]!r} tokenizes to no tokens")
     else:
       ids = seg.content
-    ids = np.asarray(ids, np.int32)
-    bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-    if bad.size:
-      raise ValueError(f"token id {int(bad[0])} is outside the vocabulary "
-                       f"[0, {self.config.vocab_size})")
-    return ids
+    # Vocabulary and context limits are checked once, on the whole prompt (check_prompt).
+    return np.asarray(ids, np.int64)
 
   def _tokenize(self, request: Request) -> list[tuple[np.ndarray, bool]]:
     if not isinstance(request, Request):
