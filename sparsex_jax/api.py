@@ -69,6 +69,8 @@ class ReuseConfig:
     defaults were the better measured option (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
   seed: for mode="random".
+  update_caches: False reads the caches but stores nothing after the prefill (no prefix blocks, no
+    in-context segments): evaluations and sweeps that must not change the cache between configs.
   rescore_layer, rescore_ratio: re-score the selection at a later layer (sparsex only). At layer
     R = rescore_layer the selected tokens are ranked again by the Sparse-Q attention of layer R-1
     and only the top ceil(rescore_ratio * n_reused) stay active in layers [R, L); the others keep
@@ -86,6 +88,7 @@ class ReuseConfig:
   seed: int = 0
   rescore_layer: int | None = None
   rescore_ratio: float | None = None
+  update_caches: bool = True
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:

@@ -157,6 +157,10 @@ class Engine:
         self._release(prepared)
     return len(todo)
 
+  def clear_caches(self) -> int:
+    """Drops every cached prefix block and segment no live request holds; returns pages freed."""
+    return self.prefix_cache.evict(self.num_pages) + self.segment_cache.evict(self.num_pages)
+
   def stats(self) -> dict:
     return {
         "pool": self.allocator.stats(self.bytes_per_page),
@@ -418,6 +422,8 @@ class Engine:
     segment cache are copied into pages of their own (computed in context)."""
     s = self.page_size
     copies = []
+    if not reuse.update_caches:
+      return
     for p in prepared:
       plan = p.plan
       if reuse.uses_prefix_cache:

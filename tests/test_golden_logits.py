@@ -1,0 +1,134 @@
+"""Pins the first-token logits and selections of every reuse policy to stored values.
+
+The values in tests/data/golden_logits.npz were computed by the engine as it stood before the
+architecture refactor (commit aaf8099); refactors must not move them. Two scenarios, each run on a
+fresh engine per policy so that no policy sees another's cache entries:
+
+- tiny: the random tiny model, passages cached alone, a system prompt cached as an exact prefix,
+  then a request interleaving reused passages with new text (full logits stored);
+- real: SmolLM2-135M on three essay passages cached alone plus a new question (logits stored at
+  the full prefill's top 32 ids and 96 fixed random ids, and each row's log-sum-exp).
+
+Regenerate (only when a change is meant to move them): python tests/test_golden_logits.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sparsex_jax as sx  # noqa: E402
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_logits.npz")
+
+POLICIES = {
+    "full": sx.ReuseConfig("full"),
+    "prefix": sx.ReuseConfig("prefix"),
+    "naive": sx.ReuseConfig("naive"),
+    "cacheblend": sx.ReuseConfig("cacheblend", recompute_ratio=0.3),
+    "epic": sx.ReuseConfig("epic", recompute_ratio=0.3),
+    "random": sx.ReuseConfig("random", recompute_ratio=0.3, seed=7),
+    "sparsex": sx.ReuseConfig("sparsex", recompute_ratio=0.3),
+    "sparsex_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1),
+    "sparsex_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0),
+    "sparsex_sum_max": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=2,
+                                      importance_layers="sum", head_reduce="max"),
+    "sparsex_rescore": sx.ReuseConfig("sparsex", recompute_ratio=0.4, layer_threshold=1,
+                                      rescore_layer=2, rescore_ratio=0.1),
+}
+
+
+def _tiny_case():
+  from tests.test_sparsex import DOC_A, DOC_B, DOC_C, SYSTEM, _request
+  from tests.test_engine import _engine, _ids
+
+  def run(reuse):
+    eng = _engine()
+    eng.cache_segments([DOC_A, DOC_B, DOC_C])
+    eng.prefill_logits(sx.Request([sx.Segment(SYSTEM, cache=False), sx.Segment(_ids(3, 1))]),
+                       reuse=sx.ReuseConfig("prefix"))
+    return eng.prefill_logits(_request(), reuse=reuse, return_plan=True)
+
+  return run
+
+
+def _real_case(loaded):
+  from tests.test_real_model import _essay_passages
+  passages = [p + "\n\n" for p in _essay_passages(3, words=50)]
+  system = "You are a careful reader. Read the passages and answer briefly.\n\n"
+  question = "Question: which passage talks about startups? Answer:"
+
+  def run(reuse):
+    eng = sx.Engine(loaded.config, loaded.params, loaded.tokenizer, page_size=16, num_pages=96)
+    eng.cache_segments(passages)
+    req = sx.Request([sx.Segment(system)] + [sx.Segment(p) for p in passages[::-1]]
+                     + [sx.Segment(question, cache=False)])
+    return eng.prefill_logits(req, reuse=reuse, return_plan=True)
+
+  return run
+
+
+def _record(run, policies, index=None) -> dict[str, np.ndarray]:
+  out = {}
+  for name in policies:
+    logits, plan = run(POLICIES[name])
+    out[f"{name}/lse"] = np.logaddexp.reduce(logits.astype(np.float64))[None]
+    out[f"{name}/logits"] = logits if index is None else logits[index]
+    out[f"{name}/selected"] = plan.selected_positions.astype(np.int32)
+    out[f"{name}/labels"] = plan.labels.astype(np.int8)
+  return out
+
+
+REAL_POLICIES = ["full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex",
+                 "sparsex_t0", "sparsex_rescore"]
+
+
+def _real_index(full_logits):
+  top = np.argsort(full_logits)[::-1][:32]
+  rand = np.random.default_rng(0).choice(full_logits.size, 96, replace=False)
+  return np.concatenate([top, rand]).astype(np.int64)
+
+
+def _compare(got: dict, want, prefix: str):
+  for key, value in got.items():
+    ref = want[f"{prefix}/{key}"]
+    if key.endswith("/logits") or key.endswith("/lse"):
+      np.testing.assert_allclose(value, ref, rtol=1e-5, atol=2e-5, err_msg=key)
+    else:
+      np.testing.assert_array_equal(value, ref, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def golden():
+  return np.load(GOLDEN)
+
+
+def test_tiny_model_policies_match_golden(golden):
+  _compare(_record(_tiny_case(), POLICIES), golden, "tiny")
+
+
+@pytest.mark.slow
+def test_real_model_policies_match_golden(golden, real_model):
+  index = golden["real/index"]
+  _compare(_record(_real_case(real_model), REAL_POLICIES, index), golden, "real")
+
+
+def _write():
+  from models.loaders import load_model
+  data = {f"tiny/{k}": v for k, v in _record(_tiny_case(), POLICIES).items()}
+  run = _real_case(load_model("smollm2-135m"))
+  index = _real_index(run(POLICIES["full"])[0])
+  data |= {f"real/{k}": v for k, v in _record(run, REAL_POLICIES, index).items()}
+  data["real/index"] = index
+  os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+  np.savez_compressed(GOLDEN, **data)
+  print(f"wrote {GOLDEN}: {len(data)} arrays")
+
+
+if __name__ == "__main__":
+  _write()
