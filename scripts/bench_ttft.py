@@ -188,7 +188,7 @@ def bench_decode(results: dict, preset: str, batch: int, context: int, steps: in
   step_ms = 1e3 * (wall - outs[0].stats.ttft_s) / steps
   kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * batch * (context + steps / 2)
   row = {"preset": preset, "batch": batch, "context": context, "steps": steps,
-         "pool_gb": engine.num_pages * engine.bytes_per_page / 1e9,
+         "pool_gb": engine.layout.num_pages * engine.layout.bytes_per_page / 1e9,
          "decode_ms_per_step": step_ms, "kv_gb_per_s": kv_bytes / (step_ms * 1e-3) / 1e9}
   results.setdefault("decode_runs", []).append(row)
   results["decode"] = row

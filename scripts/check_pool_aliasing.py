@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
-from sparsex_jax import planner, prefill as device  # noqa: E402
+from sparsex_jax import planner  # noqa: E402
+from sparsex_jax.programs.decode import decode_step  # noqa: E402
+from sparsex_jax.programs.prefill import prefill  # noqa: E402
 
 
 def main():
@@ -28,23 +30,22 @@ def main():
     eng = sx.Engine(cfg, params, page_size=16, num_pages=pages)
     pool_mb = eng.pool["k"].nbytes / 1e6
     for mode in ("full", "naive"):
-      reuse = sx.ReuseConfig(mode)
-      req = sx.Request([sx.Segment(list(range(5, 300)))])
-      prepared = eng._prepare_batch([eng._tokenize(req)], reuse, 4)
-      plans = [p.plan for p in prepared]
-      batch = planner.build_prefill_batch(plans, 16, eng.num_pages, 1, 32)
-      m = device.prefill.lower(eng.params, eng.pool, batch, cfg=cfg,
-                               spec=eng._spec(plans, reuse)).compile().memory_analysis()
+      policy = sx.ReuseConfig(mode).resolve(cfg)
+      prompt = planner.Prompt((np.arange(5, 300, dtype=np.int32),), (True,))
+      with eng.store.acquire([prompt], policy, max_new_tokens=4) as leases:
+        plans = [planner.plan_request(prompt, leases[0], policy, eng.layout)]
+        batch, spec = planner.plan_batch(plans, policy, cfg, eng.layout)
+        m = prefill.lower(eng.pool, eng.params, batch, cfg=cfg,
+                          spec=spec).compile().memory_analysis()
       print(f"{jax.default_backend()} prefill {mode:5s} pages {pages:6d}: pool K {pool_mb:8.1f} MB,"
             f" temp {m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f}"
             " MB", flush=True)
-      eng._release(prepared)
     b = 4
     z = np.zeros(b, np.int32)
-    m = device.decode_step.lower(
-        eng.params, eng.pool, z, z, z, np.zeros((b, 32), np.int32), z + 1,
-        np.zeros(b, np.float32), np.ones(b, np.float32),
-        jax.random.split(jax.random.PRNGKey(0), b), cfg=cfg).compile().memory_analysis()
+    m = decode_step.lower(
+        eng.pool, eng.params, z, z, z, np.zeros((b, 32), np.int32), z + 1,
+        np.zeros(b, np.float32), np.ones(b, np.float32), z.astype(np.uint32), np.int32(1),
+        cfg=cfg).compile().memory_analysis()
     print(f"{jax.default_backend()} decode        pages {pages:6d}: pool K {pool_mb:8.1f} MB, temp "
           f"{m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f} MB",
           flush=True)

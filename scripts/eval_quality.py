@@ -157,8 +157,8 @@ def main(argv=None):
   rows = []
   for label, reuse in configs:
     d = per_config[label]
-    rows.append({"label": label, "mode": reuse.mode, "recompute_ratio": reuse.ratio(),
-                 "layer_threshold": reuse.threshold(engine.config.n_layers),
+    rows.append({"label": label, "mode": reuse.mode, "recompute_ratio": reuse.resolve(engine.config).recompute_ratio,
+                 "layer_threshold": reuse.resolve(engine.config).layer_threshold,
                  "kl_mean": float(np.mean(d["kl"])), "kl_median": float(np.median(d["kl"])),
                  "top1": float(np.mean(d["top1"])), "recomputed_mean": float(np.mean(d["recomputed"])),
                  "kl": d["kl"]})

@@ -16,8 +16,9 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig
-from sparsex_jax.planner import bucket
-from sparsex_jax.sampling import SamplingParams, sample
+from sparsex_jax.planner import bucket, check_prompt
+from sparsex_jax.sampling import (SamplingParams, finish, is_finished, resolve_stop_ids,
+                                 sample_step)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int):
@@ -48,21 +49,6 @@ def dense_step(params, cfg: ModelConfig, cache, tokens, positions, kv_len, last_
   return llama.logits(params, cfg, x_last), {"k": k_all, "v": v_all}
 
 
-def check_prompt(cfg: ModelConfig, token_ids, max_new_tokens: int = 0) -> np.ndarray:
-  """Validates a prompt's token ids; returns them as int32. Clear errors for bad input."""
-  ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-  if ids.size == 0:
-    raise ValueError("empty prompt: at least one token is needed")
-  bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
-  if bad.size:
-    raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
-  if ids.size + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(
-        f"prompt of {ids.size} tokens + {max_new_tokens} new tokens exceeds the model's context "
-        f"of {cfg.max_seq_len} tokens")
-  return ids.astype(np.int32)
-
-
 def generate(params, cfg: ModelConfig, prompt_ids, sampling: SamplingParams,
              stop_ids=()) -> tuple[list[int], dict]:
   """Generates from one prompt; returns (new token ids, stats with ttft_s and decode_s)."""
@@ -74,30 +60,23 @@ def generate(params, cfg: ModelConfig, prompt_ids, sampling: SamplingParams,
   tokens[0, :n] = ids
   positions = np.full((1, t_pad), max_len, np.int32)  # padding: out-of-range, dropped
   positions[0, :n] = np.arange(n)
-  stops = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else stop_ids)
-  if sampling.ignore_eos:
-    stops = set()
-  temperature = jnp.array([sampling.temperature], jnp.float32)
-  top_p = jnp.array([sampling.top_p], jnp.float32)
-  key = jax.random.PRNGKey(sampling.seed)
+  stops = resolve_stop_ids(sampling, stop_ids)
+  temperature = np.array([sampling.temperature], np.float32)
+  top_p = np.array([sampling.top_p], np.float32)
+  seeds = np.array([sampling.seed], np.uint32)
 
   start = time.perf_counter()
   cache = init_cache(cfg, 1, max_len)
   logits, cache = dense_step(params, cfg, cache, tokens, positions, np.array([n], np.int32),
                              np.array([n - 1], np.int32))
-  key, sub = jax.random.split(key)
-  token = int(sample(logits, temperature, top_p, sub[None])[0])
+  out = [int(sample_step(logits, temperature, top_p, seeds, 0)[0])]
   ttft = time.perf_counter() - start
-  out = [token]
   pos = n
-  while len(out) < sampling.max_new_tokens and token not in stops:
-    logits, cache = dense_step(params, cfg, cache, np.array([[token]], np.int32),
+  while not is_finished(out, stops, sampling.max_new_tokens):
+    logits, cache = dense_step(params, cfg, cache, np.array([[out[-1]]], np.int32),
                                np.array([[pos]], np.int32), np.array([pos + 1], np.int32),
                                np.zeros((1,), np.int32))
-    key, sub = jax.random.split(key)
-    token = int(sample(logits, temperature, top_p, sub[None])[0])
-    out.append(token)
+    out.append(int(sample_step(logits, temperature, top_p, seeds, len(out))[0]))
     pos += 1
-  if out[-1] in stops:
-    out = out[:-1]
+  out, _ = finish(out, stops)
   return out, {"ttft_s": ttft, "decode_s": time.perf_counter() - start - ttft, "n_prompt": n}

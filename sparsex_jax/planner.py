@@ -1,18 +1,26 @@
-"""Host side planning: label a request's tokens and pad a batch of plans into prefill arrays.
+"""Host-side planning: label a request's tokens from its cache lookups, and pad a batch of plans
+into the prefill's typed device batch and static spec.
 
-Plain numpy, no jax: the planner runs before every prefill and must stay out of jit. It turns
-cache lookups (done by the engine) into int32 arrays padded to shape buckets, so a batch job
-compiles a bounded set of programs.
+Plain numpy, no jax: the planner runs before every prefill and must stay out of jit. Every shape it
+hands the device is a bucket, so a batch job compiles a bounded set of programs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import numpy as np
 
-EXACT, REUSED, NEW = 0, 1, 2
+from models.config import ModelConfig
+from sparsex_jax.api import PrefillPlan
+from sparsex_jax.kv.layout import PoolLayout
+from sparsex_jax.kv.store import Lease
+from sparsex_jax.policy import EXACT, NEW, REUSED, ReusePolicy
+from sparsex_jax.programs.prefill import PrefillBatch, PrefillSpec
+
+__all__ = ["EXACT", "NEW", "REUSED", "Prompt", "RequestPlan", "bucket", "check_prompt",
+           "plan_request", "plan_batch", "pad_copies", "describe"]
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -25,6 +33,42 @@ def bucket(n: int, minimum: int = 16) -> int:
     return p
   step = p // 8
   return -(-n // step) * step
+
+
+def check_prompt(cfg: ModelConfig, token_ids, max_new_tokens: int = 0) -> np.ndarray:
+  """Validates a prompt's token ids; returns them as int32. Clear errors for bad input."""
+  ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+  if ids.size == 0:
+    raise ValueError("empty prompt: at least one token is needed")
+  bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+  if bad.size:
+    raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+  if ids.size + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"prompt of {ids.size} tokens + {max_new_tokens} new tokens exceeds the model's context "
+        f"of {cfg.max_seq_len} tokens")
+  return ids.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """A tokenized request: each segment's token ids and whether it may be cached."""
+
+  segments: tuple[np.ndarray, ...]
+  cacheable: tuple[bool, ...]
+
+  @functools.cached_property
+  def token_ids(self) -> np.ndarray:
+    return np.concatenate(self.segments).astype(np.int32)
+
+  @property
+  def spans(self) -> list[tuple[int, int, np.ndarray, bool]]:
+    """(start, end, token ids, cacheable) of every segment, in prompt order."""
+    out, start = [], 0
+    for ids, cacheable in zip(self.segments, self.cacheable):
+      out.append((start, start + ids.size, ids, cacheable))
+      start += ids.size
+    return out
 
 
 @dataclasses.dataclass
@@ -40,7 +84,7 @@ class RequestPlan:
   n_exact: int
   n_select: int = 0  # reused tokens to recompute in the sparse layers
   n_keep: int = 0  # of those, still recomputed after re-scoring
-  given_score: np.ndarray | None = None  # epic / random scores, [n] float32
+  given_score: np.ndarray | None = None  # host scores (epic, random), [n] float32
 
   @property
   def n(self) -> int:
@@ -62,74 +106,116 @@ class RequestPlan:
     return int(np.sum((self.labels == REUSED) & ~self.sparse_q))
 
 
-def n_to_select(ratio: float, n_reused: int, n_candidates: int) -> int:
-  """k = ceil(r * n_reused), capped by the reused tokens not already in the Sparse-Q set."""
-  # round() first: 0.15 * 100 is 15.000000000000002 in floating point, not 16 tokens.
-  return min(n_candidates, int(math.ceil(round(ratio * n_reused, 9))))
+def plan_request(prompt: Prompt, lease: Lease, policy: ReusePolicy,
+                 layout: PoolLayout) -> RequestPlan:
+  """Labels every prompt token from the lease's cache hits and sets the selection counts."""
+  ids = prompt.token_ids
+  n, n_exact = ids.size, lease.n_exact
+  plan = RequestPlan(
+      token_ids=ids, labels=np.full(n, NEW, np.int8), src_slots=np.full(n, -1, np.int32),
+      old_positions=np.full(n, -1, np.int32),
+      segment_ids=np.concatenate([np.full(s.size, i, np.int32)
+                                  for i, s in enumerate(prompt.segments)]),
+      page_table=lease.page_table, n_exact=n_exact)
+  plan.labels[:n_exact] = EXACT
+  spans = prompt.spans
+  for i, entry in lease.hits.items():
+    start, end = spans[i][0], spans[i][1]
+    pos = np.arange(max(start, n_exact), end)
+    j = pos - start  # index into the cached segment
+    plan.labels[pos] = REUSED
+    plan.src_slots[pos] = layout.slot_of(entry.pages, j)
+    plan.old_positions[pos] = entry.positions[j]
+  selection = policy.select(plan)
+  plan.n_select, plan.n_keep = selection.n_select, selection.n_keep
+  plan.given_score = selection.given_score
+  return plan
 
 
-def epic_scores(plan: RequestPlan, ratio: float) -> tuple[np.ndarray, int]:
-  """EPIC: the first ceil(r * len) tokens of every reused segment; returns (scores, count)."""
-  scores = np.zeros(plan.n, np.float32)
-  count = 0
-  reused = plan.labels == REUSED
-  candidates = reused & ~plan.sparse_q
-  for seg in np.unique(plan.segment_ids[reused]):
-    members = np.flatnonzero(reused & (plan.segment_ids == seg))
-    k = int(math.ceil(round(ratio * members.size, 9)))
-    chosen = members[:k]
-    chosen = chosen[candidates[chosen]]
-    scores[chosen] = 1.0
-    count += chosen.size
-  return scores, count
-
-
-def random_scores(plan: RequestPlan, seed: int) -> np.ndarray:
-  rng = np.random.default_rng([seed, plan.n, int(plan.token_ids.sum()) & 0x7FFFFFFF])
-  return rng.random(plan.n).astype(np.float32)
-
-
-def build_prefill_batch(plans: list[RequestPlan], page_size: int, num_pages: int,
-                        batch_size: int, max_pages: int) -> dict[str, np.ndarray]:
-  """Pads the non-exact tokens of `plans` into [batch_size, T] arrays (T a bucket).
-
-  Padding rows and tokens: position -1, slot sentinel num_pages * page_size (dropped writes).
-  """
-  sentinel = num_pages * page_size
+def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
+               layout: PoolLayout, backend: str = "auto") -> tuple[PrefillBatch, PrefillSpec]:
+  """Pads the non-exact tokens of `plans` into a PrefillBatch (every dimension a bucket) and
+  decides the static spec of its program."""
+  b = bucket(len(plans), minimum=1)
   t = bucket(max(p.n - p.n_exact for p in plans))
-  b = batch_size
-  out = {
-      "tokens": np.zeros((b, t), np.int32),
-      "positions": np.full((b, t), -1, np.int32),
-      "slots": np.full((b, t), sentinel, np.int32),
-      "src_slots": np.zeros((b, t), np.int32),
-      "delta": np.zeros((b, t), np.int32),
-      "reused": np.zeros((b, t), bool),
-      "sparse_q": np.zeros((b, t), bool),
-      "given_score": np.zeros((b, t), np.float32),
-      "n_select": np.zeros((b,), np.int32),
-      "n_keep": np.zeros((b,), np.int32),
-      "last_index": np.zeros((b,), np.int32),
-      "page_table": np.zeros((b, max_pages), np.int32),
-      "kv_len": np.zeros((b,), np.int32),
-  }
+  max_pages = bucket(max(p.page_table.size for p in plans), minimum=4)
+  tokens = np.zeros((b, t), np.int32)
+  positions = np.full((b, t), -1, np.int32)
+  slots = np.full((b, t), layout.sentinel, np.int32)
+  src_slots = np.zeros((b, t), np.int32)
+  delta = np.zeros((b, t), np.int32)
+  reused = np.zeros((b, t), bool)
+  sparse_q = np.zeros((b, t), bool)
+  given_score = np.zeros((b, t), np.float32)
+  n_select, n_keep, last_index, kv_len = (np.zeros((b,), np.int32) for _ in range(4))
+  page_table = np.zeros((b, max_pages), np.int32)
   for i, p in enumerate(plans):
     work = slice(p.n_exact, p.n)
     m = p.n - p.n_exact
     pos = np.arange(p.n_exact, p.n, dtype=np.int32)
-    out["tokens"][i, :m] = p.token_ids[work]
-    out["positions"][i, :m] = pos
-    out["slots"][i, :m] = p.page_table[pos // page_size] * page_size + pos % page_size
-    reused = p.labels[work] == REUSED
-    out["reused"][i, :m] = reused
-    out["src_slots"][i, :m] = np.where(reused, p.src_slots[work], 0)
-    out["delta"][i, :m] = np.where(reused, pos - p.old_positions[work], 0)
-    out["sparse_q"][i, :m] = p.sparse_q[work]
+    is_reused = p.labels[work] == REUSED
+    tokens[i, :m] = p.token_ids[work]
+    positions[i, :m] = pos
+    slots[i, :m] = layout.slot_of(p.page_table, pos)
+    reused[i, :m] = is_reused
+    src_slots[i, :m] = np.where(is_reused, p.src_slots[work], 0)
+    delta[i, :m] = np.where(is_reused, pos - p.old_positions[work], 0)
+    sparse_q[i, :m] = p.sparse_q[work]
     if p.given_score is not None:
-      out["given_score"][i, :m] = p.given_score[work]
-    out["n_select"][i] = p.n_select
-    out["n_keep"][i] = p.n_keep
-    out["last_index"][i] = m - 1
-    out["page_table"][i, :p.page_table.size] = p.page_table
-    out["kv_len"][i] = p.n
-  return out
+      given_score[i, :m] = p.given_score[work]
+    n_select[i], n_keep[i], last_index[i], kv_len[i] = p.n_select, p.n_keep, m - 1, p.n
+    page_table[i, :p.page_table.size] = p.page_table
+  batch = PrefillBatch(tokens=tokens, positions=positions, slots=slots, src_slots=src_slots,
+                       delta=delta, reused=reused, sparse_q=sparse_q, given_score=given_score,
+                       n_select=n_select, n_keep=n_keep, last_index=last_index,
+                       page_table=page_table, kv_len=kv_len)
+  return batch, _spec(plans, policy, cfg, backend)
+
+
+def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
+          backend: str) -> PrefillSpec:
+  n_layers = cfg.n_layers
+  any_reused = any(p.n_reused for p in plans)
+  t_full = policy.layer_threshold if any_reused else n_layers
+  score = policy.scorer.device_score if any(p.n_select for p in plans) else "none"
+  if t_full == n_layers:
+    score = "none"  # every token is computed in full: nothing to select
+  n_late_q = [int(p.sparse_q[p.n_exact:].sum()) for p in plans]
+  n_active = bucket(max(q + p.n_select for q, p in zip(n_late_q, plans)))
+  n_probe = bucket(max(int(p.sparse_q.sum()) for p in plans))
+  rescore = policy.rescore_layer if (score == "attention" and t_full < n_layers) else None
+  n_late = bucket(max(q + p.n_keep for q, p in zip(n_late_q, plans)))
+  scorer = policy.scorer
+  return PrefillSpec(
+      layer_threshold=t_full, score=score,
+      importance_layers=getattr(scorer, "importance_layers", "last"),
+      head_reduce=getattr(scorer, "head_reduce", "sum"),
+      n_active=0 if t_full == n_layers else n_active,
+      n_probe=n_probe if (t_full == 0 and score == "attention") else 0,
+      assemble=any_reused, backend=backend, rescore_layer=rescore or 0,
+      n_active_late=n_late if rescore else 0)
+
+
+def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
+               layout: PoolLayout) -> tuple[np.ndarray, np.ndarray]:
+  """Pads slot copies to [n, bucket(longest)] arrays; padding copies slot 0 to the sentinel."""
+  width = bucket(max(s.size for s in src))
+  src_slots = np.zeros((len(src), width), np.int32)
+  dst_slots = np.full((len(src), width), layout.sentinel, np.int32)
+  for i, (s, d) in enumerate(zip(src, dst)):
+    src_slots[i, :s.size], dst_slots[i, :d.size] = s, d
+  return src_slots, dst_slots
+
+
+def describe(plan: RequestPlan, scores, selected, kept, policy: ReusePolicy) -> PrefillPlan:
+  """The public account of one prefill: labels, scores and what was recomputed."""
+  work = np.arange(plan.n_exact, plan.n)
+  scores = np.asarray(scores)[:work.size]
+  selected = np.asarray(selected)[:work.size]
+  kept = np.asarray(kept)[:work.size]
+  reused = plan.labels[work] == REUSED
+  return PrefillPlan(labels=plan.labels.copy(), sparse_q=plan.sparse_q,
+                     reused_positions=work[reused], scores=scores[reused],
+                     selected_positions=work[selected],
+                     kept_positions=work[kept] if policy.rescore_layer is not None else None,
+                     layer_threshold=policy.layer_threshold)

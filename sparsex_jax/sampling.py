@@ -1,8 +1,14 @@
-"""Token sampling (greedy, temperature, top-p) and the request's sampling parameters."""
+"""Token sampling (greedy, temperature, top-p), the request's sampling parameters, and stop
+tokens: one implementation for the paged engine and the dense reference path.
+
+A row's PRNG key at output step i is fold_in(PRNGKey(seed), i): a request's samples depend on its
+seed and its own logits only, never on its batch mates, its row, or the batch size.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +57,34 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: ja
 
   # An all-greedy batch skips the vocabulary sort (a real cost at 128K vocab, every step).
   return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+
+
+def step_keys(seeds: jax.Array, step) -> jax.Array:
+  """PRNG keys [B, 2] of output step `step` for rows seeded with seeds [B]."""
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds)
+
+
+@jax.jit
+def sample_step(logits, temperature, top_p, seeds, step):
+  """Samples output step `step` from logits [B, V] with per-row parameters (jitted)."""
+  return sample(logits, temperature, top_p, step_keys(seeds, step))
+
+
+def resolve_stop_ids(sampling: SamplingParams, default: Iterable[int] = ()) -> frozenset[int]:
+  """The token ids that end a sequence: the request's, else the tokenizer's; none if ignore_eos."""
+  if sampling.ignore_eos:
+    return frozenset()
+  if sampling.stop_token_ids is not None:
+    return frozenset(sampling.stop_token_ids)
+  return frozenset(default or ())
+
+
+def is_finished(tokens: list[int], stops: frozenset[int], max_new_tokens: int) -> bool:
+  return bool(tokens) and (tokens[-1] in stops or len(tokens) >= max_new_tokens)
+
+
+def finish(tokens: list[int], stops: frozenset[int]) -> tuple[list[int], str]:
+  """(output tokens, finish reason): a final stop token is dropped and gives "stop"."""
+  if tokens and tokens[-1] in stops:
+    return tokens[:-1], "stop"
+  return tokens, "length"

@@ -8,7 +8,7 @@ import sparsex_jax as sx
 from models import llama
 from models.config import get_config
 from sparsex_jax import dense
-from sparsex_jax.allocator import PoolExhausted
+from sparsex_jax.kv import PoolExhausted
 
 CFG = get_config("tiny")
 
@@ -57,7 +57,7 @@ def test_mixed_batch_generate_matches_dense():
     want, _ = dense.generate(PARAMS, CFG, p, sp)
     assert o.token_ids == want
     assert o.stats.n_prompt == len(p) and o.stats.n_new == len(p) and o.stats.n_generated == 7
-  assert eng.allocator.num_used == 0  # "full" caches nothing and every request released its pages
+  assert eng.store.allocator.num_used == 0  # "full" caches nothing and every request released its pages
 
 
 def test_prefix_hit_is_exact_and_counted():
@@ -76,16 +76,15 @@ def test_prefix_hit_is_exact_and_counted():
 
 
 def _layer0_keys(eng, request, reuse):
-  """Runs a prefill by hand and reads layer-0 keys of the prompt from the pool."""
-  prepared = eng._prepare_batch([eng._tokenize(request)], reuse, max_new_tokens=0)
-  try:
-    eng._run_prefill(prepared, reuse)
-    plan = prepared[0].plan
-    pos = np.arange(plan.n)
-    pages, offs = plan.page_table[pos // eng.page_size], pos % eng.page_size
+  """Runs a prefill and reads layer-0 keys of the prompt from the pool, through the plan's pages."""
+  policy = reuse.resolve(eng.config)
+  prompt = eng._prompt(request, 0)
+  with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
+    plans, _, _ = eng._prefill([prompt], leases, policy)
+    plan = plans[0]
+    slots = eng.layout.slot_of(plan.page_table, np.arange(plan.n))
+    pages, offs = slots // eng.layout.page_size, slots % eng.layout.page_size
     return np.asarray(eng.pool["k"][0][:, pages, offs]), plan
-  finally:
-    eng._release(prepared)
 
 
 def test_naive_reuse_at_position_zero_equals_prefix_hit_and_rerotation_is_exact():
@@ -115,7 +114,7 @@ def test_segment_cache_hit_counts_and_in_context_insert():
   out = eng.generate([sx.Request([sx.Segment(a), sx.Segment(b), sx.Segment(q, cache=False)])],
                      sx.SamplingParams(max_new_tokens=1), reuse=reuse)[0]
   assert out.stats.n_reused == 0 and out.stats.n_new == 25
-  assert eng.segment_cache.num_entries == 2  # both segments stored, computed in context
+  assert eng.store.segment_cache.num_entries == 2  # both segments stored, computed in context
   out = eng.generate([sx.Request([sx.Segment(b), sx.Segment(a), sx.Segment(q, cache=False)])],
                      sx.SamplingParams(max_new_tokens=1), reuse=reuse)[0]
   assert out.stats.n_reused == 21 and out.stats.n_new == 4
@@ -132,19 +131,19 @@ def test_pool_exhaustion_evicts_or_fails_cleanly():
                       sx.SamplingParams(max_new_tokens=3, ignore_eos=True), reuse=reuse)
   assert [len(o.token_ids) for o in outs] == [3] * 4
   assert eng.stats()["prefix_cache"]["evictions"] > 0
-  eng.allocator.check_invariants()
+  eng.store.allocator.check_invariants()
 
   # a pinned segment holds pages: a request that cannot fit fails and leaves everything intact
   eng2 = _engine(num_pages=12)
   eng2.cache_segments([_ids(16, 42)])
-  entry = next(iter(eng2.segment_cache._entries.values()))
-  eng2.segment_cache.pin(entry)
-  before = (eng2.allocator.num_free, eng2.segment_cache.num_entries)
+  entry = next(iter(eng2.store.segment_cache._entries.values()))
+  eng2.store.segment_cache.pin(entry)
+  before = (eng2.store.allocator.num_free, eng2.store.segment_cache.num_entries)
   with pytest.raises(PoolExhausted):
     eng2.generate([sx.Request([sx.Segment(_ids(36, 2))])], sx.SamplingParams(max_new_tokens=2))
-  assert (eng2.allocator.num_free, eng2.segment_cache.num_entries) == before
-  eng2.segment_cache.unpin(entry)
-  eng2.allocator.check_invariants()
+  assert (eng2.store.allocator.num_free, eng2.store.segment_cache.num_entries) == before
+  eng2.store.segment_cache.unpin(entry)
+  eng2.store.allocator.check_invariants()
 
 
 def test_bad_input():
@@ -171,7 +170,7 @@ def test_bad_input():
   with pytest.raises(ValueError, match="context"):
     eng.generate([sx.Request([sx.Segment(_ids(CFG.max_seq_len - 2, 1))])],
                  sx.SamplingParams(max_new_tokens=8))
-  assert eng.allocator.num_used == 0
+  assert eng.store.allocator.num_used == 0
 
 
 def test_compilations_are_bounded_by_buckets():
@@ -187,16 +186,16 @@ def test_compilations_are_bounded_by_buckets():
 
 
 def test_mixed_batch_prefill_logits_match_full_forward():
+  from sparsex_jax.planner import Prompt
   eng = _engine()
-  prompts = [_ids(n, 30 + n) for n in (7, 33, 18)]
-  prepared = eng._prepare_batch([[(np.asarray(p, np.int32), False)] for p in prompts],
-                                sx.ReuseConfig("full"), max_new_tokens=1)
-  try:
-    logits = np.asarray(eng._run_prefill(prepared, sx.ReuseConfig("full"))[0])
-  finally:
-    eng._release(prepared)
+  prompts = [Prompt((np.asarray(_ids(n, 30 + n), np.int32),), (False,)) for n in (7, 33, 18)]
+  policy = sx.ReuseConfig("full").resolve(CFG)
+  with eng.store.acquire(prompts, policy, max_new_tokens=1) as leases:
+    _, out, _ = eng._prefill(prompts, leases, policy)
+  logits = np.asarray(out.logits)
   for i, p in enumerate(prompts):
-    assert _rel(logits[i], _full_logits(p)) < 1e-4
+    assert _rel(logits[i], _full_logits(p.token_ids)) < 1e-4
+  assert eng.store.allocator.num_used == 0
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent():

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from sparsex_jax import cli, planner
+from models.config import get_config
+from sparsex_jax import cli, planner, policy
 from sparsex_jax.planner import EXACT, NEW, REUSED, RequestPlan
 
 
@@ -20,8 +21,8 @@ def test_bucket_bounds_padding_and_is_monotone():
 @pytest.mark.parametrize("ratio,n,want", [(0.15, 100, 15), (0.15, 101, 16), (0.0, 50, 0),
                                           (1.0, 7, 7), (0.5, 3, 2)])
 def test_n_to_select_is_ceil_of_ratio(ratio, n, want):
-  assert planner.n_to_select(ratio, n, n) == want
-  assert planner.n_to_select(ratio, n, 1) == min(want, 1)  # capped by the candidates
+  assert policy.n_to_select(ratio, n, n) == want
+  assert policy.n_to_select(ratio, n, 1) == min(want, 1)  # capped by the candidates
 
 
 def _plan(labels, segment_ids):
@@ -37,7 +38,8 @@ def test_epic_takes_the_head_of_every_reused_segment_and_sparse_q_holds_last_tok
   segs = [0] * 4 + [1] * 10 + [2] * 3 + [3] * 5
   plan = _plan(labels, segs)
   assert plan.sparse_q[-1] and plan.sparse_q[14:17].all() and plan.sparse_q.sum() == 4
-  scores, count = planner.epic_scores(plan, 0.3)
+  heads = policy.SegmentHeads()
+  scores, count = heads.host_scores(plan, 0.3), heads.n_select(plan, 0.3)
   # ceil(0.3 * 10) = 3 from segment 1, ceil(0.3 * 5) = 2 from segment 3
   assert count == 5 and list(np.flatnonzero(scores)) == [4, 5, 6, 17, 18]
 
@@ -48,12 +50,14 @@ def test_cli_reports_bad_model_cleanly(capsys):
 
 
 def test_default_thresholds_by_mode_and_depth():
-  from sparsex_jax.api import DEFAULT_LAYER_THRESHOLD, ReuseConfig
-  assert ReuseConfig("sparsex").threshold(30) == DEFAULT_LAYER_THRESHOLD
-  assert ReuseConfig("sparsex").threshold(3) == 3  # capped for a shallow model
-  assert ReuseConfig("random").threshold(30) == DEFAULT_LAYER_THRESHOLD
-  assert ReuseConfig("cacheblend", check_layer=3).threshold(30) == 3
-  assert ReuseConfig("epic").threshold(30) == ReuseConfig("naive").threshold(30) == 0
-  assert ReuseConfig("full").threshold(30) == ReuseConfig("prefix").threshold(30) == 30
+  from sparsex_jax.policy import DEFAULT_LAYER_THRESHOLD, ReuseConfig
+  deep, shallow = get_config("smollm2-135m"), get_config("tiny")  # 30 and 3 layers
+  t = lambda reuse, cfg=deep: reuse.resolve(cfg).layer_threshold
+  assert t(ReuseConfig("sparsex")) == DEFAULT_LAYER_THRESHOLD
+  assert t(ReuseConfig("sparsex"), shallow) == 3  # capped for a shallow model
+  assert t(ReuseConfig("random")) == DEFAULT_LAYER_THRESHOLD
+  assert t(ReuseConfig("cacheblend", check_layer=3)) == 3
+  assert t(ReuseConfig("epic")) == t(ReuseConfig("naive")) == 0
+  assert t(ReuseConfig("full")) == t(ReuseConfig("prefix")) == 30
   with pytest.raises(ValueError, match="layer_threshold"):
-    ReuseConfig("sparsex", layer_threshold=5).threshold(3)  # an explicit value is not capped
+    ReuseConfig("sparsex", layer_threshold=5).resolve(shallow)  # an explicit value is not capped

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sparsex_jax.allocator import NULL_PAGE, PageAllocator, PoolExhausted
-from sparsex_jax.prefix_cache import PrefixCache
-from sparsex_jax.segment_cache import SegmentCache, segment_key
+from sparsex_jax.kv.allocator import NULL_PAGE, PageAllocator, PoolExhausted
+from sparsex_jax.kv.prefix_cache import PrefixCache
+from sparsex_jax.kv.segment_cache import SegmentCache, segment_key
 
 S = 4  # page size
 NUM_PAGES = 20  # small, so eviction and exhaustion happen often
@@ -154,7 +154,7 @@ class CacheMachine(RuleBasedStateMachine):
     self.pool[pages] = expected
     positions = offset + np.arange(len(segment))
     existed = segment_key(segment) in self.segments
-    entry = self.segments.insert(segment, pages, positions, computed_alone=offset == 0)
+    entry = self.segments.insert(segment, pages, positions)
     np.testing.assert_array_equal(entry.token_ids, segment)
     # an existing entry wins and references nothing of ours; a new one takes one reference each
     assert np.all(self.alloc.refcounts(pages) == (1 if existed else 2))
@@ -343,7 +343,7 @@ def test_pool_exhausted_leaves_state_unchanged_with_a_clear_message():
   live = alloc.allocate(3)
   prefix.insert(list(range(8)), live[:2])  # cached but still held by the request
   cached = alloc.allocate(2)
-  segments.insert(list(range(50, 58)), cached, np.arange(8), computed_alone=True)
+  segments.insert(list(range(50, 58)), cached, np.arange(8))
   alloc.decref(cached)  # the segment cache alone holds these: evictable
   before = (alloc.refcounts(np.arange(1, 8)).copy(), alloc.num_free, len(prefix), len(segments))
   with pytest.raises(PoolExhausted) as err:
@@ -397,12 +397,12 @@ def test_segment_lru_pinning_and_existing_entries():
   for i in range(3):
     tokens = list(range(10 * i, 10 * i + 5))
     pages = alloc.allocate(2)
-    entries.append(segments.insert(tokens, pages, np.arange(5) + 7, computed_alone=False))
+    entries.append(segments.insert(tokens, pages, np.arange(5) + 7))
     alloc.decref(pages)
-  assert entries[0].positions.tolist() == list(range(7, 12)) and not entries[0].computed_alone
+  assert entries[0].positions.tolist() == list(range(7, 12))
   # inserting an existing segment returns it and references nothing of the caller's
   again = alloc.allocate(2)
-  assert segments.insert(list(range(5)), again, np.arange(5), True) is entries[0]
+  assert segments.insert(list(range(5)), again, np.arange(5)) is entries[0]
   assert [alloc.refcount(p) for p in again] == [1, 1]
   alloc.decref(again)
   assert segments.lookup(list(range(5)), pin=True) is entries[0]  # touched: now most recent
@@ -424,11 +424,11 @@ def test_segment_insert_validates():
   alloc, _, segments = make()
   pages = alloc.allocate(3)
   with pytest.raises(ValueError, match="exactly 2 pages"):
-    segments.insert(list(range(5)), pages, np.arange(5), True)
+    segments.insert(list(range(5)), pages, np.arange(5))
   with pytest.raises(ValueError, match="one position per token"):
-    segments.insert(list(range(5)), pages[:2], np.arange(4), True)
+    segments.insert(list(range(5)), pages[:2], np.arange(4))
   with pytest.raises(ValueError, match="empty"):
-    segments.insert([], pages[:0], [], True)
+    segments.insert([], pages[:0], [])
   assert len(segments) == 0 and [alloc.refcount(p) for p in pages] == [1, 1, 1]
 
 
@@ -436,7 +436,7 @@ def test_allocation_evicts_prefix_then_segments():
   alloc, prefix, segments = make(num_pages=5)  # capacity 4
   pages = alloc.allocate(4)
   prefix.insert(list(range(8)), pages[:2])
-  segments.insert(list(range(8)), pages[2:], np.arange(8), True)
+  segments.insert(list(range(8)), pages[2:], np.arange(8))
   alloc.decref(pages)
   assert alloc.num_free == 0 and alloc.num_available() == 4
   alloc.allocate(1)  # the prefix evictor is asked first and frees the chain's leaf

@@ -2,9 +2,9 @@
 
 Unlike the prefix cache, a hit here does not mean the KV is right for the new request: it was
 computed at other positions (fixed exactly by re-rotating K) and after other context (approximated
-by SparseX's sparse recomputation). So an entry records how it was made: the absolute position of
-each token's KV (`positions`) and whether the segment was computed alone, from position 0 of its
-own sequence, or inside a longer prompt (`computed_alone`).
+by SparseX's sparse recomputation). So an entry records the absolute position each token's KV was
+computed at (`positions`): position 0 onwards for a segment computed alone, its place in the
+prompt for one computed in context.
 
 Layout: a segment's tokens sit contiguously from offset 0 of its first page: token i lives in
 pages[i // S] at offset i % S, so an n-token segment owns ceil(n / S) pages and shares none with
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 
 import numpy as np
 
-from sparsex_jax.allocator import NULL_PAGE, PageAllocator, as_page_array
-from sparsex_jax.prefix_cache import as_token_array, cache_counters, hash_tokens
+from sparsex_jax.kv.allocator import NULL_PAGE, PageAllocator, as_page_array
+from sparsex_jax.kv.prefix_cache import as_token_array, cache_counters, hash_tokens
 
 
 def segment_key(token_ids) -> str:
@@ -41,15 +40,13 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(eq=False)
 class SegmentEntry:
-  """One cached segment. Arrays are read-only copies; pin_count and last_used are the cache's."""
+  """One cached segment. Arrays are read-only copies; pin_count is the cache's."""
 
   key: str
   token_ids: np.ndarray  # int32 [n]
   pages: np.ndarray  # int32 [ceil(n / page_size)]; token i at pages[i // S], offset i % S
   positions: np.ndarray  # int32 [n]: the absolute position token i's KV was computed at
-  computed_alone: bool  # True: computed as its own sequence, attending to nothing before it
   pin_count: int = 0
-  last_used: int = 0  # logical clock of the cache (larger is more recent), not wall time
 
   @property
   def num_tokens(self) -> int:
@@ -62,8 +59,8 @@ class SegmentCache:
   def __init__(self, allocator: PageAllocator):
     self.allocator = allocator
     self.page_size = allocator.page_size
+    # Least recently used first: the order is the LRU clock.
     self._entries: collections.OrderedDict[str, SegmentEntry] = collections.OrderedDict()
-    self._clock = itertools.count(1)
     self._num_pages = 0
     self.hits = 0  # lookups that found the segment
     self.misses = 0  # lookups that did not
@@ -85,6 +82,10 @@ class SegmentCache:
   def __contains__(self, key: str) -> bool:
     return key in self._entries
 
+  def keys(self) -> list[str]:
+    """Keys of the cached segments, least recently used first."""
+    return list(self._entries)
+
   def get(self, key: str) -> SegmentEntry | None:
     """The entry under `key`, without counting a hit or touching the LRU order."""
     return self._entries.get(key)
@@ -97,7 +98,6 @@ class SegmentCache:
 
   def _touch(self, entry: SegmentEntry) -> None:
     self._entries.move_to_end(entry.key)
-    entry.last_used = next(self._clock)
 
   def lookup(self, token_ids, pin: bool = False) -> SegmentEntry | None:
     """The cached entry for exactly these tokens, or None. Counts a hit or miss; touches the LRU.
@@ -116,7 +116,7 @@ class SegmentCache:
       entry.pin_count += 1
     return entry
 
-  def insert(self, token_ids, pages, positions, computed_alone: bool) -> SegmentEntry:
+  def insert(self, token_ids, pages, positions) -> SegmentEntry:
     """Caches a segment whose KV the caller wrote to `pages` (token i at pages[i//S], i % S).
 
     The cache takes one reference on each page; the caller keeps its own and usually decrefs
@@ -153,7 +153,7 @@ class SegmentCache:
 
     self.allocator.incref(pages)
     entry = SegmentEntry(key, _read_only(tokens), _read_only(pages.astype(np.int32)),
-                         _read_only(positions.astype(np.int32)), bool(computed_alone))
+                         _read_only(positions.astype(np.int32)))
     self._entries[key] = entry
     self._num_pages += n_pages
     self._touch(entry)
@@ -202,6 +202,14 @@ class SegmentCache:
         self.evictions += 1
     return freed
 
+  def clear(self) -> int:
+    """Drops every evictable entry (not counted as evictions); returns the pages freed."""
+    freed = 0
+    for entry in list(self._entries.values()):
+      if self._evictable(entry):
+        freed += self._drop(entry)
+    return freed
+
   def num_reclaimable(self) -> int:
     """How many pages evict() could free now."""
     return sum(len(e.pages) for e in self._entries.values() if self._evictable(e))
@@ -222,8 +230,6 @@ class SegmentCache:
       check(np.all(self.allocator.refcounts(entry.pages) >= 1), f"segment {key[:12]} page is free")
       total += len(entry.pages)
     check(total == self._num_pages, "page count is stale")
-    last_used = [e.last_used for e in self._entries.values()]
-    check(last_used == sorted(last_used), "LRU order and last_used disagree")
 
   def stats(self, bytes_per_page: int = 0) -> dict:
     """Counters and occupancy as a plain dict (hits and misses count lookups)."""

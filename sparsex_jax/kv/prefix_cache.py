@@ -20,7 +20,7 @@ import hashlib
 
 import numpy as np
 
-from sparsex_jax.allocator import NULL_PAGE, PageAllocator, as_page_array
+from sparsex_jax.kv.allocator import NULL_PAGE, PageAllocator, as_page_array
 
 ROOT_KEY = b""  # the "parent" of block 0
 
@@ -193,6 +193,13 @@ class PrefixCache:
       block = self._blocks[key]
       if block.num_children == 0 and self.allocator.refcount(block.page) == 1:
         freed += self._remove(block)
+    return freed
+
+  def clear(self) -> int:
+    """Drops every block no live request holds (not counted as evictions); returns pages freed."""
+    evictions = self.evictions
+    freed = self.evict(self.allocator.num_pages)
+    self.evictions = evictions
     return freed
 
   def num_reclaimable(self) -> int:

@@ -1,0 +1,245 @@
+"""The KV store: the one owner of the page allocator, the prefix cache and the segment cache.
+
+Host side, plain numpy. A batch of requests `acquire`s what its prefill needs (exact prefix pages,
+pinned segment-cache entries, pages of its own) as `Leases`, a context manager that always gives
+everything back; after the prefill, `commit` registers what the caches should keep. The device
+pool's values are never touched here: a commit only says which slots to copy where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
+from sparsex_jax.kv.layout import PoolLayout
+from sparsex_jax.kv.prefix_cache import PrefixCache
+from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
+from sparsex_jax.policy import REUSED
+
+if TYPE_CHECKING:
+  from sparsex_jax.planner import Prompt, RequestPlan
+  from sparsex_jax.policy import ReusePolicy
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+  """The cache resources one request holds from acquire until release."""
+
+  exact_pages: np.ndarray  # prefix-cache pages (one reference each), a prefix of page_table
+  own_pages: np.ndarray  # pages allocated for the request (one reference each)
+  hits: dict[int, SegmentEntry]  # segment index -> segment-cache entry (pinned)
+  page_size: int
+
+  @property
+  def n_exact(self) -> int:
+    return int(self.exact_pages.size) * self.page_size
+
+  @property
+  def page_table(self) -> np.ndarray:
+    return np.concatenate([self.exact_pages, self.own_pages]).astype(np.int32)
+
+
+class Leases(list):
+  """The leases of one batch, released together when the `with` block ends (however it ends)."""
+
+  def __init__(self, store: "KVStore", leases: Sequence[Lease]):
+    super().__init__(leases)
+    self._store = store
+
+  def __enter__(self) -> "Leases":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def release(self) -> None:
+    for lease in self:
+      self._store.release(lease)
+
+
+@dataclasses.dataclass
+class SlotCopies:
+  """Copies the device must make before a commit completes: src_slots[i] -> dst_slots[i]."""
+
+  src_slots: list[np.ndarray] = dataclasses.field(default_factory=list)
+  dst_slots: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+  def __bool__(self) -> bool:
+    return bool(self.src_slots)
+
+
+class KVStore:
+  """Allocator + prefix cache + segment cache of one pool."""
+
+  def __init__(self, layout: PoolLayout):
+    self.layout = layout
+    self.allocator = PageAllocator(layout.num_pages, layout.page_size)
+    # Registration order is eviction order: prefix blocks go before segments.
+    self.prefix_cache = PrefixCache(self.allocator)
+    self.segment_cache = SegmentCache(self.allocator)
+    self._live: dict[int, Lease] = {}
+
+  # ---- acquire / release ----
+
+  def acquire(self, prompts: Sequence["Prompt"], policy: "ReusePolicy",
+              max_new_tokens: int) -> Leases:
+    """Looks up, pins and allocates for every prompt; all or nothing (PoolExhausted, ValueError).
+
+    Use the result as a context manager: `with store.acquire(...) as leases: ...`.
+    """
+    leases = Leases(self, [])
+    try:
+      for prompt in prompts:
+        leases.append(self._lease(prompt, policy, max_new_tokens))
+    except BaseException:
+      leases.release()
+      raise
+    return leases
+
+  def _lease(self, prompt: "Prompt", policy: "ReusePolicy", max_new_tokens: int) -> Lease:
+    layout = self.layout
+    ids = prompt.token_ids
+    n = ids.size
+    total_pages = layout.pages_for(n + max(max_new_tokens, 1))
+    if total_pages > self.allocator.capacity:
+      raise ValueError(
+          f"pool too small: a request of {n} + {max_new_tokens} tokens needs {total_pages} pages "
+          f"of {layout.page_size} tokens, the pool has {self.allocator.capacity}; pass a larger "
+          f"num_pages or kv_pool_bytes to Engine")
+    lease = Lease(np.zeros(0, np.int32), np.zeros(0, np.int32), {}, layout.page_size)
+    self._live[id(lease)] = lease
+    try:
+      if policy.reads_prefix_cache:
+        pages, _ = self.prefix_cache.match(ids)
+        keep = min(pages.size, (n - 1) // layout.page_size)  # the last token is always computed
+        self.allocator.decref(pages[keep:])
+        lease.exact_pages = pages[:keep]
+      if policy.reads_segment_cache:
+        for i, (start, end, seg_ids, cacheable) in enumerate(prompt.spans):
+          if not cacheable or end <= lease.n_exact:
+            continue
+          # Pinned at once: allocating the request's own pages below may evict.
+          entry = self.segment_cache.lookup(seg_ids, pin=True)
+          if entry is not None:
+            lease.hits[i] = entry
+      lease.own_pages = self.allocator.allocate(total_pages - lease.exact_pages.size)
+    except BaseException:
+      self.release(lease)
+      raise
+    return lease
+
+  def release(self, lease: Lease) -> None:
+    """Drops a lease's page references and pins (idempotent)."""
+    for entry in lease.hits.values():
+      self.segment_cache.unpin(entry)
+    lease.hits = {}
+    for name in ("exact_pages", "own_pages"):
+      pages = getattr(lease, name)
+      if pages.size:
+        self.allocator.decref(pages)
+        setattr(lease, name, np.zeros(0, np.int32))
+    self._live.pop(id(lease), None)
+
+  # ---- after a prefill ----
+
+  def keep_alone(self, prompt: "Prompt", plan: "RequestPlan") -> None:
+    """Hands a prompt computed alone from position 0 to the segment cache (its own pages, no copy).
+
+    Only the segment cache keeps a reference once the lease is released: a page held by two
+    caches could never be evicted (eviction frees pages only one holder references).
+    """
+    n = plan.n
+    self.segment_cache.insert(prompt.token_ids, plan.page_table[:self.layout.pages_for(n)],
+                              np.arange(n, dtype=np.int32))
+
+  @contextlib.contextmanager
+  def commit(self, prompts: Sequence["Prompt"], plans: Sequence["RequestPlan"],
+             policy: "ReusePolicy") -> Iterator[SlotCopies]:
+    """After a prefill: registers the exact prefix blocks, and yields the copies that move each
+    cacheable segment computed in context (it missed the segment cache) into pages of its own.
+    When the `with` block ends cleanly the copied segments are cached; if it raises, their pages
+    are freed and nothing is cached.
+
+    Only full blocks before the first reused token become prefix blocks: the K/V after it is
+    approximate and must never be served as an exact hit. Caching is best effort: a full pool
+    skips a segment instead of failing the request.
+    """
+    copies, pending = SlotCopies(), []
+    if not policy.update_caches:
+      yield copies
+      return
+    layout = self.layout
+    for prompt, plan in zip(prompts, plans):
+      if policy.reads_prefix_cache:
+        reused = np.flatnonzero(plan.labels == REUSED)
+        n_blocks = min(int(reused[0]) if reused.size else plan.n, plan.n) // layout.page_size
+        if n_blocks:
+          self.prefix_cache.insert(plan.token_ids[:n_blocks * layout.page_size],
+                                   plan.page_table[:n_blocks])
+      if not policy.reads_segment_cache:
+        continue
+      for start, end, seg_ids, cacheable in prompt.spans:
+        if not cacheable or np.any(plan.labels[start:end] == REUSED):
+          continue
+        if segment_key(seg_ids) in self.segment_cache:
+          continue
+        try:
+          pages = self.allocator.allocate(layout.pages_for(end - start))
+        except PoolExhausted:  # caching is best effort
+          continue
+        positions = np.arange(start, end, dtype=np.int32)
+        pending.append((seg_ids, pages, positions))
+        copies.src_slots.append(layout.slot_of(plan.page_table, positions))
+        copies.dst_slots.append(layout.slot_of(pages, positions - start))
+    try:
+      yield copies
+    except BaseException:
+      for _, pages, _ in pending:
+        self.allocator.decref(pages)
+      raise
+    for seg_ids, pages, positions in pending:
+      self.segment_cache.insert(seg_ids, pages, positions)
+      self.allocator.decref(pages)
+
+  # ---- maintenance ----
+
+  def contains_segment(self, token_ids) -> bool:
+    return segment_key(token_ids) in self.segment_cache
+
+  def clear(self) -> int:
+    """Drops every cached block and segment that no live request holds; returns pages freed."""
+    return self.prefix_cache.clear() + self.segment_cache.clear()
+
+  def stats(self) -> dict:
+    bpp = self.layout.bytes_per_page
+    return {"pool": self.allocator.stats(bpp), "prefix_cache": self.prefix_cache.stats(bpp),
+            "segment_cache": self.segment_cache.stats(bpp)}
+
+  def check_invariants(self) -> None:
+    """Every page's refcount equals the references the caches and the live leases hold."""
+    self.allocator.check_invariants()
+    self.prefix_cache.check_invariants()
+    self.segment_cache.check_invariants()
+    held = np.zeros(self.layout.num_pages, np.int64)
+    for pages in (self.prefix_cache.cached_pages(), self.segment_cache.cached_pages()):
+      np.add.at(held, pages.astype(np.int64), 1)
+    pins: dict[str, int] = {}
+    for lease in self._live.values():
+      np.add.at(held, lease.exact_pages.astype(np.int64), 1)
+      np.add.at(held, lease.own_pages.astype(np.int64), 1)
+      for entry in lease.hits.values():
+        pins[entry.key] = pins.get(entry.key, 0) + 1
+    refcounts = self.allocator.refcounts(np.arange(self.layout.num_pages))
+    bad = np.flatnonzero(held != refcounts)
+    if bad.size:
+      raise AssertionError(f"pages {bad[:8].tolist()}: refcounts {refcounts[bad[:8]].tolist()} "
+                           f"but caches and live requests hold {held[bad[:8]].tolist()}")
+    for key in self.segment_cache.keys():
+      entry = self.segment_cache.get(key)
+      if entry.pin_count != pins.get(key, 0):
+        raise AssertionError(f"segment {key[:12]} has {entry.pin_count} pins, live requests "
+                             f"hold {pins.get(key, 0)}")

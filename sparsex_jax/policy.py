@@ -1,0 +1,277 @@
+"""Reuse policies: what a prefill reads from the caches, how it ranks the reused tokens, and how
+many of them it recomputes.
+
+`ReuseConfig` is what a user writes (a mode name and its knobs, validated on construction);
+`ReuseConfig.resolve(model_config)` turns it into a frozen `ReusePolicy` for one model. Mode names
+are interpreted here and nowhere else: the planner, the KV store and the prefill program only read
+the policy's fields.
+
+A policy ranks reused tokens with a `Scorer`. Scorers that need the model's activations name a
+branch of the prefill program (`device_score`: "attention", "deviation"); scorers that need only
+the plan (EPIC's segment heads, random choice) compute their scores on the host, before the
+prefill, and hand them over as "given" scores. Adding a selection rule means one new scorer here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+  from models.config import ModelConfig
+
+REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
+IMPORTANCE_LAYERS = ("last", "sum")
+HEAD_REDUCE = ("sum", "max")
+# Chosen by measurement (docs/quality.md): on MuSiQue with SmolLM2-135M, T = 4 at r = 0.15 halves
+# the first-token KL of T = 2 (0.060 vs 0.115 nats) for ~15 ms more TTFT at 8K tokens on an H100,
+# and beats T = 2 at r = 0.30 on both.
+DEFAULT_LAYER_THRESHOLD = 4
+# Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
+EXACT, REUSED, NEW = 0, 1, 2
+
+
+def n_to_select(ratio: float, n_reused: int, n_candidates: int) -> int:
+  """k = ceil(r * n_reused), capped by the reused tokens not already in the Sparse-Q set."""
+  return min(n_candidates, ceil_fraction(ratio, n_reused))
+
+
+def ceil_fraction(ratio: float, n: int) -> int:
+  """ceil(ratio * n), where 0.15 * 100 is 15 (not 16, as 15.000000000000002 would round up)."""
+  return int(math.ceil(round(ratio * n, 9)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scorers
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """Ranks the reused tokens of a plan. The base class selects nothing."""
+
+  device_score: ClassVar[str] = "none"  # the prefill program's scoring branch
+
+  def host_scores(self, plan, ratio: float) -> np.ndarray | None:
+    """Scores [n] computed before the prefill (device_score "given"), else None."""
+    return None
+
+  def n_select(self, plan, ratio: float) -> int:
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Scorer):
+  """Base of the scorers that recompute the top ceil(r * n_reused) reused tokens."""
+
+  def n_select(self, plan, ratio: float) -> int:
+    return n_to_select(ratio, plan.n_reused, plan.n_candidates)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseQAttention(TopK):
+  """SparseX: attention probability the Sparse-Q rows pay each key, at the last full layer or
+  summed over the full layers, summed or maxed over heads (layer 0 probed when T = 0)."""
+
+  device_score: ClassVar[str] = "attention"
+  importance_layers: str = "last"
+  head_reduce: str = "sum"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVDeviation(TopK):
+  """CacheBlend: squared distance of fresh K/V at layer T from the reused (re-rotated) K/V."""
+
+  device_score: ClassVar[str] = "deviation"
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomChoice(TopK):
+  """Uniformly random reused tokens (seeded by the seed and the prompt): the control."""
+
+  device_score: ClassVar[str] = "given"
+  seed: int = 0
+
+  def host_scores(self, plan, ratio: float) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, plan.n, int(plan.token_ids.sum()) & 0x7FFFFFFF])
+    return rng.random(plan.n).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentHeads(Scorer):
+  """EPIC: the first ceil(r * len) tokens of every reused segment."""
+
+  device_score: ClassVar[str] = "given"
+
+  def _heads(self, plan, ratio: float) -> np.ndarray:
+    reused = plan.labels == REUSED
+    candidates = reused & ~plan.sparse_q
+    chosen = []
+    for seg in np.unique(plan.segment_ids[reused]):
+      members = np.flatnonzero(reused & (plan.segment_ids == seg))
+      head = members[:ceil_fraction(ratio, members.size)]
+      chosen.append(head[candidates[head]])
+    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+
+  def host_scores(self, plan, ratio: float) -> np.ndarray:
+    scores = np.zeros(plan.n, np.float32)
+    scores[self._heads(plan, ratio)] = 1.0
+    return scores
+
+  def n_select(self, plan, ratio: float) -> int:
+    return int(self._heads(plan, ratio).size)
+
+
+# ------------------------------------------------------------------------------------------------
+# The resolved policy
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """One request's selection counts and host-side scores."""
+
+  n_select: int = 0  # reused tokens recomputed in the sparse layers
+  n_keep: int = 0  # of those, still recomputed after re-scoring
+  given_score: np.ndarray | None = None  # [n] float32, for device_score "given"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusePolicy:
+  """A ReuseConfig resolved for one model: everything the planner and the prefill need."""
+
+  mode: str
+  layer_threshold: int  # T: layers [0, T) run every non-exact token
+  recompute_ratio: float  # r (0 for naive)
+  scorer: Scorer
+  reads_prefix_cache: bool
+  reads_segment_cache: bool
+  update_caches: bool  # store prefix blocks and in-context segments after the prefill
+  rescore_layer: int | None = None  # R: re-select at layer R (sparsex), None: never
+  rescore_ratio: float = 0.0  # fraction of the reused tokens kept active from layer R
+
+  def select(self, plan) -> Selection:
+    """Selection counts (and host scores) for a labelled plan."""
+    ratio = self.recompute_ratio
+    n_select = self.scorer.n_select(plan, ratio)
+    n_keep = 0
+    if self.rescore_layer is not None:
+      n_keep = n_to_select(self.rescore_ratio, plan.n_reused, n_select)
+    return Selection(n_select=n_select, n_keep=n_keep,
+                     given_score=self.scorer.host_scores(plan, ratio))
+
+
+# ------------------------------------------------------------------------------------------------
+# What users write
+# ------------------------------------------------------------------------------------------------
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseConfig:
+  """How a prefill reuses cached KV.
+
+  mode: full (no cache), prefix (exact prefix cache only), naive (re-rotated segment KV, no
+    recompute), cacheblend, epic, random, sparsex.
+  recompute_ratio: r, the fraction of reused tokens recomputed in the sparse layers.
+  layer_threshold: T, layers [0, T) are computed for every non-exact token. None picks the mode's
+    default: sparsex and random 4 (capped at the model's depth), cacheblend `check_layer`, epic 0,
+    naive 0.
+  importance_layers: sparsex reads Sparse-Q attention at the "last" full layer (default) or
+    "sum"s it over the full layers. head_reduce: "sum" (default) or "max" over heads. Both
+    defaults were the better measured option (docs/quality.md).
+  check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
+  seed: for mode="random" (an int in [0, 2**32)).
+  rescore_layer, rescore_ratio: re-score the selection at a later layer (sparsex only). At layer
+    R = rescore_layer the selected tokens are ranked again by the Sparse-Q attention of layer R-1
+    and only the top ceil(rescore_ratio * n_reused) stay active in layers [R, L); the others keep
+    the K/V computed so far. Selection can only shrink: a token not computed in layers [T, R) has
+    no hidden state to continue from (CacheBlend's gradual filtering has the same shape).
+    rescore_ratio defaults to recompute_ratio / 2.
+  update_caches: False reads the caches but stores nothing after the prefill (no prefix blocks, no
+    in-context segments): evaluations and sweeps that must not change the cache between configs.
+  """
+
+  mode: str = "sparsex"
+  recompute_ratio: float = 0.15
+  layer_threshold: int | None = None
+  importance_layers: str = "last"
+  head_reduce: str = "sum"
+  check_layer: int = 1
+  seed: int = 0
+  rescore_layer: int | None = None
+  rescore_ratio: float | None = None
+  update_caches: bool = True
+
+  def __post_init__(self):
+    if self.mode not in REUSE_MODES:
+      raise ValueError(f"unknown reuse mode {self.mode!r}; choose one of {REUSE_MODES}")
+    if not _is_real(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
+      raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio!r}")
+    if self.layer_threshold is not None and (not _is_int(self.layer_threshold)
+                                             or self.layer_threshold < 0):
+      raise ValueError(f"layer_threshold must be an int >= 0, got {self.layer_threshold!r}")
+    if self.importance_layers not in IMPORTANCE_LAYERS:
+      raise ValueError(f"importance_layers must be one of {IMPORTANCE_LAYERS}, "
+                       f"got {self.importance_layers!r}")
+    if self.head_reduce not in HEAD_REDUCE:
+      raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {self.head_reduce!r}")
+    if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+    if not isinstance(self.update_caches, bool):
+      raise ValueError(f"update_caches must be True or False, got {self.update_caches!r}")
+    if self.rescore_layer is not None:
+      if self.mode != "sparsex":
+        raise ValueError(f"rescore_layer is a sparsex option, not for mode {self.mode!r}")
+      if not _is_int(self.rescore_layer):
+        raise ValueError(f"rescore_layer must be an int, got {self.rescore_layer!r}")
+      if self.rescore_ratio is not None and (not _is_real(self.rescore_ratio) or
+                                             not 0.0 <= self.rescore_ratio <= self.recompute_ratio):
+        raise ValueError(f"rescore_ratio must be in [0, recompute_ratio={self.recompute_ratio}], "
+                         f"got {self.rescore_ratio}")
+    elif self.rescore_ratio is not None:
+      raise ValueError("rescore_ratio needs rescore_layer")
+    if not _is_int(self.check_layer) or self.check_layer < 1:
+      raise ValueError(f"check_layer must be >= 1 (layer 0 is always full), got {self.check_layer}")
+
+  def resolve(self, model_config: "ModelConfig") -> ReusePolicy:
+    """The policy for a model (validates T and R against its depth)."""
+    n_layers = model_config.n_layers
+    mode = self.mode
+    if mode in ("full", "prefix"):
+      t = n_layers
+    elif self.layer_threshold is not None:
+      t = self.layer_threshold
+    else:  # the mode's default, capped for models shallower than it
+      t = min(n_layers, {"sparsex": DEFAULT_LAYER_THRESHOLD, "random": DEFAULT_LAYER_THRESHOLD,
+                         "cacheblend": self.check_layer, "epic": 0, "naive": 0}[mode])
+    if not 0 <= t <= n_layers:
+      raise ValueError(f"layer_threshold must be in [0, {n_layers}] for this model, got {t}")
+    if mode == "cacheblend" and t < 1:
+      raise ValueError("cacheblend needs layer_threshold (its check layer) >= 1")
+    rescore = None
+    if self.rescore_layer is not None:
+      if not t < self.rescore_layer < n_layers:
+        raise ValueError(f"rescore_layer must be in ({t}, {n_layers}) (after the layer "
+                         f"threshold, before the last layer), got {self.rescore_layer}")
+      rescore = self.rescore_layer
+    scorer = {
+        "sparsex": lambda: SparseQAttention(self.importance_layers, self.head_reduce),
+        "cacheblend": KVDeviation,
+        "epic": SegmentHeads,
+        "random": lambda: RandomChoice(self.seed),
+    }.get(mode, Scorer)()
+    kept = self.rescore_ratio if self.rescore_ratio is not None else self.recompute_ratio / 2
+    return ReusePolicy(
+        mode=mode, layer_threshold=t,
+        recompute_ratio=0.0 if mode == "naive" else float(self.recompute_ratio), scorer=scorer,
+        reads_prefix_cache=mode != "full", reads_segment_cache=mode not in ("full", "prefix"),
+        update_caches=self.update_caches, rescore_layer=rescore,
+        rescore_ratio=float(kept) if rescore is not None else 0.0)

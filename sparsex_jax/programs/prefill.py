@@ -1,0 +1,235 @@
+"""The prefill program: one jitted body shared by every reuse policy.
+
+A prefill batch holds, per request, its non-exact tokens (reused and new, in position order; exact
+prefix tokens are only referenced through the page table). In one program:
+
+  1. assemble   gather each reused token's cached K/V (all layers) into the request's own slots,
+                re-rotating K by delta = new_pos - old_pos.
+  2. full       layers [0, T): every non-exact token, as in a normal prefill; fresh K/V overwrite.
+  3. score      rank the reused tokens (the policy's scorer: Sparse-Q attention mass, K/V
+                deviation, or scores the host computed).
+  4. select     top n_select reused tokens per request; active = Sparse-Q set + selected.
+  5. sparse     layers [T, L): only the active tokens, continuing from layer T's input; their K/V
+                overwrite their slots; queries attend over the whole request KV.
+  6. logits     of the last prompt token.
+
+Optionally (sparsex), the selection is re-scored at a later layer R and shrinks for layers [R, L).
+The pool is donated: its pages are updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from models import llama
+from models.config import ModelConfig
+from pallas_kernels import ops
+from sparsex_jax.kv.layout import page_and_offset
+from sparsex_jax.programs.layers import (gather_kv, pool_sentinel, scan_layers, scatter_kv)
+
+SCORES = ("none", "attention", "deviation", "given")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSpec:
+  """Static (compile-time) choices of one prefill program; the planner makes it."""
+
+  layer_threshold: int  # T
+  score: str = "none"  # one of SCORES
+  importance_layers: str = "last"  # last | sum
+  head_reduce: str = "sum"
+  n_active: int = 0  # bucketed size of the active set (sparse layers)
+  n_probe: int = 0  # bucketed size of the Sparse-Q set (attention probe when T == 0)
+  assemble: bool = False  # any reused tokens in the batch
+  backend: str = "auto"
+  rescore_layer: int = 0  # R > T: re-score the selection with layer R-1's Sparse-Q attention
+  n_active_late: int = 0  # bucketed active-set size in layers [R, L) after re-scoring
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "positions", "slots", "src_slots", "delta", "reused",
+                                "sparse_q", "given_score", "n_select", "n_keep", "last_index",
+                                "page_table", "kv_len"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class PrefillBatch:
+  """The device arrays of one prefill, padded to shape buckets ([B, T] over non-exact tokens).
+
+  Padding tokens have position -1 and the sentinel slot; padding rows have kv_len 0.
+  """
+
+  tokens: jax.Array  # [B, T] int32
+  positions: jax.Array  # [B, T] int32 absolute positions (-1 pad)
+  slots: jax.Array  # [B, T] int32 flat pool slots (sentinel pad)
+  src_slots: jax.Array  # [B, T] int32 slot of a reused token's cached K/V (0 otherwise)
+  delta: jax.Array  # [B, T] int32 new - old position of a reused token (0 otherwise)
+  reused: jax.Array  # [B, T] bool
+  sparse_q: jax.Array  # [B, T] bool: new tokens and the last prompt token
+  given_score: jax.Array  # [B, T] float32 host scores (epic, random)
+  n_select: jax.Array  # [B] int32 reused tokens to recompute
+  n_keep: jax.Array  # [B] int32 of those, kept after re-scoring
+  last_index: jax.Array  # [B] int32 index of the last prompt token along T
+  page_table: jax.Array  # [B, MP] int32
+  kv_len: jax.Array  # [B] int32 prompt length
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillOutput:
+  logits: jax.Array  # [B, V] float32, of the last prompt token
+  scores: jax.Array  # [B, T] float32 selection score of each token
+  selected: jax.Array  # [B, T] bool: recomputed in the sparse layers
+  kept: jax.Array  # [B, T] bool: still recomputed after re-scoring
+
+
+jax.tree_util.register_dataclass(PrefillOutput, data_fields=["logits", "scores", "selected",
+                                                             "kept"], meta_fields=[])
+
+
+def assemble(pool, src_slots, dst_slots, delta, inv_freq):
+  """Copies K/V of every layer from src_slots to dst_slots [B, T], rotating K by delta [B, T]."""
+  k, v = gather_kv(pool, src_slots)  # [L, K, B, T, H]
+  # apply_rope wants [..., T, heads, H]: rotate as [L, B, T, K, H].
+  k = llama.apply_rope(k.transpose(0, 2, 3, 1, 4), delta, inv_freq).transpose(0, 3, 1, 2, 4)
+  return scatter_kv(pool, dst_slots, k, v)
+
+
+def _take(a, idx):
+  """Gathers a [B, T, ...] along T with idx [B, A]."""
+  return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def compact(mask, size: int):
+  """Indices [B, size] of the True entries of mask [B, T] in order, and which are real."""
+  t = mask.shape[1]
+  order = jnp.arange(t, dtype=jnp.int32)
+  idx = jnp.argsort(jnp.where(mask, order, t + order), axis=1)[:, :size].astype(jnp.int32)
+  return idx, _take(mask, idx)
+
+
+def select_top_k(score, candidates, n_select):
+  """The n_select[b] highest-scoring candidates of each row (ties: earlier position first)."""
+  ranked = jnp.argsort(-jnp.where(candidates, score, -jnp.inf), axis=1, stable=True)
+  rank = jnp.argsort(ranked, axis=1)
+  return candidates & (rank < n_select[:, None])
+
+
+def _token_scores(importance, positions):
+  """Per-token score [B, T] from per-key-position importance [B, MP*S]."""
+  return jnp.take_along_axis(importance, jnp.clip(positions, 0, importance.shape[1] - 1), axis=1)
+
+
+def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool):
+  """CacheBlend's score: squared distance of fresh K/V at `layer` from what the pool holds."""
+  _, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+  page, offset = page_and_offset(slots, pool["k"].shape[3])
+  page = jnp.clip(page, 0, pool["k"].shape[2] - 1)
+  k_old = pool["k"][layer][:, page, offset].transpose(1, 2, 0, 3)  # [B, T, K, H]
+  v_old = pool["v"][layer][:, page, offset].transpose(1, 2, 0, 3)
+  dk = (k.astype(jnp.float32) - k_old.astype(jnp.float32)) ** 2
+  dv = (v.astype(jnp.float32) - v_old.astype(jnp.float32)) ** 2
+  return jnp.sum(dk + dv, axis=(2, 3))
+
+
+def _paged_attention(cfg: ModelConfig, batch: PrefillBatch, backend: str):
+  # The kernels take the whole pool and the (traced) layer index: pool["k"][layer] here would be
+  # a dynamic slice that XLA must materialise for the Pallas custom call, a copy of the layer's
+  # whole pool slice on every layer of every prefill.
+  def attend(q, positions, pool, layer):
+    return ops.attention(q, positions, pool["k"], pool["v"], batch.page_table, batch.kv_len,
+                         sm_scale=cfg.sm_scale, layer=layer, backend=backend)
+  return attend
+
+
+def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse_q):
+  def score(q, positions, lse, pool, layer):
+    return ops.importance(q, positions, sparse_q, pool["k"], batch.page_table, batch.kv_len, lse,
+                          sm_scale=cfg.sm_scale, head_reduce=spec.head_reduce, layer=layer,
+                          backend=spec.backend)
+  return score
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("pool",))
+def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: PrefillSpec):
+  """One prefill program -> (pool, PrefillOutput)."""
+  if spec.assemble:
+    dst = jnp.where(batch.reused, batch.slots, pool_sentinel(pool))
+    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg))
+
+  t_full, n_layers = spec.layer_threshold, cfg.n_layers
+  layers = params["layers"]
+  positions, slots = batch.positions, batch.slots
+  b, t = positions.shape
+  attend = _paged_attention(cfg, batch, spec.backend)
+  importance = jnp.zeros((b, batch.page_table.shape[1] * pool["k"].shape[3]), jnp.float32)
+  x = llama.embed(params, batch.tokens)
+
+  def run(first, stop, x, positions, slots, pool, sparse_q=None, importance=None):
+    score = None if sparse_q is None else _importance(cfg, batch, spec, sparse_q)
+    return scan_layers(llama.slice_layers(layers, first, stop), cfg, first, x, positions, slots,
+                       pool, attend, score, importance)
+
+  attention_scored = spec.score == "attention" and t_full > 0
+  scored_from = t_full - 1 if spec.importance_layers == "last" else 0
+  if not attention_scored:
+    scored_from = t_full
+  x, pool, _ = run(0, scored_from, x, positions, slots, pool)
+  x, pool, importance = run(scored_from, t_full, x, positions, slots, pool,
+                            sparse_q=batch.sparse_q, importance=importance)
+
+  scores = jnp.zeros((b, t), jnp.float32)
+  selected = jnp.zeros((b, t), bool)
+  if t_full == n_layers:
+    x_last = _take(x, batch.last_index[:, None])[:, 0]
+    return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected, selected)
+
+  if attention_scored:
+    scores = _token_scores(importance, positions)
+  elif spec.score == "attention":  # T == 0: probe layer 0 with the Sparse-Q rows only
+    idx, valid = compact(batch.sparse_q, spec.n_probe)
+    probe_pos = jnp.where(valid, _take(positions, idx), -1)
+    # The probe's K/V writes are the values the sparse layers write again: keep its pool so the
+    # update stays in place (dropping it would force a copy of the pool).
+    _, pool, importance = run(0, 1, _take(x, idx), probe_pos,
+                              jnp.where(valid, _take(slots, idx), pool_sentinel(pool)), pool,
+                              sparse_q=valid, importance=importance)
+    scores = _token_scores(importance, positions)
+  elif spec.score == "deviation":
+    scores = _kv_deviation(jax.tree.map(lambda w: w[t_full], layers), cfg, t_full, x, positions,
+                           slots, pool)
+  elif spec.score == "given":
+    scores = batch.given_score
+
+  candidates = batch.reused & ~batch.sparse_q
+  selected = select_top_k(scores, candidates, batch.n_select)
+  idx, valid = compact(batch.sparse_q | selected, spec.n_active)
+  sentinel = pool_sentinel(pool)
+  x, pos_a, slots_a = (_take(x, idx), jnp.where(valid, _take(positions, idx), -1),
+                       jnp.where(valid, _take(slots, idx), sentinel))
+  kept = selected
+  # Without re-scoring the sparse layers run to the end here; with it, up to the scoring layer R-1.
+  first_late = spec.rescore_layer or n_layers
+  early_end = first_late - 1 if spec.rescore_layer else n_layers
+  x, pool, _ = run(t_full, early_end, x, pos_a, slots_a, pool)
+  if spec.rescore_layer:
+    # Layer R-1 also scores: the Sparse-Q rows are active, so their attention over every key is
+    # computed anyway. Only already-selected tokens can stay (nothing else has a hidden state).
+    sparse_a = _take(batch.sparse_q, idx) & valid
+    x, pool, importance = run(first_late - 1, first_late, x, pos_a, slots_a, pool,
+                              sparse_q=sparse_a, importance=jnp.zeros_like(importance))
+    keep_a = select_top_k(_token_scores(importance, pos_a), _take(selected, idx) & valid,
+                          batch.n_keep)
+    idx2, valid = compact(sparse_a | keep_a, spec.n_active_late)
+    x, pos_a, slots_a = (_take(x, idx2), jnp.where(valid, _take(pos_a, idx2), -1),
+                         jnp.where(valid, _take(slots_a, idx2), sentinel))
+    rows = jnp.arange(b)[:, None]
+    kept = jnp.zeros_like(selected).at[rows, jnp.where(valid, _take(idx, idx2), t)].set(
+        _take(keep_a, idx2), mode="drop")
+    x, pool, _ = run(first_late, n_layers, x, pos_a, slots_a, pool)
+  # The last prompt token is always active and has the highest position: the last valid row.
+  last = jnp.sum(valid, axis=1) - 1
+  x_last = _take(x, last[:, None])[:, 0]
+  return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected, kept)
