@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 from typing import Any
 
 import jax.numpy as jnp
@@ -126,6 +127,16 @@ def _stack_params(cfg: ModelConfig, layers: list[dict[str, np.ndarray]], embed: 
   return params
 
 
+def _check_finite(where: str, name: str, arr: np.ndarray) -> None:
+  """Raises ValueError naming the file and tensor if any weight is NaN or infinite (a corrupt
+  file loads otherwise, and every logit comes out NaN)."""
+  bad = ~np.isfinite(arr)
+  if bad.any():
+    first = np.unravel_index(int(np.argmax(bad)), arr.shape)
+    raise ValueError(f"{where}: tensor {name} has {int(bad.sum())} non-finite values (first at "
+                     f"index {tuple(int(i) for i in first)}): the file is corrupt")
+
+
 def _check_shape(name: str, arr: np.ndarray, shape: tuple[int, ...]):
   if tuple(arr.shape) != tuple(shape):
     raise ValueError(f"tensor {name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
@@ -205,6 +216,12 @@ def dequantize_gguf_tensor(tensor) -> np.ndarray:
   qtype = gguf.GGMLQuantizationType(int(tensor.tensor_type))
   shape = tuple(int(s) for s in reversed([int(x) for x in tensor.shape]))
   data = np.asarray(tensor.data)
+  block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+  want_bytes = math.prod(shape) // block * type_bytes
+  if data.nbytes != want_bytes:  # a truncated file maps a short slice for its last tensors
+    raise ValueError(f"GGUF tensor {tensor.name!r} ({qtype.name}, shape {shape}) has "
+                     f"{data.nbytes} bytes of data, expected {want_bytes}: the file is truncated "
+                     f"or corrupt")
   if qtype in (gguf.GGMLQuantizationType.F64, gguf.GGMLQuantizationType.I8,
                gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
                gguf.GGMLQuantizationType.I64):
@@ -356,7 +373,11 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None 
   Quantized weights are dequantized to float32 on the host, then cast to `dtype`.
   """
   path = os.fspath(path)
-  reader = open_gguf(path)
+  try:
+    reader = open_gguf(path)
+  except (ValueError, IndexError, KeyError, struct.error) as e:  # gguf's parser on a bad file
+    raise ValueError(f"GGUF file {path} cannot be read ({type(e).__name__}: {e}): the file is "
+                     f"truncated or corrupt") from e
   cfg = config_from_gguf(reader, name=name, dtype=dtype)
   tensors = {t.name: t for t in reader.tensors}
   permuted = _gguf_value(reader, "general.architecture") == "llama"
@@ -365,8 +386,12 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None 
   def get(tname, shape):
     if tname not in tensors:
       raise ValueError(f"GGUF file {path} has no tensor {tname}")
-    arr = dequantize_gguf_tensor(tensors[tname])
-    _check_shape(tname, arr, shape)
+    try:
+      arr = dequantize_gguf_tensor(tensors[tname])
+      _check_shape(tname, arr, shape)
+    except ValueError as e:
+      raise ValueError(f"GGUF file {path}: {e}") from e
+    _check_finite(f"GGUF file {path}", tname, arr)
     return arr
 
   layers = []
@@ -464,7 +489,11 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
     if key not in w:
       raise ValueError(f"checkpoint in {folder} has no tensor {key}")
     arr = np.asarray(w[key]).astype(np.float32)  # bf16 (ml_dtypes) / f16 -> f32
-    _check_shape(key, arr, shape)
+    try:
+      _check_shape(key, arr, shape)
+    except ValueError as e:
+      raise ValueError(f"checkpoint in {folder}: {e}") from e
+    _check_finite(f"checkpoint in {folder}", key, arr)
     return arr
 
   layers = [_read_layer(get, cfg, f"model.layers.{i}.", HF_LAYER_NAMES)

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from sparsex_jax.policy import ReuseConfig  # noqa: F401  (re-exported)
+from sparsex_jax.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +39,34 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """An ordered list of segments, concatenated into one prompt."""
+  """An ordered list of segments, concatenated into one prompt.
 
-  segments: Sequence[Segment]
+  segments: Segments (a str item is a text Segment); a lone str or Segment is one segment.
+  id: optional, named in errors and outputs (the batch runner's line id).
+  sampling: optional per-request SamplingParams, overriding the ones passed to generate().
+  """
+
+  segments: Sequence[Segment] | Segment | str
+  id: str | int | None = None
+  sampling: "SamplingParams | None" = None
 
   def __post_init__(self):
-    segments = tuple(Segment(s) if isinstance(s, str) else s for s in self.segments)
+    raw = self.segments
+    if isinstance(raw, (str, Segment)):
+      raw = [raw]
+    if not isinstance(raw, (list, tuple)):
+      raise TypeError(f"Request takes a list of Segments, got {type(raw).__name__}")
+    segments = tuple(Segment(s) if isinstance(s, str) else s for s in raw)
     if not segments:
       raise ValueError("empty request: a Request needs at least one Segment")
     for s in segments:
       if not isinstance(s, Segment):
-        raise TypeError(f"Request segments must be Segment or str, got {type(s).__name__}")
+        hint = (": wrap token ids in a Segment, Request([Segment([1, 2, 3])])"
+                if isinstance(s, (int, np.integer)) else "")
+        raise TypeError(f"Request segments must be Segment or str, got {type(s).__name__}{hint}")
+    if self.sampling is not None and not isinstance(self.sampling, SamplingParams):
+      raise TypeError(f"Request.sampling must be SamplingParams, got "
+                      f"{type(self.sampling).__name__}")
     object.__setattr__(self, "segments", segments)
 
 
@@ -69,7 +87,29 @@ class RequestOutput:
   text: str
   token_ids: list[int]
   stats: RequestStats
-  finish_reason: str = "length"  # "stop" or "length"
+  finish_reason: str = "length"  # "stop", "length", or "error" (then `error` says why)
+  request_id: str | int | None = None
+  error: str | None = None
+  # Where each prompt token's KV came from (labels: 0 exact, 1 reused, 2 new) and which reused
+  # tokens were recomputed; None for a request that failed.
+  prefill: "PrefillPlan | None" = None
+
+  @classmethod
+  def failed(cls, request_id, error: str) -> "RequestOutput":
+    return cls(text="", token_ids=[], stats=RequestStats(), finish_reason="error",
+               request_id=request_id, error=error)
+
+
+class RequestError(ValueError):
+  """A request that cannot run, naming it by index and id. `outputs`: what the job produced up to
+  the failure (None where a request did not run), so that nothing finished is lost."""
+
+  def __init__(self, index: int, request_id, cause: BaseException | str,
+               outputs: "list[RequestOutput | None] | None" = None):
+    self.index, self.request_id, self.outputs = index, request_id, outputs
+    self.cause = cause
+    where = f"request {index}" + (f" (id {request_id!r})" if request_id is not None else "")
+    super().__init__(f"{where}: {cause}")
 
 
 @dataclasses.dataclass

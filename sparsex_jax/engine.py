@@ -9,18 +9,21 @@ policies in policy.py, device programs in sparsex_jax/programs; this file only w
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Iterable, Iterator, Sequence
+import warnings
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from models import llama
 from models.config import ModelConfig, get_config
 from pallas_kernels.ops import resolve_backend
-from sparsex_jax import decoding, planner
+from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
 from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout
 from sparsex_jax.planner import NEW, Prompt, RequestPlan
+from sparsex_jax.validation import is_int
 from sparsex_jax.policy import ReuseConfig, ReusePolicy
 from sparsex_jax.programs import KVPool
 from sparsex_jax.programs.copy import copy_slots
@@ -38,14 +41,19 @@ class Engine:
   def __init__(self, config: ModelConfig, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
                max_batch_size: int = 16, attention_backend: str = "auto"):
-    resolve_backend(attention_backend)  # validates the name
+    backend = resolve_backend(attention_backend)  # validates the name
+    if not is_int(max_batch_size) or max_batch_size < 1:
+      raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
     self.store = KVStore(self.layout)
-    self.kv = KVPool(config, self.layout)
-    self.max_batch_size = max_batch_size
+    self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate)
+    self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
+    if backend == "reference" and config.dtype in ("bfloat16", "float16") and _cpu_only():
+      warnings.warn(f"a {config.dtype} engine on CPU runs about 100x slower than float32 (XLA's "
+                    f"CPU backend emulates it); pass dtype='float32' on CPU", stacklevel=2)
 
   @classmethod
   def from_pretrained(cls, name_or_path: str = "smollm2-135m", dtype: str = "float32", **kw):
@@ -75,24 +83,40 @@ class Engine:
   # ------------------------------------------------------------------------------------------
 
   def generate(self, requests: Sequence[Request], sampling: SamplingParams = SamplingParams(),
-               reuse: ReuseConfig = ReuseConfig()) -> list[RequestOutput]:
-    """Prefills and decodes `requests` in batches; outputs in request order."""
+               reuse: ReuseConfig = ReuseConfig(), *, on_error: str = "raise"
+               ) -> list[RequestOutput]:
+    """Prefills and decodes `requests` in batches; outputs in request order.
+
+    The whole job is validated before any device work. A request that cannot run (bad input, too
+    big for the pool, a failure while its batch runs) is isolated: with on_error="raise" a
+    RequestError names it and carries the outputs finished so far (`.outputs`); with "return"
+    its output has finish_reason "error" and `.error`, and every other request still runs.
+    """
     policy = reuse.resolve(self.config)
-    prompts = [self._prompt(r, sampling.max_new_tokens) for r in requests]
-    outputs: list[RequestOutput] = []
-    for chunk, leases in self._batches(prompts, policy, sampling.max_new_tokens):
-      with leases:
-        outputs.extend(self._generate_batch(chunk, leases, policy, sampling))
-    return outputs
+    requests = list(requests)
+    outputs = scheduler.Outputs(len(requests), on_error)
+    jobs = []
+    for i, request in enumerate(requests):
+      try:
+        if not isinstance(request, Request):
+          raise TypeError(f"expected a Request, got {type(request).__name__}")
+        sp = request.sampling or sampling
+        jobs.append(scheduler.Job(i, request.id, self._prompt(request, sp.max_new_tokens), sp))
+      except (ValueError, TypeError) as e:
+        outputs.fail(i, getattr(request, "id", None), e)
+    scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs,
+                  lambda chunk, leases: self._generate_batch(chunk, leases, policy),
+                  self.kv.recover)
+    return list(outputs)
 
   def prefill_logits(self, request: Request, reuse: ReuseConfig = ReuseConfig(),
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
     prompt = self._prompt(request, 0)
-    with self.store.acquire([prompt], policy, 0) as leases:
+    with self.store.acquire([prompt], policy, 0) as leases, self._recovering():
       plans, out, _ = self._prefill([prompt], leases, policy)
-    logits = np.asarray(out.logits[0], np.float32)
+      logits = np.asarray(out.logits[0], np.float32)
     if not return_plan:
       return logits
     return logits, planner.describe(plans[0], out.scores[0], out.selected[0], out.kept[0], policy)
@@ -100,6 +124,10 @@ class Engine:
   def cache_segments(self, segments: Iterable[str | Sequence[int] | Segment],
                      batch_size: int = 8) -> int:
     """Precomputes segments alone at position 0 (e.g. a RAG corpus); returns how many were new."""
+    if isinstance(segments, (str, Segment)):
+      segments = [segments]
+    if not is_int(batch_size) or batch_size < 1:
+      raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     todo, seen = [], set()
     for s in segments:
       seg = s if isinstance(s, Segment) else Segment(s)
@@ -110,12 +138,23 @@ class Engine:
       seen.add(key)
       todo.append(Prompt((ids,), (True,)))
     full = ReuseConfig("full").resolve(self.config)
-    for i in range(0, len(todo), batch_size):
-      chunk = todo[i:i + batch_size]
-      with self.store.acquire(chunk, full, max_new_tokens=0) as leases:
+    i = 0
+    while i < len(todo):  # like generate: a batch the pool cannot hold is halved
+      size = min(batch_size, len(todo) - i)
+      while True:
+        try:
+          leases = self.store.acquire(todo[i:i + size], full, max_new_tokens=0)
+          break
+        except PoolExhausted:
+          if size == 1:
+            raise
+          size //= 2
+      chunk = todo[i:i + size]
+      with leases, self._recovering():
         plans, _, _ = self._prefill(chunk, leases, full)
         for prompt, plan in zip(chunk, plans):
           self.store.keep_alone(prompt, plan)
+      i += size
     return len(todo)
 
   def clear_caches(self) -> int:
@@ -124,6 +163,15 @@ class Engine:
 
   def stats(self) -> dict:
     return self.store.stats() | {"compilations": self.num_compilations}
+
+  @contextlib.contextmanager
+  def _recovering(self):
+    """On any failure, leaves a valid pool behind (and caches that match it)."""
+    try:
+      yield
+    except BaseException:
+      self.kv.recover()
+      raise
 
   # ------------------------------------------------------------------------------------------
   # the steps
@@ -148,23 +196,6 @@ class Engine:
     return Prompt(tuple(s.astype(np.int32) for s in segments),
                   tuple(s.cache for s in request.segments))
 
-  def _batches(self, prompts: list[Prompt], policy: ReusePolicy,
-               max_new_tokens: int) -> Iterator[tuple[list[Prompt], Leases]]:
-    """Batches that fit the pool, with their leases; halves a batch that does not fit."""
-    i = 0
-    while i < len(prompts):
-      size = min(self.max_batch_size, len(prompts) - i)
-      while True:
-        try:
-          leases = self.store.acquire(prompts[i:i + size], policy, max_new_tokens)
-          break
-        except PoolExhausted:
-          if size == 1:
-            raise
-          size //= 2
-      yield prompts[i:i + size], leases
-      i += size
-
   def _prefill(self, prompts: list[Prompt], leases: Leases, policy: ReusePolicy
                ) -> tuple[list[RequestPlan], PrefillOutput, PrefillBatch]:
     """Plans, runs the prefill program and commits the caches."""
@@ -179,29 +210,38 @@ class Engine:
         self.kv.run(copy_slots, src, dst)
     return plans, out, batch
 
-  def _generate_batch(self, prompts: list[Prompt], leases: Leases, policy: ReusePolicy,
-                      sampling: SamplingParams) -> list[RequestOutput]:
+  def _generate_batch(self, jobs: list[scheduler.Job], leases: Leases,
+                      policy: ReusePolicy) -> list[RequestOutput]:
     start = time.perf_counter()
-    plans, out, batch = self._prefill(prompts, leases, policy)
+    plans, out, batch = self._prefill([j.prompt for j in jobs], leases, policy)
     b = out.logits.shape[0]
-    temperature = np.full(b, sampling.temperature, np.float32)
-    top_p = np.full(b, sampling.top_p, np.float32)
-    seeds = np.full(b, sampling.seed, np.uint32)  # per request: never depends on the row
+    temperature, top_p, seeds = (np.zeros(b, np.float32), np.ones(b, np.float32),
+                                 np.zeros(b, np.uint32))
+    for i, job in enumerate(jobs):  # a request's seed is its own: never its row or batch
+      temperature[i], top_p[i], seeds[i] = (job.sampling.temperature, job.sampling.top_p,
+                                            job.sampling.seed)
     first = np.asarray(sample_step(out.logits, temperature, top_p, seeds, 0))
     ttft = time.perf_counter() - start
-    n_recomputed = np.asarray(out.selected).sum(axis=1)
+    scores, selected, kept = (np.asarray(a) for a in (out.scores, out.selected, out.kept))
+    default_stops = getattr(self.tokenizer, "stop_ids", ())
     generated = decoding.decode(
         self.kv, self.params, self.config, self.layout, first, [p.n for p in plans],
-        batch.page_table, max_new_tokens=sampling.max_new_tokens,
-        stops=resolve_stop_ids(sampling, getattr(self.tokenizer, "stop_ids", ())),
+        batch.page_table, max_new_tokens=[j.sampling.max_new_tokens for j in jobs],
+        stops=[resolve_stop_ids(j.sampling, default_stops) for j in jobs],
         temperature=temperature, top_p=top_p, seeds=seeds, backend=self.attention_backend)
     outputs = []
-    for i, (plan, (tokens, reason)) in enumerate(zip(plans, generated)):
+    for i, (job, plan, (tokens, reason)) in enumerate(zip(jobs, plans, generated)):
+      account = planner.describe(plan, scores[i], selected[i], kept[i], policy)
       stats = RequestStats(
           ttft_s=ttft, n_prompt=plan.n, n_exact=plan.n_exact, n_reused=plan.n_reused,
-          n_new=int(np.sum(plan.labels == NEW)), n_recomputed=int(n_recomputed[i]),
+          n_new=int(np.sum(plan.labels == NEW)), n_recomputed=account.selected_positions.size,
           n_generated=len(tokens), compilations=self.num_compilations)
       text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
-      outputs.append(RequestOutput(text=text, token_ids=tokens, stats=stats, finish_reason=reason))
+      outputs.append(RequestOutput(text=text, token_ids=tokens, stats=stats, finish_reason=reason,
+                                   request_id=job.request_id, prefill=account))
     return outputs
 
+
+def _cpu_only() -> bool:
+  import jax
+  return jax.default_backend() == "cpu"

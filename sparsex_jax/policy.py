@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from sparsex_jax.validation import is_int, is_real
+
 if TYPE_CHECKING:
   from models.config import ModelConfig
 
@@ -145,11 +147,28 @@ class ReusePolicy:
   layer_threshold: int  # T: layers [0, T) run every non-exact token
   recompute_ratio: float  # r (0 for naive)
   scorer: Scorer
-  reads_prefix_cache: bool
-  reads_segment_cache: bool
+  prefix_cache: bool  # the mode uses the exact prefix cache
+  segment_cache: bool  # the mode reuses segments
+  read_caches: bool  # look the prompt up in the caches it uses
   update_caches: bool  # store prefix blocks and in-context segments after the prefill
   rescore_layer: int | None = None  # R: re-select at layer R (sparsex), None: never
   rescore_ratio: float = 0.0  # fraction of the reused tokens kept active from layer R
+
+  @property
+  def reads_prefix_cache(self) -> bool:
+    return self.prefix_cache and self.read_caches
+
+  @property
+  def reads_segment_cache(self) -> bool:
+    return self.segment_cache and self.read_caches
+
+  @property
+  def writes_prefix_cache(self) -> bool:
+    return self.prefix_cache and self.update_caches
+
+  @property
+  def writes_segment_cache(self) -> bool:
+    return self.segment_cache and self.update_caches
 
   def select(self, plan) -> Selection:
     """Selection counts (and host scores) for a labelled plan."""
@@ -165,14 +184,6 @@ class ReusePolicy:
 # ------------------------------------------------------------------------------------------------
 # What users write
 # ------------------------------------------------------------------------------------------------
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
 
 @dataclasses.dataclass(frozen=True)
 class ReuseConfig:
@@ -197,6 +208,8 @@ class ReuseConfig:
     rescore_ratio defaults to recompute_ratio / 2.
   update_caches: False reads the caches but stores nothing after the prefill (no prefix blocks, no
     in-context segments): evaluations and sweeps that must not change the cache between configs.
+  read_caches: False ignores every cache entry (the prompt is computed as if nothing were
+    cached). With update_caches=False too, the prefill neither reads nor writes the caches.
   """
 
   mode: str = "sparsex"
@@ -209,13 +222,14 @@ class ReuseConfig:
   rescore_layer: int | None = None
   rescore_ratio: float | None = None
   update_caches: bool = True
+  read_caches: bool = True
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
       raise ValueError(f"unknown reuse mode {self.mode!r}; choose one of {REUSE_MODES}")
-    if not _is_real(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
+    if not is_real(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
       raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio!r}")
-    if self.layer_threshold is not None and (not _is_int(self.layer_threshold)
+    if self.layer_threshold is not None and (not is_int(self.layer_threshold)
                                              or self.layer_threshold < 0):
       raise ValueError(f"layer_threshold must be an int >= 0, got {self.layer_threshold!r}")
     if self.importance_layers not in IMPORTANCE_LAYERS:
@@ -223,22 +237,23 @@ class ReuseConfig:
                        f"got {self.importance_layers!r}")
     if self.head_reduce not in HEAD_REDUCE:
       raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {self.head_reduce!r}")
-    if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+    if not is_int(self.seed) or not 0 <= self.seed < 2**32:
       raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-    if not isinstance(self.update_caches, bool):
-      raise ValueError(f"update_caches must be True or False, got {self.update_caches!r}")
+    for name in ("update_caches", "read_caches"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if self.rescore_layer is not None:
       if self.mode != "sparsex":
         raise ValueError(f"rescore_layer is a sparsex option, not for mode {self.mode!r}")
-      if not _is_int(self.rescore_layer):
+      if not is_int(self.rescore_layer):
         raise ValueError(f"rescore_layer must be an int, got {self.rescore_layer!r}")
-      if self.rescore_ratio is not None and (not _is_real(self.rescore_ratio) or
+      if self.rescore_ratio is not None and (not is_real(self.rescore_ratio) or
                                              not 0.0 <= self.rescore_ratio <= self.recompute_ratio):
         raise ValueError(f"rescore_ratio must be in [0, recompute_ratio={self.recompute_ratio}], "
                          f"got {self.rescore_ratio}")
     elif self.rescore_ratio is not None:
       raise ValueError("rescore_ratio needs rescore_layer")
-    if not _is_int(self.check_layer) or self.check_layer < 1:
+    if not is_int(self.check_layer) or self.check_layer < 1:
       raise ValueError(f"check_layer must be >= 1 (layer 0 is always full), got {self.check_layer}")
 
   def resolve(self, model_config: "ModelConfig") -> ReusePolicy:
@@ -272,6 +287,6 @@ class ReuseConfig:
     return ReusePolicy(
         mode=mode, layer_threshold=t,
         recompute_ratio=0.0 if mode == "naive" else float(self.recompute_ratio), scorer=scorer,
-        reads_prefix_cache=mode != "full", reads_segment_cache=mode not in ("full", "prefix"),
-        update_caches=self.update_caches, rescore_layer=rescore,
+        prefix_cache=mode != "full", segment_cache=mode not in ("full", "prefix"),
+        read_caches=self.read_caches, update_caches=self.update_caches, rescore_layer=rescore,
         rescore_ratio=float(kept) if rescore is not None else 0.0)

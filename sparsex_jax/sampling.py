@@ -8,10 +8,13 @@ seed and its own logits only, never on its batch mates, its row, or the batch si
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+
+from sparsex_jax.validation import is_int, is_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +29,20 @@ class SamplingParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+    if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got "
+                       f"{self.temperature!r}")
+    if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if not is_int(self.seed) or not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+    if self.stop_token_ids is not None:
+      ids = tuple(self.stop_token_ids)
+      if not all(is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+      object.__setattr__(self, "stop_token_ids", ids)
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array):

@@ -139,8 +139,9 @@ def test_pool_exhaustion_evicts_or_fails_cleanly():
   entry = next(iter(eng2.store.segment_cache._entries.values()))
   eng2.store.segment_cache.pin(entry)
   before = (eng2.store.allocator.num_free, eng2.store.segment_cache.num_entries)
-  with pytest.raises(PoolExhausted):
+  with pytest.raises(sx.RequestError, match="request 0: KV page pool exhausted") as err:
     eng2.generate([sx.Request([sx.Segment(_ids(36, 2))])], sx.SamplingParams(max_new_tokens=2))
+  assert isinstance(err.value.cause, PoolExhausted)
   assert (eng2.store.allocator.num_free, eng2.store.segment_cache.num_entries) == before
   eng2.store.segment_cache.unpin(entry)
   eng2.store.allocator.check_invariants()

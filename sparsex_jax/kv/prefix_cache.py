@@ -195,6 +195,14 @@ class PrefixCache:
         freed += self._remove(block)
     return freed
 
+  def drop_all(self) -> None:
+    """Forgets every block, held by a live request or not (their K/V is gone: the pool was lost).
+    The cache's references are released; a live request's own references stay with it."""
+    pages = self.cached_pages()
+    self._blocks.clear()
+    self._page_to_key.clear()
+    self.allocator.decref(pages)
+
   def clear(self) -> int:
     """Drops every block no live request holds (not counted as evictions); returns pages freed."""
     evictions = self.evictions

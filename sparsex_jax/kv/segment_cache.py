@@ -202,6 +202,12 @@ class SegmentCache:
         self.evictions += 1
     return freed
 
+  def drop_all(self) -> None:
+    """Forgets every entry, pinned or not (their K/V is gone: the pool was lost). A pin holder
+    still unpins its entry object; the entry is just no longer findable."""
+    for entry in list(self._entries.values()):
+      self._drop(entry)
+
   def clear(self) -> int:
     """Drops every evictable entry (not counted as evictions); returns the pages freed."""
     freed = 0

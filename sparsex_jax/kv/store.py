@@ -86,15 +86,18 @@ class KVStore:
   # ---- acquire / release ----
 
   def acquire(self, prompts: Sequence["Prompt"], policy: "ReusePolicy",
-              max_new_tokens: int) -> Leases:
-    """Looks up, pins and allocates for every prompt; all or nothing (PoolExhausted, ValueError).
+              max_new_tokens: int | Sequence[int]) -> Leases:
+    """Looks up, pins and allocates for every prompt (room for its prompt and max_new_tokens,
+    one value or one per prompt); all or nothing (PoolExhausted, ValueError).
 
     Use the result as a context manager: `with store.acquire(...) as leases: ...`.
     """
+    if isinstance(max_new_tokens, (int, np.integer)):
+      max_new_tokens = [int(max_new_tokens)] * len(prompts)
     leases = Leases(self, [])
     try:
-      for prompt in prompts:
-        leases.append(self._lease(prompt, policy, max_new_tokens))
+      for prompt, n_new in zip(prompts, max_new_tokens, strict=True):
+        leases.append(self._lease(prompt, policy, n_new))
     except BaseException:
       leases.release()
       raise
@@ -126,17 +129,29 @@ class KVStore:
           entry = self.segment_cache.lookup(seg_ids, pin=True)
           if entry is not None:
             lease.hits[i] = entry
-      lease.own_pages = self.allocator.allocate(total_pages - lease.exact_pages.size)
+      n_own = total_pages - lease.exact_pages.size
+      try:
+        lease.own_pages = self.allocator.allocate(n_own)
+      except PoolExhausted:
+        if not lease.hits:
+          raise
+        # Reuse holds the hits' pages and needs the request's own besides; under pressure give the
+        # hits back (evictable again) and compute those segments afresh, as mode "full" would.
+        self._unpin(lease)
+        lease.own_pages = self.allocator.allocate(n_own)
     except BaseException:
       self.release(lease)
       raise
     return lease
 
-  def release(self, lease: Lease) -> None:
-    """Drops a lease's page references and pins (idempotent)."""
+  def _unpin(self, lease: Lease) -> None:
     for entry in lease.hits.values():
       self.segment_cache.unpin(entry)
     lease.hits = {}
+
+  def release(self, lease: Lease) -> None:
+    """Drops a lease's page references and pins (idempotent)."""
+    self._unpin(lease)
     for name in ("exact_pages", "own_pages"):
       pages = getattr(lease, name)
       if pages.size:
@@ -169,18 +184,15 @@ class KVStore:
     skips a segment instead of failing the request.
     """
     copies, pending = SlotCopies(), []
-    if not policy.update_caches:
-      yield copies
-      return
     layout = self.layout
     for prompt, plan in zip(prompts, plans):
-      if policy.reads_prefix_cache:
+      if policy.writes_prefix_cache:
         reused = np.flatnonzero(plan.labels == REUSED)
         n_blocks = min(int(reused[0]) if reused.size else plan.n, plan.n) // layout.page_size
         if n_blocks:
           self.prefix_cache.insert(plan.token_ids[:n_blocks * layout.page_size],
                                    plan.page_table[:n_blocks])
-      if not policy.reads_segment_cache:
+      if not policy.writes_segment_cache:
         continue
       for start, end, seg_ids, cacheable in prompt.spans:
         if not cacheable or np.any(plan.labels[start:end] == REUSED):
@@ -209,6 +221,12 @@ class KVStore:
 
   def contains_segment(self, token_ids) -> bool:
     return segment_key(token_ids) in self.segment_cache
+
+  def invalidate(self) -> None:
+    """The device pool was lost: forget every cached block and segment (live requests keep their
+    own references and release them as usual)."""
+    self.prefix_cache.drop_all()
+    self.segment_cache.drop_all()
 
   def clear(self) -> int:
     """Drops every cached block and segment that no live request holds; returns pages freed."""

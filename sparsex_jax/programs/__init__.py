@@ -9,6 +9,8 @@ Each takes the KV pool first, donates it, and returns (pool, outputs):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 
 from models.config import ModelConfig
@@ -34,12 +36,19 @@ class CompileLog:
 
 
 class KVPool:
-  """The device KV pool {"k", "v"}: [L, K, P, S, H] each, donated to every program."""
+  """The device KV pool {"k", "v"}: [L, K, P, S, H] each, donated to every program.
 
-  def __init__(self, cfg: ModelConfig, layout: PoolLayout):
-    self.cfg, self.layout = cfg, layout
+  A program that fails after its pool was donated (or whose output pool carries the failure)
+  leaves no valid pool behind: `recover` then puts a zero pool in its place and calls `on_lost`, so
+  the KV store can forget the cache entries whose values went with it.
+  """
+
+  def __init__(self, cfg: ModelConfig, layout: PoolLayout,
+               on_lost: Callable[[], None] | None = None):
+    self.cfg, self.layout, self.on_lost = cfg, layout, on_lost
     self.arrays = self._zeros()
     self.log = CompileLog()
+    self.times_lost = 0
 
   def _zeros(self):
     import jax.numpy as jnp
@@ -49,5 +58,31 @@ class KVPool:
   def run(self, program, *args, **static):
     """pool, out = program(pool, *args, **static); keeps the new pool, returns out."""
     self.log.note(program.__name__, tuple(sorted(static.items())), args)
-    self.arrays, out = program(self.arrays, *args, **static)
+    try:
+      pool, out = program(self.arrays, *args, **static)
+    except BaseException:
+      self.recover()
+      raise
+    self.arrays = pool
     return out
+
+  def is_valid(self) -> bool:
+    """False when the pool was donated to a program that failed, or holds a failed result."""
+    try:
+      for a in self.arrays.values():
+        if a.is_deleted():
+          return False
+        a.block_until_ready()  # raises if the program that produced it failed on the device
+    except Exception:  # pylint: disable=broad-except
+      return False
+    return True
+
+  def recover(self) -> bool:
+    """After a failure: replaces a lost pool with a zero one (and calls on_lost); True if lost."""
+    if self.is_valid():
+      return False
+    self.arrays = self._zeros()
+    self.times_lost += 1
+    if self.on_lost is not None:
+      self.on_lost()
+    return True
