@@ -67,6 +67,10 @@ def main(argv=None) -> int:
   demo.add_argument("--question2", default=DEMO_QUESTION2)
   demo.add_argument("--max-new-tokens", type=int, default=32)
   args = parser.parse_args(argv)
+  for name in ("passage", "question", "question2"):
+    if args.command == "demo" and not getattr(args, name).strip():
+      print(f"sparsex: error: --{name} must not be empty", file=sys.stderr)
+      return 2
   try:
     return {"demo": _demo}[args.command](args)
   except (ValueError, FileNotFoundError) as e:
