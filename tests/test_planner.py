@@ -2,7 +2,6 @@
 its static spec, slot copies."""
 
 import numpy as np
-import pytest
 
 from models.config import get_config
 from sparsex_jax import planner

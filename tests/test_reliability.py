@@ -10,7 +10,6 @@ import warnings
 
 import gguf
 import hypothesis.strategies as st
-import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
