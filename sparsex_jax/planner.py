@@ -85,6 +85,8 @@ class RequestPlan:
   n_select: int = 0  # reused tokens to recompute in the sparse layers
   n_keep: int = 0  # of those, still recomputed after re-scoring
   given_score: np.ndarray | None = None  # host scores (epic, random), [n] float32
+  forced: np.ndarray | None = None  # [n] bool: selected first (segment heads)
+  segment_budget: np.ndarray | None = None  # [n] int32: per-segment selection budget
 
   @property
   def n(self) -> int:
@@ -129,6 +131,7 @@ def plan_request(prompt: Prompt, lease: Lease, policy: ReusePolicy,
   selection = policy.select(plan)
   plan.n_select, plan.n_keep = selection.n_select, selection.n_keep
   plan.given_score = selection.given_score
+  plan.forced, plan.segment_budget = selection.forced, selection.segment_budget
   return plan
 
 
@@ -147,6 +150,9 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   reused = np.zeros((b, t), bool)
   sparse_q = np.zeros((b, t), bool)
   given_score = np.zeros((b, t), np.float32)
+  forced = np.zeros((b, t), bool)
+  segment_ids = np.full((b, t), -1, np.int32)
+  segment_budget = np.zeros((b, t), np.int32)
   n_select, n_keep, last_index, kv_len = (np.zeros((b,), np.int32) for _ in range(4))
   page_table = np.zeros((b, max_pages), np.int32)
   for i, p in enumerate(plans):
@@ -163,10 +169,16 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
     sparse_q[i, :m] = p.sparse_q[work]
     if p.given_score is not None:
       given_score[i, :m] = p.given_score[work]
+    if p.forced is not None:
+      forced[i, :m] = p.forced[work]
+    segment_ids[i, :m] = p.segment_ids[work]
+    if p.segment_budget is not None:
+      segment_budget[i, :m] = p.segment_budget[work]
     n_select[i], n_keep[i], last_index[i], kv_len[i] = p.n_select, p.n_keep, m - 1, p.n
     page_table[i, :p.page_table.size] = p.page_table
   batch = PrefillBatch(tokens=tokens, positions=positions, slots=slots, src_slots=src_slots,
                        delta=delta, reused=reused, sparse_q=sparse_q, given_score=given_score,
+                       forced=forced, segment_ids=segment_ids, segment_budget=segment_budget,
                        n_select=n_select, n_keep=n_keep, last_index=last_index,
                        page_table=page_table, kv_len=kv_len)
   return batch, _spec(plans, policy, cfg, backend)
@@ -190,6 +202,8 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
       layer_threshold=t_full, score=score,
       importance_layers=getattr(scorer, "importance_layers", "last"),
       head_reduce=getattr(scorer, "head_reduce", "sum"),
+      deviation_weighted=score == "attention" and getattr(scorer, "deviation_weighted", False),
+      per_segment=score != "none" and getattr(scorer, "per_segment", False),
       n_active=0 if t_full == n_layers else n_active,
       n_probe=n_probe if (t_full == 0 and score == "attention") else 0,
       assemble=any_reused, backend=backend, rescore_layer=rescore or 0,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
 IMPORTANCE_LAYERS = ("last", "sum")
 HEAD_REDUCE = ("sum", "max")
+IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation")
 # Chosen by measurement (docs/quality.md): on MuSiQue with SmolLM2-135M, T = 4 at r = 0.15 halves
 # the first-token KL of T = 2 (0.060 vs 0.115 nats) for ~15 ms more TTFT at 8K tokens on an H100,
 # and beats T = 2 at r = 0.30 on both.
@@ -63,6 +64,23 @@ class Scorer:
   def n_select(self, plan, ratio: float) -> int:
     return 0
 
+  def forced(self, plan, ratio: float) -> np.ndarray | None:
+    """Tokens [n] (bool) selected whatever their score, within the budget; None: none."""
+    return None
+
+  def segment_budget(self, plan, ratio: float) -> np.ndarray | None:
+    """Per token [n] (int32), the budget of its segment when selection is per segment."""
+    return None
+
+
+def reused_segments(plan):
+  """(members, candidate members) of every reused segment, in prompt order."""
+  reused = plan.labels == REUSED
+  candidates = reused & ~plan.sparse_q
+  for seg in np.unique(plan.segment_ids[reused]):
+    members = np.flatnonzero(reused & (plan.segment_ids == seg))
+    yield members, members[candidates[members]]
+
 
 @dataclasses.dataclass(frozen=True)
 class TopK(Scorer):
@@ -75,11 +93,44 @@ class TopK(Scorer):
 @dataclasses.dataclass(frozen=True)
 class SparseQAttention(TopK):
   """SparseX: attention probability the Sparse-Q rows pay each key, at the last full layer or
-  summed over the full layers, summed or maxed over heads (layer 0 probed when T = 0)."""
+  summed over the full layers, summed or maxed over heads (layer 0 probed when T = 0).
+
+  Options (ablated in docs/quality.md):
+  deviation_weighted: multiply a token's attention by its K/V deviation at layer T (how far the
+    reused K/V is from fresh): the error a token causes, not only how much it is read.
+  per_segment: every reused segment recomputes ceil(r * its reused tokens), ranked inside it,
+    instead of one top-k over the prompt.
+  segment_heads: the first `segment_heads` tokens of every reused segment are always selected (a
+    segment cached alone starts as a sequence does, with attention-sink K/V), within the budget.
+  """
 
   device_score: ClassVar[str] = "attention"
   importance_layers: str = "last"
   head_reduce: str = "sum"
+  deviation_weighted: bool = False
+  per_segment: bool = False
+  segment_heads: int = 0
+
+  def n_select(self, plan, ratio: float) -> int:
+    if not self.per_segment:
+      return super().n_select(plan, ratio)
+    return sum(min(ceil_fraction(ratio, m.size), c.size) for m, c in reused_segments(plan))
+
+  def forced(self, plan, ratio: float) -> np.ndarray | None:
+    if not self.segment_heads:
+      return None
+    out = np.zeros(plan.n, bool)
+    for members, _ in reused_segments(plan):
+      out[members[:self.segment_heads]] = True
+    return out & ~plan.sparse_q
+
+  def segment_budget(self, plan, ratio: float) -> np.ndarray | None:
+    if not self.per_segment:
+      return None
+    out = np.zeros(plan.n, np.int32)
+    for members, _ in reused_segments(plan):
+      out[members] = ceil_fraction(ratio, members.size)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +159,9 @@ class SegmentHeads(Scorer):
   device_score: ClassVar[str] = "given"
 
   def _heads(self, plan, ratio: float) -> np.ndarray:
-    reused = plan.labels == REUSED
-    candidates = reused & ~plan.sparse_q
-    chosen = []
-    for seg in np.unique(plan.segment_ids[reused]):
-      members = np.flatnonzero(reused & (plan.segment_ids == seg))
-      head = members[:ceil_fraction(ratio, members.size)]
-      chosen.append(head[candidates[head]])
+    candidates = (plan.labels == REUSED) & ~plan.sparse_q
+    chosen = [m[:ceil_fraction(ratio, m.size)] for m, _ in reused_segments(plan)]
+    chosen = [head[candidates[head]] for head in chosen]
     return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
 
   def host_scores(self, plan, ratio: float) -> np.ndarray:
@@ -137,6 +184,8 @@ class Selection:
   n_select: int = 0  # reused tokens recomputed in the sparse layers
   n_keep: int = 0  # of those, still recomputed after re-scoring
   given_score: np.ndarray | None = None  # [n] float32, for device_score "given"
+  forced: np.ndarray | None = None  # [n] bool, selected first
+  segment_budget: np.ndarray | None = None  # [n] int32, per-segment selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +227,9 @@ class ReusePolicy:
     if self.rescore_layer is not None:
       n_keep = n_to_select(self.rescore_ratio, plan.n_reused, n_select)
     return Selection(n_select=n_select, n_keep=n_keep,
-                     given_score=self.scorer.host_scores(plan, ratio))
+                     given_score=self.scorer.host_scores(plan, ratio),
+                     forced=self.scorer.forced(plan, ratio),
+                     segment_budget=self.scorer.segment_budget(plan, ratio))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,6 +261,9 @@ class ReuseConfig:
     in-context segments): evaluations and sweeps that must not change the cache between configs.
   read_caches: False ignores every cache entry (the prompt is computed as if nothing were
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
+  importance_signal, per_segment_budget, segment_heads: sparsex selection options (see
+    SparseQAttention): "attention" (the paper's rule) or "attention_x_deviation"; a budget per
+    reused segment; the first tokens of every reused segment always recomputed.
   """
 
   mode: str = "sparsex"
@@ -223,6 +277,9 @@ class ReuseConfig:
   rescore_ratio: float | None = None
   update_caches: bool = True
   read_caches: bool = True
+  importance_signal: str = "attention"
+  per_segment_budget: bool = False
+  segment_heads: int = 0
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
@@ -253,6 +310,17 @@ class ReuseConfig:
                          f"got {self.rescore_ratio}")
     elif self.rescore_ratio is not None:
       raise ValueError("rescore_ratio needs rescore_layer")
+    if self.importance_signal not in IMPORTANCE_SIGNALS:
+      raise ValueError(f"importance_signal must be one of {IMPORTANCE_SIGNALS}, "
+                       f"got {self.importance_signal!r}")
+    if not isinstance(self.per_segment_budget, bool):
+      raise ValueError(f"per_segment_budget must be True or False, got {self.per_segment_budget!r}")
+    if not is_int(self.segment_heads) or self.segment_heads < 0:
+      raise ValueError(f"segment_heads must be an int >= 0, got {self.segment_heads!r}")
+    if self.mode != "sparsex" and (self.importance_signal != "attention" or self.per_segment_budget
+                                   or self.segment_heads):
+      raise ValueError(f"importance_signal, per_segment_budget and segment_heads are sparsex "
+                       f"options, not for mode {self.mode!r}")
     if not is_int(self.check_layer) or self.check_layer < 1:
       raise ValueError(f"check_layer must be >= 1 (layer 0 is always full), got {self.check_layer}")
 
@@ -271,6 +339,9 @@ class ReuseConfig:
       raise ValueError(f"layer_threshold must be in [0, {n_layers}] for this model, got {t}")
     if mode == "cacheblend" and t < 1:
       raise ValueError("cacheblend needs layer_threshold (its check layer) >= 1")
+    if self.importance_signal == "attention_x_deviation" and t < 1:
+      raise ValueError("importance_signal='attention_x_deviation' needs layer_threshold >= 1 "
+                       "(at T = 0 every reused K/V equals its fresh value at layer 0)")
     rescore = None
     if self.rescore_layer is not None:
       if not t < self.rescore_layer < n_layers:
@@ -278,7 +349,10 @@ class ReuseConfig:
                          f"threshold, before the last layer), got {self.rescore_layer}")
       rescore = self.rescore_layer
     scorer = {
-        "sparsex": lambda: SparseQAttention(self.importance_layers, self.head_reduce),
+        "sparsex": lambda: SparseQAttention(
+            self.importance_layers, self.head_reduce,
+            deviation_weighted=self.importance_signal == "attention_x_deviation",
+            per_segment=self.per_segment_budget, segment_heads=self.segment_heads),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,
         "random": lambda: RandomChoice(self.seed),

@@ -197,3 +197,44 @@ def test_rescoring_options_are_validated(warm_engine):
   with pytest.raises(ValueError, match="rescore_layer must be in"):
     warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
         "sparsex", layer_threshold=1, rescore_layer=1))
+
+
+def test_attention_x_deviation_is_the_product_of_the_two_signals(warm_engine):
+  base = dict(recompute_ratio=0.3, layer_threshold=2)
+  _, att = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base),
+                                      return_plan=True)
+  _, dev = warm_engine.prefill_logits(
+      _request(), reuse=sx.ReuseConfig("cacheblend", recompute_ratio=0.3, check_layer=2),
+      return_plan=True)
+  _, both = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", importance_signal="attention_x_deviation", **base), return_plan=True)
+  np.testing.assert_allclose(both.scores, att.scores * dev.scores, rtol=1e-5, atol=1e-9)
+  k = math.ceil(0.3 * both.reused_positions.size)  # the last token is new: 44 candidates
+  want = np.sort(both.reused_positions[np.argsort(-both.scores, kind="stable")[:k]])
+  np.testing.assert_array_equal(both.selected_positions, want)
+  with pytest.raises(ValueError, match="needs layer_threshold >= 1"):
+    warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+        "sparsex", importance_signal="attention_x_deviation", layer_threshold=0))
+
+
+def test_per_segment_budget_and_segment_heads(warm_engine):
+  reuse = sx.ReuseConfig("sparsex", recompute_ratio=0.25, layer_threshold=1,
+                         per_segment_budget=True, segment_heads=2)
+  _, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
+  starts = {12: len(DOC_B), 12 + 22 + 5: len(DOC_A), 12 + 22 + 5 + 13: len(DOC_C)}
+  selected = set(plan.selected_positions.tolist())
+  score_of = dict(zip(plan.reused_positions.tolist(), plan.scores))
+  for start, n in starts.items():
+    members = list(range(start, start + n))
+    if start + n == len(_full_ids()):
+      members = members[:-1]  # the last prompt token is a Sparse-Q row, never a candidate
+    chosen = [p for p in members if p in selected]
+    assert len(chosen) == min(math.ceil(0.25 * n), len(members)), start
+    assert {start, start + 1} <= set(chosen)  # the segment's head tokens, whatever their score
+    rest = [p for p in members if p not in chosen]
+    others = [p for p in chosen if p not in (start, start + 1)]
+    if others and rest:  # inside a segment, the top scores win
+      assert min(score_of[p] for p in others) >= max(score_of[p] for p in rest) - 1e-7
+  full = sx.ReuseConfig("sparsex", recompute_ratio=1.0, layer_threshold=1, per_segment_budget=True,
+                        segment_heads=3)
+  assert _rel(warm_engine.prefill_logits(_request(), reuse=full), _full_logits(_full_ids())) < 1e-4

@@ -48,11 +48,14 @@ class PrefillSpec:
   backend: str = "auto"
   rescore_layer: int = 0  # R > T: re-score the selection with layer R-1's Sparse-Q attention
   n_active_late: int = 0  # bucketed active-set size in layers [R, L) after re-scoring
+  deviation_weighted: bool = False  # attention scores times the K/V deviation at layer T
+  per_segment: bool = False  # select per segment (segment_budget) instead of one top-k
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["tokens", "positions", "slots", "src_slots", "delta", "reused",
-                                "sparse_q", "given_score", "n_select", "n_keep", "last_index",
+                                "sparse_q", "given_score", "forced", "segment_ids",
+                                "segment_budget", "n_select", "n_keep", "last_index",
                                 "page_table", "kv_len"],
                    meta_fields=[])
 @dataclasses.dataclass
@@ -70,6 +73,9 @@ class PrefillBatch:
   reused: jax.Array  # [B, T] bool
   sparse_q: jax.Array  # [B, T] bool: new tokens and the last prompt token
   given_score: jax.Array  # [B, T] float32 host scores (epic, random)
+  forced: jax.Array  # [B, T] bool: selected before any scored token (segment heads)
+  segment_ids: jax.Array  # [B, T] int32 segment of each token (-1 pad)
+  segment_budget: jax.Array  # [B, T] int32 tokens to select from the token's segment
   n_select: jax.Array  # [B] int32 reused tokens to recompute
   n_keep: jax.Array  # [B] int32 of those, kept after re-scoring
   last_index: jax.Array  # [B] int32 index of the last prompt token along T
@@ -115,6 +121,22 @@ def select_top_k(score, candidates, n_select):
   ranked = jnp.argsort(-jnp.where(candidates, score, -jnp.inf), axis=1, stable=True)
   rank = jnp.argsort(ranked, axis=1)
   return candidates & (rank < n_select[:, None])
+
+
+def select_per_segment(score, candidates, segment_ids, budget):
+  """Candidates ranked inside their segment; a token is selected if its rank < its segment's
+  budget (ties: earlier position first)."""
+  t = score.shape[1]
+  by_score = jnp.argsort(-jnp.where(candidates, score, -jnp.inf), axis=1, stable=True)
+  seg = jnp.where(candidates, segment_ids, jnp.iinfo(jnp.int32).max)
+  order = _take(by_score, jnp.argsort(_take(seg, by_score), axis=1, stable=True))  # (seg, -score)
+  seg_in_order = _take(seg, order)
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg_in_order.shape)
+  starts = jnp.concatenate([jnp.ones_like(seg_in_order[:, :1], bool),
+                            seg_in_order[:, 1:] != seg_in_order[:, :-1]], axis=1)
+  rank_in_order = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  rank = _take(rank_in_order, jnp.argsort(order, axis=1))
+  return candidates & (rank < budget)
 
 
 def _token_scores(importance, positions):
@@ -203,8 +225,15 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   elif spec.score == "given":
     scores = batch.given_score
 
+  if spec.deviation_weighted:  # the error a token causes: how much it is read x how wrong it is
+    scores = scores * _kv_deviation(jax.tree.map(lambda w: w[t_full], layers), cfg, t_full, x,
+                                    positions, slots, pool)
   candidates = batch.reused & ~batch.sparse_q
-  selected = select_top_k(scores, candidates, batch.n_select)
+  ranked = jnp.where(batch.forced, jnp.inf, scores)
+  if spec.per_segment:
+    selected = select_per_segment(ranked, candidates, batch.segment_ids, batch.segment_budget)
+  else:
+    selected = select_top_k(ranked, candidates, batch.n_select)
   idx, valid = compact(batch.sparse_q | selected, spec.n_active)
   sentinel = pool_sentinel(pool)
   x, pos_a, slots_a = (_take(x, idx), jnp.where(valid, _take(positions, idx), -1),
