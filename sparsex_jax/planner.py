@@ -188,24 +188,24 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
           backend: str) -> PrefillSpec:
   n_layers = cfg.n_layers
   any_reused = any(p.n_reused for p in plans)
-  t_full = policy.layer_threshold if any_reused else n_layers
+  layer_threshold = policy.layer_threshold if any_reused else n_layers
   score = policy.scorer.device_score if any(p.n_select for p in plans) else "none"
-  if t_full == n_layers:
+  if layer_threshold == n_layers:
     score = "none"  # every token is computed in full: nothing to select
   n_late_q = [int(p.sparse_q[p.n_exact:].sum()) for p in plans]
   n_active = bucket(max(q + p.n_select for q, p in zip(n_late_q, plans)))
   n_probe = bucket(max(int(p.sparse_q.sum()) for p in plans))
-  rescore = policy.rescore_layer if (score == "attention" and t_full < n_layers) else None
+  rescore = policy.rescore_layer if (score == "attention" and layer_threshold < n_layers) else None
   n_late = bucket(max(q + p.n_keep for q, p in zip(n_late_q, plans)))
   scorer = policy.scorer
   return PrefillSpec(
-      layer_threshold=t_full, score=score,
+      layer_threshold=layer_threshold, score=score,
       importance_layers=getattr(scorer, "importance_layers", "last"),
       head_reduce=getattr(scorer, "head_reduce", "sum"),
       deviation_weighted=score == "attention" and getattr(scorer, "deviation_weighted", False),
       per_segment=score != "none" and getattr(scorer, "per_segment", False),
-      n_active=0 if t_full == n_layers else n_active,
-      n_probe=n_probe if (t_full == 0 and score == "attention") else 0,
+      n_active=0 if layer_threshold == n_layers else n_active,
+      n_probe=n_probe if (layer_threshold == 0 and score == "attention") else 0,
       assemble=any_reused, backend=backend, rescore_layer=rescore or 0,
       n_active_late=n_late if rescore else 0)
 

@@ -57,7 +57,8 @@ def test_mixed_batch_generate_matches_dense():
     want, _ = dense.generate(PARAMS, CFG, p, sp)
     assert o.token_ids == want
     assert o.stats.n_prompt == len(p) and o.stats.n_new == len(p) and o.stats.n_generated == 7
-  assert eng.store.allocator.num_used == 0  # "full" caches nothing and every request released its pages
+  # "full" caches nothing and every request released its pages
+  assert eng.store.allocator.num_used == 0
 
 
 def test_prefix_hit_is_exact_and_counted():

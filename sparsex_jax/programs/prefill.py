@@ -181,7 +181,7 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     dst = jnp.where(batch.reused, batch.slots, pool_sentinel(pool))
     pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg))
 
-  t_full, n_layers = spec.layer_threshold, cfg.n_layers
+  layer_threshold, n_layers = spec.layer_threshold, cfg.n_layers
   layers = params["layers"]
   positions, slots = batch.positions, batch.slots
   b, t = positions.shape
@@ -194,17 +194,21 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     return scan_layers(llama.slice_layers(layers, first, stop), cfg, first, x, positions, slots,
                        pool, attend, score, importance)
 
-  attention_scored = spec.score == "attention" and t_full > 0
-  scored_from = t_full - 1 if spec.importance_layers == "last" else 0
+  attention_scored = spec.score == "attention" and layer_threshold > 0
+  scored_from = layer_threshold - 1 if spec.importance_layers == "last" else 0
   if not attention_scored:
-    scored_from = t_full
+    scored_from = layer_threshold
   x, pool, _ = run(0, scored_from, x, positions, slots, pool)
-  x, pool, importance = run(scored_from, t_full, x, positions, slots, pool,
+  x, pool, importance = run(scored_from, layer_threshold, x, positions, slots, pool,
                             sparse_q=batch.sparse_q, importance=importance)
+
+  def deviation():  # at the first sparse layer, from its input x (exact: every layer before ran)
+    return _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg, layer_threshold,
+                         x, positions, slots, pool)
 
   scores = jnp.zeros((b, t), jnp.float32)
   selected = jnp.zeros((b, t), bool)
-  if t_full == n_layers:
+  if layer_threshold == n_layers:
     x_last = _take(x, batch.last_index[:, None])[:, 0]
     return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected, selected)
 
@@ -220,14 +224,12 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
                               sparse_q=valid, importance=importance)
     scores = _token_scores(importance, positions)
   elif spec.score == "deviation":
-    scores = _kv_deviation(jax.tree.map(lambda w: w[t_full], layers), cfg, t_full, x, positions,
-                           slots, pool)
+    scores = deviation()
   elif spec.score == "given":
     scores = batch.given_score
 
   if spec.deviation_weighted:  # the error a token causes: how much it is read x how wrong it is
-    scores = scores * _kv_deviation(jax.tree.map(lambda w: w[t_full], layers), cfg, t_full, x,
-                                    positions, slots, pool)
+    scores = scores * deviation()
   candidates = batch.reused & ~batch.sparse_q
   ranked = jnp.where(batch.forced, jnp.inf, scores)
   if spec.per_segment:
@@ -242,7 +244,7 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   # Without re-scoring the sparse layers run to the end here; with it, up to the scoring layer R-1.
   first_late = spec.rescore_layer or n_layers
   early_end = first_late - 1 if spec.rescore_layer else n_layers
-  x, pool, _ = run(t_full, early_end, x, pos_a, slots_a, pool)
+  x, pool, _ = run(layer_threshold, early_end, x, pos_a, slots_a, pool)
   if spec.rescore_layer:
     # Layer R-1 also scores: the Sparse-Q rows are active, so their attention over every key is
     # computed anyway. Only already-selected tokens can stay (nothing else has a hidden state).
