@@ -19,6 +19,7 @@ import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 from sparsex_jax import planner  # noqa: E402
+from sparsex_jax.prompt import Prompt  # noqa: E402
 from sparsex_jax.programs.decode import decode_step  # noqa: E402
 from sparsex_jax.programs.prefill import prefill  # noqa: E402
 
@@ -31,7 +32,7 @@ def main():
     pool_mb = eng.pool["k"].nbytes / 1e6
     for mode in ("full", "naive"):
       policy = sx.ReuseConfig(mode).resolve(cfg)
-      prompt = planner.Prompt((np.arange(5, 300, dtype=np.int32),), (True,))
+      prompt = Prompt((np.arange(5, 300, dtype=np.int32),), (True,))
       with eng.store.acquire([prompt], policy, max_new_tokens=4) as leases:
         plans = [planner.plan_request(prompt, leases[0], policy, eng.layout)]
         batch, spec = planner.plan_batch(plans, policy, cfg, eng.layout)

@@ -16,7 +16,8 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig
-from sparsex_jax.planner import bucket, check_prompt
+from sparsex_jax.planner import bucket
+from sparsex_jax.prompt import check_prompt
 from sparsex_jax.sampling import (SamplingParams, finish, is_finished, resolve_stop_ids,
                                  sample_step)
 

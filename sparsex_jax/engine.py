@@ -22,7 +22,8 @@ from pallas_kernels.ops import resolve_backend
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
 from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout
-from sparsex_jax.planner import NEW, Prompt, RequestPlan
+from sparsex_jax.planner import NEW, RequestPlan
+from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
 from sparsex_jax.validation import is_int
 from sparsex_jax.policy import ReuseConfig, ReusePolicy
 from sparsex_jax.programs import KVPool
@@ -98,10 +99,8 @@ class Engine:
     jobs = []
     for i, request in enumerate(requests):
       try:
-        if not isinstance(request, Request):
-          raise TypeError(f"expected a Request, got {type(request).__name__}")
-        sp = request.sampling or sampling
-        jobs.append(scheduler.Job(i, request.id, self._prompt(request, sp.max_new_tokens), sp))
+        sp = getattr(request, "sampling", None) or sampling
+        jobs.append(scheduler.Job(i, request.id, tokenize(request, self.tokenizer, self.config, sp.max_new_tokens), sp))
       except (ValueError, TypeError) as e:
         outputs.fail(i, getattr(request, "id", None), e)
     scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs,
@@ -113,7 +112,7 @@ class Engine:
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
-    prompt = self._prompt(request, 0)
+    prompt = tokenize(request, self.tokenizer, self.config, 0)
     with self.store.acquire([prompt], policy, 0) as leases, self._recovering():
       plans, out, _ = self._prefill([prompt], leases, policy)
       logits = np.asarray(out.logits[0], np.float32)
@@ -131,7 +130,7 @@ class Engine:
     todo, seen = [], set()
     for s in segments:
       seg = s if isinstance(s, Segment) else Segment(s)
-      ids = planner.check_prompt(self.config, self._segment_ids(seg))
+      ids = check_prompt(self.config, segment_ids(seg, self.tokenizer))
       key = ids.tobytes()
       if key in seen or self.store.contains_segment(ids):
         continue
@@ -152,8 +151,8 @@ class Engine:
       chunk = todo[i:i + size]
       with leases, self._recovering():
         plans, _, _ = self._prefill(chunk, leases, full)
-        for prompt, plan in zip(chunk, plans):
-          self.store.keep_alone(prompt, plan)
+        for prompt, lease in zip(chunk, leases):
+          self.store.keep_alone(prompt, lease)
       i += size
     return len(todo)
 
@@ -176,25 +175,6 @@ class Engine:
   # ------------------------------------------------------------------------------------------
   # the steps
   # ------------------------------------------------------------------------------------------
-
-  def _segment_ids(self, seg: Segment) -> np.ndarray:
-    if not isinstance(seg.content, str):
-      return np.asarray(seg.content, np.int64)
-    if self.tokenizer is None:
-      raise ValueError("this engine has no tokenizer (random weights): give segments as token ids")
-    ids = self.tokenizer.encode(seg.content)
-    if not ids:
-      raise ValueError(f"segment {seg.content[:40]!r} tokenizes to no tokens")
-    return np.asarray(ids, np.int64)
-
-  def _prompt(self, request: Request, max_new_tokens: int) -> Prompt:
-    """Tokenizes a request; vocabulary and context are checked once, on the whole prompt."""
-    if not isinstance(request, Request):
-      raise TypeError(f"expected a Request, got {type(request).__name__}")
-    segments = [self._segment_ids(s) for s in request.segments]
-    planner.check_prompt(self.config, np.concatenate(segments), max_new_tokens)
-    return Prompt(tuple(s.astype(np.int32) for s in segments),
-                  tuple(s.cache for s in request.segments))
 
   def _prefill(self, prompts: list[Prompt], leases: Leases, policy: ReusePolicy
                ) -> tuple[list[RequestPlan], PrefillOutput, PrefillBatch]:

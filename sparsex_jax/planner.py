@@ -8,7 +8,6 @@ hands the device is a bucket, so a batch job compiles a bounded set of programs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 
@@ -18,8 +17,9 @@ from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.store import Lease
 from sparsex_jax.policy import EXACT, NEW, REUSED, ReusePolicy
 from sparsex_jax.programs.prefill import PrefillBatch, PrefillSpec
+from sparsex_jax.prompt import Prompt
 
-__all__ = ["EXACT", "NEW", "REUSED", "Prompt", "RequestPlan", "bucket", "check_prompt",
+__all__ = ["EXACT", "NEW", "REUSED", "Prompt", "RequestPlan", "bucket",
            "plan_request", "plan_batch", "pad_copies", "describe"]
 
 
@@ -33,42 +33,6 @@ def bucket(n: int, minimum: int = 16) -> int:
     return p
   step = p // 8
   return -(-n // step) * step
-
-
-def check_prompt(cfg: ModelConfig, token_ids, max_new_tokens: int = 0) -> np.ndarray:
-  """Validates a prompt's token ids; returns them as int32. Clear errors for bad input."""
-  ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-  if ids.size == 0:
-    raise ValueError("empty prompt: at least one token is needed")
-  bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
-  if bad.size:
-    raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
-  if ids.size + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(
-        f"prompt of {ids.size} tokens + {max_new_tokens} new tokens exceeds the model's context "
-        f"of {cfg.max_seq_len} tokens")
-  return ids.astype(np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-  """A tokenized request: each segment's token ids and whether it may be cached."""
-
-  segments: tuple[np.ndarray, ...]
-  cacheable: tuple[bool, ...]
-
-  @functools.cached_property
-  def token_ids(self) -> np.ndarray:
-    return np.concatenate(self.segments).astype(np.int32)
-
-  @property
-  def spans(self) -> list[tuple[int, int, np.ndarray, bool]]:
-    """(start, end, token ids, cacheable) of every segment, in prompt order."""
-    out, start = [], 0
-    for ids, cacheable in zip(self.segments, self.cacheable):
-      out.append((start, start + ids.size, ids, cacheable))
-      start += ids.size
-    return out
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 from sparsex_jax.api import RequestError, RequestOutput
 from sparsex_jax.kv import KVStore, Leases, PoolExhausted
-from sparsex_jax.planner import Prompt
+from sparsex_jax.prompt import Prompt
 from sparsex_jax.policy import ReusePolicy
 from sparsex_jax.sampling import SamplingParams
 

@@ -9,6 +9,7 @@ from models import llama
 from models.config import get_config
 from sparsex_jax import dense
 from sparsex_jax.kv import PoolExhausted
+from sparsex_jax.prompt import tokenize
 
 CFG = get_config("tiny")
 
@@ -79,7 +80,7 @@ def test_prefix_hit_is_exact_and_counted():
 def _layer0_keys(eng, request, reuse):
   """Runs a prefill and reads layer-0 keys of the prompt from the pool, through the plan's pages."""
   policy = reuse.resolve(eng.config)
-  prompt = eng._prompt(request, 0)
+  prompt = tokenize(request, eng.tokenizer, eng.config, 0)
   with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
     plans, _, _ = eng._prefill([prompt], leases, policy)
     plan = plans[0]
@@ -188,7 +189,7 @@ def test_compilations_are_bounded_by_buckets():
 
 
 def test_mixed_batch_prefill_logits_match_full_forward():
-  from sparsex_jax.planner import Prompt
+  from sparsex_jax.prompt import Prompt
   eng = _engine()
   prompts = [Prompt((np.asarray(_ids(n, 30 + n), np.int32),), (False,)) for n in (7, 33, 18)]
   policy = sx.ReuseConfig("full").resolve(CFG)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from models.config import get_config
 from sparsex_jax import planner
 from sparsex_jax.kv import KVStore, PoolExhausted, PoolLayout
-from sparsex_jax.planner import Prompt
+from sparsex_jax.prompt import Prompt
 from sparsex_jax.policy import ReuseConfig
 
 CFG = get_config("tiny")

@@ -6,7 +6,8 @@ import numpy as np
 from models.config import get_config
 from sparsex_jax import planner
 from sparsex_jax.kv import KVStore, PoolLayout, slot_of
-from sparsex_jax.planner import EXACT, NEW, REUSED, Prompt
+from sparsex_jax.planner import EXACT, NEW, REUSED
+from sparsex_jax.prompt import Prompt
 from sparsex_jax.policy import ReuseConfig
 
 CFG = get_config("tiny")

@@ -6,7 +6,7 @@ import numpy as np
 from models import llama
 from sparsex_jax import dense, planner
 from sparsex_jax.kv import KVStore, PoolLayout
-from sparsex_jax.planner import Prompt
+from sparsex_jax.prompt import Prompt
 from sparsex_jax.policy import ReuseConfig
 from sparsex_jax.programs import KVPool
 from sparsex_jax.programs.copy import copy_slots
@@ -107,7 +107,7 @@ def test_sparse_prefill_program_equals_full_at_ratio_one():
     plan = planner.plan_request(Prompt((doc,), (True,)), leases[0], alone, LAYOUT)
     batch, spec = planner.plan_batch([plan], alone, CFG, LAYOUT)
     kv.run(prefill, PARAMS, batch, cfg=CFG, spec=spec)
-    store.keep_alone(Prompt((doc,), (True,)), plan)
+    store.keep_alone(Prompt((doc,), (True,)), leases[0])
   prompt = Prompt((head, doc, tail), (False, True, False))
   for t in (0, 1):
     policy = ReuseConfig("sparsex", recompute_ratio=1.0, layer_threshold=t).resolve(CFG)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -19,10 +19,17 @@ from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.prefix_cache import PrefixCache
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
 from sparsex_jax.policy import REUSED
+from sparsex_jax.prompt import Prompt
 
 if TYPE_CHECKING:
-  from sparsex_jax.planner import Prompt, RequestPlan
   from sparsex_jax.policy import ReusePolicy
+
+
+class LabelledPrompt(Protocol):
+  """What a commit reads of a plan (planner.RequestPlan): where each token's K/V came from."""
+
+  labels: np.ndarray  # [n] int8, EXACT / REUSED / NEW
+  page_table: np.ndarray  # [n_pages] int32
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,7 +92,7 @@ class KVStore:
 
   # ---- acquire / release ----
 
-  def acquire(self, prompts: Sequence["Prompt"], policy: "ReusePolicy",
+  def acquire(self, prompts: Sequence[Prompt], policy: "ReusePolicy",
               max_new_tokens: int | Sequence[int]) -> Leases:
     """Looks up, pins and allocates for every prompt (room for its prompt and max_new_tokens,
     one value or one per prompt); all or nothing (PoolExhausted, ValueError).
@@ -103,7 +110,7 @@ class KVStore:
       raise
     return leases
 
-  def _lease(self, prompt: "Prompt", policy: "ReusePolicy", max_new_tokens: int) -> Lease:
+  def _lease(self, prompt: Prompt, policy: "ReusePolicy", max_new_tokens: int) -> Lease:
     layout = self.layout
     ids = prompt.token_ids
     n = ids.size
@@ -161,18 +168,18 @@ class KVStore:
 
   # ---- after a prefill ----
 
-  def keep_alone(self, prompt: "Prompt", plan: "RequestPlan") -> None:
+  def keep_alone(self, prompt: Prompt, lease: Lease) -> None:
     """Hands a prompt computed alone from position 0 to the segment cache (its own pages, no copy).
 
     Only the segment cache keeps a reference once the lease is released: a page held by two
     caches could never be evicted (eviction frees pages only one holder references).
     """
-    n = plan.n
-    self.segment_cache.insert(prompt.token_ids, plan.page_table[:self.layout.pages_for(n)],
+    n = prompt.token_ids.size
+    self.segment_cache.insert(prompt.token_ids, lease.page_table[:self.layout.pages_for(n)],
                               np.arange(n, dtype=np.int32))
 
   @contextlib.contextmanager
-  def commit(self, prompts: Sequence["Prompt"], plans: Sequence["RequestPlan"],
+  def commit(self, prompts: Sequence[Prompt], plans: Sequence[LabelledPrompt],
              policy: "ReusePolicy") -> Iterator[SlotCopies]:
     """After a prefill: registers the exact prefix blocks, and yields the copies that move each
     cacheable segment computed in context (it missed the segment cache) into pages of its own.
@@ -187,10 +194,11 @@ class KVStore:
     layout = self.layout
     for prompt, plan in zip(prompts, plans):
       if policy.writes_prefix_cache:
+        n = prompt.token_ids.size
         reused = np.flatnonzero(plan.labels == REUSED)
-        n_blocks = min(int(reused[0]) if reused.size else plan.n, plan.n) // layout.page_size
+        n_blocks = min(int(reused[0]) if reused.size else n, n) // layout.page_size
         if n_blocks:
-          self.prefix_cache.insert(plan.token_ids[:n_blocks * layout.page_size],
+          self.prefix_cache.insert(prompt.token_ids[:n_blocks * layout.page_size],
                                    plan.page_table[:n_blocks])
       if not policy.writes_segment_cache:
         continue
