@@ -186,15 +186,19 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
                f"{meta['device']} ({meta['platform']}), jax {meta['jax']}, python "
                f"{meta['python']}, code {meta.get('code_rev') or 'unknown'}.")
   for m in metas:
+    for r in m.get("runs_before", []):  # earlier runs this one resumed
+      lines.append(f"- {r['date']}: `{r['command']}` ({r.get('elapsed_s') or 0:.0f} s, "
+                   f"{r.get('device')}, code {r.get('code_rev')}; resumed by the next line)")
     lines.append(f"- {m['date']}: `{m['command']}` ({m.get('elapsed_s', 0):.0f} s"
                  f"{'' if m.get('complete') else ', stopped early'})")
   for m in metas:
     for note in m.get("notes", []):
       lines.append(f"- note: {note}")
+  sw = summary["workloads"]
   lines += ["", "Prompts per workload: " + ", ".join(
-      f"{w} {summary['workloads'][w]['n']} (mean {summary['workloads'][w]['mean_prompt_tokens']:.0f}"
-      f" tokens)" for w in workloads) + f". Bootstrap: {summary['n_boot']} resamples, 95% "
-      "percentile intervals. Default: `" + default + "`.", ""]
+      f"{w} {sw[w]['n']} (mean {sw[w]['mean_prompt_tokens']:.0f} tokens)" for w in workloads)
+      + f". Bootstrap: {summary['n_boot']} resamples, 95% percentile intervals. Default: `"
+      + default + "`.", ""]
 
   lines += ["## Gap recovered (1 - mean KL(method) / mean KL(naive)), per workload and mean", "",
             "| method | " + " | ".join(workloads) + " | mean over workloads [95% CI] | "
@@ -366,7 +370,8 @@ def render(paths: Sequence[str], out: str, ttft_files: Sequence[str], n_boot: in
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   heatmap(metas[0], summary, out + "_heatmap.png")
   missing = ttft_plot(metas[0], summary, ttft, out + "_ttft.png")
-  summary["ttft"] = {k: v for k, v in ttft.items() if k in {m["label"] for m in metas[0]["methods"]}}
+  ours = {m["label"] for m in metas[0]["methods"]}
+  summary["ttft"] = {k: v for k, v in ttft.items() if k in ours}
   summary["ttft_missing"] = missing
   text = markdown(metas, summary, ttft, missing, name)
   with open(out + ".md", "w") as f:

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--split", choices=("dev", "test"), default="test",
                  help="dev (choose options on it) or test (report on it; never tune on it)")
   p.add_argument("--prompts", type=int, default=None, help="prompts per workload (default 50)")
+  p.add_argument("--first", type=int, default=0,
+                 help="index of the first prompt per workload (split one evaluation over several "
+                 "runs, then merge them with --report)")
   p.add_argument("--workloads", default=",".join(wl.WORKLOADS),
                  help=f"comma-separated subset of {','.join(wl.WORKLOADS)}")
   p.add_argument("--data", default=None,
@@ -67,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--ttft", action="append", default=None, metavar="JSON",
                  help="TTFT JSON of scripts/bench_ttft.py to join by method label (repeatable; "
                  f"later files win; default {DEFAULT_TTFT} if present)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue PREFIX.json of an earlier run with the same settings: its prompts "
+                 "are kept and skipped")
+  p.add_argument("--attention-backend", default="auto", choices=("auto", "pallas", "reference"),
+                 help="the engine's attention backend (auto: Pallas kernels on GPU)")
   p.add_argument("--quick", action="store_true",
                  help="CPU smoke run: 2 prompts per workload, short contexts, 4 methods, "
                  "8 decode tokens")
@@ -173,10 +181,11 @@ def evaluate_prompt(engine, prompt: wl.Prompt, methods: list[mth.Method],
 
 
 def _write_json(path: str, data: dict):
+  """Atomic (a run killed mid-write leaves the previous file); compact: it is rewritten often."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, default=float)
+    json.dump(data, f, default=float)
   os.replace(tmp, path)
 
 
@@ -190,7 +199,10 @@ def _pages_for(tok, prompts: list[wl.Prompt], page_size: int) -> int:
   return longest // page_size + 512
 
 
-def run(args, argv: list[str]) -> int:
+def run(args, argv: list[str], engine=None) -> int:
+  """Runs `sparsex eval` (argparse args from add_arguments). `engine`: use this engine (its
+  config, weights and tokenizer) instead of loading --model, e.g. random weights at the model's
+  shapes to warm a persistent compilation cache."""
   if args.report:
     out = args.out or os.path.join("docs", "results", f"eval_{args.split}")
     report.render(args.report, out, _ttft_files(args), n_boot=args.bootstrap)
@@ -218,18 +230,24 @@ def run(args, argv: list[str]) -> int:
   thresholds = mth.parse_ints(s["thresholds"], "--thresholds")
 
   t_start = time.perf_counter()
-  engine = sx.Engine.from_pretrained(args.model, dtype=args.dtype, num_pages=64)
+  if engine is None:
+    engine = sx.Engine.from_pretrained(args.model, dtype=args.dtype, num_pages=64)
   tok = engine.tokenizer
   if tok is None:
     raise ValueError(f"{args.model}: the model has no tokenizer; the workloads need text")
   n_layers = engine.config.n_layers
   methods = mth.method_grid(families, n_layers, ratios, thresholds, args.baseline_ratio)
   sizes = wl.Sizes.quick() if args.quick else wl.Sizes()
-  prompts = wl.build(tok, workloads, args.split, s["prompts"], sizes, args.seed, items)
+  if args.first < 0:
+    raise ValueError(f"--first must be >= 0, got {args.first}")
+  prompts = wl.build(tok, workloads, args.split, args.first + s["prompts"], sizes, args.seed,
+                     items)
+  prompts = {w: ps[args.first:] for w, ps in prompts.items()}
   all_prompts = [p for ps in prompts.values() for p in ps]
   # A pool sized for the longest prompt (the engine above only lent its tokenizer and weights).
   engine = sx.Engine(engine.config, engine.params, tok, page_size=16,
-                     num_pages=_pages_for(tok, all_prompts, 16))
+                     num_pages=_pages_for(tok, all_prompts, 16),
+                     attention_backend=args.attention_backend)
   load_s = time.perf_counter() - t_start
   sampling = sx.SamplingParams(max_new_tokens=s["max_new_tokens"], temperature=0.0)
   default = mth.default_method(n_layers)
@@ -241,36 +259,49 @@ def run(args, argv: list[str]) -> int:
       "code_rev": os.environ.get("SPARSEX_EVAL_REV") or _git_rev(),
       "model": args.model, "model_name": engine.config.name, "n_layers": n_layers,
       "dtype": args.dtype, "split": args.split, "seed": args.seed, "quick": args.quick,
-      "prompts_per_workload": s["prompts"], "workloads": workloads,
+      "prompts_per_workload": s["prompts"], "first_prompt": args.first, "workloads": workloads,
       "sizes": {k: v for k, v in vars(sizes).items()}, "max_new_tokens": s["max_new_tokens"],
       "data": os.path.basename(args.data) if args.data else None,
       "methods": [{"label": m.label, "family": m.family, "ratio": m.ratio,
                    "threshold": m.threshold} for m in methods],
       "default_label": default.label, "notes": notes, "load_s": load_s,
-      "time_budget_s": args.time_budget_s, "complete": False,
+      "time_budget_s": args.time_budget_s, "attention_backend": args.attention_backend,
+      "complete": False,
   }
   data = {"meta": meta, "prompts": []}
   raw_path = out + ".json"
+  done = set()
+  if args.resume and os.path.exists(raw_path):
+    data["prompts"] = _resumable(raw_path, meta)
+    done = {p["key"] for p in data["prompts"]}
+    meta["resumed"] = len(done)
+    print(f"sparsex eval: resuming {raw_path}: {len(done)} prompts already done", flush=True)
   print(f"sparsex eval: {len(methods)} methods x {len(all_prompts)} prompts "
         f"({', '.join(f'{w} {len(ps)}' for w, ps in prompts.items())}), split {args.split}, "
         f"{meta['device']}, jax {meta['jax']}; writing {raw_path}", flush=True)
   stopped = False
+  last = {}  # workload -> seconds its latest prompt took (the next one's estimate)
+  last_write = time.perf_counter()
   for i in range(s["prompts"]):
     for w in workloads:
-      if i >= len(prompts[w]):
+      if i >= len(prompts[w]) or prompts[w][i].key in done:  # MuSiQue has 75 items per split
         continue
       elapsed = time.perf_counter() - t_start
-      if args.time_budget_s is not None and elapsed > args.time_budget_s:
+      if args.time_budget_s is not None and elapsed + last.get(w, 0.0) > args.time_budget_s:
         stopped = True
         break
+      t_prompt = time.perf_counter()
       rec = evaluate_prompt(engine, prompts[w][i], methods, sampling)
+      last[w] = time.perf_counter() - t_prompt
       data["prompts"].append(rec)
       meta["elapsed_s"] = time.perf_counter() - t_start
       meta["compilations"] = engine.stats().get("compilations")
-      _write_json(raw_path, data)
+      if time.perf_counter() - last_write > 10:  # rewriting megabytes per prompt adds up
+        _write_json(raw_path, data)
+        last_write = time.perf_counter()
       r = rec["results"]
       kl = lambda label: r.get(label, {}).get("kl", float("nan"))  # noqa: E731
-      print(f"[{w} {i + 1}/{len(prompts[w])}] {rec['n_prompt']} tokens, "
+      print(f"[{w} {args.first + i + 1}/{args.first + len(prompts[w])}] {rec['n_prompt']} tokens, "
             f"{meta['elapsed_s']:.0f} s: KL naive {kl('naive'):.3f}, {default.label} "
             f"{kl(default.label):.3f}; task full {r['full']['task']:.2f}", flush=True)
     if stopped:
@@ -284,6 +315,25 @@ def run(args, argv: list[str]) -> int:
   _write_json(raw_path, data)
   report.render([raw_path], out, _ttft_files(args), n_boot=args.bootstrap)
   return 0
+
+
+def _resumable(path: str, meta: dict) -> list[dict]:
+  """The prompts of an earlier run's JSON, if it ran the same evaluation (else a clear error)."""
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: cannot resume from invalid JSON ({e.msg})") from None
+  om = old.get("meta", {})
+  same = lambda x: json.loads(json.dumps(x))  # noqa: E731  (tuples came back as lists)
+  for key in ("split", "seed", "model_name", "sizes", "max_new_tokens", "dtype"):
+    if same(om.get(key)) != same(meta.get(key)):
+      raise ValueError(f"{path}: cannot resume: {key} was {om.get(key)!r}, now {meta.get(key)!r}")
+  if [m["label"] for m in om.get("methods", [])] != [m["label"] for m in meta["methods"]]:
+    raise ValueError(f"{path}: cannot resume: the method list differs")
+  meta["runs_before"] = (om.get("runs_before") or []) + [
+      {k: om.get(k) for k in ("command", "date", "elapsed_s", "device", "code_rev")}]
+  return old.get("prompts", [])
 
 
 def _ttft_files(args) -> list[str]:

@@ -73,21 +73,28 @@ class Prompt:
 class Sizes:
   """Context sizes of the workloads; `quick` shrinks them for a CPU smoke run."""
 
-  musique_passages: int = 6
+  musique_passages: int = 8  # at most; the context budget below usually ends the list first
+  musique_context_tokens: int = 3300  # passages are cut to this many tokens in all
   needle_contexts: tuple[int, ...] = (2048, 4096, 6144)
   needle_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
   needle_passage_tokens: int = 512
-  chat_turns: int = 8
-  chat_chunk_tokens: int = 140
+  chat_kept: int = 5  # user/assistant pairs kept; the conversation had chat_kept + dropped
+  chat_chunk_tokens: int = 150
   chat_drop: tuple[int, int] = (2, 4)  # oldest turn pairs dropped, inclusive range
   agent_tools: int = 4
-  agent_tool_tokens: int = 300
+  agent_tool_tokens: int = 260
+  # Measured prompts outside these token bands are drawn again (same seed stream): prompts of one
+  # workload then fall in one of the engine's shape buckets, so a full grid compiles ~30 programs
+  # per workload instead of ~100 (compilation, not prefill, dominates a GPU evaluation).
+  chat_band: tuple[int, int] | None = (1060, 1280)
+  agent_band: tuple[int, int] | None = (1300, 1520)
 
   @classmethod
   def quick(cls) -> "Sizes":
-    return cls(musique_passages=2, needle_contexts=(384,), needle_depths=(0.3, 0.7),
-               needle_passage_tokens=128, chat_turns=4, chat_chunk_tokens=40, chat_drop=(1, 2),
-               agent_tools=2, agent_tool_tokens=64)
+    return cls(musique_passages=2, musique_context_tokens=600, needle_contexts=(384,),
+               needle_depths=(0.3, 0.7), needle_passage_tokens=128, chat_kept=2,
+               chat_chunk_tokens=40, chat_drop=(1, 2), agent_tools=2, agent_tool_tokens=64,
+               chat_band=None, agent_band=None)
 
 
 def _rng(seed: int, workload: str, split: str, index: int) -> np.random.Generator:
@@ -226,11 +233,21 @@ def musique_prompts(tok, items: list[dict], split: str, n: int, sizes: Sizes = S
       break
     if not txt.split_of(i, split):
       continue
-    passages = []
+    passages, budget = [], sizes.musique_context_tokens
     for c in item["ctxs"][:sizes.musique_passages]:
       title = (c.get("title") or "").strip()
-      body = " ".join(c["text"].split())
-      passages.append(f"Document: {title + '. ' if title else ''}{body}\n\n")
+      body = f"Document: {title + '. ' if title else ''}{' '.join(c['text'].split())}"
+      sep = "\n\n"
+      n_body = _ntok(tok, body + sep)
+      if n_body > budget:  # the last passage is cut (at a word) to fill the budget exactly
+        body = _truncate_words(tok, body, budget - _ntok(tok, sep))
+        n_body = _ntok(tok, body + sep) if body else 0
+      if not body:
+        break
+      passages.append(body + sep)
+      budget -= n_body
+      if budget < 32:
+        break
     head, tail = _rag_head_tail(tok, MUSIQUE_SYSTEM, MUSIQUE_INSTRUCTION, item["question"].strip())
     segments = [sx.Segment(head)] + [sx.Segment(p) for p in passages] + [
         sx.Segment(tail, cache=False)]
@@ -240,8 +257,29 @@ def musique_prompts(tok, items: list[dict], split: str, n: int, sizes: Sizes = S
         warm=(WarmStep("prefix", (sx.Segment(head),)),
               WarmStep("segments", tuple(sx.Segment(p) for p in passages))),
         answers=tuple(item["answers"]), task_metric="f1",
-        info={"n_passages": len(passages)}))
+        info={"n_passages": len(passages),
+              "context_tokens": sum(_ntok(tok, p) for p in passages)}))
   return prompts
+
+
+def _truncate_words(tok, text: str, max_tokens: int) -> str:
+  """The longest word prefix of text with at most max_tokens tokens (binary search)."""
+  words = text.split(" ")
+  lo, hi = 0, len(words)
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if _ntok(tok, " ".join(words[:mid])) <= max_tokens:
+      lo = mid
+    else:
+      hi = mid - 1
+  return " ".join(words[:lo])
+
+
+def _in_band(tok, segments, band) -> bool:
+  if band is None:
+    return True
+  n = sum(_ntok(tok, s.content) for s in segments)
+  return band[0] <= n <= band[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,52 +351,63 @@ def chat_prompts(tok, essays: EssayText, split: str, n: int, sizes: Sizes = Size
                  seed: int = 0) -> list[Prompt]:
   """A conversation about an essay whose oldest turns were dropped.
 
-  Warm-up: the whole earlier conversation (system + `chat_turns` user/assistant pairs, one
+  Warm-up: the whole earlier conversation (system + chat_kept + d user/assistant pairs, one
   Segment per message) is prefilled once, so every turn is stored computed in context at its
   original position. Measured: system + the turns after the `d` oldest pairs + a new question
   about a fact the user mentioned in one of the kept turns. The kept turns sit d pairs earlier
   than before: non-prefix hits, computed in context."""
   prompts = []
   lo, hi = sizes.chat_drop
-  if not 1 <= lo <= hi < sizes.chat_turns:
-    raise ValueError(f"chat_drop {sizes.chat_drop} must satisfy 1 <= lo <= hi < chat_turns "
-                     f"({sizes.chat_turns})")
+  if not 1 <= lo <= hi or sizes.chat_kept < 1:
+    raise ValueError(f"chat_drop {sizes.chat_drop} must satisfy 1 <= lo <= hi, and chat_kept "
+                     f"({sizes.chat_kept}) must be >= 1")
   for i in range(n):
     rng = _rng(seed, "chat", split, i)
-    fact = txt.make_fact(rng)
-    drop = int(rng.integers(lo, hi + 1))
-    fact_turn = int(rng.integers(drop, sizes.chat_turns))
-    window = essays.window(rng, sizes.chat_turns * sizes.chat_chunk_tokens)
-    chunks = _pack(tok, window, sizes.chat_chunk_tokens)[:sizes.chat_turns]
-    while len(chunks) < sizes.chat_turns:  # a window that packed short: extend it
-      chunks.append(" ".join(essays.window(rng, sizes.chat_chunk_tokens)))
-    messages = [{"role": "system", "content": CHAT_SYSTEMS[int(rng.integers(len(CHAT_SYSTEMS)))]}]
-    for t, chunk in enumerate(chunks):
-      user = f"Here is the next part of the essay I'm reading:\n\n{chunk}\n\nWhat is the key point?"
-      if t == fact_turn:
-        user += f" Unrelated, but so I don't forget: {fact.sentence}"
-      messages.append({"role": "user", "content": user})
-      messages.append({"role": "assistant",
-                       "content": f"The key line is: \"{_key_line(txt.split_sentences(chunk))}\""})
-    earlier = render_messages(tok, messages)
-    kept = [messages[0]] + messages[1 + 2 * drop:]
-    question = {"role": "user", "content": f"Quick question: {fact.question} "
-                                           f"Answer in a few words."}
-    now = render_messages(tok, kept + [question], add_generation_prompt=True)
-    # The kept messages render exactly as before: their cached KV can be found by content.
-    if now[1:-2] != earlier[1 + 2 * drop:] or now[0] != earlier[0]:
-      raise ValueError("the chat template renders a kept turn differently once turns are dropped")
-    segments = [sx.Segment(s) for s in now[:-2]] + [sx.Segment(now[-2] + now[-1], cache=False)]
-    first = tuple(sx.Segment(s) for s in earlier)
-    old = segment_starts(tok, first)
-    new = segment_starts(tok, segments)
-    prompts.append(Prompt(
-        workload="chat", split=split, index=i, item=f"essays[{split}] + fact",
-        request=sx.Request(segments), warm=(WarmStep("context", first),),
-        answers=(fact.answer,), task_metric="contains",
-        info={"turns": sizes.chat_turns, "dropped_turns": drop, "fact_turn": fact_turn,
-              "kept_old_starts": old[1 + 2 * drop:], "kept_new_starts": new[1:-1],
-              "fact": fact.sentence, "question": fact.question}))
+    for _attempt in range(100):  # redraw until the prompt is in its token band
+      fact = txt.make_fact(rng)
+      drop = int(rng.integers(lo, hi + 1))
+      turns = sizes.chat_kept + drop
+      fact_turn = int(rng.integers(drop, turns))
+      window = essays.window(rng, turns * sizes.chat_chunk_tokens)
+      chunks = _pack(tok, window, sizes.chat_chunk_tokens)[:turns]
+      while len(chunks) < turns:  # a window that packed short: extend it
+        chunks.append(" ".join(essays.window(rng, sizes.chat_chunk_tokens)))
+      system = CHAT_SYSTEMS[int(rng.integers(len(CHAT_SYSTEMS)))]
+      messages = [{"role": "system", "content": system}]
+      for t, chunk in enumerate(chunks):
+        user = (f"Here is the next part of the essay I'm reading:\n\n{chunk}\n\n"
+                "What is the key point?")
+        if t == fact_turn:
+          user += f" Unrelated, but so I don't forget: {fact.sentence}"
+        messages.append({"role": "user", "content": user})
+        line = _key_line(txt.split_sentences(chunk))
+        messages.append({"role": "assistant", "content": f"The key line is: \"{line}\""})
+      earlier = render_messages(tok, messages)
+      kept = [messages[0]] + messages[1 + 2 * drop:]
+      question = {"role": "user", "content": f"Quick question: {fact.question} "
+                                             f"Answer in a few words."}
+      now = render_messages(tok, kept + [question], add_generation_prompt=True)
+      # The kept messages render exactly as before: their cached KV can be found by content.
+      if now[1:-2] != earlier[1 + 2 * drop:] or now[0] != earlier[0]:
+        raise ValueError("the chat template renders a kept turn differently once turns are "
+                         "dropped")
+      segments = [sx.Segment(s) for s in now[:-2]] + [sx.Segment(now[-2] + now[-1], cache=False)]
+      first = tuple(sx.Segment(s) for s in earlier)
+      old = segment_starts(tok, first)
+      new = segment_starts(tok, segments)
+      prompt = Prompt(
+          workload="chat", split=split, index=i, item=f"essays[{split}] + fact",
+          request=sx.Request(segments), warm=(WarmStep("context", first),),
+          answers=(fact.answer,), task_metric="contains",
+          info={"turns": turns, "dropped_turns": drop, "fact_turn": fact_turn,
+                "kept_old_starts": old[1 + 2 * drop:], "kept_new_starts": new[1:-1],
+                "fact": fact.sentence, "question": fact.question})
+      if _in_band(tok, prompt.request.segments, sizes.chat_band):
+        break
+    else:
+      raise ValueError(f"chat prompt {i}: no draw of 100 fell in the token band "
+                       f"{sizes.chat_band}; widen it")
+    prompts.append(prompt)
   return prompts
 
 
@@ -397,46 +446,53 @@ def agent_prompts(tok, essays: EssayText, split: str, n: int, sizes: Sizes = Siz
   prompts = []
   for i in range(n):
     rng = _rng(seed, "agent", split, i)
-    fact = txt.make_fact(rng)
-    tools = []
-    for _ in range(sizes.agent_tools):
-      tools.append(essays.window(rng, sizes.agent_tool_tokens))
-    fact_tool = int(rng.integers(sizes.agent_tools))
-    at = int(rng.integers(1, len(tools[fact_tool]) + 1))
-    tools[fact_tool] = tools[fact_tool][:at] + [fact.sentence] + tools[fact_tool][at:]
-    tool_msgs = [{"role": "tool", "content": "[search result] " + " ".join(t)} for t in tools]
-    task = {"role": "user", "content": f"Task for the team: {fact.question}"}
-    plan = {"role": "assistant", "content": _PLANS[int(rng.integers(len(_PLANS)))]}
-    # The researcher quotes the opening sentence of each result (never the planted fact).
-    openings = "; ".join(f"\"{t[0]}\"" for t in tools)  # fact is never first
-    notes = {"role": "assistant",
-             "content": f"[researcher] I read {len(tools)} search results. They open with: "
-                        f"{openings}. The answer should be in one of them."}
-    final = {"role": "user", "content": "[answerer's turn] Give the answer to the task in a few "
-                                        "words."}
-    sys_msg = {k: {"role": "system", "content": v} for k, v in AGENT_SYSTEMS.items()}
-    planner = render_messages(tok, [sys_msg["planner"], task, plan])
-    researcher = render_messages(tok, [sys_msg["researcher"], task, plan] + tool_msgs + [notes])
-    perm = rng.permutation(len(tools))
-    if len(tools) > 1 and np.all(perm == np.arange(len(tools))):
-      perm = np.roll(perm, 1)  # the answerer sees the results in another order
-    answerer_msgs = ([sys_msg["answerer"], task, notes] + [tool_msgs[j] for j in perm]
-                     + [plan, final])
-    answerer = render_messages(tok, answerer_msgs, add_generation_prompt=True)
-    texts = {"task": researcher[1], "plan": researcher[2], "notes": researcher[-1]}
-    if planner[1:] != [texts["task"], texts["plan"]] or answerer[1] != texts["task"] or (
-        answerer[2] != texts["notes"]) or answerer[-3] != texts["plan"]:
-      raise ValueError("the chat template renders a shared message differently per agent")
-    segments = [sx.Segment(s) for s in answerer[:-2]] + [
-        sx.Segment(answerer[-2] + answerer[-1], cache=False)]
-    prompts.append(Prompt(
-        workload="agent", split=split, index=i, item=f"essays[{split}] + fact",
-        request=sx.Request(segments),
-        warm=(WarmStep("context", tuple(sx.Segment(s) for s in planner)),
-              WarmStep("context", tuple(sx.Segment(s) for s in researcher))),
-        answers=(fact.answer,), task_metric="contains",
-        info={"tools": len(tools), "fact_tool": fact_tool, "tool_order": perm.tolist(),
-              "fact": fact.sentence, "question": fact.question}))
+    for _attempt in range(100):  # redraw until the prompt is in its token band
+      fact = txt.make_fact(rng)
+      tools = []
+      for _ in range(sizes.agent_tools):
+        tools.append(essays.window(rng, sizes.agent_tool_tokens))
+      fact_tool = int(rng.integers(sizes.agent_tools))
+      at = int(rng.integers(1, len(tools[fact_tool]) + 1))
+      tools[fact_tool] = tools[fact_tool][:at] + [fact.sentence] + tools[fact_tool][at:]
+      tool_msgs = [{"role": "tool", "content": "[search result] " + " ".join(t)} for t in tools]
+      task = {"role": "user", "content": f"Task for the team: {fact.question}"}
+      plan = {"role": "assistant", "content": _PLANS[int(rng.integers(len(_PLANS)))]}
+      # The researcher quotes the opening sentence of each result (never the planted fact).
+      openings = "; ".join(f"\"{t[0]}\"" for t in tools)  # fact is never first
+      notes = {"role": "assistant",
+               "content": f"[researcher] I read {len(tools)} search results. They open with: "
+                          f"{openings}. The answer should be in one of them."}
+      final = {"role": "user", "content": "[answerer's turn] Give the answer to the task in a few "
+                                          "words."}
+      sys_msg = {k: {"role": "system", "content": v} for k, v in AGENT_SYSTEMS.items()}
+      planner = render_messages(tok, [sys_msg["planner"], task, plan])
+      researcher = render_messages(tok, [sys_msg["researcher"], task, plan] + tool_msgs + [notes])
+      perm = rng.permutation(len(tools))
+      if len(tools) > 1 and np.all(perm == np.arange(len(tools))):
+        perm = np.roll(perm, 1)  # the answerer sees the results in another order
+      answerer_msgs = ([sys_msg["answerer"], task, notes] + [tool_msgs[j] for j in perm]
+                       + [plan, final])
+      answerer = render_messages(tok, answerer_msgs, add_generation_prompt=True)
+      texts = {"task": researcher[1], "plan": researcher[2], "notes": researcher[-1]}
+      if planner[1:] != [texts["task"], texts["plan"]] or answerer[1] != texts["task"] or (
+          answerer[2] != texts["notes"]) or answerer[-3] != texts["plan"]:
+        raise ValueError("the chat template renders a shared message differently per agent")
+      segments = [sx.Segment(s) for s in answerer[:-2]] + [
+          sx.Segment(answerer[-2] + answerer[-1], cache=False)]
+      prompt = Prompt(
+          workload="agent", split=split, index=i, item=f"essays[{split}] + fact",
+          request=sx.Request(segments),
+          warm=(WarmStep("context", tuple(sx.Segment(s) for s in planner)),
+                WarmStep("context", tuple(sx.Segment(s) for s in researcher))),
+          answers=(fact.answer,), task_metric="contains",
+          info={"tools": len(tools), "fact_tool": fact_tool, "tool_order": perm.tolist(),
+                "fact": fact.sentence, "question": fact.question})
+      if _in_band(tok, prompt.request.segments, sizes.agent_band):
+        break
+    else:
+      raise ValueError(f"agent prompt {i}: no draw of 100 fell in the token band "
+                       f"{sizes.agent_band}; widen it")
+    prompts.append(prompt)
   return prompts
 
 
