@@ -1,4 +1,5 @@
-"""The `sparsex` command line: `sparsex demo` runs the embedded default model on CPU."""
+"""The `sparsex` command line: `sparsex demo` runs the embedded default model on CPU; `sparsex eval`
+runs the evaluation suite (sparsex_jax/evaluation, docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -66,12 +67,19 @@ def main(argv=None) -> int:
   demo.add_argument("--question", default=DEMO_QUESTION)
   demo.add_argument("--question2", default=DEMO_QUESTION2)
   demo.add_argument("--max-new-tokens", type=int, default=32)
+  ev = sub.add_parser("eval", help="reuse quality of every method on four workloads "
+                      "(docs/evaluation.md)")
+  from sparsex_jax.evaluation import runner
+  runner.add_arguments(ev)
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   for name in ("passage", "question", "question2"):
     if args.command == "demo" and not getattr(args, name).strip():
       print(f"sparsex: error: --{name} must not be empty", file=sys.stderr)
       return 2
   try:
+    if args.command == "eval":
+      return runner.run(args, argv[1:])
     return {"demo": _demo}[args.command](args)
   except (ValueError, FileNotFoundError) as e:
     print(f"sparsex: error: {e}", file=sys.stderr)

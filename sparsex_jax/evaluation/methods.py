@@ -1,0 +1,110 @@
+"""The methods compared: labels and their sx.ReuseConfig.
+
+Labels follow scripts/bench_ttft.py's ("cacheblend r=0.15", "sparsex r=0.15 T=4"), so quality
+joins TTFT by label. The layer threshold is spelled out for sparsex and random (their default
+moved once already); cacheblend and epic keep their fixed mode defaults (check layer 1, T = 0).
+Every config reads the caches and stores nothing (update_caches=False): all methods of a prompt
+see the same cache state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import sparsex_jax as sx
+
+BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
+FAMILIES = BASELINES + ("sparsex",)
+GRID_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30)
+GRID_THRESHOLDS = (0, 1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  label: str
+  family: str
+  config: sx.ReuseConfig
+  ratio: float | None = None
+  threshold: int | None = None
+
+
+def _label(family: str, ratio: float | None, threshold: int | None) -> str:
+  if family in ("full", "prefix", "naive"):
+    return family
+  if family in ("cacheblend", "epic"):
+    return f"{family} r={ratio:.2f}"
+  return f"{family} r={ratio:.2f} T={threshold}"
+
+
+def default_method(n_layers: int) -> Method:
+  """The sparsex default: sx.ReuseConfig("sparsex") as shipped, resolved for this depth."""
+  base = sx.ReuseConfig("sparsex")
+  t = base.threshold(n_layers)
+  r = base.recompute_ratio
+  return Method(_label("sparsex", r, t), "sparsex",
+                sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,
+                               update_caches=False), r, t)
+
+
+def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] = GRID_RATIOS,
+                thresholds: Sequence[int] = GRID_THRESHOLDS, baseline_ratio: float = 0.15
+                ) -> list[Method]:
+  """full first (the reference), then the asked baselines, then sparsex over ratios x
+  thresholds, plus the sparsex default whenever sparsex is asked for. Thresholds deeper than
+  the model are dropped."""
+  for f in families:
+    if f not in FAMILIES:
+      raise ValueError(f"unknown method {f!r}; choose from {', '.join(FAMILIES)}")
+  for r in list(ratios) + [baseline_ratio]:
+    if not 0.0 <= r <= 1.0:
+      raise ValueError(f"recompute ratio must be in [0, 1], got {r}")
+  for t in thresholds:
+    if t < 0:
+      raise ValueError(f"layer threshold must be >= 0, got {t}")
+  out = [Method("full", "full", sx.ReuseConfig("full", update_caches=False))]
+  for f in families:
+    if f in ("full", "sparsex"):
+      continue
+    if f in ("prefix", "naive"):
+      out.append(Method(f, f, sx.ReuseConfig(f, update_caches=False), 0.0, None))
+    elif f in ("cacheblend", "epic"):
+      cfg = sx.ReuseConfig(f, recompute_ratio=baseline_ratio, update_caches=False)
+      out.append(Method(_label(f, baseline_ratio, None), f, cfg, baseline_ratio,
+                        cfg.threshold(n_layers)))
+    else:  # random selection at the sparsex default threshold: the chance level of selection
+      t = sx.ReuseConfig("random").threshold(n_layers)
+      out.append(Method(_label(f, baseline_ratio, t), f,
+                        sx.ReuseConfig("random", recompute_ratio=baseline_ratio,
+                                       layer_threshold=t, update_caches=False),
+                        baseline_ratio, t))
+  if "sparsex" in families:
+    default = default_method(n_layers)
+    grid = [default]
+    for t in thresholds:
+      if t > n_layers:
+        continue
+      for r in ratios:
+        grid.append(Method(_label("sparsex", r, t), "sparsex",
+                           sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,
+                                          update_caches=False), r, t))
+    seen = set()
+    for m in grid:
+      if m.label not in seen:
+        seen.add(m.label)
+        out.append(m)
+  return out
+
+
+def parse_floats(s: str, what: str) -> list[float]:
+  try:
+    return [float(x) for x in s.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{what}: expected comma-separated numbers, got {s!r}") from None
+
+
+def parse_ints(s: str, what: str) -> list[int]:
+  try:
+    return [int(x) for x in s.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{what}: expected comma-separated integers, got {s!r}") from None

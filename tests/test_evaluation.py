@@ -1,0 +1,338 @@
+"""The evaluation suite's parts: metrics against float64 numpy, bootstrap coverage, the workload
+builders' invariants, the method grid and the report (no model weights needed)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import sparsex_jax as sx
+from sparsex_jax import cli
+from sparsex_jax.evaluation import methods as mth
+from sparsex_jax.evaluation import metrics as mt
+from sparsex_jax.evaluation import report
+from sparsex_jax.evaluation import text as txt
+from sparsex_jax.evaluation import workloads as wl
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+def _kl_reference(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  p = np.exp(a - a.max())
+  p /= p.sum()
+  q = np.exp(b - b.max())
+  q /= q.sum()
+  return float(np.sum(p * (np.log(p) - np.log(q))))
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])
+def test_kl_matches_float64_numpy_on_random_logits(scale):
+  rng = np.random.default_rng(int(scale * 10))
+  for _ in range(5):
+    a = (scale * rng.standard_normal(4096)).astype(np.float32)
+    b = (a + 0.5 * scale * rng.standard_normal(4096)).astype(np.float32)
+    assert mt.kl_divergence(a, b) == pytest.approx(_kl_reference(a, b), rel=1e-9, abs=1e-12)
+    assert mt.kl_divergence(a, a) == 0.0
+    assert mt.kl_divergence(a + 3.0, b) == pytest.approx(mt.kl_divergence(a, b), rel=1e-6)
+    assert mt.kl_divergence(a, b) > 0
+
+
+def test_kl_rejects_bad_input():
+  with pytest.raises(ValueError, match="shape"):
+    mt.kl_divergence(np.zeros(3), np.zeros(4))
+  with pytest.raises(ValueError, match="NaN"):
+    mt.kl_divergence(np.array([0.0, np.nan]), np.zeros(2))
+
+
+def test_top1_exact_match_and_prefix():
+  assert mt.top1_agree(np.array([0.0, 2.0, 1.0]), np.array([0.0, 5.0, 1.0]))
+  assert not mt.top1_agree(np.array([0.0, 2.0, 1.0]), np.array([3.0, 2.0, 1.0]))
+  assert mt.exact_match([1, 2, 3], [1, 2, 3], 32) and not mt.exact_match([1, 2, 3], [1, 2], 32)
+  assert mt.exact_match([1, 2, 3, 4], [1, 2, 3, 9], 3)  # only the first n count
+  assert mt.common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+def test_squad_normalisation_and_f1():
+  assert mt.normalize_answer("  The Exeter   College! ") == "exeter college"
+  assert mt.normalize_answer("an apple, a pear") == "apple pear"
+  assert mt.token_f1("Exeter College", "exeter college.") == 1.0
+  # 2 common tokens, precision 2/3, recall 1: F1 = 0.8
+  assert mt.token_f1("Exeter College Oxford", "Exeter College") == pytest.approx(0.8)
+  assert mt.token_f1("Oxford", "Exeter College") == 0.0
+  assert mt.token_f1("the", "a") == 1.0  # both normalise to nothing
+  assert mt.best_f1("Charles County", ["Prince George", "Charles County"]) == 1.0
+  assert mt.task_score("f1", "Charles County\nIt is in Maryland.", ["Charles County"]) == 1.0
+  assert mt.task_score("contains", "The code is 4821.", ["4821"]) == 1.0
+  assert mt.task_score("contains", "I don't know", ["4821"]) == 0.0
+  with pytest.raises(ValueError, match="metric"):
+    mt.task_score("bleu", "x", ["x"])
+
+
+def test_bootstrap_ci_covers_the_true_mean_about_95_percent():
+  rng = np.random.default_rng(0)
+  trials, hits = 300, 0
+  for t in range(trials):
+    x = rng.exponential(1.0, size=60)  # skewed, like per-prompt KL; true mean 1
+    lo, hi = mt.mean_ci(x, n_boot=600, seed=t)["ci"]
+    hits += lo <= 1.0 <= hi
+  # Percentile intervals under-cover a little on skewed data at n = 60.
+  assert 0.88 <= hits / trials <= 0.99
+
+
+def test_gap_recovered_and_paired_verdicts():
+  rng = np.random.default_rng(1)
+  naive = rng.exponential(0.2, size=40)
+  assert mt.gap_recovered(naive, naive) == pytest.approx(0.0)
+  assert mt.gap_recovered(np.zeros(40), naive) == pytest.approx(1.0)
+  half = naive * 0.5
+  assert mt.gap_recovered(half, naive) == pytest.approx(0.5)
+  assert math.isnan(mt.gap_recovered(np.zeros(3), np.zeros(3)))
+  idx = mt.bootstrap_indices(40, 500, 0)
+  d = mt.gap_recovered_draws(half, naive, idx)
+  assert np.allclose(d, 0.5)  # paired resampling: an exact ratio stays exact
+  assert mt.diff_verdict((0.1, 0.3)) == "better" and mt.diff_verdict((-0.3, -0.1)) == "worse"
+  assert mt.diff_verdict((-0.1, 0.2)) == "tie"
+  assert mt.diff_verdict((0.1, 0.3), higher_is_better=False) == "worse"
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads
+# ------------------------------------------------------------------------------------------------
+
+def _ntok(tok, seg):
+  return len(tok.encode(seg.content))
+
+
+@pytest.fixture(scope="module")
+def essays_test(real_tokenizer):
+  return wl.EssayText(real_tokenizer, "test")
+
+
+def test_essay_split_is_disjoint_and_musique_split_by_parity(real_tokenizer, essays_test):
+  dev = wl.EssayText(real_tokenizer, "dev")
+  assert dev.names and essays_test.names and not set(dev.names) & set(essays_test.names)
+  assert [i for i in range(6) if txt.split_of(i, "dev")] == [0, 2, 4]
+  with pytest.raises(ValueError, match="split"):
+    txt.split_of(0, "train")
+
+
+def test_needle_fact_is_inside_one_cached_passage_at_its_depth(real_tokenizer, essays_test):
+  tok = real_tokenizer
+  sizes = wl.Sizes(needle_contexts=(2048,), needle_depths=(0.1, 0.5, 0.9))
+  prompts = wl.needle_prompts(tok, essays_test, "test", 3, sizes, seed=0)
+  for p, depth in zip(prompts, (0.1, 0.5, 0.9)):
+    segs = p.request.segments
+    passages = segs[1:-1]
+    holding = [s for s in passages if p.info["fact"] in s.content]
+    assert len(holding) == 1
+    # The passages are exactly what the warm-up caches alone; the question is never cached.
+    cached = {s.content for st in p.warm if st.kind == "segments" for s in st.segments}
+    assert cached == {s.content for s in passages}
+    assert not segs[-1].cache and p.info["question"] in segs[-1].content
+    assert p.answers[0] in p.info["fact"]
+    assert abs(sum(_ntok(tok, s) for s in passages) - 2048) < 200
+    assert abs(p.info["fact_token_depth"] - depth) < 0.1
+    assert all(_ntok(tok, s) <= sizes.needle_passage_tokens + 400 for s in passages)
+
+
+def test_chat_dropped_turns_move_the_kept_turns(real_tokenizer, essays_test):
+  tok = real_tokenizer
+  for p in wl.chat_prompts(tok, essays_test, "test", 3, wl.Sizes(), seed=0):
+    (warm,) = p.warm
+    assert warm.kind == "context"
+    earlier = [s.content for s in warm.segments]
+    now = [s.content for s in p.request.segments]
+    d = p.info["dropped_turns"]
+    assert now[0] == earlier[0]  # the system prompt stays first
+    assert now[1:-1] == earlier[1 + 2 * d:]  # the kept turns, unchanged text, in order
+    assert not any(t in now for t in earlier[1:1 + 2 * d])  # the dropped turns are gone
+    # Every kept turn starts earlier than it did when it was computed (in context).
+    shift = [o - n for o, n in zip(p.info["kept_old_starts"], p.info["kept_new_starts"])]
+    assert all(s > 0 for s in shift) and len(set(shift)) == 1
+    dropped_tokens = sum(_ntok(tok, s) for s in warm.segments[1:1 + 2 * d])
+    assert shift[0] == dropped_tokens
+    # The fact is in a kept user turn; the question is new; one Segment per message.
+    assert any(p.info["fact"] in t for t in now[1:-1])
+    assert not p.request.segments[-1].cache and p.info["question"] in now[-1]
+    assert all(t.startswith("<|im_start|>") for t in now)
+    assert 1060 <= sum(_ntok(tok, s) for s in p.request.segments) <= 1280  # the token band
+
+
+def test_agents_share_messages_at_other_positions(real_tokenizer, essays_test):
+  tok = real_tokenizer
+  for p in wl.agent_prompts(tok, essays_test, "test", 3, wl.Sizes(), seed=0):
+    planner, researcher = p.warm
+    assert planner.kind == researcher.kind == "context"
+    now = p.request.segments
+    systems = {planner.segments[0].content, researcher.segments[0].content, now[0].content}
+    assert len(systems) == 3  # three agents, three system prompts
+    starts_now = dict(zip((s.content for s in now), wl.segment_starts(tok, now)))
+    seen_before = {}
+    for step in p.warm:
+      for s, start in zip(step.segments, wl.segment_starts(tok, step.segments)):
+        seen_before.setdefault(s.content, start)
+    shared = [s.content for s in now[1:-1]]
+    assert len(shared) == 3 + p.info["tools"]  # task, notes, tools, plan
+    for text in shared:
+      assert text in seen_before, "a shared message was never computed before"
+      assert starts_now[text] != seen_before[text], "a shared message did not move"
+    tools = [t for t in shared if t.startswith("<|im_start|>tool")]
+    assert sum(p.info["fact"] in t for t in tools) == 1
+    assert not now[-1].cache
+
+
+def test_musique_prompts_without_the_data_file(real_tokenizer):
+  items = [{"question": f"Who wrote book {i}?", "answers": [f"Author {i}"],
+            "ctxs": [{"title": "", "text": f"passage {j} of item {i}. " * 80} for j in range(8)]}
+           for i in range(6)]
+  sizes = wl.Sizes(musique_context_tokens=700)
+  prompts = wl.musique_prompts(real_tokenizer, items, "test", 5, sizes)
+  assert [p.item for p in prompts] == ["musique[1]", "musique[3]", "musique[5]"]  # odd: test
+  for p in prompts:
+    passages = p.request.segments[1:-1]
+    assert all(s.cache for s in passages) and not p.request.segments[-1].cache
+    assert p.info["context_tokens"] <= 700
+    assert {s.content for s in p.warm[1].segments} == {s.content for s in passages}
+    assert p.task_metric == "f1"
+
+
+def test_workloads_are_deterministic_and_splits_disjoint(real_tokenizer):
+  tok = real_tokenizer
+  q = wl.Sizes.quick()
+  a = wl.build(tok, ["needle", "chat", "agent"], "dev", 2, q, seed=3)
+  b = wl.build(tok, ["needle", "chat", "agent"], "dev", 2, q, seed=3)
+  c = wl.build(tok, ["needle", "chat", "agent"], "test", 2, q, seed=3)
+  for w in a:
+    assert [p.request for p in a[w]] == [p.request for p in b[w]]
+    # Segments carrying essay text (templated ones, like the planner's plan, may recur).
+    dev_text = {s.content for p in a[w] for s in p.request.segments[1:-1] if len(s.content) > 300}
+    test_text = {s.content for p in c[w] for s in p.request.segments[1:-1]
+                 if len(s.content) > 300}
+    assert dev_text and test_text and not dev_text & test_text
+
+
+def test_bad_inputs_fail_clearly(tmp_path, real_tokenizer):
+  with pytest.raises(FileNotFoundError, match="--data"):
+    txt.load_musique(str(tmp_path / "missing.json"))
+  bad = tmp_path / "bad.json"
+  bad.write_text('[{"question": "q", "answers": ["a"]}]')
+  with pytest.raises(ValueError, match="item 0"):
+    txt.load_musique(str(bad))
+  bad.write_text("[1, 2,")
+  with pytest.raises(ValueError, match="bad.json:1"):
+    txt.load_musique(str(bad))
+  with pytest.raises(ValueError, match="unknown workload"):
+    wl.build(real_tokenizer, ["rag"], "test", 1)
+  with pytest.raises(ValueError, match="--data"):
+    wl.build(real_tokenizer, ["musique"], "test", 1)
+  assert cli.main(["eval", "--workloads", "nope"]) == 2
+  assert cli.main(["eval", "--data", str(tmp_path / "missing.json")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods and report
+# ------------------------------------------------------------------------------------------------
+
+def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
+  grid = mth.method_grid(mth.FAMILIES, 30)
+  labels = [m.label for m in grid]
+  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25
+  assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
+          "sparsex r=0.15 T=4", "sparsex r=0.05 T=0", "sparsex r=0.30 T=8"} <= set(labels)
+  assert all(not m.config.update_caches for m in grid)
+  assert mth.default_method(30).label == "sparsex r=0.15 T=4"
+  assert [m.label for m in mth.method_grid(["naive", "sparsex"], 3, [0.1], [2, 8])] == [
+      "full", "naive", "sparsex r=0.15 T=3", "sparsex r=0.10 T=2"]  # T=8 > depth: dropped
+  with pytest.raises(ValueError, match="unknown method"):
+    mth.method_grid(["magic"], 30)
+
+
+def _fake_run(path, n=12, seed=0):
+  """A raw eval JSON with made-up numbers: naive KL ~ 0.2, sparsex halves it, epic better."""
+  rng = np.random.default_rng(seed)
+  methods = mth.method_grid(["naive", "epic", "sparsex"], 30, [0.15, 0.3], [2, 4])
+  meta = {"device": "cpu", "platform": "cpu", "jax": "x", "python": "3", "date": "d",
+          "command": "sparsex eval --fake", "model": "m", "model_name": "m", "dtype": "float32",
+          "split": "test", "workloads": ["needle", "chat"], "default_label": "sparsex r=0.15 T=4",
+          "methods": [{"label": m.label, "family": m.family, "ratio": m.ratio,
+                       "threshold": m.threshold} for m in methods], "complete": True,
+          "elapsed_s": 1.0, "notes": []}
+  factor = {"full": 0.0, "naive": 1.0, "epic r=0.15": 0.3}
+  prompts = []
+  for w in ("needle", "chat"):
+    for i in range(n):
+      base = rng.exponential(0.2)
+      res = {}
+      for m in methods:
+        f = factor.get(m.label, 0.5 if m.threshold == 4 else 0.8)
+        res[m.label] = {"kl": base * f * rng.uniform(0.9, 1.1), "top1": True, "em": f < 0.6,
+                        "match_len": 3, "task": float(f < 0.9), "text": "x", "n_generated": 3,
+                        "n_exact": 0, "n_reused": 100, "n_new": 10, "n_recomputed": 15,
+                        "frac_recomputed": 0.15, "ttft_s": 0.01, "prefill_s": 0.01}
+      prompts.append({"key": f"{w}/test/{i}", "workload": w, "split": "test", "index": i,
+                      "item": "", "n_prompt": 110, "task_metric": "contains", "answers": ["a"],
+                      "info": {}, "results": res})
+  with open(path, "w") as f:
+    json.dump({"meta": meta, "prompts": prompts}, f)
+
+
+def test_report_summaries_tables_and_plots(tmp_path):
+  raw = str(tmp_path / "raw.json")
+  _fake_run(raw)
+  ttft = tmp_path / "ttft.json"
+  ttft.write_text(json.dumps({"device": "H100", "ttft": [
+      {"policy": "full", "ttft_ms_median": 250.0, "preset": "llama3-8b", "n_prompt": 8000},
+      {"policy": "naive", "ttft_ms_median": 45.0, "preset": "llama3-8b", "n_prompt": 8000},
+      {"policy": "sparsex r=0.15 T=4", "ttft_ms_median": 95.0, "preset": "llama3-8b",
+       "n_prompt": 8000}]}))
+  out = str(tmp_path / "eval_test")
+  summary = report.render([raw], out, [str(ttft)], n_boot=300)
+  for w in ("needle", "chat"):
+    gr = summary["workloads"][w]["methods"]
+    assert gr["naive"]["gap_recovered"]["mean"] == pytest.approx(0.0)
+    assert gr["full"]["gap_recovered"]["mean"] == pytest.approx(1.0)
+    assert 0.4 < gr["sparsex r=0.15 T=4"]["gap_recovered"]["mean"] < 0.6
+  o = summary["overall"]["epic r=0.15"]["gap_recovered"]
+  assert 0.6 < o["mean"] < 0.8 and o["ci"][0] <= o["mean"] <= o["ci"][1]
+  verdicts = {(c["method"], c["vs"]): c["verdict"] for c in summary["comparisons"]}
+  assert verdicts[("epic r=0.15", "sparsex r=0.15 T=4")] == "better"
+  assert verdicts[("naive", "sparsex r=0.15 T=4")] == "worse"
+  assert "epic r=0.15" in summary["ttft_missing"] and "naive" not in summary["ttft_missing"]
+  for suffix in (".md", ".json", "_heatmap.png", "_ttft.png"):
+    assert os.path.getsize(out + suffix) > 0
+  md = open(out + ".md").read()
+  assert "sparsex eval --fake" in md and "| T \\ r |" in md and "left out of the plot" in md
+  # Re-rendering the merged output (and merging two runs) works from JSON alone.
+  raw2 = str(tmp_path / "raw2.json")
+  _fake_run(raw2, seed=1)
+  report.render([out + ".json", raw2], str(tmp_path / "merged"), [], n_boot=100)
+  assert "sparsex eval --fake" in open(str(tmp_path / "merged.md")).read()
+
+
+def test_report_refuses_to_merge_splits(tmp_path):
+  a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+  _fake_run(a)
+  _fake_run(b)
+  data = json.load(open(b))
+  data["meta"]["split"] = "dev"
+  json.dump(data, open(b, "w"))
+  with pytest.raises(ValueError, match="splits"):
+    report.load_runs([a, b])
+
+
+def test_public_api_only():
+  """The suite must keep working while engine internals move: no private imports."""
+  import sparsex_jax.evaluation as ev
+  folder = os.path.dirname(ev.__file__)
+  for name in os.listdir(folder):
+    if name.endswith(".py"):
+      src = open(os.path.join(folder, name)).read()
+      for banned in ("sparsex_jax.engine", "sparsex_jax.planner", "sparsex_jax.prefill",
+                     "engine._", "from models"):
+        assert banned not in src, f"{name} uses {banned}"
+  assert sx.ReuseConfig(update_caches=False).update_caches is False
