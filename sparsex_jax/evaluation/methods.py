@@ -37,19 +37,50 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
   return f"{family} r={ratio:.2f} T={threshold}"
 
 
+# Options of the sparsex policy, ablated on the dev split (docs/quality.md). The empty variant is
+# the paper's rule: Sparse-Q attention mass, one top-k over the prompt.
+VARIANTS = {
+    "": {},
+    "axd": {"importance_signal": "attention_x_deviation"},
+    "heads2": {"segment_heads": 2},
+    "perseg": {"per_segment_budget": True},
+    "axd+heads2": {"importance_signal": "attention_x_deviation", "segment_heads": 2},
+    "axd+perseg": {"importance_signal": "attention_x_deviation", "per_segment_budget": True},
+    "axd+perseg+heads2": {"importance_signal": "attention_x_deviation",
+                          "per_segment_budget": True, "segment_heads": 2},
+}
+_OPTION_FIELDS = ("importance_signal", "per_segment_budget", "segment_heads")
+
+
+def _variant_of(config: sx.ReuseConfig) -> str:
+  """The VARIANTS name of a sparsex config's selection options ("" for the paper's rule)."""
+  options = {f: getattr(config, f) for f in _OPTION_FIELDS
+             if getattr(config, f) != getattr(sx.ReuseConfig(), f)}
+  for name, opts in VARIANTS.items():
+    if opts == options:
+      return name
+  return "+".join(f"{k}={v}" for k, v in options.items())
+
+
+def _resolved(config: sx.ReuseConfig, n_layers: int):
+  from models.config import get_config  # only the depth matters here
+  return config.resolve(get_config("tiny").replace(n_layers=n_layers))
+
+
 def default_method(n_layers: int) -> Method:
   """The sparsex default: sx.ReuseConfig("sparsex") as shipped, resolved for this depth."""
   base = sx.ReuseConfig("sparsex")
-  t = base.threshold(n_layers)
+  t = _resolved(base, n_layers).layer_threshold
   r = base.recompute_ratio
-  return Method(_label("sparsex", r, t), "sparsex",
-                sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,
-                               update_caches=False), r, t)
+  variant = _variant_of(base)
+  family = f"sparsex[{variant}]" if variant else "sparsex"
+  return Method(_label(family, r, t), "sparsex",
+                dataclasses.replace(base, layer_threshold=t, update_caches=False), r, t)
 
 
 def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] = GRID_RATIOS,
-                thresholds: Sequence[int] = GRID_THRESHOLDS, baseline_ratio: float = 0.15
-                ) -> list[Method]:
+                thresholds: Sequence[int] = GRID_THRESHOLDS, baseline_ratio: float = 0.15,
+                variants: Sequence[str] = ("",)) -> list[Method]:
   """full first (the reference), then the asked baselines, then sparsex over ratios x
   thresholds, plus the sparsex default whenever sparsex is asked for. Thresholds deeper than
   the model are dropped."""
@@ -62,6 +93,10 @@ def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] 
   for t in thresholds:
     if t < 0:
       raise ValueError(f"layer threshold must be >= 0, got {t}")
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"unknown sparsex variant {v!r}; choose from "
+                       f"{', '.join(repr(k) for k in VARIANTS)}")
   out = [Method("full", "full", sx.ReuseConfig("full", update_caches=False))]
   for f in families:
     if f in ("full", "sparsex"):
@@ -71,9 +106,9 @@ def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] 
     elif f in ("cacheblend", "epic"):
       cfg = sx.ReuseConfig(f, recompute_ratio=baseline_ratio, update_caches=False)
       out.append(Method(_label(f, baseline_ratio, None), f, cfg, baseline_ratio,
-                        cfg.threshold(n_layers)))
+                        _resolved(cfg, n_layers).layer_threshold))
     else:  # random selection at the sparsex default threshold: the chance level of selection
-      t = sx.ReuseConfig("random").threshold(n_layers)
+      t = _resolved(sx.ReuseConfig("random"), n_layers).layer_threshold
       out.append(Method(_label(f, baseline_ratio, t), f,
                         sx.ReuseConfig("random", recompute_ratio=baseline_ratio,
                                        layer_threshold=t, update_caches=False),
@@ -85,9 +120,14 @@ def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] 
       if t > n_layers:
         continue
       for r in ratios:
-        grid.append(Method(_label("sparsex", r, t), "sparsex",
-                           sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,
-                                          update_caches=False), r, t))
+        for v in variants:
+          opts = VARIANTS[v]
+          if t == 0 and opts.get("importance_signal") == "attention_x_deviation":
+            continue  # no deviation at T = 0: every reused K/V is exact at layer 0
+          family = f"sparsex[{v}]" if v else "sparsex"
+          grid.append(Method(_label(family, r, t), "sparsex",
+                             sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,
+                                            update_caches=False, **opts), r, t))
     seen = set()
     for m in grid:
       if m.label not in seen:
