@@ -31,15 +31,26 @@ import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 
+PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
+# Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
     ("full", sx.ReuseConfig("full")),
     ("naive", sx.ReuseConfig("naive")),
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
-    ("sparsex r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
-    ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
-    ("sparsex r=0.05 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=4)),
-    ("sparsex r=0.30 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2)),
+    ("sparsex r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
+                                          **PAPER)),
+    ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
+                                          **PAPER)),
+    ("sparsex r=0.05 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=4,
+                                          **PAPER)),
+    ("sparsex r=0.30 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2,
+                                          **PAPER)),
+    # The default selection rule (attention x deviation, 2 segment heads; docs/quality.md).
+    ("sparsex[axd+heads2] r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+                                                      layer_threshold=2)),
+    ("sparsex[axd+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+                                                      layer_threshold=4)),
     # Last: prefix mode caches every full block it computes, which would turn later policies'
     # passages into exact hits.
     ("prefix", sx.ReuseConfig("prefix")),
@@ -206,12 +217,20 @@ def main():
   ap.add_argument("--passage-len", type=int, default=1280)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--skip-checks", action="store_true")
+  ap.add_argument("--skip-decode", action="store_true")
+  ap.add_argument("--only", nargs="*", help="time only the policies whose label is one of these")
   ap.add_argument("--decode-only", action="store_true",
                   help="only the decode timing, at two pool sizes (a pool-copy check)")
   args = ap.parse_args()
   if args.report:
     report(args.report, args.out)
     return
+  if args.only:
+    unknown = set(args.only) - {label for label, _ in POLICIES}
+    if unknown:
+      raise SystemExit(f"--only: unknown labels {sorted(unknown)}; known: "
+                       f"{[label for label, _ in POLICIES]}")
+    POLICIES[:] = [(label, reuse) for label, reuse in POLICIES if label in args.only]
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
              "checks": [], "ttft": [], "errors": []}
@@ -225,7 +244,8 @@ def main():
   steps = [] if args.skip_checks else [lambda: check_backends(results)]
   steps.append(lambda: bench(results, args.preset, args.passages, args.passage_len,
                              args.repeats, "auto"))
-  steps.append(lambda: bench_decode(results, args.preset, 16, 4096, 32))
+  if not args.skip_decode:
+    steps.append(lambda: bench_decode(results, args.preset, 16, 4096, 32))
   for step in steps:
     try:
       step()

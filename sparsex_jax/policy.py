@@ -33,6 +33,13 @@ IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation")
 # the first-token KL of T = 2 (0.060 vs 0.115 nats) for ~15 ms more TTFT at 8K tokens on an H100,
 # and beats T = 2 at r = 0.30 on both.
 DEFAULT_LAYER_THRESHOLD = 4
+# The default selection rule, chosen on the dev split and confirmed on the test split of
+# `sparsex eval` (docs/quality.md): rank by attention x K/V deviation (the error a reused token
+# causes, not only how much it is read) and always recompute the first 2 tokens of every reused
+# segment (a segment cached alone starts as a sequence does: its first tokens carry attention-sink
+# K/V). The paper's rule is importance_signal="attention", segment_heads=0.
+DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation"
+DEFAULT_SEGMENT_HEADS = 2
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
 
@@ -262,8 +269,9 @@ class ReuseConfig:
   read_caches: False ignores every cache entry (the prompt is computed as if nothing were
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
   importance_signal, per_segment_budget, segment_heads: sparsex selection options (see
-    SparseQAttention): "attention" (the paper's rule) or "attention_x_deviation"; a budget per
-    reused segment; the first tokens of every reused segment always recomputed.
+    SparseQAttention). Defaults (measured best, docs/quality.md): "attention_x_deviation" (at
+    T = 0 attention alone) and segment_heads=2. The paper's rule: importance_signal="attention",
+    segment_heads=0.
   """
 
   mode: str = "sparsex"
@@ -277,9 +285,9 @@ class ReuseConfig:
   rescore_ratio: float | None = None
   update_caches: bool = True
   read_caches: bool = True
-  importance_signal: str = "attention"
+  importance_signal: str = DEFAULT_IMPORTANCE_SIGNAL
   per_segment_budget: bool = False
-  segment_heads: int = 0
+  segment_heads: int = DEFAULT_SEGMENT_HEADS
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
@@ -317,8 +325,9 @@ class ReuseConfig:
       raise ValueError(f"per_segment_budget must be True or False, got {self.per_segment_budget!r}")
     if not is_int(self.segment_heads) or self.segment_heads < 0:
       raise ValueError(f"segment_heads must be an int >= 0, got {self.segment_heads!r}")
-    if self.mode != "sparsex" and (self.importance_signal != "attention" or self.per_segment_budget
-                                   or self.segment_heads):
+    if self.mode != "sparsex" and (
+        self.importance_signal != DEFAULT_IMPORTANCE_SIGNAL or self.per_segment_budget
+        or self.segment_heads != DEFAULT_SEGMENT_HEADS):
       raise ValueError(f"importance_signal, per_segment_budget and segment_heads are sparsex "
                        f"options, not for mode {self.mode!r}")
     if not is_int(self.check_layer) or self.check_layer < 1:
@@ -339,9 +348,6 @@ class ReuseConfig:
       raise ValueError(f"layer_threshold must be in [0, {n_layers}] for this model, got {t}")
     if mode == "cacheblend" and t < 1:
       raise ValueError("cacheblend needs layer_threshold (its check layer) >= 1")
-    if self.importance_signal == "attention_x_deviation" and t < 1:
-      raise ValueError("importance_signal='attention_x_deviation' needs layer_threshold >= 1 "
-                       "(at T = 0 every reused K/V equals its fresh value at layer 0)")
     rescore = None
     if self.rescore_layer is not None:
       if not t < self.rescore_layer < n_layers:
@@ -351,7 +357,9 @@ class ReuseConfig:
     scorer = {
         "sparsex": lambda: SparseQAttention(
             self.importance_layers, self.head_reduce,
-            deviation_weighted=self.importance_signal == "attention_x_deviation",
+            # At T = 0 every reused K/V equals its fresh value at layer 0 (it depends only on the
+            # token and its position): no deviation to weigh by, so attention alone ranks.
+            deviation_weighted=self.importance_signal == "attention_x_deviation" and t >= 1,
             per_segment=self.per_segment_budget, segment_heads=self.segment_heads),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,

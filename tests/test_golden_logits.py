@@ -26,6 +26,7 @@ import sparsex_jax as sx  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_logits.npz")
 
+PAPER = dict(importance_signal="attention", segment_heads=0)  # the rule the values were made with
 POLICIES = {
     "full": sx.ReuseConfig("full"),
     "prefix": sx.ReuseConfig("prefix"),
@@ -33,13 +34,13 @@ POLICIES = {
     "cacheblend": sx.ReuseConfig("cacheblend", recompute_ratio=0.3),
     "epic": sx.ReuseConfig("epic", recompute_ratio=0.3),
     "random": sx.ReuseConfig("random", recompute_ratio=0.3, seed=7),
-    "sparsex": sx.ReuseConfig("sparsex", recompute_ratio=0.3),
-    "sparsex_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1),
-    "sparsex_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0),
+    "sparsex": sx.ReuseConfig("sparsex", recompute_ratio=0.3, **PAPER),
+    "sparsex_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1, **PAPER),
+    "sparsex_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0, **PAPER),
     "sparsex_sum_max": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=2,
-                                      importance_layers="sum", head_reduce="max"),
+                                      importance_layers="sum", head_reduce="max", **PAPER),
     "sparsex_rescore": sx.ReuseConfig("sparsex", recompute_ratio=0.4, layer_threshold=1,
-                                      rescore_layer=2, rescore_ratio=0.1),
+                                      rescore_layer=2, rescore_ratio=0.1, **PAPER),
 }
 
 

@@ -12,6 +12,7 @@ from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
 
 DOC_A, DOC_B, DOC_C = _ids(13, 21), _ids(22, 22), _ids(9, 23)
 SYSTEM, QUESTION = _ids(12, 24), _ids(6, 25)
+PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
 
 
 def _request():
@@ -97,7 +98,7 @@ def _layer0_importance_reference(ids, n_exact, sparse_q):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5])
 def test_importance_matches_dense_reference_and_topk_count(warm_engine, ratio):
-  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=ratio)
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=ratio, **PAPER)
   _, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
   ids = np.asarray(_full_ids())
   want = _layer0_importance_reference(ids, 12, plan.sparse_q)
@@ -116,7 +117,8 @@ def test_sum_over_layers_and_max_heads_options(warm_engine):
   outs = {}
   for layers in ("last", "sum"):
     for heads in ("sum", "max"):
-      reuse = sx.ReuseConfig("sparsex", importance_layers=layers, head_reduce=heads, **base)
+      reuse = sx.ReuseConfig("sparsex", importance_layers=layers, head_reduce=heads, **base,
+                             **PAPER)
       logits, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
       outs[layers, heads] = plan.scores
       assert np.all(np.isfinite(logits)) and np.all(plan.scores >= 0)
@@ -201,20 +203,23 @@ def test_rescoring_options_are_validated(warm_engine):
 
 def test_attention_x_deviation_is_the_product_of_the_two_signals(warm_engine):
   base = dict(recompute_ratio=0.3, layer_threshold=2)
-  _, att = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base),
-                                      return_plan=True)
+  _, att = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base,
+                                                                      **PAPER), return_plan=True)
   _, dev = warm_engine.prefill_logits(
       _request(), reuse=sx.ReuseConfig("cacheblend", recompute_ratio=0.3, check_layer=2),
       return_plan=True)
   _, both = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
-      "sparsex", importance_signal="attention_x_deviation", **base), return_plan=True)
+      "sparsex", importance_signal="attention_x_deviation", segment_heads=0, **base),
+      return_plan=True)
   np.testing.assert_allclose(both.scores, att.scores * dev.scores, rtol=1e-5, atol=1e-9)
   k = math.ceil(0.3 * both.reused_positions.size)  # the last token is new: 44 candidates
   want = np.sort(both.reused_positions[np.argsort(-both.scores, kind="stable")[:k]])
   np.testing.assert_array_equal(both.selected_positions, want)
-  with pytest.raises(ValueError, match="needs layer_threshold >= 1"):
-    warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
-        "sparsex", importance_signal="attention_x_deviation", layer_threshold=0))
+  # At T = 0 there is no deviation (layer-0 K/V depend only on token and position): attention ranks.
+  at_zero = [warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", importance_signal=signal, segment_heads=0, layer_threshold=0, recompute_ratio=0.3))
+             for signal in ("attention", "attention_x_deviation")]
+  np.testing.assert_array_equal(at_zero[0], at_zero[1])
 
 
 def test_per_segment_budget_and_segment_heads(warm_engine):

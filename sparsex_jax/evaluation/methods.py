@@ -37,25 +37,25 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
   return f"{family} r={ratio:.2f} T={threshold}"
 
 
-# Options of the sparsex policy, ablated on the dev split (docs/quality.md). The empty variant is
-# the paper's rule: Sparse-Q attention mass, one top-k over the prompt.
+# Options of the sparsex policy, ablated on the dev split (docs/quality.md), each spelled out in
+# full so that a label means the same rule whatever the defaults. The empty variant is the
+# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axd+heads2" is the default.
+_PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0}
+_AXD = {"importance_signal": "attention_x_deviation"}
 VARIANTS = {
-    "": {},
-    "axd": {"importance_signal": "attention_x_deviation"},
-    "heads2": {"segment_heads": 2},
-    "perseg": {"per_segment_budget": True},
-    "axd+heads2": {"importance_signal": "attention_x_deviation", "segment_heads": 2},
-    "axd+perseg": {"importance_signal": "attention_x_deviation", "per_segment_budget": True},
-    "axd+perseg+heads2": {"importance_signal": "attention_x_deviation",
-                          "per_segment_budget": True, "segment_heads": 2},
+    "": _PAPER,
+    "axd": _PAPER | _AXD,
+    "heads2": _PAPER | {"segment_heads": 2},
+    "perseg": _PAPER | {"per_segment_budget": True},
+    "axd+heads2": _PAPER | _AXD | {"segment_heads": 2},
+    "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},
+    "axd+perseg+heads2": _PAPER | _AXD | {"per_segment_budget": True, "segment_heads": 2},
 }
-_OPTION_FIELDS = ("importance_signal", "per_segment_budget", "segment_heads")
 
 
 def _variant_of(config: sx.ReuseConfig) -> str:
-  """The VARIANTS name of a sparsex config's selection options ("" for the paper's rule)."""
-  options = {f: getattr(config, f) for f in _OPTION_FIELDS
-             if getattr(config, f) != getattr(sx.ReuseConfig(), f)}
+  """The VARIANTS name of a sparsex config's selection options."""
+  options = {f: getattr(config, f) for f in _PAPER}
   for name, opts in VARIANTS.items():
     if opts == options:
       return name
