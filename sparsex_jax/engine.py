@@ -21,12 +21,13 @@ from models.config import ModelConfig, get_config
 from pallas_kernels.ops import resolve_backend
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
-from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout
+from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout, persist
+from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.planner import NEW, Prompt, RequestPlan
 from sparsex_jax.validation import is_int
 from sparsex_jax.policy import ReuseConfig, ReusePolicy
 from sparsex_jax.programs import KVPool
-from sparsex_jax.programs.copy import copy_slots
+from sparsex_jax.programs.copy import copy_slots, read_pages, write_pages
 from sparsex_jax.programs.prefill import PrefillBatch, PrefillOutput, prefill
 from sparsex_jax.sampling import SamplingParams, resolve_stop_ids, sample_step
 
@@ -51,6 +52,8 @@ class Engine:
     self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate)
     self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
+    self.disk_cache: persist.SegmentDiskCache | None = None  # use_cache_dir()
+    self._autosave = False
     if backend == "reference" and config.dtype in ("bfloat16", "float16") and _cpu_only():
       warnings.warn(f"a {config.dtype} engine on CPU runs about 100x slower than float32 (XLA's "
                     f"CPU backend emulates it); pass dtype='float32' on CPU", stacklevel=2)
@@ -104,19 +107,92 @@ class Engine:
         jobs.append(scheduler.Job(i, request.id, self._prompt(request, sp.max_new_tokens), sp))
       except (ValueError, TypeError) as e:
         outputs.fail(i, getattr(request, "id", None), e)
-    scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs,
-                  lambda chunk, leases: self._generate_batch(chunk, leases, policy),
-                  self.kv.recover)
+    prepare = None
+    if self.disk_cache is not None and policy.reads_segment_cache:
+      prepare = lambda chunk: self._load_from_disk([j.prompt for j in chunk])  # noqa: E731
+
+    def run_batch(chunk, leases):
+      done = self._generate_batch(chunk, leases, policy)
+      # Saved per batch: a segment added now may be evicted by a later batch of the same call.
+      self._save_to_disk()
+      return done
+
+    scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs, run_batch,
+                  self.kv.recover, prepare)
     return list(outputs)
+
+  def chat_request(self, messages, *, id=None, sampling: SamplingParams | None = None,  # noqa: A002
+                   add_generation_prompt: bool = True) -> Request:
+    """A Request from chat messages, one segment per message, rendered with this model's chat
+    template (sparsex_jax/chat.py): a message that recurs is reused from the segment cache."""
+    from sparsex_jax.chat import chat_request
+    return chat_request(self.tokenizer, messages, id=id, sampling=sampling,
+                        add_generation_prompt=add_generation_prompt)
+
+  def tokenize(self, request: Request) -> list[tuple[np.ndarray, bool]]:
+    """(token ids, cacheable) of each segment of `request`, as generate() will see them."""
+    return [(self._segment_ids(s).astype(np.int32), s.cache) for s in request.segments]
+
+  # ------------------------------------------------------------------------------------------
+  # the segment cache on disk (sparsex_jax/kv/persist.py)
+  # ------------------------------------------------------------------------------------------
+
+  def use_cache_dir(self, path, save: bool = True) -> persist.SegmentDiskCache:
+    """Ties this engine to a segment cache on disk: generate() loads the segments each batch needs
+    from it (on demand, so the cache may be larger than the pool) and, with save=True, writes the
+    segments it adds after every batch. Raises persist.CacheError (naming the file) for a cache
+    of another model, dtype or page size, or a truncated file."""
+    fp = persist.fingerprint(self.config, self.params, self.layout.page_size)
+    self.disk_cache = persist.SegmentDiskCache(path, fp)
+    self._autosave = bool(save)
+    return self.disk_cache
+
+  def save_cache(self) -> int:
+    """Writes the in-memory segments missing from the cache dir; returns how many."""
+    if self.disk_cache is None:
+      raise ValueError("no cache dir: call use_cache_dir(path) first")
+    return persist.save_segments(self.disk_cache, self.store, self)
+
+  def _load_from_disk(self, prompts: list[Prompt]) -> int:
+    keys = [segment_key(ids) for p in prompts for _, _, ids, c in p.spans if c]
+    return persist.load_segments(self.disk_cache, self.store, self, keys)
+
+  def _save_to_disk(self) -> None:
+    if self.disk_cache is not None and self._autosave:
+      try:
+        self.save_cache()
+      except (OSError, persist.CacheError) as e:  # a full disk must not fail the requests
+        warnings.warn(f"segment cache not saved to {self.disk_cache.path}: {e}", stacklevel=3)
+
+  def read_pages(self, pages) -> tuple[np.ndarray, np.ndarray]:
+    """K, V [L, K, n, S, H] of whole pool pages, on the host (persist.PageIO)."""
+    pages = np.asarray(pages, np.int32)
+    padded = np.zeros(planner.bucket(pages.size, minimum=1), np.int32)  # null page: dropped below
+    padded[:pages.size] = pages
+    k, v = self.kv.run(read_pages, padded)
+    return np.asarray(k)[:, :, :pages.size], np.asarray(v)[:, :, :pages.size]
+
+  def write_pages(self, pages, k, v) -> None:
+    """Writes K, V [L, K, n, S, H] into whole pool pages (persist.PageIO)."""
+    pages = np.asarray(pages, np.int32)
+    n = planner.bucket(pages.size, minimum=1)
+    padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
+    padded[:pages.size] = pages
+    pad = [(0, 0), (0, 0), (0, n - pages.size), (0, 0), (0, 0)]
+    with self._recovering():
+      self.kv.run(write_pages, padded, np.pad(k, pad), np.pad(v, pad))
 
   def prefill_logits(self, request: Request, reuse: ReuseConfig = ReuseConfig(),
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
     prompt = self._prompt(request, 0)
+    if self.disk_cache is not None and policy.reads_segment_cache:
+      self._load_from_disk([prompt])
     with self.store.acquire([prompt], policy, 0) as leases, self._recovering():
       plans, out, _ = self._prefill([prompt], leases, policy)
       logits = np.asarray(out.logits[0], np.float32)
+    self._save_to_disk()
     if not return_plan:
       return logits
     return logits, planner.describe(plans[0], out.scores[0], out.selected[0], out.kept[0], policy)
@@ -155,6 +231,7 @@ class Engine:
         for prompt, plan in zip(chunk, plans):
           self.store.keep_alone(prompt, plan)
       i += size
+      self._save_to_disk()
     return len(todo)
 
   def clear_caches(self) -> int:

@@ -3,7 +3,8 @@
 Each takes the KV pool first, donates it, and returns (pool, outputs):
 - prefill.prefill: the one prefill of every reuse policy;
 - decode.decode_step: one token per sequence;
-- copy.copy_slots: K/V moved between slots unchanged.
+- copy.copy_slots: K/V moved between slots unchanged; copy.read_pages / write_pages: whole
+  pages to and from the host (the persistent segment cache).
 `KVPool` owns the device pool and is the only place that swaps it for a program's output.
 """
 
