@@ -342,6 +342,26 @@ def read_info(path: str | os.PathLike) -> dict:
           "files": segments}
 
 
+def check_files(path: str | os.PathLike) -> list[str]:
+  """One message per indexed file that is missing, truncated or corrupted (size and sha256; no
+  model needed: a file's other checks run when it is loaded)."""
+  segments = read_index(os.path.join(os.fspath(path), INDEX))
+  bad = []
+  for key, rec in segments.items():
+    file = os.path.join(os.fspath(path), SEGMENTS, f"{key}.safetensors")
+    try:
+      with open(file, "rb") as f:
+        data = f.read()
+    except OSError:
+      bad.append(f"{file}: missing")
+      continue
+    if len(data) != rec["bytes"]:
+      bad.append(f"{file}: truncated ({len(data)} bytes, the index says {rec['bytes']})")
+    elif _sha256(data) != rec["sha256"]:
+      bad.append(f"{file}: corrupted (sha256 differs from the index)")
+  return bad
+
+
 def repair(path: str | os.PathLike) -> list[str]:
   """Drops the index entries whose files are missing, truncated or corrupted; returns messages.
 
