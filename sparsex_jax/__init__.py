@@ -7,5 +7,6 @@ from sparsex_jax.engine import Engine
 from sparsex_jax.kv.persist import CacheError
 from sparsex_jax.sampling import SamplingParams
 
-__all__ = ["CacheError", "Engine", "PrefillPlan", "Request", "RequestError", "RequestOutput", "RequestStats",
+__all__ = ["CacheError", "Engine", "PrefillPlan", "Request", "RequestError", "RequestOutput",
+           "RequestStats",
            "ReuseConfig", "SamplingParams", "Segment", "chat_request", "chat_segments"]

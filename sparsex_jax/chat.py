@@ -75,7 +75,8 @@ def chat_segments(tokenizer, messages: Sequence[Mapping[str, Any]],
 
 
 def _whole(tokenizer, plain, add_generation_prompt) -> list[Segment]:
-  return [Segment(tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt))]
+  text = tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+  return [Segment(text)]
 
 
 def chat_request(tokenizer, messages: Sequence[Mapping[str, Any]], *, id=None,  # noqa: A002

@@ -1,7 +1,7 @@
 """The `sparsex` command line.
 
   sparsex demo                                   the embedded default model on CPU: reuse vs full
-  sparsex generate --input F --output O ...      an offline batch job over JSONL (sparsex_jax/jobs.py)
+  sparsex generate --input F --output O ...      an offline batch job over JSONL (jobs.py)
   sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
   sparsex cache info D                           what a segment cache on disk holds
 
@@ -79,7 +79,8 @@ def _add_generate_parser(sub) -> None:
                                  "per request; rerun the same command to resume. See "
                                  "docs/BATCH.md for both input forms.")
   g.add_argument("--input", required=True, help="requests, one JSON object per line")
-  g.add_argument("--output", required=True, help="results JSONL (appended to; ids in it are skipped)")
+  g.add_argument("--output", required=True,
+                 help="results JSONL (appended to; the ids already in it are skipped)")
   _add_engine_args(g)
   g.add_argument("--reuse", default="sparsex", choices=REUSE_MODES, help="reuse mode")
   g.add_argument("--ratio", type=float, default=0.15, help="recompute ratio r")

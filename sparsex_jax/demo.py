@@ -127,7 +127,7 @@ def run(model: str, passage: str, question: str, question2: str, max_new_tokens:
     print(f"{label:14s}{ttft * 1e3:7.0f} ms  {s.n_reused:6d}  {s.n_recomputed:7d}  {kl:12.4f}  "
           f"{answer!r}{same}")
   speedup = rows[0][1] / rows[2][1] if rows[2][1] else float("nan")
-  print(f"\nsparsex: {speedup:.1f}x faster time to first token than full prefill, for a first-token "
-        f"distribution {kl:.4f} nats from it (timed after a warm-up run, so compilation is "
+  print(f"\nsparsex: {speedup:.1f}x faster time to first token than full prefill, for a "
+        f"first-token distribution {kl:.4f} nats from it (timed after a warm-up run, so compilation is "
         f"excluded)")
   return 0

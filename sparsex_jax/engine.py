@@ -211,6 +211,8 @@ class Engine:
       key = ids.tobytes()
       if key in seen or self.store.contains_segment(ids):
         continue
+      if self.disk_cache is not None and segment_key(ids) in self.disk_cache:
+        continue  # on disk: loaded when a request needs it
       seen.add(key)
       todo.append(Prompt((ids,), (True,)))
     full = ReuseConfig("full").resolve(self.config)

@@ -39,7 +39,7 @@ from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.planner import check_prompt
 from sparsex_jax.policy import ReuseConfig
 from sparsex_jax.sampling import SamplingParams
-from sparsex_jax.validation import is_int, is_real
+from sparsex_jax.validation import is_int
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids",
                  "ignore_eos")
@@ -581,9 +581,10 @@ class Summary:
   def text(self) -> str:
     rate = self.done / self.seconds if self.seconds else 0.0
     tok = self.n_generated / self.seconds if self.seconds else 0.0
+    stopped = " - interrupted: rerun the same command to resume" if self.interrupted else ""
     lines = [
         f"requests: {self.done} done, {self.failed} failed, {self.skipped} already in the output "
-        f"(of {self.lines}){' - interrupted: rerun the same command to resume' if self.interrupted else ''}",
+        f"(of {self.lines}){stopped}",
         f"time: {self.seconds:.1f} s, {rate:.2f} requests/s, {tok:.1f} generated tokens/s",
         f"prompt tokens: {self.n_prompt}: exact prefix hits {self.n_exact}, reused {self.n_reused} "
         f"(recomputed {self.n_recomputed}), computed new {self.n_new}; cache hit rate "

@@ -226,3 +226,18 @@ def test_sigint_mid_job_loses_nothing_and_a_rerun_finishes_every_id_once(tmp_pat
   ids = [r["id"] for r in _read(out)]
   assert sorted(ids) == sorted(line["id"] for line in lines)  # every id exactly once
   assert f"{len(done)} already in the output" in rerun.stderr
+
+
+def test_chat_segments_fall_back_to_one_segment_for_a_template_that_rewrites_history():
+  class Rewriting(_FakeTokenizer):
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+      # Like templates that drop earlier turns' reasoning: a longer history is no extension.
+      return super().apply_chat_template(messages[-1:], add_generation_prompt)
+
+  msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+  segs = sx.chat_segments(Rewriting(), msgs)
+  assert [s.content for s in segs] == ["<a>b</a><a>"]
+  assert [s.content for s in sx.chat_segments(_FakeTokenizer(), msgs)] == \
+      ["<u>a</u>", "<a>b</a>", "<a>"]
+  with pytest.raises(ValueError, match="no chat template|tokenizer"):
+    sx.chat_segments(None, msgs)

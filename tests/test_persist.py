@@ -44,21 +44,34 @@ def _warm(path, **kw):
   return eng
 
 
-def test_loaded_kv_gives_the_logits_of_recomputing(tmp_path):
+_CHILD = """
+import sys
+import numpy as np
+import sparsex_jax as sx
+from tests.test_persist import _engine, _request
+engine = _engine()
+engine.use_cache_dir(sys.argv[1], save=False)
+logits, plan = engine.prefill_logits(_request(2), sx.ReuseConfig("sparsex", layer_threshold=1),
+                                     return_plan=True)
+np.save(sys.argv[2], logits)
+print(plan.reused_positions.size, engine.disk_cache.loaded)
+"""
+
+
+def test_saved_cache_in_a_fresh_process_gives_the_logits_of_recomputing(tmp_path):
   _warm(tmp_path)
   files = glob.glob(str(tmp_path / "segments" / "*.safetensors"))
   assert len(files) == len(PASSAGES)
   assert not glob.glob(str(tmp_path / "**" / ".tmp-*"), recursive=True)  # atomic writes
-  reuse = sx.ReuseConfig("sparsex", layer_threshold=1)
-  fresh = _engine()  # shares nothing with the engine that computed the cache
-  fresh.use_cache_dir(tmp_path)
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path), str(tmp_path / "l.npy")],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert child.returncode == 0, child.stderr
+  assert child.stdout.split() == [str(len(PASSAGES[2])), "1"]  # reused it, read one file
   recompute = _engine()
   recompute.cache_segments(PASSAGES)  # the same batches as the warm-up: bit-identical K/V
-  got, plan = fresh.prefill_logits(_request(2), reuse, return_plan=True)
-  want = recompute.prefill_logits(_request(2), reuse)
-  assert plan.reused_positions.size == len(PASSAGES[2])
-  np.testing.assert_array_equal(got, want)
-  assert fresh.disk_cache.loaded == 1
+  want = recompute.prefill_logits(_request(2), sx.ReuseConfig("sparsex", layer_threshold=1))
+  np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), want)
 
 
 def test_another_model_or_page_size_is_refused(tmp_path):

@@ -85,7 +85,8 @@ def fingerprint(cfg, params, page_size: int) -> dict:
                   key=lambda kv: jax.tree_util.keystr(kv[0]))
   for path, leaf in leaves:
     flat = leaf.reshape(-1)
-    idx = np.linspace(0, flat.shape[0] - 1, min(flat.shape[0], _SAMPLES_PER_TENSOR)).astype(np.int64)
+    n = flat.shape[0]
+    idx = np.linspace(0, n - 1, min(n, _SAMPLES_PER_TENSOR)).astype(np.int64)
     sample = np.asarray(flat[idx])
     h.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{sample.dtype}".encode())
     h.update(np.ascontiguousarray(sample).view(np.uint8).tobytes())
