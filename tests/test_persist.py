@@ -177,3 +177,19 @@ def test_cache_warm_and_info(tmp_path, monkeypatch, capsys):
   doc = json.loads(info.stdout)
   assert doc["segments"] == 3 and doc["tokens"] == sum(len(p) for p in PASSAGES[:3])
   assert doc["fingerprint"]["model"] == "tiny" and doc["fingerprint"]["page_size"] == 4
+
+
+def test_two_writers_keep_each_others_segments(tmp_path):
+  fp = persist.fingerprint(CFG, PARAMS, 4)
+  a, b = persist.SegmentDiskCache(tmp_path, fp), persist.SegmentDiskCache(tmp_path, fp)
+  shape = (CFG.n_layers, CFG.n_kv_heads, 1, 4, CFG.head_dim)
+  ones, twos = np.ones(shape, np.float32), np.full(shape, 2.0, np.float32)
+  assert a.save([(np.array([5, 6]), np.array([0, 1]), ones, ones)]) == 1
+  # b opened before a saved: it still sees a's segment under the lock and does not rewrite it
+  # (its version was computed elsewhere), and a's entry survives b's index update.
+  assert b.save([(np.array([5, 6]), np.array([9, 10]), twos, twos),
+                 (np.array([7]), np.array([0]), twos, twos)]) == 1
+  fresh = persist.SegmentDiskCache(tmp_path, fp)
+  assert len(fresh) == 2
+  np.testing.assert_array_equal(fresh.read(segment_key([5, 6])).k, ones)
+  assert fresh.verify() == []

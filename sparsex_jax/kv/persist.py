@@ -210,33 +210,35 @@ class SegmentDiskCache:
   def save(self, segments: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
     """Writes (token_ids, positions, k, v) segments not on disk yet; returns how many.
 
-    Files first (each atomic), then one index update under the lock.
+    All under the directory's lock, after re-reading the index: a segment another process saved
+    meanwhile is not written again, and a file never changes under an index entry that describes
+    another version of it (two processes may compute one segment in different contexts).
     """
     from safetensors.numpy import save as st_save
-    new = {}
-    for tokens, positions, k, v in segments:
-      tokens = as_token_array(tokens)
-      key = segment_key(tokens)
-      if key in self.entries or key in new:
-        continue
-      dtype = self.fingerprint["dtype"]
-      store = (lambda a: a.view(_BIT_VIEWS[dtype])) if dtype in _BIT_VIEWS else (lambda a: a)
-      data = st_save({"k": np.ascontiguousarray(store(k)), "v": np.ascontiguousarray(store(v)),
-                      "tokens": tokens, "positions": np.asarray(positions, np.int32)},
-                     metadata={"format": FORMAT, "version": str(VERSION), "key": key,
-                               "fingerprint": self.fingerprint["digest"], "dtype": dtype})
-      _atomic_write(self._file(key), data)
-      first = int(positions[0])
-      new[key] = {"n_tokens": int(tokens.size), "n_pages": int(k.shape[2]),
-                  "first_position": first, "computed": "alone" if first == 0 else "in_context",
-                  "bytes": len(data), "sha256": _sha256(data), "created": round(time.time(), 3)}
-    if new:
-      with self._locked():
-        entries = self._read_index()  # another process may have added some meanwhile
+    dtype = self.fingerprint["dtype"]
+    store = (lambda a: a.view(_BIT_VIEWS[dtype])) if dtype in _BIT_VIEWS else (lambda a: a)
+    with self._locked():
+      entries = self._read_index()
+      new = {}
+      for tokens, positions, k, v in segments:
+        tokens = as_token_array(tokens)
+        key = segment_key(tokens)
+        if key in entries or key in new:
+          continue
+        data = st_save({"k": np.ascontiguousarray(store(k)), "v": np.ascontiguousarray(store(v)),
+                        "tokens": tokens, "positions": np.asarray(positions, np.int32)},
+                       metadata={"format": FORMAT, "version": str(VERSION), "key": key,
+                                 "fingerprint": self.fingerprint["digest"], "dtype": dtype})
+        _atomic_write(self._file(key), data)
+        first = int(positions[0])
+        new[key] = {"n_tokens": int(tokens.size), "n_pages": int(k.shape[2]),
+                    "first_position": first, "computed": "alone" if first == 0 else "in_context",
+                    "bytes": len(data), "sha256": _sha256(data), "created": round(time.time(), 3)}
+      if new:
         entries.update(new)
         self._write_index(entries)
-        self.entries = entries
-      self.saved += len(new)
+      self.entries = entries
+    self.saved += len(new)
     return len(new)
 
   def read(self, key: str) -> DiskSegment:
@@ -422,6 +424,8 @@ def load_segments(disk: SegmentDiskCache, store, io: PageIO, keys: Iterable[str]
 def save_segments(disk: SegmentDiskCache, store, io: PageIO) -> int:
   """Writes every in-memory segment that is not on disk yet; returns how many."""
   todo = [store.segment_cache.get(k) for k in store.segment_cache.keys() if k not in disk]
+  if not todo:  # the common case after every batch: no lock, no index read
+    return 0
 
   def read():
     for entry in todo:
