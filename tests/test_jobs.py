@@ -241,3 +241,10 @@ def test_chat_segments_fall_back_to_one_segment_for_a_template_that_rewrites_his
       ["<u>a</u>", "<a>b</a>", "<a>"]
   with pytest.raises(ValueError, match="no chat template|tokenizer"):
     sx.chat_segments(None, msgs)
+
+
+def test_demo_kl_from_full():
+  from sparsex_jax.demo import kl_from_full
+  x = np.array([2.0, 0.5, -1.0])
+  assert kl_from_full(x, x + 3.0) == pytest.approx(0.0, abs=1e-12)  # a shift changes nothing
+  assert kl_from_full(x, x[::-1]) > 0.5
