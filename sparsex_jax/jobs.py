@@ -445,35 +445,40 @@ def result_record(job: JobLine, out: RequestOutput, reuse: dict, decode, model: 
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Step:
-  """What the runner does next: precompute segments alone ("warm"), or run requests ("run")."""
+class JobPlan:
+  """The order a job runs in: `steps` are lists of indices into the job's lines, each run in
+  batches after the previous one; `warm` is the set of shared segment keys that are computed alone
+  just before the first batch that needs them (empty unless shared="alone")."""
 
-  kind: str
-  items: list  # token-id arrays (warm) or indices into the job's lines (run)
+  steps: list[list[int]]
+  warm: set[str]
 
 
-def plan_job(lines: Sequence[JobLine], keys: Sequence[list[str]], segments: dict[str, np.ndarray],
-             batch_size: int, shared: str, reads_segments: bool, cached: Callable[[str], bool],
-             count: dict[str, int] | None = None) -> list[Step]:
-  """Orders the job so that requests sharing a segment run together and the segment is computed
+def plan_job(keys: Sequence[list[str]], batch_size: int, shared: str, reads_segments: bool,
+             cached: Callable[[str], bool], count: dict[str, int] | None = None) -> JobPlan:
+  """Orders a job so that requests sharing a segment run together and the segment is computed
   once, in the spirit of BatchLLM's global prefix sharing.
 
-  keys[i]: the cacheable segment keys of line i; count: in how many requests of the whole job
-  each key appears (default: counted over `lines`). Requests linked by a shared segment form a
-  component (union-find); components run in order of their first line, packed into blocks of at
-  least `batch_size` requests. Per block:
-  - shared="alone" (with a mode that reads the segment cache): the block's shared segments not
-    cached yet are computed alone at position 0 first ("warm"), then the block runs. Every
-    request then sees the same cached KV whatever its batch or order, so results do not depend
-    on the batch size or on resuming.
-  - shared="context": a segment is computed in context by the first request it appears in (a
-    "leader"); leaders run in rounds before the rest, a leader after any earlier leader it shares
-    a segment with, so no segment is computed twice. Also what the prefix cache needs.
-  - shared="off": input order, nothing planned.
+  keys[i]: the cacheable segment keys of request i; count: in how many requests of the whole job
+  each key appears (default: counted over `keys`); a key in two or more is shared. Requests
+  linked by shared segments form a component (union-find); components run in the order of their
+  first request. Inside a component, requests are grouped by their most specific shared segment
+  (the one in the fewest requests: the passage rather than the system prompt everyone has), so a
+  passage's requests are adjacent and it need stay in the pool only while they run.
+  - shared="alone" (with a mode that reads the segment cache): one step in that order; the runner
+    computes a batch's shared segments alone at position 0 just before the batch, unless cached
+    (so one evicted under pool pressure is computed again, identically). Every request sees the
+    same cached KV whatever its batch or order: results do not depend on the batch size or on
+    resuming.
+  - shared="context": a segment is computed in context by the first request that has it (a
+    "leader"); leaders run in rounds before the other requests, each after any earlier leader it
+    shares a segment with, so no segment is computed twice. Components are packed into blocks of
+    at least `batch_size` requests, each planned this way. Also what the prefix cache needs.
+  - shared="off": input order.
   """
-  n = len(lines)
+  n = len(keys)
   if shared == "off" or n == 0:
-    return [Step("run", list(range(n)))] if n else []
+    return JobPlan([list(range(n))] if n else [], set())
   if count is None:
     count = {}
     for ks in keys:
@@ -498,30 +503,31 @@ def plan_job(lines: Sequence[JobLine], keys: Sequence[list[str]], segments: dict
           first_with[k] = i
   components: dict[int, list[int]] = {}
   for i in range(n):
-    components.setdefault(find(i), []).append(i)  # in input order; dict keeps first-line order
+    components.setdefault(find(i), []).append(i)  # in input order; dicts keep first-line order
+
+  def group(i):  # the first request of i's most specific shared segment
+    mine = [k for k in keys[i] if k in shared_keys]
+    return min(((count[k], first_with[k]) for k in mine), default=(0, i))[1]
+
+  ordered = [sorted(comp, key=group) for comp in components.values()]  # stable: input order
+  if shared == "alone" and reads_segments:
+    return JobPlan([[i for comp in ordered for i in comp]], shared_keys)
+
   blocks, block = [], []
-  for comp in components.values():
+  for comp in ordered:
     block.extend(comp)
     if len(block) >= batch_size:
       blocks.append(block)
       block = []
   if block:
     blocks.append(block)
-
   steps = []
   for block in blocks:
-    todo = [k for k in dict.fromkeys(k for i in block for k in keys[i])
-            if k in shared_keys and not cached(k)]
-    if shared == "alone" and reads_segments:
-      if todo:
-        steps.append(Step("warm", [segments[k] for k in todo]))
-      steps.append(Step("run", block))
-      continue
     claimed: dict[str, int] = {}  # segment -> round of the leader computing it
     rounds: dict[int, list[int]] = {}
     rest = []
     for i in block:
-      mine = [k for k in keys[i] if k in todo]
+      mine = [k for k in keys[i] if k in shared_keys and not cached(k)]
       new = [k for k in mine if k not in claimed]
       if not new:
         rest.append(i)
@@ -530,11 +536,10 @@ def plan_job(lines: Sequence[JobLine], keys: Sequence[list[str]], segments: dict
       for k in new:
         claimed[k] = r
       rounds.setdefault(r, []).append(i)
-    for r in sorted(rounds):
-      steps.append(Step("run", rounds[r]))
+    steps.extend(rounds[r] for r in sorted(rounds))
     if rest:
-      steps.append(Step("run", rest))
-  return steps
+      steps.append(rest)
+  return JobPlan(steps, set())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,26 +730,31 @@ def run_job(engine, input_path: str, output_path: str, *,
       if job.key not in writer.done:
         runnable.append(job)
         keys.append(ks)
-    steps = plan_job(runnable, keys, segments, batch_size, shared, policy.reads_segment_cache,
-                     lambda k: engine.store.contains_segment(segments[k])
-                     or (disk is not None and k in disk), count)
+    def cached(k):
+      return engine.store.contains_segment(segments[k]) or (disk is not None and k in disk)
+
+    plan = plan_job(keys, batch_size, shared, policy.reads_segment_cache, cached, count)
 
     L = cfg.n_layers
     bar = _progress(len(runnable), progress)
     with _Signals(critical, say) as signals:
-      for step in steps:
+      for step in plan.steps:
         if signals.stop:
           break
-        if step.kind == "warm":
-          engine.cache_segments(step.items, batch_size=batch_size)
-          n = int(sum(len(s) for s in step.items))
-          summary.n_precomputed += n
-          summary.token_layers += n * L
-          continue
-        for i in range(0, len(step.items), batch_size):
+        for i in range(0, len(step), batch_size):
           if signals.stop:
             break
-          chunk = [runnable[j] for j in step.items[i:i + batch_size]]
+          chunk = [runnable[j] for j in step[i:i + batch_size]]
+          # The batch's shared segments, computed alone first (checked now, not when planning:
+          # one evicted since is computed again, identically).
+          warm = [segments[k] for k in dict.fromkeys(k for j in step[i:i + batch_size]
+                                                     for k in keys[j])
+                  if k in plan.warm and not cached(k)]
+          if warm:
+            engine.cache_segments(warm, batch_size=batch_size)
+            n = int(sum(len(w) for w in warm))
+            summary.n_precomputed += n
+            summary.token_layers += n * L
           outs = engine.generate([j.request for j in chunk], reuse=reuse, on_error="return")
           for job, out in zip(chunk, outs):
             if out.error is not None:

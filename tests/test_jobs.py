@@ -127,19 +127,21 @@ def test_shared_segments_are_computed_once_and_reported(tmp_path):
 
 
 def test_plan_groups_requests_that_share_segments():
-  lines = [None] * 5
-  keys = [["a", "x"], ["b"], ["a", "y"], ["c"], ["b", "y"]]
-  segs = {k: np.arange(3) for k in "abcxy"}
-  steps = jobs.plan_job(lines, keys, segs, 2, "alone", True, lambda k: False)
-  # 0, 2, 4 and 1 are linked (a, y, b): one component, run together after warming a, b, y.
-  assert [(s.kind, len(s.items)) for s in steps] == [("warm", 3), ("run", 4), ("run", 1)]
-  assert steps[1].items == [0, 1, 2, 4] and steps[2].items == [3]
-  ctx = jobs.plan_job(lines, keys, segs, 8, "context", True, lambda k: False)
-  # Leaders compute each shared segment once, in rounds: 0 (a), 1 (b); then 2 (y: after 0, which
-  # it shares a with); 4 only reads b and y; 3 shares nothing.
-  assert [s.items for s in ctx] == [[0, 1], [2], [4, 3]]
-  assert jobs.plan_job(lines, keys, segs, 2, "off", True, lambda k: False)[0].items == \
-      [0, 1, 2, 3, 4]
+  keys = [["s", "a", "x"], ["s", "b"], ["s", "a", "y"], ["c"], ["s", "b", "y"], ["s", "a"]]
+
+  def plan(shared, batch_size=2):
+    return jobs.plan_job(keys, batch_size, shared, True, lambda k: False)
+
+  # 0, 1, 2, 4, 5 are linked (s, a, b, y): one component; inside it, grouped by the most specific
+  # shared segment (the one in the fewest requests; ties: the earlier), not by the system prompt
+  # s they all have: a (0, 5), b (1, 4), y (2, which shares it with 4, right before it).
+  alone = plan("alone")
+  assert alone.steps == [[0, 5, 1, 4, 2, 3]] and alone.warm == {"s", "a", "b", "y"}
+  # In context, in that order: leaders compute each shared segment once, in rounds: 0 (s, a);
+  # 1 (b) after 0, whose s it reads; 4 (y) after 1, whose b it reads; then 5, 2 and 3, which only
+  # read what the leaders computed (or nothing shared).
+  assert plan("context", 8).steps == [[0], [1], [4], [5, 2, 3]]
+  assert plan("off").steps == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_openai_completion_form_gives_the_tokens_of_ours(tmp_path):
