@@ -86,6 +86,8 @@ def test_cli_exit_status_and_summary(tmp_path, capsys, monkeypatch):
   _write(tmp_path / "req.jsonl", lines)  # fixed: the rerun has nothing left and no errors
   assert cli.main(args) == 0
   assert not os.path.exists(tmp_path / "res.errors.jsonl")
+  assert cli.main(args[:6] + [inp] + args[7:]) == 2  # the output would overwrite the input
+  assert "the output is the input file" in capsys.readouterr().err
   assert cli.main(["generate", "--model", "random:tiny", "--input", str(tmp_path / "nope"),
                    "--output", out, "--pool-gib", "0.002"]) == 2
 
