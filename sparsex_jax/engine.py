@@ -161,7 +161,8 @@ class Engine:
     if self.disk_cache is not None and self._autosave:
       try:
         self.save_cache()
-      except (OSError, persist.CacheError) as e:  # a full disk must not fail the requests
+      except Exception as e:  # pylint: disable=broad-except
+        # Saving is best effort: a full disk must not fail the requests it ran after.
         warnings.warn(f"segment cache not saved to {self.disk_cache.path}: {e}", stacklevel=3)
 
   def read_pages(self, pages) -> tuple[np.ndarray, np.ndarray]:

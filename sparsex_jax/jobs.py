@@ -656,7 +656,8 @@ def run_job(engine, input_path: str, output_path: str, *,
     raise ValueError(f"shared must be one of {SHARED}, got {shared!r}")
   if not is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-  if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+  if os.path.exists(input_path) and os.path.exists(output_path) and \
+      os.path.samefile(input_path, output_path):
     raise JobError(f"{output_path}: the output is the input file; give another --output")
   start = time.perf_counter()
   cfg = engine.config

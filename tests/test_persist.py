@@ -193,3 +193,16 @@ def test_two_writers_keep_each_others_segments(tmp_path):
   assert len(fresh) == 2
   np.testing.assert_array_equal(fresh.read(segment_key([5, 6])).k, ones)
   assert fresh.verify() == []
+
+
+def test_a_failed_save_warns_and_never_fails_the_requests(tmp_path, monkeypatch):
+  eng = _engine()
+  eng.use_cache_dir(tmp_path)
+
+  def full_disk(segments):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(eng.disk_cache, "save", full_disk)
+  with pytest.warns(UserWarning, match="segment cache not saved.*No space left"):
+    out = eng.generate([_request(0)], sx.SamplingParams(max_new_tokens=1))[0]
+  assert out.error is None and len(out.token_ids) == 1
