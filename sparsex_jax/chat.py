@@ -79,6 +79,22 @@ def _whole(tokenizer, plain, add_generation_prompt) -> list[Segment]:
   return [Segment(text)]
 
 
+def message_segments(tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
+  """The segment each message is when it is not a conversation's first (for most templates, the
+  same wherever it appears after the first): what to precompute so that a passage sent as a chat
+  message is a segment-cache hit, e.g. `engine.cache_segments(message_segments(tok,
+  [{"role": "user", "content": p} for p in passages]))`. Each is rendered after a placeholder
+  system message, so no template default (such as SmolLM2's system prompt) lands in it."""
+  out = []
+  for m in messages:
+    segs = chat_segments(tokenizer, [{"role": "system", "content": "-"}, m],
+                         add_generation_prompt=False)
+    if len(segs) != 2:
+      raise ValueError("this chat template cannot be cut into one segment per message")
+    out.append(segs[1])
+  return out
+
+
 def chat_request(tokenizer, messages: Sequence[Mapping[str, Any]], *, id=None,  # noqa: A002
                  sampling: SamplingParams | None = None,
                  add_generation_prompt: bool = True) -> Request:

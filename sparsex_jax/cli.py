@@ -109,6 +109,10 @@ def _add_cache_parser(sub) -> None:
                  help='JSONL, one passage a line: {"text": ...} or {"tokens": [...]} (other '
                       'fields such as "id" and "title" are ignored) or a JSON string')
   w.add_argument("--cache-dir", required=True)
+  w.add_argument("--as-message", metavar="ROLE",
+                 help="cache each passage as the segment of a chat message with this role (e.g. "
+                      "user): what requests that send passages as messages will look up; default: "
+                      "the text verbatim")
   _add_engine_args(w)
   w.add_argument("--no-progress", action="store_true")
   i = csub.add_parser("info", help="what a cache dir holds")
@@ -229,15 +233,21 @@ def _cache_warm(args) -> int:
   t0 = time.perf_counter()
   engine = _build_engine(args)
   disk = engine.use_cache_dir(args.cache_dir)
-  ids = [engine.tokenize(sx.Request([_passage_segment(p)]))[0][0] for p in passages]
-  todo = [p for p, i in zip(passages, ids) if segment_key(i) not in disk]
+  if args.as_message:
+    if engine.tokenizer is None or any(isinstance(p, list) for p in passages):
+      raise ValueError("--as-message needs text passages and a model with a chat template")
+    segments = sx.message_segments(engine.tokenizer,
+                                   [{"role": args.as_message, "content": p} for p in passages])
+  else:
+    segments = [sx.Segment(p) for p in passages]
+  ids = [engine.tokenize(sx.Request([seg]))[0][0] for seg in segments]
+  todo = [seg for seg, i in zip(segments, ids) if segment_key(i) not in disk]
   bar = None
   if not args.no_progress and todo:
     from tqdm import tqdm
     bar = tqdm(total=len(todo), unit="passage", file=sys.stderr, dynamic_ncols=True)
   for i in range(0, len(todo), args.batch_size):
-    engine.cache_segments([_passage_segment(p) for p in todo[i:i + args.batch_size]],
-                          batch_size=args.batch_size)
+    engine.cache_segments(todo[i:i + args.batch_size], batch_size=args.batch_size)
     if bar is not None:
       bar.update(len(todo[i:i + args.batch_size]))
   if bar is not None:
@@ -248,11 +258,6 @@ def _cache_warm(args) -> int:
         f"{info['segments']} segments, {info['tokens']} tokens, {info['bytes'] / 2**20:.1f} MiB "
         f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
   return EXIT_FAILED_LINES if bad else 0
-
-
-def _passage_segment(passage):
-  import sparsex_jax as sx
-  return sx.Segment(passage)
 
 
 def _cache_info(args) -> int:

@@ -46,6 +46,7 @@ def test_chat_segments_render_the_template_one_message_each(real_model):
   other = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
            {"role": "user", "content": PASSAGES[0], "cache": True}]
   assert sx.chat_segments(tok, other)[2] == segs[1]
+  assert sx.message_segments(tok, [messages[1]]) == [segs[1]]  # what to precompute
   assert not sx.chat_segments(tok, [dict(messages[1], cache=False)])[0].cache
   with pytest.raises(ValueError, match="message 0: unknown field"):
     sx.chat_segments(tok, [{"role": "user", "content": "x", "name": "y"}])

@@ -169,6 +169,8 @@ def test_cache_warm_and_info(tmp_path, monkeypatch, capsys):
   assert f"{corpus}:4: not valid JSON" in err and "3 passages computed and saved" in err
   assert cli.main(args) == 1
   assert "0 passages computed and saved, 3 already cached" in capsys.readouterr().err
+  assert cli.main(args + ["--as-message", "user"]) == 2  # token passages, no chat template
+  assert "--as-message needs text passages" in capsys.readouterr().err
   # `cache info` needs no model: a plain subprocess.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   info = subprocess.run([sys.executable, "-m", "sparsex_jax.cli", "cache", "info",
