@@ -140,11 +140,12 @@ class Engine:
   def use_cache_dir(self, path, save: bool = True) -> persist.SegmentDiskCache:
     """Ties this engine to a segment cache on disk: generate() loads the segments each batch needs
     from it (on demand, so the cache may be larger than the pool) and, with save=True, writes the
-    segments it adds after every batch. Raises persist.CacheError (naming the file) for a cache
-    of another model, dtype or page size, or a truncated file."""
+    segments it has and adds (now, then after every batch). Raises persist.CacheError (naming the
+    file) for a cache of another model, dtype or page size, or a truncated file."""
     fp = persist.fingerprint(self.config, self.params, self.layout.page_size)
     self.disk_cache = persist.SegmentDiskCache(path, fp)
     self._autosave = bool(save)
+    self._save_to_disk()  # what this engine cached before it had a cache dir
     return self.disk_cache
 
   def save_cache(self) -> int:
