@@ -2,8 +2,11 @@
 
 from sparsex_jax.api import (PrefillPlan, Request, RequestError, RequestOutput, RequestStats,
                              ReuseConfig, Segment)
+from sparsex_jax.chat import chat_request, chat_segments, message_segments
 from sparsex_jax.engine import Engine
+from sparsex_jax.kv.persist import CacheError
 from sparsex_jax.sampling import SamplingParams
 
-__all__ = ["Engine", "PrefillPlan", "Request", "RequestError", "RequestOutput", "RequestStats",
-           "ReuseConfig", "SamplingParams", "Segment"]
+__all__ = ["CacheError", "Engine", "PrefillPlan", "Request", "RequestError", "RequestOutput",
+           "RequestStats",
+           "ReuseConfig", "SamplingParams", "Segment", "chat_request", "chat_segments", "message_segments"]

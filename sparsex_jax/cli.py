@@ -1,60 +1,32 @@
-"""The `sparsex` command line: `sparsex demo` runs the embedded default model on CPU; `sparsex eval`
-runs the evaluation suite (sparsex_jax/evaluation, docs/evaluation.md)."""
+"""The `sparsex` command line.
+
+  sparsex demo                                   the embedded default model on CPU: reuse vs full
+  sparsex generate --input F --output O ...      an offline batch job over JSONL (jobs.py)
+  sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
+  sparsex cache info D                           what a segment cache on disk holds
+  sparsex eval [--quick] ...                     reuse quality of every method (docs/evaluation.md)
+
+Subcommands are thin: the work is in sparsex_jax/jobs.py, sparsex_jax/kv/persist.py and
+sparsex_jax/evaluation/.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-DEMO_PASSAGE = (
-    "The Lighthouse of Varnholm was built in 1887 on a granite skerry north of the harbour. "
-    "Its keeper for forty years, Ingrid Sol, kept a logbook of every storm, and the lamp was "
-    "converted from paraffin to electricity in 1931. Today the tower houses a small museum "
-    "about coastal shipping, open from May to September.")
-DEMO_QUESTION = "In which year was the lamp of the Lighthouse of Varnholm converted to electricity?"
-DEMO_QUESTION2 = "Who kept the logbook of the Lighthouse of Varnholm?"
-
-
-def _request(tok, passage, question, system=None):
-  """A chat turn whose passage is its own (cacheable) segment, cut out of the rendered template."""
-  import sparsex_jax as sx
-  messages = ([{"role": "system", "content": system}] if system else []) + [
-      {"role": "user", "content": f"{passage}\n\nQuestion: {question}"}]
-  head, tail = tok.apply_chat_template(messages, add_generation_prompt=True).split(passage, 1)
-  return sx.Request([sx.Segment(head, cache=False), sx.Segment(passage),
-                     sx.Segment(tail, cache=False)])
+from sparsex_jax.demo import PASSAGE as DEMO_PASSAGE
+from sparsex_jax.demo import QUESTION as DEMO_QUESTION
+from sparsex_jax.demo import QUESTION2 as DEMO_QUESTION2
+from sparsex_jax.jobs import SHARED
+from sparsex_jax.policy import REUSE_MODES
 
 
 def _demo(args) -> int:
-  import sparsex_jax as sx
-
-  t0 = time.perf_counter()
-  engine = sx.Engine.from_pretrained(args.model)
-  tok = engine.tokenizer
-  sampling = sx.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
-  sparsex = sx.ReuseConfig("sparsex")
-  print(f"model: {engine.config.name} ({engine.config.num_params() / 1e6:.0f}M params), "
-        f"loaded in {time.perf_counter() - t0:.1f} s, device: {engine.pool['k'].device}")
-  print(f"passage: {args.passage}\n")
-
-  # First turn: nothing is cached yet, so this is a full prefill; the passage's KV is stored.
-  first = engine.generate([_request(tok, args.passage, args.question)], sampling, sparsex)[0]
-  print(f"Q: {args.question}\nA: {first.text.strip()}")
-  print(f"time to first token: {first.stats.ttft_s:.3f} s ({first.stats.n_prompt} prompt tokens, "
-        f"first call: includes compilation)\n")
-
-  # Second turn, another system prompt: the passage sits at other positions after other
-  # context, so SparseX re-rotates its cached KV and recomputes only the important tokens.
-  second = _request(tok, args.passage, args.question2, system="You answer in one short sentence.")
-  for label, reuse in (("full prefill", sx.ReuseConfig("full")), ("sparsex reuse", sparsex)):
-    engine.generate([second], sampling, reuse)  # compiles this shape
-    out = engine.generate([second], sampling, reuse)[0]
-    s = out.stats
-    print(f"{label:13s} ttft {s.ttft_s * 1e3:7.1f} ms | tokens: exact {s.n_exact}, reused "
-          f"{s.n_reused}, new {s.n_new}, recomputed {s.n_recomputed}")
-    print(f"  Q: {args.question2}\n  A: {out.text.strip()}")
-  return 0
+  from sparsex_jax import demo
+  return demo.run(args.model, args.passage, args.question, args.question2, args.max_new_tokens)
 
 
 def main(argv=None) -> int:
@@ -67,6 +39,8 @@ def main(argv=None) -> int:
   demo.add_argument("--question", default=DEMO_QUESTION)
   demo.add_argument("--question2", default=DEMO_QUESTION2)
   demo.add_argument("--max-new-tokens", type=int, default=32)
+  _add_generate_parser(sub)
+  _add_cache_parser(sub)
   ev = sub.add_parser("eval", help="reuse quality of every method on four workloads "
                       "(docs/evaluation.md)")
   from sparsex_jax.evaluation import runner
@@ -80,10 +54,250 @@ def main(argv=None) -> int:
   try:
     if args.command == "eval":
       return runner.run(args, argv[1:])
-    return {"demo": _demo}[args.command](args)
-  except (ValueError, FileNotFoundError) as e:
+    return {"demo": _demo, "generate": _generate, "cache": _cache}[args.command](args)
+  except (ValueError, FileNotFoundError) as e:  # CacheError is a ValueError naming the file
     print(f"sparsex: error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------
+# generate and cache (batch jobs)
+# ------------------------------------------------------------------------------------------------
+
+EXIT_FAILED_LINES = 1  # the job ran, some lines failed (see the errors file)
+EXIT_USAGE = 2  # bad arguments, a model or cache that cannot be used
+
+
+def _add_engine_args(p) -> None:
+  p.add_argument("--model", default="smollm2-135m",
+                 help="smollm2-135m (embedded), a .gguf file, a Hugging Face folder, or "
+                      "random:PRESET (random weights at a preset's shapes, token ids only)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="auto: float32 on CPU, bfloat16 on GPU")
+  p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (power of 2)")
+  p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
+  pool = p.add_mutually_exclusive_group()
+  pool.add_argument("--pool-gib", type=float, help="KV pool size in GiB (default 1)")
+  pool.add_argument("--pool-fraction", type=float,
+                    help="KV pool as a fraction of the device memory free after loading the model")
+
+
+def _add_generate_parser(sub) -> None:
+  g = sub.add_parser("generate", help="run a JSONL file of requests (resumable)",
+                     description="Runs every request of a JSONL file and writes one result line "
+                                 "per request; rerun the same command to resume. See "
+                                 "docs/BATCH.md for both input forms.")
+  g.add_argument("--input", required=True, help="requests, one JSON object per line")
+  g.add_argument("--output", required=True,
+                 help="results JSONL (appended to; the ids already in it are skipped)")
+  _add_engine_args(g)
+  g.add_argument("--reuse", default="sparsex", choices=REUSE_MODES, help="reuse mode")
+  g.add_argument("--ratio", type=float, default=0.15, help="recompute ratio r")
+  g.add_argument("--threshold", type=int, default=None, help="layer threshold T (mode default)")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0,
+                 help="job seed; a request without its own seed samples with one derived from "
+                      "this and its id")
+  g.add_argument("--cache-dir", help="segment cache on disk: loaded on demand, new segments saved")
+  g.add_argument("--shared", default="alone", choices=SHARED,
+                 help="segments shared by several requests: computed once alone at position 0 "
+                      "before them (alone), in context by the first request (context), or as "
+                      "they come (off)")
+  g.add_argument("--errors", help="errors file (default: beside the output, NAME.errors.jsonl)")
+  g.add_argument("--summary-json", help="also write the summary as JSON here")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_cache_parser(sub) -> None:
+  c = sub.add_parser("cache", help="segment cache on disk: warm, info")
+  csub = c.add_subparsers(dest="cache_command", required=True)
+  w = csub.add_parser("warm", help="precompute a corpus of passages into a cache dir")
+  w.add_argument("--corpus", required=True,
+                 help='JSONL, one passage a line: {"text": ...} or {"tokens": [...]} (other '
+                      'fields such as "id" and "title" are ignored) or a JSON string')
+  w.add_argument("--cache-dir", required=True)
+  w.add_argument("--as-message", metavar="ROLE",
+                 help="cache each passage as the segment of a chat message with this role (e.g. "
+                      "user): what requests that send passages as messages will look up; default: "
+                      "the text verbatim")
+  _add_engine_args(w)
+  w.add_argument("--no-progress", action="store_true")
+  i = csub.add_parser("info", help="what a cache dir holds")
+  i.add_argument("cache_dir")
+  i.add_argument("--verify", action="store_true", help="check every file's size and checksum")
+  i.add_argument("--repair", action="store_true",
+                 help="drop entries whose files are missing, truncated or corrupted")
+  i.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _free_device_bytes() -> int:
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # CPU: free host memory
+
+
+def _build_engine(args):
+  """The engine the flags describe (model, dtype, page size, pool size, batch size)."""
+  import jax
+
+  import sparsex_jax as sx
+  from models import llama
+  from models.config import get_config
+  from models.loaders import load_model
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if args.page_size < 1 or args.page_size & (args.page_size - 1):
+    raise ValueError(f"--page-size must be a power of two, got {args.page_size}")
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+  if args.model.startswith("random:"):
+    cfg = get_config(args.model.split(":", 1)[1], dtype=dtype)
+    config, params, tokenizer = cfg, llama.init_params(cfg, 0), None
+  else:
+    config, params, tokenizer = load_model(args.model, dtype=dtype)
+  pool_bytes = None
+  if args.pool_gib is not None:
+    if args.pool_gib <= 0:
+      raise ValueError(f"--pool-gib must be > 0, got {args.pool_gib}")
+    pool_bytes = int(args.pool_gib * 2**30)
+  elif args.pool_fraction is not None:
+    if not 0 < args.pool_fraction <= 1:
+      raise ValueError(f"--pool-fraction must be in (0, 1], got {args.pool_fraction}")
+    pool_bytes = int(args.pool_fraction * _free_device_bytes())
+  return sx.Engine(config, params, tokenizer, page_size=args.page_size,
+                   kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size)
+
+
+def _generate(args) -> int:
+  import json
+
+  import sparsex_jax as sx
+  from sparsex_jax import jobs
+  if not os.path.exists(args.input):
+    raise FileNotFoundError(f"{args.input}: no such input file")
+  reuse = sx.ReuseConfig(args.reuse, recompute_ratio=args.ratio, layer_threshold=args.threshold)
+  defaults = jobs.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+  sx.SamplingParams(defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed)
+  engine = _build_engine(args)
+  if args.cache_dir:
+    engine.use_cache_dir(args.cache_dir)
+  try:
+    summary = jobs.run_job(engine, args.input, args.output, reuse=reuse, defaults=defaults,
+                           batch_size=args.batch_size, shared=args.shared,
+                           errors_path=args.errors, progress=not args.no_progress,
+                           model_name=args.model)
+  except jobs.JobError as e:
+    print(f"sparsex: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  print(summary.text(), file=sys.stderr)
+  if args.summary_json:
+    with open(args.summary_json, "w", encoding="utf-8") as f:
+      json.dump(summary.as_dict(), f, indent=1)
+  if summary.interrupted:
+    return 130
+  return EXIT_FAILED_LINES if summary.failed else 0
+
+
+def _read_corpus(path: str) -> tuple[list, list[str]]:
+  """Passages of a corpus file (text or token lists) and one message per bad line."""
+  import json
+  passages, bad = [], []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except ValueError as e:
+        bad.append(f"{path}:{n}: not valid JSON ({e})")
+        continue
+      if isinstance(obj, dict):
+        obj = obj.get("text", obj.get("tokens"))
+      ok = (isinstance(obj, str) and obj.strip()) or (
+          isinstance(obj, list) and obj and all(isinstance(t, int) and t >= 0 for t in obj))
+      if not ok:
+        bad.append(f"{path}:{n}: a passage needs non-empty \"text\" (or \"tokens\")")
+        continue
+      passages.append(obj)
+  return passages, bad
+
+
+def _cache(args) -> int:
+  return {"warm": _cache_warm, "info": _cache_info}[args.cache_command](args)
+
+
+def _cache_warm(args) -> int:
+  import sparsex_jax as sx
+  from sparsex_jax.kv.segment_cache import segment_key
+  if not os.path.exists(args.corpus):
+    raise FileNotFoundError(f"{args.corpus}: no such corpus file")
+  passages, bad = _read_corpus(args.corpus)
+  for msg in bad:
+    print(msg, file=sys.stderr)
+  t0 = time.perf_counter()
+  engine = _build_engine(args)
+  disk = engine.use_cache_dir(args.cache_dir)
+  if args.as_message:
+    if engine.tokenizer is None or any(isinstance(p, list) for p in passages):
+      raise ValueError("--as-message needs text passages and a model with a chat template")
+    segments = sx.message_segments(engine.tokenizer,
+                                   [{"role": args.as_message, "content": p} for p in passages])
+  else:
+    segments = [sx.Segment(p) for p in passages]
+  ids = [engine.tokenize(sx.Request([seg]))[0][0] for seg in segments]
+  todo = [seg for seg, i in zip(segments, ids) if segment_key(i) not in disk]
+  bar = None
+  if not args.no_progress and todo:
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), unit="passage", file=sys.stderr, dynamic_ncols=True)
+  for i in range(0, len(todo), args.batch_size):
+    engine.cache_segments(todo[i:i + args.batch_size], batch_size=args.batch_size)
+    if bar is not None:
+      bar.update(len(todo[i:i + args.batch_size]))
+  if bar is not None:
+    bar.close()
+  info = disk.info()
+  print(f"{args.cache_dir}: {len(todo)} passages computed and saved, "
+        f"{len(passages) - len(todo)} already cached, {len(bad)} bad lines; the cache now holds "
+        f"{info['segments']} segments, {info['tokens']} tokens, {info['bytes'] / 2**20:.1f} MiB "
+        f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+  return EXIT_FAILED_LINES if bad else 0
+
+
+def _cache_info(args) -> int:
+  import json
+
+  from sparsex_jax.kv import persist
+  if args.repair:
+    for msg in persist.repair(args.cache_dir):
+      print(msg, file=sys.stderr)
+  info = persist.read_info(args.cache_dir)
+  problems = persist.check_files(args.cache_dir) if (args.verify or args.repair) else []
+  files = info.pop("files")
+  if args.json:
+    print(json.dumps(info | {"problems": problems}, indent=1))
+  else:
+    fp = info["fingerprint"]
+    print(f"{info['path']}: {info['segments']} segments, {info['tokens']} tokens, "
+          f"{info['bytes'] / 2**20:.1f} MiB on disk ({info['computed_alone']} computed alone, "
+          f"{info['segments'] - info['computed_alone']} in context)")
+    print(f"model {fp.get('model')}, dtype {fp.get('dtype')}, page size {fp.get('page_size')}, "
+          f"weights {fp.get('weights')}, fingerprint {fp.get('digest')}")
+    if files:
+      longest = max(files.values(), key=lambda r: r["n_tokens"])
+      print(f"segments of {min(r['n_tokens'] for r in files.values())} to "
+            f"{longest['n_tokens']} tokens")
+    if args.verify or args.repair:
+      print("all files verified (size, sha256)" if not problems else
+            f"{len(problems)} bad file(s):")
+  for msg in problems:
+    print(msg, file=sys.stderr)
+  return EXIT_FAILED_LINES if problems else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from models.config import ModelConfig, get_config
 from pallas_kernels.ops import resolve_backend
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
-from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout
+from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout, persist
+from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.planner import NEW, RequestPlan
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
 from sparsex_jax.validation import is_int
@@ -52,6 +53,7 @@ class Engine:
     self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate)
     self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
+    self._disk: persist.DiskLink | None = None  # use_cache_dir()
     if backend == "reference" and config.dtype in ("bfloat16", "float16") and _cpu_only():
       warnings.warn(f"a {config.dtype} engine on CPU runs about 100x slower than float32 (XLA's "
                     f"CPU backend emulates it); pass dtype='float32' on CPU", stacklevel=2)
@@ -100,22 +102,72 @@ class Engine:
     for i, request in enumerate(requests):
       try:
         sp = getattr(request, "sampling", None) or sampling
-        jobs.append(scheduler.Job(i, request.id, tokenize(request, self.tokenizer, self.config, sp.max_new_tokens), sp))
+        prompt = tokenize(request, self.tokenizer, self.config, sp.max_new_tokens)
+        jobs.append(scheduler.Job(i, request.id, prompt, sp))
       except (ValueError, TypeError) as e:
         outputs.fail(i, getattr(request, "id", None), e)
-    scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs,
-                  lambda chunk, leases: self._generate_batch(chunk, leases, policy),
-                  self.kv.recover)
+    prepare = None
+    if self._disk is not None and policy.reads_segment_cache:
+      prepare = lambda chunk: self._disk.load_for([j.prompt for j in chunk])  # noqa: E731
+
+    def run_batch(chunk, leases):
+      done = self._generate_batch(chunk, leases, policy)
+      if self._disk is not None:  # per batch: a later batch may evict what this one added
+        self._disk.autosave()
+      return done
+
+    scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs, run_batch,
+                  self.kv.recover, prepare)
     return list(outputs)
+
+  def chat_request(self, messages, *, id=None, sampling: SamplingParams | None = None,  # noqa: A002
+                   add_generation_prompt: bool = True) -> Request:
+    """A Request from chat messages, one segment per message, rendered with this model's chat
+    template (sparsex_jax/chat.py): a message that recurs is reused from the segment cache."""
+    from sparsex_jax.chat import chat_request
+    return chat_request(self.tokenizer, messages, id=id, sampling=sampling,
+                        add_generation_prompt=add_generation_prompt)
+
+  def tokenize(self, request: Request) -> list[tuple[np.ndarray, bool]]:
+    """(token ids, cacheable) of each segment of `request`, as generate() will see them."""
+    return [(segment_ids(s, self.tokenizer).astype(np.int32), s.cache) for s in request.segments]
+
+  # ------------------------------------------------------------------------------------------
+  # the segment cache on disk (sparsex_jax/kv/persist.py)
+  # ------------------------------------------------------------------------------------------
+
+  def use_cache_dir(self, path, save: bool = True) -> persist.SegmentDiskCache:
+    """Ties this engine to a segment cache on disk: generate() loads the segments each batch needs
+    from it (on demand, so the cache may be larger than the pool) and, with save=True, writes the
+    segments it has and adds (now, then after every batch). Raises persist.CacheError (naming the
+    file) for a cache of another model, dtype or page size, or a truncated file."""
+    fp = persist.fingerprint(self.config, self.params, self.layout.page_size)
+    self._disk = persist.DiskLink(persist.SegmentDiskCache(path, fp), self.store, self.kv, save)
+    self._disk.autosave()  # what this engine cached before it had a cache dir
+    return self._disk.cache
+
+  @property
+  def disk_cache(self) -> persist.SegmentDiskCache | None:
+    return self._disk.cache if self._disk is not None else None
+
+  def save_cache(self) -> int:
+    """Writes the in-memory segments missing from the cache dir; returns how many."""
+    if self._disk is None:
+      raise ValueError("no cache dir: call use_cache_dir(path) first")
+    return self._disk.save()
 
   def prefill_logits(self, request: Request, reuse: ReuseConfig = ReuseConfig(),
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
     prompt = tokenize(request, self.tokenizer, self.config, 0)
+    if self._disk is not None and policy.reads_segment_cache:
+      self._disk.load_for([prompt])
     with self.store.acquire([prompt], policy, 0) as leases, self._recovering():
       plans, out, _ = self._prefill([prompt], leases, policy)
       logits = np.asarray(out.logits[0], np.float32)
+    if self._disk is not None:
+      self._disk.autosave()
     if not return_plan:
       return logits
     return logits, planner.describe(plans[0], out.scores[0], out.selected[0], out.kept[0], policy)
@@ -134,6 +186,8 @@ class Engine:
       key = ids.tobytes()
       if key in seen or self.store.contains_segment(ids):
         continue
+      if self.disk_cache is not None and segment_key(ids) in self.disk_cache:
+        continue  # on disk: loaded when a request needs it
       seen.add(key)
       todo.append(Prompt((ids,), (True,)))
     full = ReuseConfig("full").resolve(self.config)
@@ -154,6 +208,7 @@ class Engine:
         for prompt, lease in zip(chunk, leases):
           self.store.keep_alone(prompt, lease)
       i += size
+      self._save_to_disk()
     return len(todo)
 
   def clear_caches(self) -> int:

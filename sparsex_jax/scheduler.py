@@ -48,13 +48,17 @@ class Outputs(list):
 
 
 def batches(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size: int,
-            outputs: Outputs) -> Iterator[tuple[list[Job], Leases]]:
-  """Batches that fit the pool, with their leases (release them with `with`)."""
+            outputs: Outputs, prepare: Callable[[list[Job]], object] | None = None
+            ) -> Iterator[tuple[list[Job], Leases]]:
+  """Batches that fit the pool, with their leases (release them with `with`). `prepare(chunk)`
+  runs before a chunk's lookups (the engine loads its segments from a disk cache there)."""
   i = 0
   while i < len(jobs):
     size = min(max_batch_size, len(jobs) - i)
     while True:
       chunk = list(jobs[i:i + size])
+      if prepare is not None:
+        prepare(chunk)
       try:
         leases = store.acquire([j.prompt for j in chunk], policy,
                                [j.sampling.max_new_tokens for j in chunk])
@@ -73,9 +77,10 @@ def batches(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_
 
 def run(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size: int,
         outputs: Outputs, run_batch: Callable[[list[Job], Leases], list[RequestOutput]],
-        recover: Callable[[], object]) -> None:
+        recover: Callable[[], object], prepare: Callable[[list[Job]], object] | None = None
+        ) -> None:
   """Runs every job; `recover` restores the device state after a failed batch."""
-  for chunk, leases in batches(store, jobs, policy, max_batch_size, outputs):
+  for chunk, leases in batches(store, jobs, policy, max_batch_size, outputs, prepare):
     try:
       with leases:
         done = run_batch(chunk, leases)
@@ -85,7 +90,7 @@ def run(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size
         outputs.fail(chunk[0].index, chunk[0].request_id, e)
       else:
         for job in chunk:
-          run(store, [job], policy, 1, outputs, run_batch, recover)
+          run(store, [job], policy, 1, outputs, run_batch, recover, prepare)
       continue
     for job, out in zip(chunk, done):
       outputs[job.index] = out

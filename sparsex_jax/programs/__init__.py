@@ -3,7 +3,8 @@
 Each takes the KV pool first, donates it, and returns (pool, outputs):
 - prefill.prefill: the one prefill of every reuse policy;
 - decode.decode_step: one token per sequence;
-- copy.copy_slots: K/V moved between slots unchanged.
+- copy.copy_slots: K/V moved between slots unchanged; copy.read_pages / write_pages: whole
+  pages to and from the host (the persistent segment cache).
 `KVPool` owns the device pool and is the only place that swaps it for a program's output.
 """
 
@@ -12,9 +13,15 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 
 from models.config import ModelConfig
 from sparsex_jax.kv.layout import PoolLayout
+
+
+def _pow2(n: int) -> int:
+  """Padded page counts: a bounded set of compiled shapes."""
+  return 1 << max(0, (n - 1).bit_length())
 
 
 class CompileLog:
@@ -65,6 +72,25 @@ class KVPool:
       raise
     self.arrays = pool
     return out
+
+  def read_pages(self, pages) -> tuple[np.ndarray, np.ndarray]:
+    """K, V [L, K, n, S, H] of whole pool pages, on the host (kv/persist.py's PageIO)."""
+    from sparsex_jax.programs.copy import read_pages
+    pages = np.asarray(pages, np.int32)
+    padded = np.zeros(_pow2(pages.size), np.int32)  # padding reads the null page, dropped below
+    padded[:pages.size] = pages
+    k, v = self.run(read_pages, padded)
+    return np.asarray(k)[:, :, :pages.size], np.asarray(v)[:, :, :pages.size]
+
+  def write_pages(self, pages, k, v) -> None:
+    """Writes K, V [L, K, n, S, H] into whole pool pages (kv/persist.py's PageIO)."""
+    from sparsex_jax.programs.copy import write_pages
+    pages = np.asarray(pages, np.int32)
+    n = _pow2(pages.size)
+    padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
+    padded[:pages.size] = pages
+    pad = [(0, 0), (0, 0), (0, n - pages.size), (0, 0), (0, 0)]
+    self.run(write_pages, padded, np.pad(k, pad), np.pad(v, pad))
 
   def is_valid(self) -> bool:
     """False when the pool was donated to a program that failed, or holds a failed result."""

@@ -18,3 +18,23 @@ def copy_slots(pool, src_slots, dst_slots):
   """
   k, v = gather_kv(pool, src_slots)
   return scatter_kv(pool, dst_slots, k, v), None
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def read_pages(pool, pages):
+  """K and V of whole pages [n] of every layer -> (pool, (k, v)), each [L, K, n, S, H].
+
+  The pool is returned unchanged (donated and aliased, so reading does not copy the pool). Pad
+  `pages` with the null page 0; the caller drops those rows.
+  """
+  return pool, (pool["k"][:, :, pages], pool["v"][:, :, pages])
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def write_pages(pool, pages, k, v):
+  """Writes K and V [L, K, n, S, H] into whole pages [n] -> (pool, None).
+
+  Pad `pages` with num_pages (out of range): those writes are dropped (a -1 would wrap).
+  """
+  return {"k": pool["k"].at[:, :, pages].set(k.astype(pool["k"].dtype), mode="drop"),
+          "v": pool["v"].at[:, :, pages].set(v.astype(pool["v"].dtype), mode="drop")}, None
