@@ -208,7 +208,8 @@ class Engine:
         for prompt, lease in zip(chunk, leases):
           self.store.keep_alone(prompt, lease)
       i += size
-      self._save_to_disk()
+      if self._disk is not None:
+        self._disk.autosave()
     return len(todo)
 
   def clear_caches(self) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 from sparsex_jax.api import Request, RequestOutput, Segment
 from sparsex_jax.chat import chat_segments
 from sparsex_jax.kv.segment_cache import segment_key
-from sparsex_jax.planner import check_prompt
+from sparsex_jax.prompt import check_prompt
 from sparsex_jax.policy import ReuseConfig
 from sparsex_jax.sampling import SamplingParams
 from sparsex_jax.validation import is_int

@@ -241,13 +241,15 @@ def test_bad_inputs_fail_clearly(tmp_path, real_tokenizer):
 def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
   grid = mth.method_grid(mth.FAMILIES, 30)
   labels = [m.label for m in grid]
-  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25
+  # baselines, the paper rule's 5 x 5 grid, and the default (another rule: its own label)
+  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25 + 1
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
           "sparsex r=0.15 T=4", "sparsex r=0.05 T=0", "sparsex r=0.30 T=8"} <= set(labels)
   assert all(not m.config.update_caches for m in grid)
-  assert mth.default_method(30).label == "sparsex r=0.15 T=4"
+  assert mth.default_method(30).label == "sparsex[axd+heads2] r=0.15 T=4"
   assert [m.label for m in mth.method_grid(["naive", "sparsex"], 3, [0.1], [2, 8])] == [
-      "full", "naive", "sparsex r=0.15 T=3", "sparsex r=0.10 T=2"]  # T=8 > depth: dropped
+      "full", "naive", "sparsex[axd+heads2] r=0.15 T=3",
+      "sparsex r=0.10 T=2"]  # T=8 > depth: dropped
   with pytest.raises(ValueError, match="unknown method"):
     mth.method_grid(["magic"], 30)
 
