@@ -241,15 +241,19 @@ def test_bad_inputs_fail_clearly(tmp_path, real_tokenizer):
 def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
   grid = mth.method_grid(mth.FAMILIES, 30)
   labels = [m.label for m in grid]
-  # baselines, the paper rule's 5 x 5 grid, and the default (another rule: its own label)
-  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25 + 1
+  # baselines and the default rule's 5 x 5 grid (the default is one of its points)
+  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
-          "sparsex r=0.15 T=4", "sparsex r=0.05 T=0", "sparsex r=0.30 T=8"} <= set(labels)
+          "sparsex[axd+heads2] r=0.15 T=4", "sparsex[axd+heads2] r=0.30 T=8"} <= set(labels)
+  # at T = 0 the rule resolves to attention alone with segment heads (no deviation at layer 0)
+  assert "sparsex[axd+heads2] r=0.05 T=0" in labels
+  paper = [m.label for m in mth.method_grid(["sparsex"], 30, [0.15], [4], variants=[""])]
+  assert paper == ["full", "sparsex[axd+heads2] r=0.15 T=4", "sparsex r=0.15 T=4"]
   assert all(not m.config.update_caches for m in grid)
   assert mth.default_method(30).label == "sparsex[axd+heads2] r=0.15 T=4"
   assert [m.label for m in mth.method_grid(["naive", "sparsex"], 3, [0.1], [2, 8])] == [
       "full", "naive", "sparsex[axd+heads2] r=0.15 T=3",
-      "sparsex r=0.10 T=2"]  # T=8 > depth: dropped
+      "sparsex[axd+heads2] r=0.10 T=2"]  # T=8 > depth: dropped
   with pytest.raises(ValueError, match="unknown method"):
     mth.method_grid(["magic"], 30)
 
@@ -257,7 +261,7 @@ def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
 def _fake_run(path, n=12, seed=0):
   """A raw eval JSON with made-up numbers: naive KL ~ 0.2, sparsex halves it, epic better."""
   rng = np.random.default_rng(seed)
-  methods = mth.method_grid(["naive", "epic", "sparsex"], 30, [0.15, 0.3], [2, 4])
+  methods = mth.method_grid(["naive", "epic", "sparsex"], 30, [0.15, 0.3], [2, 4], variants=[""])
   meta = {"device": "cpu", "platform": "cpu", "jax": "x", "python": "3", "date": "d",
           "command": "sparsex eval --fake", "model": "m", "model_name": "m", "dtype": "float32",
           "split": "test", "workloads": ["needle", "chat"], "default_label": "sparsex r=0.15 T=4",

@@ -63,6 +63,9 @@ def _variant_of(config: sx.ReuseConfig) -> str:
   return "+".join(f"{k}={v}" for k, v in options.items())
 
 
+DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axd+heads2"
+
+
 def _resolved(config: sx.ReuseConfig, n_layers: int):
   # resolve() reads only the model's depth
   return config.resolve(types.SimpleNamespace(n_layers=n_layers))
@@ -81,7 +84,7 @@ def default_method(n_layers: int) -> Method:
 
 def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] = GRID_RATIOS,
                 thresholds: Sequence[int] = GRID_THRESHOLDS, baseline_ratio: float = 0.15,
-                variants: Sequence[str] = ("",)) -> list[Method]:
+                variants: Sequence[str] = (DEFAULT_VARIANT,)) -> list[Method]:
   """full first (the reference), then the asked baselines, then sparsex over ratios x
   thresholds, plus the sparsex default whenever sparsex is asked for. Thresholds deeper than
   the model are dropped."""
@@ -123,8 +126,6 @@ def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] 
       for r in ratios:
         for v in variants:
           opts = VARIANTS[v]
-          if t == 0 and opts.get("importance_signal") == "attention_x_deviation":
-            continue  # no deviation at T = 0: every reused K/V is exact at layer 0
           family = f"sparsex[{v}]" if v else "sparsex"
           grid.append(Method(_label(family, r, t), "sparsex",
                              sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,

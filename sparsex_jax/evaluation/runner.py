@@ -55,9 +55,10 @@ def add_arguments(p: argparse.ArgumentParser):
                  + ",".join(f"{r:g}" for r in mth.GRID_RATIOS) + ")")
   p.add_argument("--thresholds", default=None, help="sparsex layer thresholds (default "
                  + ",".join(str(t) for t in mth.GRID_THRESHOLDS) + ")")
-  p.add_argument("--variants", default="",
-                 help="comma-separated sparsex selection variants to run at every (r, T), from "
-                      + ", ".join(repr(k) for k in mth.VARIANTS) + " ('' = the paper's rule)")
+  p.add_argument("--variants", default=mth.DEFAULT_VARIANT,
+                 help="comma-separated sparsex selection rules to run at every (r, T), from "
+                      + ", ".join(repr(k) for k in mth.VARIANTS) + " ('' = the paper's rule; "
+                      f"default {mth.DEFAULT_VARIANT!r}, the default rule)")
   p.add_argument("--baseline-ratio", type=float, default=0.15,
                  help="recompute ratio of cacheblend, epic and random")
   p.add_argument("--max-new-tokens", type=int, default=None,
@@ -238,7 +239,7 @@ def run(args, argv: list[str], engine=None) -> int:
   if tok is None:
     raise ValueError(f"{args.model}: the model has no tokenizer; the workloads need text")
   n_layers = engine.config.n_layers
-  variants = [v.strip() for v in args.variants.split(",")] if args.variants else [""]
+  variants = [v.strip() for v in args.variants.split(",")]
   methods = mth.method_grid(families, n_layers, ratios, thresholds, args.baseline_ratio,
                             variants)
   sizes = wl.Sizes.quick() if args.quick else wl.Sizes()
