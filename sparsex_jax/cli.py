@@ -249,7 +249,7 @@ def _cache_warm(args) -> int:
                                    [{"role": args.as_message, "content": p} for p in passages])
   else:
     segments = [sx.Segment(p) for p in passages]
-  ids = [engine.tokenize(sx.Request([seg]))[0][0] for seg in segments]
+  ids = [engine.tokenize(sx.Request([seg])).segments[0] for seg in segments]
   todo = [seg for seg, i in zip(segments, ids) if segment_key(i) not in disk]
   bar = None
   if not args.no_progress and todo:

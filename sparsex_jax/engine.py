@@ -21,7 +21,7 @@ from models.config import ModelConfig, get_config
 from pallas_kernels.ops import resolve_backend
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
-from sparsex_jax.kv import KVStore, Leases, PoolExhausted, PoolLayout, persist
+from sparsex_jax.kv import KVStore, Leases, PoolLayout, persist
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.planner import NEW, RequestPlan
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
@@ -128,9 +128,10 @@ class Engine:
     return chat_request(self.tokenizer, messages, id=id, sampling=sampling,
                         add_generation_prompt=add_generation_prompt)
 
-  def tokenize(self, request: Request) -> list[tuple[np.ndarray, bool]]:
-    """(token ids, cacheable) of each segment of `request`, as generate() will see them."""
-    return [(segment_ids(s, self.tokenizer).astype(np.int32), s.cache) for s in request.segments]
+  def tokenize(self, request: Request, max_new_tokens: int = 0) -> Prompt:
+    """`request` tokenized as generate() will see it (checked against the vocabulary and the
+    context with room for max_new_tokens)."""
+    return tokenize(request, self.tokenizer, self.config, max_new_tokens)
 
   # ------------------------------------------------------------------------------------------
   # the segment cache on disk (sparsex_jax/kv/persist.py)
@@ -193,18 +194,13 @@ class Engine:
     full = ReuseConfig("full").resolve(self.config)
     i = 0
     while i < len(todo):  # like generate: a batch the pool cannot hold is halved
-      size = min(batch_size, len(todo) - i)
-      while True:
-        try:
-          leases = self.store.acquire(todo[i:i + size], full, max_new_tokens=0)
-          break
-        except PoolExhausted:
-          if size == 1:
-            raise
-          size //= 2
+      head = todo[i:i + batch_size]
+      size, leases, error = scheduler.lease_largest(self.store, head, full, [0] * len(head))
+      if leases is None:
+        raise error
       chunk = todo[i:i + size]
       with leases, self._recovering():
-        plans, _, _ = self._prefill(chunk, leases, full)
+        self._prefill(chunk, leases, full)
         for prompt, lease in zip(chunk, leases):
           self.store.keep_alone(prompt, lease)
       i += size

@@ -31,12 +31,10 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from sparsex_jax.api import Request, RequestOutput, Segment
 from sparsex_jax.chat import chat_segments
 from sparsex_jax.kv.segment_cache import segment_key
-from sparsex_jax.prompt import check_prompt
 from sparsex_jax.policy import ReuseConfig
 from sparsex_jax.sampling import SamplingParams
 from sparsex_jax.validation import is_int
@@ -715,15 +713,14 @@ def run_job(engine, input_path: str, output_path: str, *,
     runnable, keys, segments, count = [], [], {}, {}
     for job in lines:
       try:
-        spans = engine.tokenize(job.request)
-        check_prompt(cfg, np.concatenate([ids for ids, _ in spans]),
-                     (job.request.sampling or SamplingParams()).max_new_tokens)
+        prompt = engine.tokenize(job.request,
+                                 (job.request.sampling or SamplingParams()).max_new_tokens)
       except (ValueError, TypeError) as e:
         if job.key not in writer.done:
           fail(job.line, job.id, str(e))
         continue
       ks = []
-      for ids, cacheable in spans:
+      for ids, cacheable in zip(prompt.segments, prompt.cacheable):
         if cacheable:
           k = segment_key(ids)
           segments.setdefault(k, ids)

@@ -47,31 +47,40 @@ class Outputs(list):
     self[index] = RequestOutput.failed(request_id, str(error))
 
 
+def lease_largest(store: KVStore, prompts: Sequence[Prompt], policy: ReusePolicy,
+                  max_new_tokens: Sequence[int], before: Callable[[int], object] | None = None
+                  ) -> tuple[int, Leases | None, Exception | None]:
+  """Leases the first `size` prompts, halving size until the pool holds them:
+  (size, leases, None), or (1, None, error) when even the first prompt alone does not fit.
+  `before(size)` runs before each try; what it raises is not a lease failure and propagates."""
+  size = len(prompts)
+  while True:
+    if before is not None:
+      before(size)
+    try:
+      return size, store.acquire(prompts[:size], policy, max_new_tokens[:size]), None
+    except (PoolExhausted, ValueError) as e:
+      if size == 1:
+        return 1, None, e
+      size //= 2
+
+
 def batches(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size: int,
             outputs: Outputs, prepare: Callable[[list[Job]], object] | None = None
             ) -> Iterator[tuple[list[Job], Leases]]:
   """Batches that fit the pool, with their leases (release them with `with`). `prepare(chunk)`
-  runs before a chunk's lookups (the engine loads its segments from a disk cache there)."""
+  runs before a chunk's lookups (the engine loads its segments from a disk cache there). A
+  request that fits nowhere fails alone."""
   i = 0
   while i < len(jobs):
-    size = min(max_batch_size, len(jobs) - i)
-    while True:
-      chunk = list(jobs[i:i + size])
-      if prepare is not None:
-        prepare(chunk)
-      try:
-        leases = store.acquire([j.prompt for j in chunk], policy,
-                               [j.sampling.max_new_tokens for j in chunk])
-        break
-      except (PoolExhausted, ValueError) as e:
-        if size > 1:
-          size //= 2
-          continue
-        outputs.fail(chunk[0].index, chunk[0].request_id, e)
-        leases = None
-        break
-    if leases is not None:
-      yield chunk, leases
+    head = list(jobs[i:i + max_batch_size])
+    size, leases, error = lease_largest(
+        store, [j.prompt for j in head], policy, [j.sampling.max_new_tokens for j in head],
+        None if prepare is None else lambda n: prepare(head[:n]))
+    if leases is None:
+      outputs.fail(head[0].index, head[0].request_id, error)
+    else:
+      yield head[:size], leases
     i += size
 
 
