@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
 IMPORTANCE_LAYERS = ("last", "sum")
 HEAD_REDUCE = ("sum", "max")
-IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation")
+IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviation_norm")
 # Chosen by measurement (docs/quality.md): on MuSiQue with SmolLM2-135M, T = 4 at r = 0.15 halves
 # the first-token KL of T = 2 (0.060 vs 0.115 nats) for ~15 ms more TTFT at 8K tokens on an H100,
 # and beats T = 2 at r = 0.30 on both.
@@ -105,6 +105,10 @@ class SparseQAttention(TopK):
   Options (ablated in docs/quality.md):
   deviation_weighted: multiply a token's attention by its K/V deviation at layer T (how far the
     reused K/V is from fresh): the error a token causes, not only how much it is read.
+  deviation_norm: weigh by the deviation's norm instead of its square. To first order, a reused
+    token j moves a query's output by a_j * |dv_j| (its value) plus a_j * |q.dk_j| * |v_j - o| / sqrt(d)
+    (its key shifting the softmax): linear in the deviation, where the square over-weights a few
+    far-off tokens against many that are read more.
   per_segment: every reused segment recomputes ceil(r * its reused tokens), ranked inside it,
     instead of one top-k over the prompt.
   segment_heads: the first `segment_heads` tokens of every reused segment are always selected (a
@@ -117,6 +121,7 @@ class SparseQAttention(TopK):
   deviation_weighted: bool = False
   per_segment: bool = False
   segment_heads: int = 0
+  deviation_norm: bool = False
 
   def n_select(self, plan, ratio: float) -> int:
     if not self.per_segment:
@@ -359,8 +364,9 @@ class ReuseConfig:
             self.importance_layers, self.head_reduce,
             # At T = 0 every reused K/V equals its fresh value at layer 0 (it depends only on the
             # token and its position): no deviation to weigh by, so attention alone ranks.
-            deviation_weighted=self.importance_signal == "attention_x_deviation" and t >= 1,
-            per_segment=self.per_segment_budget, segment_heads=self.segment_heads),
+            deviation_weighted=self.importance_signal != "attention" and t >= 1,
+            per_segment=self.per_segment_budget, segment_heads=self.segment_heads,
+            deviation_norm=self.importance_signal == "attention_x_deviation_norm" and t >= 1),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,
         "random": lambda: RandomChoice(self.seed),

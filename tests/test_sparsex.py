@@ -215,6 +215,10 @@ def test_attention_x_deviation_is_the_product_of_the_two_signals(warm_engine):
   k = math.ceil(0.3 * both.reused_positions.size)  # the last token is new: 44 candidates
   want = np.sort(both.reused_positions[np.argsort(-both.scores, kind="stable")[:k]])
   np.testing.assert_array_equal(both.selected_positions, want)
+  _, norm = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", importance_signal="attention_x_deviation_norm", segment_heads=0, **base),
+      return_plan=True)
+  np.testing.assert_allclose(norm.scores, att.scores * np.sqrt(dev.scores), rtol=1e-5, atol=1e-9)
   # At T = 0 there is no deviation (layer-0 K/V depend only on token and position): attention ranks.
   at_zero = [warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
       "sparsex", importance_signal=signal, segment_heads=0, layer_threshold=0, recompute_ratio=0.3))

@@ -43,12 +43,15 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 # paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axd+heads2" is the default.
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0}
 _AXD = {"importance_signal": "attention_x_deviation"}
+_AXN = {"importance_signal": "attention_x_deviation_norm"}
 VARIANTS = {
     "": _PAPER,
     "axd": _PAPER | _AXD,
     "heads2": _PAPER | {"segment_heads": 2},
     "perseg": _PAPER | {"per_segment_budget": True},
     "axd+heads2": _PAPER | _AXD | {"segment_heads": 2},
+    "axn": _PAPER | _AXN,
+    "axn+heads2": _PAPER | _AXN | {"segment_heads": 2},
     "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},
     "axd+perseg+heads2": _PAPER | _AXD | {"per_segment_budget": True, "segment_heads": 2},
 }

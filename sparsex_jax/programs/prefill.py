@@ -49,6 +49,7 @@ class PrefillSpec:
   rescore_layer: int = 0  # R > T: re-score the selection with layer R-1's Sparse-Q attention
   n_active_late: int = 0  # bucketed active-set size in layers [R, L) after re-scoring
   deviation_weighted: bool = False  # attention scores times the K/V deviation at layer T
+  deviation_norm: bool = False  # ... times its norm (first-order error) rather than its square
   per_segment: bool = False  # select per segment (segment_budget) instead of one top-k
 
 
@@ -229,7 +230,8 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     scores = batch.given_score
 
   if spec.deviation_weighted:  # the error a token causes: how much it is read x how wrong it is
-    scores = scores * deviation()
+    squared = deviation()
+    scores = scores * (jnp.sqrt(squared) if spec.deviation_norm else squared)
   candidates = batch.reused & ~batch.sparse_q
   ranked = jnp.where(batch.forced, jnp.inf, scores)
   if spec.per_segment:
