@@ -33,12 +33,13 @@ IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviati
 # the first-token KL of T = 2 (0.060 vs 0.115 nats) for ~15 ms more TTFT at 8K tokens on an H100,
 # and beats T = 2 at r = 0.30 on both.
 DEFAULT_LAYER_THRESHOLD = 4
-# The default selection rule, chosen on the dev split and confirmed on the test split of
-# `sparsex eval` (docs/quality.md): rank by attention x K/V deviation (the error a reused token
-# causes, not only how much it is read) and always recompute the first 2 tokens of every reused
-# segment (a segment cached alone starts as a sequence does: its first tokens carry attention-sink
-# K/V). The paper's rule is importance_signal="attention", segment_heads=0.
-DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation"
+# The default selection rule, chosen on the dev split of `sparsex eval` and reported on its test
+# split (docs/quality.md): rank by attention x the norm of the K/V deviation (to first order, the
+# error a reused token causes in the new tokens' outputs, not only how much it is read) and always
+# recompute the first 2 tokens of every reused segment (a segment cached alone starts as a
+# sequence does: its first tokens carry attention-sink K/V). The paper's rule is
+# importance_signal="attention", segment_heads=0.
+DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation_norm"
 DEFAULT_SEGMENT_HEADS = 2
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
@@ -274,7 +275,7 @@ class ReuseConfig:
   read_caches: False ignores every cache entry (the prompt is computed as if nothing were
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
   importance_signal, per_segment_budget, segment_heads: sparsex selection options (see
-    SparseQAttention). Defaults (measured best, docs/quality.md): "attention_x_deviation" (at
+    SparseQAttention). Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at
     T = 0 attention alone) and segment_heads=2. The paper's rule: importance_signal="attention",
     segment_heads=0.
   """
