@@ -30,7 +30,8 @@ def visit(pool: KVPool, params, cfg: ModelConfig, batch: RunningBatch, *,
   min_active rows still run (the caller has requests waiting for rows).
   """
   rows, tokens = pool.run(decode_loop, params, batch.device_rows(), np.int32(min_active), cfg=cfg,
-                          steps=int(steps_per_visit), backend=backend, layer_loop=layer_loop)
+                          steps=int(steps_per_visit), backend=backend,
+                          layer_loop="unrolled" if layer_loop == "unrolled" else "scan")
   return batch.advance(*_to_host(rows, tokens))
 
 

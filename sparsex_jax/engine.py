@@ -52,8 +52,8 @@ class Engine:
                max_batch_size: int = 16, attention_backend: str = "auto",
                steps_per_visit: int = decoding.STEPS_PER_VISIT, decode_layer_loop: str = "scan"):
     """max_batch_size: requests per batch (static) or rows of the running batch (continuous).
-    steps_per_visit: decode steps per device loop (per host visit). decode_layer_loop: "scan" or
-    "unrolled" (the decode program's layer loop; programs/layers.py: scan_layers says why)."""
+    steps_per_visit: decode steps per device loop (per host visit). decode_layer_loop: "scan",
+    "unrolled" or "per_layer" (the decode program's layer loop; programs/decode.py)."""
     backend = resolve_backend(attention_backend)  # validates the name
     if not is_int(max_batch_size) or max_batch_size < 1:
       raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -63,6 +63,15 @@ class Engine:
       raise ValueError(f"decode_layer_loop must be one of {LAYER_LOOPS}, got "
                        f"{decode_layer_loop!r}")
     self.steps_per_visit, self.decode_layer_loop = int(steps_per_visit), decode_layer_loop
+    # The decode programs' weights. "per_layer" keeps a second copy of the layers as separate
+    # arrays (twice the layer weights' memory): a scan's dynamic slice of the stack may be copied
+    # out before each matmul (scripts/bench_throughput.py counts such copies in the HLO).
+    self.decode_params = params
+    if decode_layer_loop == "per_layer":
+      import jax
+      n = jax.tree.leaves(params["layers"])[0].shape[0]
+      self.decode_params = dict(params, layers=[
+          jax.tree.map(lambda w, i=i: jax.numpy.array(w[i]), params["layers"]) for i in range(n)])
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
@@ -322,7 +331,7 @@ class Engine:
     seqs, first, (temperature, top_p, seeds), plans, batch = self._start(jobs, leases, policy,
                                                                          t_job)
     generated = decoding.decode(
-        self.kv, self.params, self.config, self.layout, first, [p.n for p in plans],
+        self.kv, self.decode_params, self.config, self.layout, first, [p.n for p in plans],
         batch.page_table, max_new_tokens=[j.sampling.max_new_tokens for j in jobs],
         stops=[seq.stops for seq in seqs], temperature=temperature, top_p=top_p, seeds=seeds,
         backend=self.attention_backend, steps_per_visit=self.steps_per_visit,
@@ -354,7 +363,7 @@ class Engine:
       return seqs
 
     def visit(min_active):
-      decoding.visit(self.kv, self.params, self.config, batch,
+      decoding.visit(self.kv, self.decode_params, self.config, batch,
                      steps_per_visit=self.steps_per_visit, min_active=min_active,
                      backend=self.attention_backend, layer_loop=self.decode_layer_loop)
 

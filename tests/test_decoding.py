@@ -53,11 +53,17 @@ def test_device_loop_equals_the_per_token_host_loop():
   eng.store.check_invariants()
 
 
-def test_the_unrolled_layer_loop_gives_the_same_tokens():
-  eng = _engine(decode_layer_loop="unrolled")
+def test_the_other_layer_loops_give_the_same_tokens():
+  eng = _engine()
   leases, first, plans, batch = _prefilled(eng, [9, 21])
   with leases:
     stops = [frozenset()] * 2
     ref = _run(eng, decoding.decode_per_step, first, plans, batch, stops)
-    got = _run(eng, decoding.decode, first, plans, batch, stops, layer_loop="unrolled")
-  assert got == ref
+    for loop in ("unrolled", "per_layer"):
+      other = _engine(decode_layer_loop=loop)
+      other.kv = eng.kv  # the prefilled pool
+      got = decoding.decode(eng.kv, other.decode_params, eng.config, eng.layout, first,
+                            [p.n for p in plans], batch.page_table, max_new_tokens=MAX_NEW[:2],
+                            stops=stops, temperature=TEMPERATURE[:first.size],
+                            top_p=TOP_P[:first.size], seeds=SEEDS[:first.size], layer_loop=loop)
+      assert got == ref, loop

@@ -23,7 +23,10 @@ from sparsex_jax.kv.layout import slot_of
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers
 from sparsex_jax.sampling import sample, step_keys
 
-LAYER_LOOPS = ("scan", "unrolled")
+# How the decode programs loop over layers (programs/layers.py: scan_layers): "scan" over the
+# stacked weights; "unrolled" over static slices of them; "per_layer" over separate per-layer
+# arrays (the caller passes params whose "layers" is a list: Engine keeps such a copy).
+LAYER_LOOPS = ("scan", "unrolled", "per_layer")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
