@@ -47,6 +47,16 @@ from sparsex_jax.batching import RunningBatch  # noqa: E402
 from sparsex_jax.programs.decode import decode_loop  # noqa: E402
 
 
+_OUT: list = []  # the --out path, for _save
+
+
+def _save(results: dict) -> None:
+  """Writes what was measured so far (a run cut short by a time limit keeps it)."""
+  if _OUT:
+    with open(_OUT[0], "w") as f:
+      json.dump(results, f, indent=1)
+
+
 def _sync(x):
   jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
@@ -116,6 +126,7 @@ def bench_job(results: dict, args, cfg):
     warm_s = time.perf_counter() - t0
     row = run_job(engine, requests, passages, batching, reuse) | {"warmup_s": warm_s}
     results["job"]["runs"].append(row)
+    _save(results)
     print(f"job {batching:10s}: {row['output_tokens_per_s']:8.1f} tok/s, {row['job_s']:6.1f} s, "
           f"ttft mean {row['ttft_mean_s']:.2f} s p90 {row['ttft_p90_s']:.2f} s, peak pages "
           f"{row['peak_pages']}/{row['pool_pages']}, compiled {row['compilations_during_job']} "
@@ -234,6 +245,7 @@ def bench_decode_step(results: dict, args, cfg):
                "of_floor": floor_s / step_s, "weight_sized_buffers": copies,
                "compile_s": compile_s}
         results["decode_step"].append(row)
+        _save(results)
         print(f"decode_loop[{loop}] batch {batch:3d} x {context:5d}: {row['step_ms']:7.2f} ms/step,"
               f" floor {row['floor_ms']:6.2f} ms ({100 * row['of_floor']:.0f}% of it), weight-"
               f"sized buffers {copies}, compile {compile_s:.0f} s", flush=True)
@@ -260,6 +272,7 @@ def bench_decode_step(results: dict, args, cfg):
     row = {"steps_per_visit": spv, "batch": batch, "context": context,
            "token_ms": 1e3 * token_s, "device_step_ms": device}
     results["engine_decode"].append(row)
+    _save(results)
     print(f"engine steps_per_visit {spv:3d}, batch {batch} x {context}: {row['token_ms']:.2f} "
           f"ms/token (device step {device} ms)", flush=True)
 
@@ -279,7 +292,8 @@ def report(json_path: str, md_path: str):
   job = res.get("job")
   if job:
     lines += [f"Job: {job['requests']} requests ({job['preset']}, {job['dtype']}), system "
-              f"{job['system_len']} + {job['passages_per_request']} of {job['passages']} passages x "
+              f"{job['system_len']} + {job['passages_per_request']} of {job['passages']} "
+              f"passages x "
               f"{job['passage_len']} + question {job['question_len']} tokens, output "
               f"{job['new_tokens'][0]}..{job['new_tokens'][1]} tokens, reuse {job['reuse']}, "
               f"{job['rows']} rows, {job['steps_per_visit']} steps per visit, pool "
@@ -294,7 +308,7 @@ def report(json_path: str, md_path: str):
     lines += ["", f"Decode step (decode_loop, device time per step) against its byte floor "
               f"(weights + K/V read once at the measured {res['bandwidth_gb_s']:.0f} GB/s):", "",
               "| layer loop | batch | context | step (ms) | floor (ms) | % of floor | weights GB | "
-              "K/V GB | weight-sized buffers |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "K/V GB | weight-sized buffers |", "|" + " --- |" * 9]
     for r in res["decode_step"]:
       lines.append(f"| {r['layer_loop']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
                    f"{r['floor_ms']:.2f} | {100 * r['of_floor']:.0f}% | {r['weight_gb']:.1f} | "
@@ -307,7 +321,8 @@ def report(json_path: str, md_path: str):
       lines.append(f"| {r['steps_per_visit']} | {r['batch']} | {r['context']} | "
                    f"{r['token_ms']:.2f} | {dev} |")
   for err in res.get("errors", []):
-    lines += ["", "A part of this run failed (the rest ran): `" + err.strip().splitlines()[-1] + "`"]
+    last = err.strip().splitlines()[-1]
+    lines += ["", f"A part of this run failed (the rest ran): `{last}`"]
   with open(md_path, "w") as f:
     f.write("\n".join(lines) + "\n")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -394,13 +409,14 @@ def main(argv=None):
   cfg = get_config(args.preset, dtype=dtype)
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "date": time.strftime("%Y-%m-%d"),
-             "command": "python scripts/bench_throughput.py " + " ".join(sys.argv[1:] if argv is None
-                                                                         else argv),
+             "command": "python scripts/bench_throughput.py "
+                        + " ".join(sys.argv[1:] if argv is None else argv),
              "errors": []}
   parts = [] if args.skip_job else [lambda: bench_job(results, args, cfg)]
   if not args.skip_micro:
     parts.append(lambda: bench_decode_step(results, args, cfg))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  _OUT[:] = [args.out]
   for part in parts:
     try:
       part()
