@@ -19,6 +19,7 @@ against its byte floor. Random weights at real shapes (speed does not depend on 
   python scripts/bench_throughput.py --out $OUT/throughput.json          (GPU)
   python scripts/bench_throughput.py --smoke --out /tmp/t.json           (CPU, tiny shapes)
   python scripts/bench_throughput.py --report throughput.json --md docs/throughput.md
+      (replaces what follows the results marker of docs/throughput.md; writes docs/throughput.png)
 """
 
 from __future__ import annotations
@@ -281,6 +282,9 @@ def bench_decode_step(results: dict, args, cfg):
 # report
 # ------------------------------------------------------------------------------------------------
 
+RESULTS_MARKER = "<!-- results: written by scripts/bench_throughput.py --report -->"
+
+
 def report(json_path: str, md_path: str):
   """Renders a run's JSON as a markdown table (md_path) and a PNG beside it."""
   import matplotlib
@@ -323,8 +327,15 @@ def report(json_path: str, md_path: str):
   for err in res.get("errors", []):
     last = err.strip().splitlines()[-1]
     lines += ["", f"A part of this run failed (the rest ran): `{last}`"]
+  # A page with the marker keeps what is above it (the prose); the results replace the rest.
+  head = ""
+  if os.path.exists(md_path):
+    with open(md_path) as f:
+      text = f.read()
+    if RESULTS_MARKER in text:
+      head = text[:text.index(RESULTS_MARKER) + len(RESULTS_MARKER)] + "\n\n"
   with open(md_path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+    f.write(head + "\n".join(lines) + "\n")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   if job:
     runs = job["runs"]
