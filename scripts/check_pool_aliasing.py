@@ -1,6 +1,7 @@
 """Does any jitted engine step hold a second copy of the KV pool? (compiled memory analysis)
 
-For two pool sizes, compiles the prefill and the decode step and prints their temporary memory:
+For two pool sizes, compiles the prefill, the decode step and the decode loop (the engine's decode
+program: a while_loop carrying the pool) and prints their temporary memory:
 a temp size that grows with the pool means a program copies the pool instead of updating it in
 place. Runs anywhere (reference path on CPU, Pallas kernels on GPU).
 
@@ -20,7 +21,8 @@ from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 from sparsex_jax import planner  # noqa: E402
 from sparsex_jax.prompt import Prompt  # noqa: E402
-from sparsex_jax.programs.decode import decode_step  # noqa: E402
+from sparsex_jax.batching import RunningBatch  # noqa: E402
+from sparsex_jax.programs.decode import decode_loop, decode_step  # noqa: E402
 from sparsex_jax.programs.prefill import prefill  # noqa: E402
 
 
@@ -48,6 +50,14 @@ def main():
         np.zeros(b, np.float32), np.ones(b, np.float32), z.astype(np.uint32), np.int32(1),
         cfg=cfg).compile().memory_analysis()
     print(f"{jax.default_backend()} decode        pages {pages:6d}: pool K {pool_mb:8.1f} MB, temp "
+          f"{m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f} MB",
+          flush=True)
+    rows = RunningBatch(b, 32, 1, eng.layout)
+    rows.done[:] = False
+    rows.page_table[:] = np.arange(1, 1 + b * 32).reshape(b, 32)
+    m = decode_loop.lower(eng.pool, eng.params, rows.device_rows(), np.int32(1), cfg=cfg,
+                          steps=8).compile().memory_analysis()
+    print(f"{jax.default_backend()} decode_loop   pages {pages:6d}: pool K {pool_mb:8.1f} MB, temp "
           f"{m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f} MB",
           flush=True)
 

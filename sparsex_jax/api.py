@@ -72,7 +72,8 @@ class Request:
 
 @dataclasses.dataclass
 class RequestStats:
-  ttft_s: float = 0.0
+  ttft_s: float = 0.0  # the request's prefill batch: its start to the first token
+  first_token_s: float = 0.0  # the generate() call's start to this request's first token
   n_prompt: int = 0
   n_exact: int = 0  # prefix-cache hits: referenced, never recomputed or copied
   n_reused: int = 0  # tokens whose KV came from the segment cache

@@ -53,26 +53,36 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: ja
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  def draw(_):
-    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    scaled = logits / t
-    # top-p: keep the smallest set of tokens whose probability mass reaches top_p.
+  def nucleus(scaled):
+    # top-p: keep the smallest set of tokens whose probability mass reaches top_p. A row with
+    # top_p = 1 keeps every token here too (float rounding of the cumulative sum could otherwise
+    # cut its tail), so it samples the same token whichever branch its batch takes.
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = mass_before < top_p[:, None]
     threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    threshold = jnp.where(top_p[:, None] < 1.0, threshold, -jnp.inf)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+  def draw(_):
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = logits / t
+    # The vocabulary sort (a real cost at 128K vocab, every step) only when some row truncates.
+    scaled = jax.lax.cond(jnp.any((top_p < 1.0) & (temperature > 0)), nucleus, lambda s: s,
+                          scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
-  # An all-greedy batch skips the vocabulary sort (a real cost at 128K vocab, every step).
+  # An all-greedy batch skips sampling altogether.
   return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
 
 def step_keys(seeds: jax.Array, step) -> jax.Array:
-  """PRNG keys [B, 2] of output step `step` for rows seeded with seeds [B]."""
-  return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds)
+  """PRNG keys [B, 2] of output step `step` (a scalar, or [B]: one per row) for rows seeded with
+  seeds [B]."""
+  steps = jnp.broadcast_to(jnp.asarray(step, jnp.uint32), jnp.shape(seeds))
+  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds, steps)
 
 
 @jax.jit

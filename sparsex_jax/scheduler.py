@@ -1,21 +1,33 @@
-"""Batching a job: validated requests in, batches that fit the pool out, failures isolated.
+"""Scheduling a job: validated requests in, outputs out, failures isolated. Two ways:
 
-Host side. Requests are taken in order; a batch is as large as `max_batch_size` allows and halves
-until the KV store can lease it; a request that fits nowhere fails alone. A batch that fails while
-it runs is retried one request at a time, so an error is charged to the request that causes it
-and every other request still runs.
+- static (`run`): requests are taken in order; a batch is as large as `max_batch_size` allows and
+  halves until the KV store can lease it; it is prefilled and decoded to its last token before the
+  next batch starts. A request that fits nowhere fails alone. A batch that fails while it runs is
+  retried one request at a time, so an error is charged to the request that causes it and every
+  other request still runs.
+- continuous (`run_continuous`): a running batch of fixed rows; between two device decode loops,
+  finished requests leave (their pages are released) and waiting requests, in order, are
+  admitted into the free rows (leased, prefilled together, then decoded with the others).
+
+Host side, no jax: the device work is the caller's callbacks.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from sparsex_jax.api import RequestError, RequestOutput
 from sparsex_jax.kv import KVStore, Leases, PoolExhausted
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.policy import ReusePolicy
 from sparsex_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+  from sparsex_jax.batching import RunningBatch
+  from sparsex_jax.batching import DecodingRequest
+  from sparsex_jax.kv.store import Lease
 
 ON_ERROR = ("raise", "return")
 
@@ -103,3 +115,123 @@ def run(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size
       continue
     for job, out in zip(chunk, done):
       outputs[job.index] = out
+
+
+def run_continuous(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy,
+                   batch: "RunningBatch", outputs: Outputs,
+                   start: Callable[[list[Job], list["Lease"]], list["DecodingRequest"]],
+                   finish: Callable[["DecodingRequest"], RequestOutput],
+                   visit: Callable[[int], object], recover: Callable[[], bool],
+                   prepare: Callable[[list[Job]], object] | None = None) -> None:
+  """Runs every job through a running batch (continuous batching).
+
+  start(jobs, leases): prefills the admitted jobs and samples their first tokens; the sequences
+    that are not done join `batch` (start does every device step before the first join, so a
+    failure leaves the batch as it was). finish(seq): a done sequence's output.
+  visit(min_active): one device decode loop over `batch`; it may end early once fewer than
+    min_active rows still run, so that waiting requests get the rows.
+  recover(): restores the device state after a failure; True when the pool (and with it every
+    running request's K/V) was lost.
+
+  Admission is by pages: a request is admitted when the KV store can lease its prompt and
+  max_new_tokens pages (evicting cached pages nobody holds), so a running request never runs out
+  of pages. Requests are admitted in order; one that cannot be leased waits for running requests
+  to finish, and one that cannot be leased with nothing running (nothing left to free) fails alone.
+
+  Failures: a prefill that fails charges its request, or, for a group, marks each of its requests
+  "solo" (retried alone: admitted only into an empty batch, nothing joins it); a decode loop that
+  fails charges its only request, or makes every running request solo. A lost pool restarts the
+  running requests from their prompts (their K/V went with it; seeded sampling gives the same
+  tokens again).
+  """
+  waiting = collections.deque((job, False) for job in jobs)  # (job, solo)
+  held: dict[int, Leases] = {}  # job index -> its leases, from admission to release
+  solo: set[int] = set()  # indices of running jobs that run alone
+
+  def release(job: Job) -> None:
+    held.pop(job.index).release()
+    solo.discard(job.index)
+
+  def done(seq) -> None:
+    outputs[seq.key.index] = finish(seq)
+    release(seq.key)
+
+  def requeue_running(as_solo: bool) -> None:
+    seqs = [batch.leave(r) for r, s in enumerate(batch.requests) if s is not None]
+    for seq in sorted(seqs, key=lambda q: q.key.index, reverse=True):
+      release(seq.key)
+      waiting.appendleft((seq.key, as_solo))
+
+  def fail(job: Job, error) -> None:
+    outputs.fail(job.index, job.request_id, error)
+
+  try:
+    while waiting or batch.n_running:
+      group: list[tuple[Job, bool]] = []
+      while waiting and len(group) < batch.n_free and not solo:
+        job, alone = waiting[0]
+        if alone and (batch.n_running or group):
+          break
+        if prepare is not None:
+          prepare([job])
+        try:
+          leases = store.acquire([job.prompt], policy, [job.sampling.max_new_tokens])
+        except PoolExhausted as e:
+          if batch.n_running or group:
+            break  # waits for running requests to give pages back
+          waiting.popleft()
+          fail(job, e)  # nothing else holds pages: it can never be leased
+          continue
+        except ValueError as e:  # larger than the whole pool
+          waiting.popleft()
+          fail(job, e)
+          continue
+        waiting.popleft()
+        held[job.index] = leases
+        group.append((job, alone))
+        if alone:
+          solo.add(job.index)
+          break
+      if group:
+        admitted = [job for job, _ in group]
+        try:
+          seqs = start(admitted, [held[job.index][0] for job in admitted])
+        except Exception as e:  # pylint: disable=broad-except
+          for job in admitted:
+            release(job)
+          if recover():
+            requeue_running(as_solo=False)
+          if len(admitted) == 1:
+            fail(admitted[0], e)
+          else:
+            for job in reversed(admitted):
+              waiting.appendleft((job, True))
+          continue
+        for seq in seqs:
+          if seq.done:  # stopped at its first token: it never joins
+            done(seq)
+      if not batch.n_running:
+        continue
+      min_active = 1
+      if waiting and not solo:  # end the loop once a quarter of the rows are free
+        min_active = max(1, batch.n_running - max(1, batch.n_rows // 4) + 1)
+      try:
+        visit(min_active)
+      except Exception as e:  # pylint: disable=broad-except
+        recover()
+        if batch.n_running == 1:
+          seq = batch.leave(next(r for r, s in enumerate(batch.requests) if s is not None))
+          release(seq.key)
+          fail(seq.key, e)
+        else:
+          requeue_running(as_solo=True)
+        continue
+      for seq in batch.finished():
+        done(seq)
+  finally:  # on_error="raise" (or an interrupt) ends the job: give back whatever is held
+    for r, seq in enumerate(batch.requests):
+      if seq is not None:
+        batch.leave(r)
+    for leases in held.values():
+      leases.release()
+    held.clear()

@@ -65,6 +65,7 @@ class PageAllocator:
     # read naturally in logs and tests. Freed pages are reused first (LIFO).
     self._free: list[int] = list(range(self.num_pages - 1, NULL_PAGE, -1))
     self._evictors: list[tuple[Evictor, Reclaimable | None]] = []
+    self.peak_used = 0  # most pages in use at once since the last reset_peak (benchmarks)
 
   # ---- capacity ----
 
@@ -122,7 +123,11 @@ class PageAllocator:
     out = np.asarray(pages, np.int32)
     self._refcount[out] = 1
     self._is_free[out] = False
+    self.peak_used = max(self.peak_used, self.num_used)
     return out
+
+  def reset_peak(self) -> None:
+    self.peak_used = self.num_used
 
   def _evict_for(self, n: int) -> None:
     reclaimable = self.num_reclaimable()
@@ -213,6 +218,7 @@ class PageAllocator:
         "capacity_pages": self.capacity,
         "pages_used": self.num_used,
         "pages_free": self.num_free,
+        "peak_pages_used": self.peak_used,
         "bytes_used": self.num_used * bytes_per_page,
         "bytes_free": self.num_free * bytes_per_page,
         "bytes_capacity": self.capacity * bytes_per_page,

@@ -45,12 +45,38 @@ def scatter_kv(pool, dst_slots, k, v):
 
 
 def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots, pool,
-                attend: Attend, score: Score | None = None, importance=None):
+                attend: Attend, score: Score | None = None, importance=None,
+                unroll: bool = False):
   """Runs the stacked `layers` (absolute indices first_layer, ...) over tokens x [B, T, D].
 
   Each layer writes its K/V at `slots`, then attends with `attend`. With `score`, also adds each
   layer's per-key importance to `importance` [B, MP*S]. Returns (x, pool, importance).
+
+  `layers` is the stacked pytree (leading axis L), or a list of per-layer pytrees. unroll=True (or
+  a list) runs a Python loop over the layers instead of lax.scan: a scan reads each layer's
+  weights through a dynamic slice of the stack, which XLA on GPU may copy out before a cuBLAS
+  matmul (one extra write and read of every weight, every step: decode is weight-bound), whereas
+  a static slice of a parameter, or a separate array, can be read in place. It costs compile time
+  (L copies of the layer in the program), so only the decode programs offer it.
   """
+  if isinstance(layers, (list, tuple)):
+    per_layer = list(layers)
+  elif unroll:
+    per_layer = [jax.tree.map(lambda w, i=i: w[i], layers)
+                 for i in range(jax.tree.leaves(layers)[0].shape[0])]
+  else:
+    per_layer = None
+  if per_layer is not None:
+    acc = importance
+    for i, layer_params in enumerate(per_layer):
+      layer = jnp.int32(first_layer + i)
+      q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+      pool = write_kv(pool, layer, slots, k, v)
+      out, lse = attend(q, positions, pool, layer)
+      if score is not None:
+        acc = acc + score(q, positions, lse, pool, layer)
+      x = llama.layer_output(layer_params, cfg, x, out)
+    return x, pool, acc
   n = jax.tree.leaves(layers)[0].shape[0]
   if n == 0:
     return x, pool, importance

@@ -1,0 +1,447 @@
+"""Batch throughput on a GPU: static vs continuous batching on one job, and the decode step
+against its byte floor. Random weights at real shapes (speed does not depend on their values).
+
+1. The job: `--requests` requests, each a shared system prompt, `--passages-per-request` passages
+   drawn from a corpus of `--passages` (precomputed alone with engine.cache_segments, as a RAG
+   corpus would be, so every request reuses them), and a new question; output lengths uniform in
+   [--min-new, --max-new] (seeded), no stop tokens. Run by static batching and by continuous
+   batching on the same engine (caches cleared and the corpus recomputed before each, so both
+   start alike), after a short warm-up job of the same shapes in each mode (compilations). Per
+   mode: output tokens/s, job time, mean and p90 time to first token per request (from the job's
+   start: queueing included), peak pool pages, programs compiled during the timed job.
+2. The decode step: decode_loop (the engine's program) at batch x context (--micro-batches x
+   --micro-contexts), device time per step against its byte floor (weights + K/V read once, at
+   the HBM bandwidth measured in this run with a large device copy); the HLO's weight-sized
+   buffers (a count > 0 means the layer loop copies weights out of the stacked params); and the
+   engine's time per token (host visits included) at steps_per_visit 1 (a host visit per token, as
+   before the device loop) and the default, against the device step.
+
+  python scripts/bench_throughput.py --out $OUT/throughput.json          (GPU)
+  python scripts/bench_throughput.py --smoke --out /tmp/t.json           (CPU, tiny shapes)
+  python scripts/bench_throughput.py --report throughput.json --md docs/throughput.md
+      (replaces what follows the results marker of docs/throughput.md; writes docs/throughput.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import traceback
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import sparsex_jax as sx  # noqa: E402
+from bench_ttft import _ids  # noqa: E402  (random token ids, as the TTFT benchmark draws them)
+from models.config import get_config  # noqa: E402
+from sparsex_jax.batching import RunningBatch  # noqa: E402
+from sparsex_jax.programs.decode import decode_loop  # noqa: E402
+
+
+_OUT: list = []  # the --out path, for _save
+
+
+def _save(results: dict) -> None:
+  """Writes what was measured so far (a run cut short by a time limit keeps it)."""
+  if _OUT:
+    with open(_OUT[0], "w") as f:
+      json.dump(results, f, indent=1)
+
+
+def _sync(x):
+  jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. the job
+# ------------------------------------------------------------------------------------------------
+
+def make_job(args, vocab: int, n: int, seed: int):
+  rng = np.random.default_rng(seed)
+  corpus_rng = np.random.default_rng(1)  # the same corpus for every job of the run
+  system = _ids(corpus_rng, args.system_len, vocab)
+  passages = [_ids(corpus_rng, args.passage_len, vocab) for _ in range(args.passages)]
+  requests = []
+  for i in range(n):
+    picks = rng.choice(args.passages, size=args.passages_per_request, replace=False)
+    n_new = int(rng.integers(args.min_new, args.max_new + 1))
+    requests.append(sx.Request(
+        [sx.Segment(system)] + [sx.Segment(passages[p]) for p in picks]
+        + [sx.Segment(_ids(rng, args.question_len, vocab), cache=False)], id=i,
+        sampling=sx.SamplingParams(max_new_tokens=n_new, ignore_eos=True, seed=i)))
+  return requests, passages
+
+
+def run_job(engine, requests, passages, batching: str, reuse) -> dict:
+  engine.clear_caches()
+  engine.cache_segments(passages, batch_size=4)
+  engine.store.allocator.reset_peak()
+  compiled = engine.num_compilations
+  t0 = time.perf_counter()
+  outs = engine.generate(requests, reuse=reuse, batching=batching, on_error="return")
+  seconds = time.perf_counter() - t0
+  errors = [o.error for o in outs if o.error is not None]
+  ttft = np.array([o.stats.first_token_s for o in outs if o.error is None])
+  n_out = sum(len(o.token_ids) for o in outs)
+  return {"batching": batching, "requests": len(requests), "errors": len(errors),
+          "first_error": errors[0] if errors else None, "job_s": seconds,
+          "output_tokens": n_out, "output_tokens_per_s": n_out / seconds,
+          "prompt_tokens": int(sum(o.stats.n_prompt for o in outs)),
+          "reused_tokens": int(sum(o.stats.n_reused for o in outs)),
+          "ttft_mean_s": float(ttft.mean()) if ttft.size else None,
+          "ttft_p90_s": float(np.percentile(ttft, 90)) if ttft.size else None,
+          "peak_pages": engine.store.allocator.peak_used,
+          "pool_pages": engine.store.allocator.capacity,
+          "compilations_during_job": engine.num_compilations - compiled}
+
+
+def bench_job(results: dict, args, cfg):
+  params = _params(cfg, args.seed)
+  engine = sx.Engine(cfg, params, page_size=args.page_size, num_pages=args.pool_pages,
+                     kv_pool_bytes=int(args.pool_gib * 2**30), max_batch_size=args.rows,
+                     steps_per_visit=args.steps_per_visit)
+  reuse = sx.ReuseConfig(args.reuse)
+  warm, passages = make_job(args, cfg.vocab_size, args.warmup_requests, seed=99)
+  requests, _ = make_job(args, cfg.vocab_size, args.requests, seed=args.seed)
+  results["job"] = {"preset": cfg.name, "dtype": cfg.dtype, "reuse": args.reuse,
+                    "rows": args.rows, "steps_per_visit": args.steps_per_visit,
+                    "requests": args.requests, "new_tokens": [args.min_new, args.max_new],
+                    "passages": args.passages, "passage_len": args.passage_len,
+                    "passages_per_request": args.passages_per_request,
+                    "system_len": args.system_len, "question_len": args.question_len,
+                    "page_size": args.page_size, "pool_pages": engine.layout.num_pages,
+                    "runs": []}
+  for batching in args.batching:
+    t0 = time.perf_counter()
+    run_job(engine, warm, passages, batching, reuse)
+    warm_s = time.perf_counter() - t0
+    row = run_job(engine, requests, passages, batching, reuse) | {"warmup_s": warm_s}
+    results["job"]["runs"].append(row)
+    _save(results)
+    print(f"job {batching:10s}: {row['output_tokens_per_s']:8.1f} tok/s, {row['job_s']:6.1f} s, "
+          f"ttft mean {row['ttft_mean_s']:.2f} s p90 {row['ttft_p90_s']:.2f} s, peak pages "
+          f"{row['peak_pages']}/{row['pool_pages']}, compiled {row['compilations_during_job']} "
+          f"(warm-up {warm_s:.0f} s), errors {row['errors']}", flush=True)
+  del engine
+
+
+_PARAMS: dict = {}
+
+
+def _params(cfg, seed):
+  """Random weights, made once per run (both parts share them)."""
+  from models import llama
+  if cfg not in _PARAMS:
+    _PARAMS[cfg] = llama.init_params(cfg, seed)
+  return _PARAMS[cfg]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the decode step
+# ------------------------------------------------------------------------------------------------
+
+def measure_bandwidth(n_bytes: int, repeats: int = 5) -> float:
+  """HBM bandwidth (bytes/s) of a large device copy: each element read once and written once."""
+  x = jnp.ones((int(n_bytes) // 4,), jnp.float32)
+  copy = jax.jit(lambda a: a * 2.0)
+  _sync(copy(x))
+  best = np.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    _sync(copy(x))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * x.nbytes / best
+
+
+def weight_sized_buffers(hlo: str, cfg) -> int:
+  """Instructions of the compiled program whose output has a layer weight's shape and that are
+  not parameters or views: weights copied out of the stacked params (0 when read in place)."""
+  d, f, n, k, h = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  shapes = {f"{d},{f}", f"{f},{d}", f"{d},{n},{h}", f"{n},{h},{d}", f"{d},{k},{h}",
+            f"{d},{n * h}", f"{n * h},{d}", f"{d},{k * h}"}  # (and as XLA may reshape them)
+  count = 0
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(ROOT )?%?[\w.-]+ = \w+\[([\d,]+)\]\S* (\S+?)\(", line)
+    if m and m.group(2) in shapes and m.group(3) not in (
+        "parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
+      count += 1
+  return count
+
+
+_PER_LAYER: dict = {}
+
+
+def per_layer_params(params):
+  """The stacked layers as a list of per-layer pytrees (a one-time copy, kept for the run)."""
+  if "layers" not in _PER_LAYER:
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    _PER_LAYER["layers"] = [jax.tree.map(lambda w, i=i: jnp.array(w[i]), params["layers"])
+                            for i in range(n)]
+  return _PER_LAYER["layers"]
+
+
+def decode_rows(layout, batch: int, context: int, steps: int, pool_pages: int):
+  """DecodeRows of `batch` rows at `context` tokens each; rows share pool pages only when the
+  pool is smaller than batch x context (each layer still reads far more than the L2 holds)."""
+  max_pages = -(-(context + steps + 1) // layout.page_size)
+  rb = RunningBatch(batch, max_pages, 1, layout)
+  pages = 1 + np.arange(batch * max_pages) % (pool_pages - 1)
+  rb.page_table[:] = pages.reshape(batch, max_pages)
+  rb.positions[:] = context
+  rb.n_generated[:] = 1
+  rb.max_new_tokens[:] = 10**6
+  rb.done[:] = False
+  return rb.device_rows()
+
+
+def bench_decode_step(results: dict, args, cfg):
+  params = _params(cfg, args.seed)
+  bandwidth = measure_bandwidth(args.copy_gib * 2**30)
+  results["bandwidth_gb_s"] = bandwidth / 1e9
+  print(f"measured HBM bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+  weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(params["layers"]))
+  weight_bytes += int(params["final_norm"].nbytes) + int(
+      params["lm_head"].nbytes if "lm_head" in params else params["embed"].nbytes)
+  steps = args.micro_steps
+  engine = sx.Engine(cfg, params, page_size=args.page_size,
+                     kv_pool_bytes=int(args.micro_pool_gib * 2**30))
+  layout = engine.layout
+  per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize
+  results["decode_step"] = []
+  for loop in args.layer_loops:
+    for batch in args.micro_batches:
+      for context in args.micro_contexts:
+        if loop != "scan" and (batch, context) != (args.micro_batches[0], args.micro_contexts[0]):
+          continue  # the other layer loop once, at the first shape (its compile is long)
+        rows = decode_rows(layout, batch, context, steps, layout.num_pages)
+        step_params, program_loop = params, loop
+        if loop == "per_layer":  # layers as separate arrays: nothing to slice (a weight copy)
+          step_params, program_loop = dict(params, layers=per_layer_params(params)), "scan"
+        t0 = time.perf_counter()
+        compiled = decode_loop.lower(engine.pool, step_params, rows, np.int32(1), cfg=cfg,
+                                     steps=steps, layer_loop=program_loop).compile()
+        compile_s = time.perf_counter() - t0
+        copies = weight_sized_buffers(compiled.as_text(), cfg)
+
+        def decode_loop_compiled(pool, *a, compiled=compiled):  # the executable compiled above
+          return compiled(pool, *a)
+
+        times = []
+        for _ in range(args.micro_repeats + 1):
+          t0 = time.perf_counter()
+          _sync(engine.kv.run(decode_loop_compiled, step_params, rows, np.int32(1)))
+          times.append(time.perf_counter() - t0)
+        step_s = float(np.median(times[1:])) / steps
+        kv_bytes = batch * (context + steps / 2) * per_token
+        floor_s = (weight_bytes + kv_bytes) / bandwidth
+        row = {"layer_loop": loop, "batch": batch, "context": context, "steps": steps,
+               "step_ms": 1e3 * step_s, "floor_ms": 1e3 * floor_s,
+               "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
+               "of_floor": floor_s / step_s, "weight_sized_buffers": copies,
+               "compile_s": compile_s}
+        results["decode_step"].append(row)
+        _save(results)
+        print(f"decode_loop[{loop}] batch {batch:3d} x {context:5d}: {row['step_ms']:7.2f} ms/step,"
+              f" floor {row['floor_ms']:6.2f} ms ({100 * row['of_floor']:.0f}% of it), weight-"
+              f"sized buffers {copies}, compile {compile_s:.0f} s", flush=True)
+
+  # The engine end to end: per-token time with host visits, against the device step.
+  batch, context = args.micro_batches[0], args.micro_contexts[0]
+  rng = np.random.default_rng(2)
+  reqs = [sx.Request([sx.Segment(_ids(rng, context, cfg.vocab_size), cache=False)])
+          for _ in range(batch)]
+  sp = sx.SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+  results["engine_decode"] = []
+  for spv in sorted({1, args.steps_per_visit}):
+    engine.clear_caches()
+    engine.steps_per_visit = spv
+    engine.max_batch_size = batch
+    engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))  # compile
+    t0 = time.perf_counter()
+    outs = engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))
+    wall = time.perf_counter() - t0
+    token_s = (wall - max(o.stats.first_token_s for o in outs)) / steps
+    device = next((r["step_ms"] for r in results["decode_step"]
+                   if (r["layer_loop"], r["batch"], r["context"]) == ("scan", batch, context)),
+                  None)
+    row = {"steps_per_visit": spv, "batch": batch, "context": context,
+           "token_ms": 1e3 * token_s, "device_step_ms": device}
+    results["engine_decode"].append(row)
+    _save(results)
+    print(f"engine steps_per_visit {spv:3d}, batch {batch} x {context}: {row['token_ms']:.2f} "
+          f"ms/token (device step {device} ms)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+
+RESULTS_MARKER = "<!-- results: written by scripts/bench_throughput.py --report -->"
+
+
+def report(json_path: str, md_path: str):
+  """Renders a run's JSON as a markdown table (md_path) and a PNG beside it."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(json_path) as f:
+    res = json.load(f)
+  lines = [f"{res['device']}, jax {res['jax']}, {res['date']}. Command: `{res['command']}`", ""]
+  job = res.get("job")
+  if job:
+    lines += [f"Job: {job['requests']} requests ({job['preset']}, {job['dtype']}), system "
+              f"{job['system_len']} + {job['passages_per_request']} of {job['passages']} "
+              f"passages x "
+              f"{job['passage_len']} + question {job['question_len']} tokens, output "
+              f"{job['new_tokens'][0]}..{job['new_tokens'][1]} tokens, reuse {job['reuse']}, "
+              f"{job['rows']} rows, {job['steps_per_visit']} steps per visit, pool "
+              f"{job['pool_pages']} pages of {job['page_size']}.", "",
+              "| batching | output tok/s | job (s) | TTFT mean (s) | TTFT p90 (s) | peak pages | "
+              "compiled in job | errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in job["runs"]:
+      lines.append(f"| {r['batching']} | {r['output_tokens_per_s']:.0f} | {r['job_s']:.1f} | "
+                   f"{r['ttft_mean_s']:.2f} | {r['ttft_p90_s']:.2f} | {r['peak_pages']} / "
+                   f"{r['pool_pages']} | {r['compilations_during_job']} | {r['errors']} |")
+  if res.get("decode_step"):
+    lines += ["", f"Decode step (decode_loop, device time per step) against its byte floor "
+              f"(weights + K/V read once at the measured {res['bandwidth_gb_s']:.0f} GB/s):", "",
+              "| layer loop | batch | context | step (ms) | floor (ms) | % of floor | weights GB | "
+              "K/V GB | weight-sized buffers |", "|" + " --- |" * 9]
+    for r in res["decode_step"]:
+      lines.append(f"| {r['layer_loop']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+                   f"{r['floor_ms']:.2f} | {100 * r['of_floor']:.0f}% | {r['weight_gb']:.1f} | "
+                   f"{r['kv_gb']:.1f} | {r['weight_sized_buffers']} |")
+  if res.get("engine_decode"):
+    lines += ["", "| engine steps per visit | batch | context | ms per token (host incl.) | "
+              "device step (ms) |", "| --- | --- | --- | --- | --- |"]
+    for r in res["engine_decode"]:
+      dev = f"{r['device_step_ms']:.2f}" if r["device_step_ms"] is not None else "-"
+      lines.append(f"| {r['steps_per_visit']} | {r['batch']} | {r['context']} | "
+                   f"{r['token_ms']:.2f} | {dev} |")
+  for err in res.get("errors", []):
+    last = err.strip().splitlines()[-1]
+    lines += ["", f"A part of this run failed (the rest ran): `{last}`"]
+  # A page with the marker keeps what is above it (the prose); the results replace the rest.
+  head = ""
+  if os.path.exists(md_path):
+    with open(md_path) as f:
+      text = f.read()
+    if RESULTS_MARKER in text:
+      head = text[:text.index(RESULTS_MARKER) + len(RESULTS_MARKER)] + "\n\n"
+  with open(md_path, "w") as f:
+    f.write(head + "\n".join(lines) + "\n")
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  if job:
+    runs = job["runs"]
+    axes[0].bar([r["batching"] for r in runs], [r["output_tokens_per_s"] for r in runs])
+    axes[0].set_ylabel("output tokens / s")
+    axes[0].set_title(f"{job['requests']} requests, {job['preset']}", fontsize=9)
+  if res.get("decode_step"):
+    rows = [r for r in res["decode_step"] if r["layer_loop"] == "scan"]
+    labels = [f"{r['batch']}x{r['context'] // 1024}K" for r in rows]
+    x = np.arange(len(rows))
+    axes[1].bar(x - 0.2, [r["step_ms"] for r in rows], 0.4, label="measured")
+    axes[1].bar(x + 0.2, [r["floor_ms"] for r in rows], 0.4, label="byte floor")
+    axes[1].set_xticks(x, labels)
+    axes[1].set_ylabel("ms per decode step")
+    axes[1].legend(fontsize=8)
+  fig.suptitle(res["device"], fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.splitext(md_path)[0] + ".png", dpi=120)
+  print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _ints(s):
+  return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "throughput.json"))
+  ap.add_argument("--report", metavar="JSON", help="render JSON as --md (and a PNG); no device")
+  ap.add_argument("--md", default="docs/throughput.md")
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32: a CPU check")
+  ap.add_argument("--preset", default="llama3-8b")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--skip-job", action="store_true")
+  ap.add_argument("--skip-micro", action="store_true")
+  job = ap.add_argument_group("the job")
+  job.add_argument("--requests", type=int, default=1000)
+  job.add_argument("--warmup-requests", type=int, default=96)
+  job.add_argument("--min-new", type=int, default=16)
+  job.add_argument("--max-new", type=int, default=256,
+                   help="longest output; lower it to shorten the run")
+  job.add_argument("--passages", type=int, default=32)
+  job.add_argument("--passage-len", type=int, default=512)
+  job.add_argument("--passages-per-request", type=int, default=2)
+  job.add_argument("--system-len", type=int, default=128)
+  job.add_argument("--question-len", type=int, default=32)
+  job.add_argument("--rows", type=int, default=64, help="max_batch_size (rows of either batching)")
+  job.add_argument("--steps-per-visit", type=int, default=32)
+  job.add_argument("--page-size", type=int, default=16)
+  job.add_argument("--pool-gib", type=float, default=16.0)
+  job.add_argument("--pool-pages", type=int, default=None, help="overrides --pool-gib")
+  job.add_argument("--reuse", default="sparsex")
+  job.add_argument("--batching", type=lambda s: s.split(","), default=["static", "continuous"])
+  micro = ap.add_argument_group("the decode step")
+  micro.add_argument("--micro-batches", type=_ints, default=[16, 32, 64])
+  micro.add_argument("--micro-contexts", type=_ints, default=[4096, 8192])
+  micro.add_argument("--micro-steps", type=int, default=32)
+  micro.add_argument("--micro-repeats", type=int, default=3)
+  micro.add_argument("--micro-pool-gib", type=float, default=16.0,
+                     help="K/V pool of the step benchmark (rows share pages beyond it)")
+  micro.add_argument("--copy-gib", type=float, default=4.0, help="bandwidth probe size")
+  micro.add_argument("--layer-loops", type=lambda s: s.split(","),
+                     default=["scan", "unrolled", "per_layer"],
+                     help="scan: lax.scan over the stacked layers (the engine's); unrolled: a\n"
+                          "Python loop over static slices of the stack; per_layer: layers as\n"
+                          "separate arrays (a second copy of the weights, this run only)")
+  args = ap.parse_args(argv)
+  if args.report:
+    report(args.report, args.md)
+    return
+  dtype = "bfloat16"
+  if args.smoke:  # tiny everything; float32 (bfloat16 is emulated on CPU)
+    args.preset, dtype = "tiny", "float32"
+    args.requests, args.warmup_requests = min(args.requests, 24), min(args.warmup_requests, 6)
+    args.min_new, args.max_new = min(args.min_new, 2), min(args.max_new, 9)
+    args.passages, args.passage_len, args.system_len, args.question_len = 6, 12, 8, 4
+    args.rows, args.steps_per_visit, args.pool_pages = min(args.rows, 4), 4, 160
+    args.micro_batches, args.micro_contexts, args.micro_steps = [2, 4], [64], 4
+    args.micro_repeats, args.micro_pool_gib, args.copy_gib = 1, 0.002, 0.01
+  cfg = get_config(args.preset, dtype=dtype)
+  results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+             "date": time.strftime("%Y-%m-%d"),
+             "command": "python scripts/bench_throughput.py "
+                        + " ".join(sys.argv[1:] if argv is None else argv),
+             "errors": []}
+  parts = [] if args.skip_job else [lambda: bench_job(results, args, cfg)]
+  if not args.skip_micro:
+    parts.append(lambda: bench_decode_step(results, args, cfg))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  _OUT[:] = [args.out]
+  for part in parts:
+    try:
+      part()
+    except Exception:  # keep what was measured; report the failure
+      results["errors"].append(traceback.format_exc())
+      print(traceback.format_exc(), flush=True)
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  main()
