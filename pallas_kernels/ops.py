@@ -15,6 +15,9 @@ whole pool with layer= inside a layer loop: slicing pool[layer] there would
 make XLA copy the layer's K/V for the kernel's custom call.
 """
 
+import jax
+import jax.numpy as jnp
+
 from pallas_kernels import _compat
 from pallas_kernels.attention import paged_attention, paged_attention_reference
 from pallas_kernels.decode import (paged_decode_attention,
@@ -22,6 +25,7 @@ from pallas_kernels.decode import (paged_decode_attention,
 from pallas_kernels.importance import (sparse_q_importance,
                                        sparse_q_importance_reference)
 
+# causal_attention: contiguous causal attention (cuDNN on GPU) for the full layers.
 BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
 
 
@@ -75,6 +79,27 @@ def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
                    sm_scale=sm_scale, head_reduce=head_reduce, layer=layer,
                    backend=backend)
   return out, lse, imp
+
+
+def causal_attention(q, k, v, seq_len, *, sm_scale, backend="auto"):
+  """Causal attention over contiguous rows: query row t sees key rows j <= t, j < seq_len[b].
+
+  q [B, S, N, H], k, v [B, S, K, H] (GQA), seq_len [B] int32 (>= 1) -> [B, S, N, H]; rows at or
+  beyond seq_len are garbage (callers mask them). The full layers' dense path: cuDNN flash
+  attention on the GPU ('pallas'; bf16/f16, head dim a multiple of 8 up to 128), XLA's
+  materialised softmax elsewhere (small problems and tests: it holds [B, N, S, S] logits).
+  """
+  impl = "cudnn" if resolve_backend(backend) == "pallas" else "xla"
+  seq_len = seq_len.astype(jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=True,
+                                      query_seq_lengths=seq_len,
+                                      key_value_seq_lengths=seq_len, implementation=impl)
+
+
+def cudnn_can_run(dtype, head_dim: int) -> bool:
+  """Whether causal_attention's cuDNN path takes these inputs (checked before choosing it)."""
+  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,

@@ -12,7 +12,8 @@ from models import llama
 from models.config import ModelConfig
 from sparsex_jax.kv.layout import page_and_offset
 
-# attend(q [B,T,N,H], positions [B,T], pool, layer) -> (out [B,T,N,H], lse [B,T,N] or None)
+# attend(q [B,T,N,H], positions [B,T], pool, layer) -> (out [B,T,N,H], lse [B,T,N] or None);
+# with scan_layers(..., pass_kv=True) also attend(..., k=k, v=v): the layer's fresh K/V [B,T,K,H]
 Attend = Callable
 # score(q, positions, lse, pool, layer) -> per-key importance [B, MP*S]
 Score = Callable
@@ -45,11 +46,14 @@ def scatter_kv(pool, dst_slots, k, v):
 
 
 def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots, pool,
-                attend: Attend, score: Score | None = None, importance=None):
+                attend: Attend, score: Score | None = None, importance=None,
+                pass_kv: bool = False):
   """Runs the stacked `layers` (absolute indices first_layer, ...) over tokens x [B, T, D].
 
   Each layer writes its K/V at `slots`, then attends with `attend`. With `score`, also adds each
   layer's per-key importance to `importance` [B, MP*S]. Returns (x, pool, importance).
+  pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
+  (the dense full layers) that need not read them back from the pages.
   """
   n = jax.tree.leaves(layers)[0].shape[0]
   if n == 0:
@@ -60,7 +64,8 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
     layer_params, layer = xs
     q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
     pool = write_kv(pool, layer, slots, k, v)
-    out, lse = attend(q, positions, pool, layer)
+    out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
+                else attend(q, positions, pool, layer))
     if score is not None:
       acc = acc + score(q, positions, lse, pool, layer)
     return (llama.layer_output(layer_params, cfg, x, out), pool, acc), None
