@@ -6,6 +6,8 @@ backend:
   "reference"         pure-jnp reference.
   "pallas"            Pallas kernel, Triton lowering (needs a GPU).
   "pallas_interpret"  Pallas kernel in interpret mode (CPU; slow, for tests).
+(causal_attention, the full layers' dense attention, is cuDNN under "pallas" and
+XLA otherwise: it has no Pallas kernel of ours.)
 Extra keyword arguments (block sizes, num_warps, ...) go to the kernel and are
 ignored by the reference.
 
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _compat
+from pallas_kernels.assemble import assemble_kv as _assemble_kv_kernel
+from pallas_kernels.assemble import assemble_kv_reference
 from pallas_kernels.attention import paged_attention, paged_attention_reference
 from pallas_kernels.decode import (paged_decode_attention,
                                    paged_decode_attention_reference)
@@ -79,6 +83,17 @@ def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
                    sm_scale=sm_scale, head_reduce=head_reduce, layer=layer,
                    backend=backend)
   return out, lse, imp
+
+
+def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto",
+                **kernel_kwargs):
+  """Reused K/V of every layer from slots src to dst [B, T], K re-rotated by delta, in one pass
+  -> (k_pool, v_pool). The kernel needs a power-of-two half head dim (else: the reference)."""
+  half = k_pool.shape[-1] // 2
+  if half & (half - 1):
+    backend = "reference"
+  return _call(_assemble_kv_kernel, assemble_kv_reference, backend,
+               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs)
 
 
 def causal_attention(q, k, v, seq_len, *, sm_scale, backend="auto"):

@@ -150,22 +150,28 @@ def test_dense_full_layers_equal_paged_with_ragged_exact_prefixes():
   rng = np.random.default_rng(5)
   shape = LAYOUT.pool_shape(CFG)
   pool0 = {k: rng.normal(size=shape).astype(np.float32) for k in ("k", "v")}
-  for mode in ("full", "sparsex"):
+  # (The full policy after an exact prefix: test_golden_logits' dense test, "prefix".)
+  for mode in ("sparsex",):
     policy = ReuseConfig(mode, recompute_ratio=0.4, layer_threshold=2).resolve(CFG)
     plans = [_hand_plan(23, 8, [3, 4, 5, 6, 7, 8], (9, 19), 40, policy, 1),
              _hand_plan(14, 4, [9, 10, 11, 12], (5, 12), 44, policy, 2),
              _hand_plan(19, 0, [13, 14, 15, 16, 17], (2, 15), 48, policy, 3)]
     batch, spec = planner.plan_batch(plans, policy, CFG, LAYOUT)
     outs = {}
-    for kind in ("paged", "dense"):
-      s = spec.__class__(**{**spec.__dict__, "full_attention": kind,
+    # The kernels (interpret mode: assembly, paged attention, importance) once, on the sparse run.
+    kinds = [("paged", "reference"), ("dense", "reference")] + (
+        [("dense", "pallas_interpret")] if mode == "sparsex" else [])
+    for kind, backend in kinds:
+      s = spec.__class__(**{**spec.__dict__, "full_attention": kind, "backend": backend,
                             "n_probe": planner.bucket(max(int(p.sparse_q.sum()) for p in plans))})
       pool, out = prefill({k: jax.numpy.asarray(v) for k, v in pool0.items()}, PARAMS, batch,
                           cfg=CFG, spec=s)
-      outs[kind] = (np.asarray(out.logits), np.asarray(out.selected), np.asarray(pool["k"]),
-                    np.asarray(pool["v"]))
+      outs[kind, backend] = (np.asarray(out.logits), np.asarray(out.selected),
+                             np.asarray(pool["k"]), np.asarray(pool["v"]))
     assert spec.prefix_keys and (spec.score == "attention") == (mode == "sparsex")
-    np.testing.assert_allclose(outs["dense"][0], outs["paged"][0], rtol=1e-5, atol=2e-5)
-    np.testing.assert_array_equal(outs["dense"][1], outs["paged"][1])
-    for a, b in zip(outs["dense"][2:], outs["paged"][2:]):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    want = outs["paged", "reference"]
+    for key, got in outs.items():
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=2e-5, err_msg=str(key))
+      np.testing.assert_array_equal(got[1], want[1], err_msg=str(key))
+      for a, b in zip(got[2:], want[2:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5, err_msg=str(key))

@@ -29,7 +29,7 @@ from models import llama
 from models.config import ModelConfig
 from pallas_kernels import ops
 from sparsex_jax.kv.layout import page_and_offset
-from sparsex_jax.programs.layers import (gather_kv, pool_sentinel, scan_layers, scatter_kv)
+from sparsex_jax.programs.layers import pool_sentinel, scan_layers
 
 SCORES = ("none", "attention", "deviation", "given")
 
@@ -100,12 +100,12 @@ jax.tree_util.register_dataclass(PrefillOutput, data_fields=["logits", "scores",
                                                              "kept"], meta_fields=[])
 
 
-def assemble(pool, src_slots, dst_slots, delta, inv_freq):
-  """Copies K/V of every layer from src_slots to dst_slots [B, T], rotating K by delta [B, T]."""
-  k, v = gather_kv(pool, src_slots)  # [L, K, B, T, H]
-  # apply_rope wants [..., T, heads, H]: rotate as [L, B, T, K, H].
-  k = llama.apply_rope(k.transpose(0, 2, 3, 1, 4), delta, inv_freq).transpose(0, 3, 1, 2, 4)
-  return scatter_kv(pool, dst_slots, k, v)
+def assemble(pool, src_slots, dst_slots, delta, inv_freq, backend="auto"):
+  """Copies K/V of every layer from src_slots to dst_slots [B, T], rotating K by delta [B, T]
+  (sentinel dst: nothing written). One pass over the reused K/V with the kernel (GPU)."""
+  k, v = ops.assemble_kv(pool["k"], pool["v"], src_slots, dst_slots, delta, inv_freq,
+                         backend=backend)
+  return {"k": k, "v": v}
 
 
 def _take(a, idx):
@@ -239,7 +239,8 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   """One prefill program -> (pool, PrefillOutput)."""
   if spec.assemble:
     dst = jnp.where(batch.reused, batch.slots, pool_sentinel(pool))
-    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg))
+    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg),
+                    spec.backend)
 
   layer_threshold, n_layers = spec.layer_threshold, cfg.n_layers
   layers = params["layers"]
