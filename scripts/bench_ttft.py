@@ -649,6 +649,8 @@ def main():
   ap.add_argument("--smoke", action="store_true",
                   help="CPU self-check: tiny model, tiny contexts, 2 runs, no checks")
   ap.add_argument("--skip-checks", action="store_true")
+  ap.add_argument("--checks-only", action="store_true",
+                  help="only the kernels-vs-references engine check (for the --methods)")
   ap.add_argument("--skip-decode", action="store_true")
   ap.add_argument("--decode-only", action="store_true",
                   help="only the decode timing, at two pool sizes (a pool-copy check)")
@@ -677,9 +679,10 @@ def main():
       json.dump(results, f, indent=1)
     return
   steps = [] if args.skip_checks else [lambda: check_backends(results, set(args.methods))]
-  results["ceilings"] = ceilings(args.smoke)
-  steps.append(lambda: bench(results, args, results["ceilings"]))
-  if not args.skip_decode:
+  if not args.checks_only:
+    results["ceilings"] = ceilings(args.smoke)
+    steps.append(lambda: bench(results, args, results["ceilings"]))
+  if not (args.skip_decode or args.checks_only):
     steps.append(lambda: bench_decode(results, args.presets[0], 16, 4096, 32))
   for step in steps:
     try:
