@@ -79,11 +79,13 @@ def _assemble_kernel(src_ref, dst_ref, delta_ref, inv_ref, k_in, v_in, k_out, v_
 
 
 @functools.partial(jax.jit, static_argnames=("block_t", "num_warps", "num_stages", "interpret"))
-def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, block_t=64, num_warps=4,
+def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, block_t=64, num_warps=8,
                 num_stages=1, interpret=False):
   """Pallas (Triton lowering) assembly, in place: same contract as assemble_kv_reference.
 
-  block_t: tokens per program (a power of two >= 16). The update is in place where the pool is
+  block_t: tokens per program (a power of two >= 16); (64, 8 warps) and (32, 4 warps) ran at
+  2.58 TB/s on the H100 (90% of copy), (64, 4) at 2.20, (128, 4) at 0.40 (docs/BENCHMARKS.md).
+  The update is in place where the pool is
   donated (the prefill program); called on a pool the caller keeps, XLA copies it first.
   """
   n_layers, n_kv, n_pages, page_size, head_dim = k_pool.shape
