@@ -6,6 +6,8 @@ backend:
   "reference"         pure-jnp reference.
   "pallas"            Pallas kernel, Triton lowering (needs a GPU).
   "pallas_interpret"  Pallas kernel in interpret mode (CPU; slow, for tests).
+(causal_attention, the full layers' dense attention, is cuDNN under "pallas" and
+XLA otherwise: it has no Pallas kernel of ours.)
 Extra keyword arguments (block sizes, num_warps, ...) go to the kernel and are
 ignored by the reference.
 
@@ -15,13 +17,19 @@ whole pool with layer= inside a layer loop: slicing pool[layer] there would
 make XLA copy the layer's K/V for the kernel's custom call.
 """
 
+import jax
+import jax.numpy as jnp
+
 from pallas_kernels import _compat
+from pallas_kernels.assemble import assemble_kv as _assemble_kv_kernel
+from pallas_kernels.assemble import assemble_kv_reference
 from pallas_kernels.attention import paged_attention, paged_attention_reference
 from pallas_kernels.decode import (paged_decode_attention,
                                    paged_decode_attention_reference)
 from pallas_kernels.importance import (sparse_q_importance,
                                        sparse_q_importance_reference)
 
+# causal_attention: contiguous causal attention (cuDNN on GPU) for the full layers.
 BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
 
 
@@ -75,6 +83,38 @@ def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
                    sm_scale=sm_scale, head_reduce=head_reduce, layer=layer,
                    backend=backend)
   return out, lse, imp
+
+
+def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto",
+                **kernel_kwargs):
+  """Reused K/V of every layer from slots src to dst [B, T], K re-rotated by delta, in one pass
+  -> (k_pool, v_pool). The kernel needs a power-of-two half head dim (else: the reference)."""
+  half = k_pool.shape[-1] // 2
+  if half & (half - 1):
+    backend = "reference"
+  return _call(_assemble_kv_kernel, assemble_kv_reference, backend,
+               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs)
+
+
+def causal_attention(q, k, v, seq_len, *, sm_scale, backend="auto"):
+  """Causal attention over contiguous rows: query row t sees key rows j <= t, j < seq_len[b].
+
+  q [B, S, N, H], k, v [B, S, K, H] (GQA), seq_len [B] int32 (>= 1) -> [B, S, N, H]; rows at or
+  beyond seq_len are garbage (callers mask them). The full layers' dense path: cuDNN flash
+  attention on the GPU ('pallas'; bf16/f16, head dim a multiple of 8 up to 128), XLA's
+  materialised softmax elsewhere (small problems and tests: it holds [B, N, S, S] logits).
+  """
+  impl = "cudnn" if resolve_backend(backend) == "pallas" else "xla"
+  seq_len = seq_len.astype(jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=True,
+                                      query_seq_lengths=seq_len,
+                                      key_value_seq_lengths=seq_len, implementation=impl)
+
+
+def cudnn_can_run(dtype, head_dim: int) -> bool:
+  """Whether causal_attention's cuDNN path takes these inputs (checked before choosing it)."""
+  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,

@@ -518,6 +518,74 @@ def plot(res, path):
   fig.savefig(path, dpi=110)
 
 
+# ----------------------------------------------------------------------------
+# Assembly: gather cached K/V, re-rotate K, write the request's slots
+# ----------------------------------------------------------------------------
+
+
+def section_assemble(token_counts, sweep, results):
+  """Assembly of n reused tokens of Llama-3-8B (32 layers, 8 kv heads, dim 128, bf16, page 16):
+  kernel vs the jnp reference (XLA gather + rotate + scatter), both inside a donating jit as in
+  the prefill. Bytes = K and V of every layer read once and written once."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.assemble import assemble_kv, assemble_kv_reference
+  n_layers = 32 if not KERNEL_KW.get("interpret") else 2
+  rows = []
+  for n in token_counts:
+    n_pages = 2 * (n // PAGE) + 8
+    rng = np.random.default_rng(n)
+    shape = (n_layers, N_KV, n_pages, PAGE, HEAD_DIM)
+    src_pages = rng.permutation(np.arange(1, n_pages // 2))[: n // PAGE]
+    dst_pages = rng.permutation(np.arange(n_pages // 2, n_pages))[: n // PAGE]
+    off = np.arange(PAGE)
+    src = (src_pages[:, None] * PAGE + off).reshape(1, -1).astype(np.int32)
+    dst = (dst_pages[:, None] * PAGE + off).reshape(1, -1).astype(np.int32)
+    delta = np.full_like(src, 1234)
+    inv = (1.0 / (500000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))).astype(np.float32)
+    nbytes = 2 * 2 * n_layers * N_KV * HEAD_DIM * 2 * src.size
+    pool = {"k": jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16),
+            "v": jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)}
+
+    def make(fn, **kw):
+      @functools.partial(jax.jit, donate_argnums=(0,))
+      def step(pool, src, dst, delta):
+        k, v = fn(pool["k"], pool["v"], src, dst, delta, inv, **kw)
+        return {"k": k, "v": v}
+      return step
+
+    ref = make(assemble_kv_reference)
+    configs = [(64, 4), (128, 4), (32, 4), (64, 8)] if sweep else [(64, 4)]
+    want = ref(jax.tree.map(jnp.copy, pool), src, dst, delta)
+    row = dict(tokens=int(src.size), mbytes=nbytes / 1e6)
+    for bt, nw in configs:
+      ker = make(assemble_kv, block_t=bt, num_warps=nw, **KERNEL_KW)
+      got = ker(jax.tree.map(jnp.copy, pool), src, dst, delta)
+      err = max(float(jnp.max(jnp.abs(got[x].astype(jnp.float32) - want[x].astype(jnp.float32))))
+                for x in ("k", "v"))
+      state = {"p": jax.tree.map(jnp.copy, pool)}
+
+      def call():
+        state["p"] = ker(state["p"], src, dst, delta)
+        return state["p"]
+      t = bench(call)
+      row.setdefault("kernel", []).append(dict(block_t=bt, num_warps=nw, ms=t * 1e3,
+                                               gbs=nbytes / t / 1e9, max_abs_err=err))
+      print(f"assemble {src.size} tokens ({bt}, {nw}): {t * 1e3:.3f} ms "
+            f"{nbytes / t / 1e9:.0f} GB/s, max err vs reference {err:.3g}", flush=True)
+    state = {"p": jax.tree.map(jnp.copy, pool)}
+
+    def call_ref():
+      state["p"] = ref(state["p"], src, dst, delta)
+      return state["p"]
+    t = bench(call_ref)
+    row.update(ref_ms=t * 1e3, ref_gbs=nbytes / t / 1e9)
+    print(f"assemble {src.size} tokens reference: {t * 1e3:.3f} ms {nbytes / t / 1e9:.0f} GB/s",
+          flush=True)
+    rows.append(row)
+  results["assemble"] = rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -526,6 +594,7 @@ def main():
   ap.add_argument("--fracs", default="0.05,0.15,0.3")
   ap.add_argument("--batches", default="1,8,32,64")
   ap.add_argument("--decode-contexts", default="2048,8192,32768")
+  ap.add_argument("--assemble-tokens", default="7680,30720")
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU check of this script: interpret mode, tiny shapes")
@@ -545,7 +614,8 @@ def main():
     DECODE_MIN_BYTES, SWEEP_CTX = 1e6, 256
     SWEEP_PROBLEMS = ((256, 0.15), (512, 0.05))
     a.contexts, a.fracs, a.batches, a.decode_contexts = "256", "0.1", "2", "256"
-    a.sections = "sparse,decode"
+    a.sections = "sparse,decode,assemble"
+    a.assemble_tokens = "64"
   os.makedirs(a.out, exist_ok=True)
   res = dict(env=environment(), command=" ".join(sys.argv))
   print(json.dumps(res["env"], indent=1), flush=True)
@@ -564,6 +634,9 @@ def main():
   if "sparse" in sections:
     section_sparse(ints(a.contexts), [float(x) for x in a.fracs.split(",")],
                    not a.no_sweep, res)
+    save()
+  if "assemble" in sections:
+    section_assemble(ints(a.assemble_tokens), not a.no_sweep, res)
     save()
   if "decode" in sections:
     section_decode(ints(a.batches), ints(a.decode_contexts), not a.no_sweep,

@@ -1,21 +1,46 @@
-"""Time to first token by reuse policy on a GPU, with random weights at real shapes.
+"""Time to first token by method, context and workload, on a GPU, with random weights at real shapes.
 
-A RAG-shaped workload: a system prompt, `--passages` retrieved passages (precomputed alone with
-engine.cache_segments, as a corpus would be) in a different order on every run (each run starts
-with another passage), and a new question.
-So the prefix cache only ever hits the system prompt, while segment reuse sees every passage.
-Each policy is warmed up (compiled) and then timed `--repeats` times; medians are reported.
+Every method runs through the engine (`Engine.prefill_logits`) on the same requests, side by side,
+with the plain dense prefill (one jitted lax.scan over the layers, cuDNN flash attention, no pages,
+no caches) timed in the same run as the anchor: speed-ups are against it and against the engine's
+own full prefill.
 
-Before timing, the engine on the Pallas kernels is checked against the same engine on the jnp
-references (tiny model, float32 and bfloat16): prefill logits of every policy and decoded tokens.
+Workloads (each context C is the prompt length, within a few tokens):
+- rag:   a 256-token system prompt, passages of about 1.3K tokens precomputed alone at position 0
+         (`cache_segments`, as a corpus would be), in another order on every run, and a 32-token
+         question. The prefix cache only ever hits the system prompt.
+- chat:  truncated chat history. The conversation's turns (512 tokens each) were computed in
+         context by earlier requests (other windows, another system prompt); each run sends a
+         system prompt, the last W turns of a window that slides by one turn per run (the oldest
+         turn dropped), and a new 64-token message.
+- agent: a 2K-token (C/4) tool-and-instructions prefix that is an exact prefix-cache hit, tool
+         results and sub-agent outputs (768 tokens each) computed in other agents' contexts, in
+         another order on every run, and a 64-token instruction.
 
-  python scripts/bench_ttft.py --out $OUT          (on the GPU machine; writes ttft.json)
+Timing: each (workload, context, method) is compiled by a warm-up request, then timed over --runs
+requests (median and p90). `ttft` is the wall time of prefill_logits (tokenize, cache lookups,
+planning, the device program, the commit, the logits on the host); `device` is the time of the
+device programs alone (dispatch to ready), `host` the rest. Each method's floor is
+max(FLOPs / matmul peak, bytes / copy bandwidth), both peaks measured in the same run, from the
+plan (what was computed where); `floor %` = floor / device time.
+
+  python scripts/bench_ttft.py --out $OUT                       (all of it: far beyond 8 minutes)
+  python scripts/bench_ttft.py --out $OUT --contexts 8192 32768 --workloads rag --runs 10
+  python scripts/bench_ttft.py --report $OUT/ttft.json --out docs/ttft   (markdown + PNGs; no GPU)
+  python scripts/bench_ttft.py --smoke --out /tmp/ttft          (CPU self-check: tiny shapes)
+
+Before timing (unless --skip-checks), the engine on the GPU kernels is checked against the same
+engine on the jnp references (tiny model, float32 and bfloat16): logits of every method and decoded
+tokens. Old flags still work: --only LABELS (= --methods), --repeats (= --runs), --skip-decode,
+--decode-only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import sys
 import time
@@ -26,42 +51,58 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 
 PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
+DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
 # Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
     ("full", sx.ReuseConfig("full")),
     ("naive", sx.ReuseConfig("naive")),
-    ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
-    ("sparsex r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
-                                          **PAPER)),
+    ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
+    # The default selection rule (attention x deviation, 2 segment heads; docs/quality.md).
+    ("sparsex[axd+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+                                                      layer_threshold=4)),
+    ("sparsex[axd+heads2] r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+                                                      layer_threshold=2)),
+    # The paper's rule (Sparse-Q attention mass).
     ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
+                                          **PAPER)),
+    ("sparsex r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
                                           **PAPER)),
     ("sparsex r=0.05 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=4,
                                           **PAPER)),
     ("sparsex r=0.30 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2,
                                           **PAPER)),
-    # The default selection rule (attention x deviation, 2 segment heads; docs/quality.md).
-    ("sparsex[axd+heads2] r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=2)),
-    ("sparsex[axd+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=4)),
-    # Last: prefix mode caches every full block it computes, which would turn later policies'
-    # passages into exact hits.
+    # Prefix mode caches every full block it computes: timed last within a workload.
     ("prefix", sx.ReuseConfig("prefix")),
 ]
+DEFAULT_METHODS = [DENSE, "full", "naive", "epic r=0.15", "cacheblend r=0.15",
+                   "sparsex[axd+heads2] r=0.15 T=4", "sparsex[axd+heads2] r=0.15 T=2",
+                   "sparsex r=0.15 T=4"]
+WORKLOADS = ("rag", "chat", "agent")
+# --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context.
+SWEEP_R, SWEEP_T = (0.05, 0.15, 0.3), (1, 2, 4, 8)
 
 
 def _ids(rng, n, vocab):
   return [int(i) for i in rng.integers(10, vocab, size=n)]
 
 
-def check_backends(results: dict):
+def _percentile(xs, q):
+  return float(np.percentile(np.asarray(xs, np.float64), q))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels vs references (engine level)
+# ----------------------------------------------------------------------------------------------
+
+def check_backends(results: dict, labels):
   """Pallas-kernel engine vs reference engine on a tiny model: logits and decoded tokens."""
   for dtype, tol in (("float32", 2e-3), ("bfloat16", 3e-2)):
     cfg = get_config("tiny", dtype=dtype).replace(n_layers=5, n_heads=8, n_kv_heads=2,
@@ -77,9 +118,13 @@ def check_backends(results: dict):
                for b in ("reference", "pallas")}
     for e in engines.values():
       e.cache_segments(docs)
+      # The system prompt becomes an exact prefix: the full layers then start after it.
+      e.prefill_logits(sx.Request([sx.Segment(system, cache=False),
+                                   sx.Segment(question, cache=False)]), reuse=sx.ReuseConfig(
+                                       "prefix"))
     for label, reuse in POLICIES:
-      if label == "prefix":
-        continue  # would turn the whole prompt into exact hits for the policies after it
+      if label == "prefix" or label not in labels:
+        continue  # prefix would turn the whole prompt into exact hits for the policies after it
       got = {b: e.prefill_logits(req, reuse=reuse) for b, e in engines.items()}
       rel = float(np.linalg.norm(got["pallas"] - got["reference"])
                   / np.linalg.norm(got["reference"]))
@@ -94,90 +139,469 @@ def check_backends(results: dict):
                   for c in results["checks"] if c["dtype"] == dtype], flush=True)
 
 
-def bench(results: dict, preset: str, n_passages: int, passage_len: int, repeats: int,
-          backend: str):
-  cfg = get_config(preset, dtype="bfloat16")
-  rng = np.random.default_rng(1)
-  passages = [_ids(rng, passage_len, cfg.vocab_size) for _ in range(n_passages)]
-  system = _ids(rng, 256, cfg.vocab_size)
-  n_prompt = len(system) + n_passages * passage_len + 32
-  t0 = time.perf_counter()
-  engine = sx.Engine.random(preset, dtype="bfloat16", page_size=16,
-                            num_pages=(n_prompt // 16 + 8) * (n_passages + 4),
-                            attention_backend=backend)
-  engine.cache_segments(passages, batch_size=2)
-  print(f"{preset}: init + cache_segments {time.perf_counter() - t0:.1f} s", flush=True)
+# ----------------------------------------------------------------------------------------------
+# Ceilings and floors
+# ----------------------------------------------------------------------------------------------
 
-  def request(i):
-    # A rotation: every run (warm-up included) starts with a different passage, so the prefix
-    # cache can only ever match the system prompt.
-    order = (np.arange(n_passages) + i) % n_passages
-    return sx.Request([sx.Segment(system)] + [sx.Segment(passages[j]) for j in order]
-                      + [sx.Segment(_ids(np.random.default_rng(200 + i), 32, cfg.vocab_size),
-                                    cache=False)])
-
-  for label, reuse in POLICIES:
-    t0 = time.perf_counter()
-    engine.prefill_logits(request(-1), reuse=reuse)  # compile
-    compile_s = time.perf_counter() - t0
-    times, plan = [], None
-    for i in range(repeats):
+def ceilings(smoke: bool) -> dict:
+  """Measured bf16 matmul TFLOP/s and copy GB/s (read + write) of this device."""
+  n = 512 if smoke else 8192
+  a = jnp.ones((n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x: x @ x)
+  big = jnp.ones((1 << (20 if smoke else 28),), jnp.float32)  # 1 GB on the GPU
+  cp = jax.jit(lambda x: x + 1)
+  out = {}
+  for name, fn, arg, work in (("matmul_tflops", mm, a, 2 * n ** 3 / 1e12),
+                              ("copy_gbps", cp, big, 2 * big.nbytes / 1e9)):
+    fn(arg).block_until_ready()
+    times = []
+    for _ in range(5):
       t0 = time.perf_counter()
-      _, plan = engine.prefill_logits(request(i), reuse=reuse, return_plan=True)
-      times.append(time.perf_counter() - t0)
-    row = {"preset": preset, "backend": backend, "policy": label, "n_prompt": n_prompt,
-           "n_exact": int(np.sum(plan.labels == 0)), "n_reused": int(plan.reused_positions.size),
-           "n_recomputed": int(plan.selected_positions.size), "ttft_ms_median":
-           1e3 * float(np.median(times)), "ttft_ms_all": [1e3 * t for t in times],
-           "compile_s": compile_s}
+      for _ in range(10):
+        r = fn(arg)
+      r.block_until_ready()
+      times.append((time.perf_counter() - t0) / 10)
+    out[name] = work / float(np.median(times))
+  print(f"ceilings: {out['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {out['copy_gbps']:.0f} GB/s "
+        f"copy", flush=True)
+  return out
+
+
+def layer_params(cfg) -> int:
+  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  return d * (n + 2 * k) * h + n * h * d + 3 * d * f
+
+
+def floors(cfg, n_prompt, positions_full, positions_sparse, n_reused, layer_threshold,
+           ceil: dict, extra_qkv_tokens=0, sparse_q_positions=None) -> dict:
+  """FLOPs and bytes a prefill cannot avoid, from what it computes.
+
+  positions_full: positions computed in layers [0, T); positions_sparse: in [T, L) (the active
+  set). Attention counts causally visible keys only (4 N H (p + 1) per query and layer);
+  importance Q K^T of the Sparse-Q rows (2 N H (p + 1)); the linear layers 2 x params per token.
+  Bytes: every layer's weights once, every layer's K/V of the prompt read once, computed K/V
+  written, reused K/V read and written once (assembly).
+  """
+  L, itemsize = cfg.n_layers, 2
+  nh = cfg.n_heads * cfg.head_dim
+  kv_row = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize  # K and V of one token, one layer
+  lp = layer_params(cfg)
+  pf, ps = np.asarray(positions_full, np.float64), np.asarray(positions_sparse, np.float64)
+  n_full, n_sparse = layer_threshold, L - layer_threshold
+  flops = (n_full * (2 * lp * pf.size + 4 * nh * np.sum(pf + 1))
+           + n_sparse * (2 * lp * ps.size + 4 * nh * np.sum(ps + 1))
+           + 2 * cfg.d_model * cfg.vocab_size
+           + 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.head_dim * extra_qkv_tokens)
+  if sparse_q_positions is not None and layer_threshold > 0:
+    flops += 2 * nh * np.sum(np.asarray(sparse_q_positions, np.float64) + 1)
+  weights = (L * lp + cfg.d_model * cfg.vocab_size) * itemsize
+  kv = (L * kv_row * n_prompt + kv_row * (n_full * pf.size + n_sparse * ps.size)
+        + 2 * L * kv_row * n_reused)
+  t_flops = flops / (ceil["matmul_tflops"] * 1e12)
+  t_bytes = (weights + kv) / (ceil["copy_gbps"] * 1e9)
+  return {"flops": float(flops), "bytes": float(weights + kv), "floor_ms": 1e3 * max(
+      t_flops, t_bytes), "bound": "flops" if t_flops >= t_bytes else "bytes"}
+
+
+def plan_floor(cfg, plan, policy_label, n_prompt, ceil):
+  if plan is None:  # full prefill of every token
+    pos = np.arange(n_prompt)
+    return floors(cfg, n_prompt, pos, pos[:0], 0, cfg.n_layers, ceil)
+  exact = plan.labels == 0
+  non_exact = np.flatnonzero(~exact)
+  t = plan.layer_threshold if plan.reused_positions.size else cfg.n_layers
+  t = min(t, cfg.n_layers)
+  active = np.union1d(np.flatnonzero(plan.sparse_q), plan.selected_positions)
+  extra = plan.reused_positions.size if "axd" in policy_label or "cacheblend" in policy_label else 0
+  return floors(cfg, n_prompt, non_exact, active, plan.reused_positions.size, t, ceil,
+                extra_qkv_tokens=extra, sparse_q_positions=np.flatnonzero(plan.sparse_q))
+
+
+# ----------------------------------------------------------------------------------------------
+# The anchor: plain dense prefill
+# ----------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def dense_prefill(params, tokens, *, cfg, impl):
+  """Plain causal prefill of tokens [1, n] from position 0: last-token logits and the K/V cache
+  (returned, so it is computed as the engine's is). No pages, no padding, no caches."""
+  n = tokens.shape[1]
+  positions = jnp.arange(n, dtype=jnp.int32)[None]
+
+  def one_layer(x, layer_params):
+    q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+    attn = jax.nn.dot_product_attention(q, k, v, scale=cfg.sm_scale, is_causal=True,
+                                        implementation=impl)
+    return llama.layer_output(layer_params, cfg, x, attn), (k, v)
+
+  x, kv = jax.lax.scan(one_layer, llama.embed(params, tokens), params["layers"])
+  return llama.logits(params, cfg, x[:, -1]), kv
+
+
+def time_dense(engine, n_prompt, runs, rng):
+  cfg = engine.config
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  toks = [np.asarray([_ids(rng, n_prompt, cfg.vocab_size)], np.int32) for _ in range(runs + 1)]
+  t0 = time.perf_counter()
+  jax.block_until_ready(dense_prefill(engine.params, toks[0], cfg=cfg, impl=impl))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for tk in toks[1:]:
+    t0 = time.perf_counter()
+    logits, kv = dense_prefill(engine.params, tk, cfg=cfg, impl=impl)
+    np.asarray(logits)
+    jax.block_until_ready(kv)
+    times.append(time.perf_counter() - t0)
+  return times, compile_s
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads
+# ----------------------------------------------------------------------------------------------
+
+class Workload:
+  """setup(engine) fills the caches; request(i) is run i's request (i = -1: the warm-up)."""
+
+  def __init__(self, name, cfg, context, runs):
+    self.name, self.context = name, context
+    rng = np.random.default_rng(hash((name, context)) % 2**32)
+    v = cfg.vocab_size
+    self.setup_requests, self.alone = [], []
+    sys_len, tail_len = min(256, context // 16), min(64, context // 16)
+    if name == "rag":
+      n_pass = max(3, round(context / 1365))
+      self.tail_len = min(32, context // 32)
+      plen = (context - sys_len - self.tail_len) // n_pass
+      self.system = _ids(rng, sys_len, v)
+      self.pieces = [_ids(rng, plen, v) for _ in range(n_pass)]
+      self.alone = self.pieces
+    elif name == "chat":
+      turn = min(512, context // 8)
+      self.window = max(2, (context - sys_len - tail_len) // turn)
+      self.system = _ids(rng, sys_len, v)
+      self.pieces = [_ids(rng, turn, v) for _ in range(self.window + runs + 1)]
+      other = _ids(rng, sys_len, v)  # the earlier requests' context differs from this one's
+      # Earlier requests computed the turns in context, W at a time, offset by half a window so
+      # that no timed window starts where an earlier one did.
+      step, start = self.window, -(self.window // 2)
+      while start < len(self.pieces):
+        chunk = self.pieces[max(0, start):start + step]
+        self.setup_requests.append(sx.Request([sx.Segment(other, cache=False)]
+                                              + [sx.Segment(p) for p in chunk]))
+        start += step
+      self.tail_len = tail_len
+    elif name == "agent":
+      self.system = _ids(rng, context // 4, v)
+      out_len = min(768, context // 8)
+      n_out = max(2, (context - len(self.system) - tail_len) // out_len)
+      self.pieces = [_ids(rng, out_len, v) for _ in range(n_out)]
+      for j in range(0, n_out, 3):  # other agents' runs, each with its own context
+        self.setup_requests.append(sx.Request(
+            [sx.Segment(_ids(rng, sys_len, v), cache=False)]
+            + [sx.Segment(p) for p in self.pieces[j:j + 3]]))
+      self.tail_len = tail_len
+    else:
+      raise ValueError(f"unknown workload {name!r}; known: {WORKLOADS}")
+    self.vocab = v
+
+  def setup(self, engine):
+    engine.clear_caches()
+    if self.alone:
+      engine.cache_segments(self.alone, batch_size=2)
+    for r in self.setup_requests:
+      engine.prefill_logits(r, reuse=sx.ReuseConfig("naive"))
+    if self.name == "agent":  # the tools prefix is a prefix-cache hit for every timed request
+      engine.prefill_logits(sx.Request([sx.Segment(self.system, cache=False),
+                                        sx.Segment(_ids(np.random.default_rng(9), 16,
+                                                        self.vocab), cache=False)]),
+                            reuse=sx.ReuseConfig("prefix"))
+
+  def request(self, i):
+    tail = sx.Segment(_ids(np.random.default_rng(1000 + i), self.tail_len, self.vocab),
+                      cache=False)
+    if self.name == "chat":
+      first = i + 1
+      body = self.pieces[first:first + self.window]
+    else:  # a rotation: every run starts with another piece
+      order = (np.arange(len(self.pieces)) + i) % len(self.pieces)
+      body = [self.pieces[j] for j in order]
+    return sx.Request([sx.Segment(self.system)] + [sx.Segment(p) for p in body] + [tail])
+
+
+def _n_tokens(req):
+  return sum(len(s.content) for s in req.segments)
+
+
+# ----------------------------------------------------------------------------------------------
+# The timed runs
+# ----------------------------------------------------------------------------------------------
+
+class DeviceTimer:
+  """Wraps the engine's pool runner: times each device program from dispatch to ready."""
+
+  def __init__(self, engine):
+    self.kv, self.orig, self.total = engine.kv, engine.kv.run, 0.0
+
+    def run(program, *args, **static):
+      t0 = time.perf_counter()
+      out = self.orig(program, *args, **static)
+      jax.block_until_ready((out, self.kv.arrays))
+      self.total += time.perf_counter() - t0
+      return out
+    engine.kv.run = run
+
+  def take(self) -> float:
+    t, self.total = self.total, 0.0
+    return t
+
+
+def bench_workload(results, engine, timer, preset, workload: Workload, methods, runs, ceil):
+  cfg = engine.config
+  n_prompt = _n_tokens(workload.request(0))
+  rows = []
+  if DENSE in methods:
+    times, compile_s = time_dense(engine, n_prompt, runs, np.random.default_rng(3))
+    fl = plan_floor(cfg, None, DENSE, n_prompt, ceil)
+    rows.append({"method": DENSE, "ttft": times, "device": times, "compile_s": compile_s,
+                 "n_exact": 0, "n_reused": 0, "n_recomputed": 0, **fl})
+  for label, reuse in POLICIES:
+    if label not in methods:
+      continue
+    try:
+      reuse.resolve(cfg)
+    except ValueError as e:  # e.g. T beyond this model's depth
+      print(f"  {label}: skipped ({e})", flush=True)
+      continue
+    workload.setup(engine)  # a fresh cache state per method: none sees another's entries
+    timer.take()
+    t0 = time.perf_counter()
+    engine.prefill_logits(workload.request(-1), reuse=reuse)  # compile and warm up
+    compile_s = time.perf_counter() - t0
+    timer.take()
+    ttft, device, plan, recompiled = [], [], None, 0
+    for i in range(runs):
+      req = workload.request(i)  # built outside the timing (Segment() converts the ids)
+      for _ in range(3):  # a run that compiled a new shape bucket is run again, compiled
+        n_programs = engine.num_compilations
+        t0 = time.perf_counter()
+        _, plan = engine.prefill_logits(req, reuse=reuse, return_plan=True)
+        wall = time.perf_counter() - t0
+        if engine.num_compilations == n_programs:
+          break
+        recompiled += 1
+        timer.take()
+      ttft.append(wall)
+      device.append(timer.take())
+    fl = plan_floor(cfg, plan if label != "full" else None, label, n_prompt, ceil)
+    rows.append({"method": label, "ttft": ttft, "device": device, "compile_s": compile_s,
+                 "n_exact": int(np.sum(plan.labels == 0)),
+                 "n_reused": int(plan.reused_positions.size),
+                 "n_recomputed": int(plan.selected_positions.size), "recompiled": recompiled,
+                 **fl})
+  anchor = next((r for r in rows if r["method"] == DENSE), None)
+  for r in rows:
+    med = 1e3 * float(np.median(r["ttft"]))
+    dev = 1e3 * float(np.median(r["device"]))
+    row = {"preset": preset, "workload": workload.name, "context": workload.context,
+           "policy": r["method"], "n_prompt": n_prompt, "n_exact": r["n_exact"],
+           "n_reused": r["n_reused"], "n_recomputed": r["n_recomputed"],
+           "ttft_ms_median": med, "ttft_ms_p90": 1e3 * _percentile(r["ttft"], 90),
+           "device_ms_median": dev, "device_ms_p90": 1e3 * _percentile(r["device"], 90),
+           "host_ms_median": 1e3 * float(np.median(np.subtract(r["ttft"], r["device"]))),
+           "ttft_ms_all": [1e3 * t for t in r["ttft"]], "compile_s": r["compile_s"],
+           "flops": r["flops"], "bytes": r["bytes"], "floor_ms": r["floor_ms"],
+           "bound": r["bound"], "floor_frac": r["floor_ms"] / dev,
+           "recompiled_runs": r.get("recompiled", 0),
+           "speedup_vs_dense": (1e3 * float(np.median(anchor["ttft"])) / med) if anchor
+           else None, "runs": len(r["ttft"])}
     results["ttft"].append(row)
-    print(f"  {label:20s} ttft {row['ttft_ms_median']:8.1f} ms  (exact {row['n_exact']}, reused "
-          f"{row['n_reused']}, recomputed {row['n_recomputed']}; compile {compile_s:.0f} s)",
+    print(f"  {preset} {workload.name:5s} {workload.context:6d} {row['policy']:32s} "
+          f"ttft {med:8.1f} ms (p90 {row['ttft_ms_p90']:7.1f}; device {dev:7.1f}, host "
+          f"{row['host_ms_median']:5.1f}) floor {row['floor_ms']:6.1f} ms "
+          f"({100 * row['floor_frac']:3.0f}%, {row['bound']}) "
+          f"x{row['speedup_vs_dense'] or 0:.2f} vs dense; compile {r['compile_s']:.0f} s",
           flush=True)
 
 
+def make_engine(preset, contexts, smoke):
+  cfg = get_config(preset, dtype="float32" if smoke else "bfloat16")
+  if smoke:
+    cfg = cfg.replace(n_layers=5)  # room for T = 4
+  longest = max(contexts)
+  if cfg.max_seq_len < longest + 1024:
+    # Random weights: speed does not depend on them, so longer contexts than the model was
+    # trained for are fine here (reported in the JSON).
+    cfg = cfg.replace(max_seq_len=longest + 1024)
+  # The largest cache state: the chat turns (W + runs + 1 of them) plus a request.
+  pages = int(4 * (longest + 8192) / 16) + 64
+  params = llama.init_params(cfg, 0)
+  return sx.Engine(cfg, params, None, page_size=16, num_pages=pages)
+
+
+def bench(results, args, ceil):
+  for preset in args.presets:
+    contexts = args.contexts
+    t0 = time.perf_counter()
+    engine = make_engine(preset, contexts, args.smoke)
+    timer = DeviceTimer(engine)
+    print(f"{preset}: init {time.perf_counter() - t0:.1f} s", flush=True)
+    for context in contexts:
+      for name in args.workloads:
+        wl = Workload(name, engine.config, context, args.runs)
+        try:
+          bench_workload(results, engine, timer, preset, wl, args.methods, args.runs, ceil)
+        except Exception:  # keep what was measured; report the failure
+          results["errors"].append(f"{preset} {name} {context}: " + traceback.format_exc())
+          print(traceback.format_exc(), flush=True)
+        _save(results, args.out)
+    if args.sweep:
+      wl = Workload(args.workloads[0], engine.config, args.sweep, args.runs)
+      labels = []
+      for r in SWEEP_R:
+        for t in SWEEP_T:
+          if t >= engine.config.n_layers:
+            continue
+          label = f"sparsex[axd+heads2] r={r:.2f} T={t}"
+          if label not in {lb for lb, _ in POLICIES}:
+            POLICIES.append((label, sx.ReuseConfig("sparsex", recompute_ratio=r,
+                                                   layer_threshold=t)))
+          labels.append(label)
+      sweep_rows = len(results["ttft"])
+      bench_workload(results, engine, timer, preset, wl, [DENSE, "full"] + labels, args.runs,
+                     ceil)
+      for row in results["ttft"][sweep_rows:]:
+        row["sweep"] = True
+    del engine, timer
+
+
+def _save(results, out):
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "ttft.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: markdown tables and PNGs
+# ----------------------------------------------------------------------------------------------
+
 def report(json_path: str, out_prefix: str):
-  """Renders a ttft.json (from a GPU run) as a markdown table and a PNG bar chart."""
+  """Renders a ttft.json as <out_prefix>.md tables and PNGs (TTFT vs context per method, speed-up
+  vs r and T)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   with open(json_path) as f:
     res = json.load(f)
   rows = res["ttft"]
-  full = next(r["ttft_ms_median"] for r in rows if r["policy"] == "full")
-  lines = [f"{res['device']}, jax {res['jax']}, {res['date']}. Command: `python {res['command']}`",
-           "", "| policy | prompt tokens | exact | reused | recomputed | TTFT median (ms) | "
-           "speed-up vs full |", "| --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    lines.append(f"| {r['policy']} | {r['n_prompt']} | {r['n_exact']} | {r['n_reused']} | "
-                 f"{r['n_recomputed']} | {r['ttft_ms_median']:.1f} | "
-                 f"{full / r['ttft_ms_median']:.2f}x |")
+  main = [r for r in rows if not r.get("sweep")]
+  lines = [f"{res['device']}, jax {res['jax']}, {res['date']}. Command: `python "
+           f"{res['command']}`", ""]
+  if "ceilings" in res:
+    c = res["ceilings"]
+    lines += [f"Ceilings measured in the run: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, "
+              f"copy {c['copy_gbps']:.0f} GB/s (read + write).", ""]
+  groups = {}
+  for r in main:
+    groups.setdefault((r.get("preset", "?"), r.get("workload", "rag"), r.get("context",
+                                                                              r["n_prompt"])),
+                      []).append(r)
+  for (preset, wl, ctx), rs in groups.items():
+    dense = next((r for r in rs if r["policy"] == DENSE), None)
+    full = next((r for r in rs if r["policy"] == "full"), None)
+    lines += [f"### {preset}, {wl}, {ctx} tokens ({rs[0]['n_prompt']} in the prompt)", "",
+              "| method | exact | reused | recomputed | TTFT median (ms) | p90 | device | host |"
+              " floor (ms) | floor reached | x vs dense | x vs full |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rs:
+      med = r["ttft_ms_median"]
+
+      def fmt(v, spec=".1f"):
+        return "-" if v is None else format(v, spec)
+      reached = None if r.get("floor_frac") is None else 100 * r["floor_frac"]
+      x_dense = None if dense is None else dense["ttft_ms_median"] / med
+      x_full = None if full is None else full["ttft_ms_median"] / med
+      lines.append(
+          f"| {r['policy']} | {r['n_exact']} | {r['n_reused']} | {r['n_recomputed']} | "
+          f"{med:.1f} | {fmt(r.get('ttft_ms_p90'))} | {fmt(r.get('device_ms_median'))} | "
+          f"{fmt(r.get('host_ms_median'))} | {fmt(r.get('floor_ms'))} ({r.get('bound', '-')}) | "
+          f"{fmt(reached, '.0f')}% | {fmt(x_dense, '.2f')}x | {fmt(x_full, '.2f')}x |")
+    lines.append("")
   checks = res.get("checks", [])
   if checks:
-    lines += ["", "Pallas-kernel engine vs jnp-reference engine (tiny model, same run):", "",
+    lines += ["Pallas-kernel engine vs jnp-reference engine (tiny model, same run):", "",
               "| dtype | policy | logits rel. error | ok |", "| --- | --- | --- | --- |"]
     for c in checks:
       err = f"{c['rel_err']:.2e}" if "rel_err" in c else "tokens equal" if c["ok"] else (
           "tokens differ")
       lines.append(f"| {c['dtype']} | {c['policy']} | {err} | {c['ok']} |")
+    lines.append("")
   for err in res.get("errors", []):
-    lines += ["", "A step of this run failed (the rest ran): `" + err.strip().splitlines()[-1] + "`"]
+    lines += ["A step of this run failed (the rest ran): `" + err.strip().splitlines()[0] + " ... "
+              + err.strip().splitlines()[-1] + "`", ""]
   if "decode" in res:
     d = res["decode"]
-    lines += ["", f"Paged decode ({d['preset']}, batch {d['batch']} x {d['context']}-token "
+    lines += [f"Paged decode ({d['preset']}, batch {d['batch']} x {d['context']}-token "
               f"contexts, {d['steps']} steps, engine end to end incl. host loop): "
-              f"{d['decode_ms_per_step']:.2f} ms per step."]
+              f"{d['decode_ms_per_step']:.2f} ms per step.", ""]
+  pngs = []
+  # TTFT vs context, one panel per (preset, workload).
+  panels = sorted({(r.get("preset"), r.get("workload", "rag")) for r in main})
+  if panels:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (preset, wl) in zip(axes[0], panels):
+      sub = [r for r in main if r.get("preset") == preset and r.get("workload", "rag") == wl]
+      for method in dict.fromkeys(r["policy"] for r in sub):
+        pts = sorted((r.get("context", r["n_prompt"]), r["ttft_ms_median"]) for r in sub
+                     if r["policy"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                linestyle="--" if method == DENSE else "-")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("context (tokens)")
+      ax.set_ylabel("TTFT median (ms)")
+      ax.set_title(f"{preset}, {wl}", fontsize=9)
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_prefix + "_context.png", dpi=120)
+    pngs.append(out_prefix + "_context.png")
+  sweep = [r for r in rows if r.get("sweep")]
+  if sweep:
+    base = next((r["ttft_ms_median"] for r in sweep if r["policy"] == DENSE), None) or next(
+        r["ttft_ms_median"] for r in sweep if r["policy"] == "full")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    pts = {}
+    for r in sweep:
+      if "r=" in r["policy"]:
+        rr = float(r["policy"].split("r=")[1].split()[0])
+        tt = int(r["policy"].split("T=")[1])
+        pts.setdefault(tt, []).append((rr, base / r["ttft_ms_median"]))
+    for tt in sorted(pts):
+      p = sorted(pts[tt])
+      ax.plot([x for x, _ in p], [y for _, y in p], marker="o", label=f"T={tt}")
+    ax.set_xlabel("recompute ratio r")
+    ax.set_ylabel("speed-up vs dense prefill")
+    ax.set_title(f"{sweep[0]['preset']}, {sweep[0]['workload']}, {sweep[0]['context']} tokens",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_prefix + "_sweep.png", dpi=120)
+    pngs.append(out_prefix + "_sweep.png")
+    lines += ["Speed-up vs r and T (default rule; TTFT medians, x vs the dense prefill):", "",
+              "| method | TTFT median (ms) | device | x vs dense |", "| --- | --- | --- | --- |"]
+    for r in sweep:
+      lines.append(f"| {r['policy']} | {r['ttft_ms_median']:.1f} | "
+                   f"{r.get('device_ms_median', 0):.1f} | {base / r['ttft_ms_median']:.2f}x |")
+    lines.append("")
+  for p in pngs:
+    lines.append(f"![{os.path.basename(p)}]({os.path.basename(p)})")
   with open(out_prefix + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
-  fig, ax = plt.subplots(figsize=(7, 3.5))
-  ax.barh([r["policy"] for r in rows][::-1], [r["ttft_ms_median"] for r in rows][::-1])
-  ax.set_xlabel("time to first token, median (ms)")
-  ax.set_title(f"{rows[0]['preset']} bf16, {rows[0]['n_prompt']}-token RAG prompt, "
-               f"{res['device']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(out_prefix + ".png", dpi=120)
   print("\n".join(lines))
 
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
 
 def bench_decode(results: dict, preset: str, batch: int, context: int, steps: int,
                  extra_pages: int = 64):
@@ -209,51 +633,65 @@ def bench_decode(results: dict, preset: str, batch: int, context: int, steps: in
 
 
 def main():
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--report", metavar="JSON", help="render a ttft.json as --out .md/.png; no GPU")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
-  ap.add_argument("--preset", default="llama3-8b")
-  ap.add_argument("--passages", type=int, default=6)
-  ap.add_argument("--passage-len", type=int, default=1280)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--presets", nargs="+", default=["llama3-8b", "smollm2-135m"])
+  ap.add_argument("--preset", help="one preset (old flag; same as --presets P)")
+  ap.add_argument("--contexts", nargs="+", type=int, default=[4096, 8192, 16384, 32768])
+  ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+  ap.add_argument("--methods", "--only", nargs="+", dest="methods", default=None,
+                  help=f"method labels (default: {DEFAULT_METHODS}); '{DENSE}' is the anchor")
+  ap.add_argument("--runs", "--repeats", type=int, dest="runs", default=10,
+                  help="timed runs per method after the warm-up (median and p90)")
+  ap.add_argument("--sweep", type=int, metavar="CONTEXT", default=0,
+                  help="also time the default rule at r x T (speed-up vs r and T) at this "
+                       "context, on the first workload")
+  ap.add_argument("--smoke", action="store_true",
+                  help="CPU self-check: tiny model, tiny contexts, 2 runs, no checks")
   ap.add_argument("--skip-checks", action="store_true")
+  ap.add_argument("--checks-only", action="store_true",
+                  help="only the kernels-vs-references engine check (for the --methods)")
   ap.add_argument("--skip-decode", action="store_true")
-  ap.add_argument("--only", nargs="*", help="time only the policies whose label is one of these")
   ap.add_argument("--decode-only", action="store_true",
                   help="only the decode timing, at two pool sizes (a pool-copy check)")
   args = ap.parse_args()
   if args.report:
     report(args.report, args.out)
     return
-  if args.only:
-    unknown = set(args.only) - {label for label, _ in POLICIES}
-    if unknown:
-      raise SystemExit(f"--only: unknown labels {sorted(unknown)}; known: "
-                       f"{[label for label, _ in POLICIES]}")
-    POLICIES[:] = [(label, reuse) for label, reuse in POLICIES if label in args.only]
+  if args.preset:
+    args.presets = [args.preset]
+  if args.smoke:
+    args.presets, args.runs, args.skip_checks, args.skip_decode = ["tiny"], 2, True, True
+    args.contexts = [c for c in args.contexts if c <= 512] or [256, 512]
+  known = {label for label, _ in POLICIES} | {DENSE}
+  args.methods = args.methods or DEFAULT_METHODS
+  unknown = set(args.methods) - known
+  if unknown:
+    raise SystemExit(f"--methods: unknown labels {sorted(unknown)}; known: {sorted(known)}")
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "command": " ".join(["scripts/bench_ttft.py"] + sys.argv[1:]),
              "checks": [], "ttft": [], "errors": []}
-  path = os.path.join(args.out, "ttft.json")
   if args.decode_only:
     for extra in (64, 8000):  # +16 GB of pool on llama3-8b (fits beside 2 x 16 GB of weights)
-      bench_decode(results, args.preset, 16, 4096, 32, extra_pages=extra)
+      bench_decode(results, args.presets[0], 16, 4096, 32, extra_pages=extra)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
       json.dump(results, f, indent=1)
     return
-  steps = [] if args.skip_checks else [lambda: check_backends(results)]
-  steps.append(lambda: bench(results, args.preset, args.passages, args.passage_len,
-                             args.repeats, "auto"))
-  if not args.skip_decode:
-    steps.append(lambda: bench_decode(results, args.preset, 16, 4096, 32))
+  steps = [] if args.skip_checks else [lambda: check_backends(results, set(args.methods))]
+  if not args.checks_only:
+    results["ceilings"] = ceilings(args.smoke)
+    steps.append(lambda: bench(results, args, results["ceilings"]))
+  if not (args.skip_decode or args.checks_only):
+    steps.append(lambda: bench_decode(results, args.presets[0], 16, 4096, 32))
   for step in steps:
     try:
       step()
     except Exception:  # keep what was measured; report the failure
       results["errors"].append(traceback.format_exc())
       print(traceback.format_exc(), flush=True)
-    with open(path, "w") as f:
-      json.dump(results, f, indent=1)
+    _save(results, args.out)
   print(json.dumps({k: v for k, v in results.items() if k != "ttft"}, indent=1)[:3000])
 
 

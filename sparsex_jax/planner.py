@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from models.config import ModelConfig
+from pallas_kernels import ops
 from sparsex_jax.api import PrefillPlan
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.store import Lease
@@ -162,6 +163,11 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   rescore = policy.rescore_layer if (score == "attention" and layer_threshold < n_layers) else None
   n_late = bucket(max(q + p.n_keep for q, p in zip(n_late_q, plans)))
   scorer = policy.scorer
+  full_attention = full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged"
+  if score == "attention" and (layer_threshold == 0 or full_attention == "dense"):
+    probe = n_probe  # T = 0: the layer-0 probe; dense full layers: the Sparse-Q rows' lse
+  else:
+    probe = 0
   return PrefillSpec(
       layer_threshold=layer_threshold, score=score,
       importance_layers=getattr(scorer, "importance_layers", "last"),
@@ -170,9 +176,19 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
       deviation_norm=score == "attention" and getattr(scorer, "deviation_norm", False),
       per_segment=score != "none" and getattr(scorer, "per_segment", False),
       n_active=0 if layer_threshold == n_layers else n_active,
-      n_probe=n_probe if (layer_threshold == 0 and score == "attention") else 0,
-      assemble=any_reused, backend=backend, rescore_layer=rescore or 0,
-      n_active_late=n_late if rescore else 0)
+      n_probe=probe, assemble=any_reused, backend=backend, rescore_layer=rescore or 0,
+      n_active_late=n_late if rescore else 0, full_attention=full_attention,
+      prefix_keys=any(p.n_exact > 0 for p in plans))
+
+
+def full_attention_kind(cfg: ModelConfig, backend: str) -> str:
+  """How the full layers attend: "dense" (cuDNN flash attention over contiguous K/V, with every
+  non-exact token a query) where cuDNN runs (GPU kernels, bf16/f16, head dim <= 128), else
+  "paged" (the sparse-query kernel or reference with every token a query; same results). The CPU
+  keeps "paged": its reference chunks the queries, XLA's dense softmax would hold [N, T, T]."""
+  if ops.resolve_backend(backend) == "pallas" and ops.cudnn_can_run(cfg.jnp_dtype, cfg.head_dim):
+    return "dense"
+  return "paged"
 
 
 def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],

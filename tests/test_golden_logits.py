@@ -113,6 +113,17 @@ def test_tiny_model_policies_match_golden(golden):
   _compare(_record(_tiny_case(), POLICIES), golden, "tiny")
 
 
+def test_dense_full_layers_match_golden(golden, monkeypatch):
+  """The full layers as one causal attention over contiguous K/V (cuDNN's path on the GPU; XLA's
+  softmax here) give every policy's stored logits and selections, exact prefix included."""
+  from sparsex_jax import planner
+  monkeypatch.setattr(planner, "full_attention_kind", lambda cfg, backend: "dense")
+  # The policies with full layers after an exact prefix or before scoring (T = 0 has none; the
+  # cache_segments prefills inside each run cover full layers without an exact prefix).
+  names = ["prefix", "cacheblend", "sparsex_t1", "sparsex_sum_max", "sparsex_rescore"]
+  _compare(_record(_tiny_case(), names), golden, "tiny")
+
+
 @pytest.mark.slow
 def test_real_model_policies_match_golden(golden, real_model):
   index = golden["real/index"]

@@ -120,3 +120,58 @@ def test_sparse_prefill_program_equals_full_at_ratio_one():
     assert _rel(np.asarray(out.logits[0]), want) < 1e-4
     assert int(np.asarray(out.selected).sum()) == 11
   store.check_invariants()
+
+
+def _hand_plan(n, n_exact, pages, reused_span, src_page, policy, seed):
+  """A RequestPlan made by hand: n_exact exact tokens (their K/V is whatever the pool holds), a
+  reused span whose cached K/V sits in page src_page onward, new tokens elsewhere."""
+  labels = np.full(n, planner.NEW, np.int8)
+  labels[:n_exact] = planner.EXACT
+  src, old = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+  lo, hi = reused_span
+  labels[lo:hi] = planner.REUSED
+  src[lo:hi] = src_page * LAYOUT.page_size + np.arange(hi - lo)
+  old[lo:hi] = np.arange(hi - lo)
+  plan = planner.RequestPlan(
+      token_ids=np.asarray(_ids(n, seed), np.int32), labels=labels, src_slots=src,
+      old_positions=old, segment_ids=(np.arange(n) >= lo).astype(np.int32) + (np.arange(n) >= hi),
+      page_table=np.asarray(pages, np.int32), n_exact=n_exact)
+  sel = policy.select(plan)
+  plan.n_select, plan.n_keep = sel.n_select, sel.n_keep
+  plan.given_score, plan.forced, plan.segment_budget = (sel.given_score, sel.forced,
+                                                        sel.segment_budget)
+  return plan
+
+
+def test_dense_full_layers_equal_paged_with_ragged_exact_prefixes():
+  """Full layers as one causal attention over contiguous K/V (queries placed at their absolute
+  positions) equal the paged path when the rows of a batch start after exact prefixes of
+  different lengths, for a full and a scored sparse prefill: logits, selection and the pool."""
+  rng = np.random.default_rng(5)
+  shape = LAYOUT.pool_shape(CFG)
+  pool0 = {k: rng.normal(size=shape).astype(np.float32) for k in ("k", "v")}
+  # (The full policy after an exact prefix: test_golden_logits' dense test, "prefix".)
+  for mode in ("sparsex",):
+    policy = ReuseConfig(mode, recompute_ratio=0.4, layer_threshold=2).resolve(CFG)
+    plans = [_hand_plan(23, 8, [3, 4, 5, 6, 7, 8], (9, 19), 40, policy, 1),
+             _hand_plan(14, 4, [9, 10, 11, 12], (5, 12), 44, policy, 2),
+             _hand_plan(19, 0, [13, 14, 15, 16, 17], (2, 15), 48, policy, 3)]
+    batch, spec = planner.plan_batch(plans, policy, CFG, LAYOUT)
+    outs = {}
+    # The kernels (interpret mode: assembly, paged attention, importance) once, on the sparse run.
+    kinds = [("paged", "reference"), ("dense", "reference")] + (
+        [("dense", "pallas_interpret")] if mode == "sparsex" else [])
+    for kind, backend in kinds:
+      s = spec.__class__(**{**spec.__dict__, "full_attention": kind, "backend": backend,
+                            "n_probe": planner.bucket(max(int(p.sparse_q.sum()) for p in plans))})
+      pool, out = prefill({k: jax.numpy.asarray(v) for k, v in pool0.items()}, PARAMS, batch,
+                          cfg=CFG, spec=s)
+      outs[kind, backend] = (np.asarray(out.logits), np.asarray(out.selected),
+                             np.asarray(pool["k"]), np.asarray(pool["v"]))
+    assert spec.prefix_keys and (spec.score == "attention") == (mode == "sparsex")
+    want = outs["paged", "reference"]
+    for key, got in outs.items():
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=2e-5, err_msg=str(key))
+      np.testing.assert_array_equal(got[1], want[1], err_msg=str(key))
+      for a, b in zip(got[2:], want[2:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5, err_msg=str(key))

@@ -12,7 +12,8 @@ from models import llama
 from models.config import ModelConfig
 from sparsex_jax.kv.layout import page_and_offset
 
-# attend(q [B,T,N,H], positions [B,T], pool, layer) -> (out [B,T,N,H], lse [B,T,N] or None)
+# attend(q [B,T,N,H], positions [B,T], pool, layer) -> (out [B,T,N,H], lse [B,T,N] or None);
+# with scan_layers(..., pass_kv=True) also attend(..., k=k, v=v): the layer's fresh K/V [B,T,K,H]
 Attend = Callable
 # score(q, positions, lse, pool, layer) -> per-key importance [B, MP*S]
 Score = Callable
@@ -46,7 +47,7 @@ def scatter_kv(pool, dst_slots, k, v):
 
 def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots, pool,
                 attend: Attend, score: Score | None = None, importance=None,
-                unroll: bool = False):
+                unroll: bool = False, pass_kv: bool = False):
   """Runs the stacked `layers` (absolute indices first_layer, ...) over tokens x [B, T, D].
 
   Each layer writes its K/V at `slots`, then attends with `attend`. With `score`, also adds each
@@ -58,6 +59,8 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   matmul (one extra write and read of every weight, every step: decode is weight-bound), whereas
   a static slice of a parameter, or a separate array, can be read in place. It costs compile time
   (L copies of the layer in the program), so only the decode programs offer it.
+  pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
+  (the dense full layers) that need not read them back from the pages.
   """
   if isinstance(layers, (list, tuple)):
     per_layer = list(layers)
@@ -72,7 +75,8 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
       layer = jnp.int32(first_layer + i)
       q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
       pool = write_kv(pool, layer, slots, k, v)
-      out, lse = attend(q, positions, pool, layer)
+      out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
+                  else attend(q, positions, pool, layer))
       if score is not None:
         acc = acc + score(q, positions, lse, pool, layer)
       x = llama.layer_output(layer_params, cfg, x, out)
@@ -86,7 +90,8 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
     layer_params, layer = xs
     q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
     pool = write_kv(pool, layer, slots, k, v)
-    out, lse = attend(q, positions, pool, layer)
+    out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
+                else attend(q, positions, pool, layer))
     if score is not None:
       acc = acc + score(q, positions, lse, pool, layer)
     return (llama.layer_output(layer_params, cfg, x, out), pool, acc), None

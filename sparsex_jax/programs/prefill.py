@@ -29,7 +29,7 @@ from models import llama
 from models.config import ModelConfig
 from pallas_kernels import ops
 from sparsex_jax.kv.layout import page_and_offset
-from sparsex_jax.programs.layers import (gather_kv, pool_sentinel, scan_layers, scatter_kv)
+from sparsex_jax.programs.layers import pool_sentinel, scan_layers
 
 SCORES = ("none", "attention", "deviation", "given")
 
@@ -51,6 +51,11 @@ class PrefillSpec:
   deviation_weighted: bool = False  # attention scores times the K/V deviation at layer T
   deviation_norm: bool = False  # ... times its norm (first-order error) rather than its square
   per_segment: bool = False  # select per segment (segment_budget) instead of one top-k
+  # Attention of the full layers [0, T): "paged" (the sparse-query kernel with every token a
+  # query) or "dense" (causal attention over contiguous K/V: cuDNN flash attention on the GPU).
+  full_attention: str = "paged"
+  # Some row has an exact prefix: the dense full layers read its keys back from the pages.
+  prefix_keys: bool = True
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -96,12 +101,12 @@ jax.tree_util.register_dataclass(PrefillOutput, data_fields=["logits", "scores",
                                                              "kept"], meta_fields=[])
 
 
-def assemble(pool, src_slots, dst_slots, delta, inv_freq):
-  """Copies K/V of every layer from src_slots to dst_slots [B, T], rotating K by delta [B, T]."""
-  k, v = gather_kv(pool, src_slots)  # [L, K, B, T, H]
-  # apply_rope wants [..., T, heads, H]: rotate as [L, B, T, K, H].
-  k = llama.apply_rope(k.transpose(0, 2, 3, 1, 4), delta, inv_freq).transpose(0, 3, 1, 2, 4)
-  return scatter_kv(pool, dst_slots, k, v)
+def assemble(pool, src_slots, dst_slots, delta, inv_freq, backend="auto"):
+  """Copies K/V of every layer from src_slots to dst_slots [B, T], rotating K by delta [B, T]
+  (sentinel dst: nothing written). One pass over the reused K/V with the kernel (GPU)."""
+  k, v = ops.assemble_kv(pool["k"], pool["v"], src_slots, dst_slots, delta, inv_freq,
+                         backend=backend)
+  return {"k": k, "v": v}
 
 
 def _take(a, idx):
@@ -167,9 +172,64 @@ def _paged_attention(cfg: ModelConfig, batch: PrefillBatch, backend: str):
   return attend
 
 
-def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse_q):
+def _dense_attention(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, page_size: int):
+  """The full layers' attention as one causal attention over contiguous K/V (cuDNN on the GPU).
+
+  Every non-exact token is a query, so a full layer is a dense causal prefill whose queries start
+  at the row's exact prefix length: the tokens sit at positions start + t, t = 0, 1, ... (the
+  planner lays them out so). Contiguous rows indexed by absolute position make that plain causal
+  attention (row t sees keys j <= t, j < kv_len): without an exact prefix the layer's fresh q, k, v
+  are those rows as they are; with one, keys are read back from the pages (exact prefix and the
+  just-written K/V) and queries are placed at their positions. The K/V are in the pages already
+  (scan_layers writes them first), so later layers and decode see the same pool as the paged path.
+  """
+  seq_len = jnp.maximum(batch.kv_len, 1)  # a padding row gets one harmless key (masked below)
+  b, t = batch.positions.shape
+
+  def finish(out, positions):
+    return jnp.where((positions >= 0)[..., None, None], out, jnp.zeros_like(out)), None
+
+  if not spec.prefix_keys:
+    def attend(q, positions, pool, layer, k, v):
+      del pool, layer
+      return finish(ops.causal_attention(q, k, v, seq_len, sm_scale=cfg.sm_scale,
+                                         backend=spec.backend), positions)
+    return attend
+
+  n_keys = batch.page_table.shape[1] * page_size
+  start = jnp.maximum(batch.positions[:, 0], 0)  # exact prefix length of each row
+  q_rows = jnp.clip(jnp.arange(n_keys, dtype=jnp.int32)[None] - start[:, None], 0, t - 1)
+
+  def attend(q, positions, pool, layer, k, v):
+    del k, v
+    n_kv, head_dim = pool["k"].shape[1], pool["k"].shape[4]
+
+    def keys(x):  # [B, MP*S, K, H]: one gather of the request's pages of this layer
+      x = x[layer][:, batch.page_table]  # [K, B, MP, S, H]
+      return jnp.moveaxis(x, 0, 3).reshape(b, -1, n_kv, head_dim)
+
+    # Rows before a request's start are junk queries (their outputs are never read).
+    out = ops.causal_attention(_take(q, q_rows), keys(pool["k"]), keys(pool["v"]), seq_len,
+                               sm_scale=cfg.sm_scale, backend=spec.backend)
+    return finish(_take(out, jnp.clip(positions, 0, n_keys - 1)), positions)
+  return attend
+
+
+def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse_q, probe=None):
+  """score(q, positions, lse, pool, layer) -> per-key importance of the Sparse-Q rows.
+
+  probe (idx, valid) [B, n_probe]: the Sparse-Q rows, for layers whose attention gives no f32
+  log-sum-exp (the dense full layers): their lse is recomputed by the sparse-query kernel on those
+  rows only (a few queries: cheap next to the layer), so the probabilities stay exact.
+  """
   def score(q, positions, lse, pool, layer):
-    return ops.importance(q, positions, sparse_q, pool["k"], batch.page_table, batch.kv_len, lse,
+    rows = sparse_q
+    if lse is None:
+      idx, valid = probe
+      q, positions, rows = _take(q, idx), jnp.where(valid, _take(positions, idx), -1), valid
+      _, lse = ops.attention(q, positions, pool["k"], pool["v"], batch.page_table, batch.kv_len,
+                             sm_scale=cfg.sm_scale, layer=layer, backend=spec.backend)
+    return ops.importance(q, positions, rows, pool["k"], batch.page_table, batch.kv_len, lse,
                           sm_scale=cfg.sm_scale, head_reduce=spec.head_reduce, layer=layer,
                           backend=spec.backend)
   return score
@@ -180,7 +240,8 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   """One prefill program -> (pool, PrefillOutput)."""
   if spec.assemble:
     dst = jnp.where(batch.reused, batch.slots, pool_sentinel(pool))
-    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg))
+    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg),
+                    spec.backend)
 
   layer_threshold, n_layers = spec.layer_threshold, cfg.n_layers
   layers = params["layers"]
@@ -190,18 +251,24 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   importance = jnp.zeros((b, batch.page_table.shape[1] * pool["k"].shape[3]), jnp.float32)
   x = llama.embed(params, batch.tokens)
 
-  def run(first, stop, x, positions, slots, pool, sparse_q=None, importance=None):
-    score = None if sparse_q is None else _importance(cfg, batch, spec, sparse_q)
+  def run(first, stop, x, positions, slots, pool, sparse_q=None, importance=None, dense=False,
+          probe=None):
+    score = None if sparse_q is None else _importance(cfg, batch, spec, sparse_q, probe)
     return scan_layers(llama.slice_layers(layers, first, stop), cfg, first, x, positions, slots,
-                       pool, attend, score, importance)
+                       pool, full_attend if dense else attend, score, importance, pass_kv=dense)
 
   attention_scored = spec.score == "attention" and layer_threshold > 0
   scored_from = layer_threshold - 1 if spec.importance_layers == "last" else 0
   if not attention_scored:
     scored_from = layer_threshold
-  x, pool, _ = run(0, scored_from, x, positions, slots, pool)
+  # The full layers: every non-exact token is a query.
+  dense = spec.full_attention == "dense"
+  full_attend = _dense_attention(cfg, batch, spec, pool["k"].shape[3]) if dense else attend
+  probe = compact(batch.sparse_q, spec.n_probe) if (dense and attention_scored) else None
+  x, pool, _ = run(0, scored_from, x, positions, slots, pool, dense=dense)
   x, pool, importance = run(scored_from, layer_threshold, x, positions, slots, pool,
-                            sparse_q=batch.sparse_q, importance=importance)
+                            sparse_q=batch.sparse_q, importance=importance, dense=dense,
+                            probe=probe)
 
   def deviation():  # at the first sparse layer, from its input x (exact: every layer before ran)
     return _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg, layer_threshold,
