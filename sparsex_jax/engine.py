@@ -19,7 +19,7 @@ import numpy as np
 from models import llama
 from models.config import ModelConfig, get_config
 from pallas_kernels.ops import resolve_backend
-from sparsex_jax import decoding, planner, scheduler
+from sparsex_jax import decoding, planner, scheduler, sharding
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
 from sparsex_jax.kv import KVStore, Leases, PoolLayout, persist
 from sparsex_jax.kv.segment_cache import segment_key
@@ -42,15 +42,21 @@ class Engine:
 
   def __init__(self, config: ModelConfig, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
-               max_batch_size: int = 16, attention_backend: str = "auto"):
+               max_batch_size: int = 16, attention_backend: str = "auto", mesh=None):
+    """mesh: None (one device) or a ("data", "tensor") jax Mesh (sharding.make_mesh(tp)): weights
+    Megatron-style and the KV pool by KV heads over "tensor" (docs/SHARDING.md). num_pages and
+    kv_pool_bytes are the whole pool's, summed over the tensor axis."""
     backend = resolve_backend(attention_backend)  # validates the name
+    sharding.check_model(config, mesh)
     if not is_int(max_batch_size) or max_batch_size < 1:
       raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
-    self.config, self.params, self.tokenizer = config, params, tokenizer
+    if mesh is not None:
+      params = sharding.shard_params(params, mesh)
+    self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
     self.store = KVStore(self.layout)
-    self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate)
+    self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate, mesh=mesh)
     self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
     self._disk: persist.DiskLink | None = None  # use_cache_dir()
@@ -66,9 +72,14 @@ class Engine:
     return cls(loaded.config, loaded.params, loaded.tokenizer, **kw)
 
   @classmethod
-  def random(cls, preset: str, dtype: str = "bfloat16", seed: int = 0, **kw):
-    """Random weights at a preset's real shapes (speed benchmarks; no tokenizer: pass ids)."""
-    cfg = get_config(preset, dtype=dtype)
+  def random(cls, preset: str | ModelConfig, dtype: str = "bfloat16", seed: int = 0, **kw):
+    """Random weights at a preset's real shapes (speed benchmarks; no tokenizer: pass ids).
+    With mesh=, the weights are created in their shards."""
+    cfg = preset if isinstance(preset, ModelConfig) else get_config(preset, dtype=dtype)
+    mesh = kw.get("mesh")
+    if mesh is not None:
+      sharding.check_model(cfg, mesh)
+      return cls(cfg, sharding.init_params_sharded(cfg, mesh, seed), None, **kw)
     return cls(cfg, llama.init_params(cfg, seed), None, **kw)
 
   @property
