@@ -83,6 +83,20 @@ def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence | None = None) -> Mesh
   return Mesh(grid, AXES)
 
 
+def mesh_for(tp: int | None) -> Mesh | None:
+  """The CLI's --tp: None -> no mesh (one device, unsharded); N -> make_mesh(N) (N = 1 runs the
+  sharded code path on one device)."""
+  return None if tp is None else make_mesh(tp)
+
+
+def describe(x) -> str:
+  """Where an array lives: its device, or its mesh and spec."""
+  s = x.sharding
+  if isinstance(s, NamedSharding):
+    return f"{len(s.device_set)} x {next(iter(s.device_set)).device_kind} ({dict(s.mesh.shape)}, {s.spec})"
+  return str(next(iter(s.device_set)))
+
+
 def tp_size(mesh: Mesh | None) -> int:
   return 1 if mesh is None else int(mesh.shape[TENSOR])
 

@@ -29,3 +29,16 @@ def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
   assert {"logits", "greedy tokens", "weights per device", "pool per device",
           "decode all-reduces of the residual stream per layer"} <= checks
   assert {r["tp"] for r in rows if r["check"] == "logits"} == {1, 2, 4}
+
+
+def test_bench_tp_smoke_on_2_fake_devices(tmp_path):
+  proc = _run("scripts/bench_tp.py", "--smoke", "--tp", "none", "2", "--out", str(tmp_path))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads((tmp_path / "bench_tp.json").read_text())
+  assert [r["layout"] for r in res["layouts"]] == ["none", "2"] and not res["errors"]
+  sharded = res["layouts"][1]
+  assert set(sharded["ttft"]) == {"sparsex", "full"} and sharded["decode"]["ms_per_step"] > 0
+  assert all(c["rel_err_vs_none"] < 1e-5 for name, c in sharded["checks"].items()
+             if name in ("sparsex", "full"))
+  assert sharded["checks"]["decode_tokens_equal"]
+  assert sharded["pool_gb_per_device"] * 2 == res["layouts"][0]["pool_gb_per_device"]
