@@ -144,6 +144,10 @@ def check_decode_program(engine, tp):
     want = (sharding.nbytes(engine.params) + sharding.nbytes(engine.pool)) / tp
     report(check="decode argument bytes per device", tp=tp, bytes=args, want=want,
            ok=args is None or abs(args - want) / want < 0.05)
+    pool = sharding.nbytes(engine.pool) / tp
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    report(check="decode updates the pool in place (aliased, no temp copy)", tp=tp,
+           alias=alias, temp=temp, pool=pool, ok=alias >= pool and temp < pool / 2)
 
 
 def _elems(shape: str) -> int:

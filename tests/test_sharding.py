@@ -41,4 +41,4 @@ def test_bench_tp_smoke_on_2_fake_devices(tmp_path):
   assert all(c["rel_err_vs_none"] < 1e-5 for name, c in sharded["checks"].items()
              if name in ("sparsex", "full"))
   assert sharded["checks"]["decode_tokens_equal"]
-  assert sharded["pool_gb_per_device"] * 2 == res["layouts"][0]["pool_gb_per_device"]
+  assert abs(sharded["pool_gb_per_device"] * 2 / res["layouts"][0]["pool_gb_per_device"] - 1) < 1e-9

@@ -104,10 +104,10 @@ class KVPool:
   def compile(self, program, *args, **static):
     """The compiled executable `run(program, *args, **static)` would run (nothing runs; for
     memory_analysis() and the HLO text: the sharding tests and benchmarks)."""
+    if self.mesh is None:
+      return program.lower(self.arrays, *args, **static).compile()
     fn, args = self._jitted(program, args, static)
     with self._mesh_context():
-      if self.mesh is None:
-        return jax.jit(fn).lower(self.arrays, *args).compile()
       return fn.lower(self.arrays, *args).compile()
 
   def run(self, program, *args, **static):
