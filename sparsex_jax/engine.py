@@ -74,7 +74,8 @@ class Engine:
   @classmethod
   def random(cls, preset: str | ModelConfig, dtype: str = "bfloat16", seed: int = 0, **kw):
     """Random weights at a preset's real shapes (speed benchmarks; no tokenizer: pass ids).
-    With mesh=, the weights are created in their shards."""
+    preset: a name (with dtype) or a ModelConfig (taken as it is). With mesh=, the weights are
+    created in their shards."""
     cfg = preset if isinstance(preset, ModelConfig) else get_config(preset, dtype=dtype)
     mesh = kw.get("mesh")
     if mesh is not None:

@@ -198,12 +198,16 @@ def put_replicated(tree, mesh: Mesh):
   (the params, the pool, earlier outputs) pass through."""
   rep = replicated(mesh)
   devices = set(mesh.devices.flat)
-
-  def one(x):
-    if isinstance(x, jax.Array) and x.sharding.device_set == devices:
-      return x
-    return put(x, rep)
-  return jax.tree.map(one, tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  todo = [i for i, x in enumerate(leaves)
+          if not (isinstance(x, jax.Array) and x.sharding.device_set == devices)]
+  if jax.process_count() == 1:  # one batched transfer (the decode loop calls this every step)
+    moved = jax.device_put([leaves[i] for i in todo], [rep] * len(todo))
+  else:
+    moved = [put(leaves[i], rep) for i in todo]
+  for i, x in zip(todo, moved):
+    leaves[i] = x
+  return jax.tree.unflatten(treedef, leaves)
 
 
 # ------------------------------------------------------------------------------------------------

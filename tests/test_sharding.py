@@ -42,3 +42,22 @@ def test_bench_tp_smoke_on_2_fake_devices(tmp_path):
              if name in ("sparsex", "full"))
   assert sharded["checks"]["decode_tokens_equal"]
   assert abs(sharded["pool_gb_per_device"] * 2 / res["layouts"][0]["pool_gb_per_device"] - 1) < 1e-9
+
+
+def test_cli_tp_flag(tmp_path):
+  req = tmp_path / "req.jsonl"
+  req.write_text("".join(json.dumps({"id": f"r{i}", "max_new_tokens": 3, "segments": [
+      {"tokens": list(range(10, 50))}, {"tokens": list(range(100 + i, 110 + i)),
+                                        "cache": False}]}) + "\n" for i in range(2)))
+  outs = {}
+  for tp in ("2", "4"):  # tiny has 2 KV heads: tp 4 is refused, naming the degrees that work
+    out = tmp_path / f"out{tp}.jsonl"
+    proc = _run("-m", "sparsex_jax.cli", "generate", "--model", "random:tiny", "--tp", tp,
+                "--input", str(req), "--output", str(out), "--no-progress", "--pool-gib", "0.01")
+    outs[tp] = (proc, out)
+  proc, out = outs["2"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert [json.loads(line)["finish_reason"] for line in out.read_text().splitlines()] == [
+      "length", "length"]
+  proc, _ = outs["4"]
+  assert proc.returncode == 2 and "degrees that work: [1, 2]" in proc.stderr
