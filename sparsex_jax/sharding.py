@@ -93,7 +93,8 @@ def describe(x) -> str:
   """Where an array lives: its device, or its mesh and spec."""
   s = x.sharding
   if isinstance(s, NamedSharding):
-    return f"{len(s.device_set)} x {next(iter(s.device_set)).device_kind} ({dict(s.mesh.shape)}, {s.spec})"
+    kind = next(iter(s.device_set)).device_kind
+    return f"{len(s.device_set)} x {kind} ({dict(s.mesh.shape)}, {s.spec})"
   return str(next(iter(s.device_set)))
 
 
