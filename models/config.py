@@ -70,6 +70,8 @@ class ModelConfig:
   def num_params(self) -> int:
     d, f, h = self.d_model, self.ffn_dim, self.head_dim
     attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+    if self.qkv_bias:
+      attn += h * (self.n_heads + 2 * self.n_kv_heads)
     per_layer = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + self.n_layers * per_layer + d + head
@@ -86,6 +88,17 @@ PRESETS: dict[str, ModelConfig] = {
         n_kv_heads=8, head_dim=128, ffn_dim=14336, rope_theta=500000.0,
         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), norm_eps=1e-5, max_seq_len=131072,
         tie_embeddings=False),
+    # Llama-3.1-70B shapes (tensor-parallel benchmarks: 8 KV heads, so tp in 1, 2, 4, 8).
+    "llama3-70b": ModelConfig(
+        name="llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,
+        n_kv_heads=8, head_dim=128, ffn_dim=28672, rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), norm_eps=1e-5, max_seq_len=131072,
+        tie_embeddings=False),
+    # Qwen2.5-32B shapes (q/k/v biases; 40 heads, 8 KV heads: tp in 1, 2, 4, 8).
+    "qwen2.5-32b": ModelConfig(
+        name="qwen2.5-32b", vocab_size=152064, d_model=5120, n_layers=64, n_heads=40,
+        n_kv_heads=8, head_dim=128, ffn_dim=27648, rope_theta=1000000.0, norm_eps=1e-6,
+        max_seq_len=32768, qkv_bias=True, tie_embeddings=False),
     # Llama-3.2-1B shapes.
     "llama3-1b": ModelConfig(
         name="llama3-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,

@@ -15,6 +15,11 @@ layer: None (k_pages, v_pages are one layer [K, P, S, H]) or an int32 scalar
 (traced or not) picking a layer of the whole pool [L, K, P, S, H]. Pass the
 whole pool with layer= inside a layer loop: slicing pool[layer] there would
 make XLA copy the layer's K/V for the kernel's custom call.
+
+Tensor parallelism: traced under a mesh (sparsex_jax/sharding.py), every op
+runs per shard under jax.shard_map over the "tensor" axis: each shard gets its
+own query heads and the KV heads of the pool it holds; importance reduces its
+heads locally, then over the shards. Without a mesh nothing changes.
 """
 
 import jax
@@ -42,12 +47,48 @@ def resolve_backend(backend: str) -> str:
   return backend
 
 
-def _call(kernel, reference, backend, args, kwargs, kernel_kwargs):
+POOL = "pool"  # an argument whose head axis is the pool's KV-head axis
+
+
+def _call(kernel, reference, backend, args, kwargs, kernel_kwargs,
+          arg_heads=None, out_heads=None, reduce=None):
+  """arg_heads: each arg's head axis (None: replicated; POOL: the pool's),
+  out_heads: (ndim, head axis) of the output or of each output (None:
+  replicated), reduce: how a replicated output
+  combines over the shards ("sum"/"max"): the per-shard layout under a mesh."""
   backend = resolve_backend(backend)
-  if backend == "reference":
-    return reference(*args, **kwargs)
-  return kernel(*args, **kwargs, **kernel_kwargs,
-                interpret=(backend == "pallas_interpret"))
+
+  def run(*args, layer):
+    kw = dict(kwargs, layer=layer)
+    if backend == "reference":
+      return reference(*args, **kw)
+    return kernel(*args, **kw, **kernel_kwargs,
+                  interpret=(backend == "pallas_interpret"))
+
+  from sparsex_jax import sharding  # the one room for sharding rules
+  layer = kwargs.get("layer")
+  if arg_heads is None or sharding.context_mesh() is None:
+    return run(*args, layer=layer)
+  pool_axis = 0 if layer is None else 1  # one layer [K,P,S,H] or the pool [L,K,P,S,H]
+  in_specs = tuple(
+      sharding.P() if a is None else
+      sharding.heads_spec(x.ndim, pool_axis if a == POOL else a)
+      for x, a in zip(args, arg_heads))
+  if out_heads is None:
+    out_specs = sharding.P()
+  elif isinstance(out_heads[0], tuple):  # several outputs: (ndim, head axis) each
+    out_specs = tuple(sharding.heads_spec(*a) for a in out_heads)
+  else:
+    out_specs = sharding.heads_spec(*out_heads)
+  if layer is None:
+    fn = lambda *xs: run(*xs, layer=None)  # noqa: E731
+  else:  # the (traced) layer index travels as a replicated argument
+    fn = lambda *xs: run(*xs[:-1], layer=xs[-1])  # noqa: E731
+    args, in_specs = (*args, layer), (*in_specs, sharding.P())
+  if reduce is not None:
+    inner = fn
+    fn = lambda *xs: sharding.reduce_over_shards(inner(*xs), reduce)  # noqa: E731
+  return sharding.per_head_shard(fn, in_specs, out_specs)(*args)
 
 
 def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
@@ -55,7 +96,9 @@ def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   """Sparse-query paged attention -> (out [B,T,N,H], lse [B,T,N] f32)."""
   return _call(paged_attention, paged_attention_reference, backend,
                (q, q_pos, k_pages, v_pages, page_table, kv_len),
-               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs,
+               arg_heads=(2, None, POOL, POOL, None, None),
+               out_heads=((4, 2), (3, 2)))
 
 
 def importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse, *,
@@ -65,7 +108,8 @@ def importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse, *,
   return _call(sparse_q_importance, sparse_q_importance_reference, backend,
                (q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse),
                dict(sm_scale=sm_scale, head_reduce=head_reduce, layer=layer),
-               kernel_kwargs)
+               kernel_kwargs, arg_heads=(2, None, None, POOL, None, None, 2),
+               out_heads=None, reduce=head_reduce)
 
 
 def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
@@ -122,4 +166,5 @@ def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   """Paged decode attention, one query token per request -> [B, N, H]."""
   return _call(paged_decode_attention, paged_decode_attention_reference, backend,
                (q, k_pages, v_pages, page_table, kv_len),
-               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs,
+               arg_heads=(1, POOL, POOL, None, None), out_heads=(3, 1))

@@ -5,7 +5,7 @@ program: a while_loop carrying the pool) and prints their temporary memory:
 a temp size that grows with the pool means a program copies the pool instead of updating it in
 place. Runs anywhere (reference path on CPU, Pallas kernels on GPU).
 
-  python scripts/check_pool_aliasing.py
+  python scripts/check_pool_aliasing.py [--tp N]     (--tp: the tensor-parallel programs, per device)
 """
 
 import os
@@ -27,28 +27,28 @@ from sparsex_jax.programs.prefill import prefill  # noqa: E402
 
 
 def main():
+  tp = int(sys.argv[sys.argv.index("--tp") + 1]) if "--tp" in sys.argv else None
   cfg = get_config("llama3-1b", dtype="bfloat16").replace(n_layers=2)
   params = llama.init_params(cfg, 0)
   for pages in (2048, 16384):
-    eng = sx.Engine(cfg, params, page_size=16, num_pages=pages)
-    pool_mb = eng.pool["k"].nbytes / 1e6
+    eng = sx.Engine(cfg, params, page_size=16, num_pages=pages, mesh=sx.mesh_for(tp))
+    pool_mb = eng.pool["k"].nbytes / 1e6 / (tp or 1)  # per device
     for mode in ("full", "naive"):
       policy = sx.ReuseConfig(mode).resolve(cfg)
       prompt = Prompt((np.arange(5, 300, dtype=np.int32),), (True,))
       with eng.store.acquire([prompt], policy, max_new_tokens=4) as leases:
         plans = [planner.plan_request(prompt, leases[0], policy, eng.layout)]
         batch, spec = planner.plan_batch(plans, policy, cfg, eng.layout)
-        m = prefill.lower(eng.pool, eng.params, batch, cfg=cfg,
-                          spec=spec).compile().memory_analysis()
+        m = eng.kv.compile(prefill, eng.params, batch, cfg=cfg, spec=spec).memory_analysis()
       print(f"{jax.default_backend()} prefill {mode:5s} pages {pages:6d}: pool K {pool_mb:8.1f} MB,"
             f" temp {m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f}"
             " MB", flush=True)
     b = 4
     z = np.zeros(b, np.int32)
-    m = decode_step.lower(
-        eng.pool, eng.params, z, z, z, np.zeros((b, 32), np.int32), z + 1,
+    m = eng.kv.compile(
+        decode_step, eng.params, z, z, z, np.zeros((b, 32), np.int32), z + 1,
         np.zeros(b, np.float32), np.ones(b, np.float32), z.astype(np.uint32), np.int32(1),
-        cfg=cfg).compile().memory_analysis()
+        cfg=cfg).memory_analysis()
     print(f"{jax.default_backend()} decode        pages {pages:6d}: pool K {pool_mb:8.1f} MB, temp "
           f"{m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f} MB",
           flush=True)

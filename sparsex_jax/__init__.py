@@ -6,7 +6,9 @@ from sparsex_jax.chat import chat_request, chat_segments, message_segments
 from sparsex_jax.engine import Engine
 from sparsex_jax.kv.persist import CacheError
 from sparsex_jax.sampling import SamplingParams
+from sparsex_jax.sharding import make_mesh, mesh_for
 
 __all__ = ["CacheError", "Engine", "PrefillPlan", "Request", "RequestError", "RequestOutput",
            "RequestStats",
-           "ReuseConfig", "SamplingParams", "Segment", "chat_request", "chat_segments", "message_segments"]
+           "ReuseConfig", "SamplingParams", "Segment", "chat_request", "chat_segments", "make_mesh", "mesh_for",
+           "message_segments"]

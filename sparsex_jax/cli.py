@@ -1,6 +1,7 @@
 """The `sparsex` command line.
 
   sparsex demo                                   the embedded default model on CPU: reuse vs full
+  (demo, generate, cache warm and eval take --tp N: tensor parallelism over N devices)
   sparsex generate --input F --output O ...      an offline batch job over JSONL (jobs.py)
   sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
   sparsex cache info D                           what a segment cache on disk holds
@@ -26,7 +27,15 @@ from sparsex_jax.policy import REUSE_MODES
 
 def _demo(args) -> int:
   from sparsex_jax import demo
-  return demo.run(args.model, args.passage, args.question, args.question2, args.max_new_tokens)
+  return demo.run(args.model, args.passage, args.question, args.question2, args.max_new_tokens,
+                  tp=args.tp)
+
+
+def _add_tp_arg(p) -> None:
+  p.add_argument("--tp", type=int, default=None, metavar="N",
+                 help="tensor parallelism over N devices (weights Megatron-style, KV pool by KV "
+                      "heads; N must divide the model's KV heads; docs/SHARDING.md). Default: one "
+                      "device, unsharded")
 
 
 def main(argv=None) -> int:
@@ -39,12 +48,14 @@ def main(argv=None) -> int:
   demo.add_argument("--question", default=DEMO_QUESTION)
   demo.add_argument("--question2", default=DEMO_QUESTION2)
   demo.add_argument("--max-new-tokens", type=int, default=32)
+  _add_tp_arg(demo)
   _add_generate_parser(sub)
   _add_cache_parser(sub)
   ev = sub.add_parser("eval", help="reuse quality of every method on four workloads "
                       "(docs/evaluation.md)")
   from sparsex_jax.evaluation import runner
   runner.add_arguments(ev)
+  _add_tp_arg(ev)
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   for name in ("passage", "question", "question2"):
@@ -76,6 +87,7 @@ def _add_engine_args(p) -> None:
                  help="auto: float32 on CPU, bfloat16 on GPU")
   p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (power of 2)")
   p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
+  _add_tp_arg(p)
   pool = p.add_mutually_exclusive_group()
   pool.add_argument("--pool-gib", type=float, help="KV pool size in GiB (default 1)")
   pool.add_argument("--pool-fraction", type=float,
@@ -148,6 +160,8 @@ def _build_engine(args):
   from models import llama
   from models.config import get_config
   from models.loaders import load_model
+  from sparsex_jax import sharding
+  mesh = sharding.mesh_for(args.tp)
   dtype = args.dtype
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -157,7 +171,9 @@ def _build_engine(args):
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
   if args.model.startswith("random:"):
     cfg = get_config(args.model.split(":", 1)[1], dtype=dtype)
-    config, params, tokenizer = cfg, llama.init_params(cfg, 0), None
+    sharding.check_model(cfg, mesh)
+    params = llama.init_params(cfg, 0) if mesh is None else sharding.init_params_sharded(cfg, mesh)
+    config, tokenizer = cfg, None
   else:
     config, params, tokenizer = load_model(args.model, dtype=dtype)
   pool_bytes = None
@@ -168,9 +184,10 @@ def _build_engine(args):
   elif args.pool_fraction is not None:
     if not 0 < args.pool_fraction <= 1:
       raise ValueError(f"--pool-fraction must be in (0, 1], got {args.pool_fraction}")
-    pool_bytes = int(args.pool_fraction * _free_device_bytes())
+    # the pool is split over the tensor axis: each device gives its own free memory
+    pool_bytes = int(args.pool_fraction * _free_device_bytes() * sharding.tp_size(mesh))
   return sx.Engine(config, params, tokenizer, page_size=args.page_size,
-                   kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size)
+                   kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size, mesh=mesh)
 
 
 def _generate(args) -> int:

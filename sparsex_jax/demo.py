@@ -84,14 +84,16 @@ def _log_softmax(x):
 
 
 def run(model: str, passage: str, question: str, question2: str, max_new_tokens: int,
-        repeats: int = 1) -> int:
+        repeats: int = 1, tp: int | None = None) -> int:
   import sparsex_jax as sx
+  from sparsex_jax import sharding
 
   t0 = time.perf_counter()
-  engine = sx.Engine.from_pretrained(model)
+  engine = sx.Engine.from_pretrained(model, mesh=sharding.mesh_for(tp))
   sampling = sx.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
   print(f"model: {engine.config.name} ({engine.config.num_params() / 1e6:.0f}M params), "
-        f"loaded in {time.perf_counter() - t0:.1f} s, device: {engine.pool['k'].device}")
+        f"loaded in {time.perf_counter() - t0:.1f} s, device: "
+        f"{sharding.describe(engine.pool['k'])}")
   first = engine.chat_request(_messages(passage, question, SYSTEM))
   print(f"passage: {len(engine.tokenizer.encode(passage))} tokens ({passage[:60]}...)\n")
 

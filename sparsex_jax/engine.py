@@ -22,7 +22,7 @@ import numpy as np
 from models import llama
 from models.config import ModelConfig, get_config
 from pallas_kernels.ops import resolve_backend
-from sparsex_jax import decoding, planner, scheduler
+from sparsex_jax import decoding, planner, scheduler, sharding
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
 from sparsex_jax.kv import KVStore, Leases, PoolLayout, persist
@@ -50,11 +50,16 @@ class Engine:
   def __init__(self, config: ModelConfig, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
                max_batch_size: int = 16, attention_backend: str = "auto",
-               steps_per_visit: int = decoding.STEPS_PER_VISIT, decode_layer_loop: str = "scan"):
+               steps_per_visit: int = decoding.STEPS_PER_VISIT, decode_layer_loop: str = "scan",
+               mesh=None):
     """max_batch_size: requests per batch (static) or rows of the running batch (continuous).
     steps_per_visit: decode steps per device loop (per host visit). decode_layer_loop: "scan",
-    "unrolled" or "per_layer" (the decode program's layer loop; programs/decode.py)."""
+    "unrolled" or "per_layer" (the decode program's layer loop; programs/decode.py).
+    mesh: None (one device) or a ("data", "tensor") jax Mesh (sharding.make_mesh(tp)): weights
+    Megatron-style and the KV pool by KV heads over "tensor" (docs/SHARDING.md). num_pages and
+    kv_pool_bytes are the whole pool's, summed over the tensor axis."""
     backend = resolve_backend(attention_backend)  # validates the name
+    sharding.check_model(config, mesh)
     if not is_int(max_batch_size) or max_batch_size < 1:
       raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     if not is_int(steps_per_visit) or steps_per_visit < 1:
@@ -63,6 +68,8 @@ class Engine:
       raise ValueError(f"decode_layer_loop must be one of {LAYER_LOOPS}, got "
                        f"{decode_layer_loop!r}")
     self.steps_per_visit, self.decode_layer_loop = int(steps_per_visit), decode_layer_loop
+    if mesh is not None:
+      params = sharding.shard_params(params, mesh)
     # The decode programs' weights. "per_layer" keeps a second copy of the layers as separate
     # arrays (twice the layer weights' memory): a scan's dynamic slice of the stack may be copied
     # out before each matmul (scripts/bench_throughput.py counts such copies in the HLO).
@@ -72,11 +79,11 @@ class Engine:
       n = jax.tree.leaves(params["layers"])[0].shape[0]
       self.decode_params = dict(params, layers=[
           jax.tree.map(lambda w, i=i: jax.numpy.array(w[i]), params["layers"]) for i in range(n)])
-    self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
     self.store = KVStore(self.layout)
-    self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate)
+    self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate, mesh=mesh)
     self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
     self._disk: persist.DiskLink | None = None  # use_cache_dir()
@@ -92,9 +99,15 @@ class Engine:
     return cls(loaded.config, loaded.params, loaded.tokenizer, **kw)
 
   @classmethod
-  def random(cls, preset: str, dtype: str = "bfloat16", seed: int = 0, **kw):
-    """Random weights at a preset's real shapes (speed benchmarks; no tokenizer: pass ids)."""
-    cfg = get_config(preset, dtype=dtype)
+  def random(cls, preset: str | ModelConfig, dtype: str = "bfloat16", seed: int = 0, **kw):
+    """Random weights at a preset's real shapes (speed benchmarks; no tokenizer: pass ids).
+    preset: a name (with dtype) or a ModelConfig (taken as it is). With mesh=, the weights are
+    created in their shards."""
+    cfg = preset if isinstance(preset, ModelConfig) else get_config(preset, dtype=dtype)
+    mesh = kw.get("mesh")
+    if mesh is not None:
+      sharding.check_model(cfg, mesh)
+      return cls(cfg, sharding.init_params_sharded(cfg, mesh, seed), None, **kw)
     return cls(cfg, llama.init_params(cfg, seed), None, **kw)
 
   @property

@@ -252,7 +252,8 @@ def run(args, argv: list[str], engine=None) -> int:
   # A pool sized for the longest prompt (the engine above only lent its tokenizer and weights).
   engine = sx.Engine(engine.config, engine.params, tok, page_size=16,
                      num_pages=_pages_for(tok, all_prompts, 16),
-                     attention_backend=args.attention_backend)
+                     attention_backend=args.attention_backend,
+                     mesh=sx.mesh_for(getattr(args, "tp", None)))
   load_s = time.perf_counter() - t_start
   sampling = sx.SamplingParams(max_new_tokens=s["max_new_tokens"], temperature=0.0)
   default = mth.default_method(n_layers)

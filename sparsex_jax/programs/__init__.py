@@ -6,10 +6,17 @@ Each takes the KV pool first, donates it, and returns (pool, outputs):
 - copy.copy_slots: K/V moved between slots unchanged; copy.read_pages / write_pages: whole
   pages to and from the host (the persistent segment cache).
 `KVPool` owns the device pool and is the only place that swaps it for a program's output.
+
+With a mesh (tensor parallelism, sparsex_jax/sharding.py) `KVPool.run` runs each program under
+it: host arguments become replicated global arrays, the program is traced under `jax.set_mesh`
+(the attention ops then run per head shard) and jitted with the pool's sharding for the pool it
+returns (so the donated pool is updated in place) and replicated outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable
 
 import jax
@@ -42,6 +49,11 @@ class CompileLog:
     return len(self._seen)
 
 
+# (program, static arguments, mesh) -> the program jitted with the pool's and outputs' layouts
+# (module-wide like jit's own cache: engines on the same mesh share compilations).
+_SHARDED_PROGRAMS: dict = {}
+
+
 class KVPool:
   """The device KV pool {"k", "v"}: [L, K, P, S, H] each, donated to every program.
 
@@ -51,22 +63,58 @@ class KVPool:
   """
 
   def __init__(self, cfg: ModelConfig, layout: PoolLayout,
-               on_lost: Callable[[], None] | None = None):
-    self.cfg, self.layout, self.on_lost = cfg, layout, on_lost
+               on_lost: Callable[[], None] | None = None, mesh=None):
+    self.cfg, self.layout, self.on_lost, self.mesh = cfg, layout, on_lost, mesh
     self.arrays = self._zeros()
     self.log = CompileLog()
     self.times_lost = 0
 
   def _zeros(self):
     import jax.numpy as jnp
-    shape = self.layout.pool_shape(self.cfg)
-    return {"k": jnp.zeros(shape, self.cfg.jnp_dtype), "v": jnp.zeros(shape, self.cfg.jnp_dtype)}
+    shape, dtype = self.layout.pool_shape(self.cfg), self.cfg.jnp_dtype
+    if self.mesh is None:
+      return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    from sparsex_jax import sharding  # created in its shards: no device holds the whole pool
+    zeros = jax.jit(lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+                    out_shardings=sharding.pool_sharding(self.mesh))
+    return zeros()
+
+  def _jitted(self, program, args, static):
+    """The jitted callable `run` calls with (pool, *args), and the args it takes."""
+    if self.mesh is None:
+      return functools.partial(program, **static), args
+    from sparsex_jax import sharding
+    key = (program, tuple(sorted(static.items())), self.mesh)
+    fn = _SHARDED_PROGRAMS.get(key)
+    if fn is None:  # the program itself, inlined into a jit that pins the output layouts
+      fn = jax.jit(lambda pool, *a: program(pool, *a, **static), donate_argnums=0,
+                   out_shardings=(sharding.pool_sharding(self.mesh),
+                                  sharding.replicated(self.mesh)))
+      _SHARDED_PROGRAMS[key] = fn
+    return fn, sharding.put_replicated(args, self.mesh)
+
+  def _mesh_context(self):
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+  def _call(self, program, args, static):
+    fn, args = self._jitted(program, args, static)
+    with self._mesh_context():
+      return fn(self.arrays, *args)
+
+  def compile(self, program, *args, **static):
+    """The compiled executable `run(program, *args, **static)` would run (nothing runs; for
+    memory_analysis() and the HLO text: the sharding tests and benchmarks)."""
+    if self.mesh is None:
+      return program.lower(self.arrays, *args, **static).compile()
+    fn, args = self._jitted(program, args, static)
+    with self._mesh_context():
+      return fn.lower(self.arrays, *args).compile()
 
   def run(self, program, *args, **static):
     """pool, out = program(pool, *args, **static); keeps the new pool, returns out."""
     self.log.note(program.__name__, tuple(sorted(static.items())), args)
     try:
-      pool, out = program(self.arrays, *args, **static)
+      pool, out = self._call(program, args, static)
     except BaseException:
       self.recover()
       raise
@@ -90,7 +138,11 @@ class KVPool:
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
     padded[:pages.size] = pages
     pad = [(0, 0), (0, 0), (0, n - pages.size), (0, 0), (0, 0)]
-    self.run(write_pages, padded, np.pad(k, pad), np.pad(v, pad))
+    k, v = np.pad(k, pad), np.pad(v, pad)
+    if self.mesh is not None:  # straight into the pool's layout: each device gets its heads
+      from sparsex_jax import sharding
+      k, v = (sharding.put(x, sharding.pool_sharding(self.mesh)) for x in (k, v))
+    self.run(write_pages, padded, k, v)
 
   def is_valid(self) -> bool:
     """False when the pool was donated to a program that failed, or holds a failed result."""
