@@ -59,7 +59,7 @@ def _call(kernel, reference, backend, args, kwargs, kernel_kwargs,
   backend = resolve_backend(backend)
 
   def run(*args, layer):
-    kw = dict(kwargs, layer=layer)
+    kw = dict(kwargs) if layer is None else dict(kwargs, layer=layer)
     if backend == "reference":
       return reference(*args, **kw)
     return kernel(*args, **kw, **kernel_kwargs,
@@ -136,8 +136,10 @@ def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto",
   half = k_pool.shape[-1] // 2
   if half & (half - 1):
     backend = "reference"
+  # Under a mesh each shard assembles its own KV heads (axis 1 of the [L, K, P, S, H] pools).
   return _call(_assemble_kv_kernel, assemble_kv_reference, backend,
-               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs)
+               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs,
+               arg_heads=(1, 1, None, None, None, None), out_heads=((5, 1), (5, 1)))
 
 
 def causal_attention(q, k, v, seq_len, *, sm_scale, backend="auto"):

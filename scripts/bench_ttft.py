@@ -65,11 +65,16 @@ POLICIES = [
     ("naive", sx.ReuseConfig("naive")),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
-    # The default selection rule (attention x deviation, 2 segment heads; docs/quality.md).
-    ("sparsex[axd+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+    # The default selection rule (attention x |K/V deviation|, 2 segment heads; docs/quality.md).
+    ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
                                                       layer_threshold=4)),
-    ("sparsex[axd+heads2] r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+    ("sparsex[axn+heads2] r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
                                                       layer_threshold=2)),
+    # The cheapest configurations of the default rule that beat EPIC r=0.15 (docs/quality.md).
+    ("sparsex[axn+heads2] r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10,
+                                                      layer_threshold=1)),
+    ("sparsex[axn+heads2] r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+                                                      layer_threshold=1)),
     # The paper's rule (Sparse-Q attention mass).
     ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
                                           **PAPER)),
@@ -83,7 +88,7 @@ POLICIES = [
     ("prefix", sx.ReuseConfig("prefix")),
 ]
 DEFAULT_METHODS = [DENSE, "full", "naive", "epic r=0.15", "cacheblend r=0.15",
-                   "sparsex[axd+heads2] r=0.15 T=4", "sparsex[axd+heads2] r=0.15 T=2",
+                   "sparsex[axn+heads2] r=0.15 T=4", "sparsex[axn+heads2] r=0.15 T=2",
                    "sparsex r=0.15 T=4"]
 WORKLOADS = ("rag", "chat", "agent")
 # --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context.
@@ -461,7 +466,7 @@ def bench(results, args, ceil):
         for t in SWEEP_T:
           if t >= engine.config.n_layers:
             continue
-          label = f"sparsex[axd+heads2] r={r:.2f} T={t}"
+          label = f"sparsex[axn+heads2] r={r:.2f} T={t}"
           if label not in {lb for lb, _ in POLICIES}:
             POLICIES.append((label, sx.ReuseConfig("sparsex", recompute_ratio=r,
                                                    layer_threshold=t)))
