@@ -63,28 +63,32 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
   (the dense full layers) that need not read them back from the pages.
   """
-  if isinstance(layers, (list, tuple)):
-    per_layer = list(layers)
-  elif unroll:
-    per_layer = [jax.tree.map(lambda w, i=i: w[i], layers)
-                 for i in range(jax.tree.leaves(layers)[0].shape[0])]
-  else:
-    per_layer = None
-  if per_layer is not None:
-    acc = importance
+  def one_layer(carry, xs):
+    x, pool, acc = carry
+    layer_params, layer = xs
+    x = constrain_replicated(x)  # tensor parallel: the residual stream is replicated
+    q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+    pool = write_kv(pool, layer, slots, k, v)
+    out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
+                else attend(q, positions, pool, layer))
+    if score is not None:
+      acc = acc + score(q, positions, lse, pool, layer)
+    return (constrain_replicated(llama.layer_output(layer_params, cfg, x, out)), pool, acc), None
+
+  if isinstance(layers, (list, tuple)) or unroll:
+    per_layer = list(layers) if isinstance(layers, (list, tuple)) else [
+        jax.tree.map(lambda w, i=i: w[i], layers)
+        for i in range(jax.tree.leaves(layers)[0].shape[0])]
+    carry = (x, pool, importance)
     for i, layer_params in enumerate(per_layer):
-      layer = jnp.int32(first_layer + i)
-      q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
-      pool = write_kv(pool, layer, slots, k, v)
-      out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
-                  else attend(q, positions, pool, layer))
-      if score is not None:
-        acc = acc + score(q, positions, lse, pool, layer)
-      x = llama.layer_output(layer_params, cfg, x, out)
-    return x, pool, acc
+      carry, _ = one_layer(carry, (layer_params, jnp.int32(first_layer + i)))
+    return carry
   n = jax.tree.leaves(layers)[0].shape[0]
   if n == 0:
     return x, pool, importance
+  layer_ids = first_layer + jnp.arange(n, dtype=jnp.int32)
+  (x, pool, importance), _ = jax.lax.scan(one_layer, (x, pool, importance), (layers, layer_ids))
+  return x, pool, importance
 
   def one_layer(carry, xs):
     x, pool, acc = carry
