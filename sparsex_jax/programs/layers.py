@@ -89,19 +89,3 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   layer_ids = first_layer + jnp.arange(n, dtype=jnp.int32)
   (x, pool, importance), _ = jax.lax.scan(one_layer, (x, pool, importance), (layers, layer_ids))
   return x, pool, importance
-
-  def one_layer(carry, xs):
-    x, pool, acc = carry
-    layer_params, layer = xs
-    x = constrain_replicated(x)  # tensor parallel: the residual stream is replicated
-    q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
-    pool = write_kv(pool, layer, slots, k, v)
-    out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
-                else attend(q, positions, pool, layer))
-    if score is not None:
-      acc = acc + score(q, positions, lse, pool, layer)
-    return (constrain_replicated(llama.layer_output(layer_params, cfg, x, out)), pool, acc), None
-
-  layer_ids = first_layer + jnp.arange(n, dtype=jnp.int32)
-  (x, pool, importance), _ = jax.lax.scan(one_layer, (x, pool, importance), (layers, layer_ids))
-  return x, pool, importance
