@@ -9,6 +9,7 @@ against (token for token).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from models.config import ModelConfig
@@ -30,14 +31,9 @@ def visit(pool: KVPool, params, cfg: ModelConfig, batch: RunningBatch, *,
   min_active rows still run (the caller has requests waiting for rows).
   """
   rows, tokens = pool.run(decode_loop, params, batch.device_rows(), np.int32(min_active), cfg=cfg,
-                          steps=int(steps_per_visit), backend=backend,
-                          layer_loop="unrolled" if layer_loop == "unrolled" else "scan")
-  return batch.advance(*_to_host(rows, tokens))
-
-
-def _to_host(rows, tokens):
-  import jax  # one transfer for the whole output (rows and tokens), not one per field
-  return jax.device_get((rows, tokens))
+                          steps=int(steps_per_visit), backend=backend, layer_loop=layer_loop)
+  # One transfer for the whole output (rows and tokens), not one per field.
+  return batch.advance(*jax.device_get((rows, tokens)))
 
 
 def decode(pool: KVPool, params, cfg: ModelConfig, layout: PoolLayout, first: np.ndarray,

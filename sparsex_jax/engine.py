@@ -17,6 +17,7 @@ import time
 import warnings
 from typing import Iterable, Sequence
 
+import jax
 import numpy as np
 
 from models import llama
@@ -75,10 +76,9 @@ class Engine:
     # out before each matmul (scripts/bench_throughput.py counts such copies in the HLO).
     self.decode_params = params
     if decode_layer_loop == "per_layer":
-      import jax
       n = jax.tree.leaves(params["layers"])[0].shape[0]
       self.decode_params = dict(params, layers=[
-          jax.tree.map(lambda w, i=i: jax.numpy.array(w[i]), params["layers"]) for i in range(n)])
+          jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n)])
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
@@ -385,5 +385,4 @@ class Engine:
 
 
 def _cpu_only() -> bool:
-  import jax
   return jax.default_backend() == "cpu"
