@@ -1,6 +1,6 @@
 """Sparse-Q importance: per-key attention mass of the Sparse-Q rows. Reference and kernel.
 
-importance[b, j] = reduce over query heads n (sum or max) of
+importance[b, j] = reduce over query heads n (sum or max; or a sum per kv head) of
     sum over rows t with q_is_sparse[b, t] of exp(s[b, t, n, j] - lse[b, t, n]),
 where s are the scaled logits and lse comes from the attention pass (so the
 probabilities are exact, normalised over all visible keys). Masked keys
@@ -29,19 +29,28 @@ from pallas_kernels.attention import (map_query_chunks, default_block_m, gather_
 _LOG2E = math.log2(math.e)
 
 
-def _reduce_heads(per_head, head_reduce, axis):
+HEAD_REDUCTIONS = ("sum", "max", "per_kv_head")
+
+
+def _reduce_heads(per_head, head_reduce, n_kv):
+  """[B, N, L] per query head -> [B, L] ("sum", "max"), or [B, K, L] summed over the G query
+  heads of each kv head ("per_kv_head": to pair with per-kv-head K/V deviations)."""
   if head_reduce == "sum":
-    return jnp.sum(per_head, axis=axis)
+    return jnp.sum(per_head, axis=1)
   if head_reduce == "max":
-    return jnp.max(per_head, axis=axis)
-  raise ValueError(f"head_reduce must be 'sum' or 'max', got {head_reduce!r}")
+    return jnp.max(per_head, axis=1)
+  if head_reduce == "per_kv_head":
+    batch, n_heads, n_keys = per_head.shape
+    return jnp.sum(per_head.reshape(batch, n_kv, n_heads // n_kv, n_keys), axis=2)
+  raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "head_reduce"))
 def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
                                   kv_len, lse, *, sm_scale, head_reduce="sum",
                                   layer=None):
-  """Pure-jnp Sparse-Q importance -> [B, MP*S] float32 (layer: as paged_attention)."""
+  """Pure-jnp Sparse-Q importance -> [B, MP*S] float32 ([B, K, MP*S] for "per_kv_head";
+  layer: as paged_attention)."""
   batch, _, n_heads, head_dim = q.shape
   k_pages = layer_pages(k_pages, layer)
   n_kv = k_pages.shape[0]
@@ -62,7 +71,7 @@ def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
 
   # Row chunks come back as [B, n_chunks, N, L]: sum them, then reduce over heads.
   per_head = map_query_chunks(per_head_mass, q, q_pos, q_is_sparse, lse, per_row=False)
-  return _reduce_heads(jnp.sum(per_head, axis=1), head_reduce, axis=1)
+  return _reduce_heads(jnp.sum(per_head, axis=1), head_reduce, n_kv)
 
 
 def _importance_kernel(layer_ref, kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,
@@ -218,4 +227,4 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
   )(layer_arr, kv_len.astype(jnp.int32), n_sp * group, rstart,
     page_table.astype(jnp.int32), pos_r, lse_r, qr, k_flat)
   per_head = per_head[:, :, :group, :n_keys].reshape(batch, n_heads, n_keys)
-  return _reduce_heads(per_head, head_reduce, axis=1)
+  return _reduce_heads(per_head, head_reduce, n_kv)

@@ -104,12 +104,15 @@ def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
 def importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse, *,
                sm_scale, head_reduce="sum", layer=None, backend="auto",
                **kernel_kwargs):
-  """Sparse-Q importance -> [B, MP*S] f32."""
+  """Sparse-Q importance -> [B, MP*S] f32 ([B, K, MP*S] for head_reduce="per_kv_head")."""
+  # Summed or maxed over heads, each shard reduces its own heads, then the shards combine; per
+  # kv head, the output is split over the shards as the pool's kv heads are.
+  per_kv = head_reduce == "per_kv_head"
   return _call(sparse_q_importance, sparse_q_importance_reference, backend,
                (q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse),
                dict(sm_scale=sm_scale, head_reduce=head_reduce, layer=layer),
                kernel_kwargs, arg_heads=(2, None, None, POOL, None, None, 2),
-               out_heads=None, reduce=head_reduce)
+               out_heads=(3, 1) if per_kv else None, reduce=None if per_kv else head_reduce)
 
 
 def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,

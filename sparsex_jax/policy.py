@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
 IMPORTANCE_LAYERS = ("last", "sum")
 HEAD_REDUCE = ("sum", "max")
-IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviation_norm")
+IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviation_norm",
+                      "attention_x_deviation_per_head")
 # Chosen by measurement (docs/quality.md): on MuSiQue with SmolLM2-135M, T = 4 at r = 0.15 halves
 # the first-token KL of T = 2 (0.060 vs 0.115 nats) for ~15 ms more TTFT at 8K tokens on an H100,
 # and beats T = 2 at r = 0.30 on both.
@@ -114,6 +115,14 @@ class SparseQAttention(TopK):
     instead of one top-k over the prompt.
   segment_heads: the first `segment_heads` tokens of every reused segment are always selected (a
     segment cached alone starts as a sequence does, with attention-sink K/V), within the budget.
+  deviation_per_head: pair attention and deviation per kv head: sum over kv heads k of (the
+    attention its query heads pay the token) x |deviation of the token's K/V in head k|. A query
+    head reads only its own kv head, so its first-order error from token j is its own a_hj times
+    that head's deviation; the product of two sums over heads also credits a token read by one
+    head for a deviation in another.
+  refresh_threshold_kv: the deviation's fresh K/V of every token at layer T (exact, since the
+    layers below ran in full, and computed anyway to measure the deviation) replace the reused
+    K/V at layer T for the unselected tokens too. Free: one more K/V write of one layer.
   """
 
   device_score: ClassVar[str] = "attention"
@@ -123,6 +132,8 @@ class SparseQAttention(TopK):
   per_segment: bool = False
   segment_heads: int = 0
   deviation_norm: bool = False
+  deviation_per_head: bool = False
+  refresh_threshold_kv: bool = False
 
   def n_select(self, plan, ratio: float) -> int:
     if not self.per_segment:
@@ -274,8 +285,9 @@ class ReuseConfig:
     in-context segments): evaluations and sweeps that must not change the cache between configs.
   read_caches: False ignores every cache entry (the prompt is computed as if nothing were
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
-  importance_signal, per_segment_budget, segment_heads: sparsex selection options (see
-    SparseQAttention). Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at
+  importance_signal, per_segment_budget, segment_heads, refresh_threshold_kv: sparsex selection
+    options (see SparseQAttention; "attention_x_deviation_per_head" is the norm paired per kv
+    head, and sums the attention within each kv head, so it needs head_reduce="sum"). Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at
     T = 0 attention alone) and segment_heads=2. The paper's rule: importance_signal="attention",
     segment_heads=0.
   """
@@ -294,6 +306,7 @@ class ReuseConfig:
   importance_signal: str = DEFAULT_IMPORTANCE_SIGNAL
   per_segment_budget: bool = False
   segment_heads: int = DEFAULT_SEGMENT_HEADS
+  refresh_threshold_kv: bool = False
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
@@ -331,11 +344,17 @@ class ReuseConfig:
       raise ValueError(f"per_segment_budget must be True or False, got {self.per_segment_budget!r}")
     if not is_int(self.segment_heads) or self.segment_heads < 0:
       raise ValueError(f"segment_heads must be an int >= 0, got {self.segment_heads!r}")
+    if not isinstance(self.refresh_threshold_kv, bool):
+      raise ValueError(f"refresh_threshold_kv must be True or False, "
+                       f"got {self.refresh_threshold_kv!r}")
+    if self.importance_signal == "attention_x_deviation_per_head" and self.head_reduce != "sum":
+      raise ValueError(f"importance_signal='attention_x_deviation_per_head' sums the attention "
+                       f"within each kv head; head_reduce must be 'sum', got {self.head_reduce!r}")
     if self.mode != "sparsex" and (
         self.importance_signal != DEFAULT_IMPORTANCE_SIGNAL or self.per_segment_budget
-        or self.segment_heads != DEFAULT_SEGMENT_HEADS):
-      raise ValueError(f"importance_signal, per_segment_budget and segment_heads are sparsex "
-                       f"options, not for mode {self.mode!r}")
+        or self.segment_heads != DEFAULT_SEGMENT_HEADS or self.refresh_threshold_kv):
+      raise ValueError(f"importance_signal, per_segment_budget, segment_heads and "
+                       f"refresh_threshold_kv are sparsex options, not for mode {self.mode!r}")
     if not is_int(self.check_layer) or self.check_layer < 1:
       raise ValueError(f"check_layer must be >= 1 (layer 0 is always full), got {self.check_layer}")
 
@@ -367,7 +386,12 @@ class ReuseConfig:
             # token and its position): no deviation to weigh by, so attention alone ranks.
             deviation_weighted=self.importance_signal != "attention" and t >= 1,
             per_segment=self.per_segment_budget, segment_heads=self.segment_heads,
-            deviation_norm=self.importance_signal == "attention_x_deviation_norm" and t >= 1),
+            deviation_norm=self.importance_signal in ("attention_x_deviation_norm",
+                                                      "attention_x_deviation_per_head") and t >= 1,
+            deviation_per_head=self.importance_signal == "attention_x_deviation_per_head"
+            and t >= 1,
+            refresh_threshold_kv=self.refresh_threshold_kv and self.importance_signal != "attention"
+            and t >= 1),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,
         "random": lambda: RandomChoice(self.seed),

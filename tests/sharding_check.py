@@ -47,6 +47,10 @@ POLICIES = [
         "sparsex", layer_threshold=1, importance_signal="attention", segment_heads=0,
         head_reduce="max", importance_layers="sum", rescore_layer=3, recompute_ratio=0.4,
         **NO_UPDATE)),
+    # attention per kv head (split over the shards like the pool), fresh K/V kept at layer T
+    ("sparsex per-head fresh T=2", sx.ReuseConfig(
+        "sparsex", layer_threshold=2, importance_signal="attention_x_deviation_per_head",
+        refresh_threshold_kv=True, recompute_ratio=0.3, **NO_UPDATE)),
     ("prefix (fills)", sx.ReuseConfig("prefix")),
     ("prefix (hits)", sx.ReuseConfig("prefix")),
 ]

@@ -75,6 +75,8 @@ def np_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
       for n in range(n_heads):
         s = keys[n // group] @ q[b, t, n] * scale
         per_head[b, n] += np.where(vis, np.exp(s - lse[b, t, n]), 0.0)
+  if head_reduce == "per_kv_head":
+    return per_head.reshape(batch, k_pages.shape[0], group, n_keys).sum(2)
   return per_head.sum(1) if head_reduce == "sum" else per_head.max(1)
 
 
@@ -230,6 +232,7 @@ IMP_CASES = [
     (2, 6, 2, 64, 8, 7, (50, 33), 12, "max", 16),
     (1, 8, 2, 128, 16, 4, (64,), 20, "sum", 32),
     (1, 8, 2, 128, 16, 4, (57,), 20, "max", 64),
+    (2, 6, 3, 64, 8, 6, (45, 30), 12, "per_kv_head", 16),
 ]
 
 
@@ -264,14 +267,15 @@ def test_sparse_q_importance_matches_references(case):
                                       head_reduce=head_reduce)
   want = np_importance(q, np.asarray(q_pos), np.asarray(is_sparse), k_pages,
                        np.asarray(table), kv_len, lse, scale, head_reduce)
-  assert imp.shape == (batch, max_pages * page_size)
+  per_kv = head_reduce == "per_kv_head"
+  assert imp.shape == ((batch, n_kv) if per_kv else (batch,)) + (max_pages * page_size,)
   assert imp.dtype == jnp.float32
   assert not np.isnan(np.asarray(imp)).any()
   assert rel_err(imp, want) < 1e-5
   assert rel_err(ref, want) < 1e-5
   # Keys at or beyond kv_len get no mass.
   for b, length in enumerate(kv_len):
-    assert np.all(np.asarray(imp)[b, length:] == 0)
+    assert np.all(np.asarray(imp)[b, ..., length:] == 0)
   # Deterministic: a second run is bit-identical.
   imp2 = sparse_q_importance(q, q_pos, is_sparse, k_pages, table, kv, lse,
                              sm_scale=scale, head_reduce=head_reduce,

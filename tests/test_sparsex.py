@@ -8,6 +8,7 @@ import pytest
 
 import sparsex_jax as sx
 from models import llama
+from sparsex_jax.prompt import tokenize
 from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
 
 DOC_A, DOC_B, DOC_C = _ids(13, 21), _ids(22, 22), _ids(9, 23)
@@ -69,8 +70,10 @@ def test_only_exact_hits_equal_prefix_cache(warm_engine):
   assert s_plan.selected_positions.size == 0
 
 
-def _layer0_importance_reference(ids, n_exact, sparse_q):
-  """Explicit float64 softmax of the Sparse-Q rows at layer 0 (all keys fresh at T = 1)."""
+def _layer0_importance_reference(ids, n_exact, sparse_q, per_kv_head=False):
+  """Explicit float64 softmax of the Sparse-Q rows at layer 0 (all keys fresh at T = 1): the
+  attention mass of every key, summed over heads ([L]) or over each kv head's query heads
+  ([K, L])."""
   p = jax.tree.map(lambda w: np.asarray(w[0], np.float64), PARAMS["layers"]["attn_in"])
   x = np.asarray(PARAMS["embed"], np.float64)[ids]
   h = x / np.sqrt((x * x).mean(-1, keepdims=True) + CFG.norm_eps) * p["norm"]
@@ -86,14 +89,14 @@ def _layer0_importance_reference(ids, n_exact, sparse_q):
   q = rope(np.einsum("td,dnh->tnh", h, p["wq"]))
   k = rope(np.einsum("td,dkh->tkh", h, p["wk"]))
   g = CFG.n_heads // CFG.n_kv_heads
-  score = np.zeros(len(ids))
+  score = np.zeros((CFG.n_kv_heads, len(ids)))
   for n in range(CFG.n_heads):
     s = q[:, n] @ k[:, n // g].T / math.sqrt(CFG.head_dim)
     s = np.where(pos[None, :] <= pos[:, None], s, -np.inf)
     prob = np.exp(s - s.max(-1, keepdims=True))
     prob /= prob.sum(-1, keepdims=True)
-    score += prob[sparse_q].sum(0)
-  return score
+    score[n // g] += prob[sparse_q].sum(0)
+  return score if per_kv_head else score.sum(0)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5])
@@ -247,3 +250,97 @@ def test_per_segment_budget_and_segment_heads(warm_engine):
   full = sx.ReuseConfig("sparsex", recompute_ratio=1.0, layer_threshold=1, per_segment_budget=True,
                         segment_heads=3)
   assert _rel(warm_engine.prefill_logits(_request(), reuse=full), _full_logits(_full_ids())) < 1e-4
+
+
+def _hidden_after_layer0(ids, positions):
+  """Layer 0's output for tokens ids at positions (no cache: the model functions, float32)."""
+  x = llama.embed(PARAMS, np.asarray(ids)[None])
+  layer0 = jax.tree.map(lambda w: w[0], PARAMS["layers"])
+  pos = np.asarray(positions)[None]
+  q, k, v = llama.layer_qkv(layer0, CFG, x, pos)
+  attn = llama.dense_attention(q, k, v, np.arange(len(ids))[None], np.array([len(ids)]),
+                               CFG.sm_scale)
+  return llama.layer_output(layer0, CFG, x, attn)
+
+
+def _layer1_kv_deviation_per_kv_head():
+  """[K, n] squared distance, per kv head, of the request's fresh layer-1 K/V from the K/V its
+  reused docs carry (each doc computed alone from position 0, its K placed at the new position)."""
+  ids = _full_ids()
+  layer1 = jax.tree.map(lambda w: w[1], PARAMS["layers"])
+  positions = np.arange(len(ids))
+  _, k_new, v_new = llama.layer_qkv(layer1, CFG, _hidden_after_layer0(ids, positions),
+                                    positions[None])
+  k_old, v_old = np.array(k_new[0]), np.array(v_new[0])  # non-reused tokens: no deviation
+  for doc, start in ((DOC_B, 12), (DOC_A, 12 + 22 + 5), (DOC_C, 12 + 22 + 5 + 13)):
+    x_alone = _hidden_after_layer0(doc, np.arange(len(doc)))
+    at = start + np.arange(len(doc))
+    _, k, v = llama.layer_qkv(layer1, CFG, x_alone, at[None])  # RoPE at the new positions
+    k_old[at], v_old[at] = k[0], v[0]
+  dev = (np.asarray(k_new[0], np.float64) - k_old) ** 2 + (np.asarray(v_new[0]) - v_old) ** 2
+  return dev.sum(-1).T, (np.asarray(k_new[0]), np.asarray(v_new[0]))
+
+
+def _pool_kv(eng, request, reuse, layer):
+  """Runs a prefill; K and V [n, K, H] of the prompt at `layer`, read from the pool."""
+  policy = reuse.resolve(eng.config)
+  prompt = tokenize(request, eng.tokenizer, eng.config, 0)
+  with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
+    plans, _, _ = eng._prefill([prompt], leases, policy)
+    slots = eng.layout.slot_of(plans[0].page_table, np.arange(plans[0].n))
+    pages, offs = slots // eng.layout.page_size, slots % eng.layout.page_size
+    return tuple(np.asarray(eng.pool[x][layer][:, pages, offs]).transpose(1, 0, 2)
+                 for x in ("k", "v"))
+
+
+def test_per_head_deviation_pairs_each_kv_head_with_its_own_attention(warm_engine):
+  """Score of reused token j: sum over kv heads k of a_kj * |deviation_kj|, against float64
+  attention and the model functions' own K/V (not the engine's pages)."""
+  base = dict(recompute_ratio=0.3, layer_threshold=1, segment_heads=0)
+  _, plan = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", importance_signal="attention_x_deviation_per_head", **base), return_plan=True)
+  attention = _layer0_importance_reference(np.asarray(_full_ids()), 12, plan.sparse_q,
+                                           per_kv_head=True)  # [K, n]
+  deviation, _ = _layer1_kv_deviation_per_kv_head()
+  want = (attention * np.sqrt(deviation)).sum(0)[plan.reused_positions]
+  np.testing.assert_allclose(plan.scores, want, rtol=2e-3, atol=1e-6)
+  # Not the product of the sums (the norm rule), which credits cross-head pairs: by
+  # Cauchy-Schwarz the pairing is never larger, and here strictly smaller for most tokens.
+  _, norm = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", importance_signal="attention_x_deviation_norm", **base), return_plan=True)
+  cross = attention.sum(0) * np.sqrt(deviation.sum(0))
+  np.testing.assert_allclose(norm.scores, cross[norm.reused_positions], rtol=2e-3, atol=1e-6)
+  assert np.all(plan.scores <= norm.scores * (1 + 1e-4) + 1e-9)
+  assert np.mean(plan.scores < norm.scores * 0.99) > 0.5
+  k = math.ceil(0.3 * plan.reused_positions.size)
+  want_selected = np.sort(plan.reused_positions[np.argsort(-plan.scores, kind="stable")[:k]])
+  np.testing.assert_array_equal(plan.selected_positions, want_selected)
+  with pytest.raises(ValueError, match="head_reduce must be 'sum'"):
+    sx.ReuseConfig("sparsex", importance_signal="attention_x_deviation_per_head",
+                   head_reduce="max")
+
+
+def test_refresh_threshold_kv_makes_layer_t_exact_for_every_token(warm_engine):
+  """With the fresh K/V of every token kept at layer T = L - 1, the last token's input there is
+  exact (full layers below) and so is every key it reads: its logits equal full prefill's,
+  whatever was selected. Without the refresh, the unselected reused K/V are stale."""
+  last = CFG.n_layers - 1
+  full = _full_logits(_full_ids())
+  base = dict(recompute_ratio=0.05, layer_threshold=last)
+  fresh = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", refresh_threshold_kv=True, **base))
+  stale = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base))
+  assert _rel(fresh, full) < 1e-4
+  assert _rel(stale, full) > 1e-3
+  # At T = 1 the pool's layer-1 K/V of every token are the fresh ones (the model functions').
+  _, (k_fresh, v_fresh) = _layer1_kv_deviation_per_kv_head()
+  for refresh in (True, False):
+    k, v = _pool_kv(warm_engine, _request(), sx.ReuseConfig(
+        "sparsex", refresh_threshold_kv=refresh, recompute_ratio=0.05, layer_threshold=1), 1)
+    exact = np.isclose(k, k_fresh, rtol=1e-3, atol=1e-4).all((1, 2)) & np.isclose(
+        v, v_fresh, rtol=1e-3, atol=1e-4).all((1, 2))
+    assert exact.all() if refresh else exact.mean() < 0.5, refresh
+  with pytest.raises(ValueError, match="sparsex options"):
+    sx.ReuseConfig("cacheblend", refresh_threshold_kv=True)
+  with pytest.raises(ValueError, match="refresh_threshold_kv must be True or False"):
+    sx.ReuseConfig("sparsex", refresh_threshold_kv=1)

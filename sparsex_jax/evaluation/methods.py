@@ -41,9 +41,12 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 # Options of the sparsex policy, ablated on the dev split (docs/quality.md), each spelled out in
 # full so that a label means the same rule whatever the defaults. The empty variant is the
 # paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2" is the default.
-_PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0}
+_PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
+          "refresh_threshold_kv": False}
 _AXD = {"importance_signal": "attention_x_deviation"}
 _AXN = {"importance_signal": "attention_x_deviation_norm"}
+_AXH = {"importance_signal": "attention_x_deviation_per_head"}
+_FRESH = {"refresh_threshold_kv": True}
 VARIANTS = {
     "": _PAPER,
     "axd": _PAPER | _AXD,
@@ -52,6 +55,9 @@ VARIANTS = {
     "axd+heads2": _PAPER | _AXD | {"segment_heads": 2},
     "axn": _PAPER | _AXN,
     "axn+heads2": _PAPER | _AXN | {"segment_heads": 2},
+    "axn+heads2+fresh": _PAPER | _AXN | {"segment_heads": 2} | _FRESH,
+    "axh+heads2": _PAPER | _AXH | {"segment_heads": 2},
+    "axh+heads2+fresh": _PAPER | _AXH | {"segment_heads": 2} | _FRESH,
     "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},
     "axd+perseg+heads2": _PAPER | _AXD | {"per_segment_budget": True, "segment_heads": 2},
 }

@@ -29,7 +29,7 @@ from models import llama
 from models.config import ModelConfig
 from pallas_kernels import ops
 from sparsex_jax.kv.layout import page_and_offset
-from sparsex_jax.programs.layers import pool_sentinel, scan_layers
+from sparsex_jax.programs.layers import pool_sentinel, scan_layers, write_kv
 
 SCORES = ("none", "attention", "deviation", "given")
 
@@ -50,6 +50,12 @@ class PrefillSpec:
   n_active_late: int = 0  # bucketed active-set size in layers [R, L) after re-scoring
   deviation_weighted: bool = False  # attention scores times the K/V deviation at layer T
   deviation_norm: bool = False  # ... times its norm (first-order error) rather than its square
+  # ... paired per kv head: sum over kv heads of (attention of its query heads) x (its deviation
+  # norm), instead of (attention summed over heads) x (deviation norm over all kv heads).
+  deviation_per_head: bool = False
+  # The deviation's fresh K/V at layer T (every non-exact token's, exact: layers below T ran in
+  # full) replace the reused K/V at layer T, not only the selected tokens'.
+  refresh_threshold_kv: bool = False
   per_segment: bool = False  # select per segment (segment_budget) instead of one top-k
   # Attention of the full layers [0, T): "paged" (the sparse-query kernel with every token a
   # query) or "dense" (causal attention over contiguous K/V: cuDNN flash attention on the GPU).
@@ -146,12 +152,17 @@ def select_per_segment(score, candidates, segment_ids, budget):
 
 
 def _token_scores(importance, positions):
-  """Per-token score [B, T] from per-key-position importance [B, MP*S]."""
-  return jnp.take_along_axis(importance, jnp.clip(positions, 0, importance.shape[1] - 1), axis=1)
+  """Per-token score [B, T] from per-key-position importance [B, MP*S]; [B, T, K] from a per
+  kv head importance [B, K, MP*S]."""
+  idx = jnp.clip(positions, 0, importance.shape[-1] - 1)
+  if importance.ndim == 3:
+    return jnp.take_along_axis(importance, idx[:, None, :], axis=2).transpose(0, 2, 1)
+  return jnp.take_along_axis(importance, idx, axis=1)
 
 
-def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool):
-  """CacheBlend's score: squared distance of fresh K/V at `layer` from what the pool holds."""
+def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool, per_head=False):
+  """CacheBlend's score: squared distance of fresh K/V at `layer` from what the pool holds,
+  [B, T] (or [B, T, K] per kv head), and the fresh k, v [B, T, K, H] themselves."""
   _, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
   page, offset = page_and_offset(slots, pool["k"].shape[3])
   page = jnp.clip(page, 0, pool["k"].shape[2] - 1)
@@ -159,7 +170,7 @@ def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool):
   v_old = pool["v"][layer][:, page, offset].transpose(1, 2, 0, 3)
   dk = (k.astype(jnp.float32) - k_old.astype(jnp.float32)) ** 2
   dv = (v.astype(jnp.float32) - v_old.astype(jnp.float32)) ** 2
-  return jnp.sum(dk + dv, axis=(2, 3))
+  return jnp.sum(dk + dv, axis=3 if per_head else (2, 3)), k, v
 
 
 def _paged_attention(cfg: ModelConfig, batch: PrefillBatch, backend: str):
@@ -215,8 +226,11 @@ def _dense_attention(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, p
   return attend
 
 
-def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse_q, probe=None):
+def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse_q, probe=None,
+                head_reduce=None):
   """score(q, positions, lse, pool, layer) -> per-key importance of the Sparse-Q rows.
+
+  head_reduce: spec.head_reduce unless given ("per_kv_head": [B, K, MP*S]).
 
   probe (idx, valid) [B, n_probe]: the Sparse-Q rows, for layers whose attention gives no f32
   log-sum-exp (the dense full layers): their lse is recomputed by the sparse-query kernel on those
@@ -230,8 +244,8 @@ def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse
       _, lse = ops.attention(q, positions, pool["k"], pool["v"], batch.page_table, batch.kv_len,
                              sm_scale=cfg.sm_scale, layer=layer, backend=spec.backend)
     return ops.importance(q, positions, rows, pool["k"], batch.page_table, batch.kv_len, lse,
-                          sm_scale=cfg.sm_scale, head_reduce=spec.head_reduce, layer=layer,
-                          backend=spec.backend)
+                          sm_scale=cfg.sm_scale, head_reduce=head_reduce or spec.head_reduce,
+                          layer=layer, backend=spec.backend)
   return score
 
 
@@ -248,12 +262,16 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   positions, slots = batch.positions, batch.slots
   b, t = positions.shape
   attend = _paged_attention(cfg, batch, spec.backend)
-  importance = jnp.zeros((b, batch.page_table.shape[1] * pool["k"].shape[3]), jnp.float32)
+  n_keys = batch.page_table.shape[1] * pool["k"].shape[3]
+  per_head = spec.deviation_weighted and spec.deviation_per_head
+  importance = jnp.zeros((b, pool["k"].shape[1], n_keys) if per_head else (b, n_keys),
+                         jnp.float32)
   x = llama.embed(params, batch.tokens)
 
   def run(first, stop, x, positions, slots, pool, sparse_q=None, importance=None, dense=False,
-          probe=None):
-    score = None if sparse_q is None else _importance(cfg, batch, spec, sparse_q, probe)
+          probe=None, head_reduce=None):
+    score = None if sparse_q is None else _importance(cfg, batch, spec, sparse_q, probe,
+                                                      head_reduce)
     return scan_layers(llama.slice_layers(layers, first, stop), cfg, first, x, positions, slots,
                        pool, full_attend if dense else attend, score, importance, pass_kv=dense)
 
@@ -268,11 +286,14 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   x, pool, _ = run(0, scored_from, x, positions, slots, pool, dense=dense)
   x, pool, importance = run(scored_from, layer_threshold, x, positions, slots, pool,
                             sparse_q=batch.sparse_q, importance=importance, dense=dense,
-                            probe=probe)
+                            probe=probe, head_reduce="per_kv_head" if per_head else None)
 
-  def deviation():  # at the first sparse layer, from its input x (exact: every layer before ran)
-    return _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg, layer_threshold,
-                         x, positions, slots, pool)
+  def deviation(pool):  # at the first sparse layer, from its input x (exact: every layer ran)
+    squared, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
+                                  layer_threshold, x, positions, slots, pool, per_head=per_head)
+    if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
+      pool = write_kv(pool, layer_threshold, slots, k, v)
+    return squared, pool
 
   scores = jnp.zeros((b, t), jnp.float32)
   selected = jnp.zeros((b, t), bool)
@@ -292,13 +313,14 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
                               sparse_q=valid, importance=importance)
     scores = _token_scores(importance, positions)
   elif spec.score == "deviation":
-    scores = deviation()
+    scores, pool = deviation(pool)
   elif spec.score == "given":
     scores = batch.given_score
 
   if spec.deviation_weighted:  # the error a token causes: how much it is read x how wrong it is
-    squared = deviation()
-    scores = scores * (jnp.sqrt(squared) if spec.deviation_norm else squared)
+    squared, pool = deviation(pool)
+    error = scores * (jnp.sqrt(squared) if spec.deviation_norm else squared)
+    scores = jnp.sum(error, axis=2) if per_head else error
   candidates = batch.reused & ~batch.sparse_q
   ranked = jnp.where(batch.forced, jnp.inf, scores)
   if spec.per_segment:
@@ -319,7 +341,7 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     # computed anyway. Only already-selected tokens can stay (nothing else has a hidden state).
     sparse_a = _take(batch.sparse_q, idx) & valid
     x, pool, importance = run(first_late - 1, first_late, x, pos_a, slots_a, pool,
-                              sparse_q=sparse_a, importance=jnp.zeros_like(importance))
+                              sparse_q=sparse_a, importance=jnp.zeros((b, n_keys), jnp.float32))
     keep_a = select_top_k(_token_scores(importance, pos_a), _take(selected, idx) & valid,
                           batch.n_keep)
     idx2, valid = compact(sparse_a | keep_a, spec.n_active_late)
