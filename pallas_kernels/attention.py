@@ -211,13 +211,17 @@ def key_rows(pt_ref, start, block_k, page_size, max_pages):
 
 
 def _attention_kernel(layer_ref, kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref,
-                      o_ref, lse_ref, *, sm_scale, block_k, page_size, max_pages,
-                      n_kv):
-  """One (request b, kv head h, block of BM rows) program.
+                      *out_refs, sm_scale, block_k, page_size, max_pages, n_kv,
+                      num_splits=1, split_blocks=0):
+  """One (request b, kv head h, block of BM rows[, key split]) program.
 
   Refs: layer [1]; kvlen [B]; pt [MP] (row b of the page table); pos [BM];
   q [BM, H]; k, v [L*K, P*S, H] (the whole pool, pages flattened; this program
-  reads row layer * K + h); o [BM, H]; lse [BM].
+  reads row layer * K + h). Outputs: o [BM, H], lse [BM]; or, with key splits
+  (num_splits > 1: program i of grid axis 2 takes split i % num_splits, the
+  key blocks [s * split_blocks, (s + 1) * split_blocks)), the partials acc
+  [BM, H] (unnormalised f32), m [BM] (running max, log2 units), l [BM], merged
+  afterwards as in flash-decoding.
   """
   b = pl.program_id(0)
   kv_row = pool_row(layer_ref, n_kv)
@@ -238,6 +242,11 @@ def _attention_kernel(layer_ref, kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref
   hi = jnp.maximum(jnp.minimum(max_pos + 1, kv_len), 0)
   n_total = lax.div(hi + block_k - 1, block_k)
   n_full = jnp.minimum(lax.div(jnp.minimum(min_pos + 1, kv_len), block_k), n_total)
+  first = 0
+  if num_splits > 1:  # this program's key blocks only (possibly none: a split past the rows)
+    first = lax.rem(pl.program_id(2), num_splits) * split_blocks
+    n_total = jnp.minimum(n_total, first + split_blocks)
+    n_full = jnp.maximum(jnp.minimum(n_full, n_total), first)
 
   block_m, head_dim = q.shape
 
@@ -267,11 +276,18 @@ def _attention_kernel(layer_ref, kvlen_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref
   carry = (jnp.zeros((block_m, head_dim), jnp.float32),
            jnp.full((block_m,), -jnp.inf, jnp.float32),
            jnp.zeros((block_m,), jnp.float32))
-  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+  carry = lax.fori_loop(first, n_full, functools.partial(body, masked=False), carry)
   carry = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True),
                         carry)
   acc, m_i, l_i = carry
   ok = valid & (l_i > 0)
+  if num_splits > 1:  # padding rows saw the unmasked blocks: drop them from the partials
+    acc_ref, m_ref, l_ref = out_refs
+    acc_ref[...] = jnp.where(ok[:, None], acc, 0.0)
+    m_ref[...] = jnp.where(ok, m_i, -jnp.inf)
+    l_ref[...] = jnp.where(ok, l_i, 0.0)
+    return
+  o_ref, lse_ref = out_refs
   l_safe = jnp.where(ok, l_i, 1.0)
   out = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0)
   o_ref[...] = out.astype(o_ref.dtype)
@@ -304,6 +320,20 @@ def ungroup_rows(x, n_tok, group):
   return x.reshape(batch, n_tok, n_kv * group, *tail)
 
 
+def choose_key_splits(batch, n_kv, n_row_blocks, n_keys, block_k, target_programs=512,
+                      min_split_blocks=4):
+  """Key splits per row block: few query rows over many keys (naive reuse: 32 rows over 8-32K
+  keys) make batch * n_kv * row blocks programs, too few to fill an H100's 132 SMs; splitting
+  the keys (flash-decoding) multiplies them. Splits of at least min_split_blocks key blocks, so
+  the merge stays small next to the work; 1 (no split) when the rows alone fill the GPU."""
+  programs = batch * n_kv * n_row_blocks
+  if programs >= target_programs:
+    return 1
+  max_splits = max(1, _compat.cdiv(n_keys, block_k) // min_split_blocks)
+  want = _compat.next_pow2(_compat.cdiv(target_programs, programs))
+  return max(1, min(want, _compat.next_pow2(max_splits + 1) // 2))
+
+
 def default_block_m(n_rows):
   """Row block: 64 rows where there are that many (fastest in the H100 sweep,
   docs/BENCHMARKS.md), never under 16 (the Triton dot minimum)."""
@@ -313,10 +343,10 @@ def default_block_m(n_rows):
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "block_m", "block_k", "num_warps", "num_stages",
-                     "longest_first", "interpret"))
+                     "longest_first", "key_splits", "interpret"))
 def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
                     layer=None, block_m=None, block_k=64, num_warps=None,
-                    num_stages=2, longest_first=True, interpret=False):
+                    num_stages=2, longest_first=True, key_splits=None, interpret=False):
   """Pallas (Triton lowering) sparse-query paged attention. Returns (out, lse).
 
   Same contract as paged_attention_reference. block_m: rows (tokens x group
@@ -326,6 +356,8 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   causal triangle does not end on a tail of long programs. layer: None
   (k_pages, v_pages are one layer [K, P, S, H]) or the layer of the whole
   pool [L, K, P, S, H] to read, selected inside the kernel (no copy).
+  key_splits: key ranges per row block, merged afterwards (None: choose_key_splits, which splits
+  only when there are too few row blocks to fill the GPU; 1: never).
   """
   batch, n_tok, n_heads, head_dim = q.shape
   n_kv, _, page_size, _ = k_pages.shape[-4:]
@@ -340,13 +372,24 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   k_flat, layer_arr = kernel_pool(k_pages, layer)
   v_flat, _ = kernel_pool(v_pages, layer)
 
+  n_blk = r_pad // block_m
+  n_keys = max_pages * page_size
+  if key_splits is None:
+    key_splits = choose_key_splits(batch, n_kv, n_blk, n_keys, block_k)
+  split_blocks = _compat.cdiv(_compat.cdiv(n_keys, block_k), key_splits)
   kernel = functools.partial(_attention_kernel, sm_scale=sm_scale,
                              block_k=block_k, page_size=page_size,
-                             max_pages=max_pages, n_kv=n_kv)
-  n_blk = r_pad // block_m
-  grid = (batch, n_kv, n_blk)
-  # The last grid axis is the slowest-varying in the Triton launch order.
-  blk = (lambda i: n_blk - 1 - i) if longest_first else (lambda i: i)
+                             max_pages=max_pages, n_kv=n_kv, num_splits=key_splits,
+                             split_blocks=split_blocks)
+  # The last grid axis is the slowest-varying in the Triton launch order; with key splits it
+  # runs over (row block, split) pairs, the splits of one row block side by side.
+  blk = ((lambda i: n_blk - 1 - i // key_splits) if longest_first
+         else (lambda i: i // key_splits))
+  grid = (batch, n_kv, n_blk * key_splits)
+  if key_splits > 1:
+    return _split_attention(kernel, grid, blk, key_splits, batch, n_kv, r_pad, block_m,
+                            head_dim, max_pages, num_warps, num_stages, interpret, n_tok, group,
+                            layer_arr, kv_len, page_table, pos, qr, k_flat, v_flat)
   out, lse = pl.pallas_call(
       kernel,
       grid=grid,
@@ -375,3 +418,43 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   )(layer_arr, kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr,
     k_flat, v_flat)
   return ungroup_rows(out, n_tok, group), ungroup_rows(lse, n_tok, group)
+
+
+def _split_attention(kernel, grid, blk, key_splits, batch, n_kv, r_pad, block_m, head_dim,
+                     max_pages, num_warps, num_stages, interpret, n_tok, group,
+                     layer_arr, kv_len, page_table, pos, qr, k_flat, v_flat):
+  """paged_attention with key splits: per-split partials, merged as flash-decoding does."""
+  from pallas_kernels.decode import merge_splits  # decode builds on this module
+
+  split = lambda i: i % key_splits  # noqa: E731
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((1,), lambda b, h, i: (0,)),  # layer
+          pl.BlockSpec((batch,), lambda b, h, i: (0,)),  # kv_len
+          pl.BlockSpec((None, max_pages), lambda b, h, i: (b, 0)),  # page table
+          pl.BlockSpec((None, block_m), lambda b, h, i: (b, blk(i))),  # pos
+          pl.BlockSpec((None, None, block_m, head_dim),
+                       lambda b, h, i: (b, h, blk(i), 0)),  # q rows
+          pool_spec(k_flat),
+          pool_spec(v_flat),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, block_m, head_dim),
+                       lambda b, h, i: (b, h, split(i), blk(i), 0)),
+          pl.BlockSpec((None, None, None, block_m), lambda b, h, i: (b, h, split(i), blk(i))),
+          pl.BlockSpec((None, None, None, block_m), lambda b, h, i: (b, h, split(i), blk(i))),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad, head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad), jnp.float32),
+          jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad), jnp.float32),
+      ],
+      compiler_params=_compat.triton_params(num_warps, num_stages),
+      interpret=interpret,
+      name="sparsex_paged_attention_split",
+  )(layer_arr, kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr, k_flat, v_flat)
+  out, lse = merge_splits(acc, m, l)  # [B, K, R_pad, H], [B, K, R_pad]
+  return (ungroup_rows(out.astype(qr.dtype), n_tok, group),
+          ungroup_rows(lse, n_tok, group))

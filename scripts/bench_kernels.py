@@ -341,6 +341,52 @@ def section_sparse(contexts, fracs, sweep, results):
   results["sparse"] = rows
 
 
+def few_query_problem(ctx, n_q, seed=0):
+  """The last n_q positions of a ctx-token request as queries (naive reuse: the new tokens)."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  max_pages = ctx // PAGE
+  n_pages = max_pages + 16
+  k, v = make_pool(rng, n_pages, jnp.bfloat16)
+  table = jnp.asarray(rng.permutation(n_pages)[:max_pages][None], jnp.int32)
+  pos = np.arange(ctx - n_q, ctx, dtype=np.int32)
+  q = jnp.asarray(rng.standard_normal((1, n_q, N_HEADS, HEAD_DIM), np.float32), jnp.bfloat16)
+  return dict(q=q, q_pos=jnp.asarray(pos[None]), k=k, v=v, table=table,
+              kv_len=jnp.asarray([ctx], jnp.int32), pos_np=pos)
+
+
+def section_few(contexts, n_queries, results):
+  """Few queries over many keys (naive reuse's 32 new tokens, the Sparse-Q probe): K/V-bytes
+  bound. The kernel with key splits (the default, choose_key_splits) against none (key_splits=1),
+  and the byte floor: every K/V byte read once at the measured copy bandwidth."""
+  import jax
+  from pallas_kernels.attention import choose_key_splits, default_block_m
+  from pallas_kernels import paged_attention
+  scale = 1.0 / math.sqrt(HEAD_DIM)
+  copy_gbps = (results.get("ceilings") or {}).get("copy_gbs")
+  rows = []
+  for ctx in contexts:
+    for n_q in n_queries:
+      p = few_query_problem(ctx, n_q)
+      args = (p["q"], p["q_pos"], p["k"], p["v"], p["table"], p["kv_len"])
+      kv_bytes = 2.0 * ctx * N_KV * HEAD_DIM * 2
+      rows_g = n_q * (N_HEADS // N_KV)
+      n_blk = -(-rows_g // default_block_m(rows_g))
+      row = dict(ctx=ctx, n_q=n_q, kv_gb=kv_bytes / 1e9,
+                 auto_splits=choose_key_splits(1, N_KV, n_blk, ctx, 64),
+                 floor_ms=copy_gbps and kv_bytes / (copy_gbps * 1e9) * 1e3)
+      for name, splits in (("no_split", 1), ("split", None)):
+        f = jax.jit(functools.partial(paged_attention, sm_scale=scale, key_splits=splits,
+                                      **KERNEL_KW))
+        t, row[f"{name}_error"] = safe(f"few {name}", bench, f, *args)
+        row[f"{name}_ms"] = t and t * 1e3
+        row[f"{name}_gbps"] = t and kv_bytes / t / 1e9
+      rows.append(row)
+      print("few", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
+            flush=True)
+  results["few_query"] = rows
+
+
 def decode_problem(batch, ctx, min_bytes=None, seed=0):
   """R disjoint page sets of one pool, R chosen so R * K/V bytes >= min_bytes."""
   import jax.numpy as jnp
@@ -455,6 +501,18 @@ def tables(res):
           f"{fmt(r.get('cudnn_masked_tflops'))} | {fmt(r.get('cudnn_dense_tflops'))} | "
           f"{fmt(r.get('kernel_vs_cudnn_dense') and 100 * r['kernel_vs_cudnn_dense'], 0)}% | "
           f"{fmt(r.get('imp_ms'), 2)} | {fmt(r.get('imp_tflops'))} | {fmt(r.get('imp_ref_ms'), 2)} |")
+    out.append("")
+  if res.get("few_query"):
+    out.append("Few queries over many keys (the last n queries of a request; K/V bytes bound; floor: "
+               "every K/V byte read once at the copy bandwidth):\n")
+    out.append("| context | queries | K/V MB | splits | no split ms | split ms | speed-up | floor ms | split / floor |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for r in res["few_query"]:
+      a, b, fl = r.get("no_split_ms"), r.get("split_ms"), r.get("floor_ms")
+      out.append(
+          f"| {r['ctx']} | {r['n_q']} | {fmt(r['kv_gb'] * 1e3, 0)} | {r['auto_splits']} | "
+          f"{fmt(a, 3)} | {fmt(b, 3)} | {fmt(a and b and a / b, 2)}x | {fmt(fl, 3)} | "
+          f"{fmt(b and fl and b / fl, 1)}x |")
     out.append("")
   if res.get("decode"):
     cp = c.get("copy_gbs")
@@ -595,6 +653,8 @@ def main():
   ap.add_argument("--batches", default="1,8,32,64")
   ap.add_argument("--decode-contexts", default="2048,8192,32768")
   ap.add_argument("--assemble-tokens", default="7680,30720")
+  ap.add_argument("--few-queries", default="1,32,128",
+                  help="section few: query rows over each context")
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU check of this script: interpret mode, tiny shapes")
@@ -614,7 +674,8 @@ def main():
     DECODE_MIN_BYTES, SWEEP_CTX = 1e6, 256
     SWEEP_PROBLEMS = ((256, 0.15), (512, 0.05))
     a.contexts, a.fracs, a.batches, a.decode_contexts = "256", "0.1", "2", "256"
-    a.sections = "sparse,decode,assemble"
+    a.sections = "sparse,decode,assemble,few"
+    a.few_queries = "4"
     a.assemble_tokens = "64"
   os.makedirs(a.out, exist_ok=True)
   res = dict(env=environment(), command=" ".join(sys.argv))
@@ -637,6 +698,9 @@ def main():
     save()
   if "assemble" in sections:
     section_assemble(ints(a.assemble_tokens), not a.no_sweep, res)
+    save()
+  if "few" in sections:
+    section_few(ints(a.contexts), ints(a.few_queries), res)
     save()
   if "decode" in sections:
     section_decode(ints(a.batches), ints(a.decode_contexts), not a.no_sweep,

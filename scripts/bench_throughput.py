@@ -82,14 +82,60 @@ def make_job(args, vocab: int, n: int, seed: int):
   return requests, passages
 
 
+class PhaseTimes:
+  """Where a job's wall time goes: the engine's prefills (admission: prefill and first token,
+  `Engine._start`) and its decode loops (`decoding.visit`, continuous; `decoding.decode`,
+  static), timed around the calls (each ends with a device-to-host copy, so the time includes
+  the device work). The rest is host scheduling, leasing and output assembly."""
+
+  def __init__(self, engine):
+    from sparsex_jax import decoding
+    self.engine, self.decoding = engine, decoding
+    self.totals = {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]}  # seconds, calls, requests
+
+  def _wrap(self, fn, phase, count):
+    def timed(*args, **kw):
+      t0 = time.perf_counter()
+      try:
+        return fn(*args, **kw)
+      finally:
+        row = self.totals[phase]
+        row[0] += time.perf_counter() - t0
+        row[1] += 1
+        row[2] += count(*args, **kw)
+    return timed
+
+  def __enter__(self):
+    self.saved = (self.decoding.visit, self.decoding.decode)
+    self.engine._start = self._wrap(self.engine._start, "prefill", lambda jobs, *a, **k: len(jobs))
+    self.decoding.visit = self._wrap(self.decoding.visit, "decode",
+                                     lambda pool, params, cfg, batch, **k: batch.n_running)
+    self.decoding.decode = self._wrap(self.decoding.decode, "decode",
+                                      lambda pool, params, cfg, layout, first, *a, **k: len(first))
+    return self
+
+  def __exit__(self, *exc):
+    del self.engine._start  # back to the class's method
+    self.decoding.visit, self.decoding.decode = self.saved
+
+  def report(self, job_s: float) -> dict:
+    out = {}
+    for phase, (sec, calls, reqs) in self.totals.items():
+      out[f"{phase}_s"], out[f"{phase}_calls"] = sec, calls
+      out[f"{phase}_rows_per_call"] = reqs / calls if calls else None
+    out["host_other_s"] = job_s - sum(v[0] for v in self.totals.values())
+    return out
+
+
 def run_job(engine, requests, passages, batching: str, reuse) -> dict:
   engine.clear_caches()
   engine.cache_segments(passages, batch_size=4)
   engine.store.allocator.reset_peak()
   compiled = engine.num_compilations
-  t0 = time.perf_counter()
-  outs = engine.generate(requests, reuse=reuse, batching=batching, on_error="return")
-  seconds = time.perf_counter() - t0
+  with PhaseTimes(engine) as phases:
+    t0 = time.perf_counter()
+    outs = engine.generate(requests, reuse=reuse, batching=batching, on_error="return")
+    seconds = time.perf_counter() - t0
   errors = [o.error for o in outs if o.error is not None]
   ttft = np.array([o.stats.first_token_s for o in outs if o.error is None])
   n_out = sum(len(o.token_ids) for o in outs)
@@ -102,7 +148,8 @@ def run_job(engine, requests, passages, batching: str, reuse) -> dict:
           "ttft_p90_s": float(np.percentile(ttft, 90)) if ttft.size else None,
           "peak_pages": engine.store.allocator.peak_used,
           "pool_pages": engine.store.allocator.capacity,
-          "compilations_during_job": engine.num_compilations - compiled}
+          "compilations_during_job": engine.num_compilations - compiled,
+          "phases": phases.report(seconds)}
 
 
 def bench_job(results: dict, args, cfg):
@@ -132,6 +179,11 @@ def bench_job(results: dict, args, cfg):
           f"ttft mean {row['ttft_mean_s']:.2f} s p90 {row['ttft_p90_s']:.2f} s, peak pages "
           f"{row['peak_pages']}/{row['pool_pages']}, compiled {row['compilations_during_job']} "
           f"(warm-up {warm_s:.0f} s), errors {row['errors']}", flush=True)
+    ph = row["phases"]
+    print(f"  phases: prefill {ph['prefill_s']:.1f} s in {ph['prefill_calls']} calls "
+          f"({ph['prefill_rows_per_call'] or 0:.1f} requests each), decode {ph['decode_s']:.1f} s "
+          f"in {ph['decode_calls']} calls ({ph['decode_rows_per_call'] or 0:.1f} rows each), "
+          f"other {ph['host_other_s']:.1f} s", flush=True)
   del engine
 
 

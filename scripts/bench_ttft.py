@@ -54,10 +54,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import sparsex_jax as sx  # noqa: E402
+from sparsex_jax.evaluation.methods import DEFAULT_VARIANT  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 
 PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
+DEFAULT = f"sparsex[{DEFAULT_VARIANT}]"  # the default rule's label family, as `sparsex eval`'s
 DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
 # Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
@@ -65,16 +67,17 @@ POLICIES = [
     ("naive", sx.ReuseConfig("naive")),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
-    # The default selection rule (attention x |K/V deviation|, 2 segment heads; docs/quality.md).
-    ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=4)),
-    ("sparsex[axn+heads2] r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=2)),
+    # The default selection rule (attention x |K/V deviation|, 2 segment heads, every token's
+    # fresh K/V kept at layer T; docs/quality.md).
+    (f"{DEFAULT} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
+    (f"{DEFAULT} r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
     # The cheapest configurations of the default rule that beat EPIC r=0.15 (docs/quality.md).
-    ("sparsex[axn+heads2] r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10,
-                                                      layer_threshold=1)),
-    ("sparsex[axn+heads2] r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=1)),
+    (f"{DEFAULT} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1)),
+    (f"{DEFAULT} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1)),
+    # The previous default: the same rule without keeping layer T's fresh K/V.
+    ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
+                                                      layer_threshold=4,
+                                                      refresh_threshold_kv=False)),
     # The paper's rule (Sparse-Q attention mass).
     ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
                                           **PAPER)),
@@ -88,8 +91,7 @@ POLICIES = [
     ("prefix", sx.ReuseConfig("prefix")),
 ]
 DEFAULT_METHODS = [DENSE, "full", "naive", "epic r=0.15", "cacheblend r=0.15",
-                   "sparsex[axn+heads2] r=0.15 T=4", "sparsex[axn+heads2] r=0.15 T=2",
-                   "sparsex r=0.15 T=4"]
+                   f"{DEFAULT} r=0.15 T=4", f"{DEFAULT} r=0.15 T=2", "sparsex r=0.15 T=4"]
 WORKLOADS = ("rag", "chat", "agent")
 # --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context.
 SWEEP_R, SWEEP_T = (0.05, 0.15, 0.3), (1, 2, 4, 8)
@@ -466,7 +468,7 @@ def bench(results, args, ceil):
         for t in SWEEP_T:
           if t >= engine.config.n_layers:
             continue
-          label = f"sparsex[axn+heads2] r={r:.2f} T={t}"
+          label = f"{DEFAULT} r={r:.2f} T={t}"
           if label not in {lb for lb, _ in POLICIES}:
             POLICIES.append((label, sx.ReuseConfig("sparsex", recompute_ratio=r,
                                                    layer_threshold=t)))

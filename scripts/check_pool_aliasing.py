@@ -26,6 +26,16 @@ from sparsex_jax.programs.decode import decode_loop, decode_step  # noqa: E402
 from sparsex_jax.programs.prefill import prefill  # noqa: E402
 
 
+NO_UPDATE = dict(update_caches=False)
+PREFILLS = [  # (label, reuse): full prefill, naive reuse, and the sparsex default at T = 1
+    ("full", sx.ReuseConfig("full")),
+    ("naive", sx.ReuseConfig("naive", **NO_UPDATE)),
+    ("sparsex T=1", sx.ReuseConfig("sparsex", layer_threshold=1, **NO_UPDATE)),
+    ("sparsex T=1 no-ref", sx.ReuseConfig("sparsex", layer_threshold=1, refresh_threshold_kv=False,
+                                          **NO_UPDATE)),
+]
+
+
 def main():
   tp = int(sys.argv[sys.argv.index("--tp") + 1]) if "--tp" in sys.argv else None
   cfg = get_config("llama3-1b", dtype="bfloat16").replace(n_layers=2)
@@ -33,16 +43,19 @@ def main():
   for pages in (2048, 16384):
     eng = sx.Engine(cfg, params, page_size=16, num_pages=pages, mesh=sx.mesh_for(tp))
     pool_mb = eng.pool["k"].nbytes / 1e6 / (tp or 1)  # per device
-    for mode in ("full", "naive"):
-      policy = sx.ReuseConfig(mode).resolve(cfg)
-      prompt = Prompt((np.arange(5, 300, dtype=np.int32),), (True,))
+    docs = [np.arange(5 + 300 * i, 305 + 300 * i, dtype=np.int32) for i in range(2)]
+    eng.cache_segments([d.tolist() for d in docs])
+    # Reused segments (cached alone above) and a new question: every reuse path of the prefill.
+    prompt = Prompt((docs[0], docs[1], np.arange(900, 920, dtype=np.int32)), (True, True, False))
+    for label, reuse in PREFILLS:
+      policy = reuse.resolve(cfg)
       with eng.store.acquire([prompt], policy, max_new_tokens=4) as leases:
         plans = [planner.plan_request(prompt, leases[0], policy, eng.layout)]
         batch, spec = planner.plan_batch(plans, policy, cfg, eng.layout)
         m = eng.kv.compile(prefill, eng.params, batch, cfg=cfg, spec=spec).memory_analysis()
-      print(f"{jax.default_backend()} prefill {mode:5s} pages {pages:6d}: pool K {pool_mb:8.1f} MB,"
-            f" temp {m.temp_size_in_bytes / 1e6:8.1f} MB, aliased {m.alias_size_in_bytes / 1e6:8.1f}"
-            " MB", flush=True)
+      print(f"{jax.default_backend()} prefill {label:18s} pages {pages:6d}: pool K {pool_mb:8.1f} "
+            f"MB, temp {m.temp_size_in_bytes / 1e6:8.1f} MB, aliased "
+            f"{m.alias_size_in_bytes / 1e6:8.1f} MB", flush=True)
     b = 4
     z = np.zeros(b, np.int32)
     m = eng.kv.compile(

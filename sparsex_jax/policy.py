@@ -42,6 +42,10 @@ DEFAULT_LAYER_THRESHOLD = 4
 # importance_signal="attention", segment_heads=0.
 DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation_norm"
 DEFAULT_SEGMENT_HEADS = 2
+# Measuring the deviation computes every reused token's exact K/V at layer T; keeping them (not
+# only the selected tokens') is free and recovered +1.4 points of the gap on the dev split and
+# +0.8 [+0.3, +1.3] on the test split (docs/quality.md, round 3).
+DEFAULT_REFRESH_THRESHOLD_KV = True
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
 
@@ -287,9 +291,11 @@ class ReuseConfig:
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
   importance_signal, per_segment_budget, segment_heads, refresh_threshold_kv: sparsex selection
     options (see SparseQAttention; "attention_x_deviation_per_head" is the norm paired per kv
-    head, and sums the attention within each kv head, so it needs head_reduce="sum"). Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at
-    T = 0 attention alone) and segment_heads=2. The paper's rule: importance_signal="attention",
-    segment_heads=0.
+    head, and sums the attention within each kv head, so it needs head_reduce="sum").
+    Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at T = 0 attention
+    alone), segment_heads=2 and refresh_threshold_kv=True. The paper's rule:
+    importance_signal="attention", segment_heads=0 (no deviation is measured then, so nothing is
+    refreshed).
   """
 
   mode: str = "sparsex"
@@ -306,7 +312,7 @@ class ReuseConfig:
   importance_signal: str = DEFAULT_IMPORTANCE_SIGNAL
   per_segment_budget: bool = False
   segment_heads: int = DEFAULT_SEGMENT_HEADS
-  refresh_threshold_kv: bool = False
+  refresh_threshold_kv: bool = DEFAULT_REFRESH_THRESHOLD_KV
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
@@ -352,7 +358,8 @@ class ReuseConfig:
                        f"within each kv head; head_reduce must be 'sum', got {self.head_reduce!r}")
     if self.mode != "sparsex" and (
         self.importance_signal != DEFAULT_IMPORTANCE_SIGNAL or self.per_segment_budget
-        or self.segment_heads != DEFAULT_SEGMENT_HEADS or self.refresh_threshold_kv):
+        or self.segment_heads != DEFAULT_SEGMENT_HEADS
+        or self.refresh_threshold_kv != DEFAULT_REFRESH_THRESHOLD_KV):
       raise ValueError(f"importance_signal, per_segment_budget, segment_heads and "
                        f"refresh_threshold_kv are sparsex options, not for mode {self.mode!r}")
     if not is_int(self.check_layer) or self.check_layer < 1:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import ops
-from pallas_kernels.attention import (paged_attention,
+from pallas_kernels.attention import (choose_key_splits, paged_attention,
                                       paged_attention_reference)
 from pallas_kernels.decode import (paged_decode_attention,
                                    paged_decode_attention_reference)
@@ -144,8 +144,10 @@ ATTN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("key_splits", [1, 3])
 @pytest.mark.parametrize("case", ATTN_CASES)
-def test_paged_attention_matches_references(case):
+def test_paged_attention_matches_references(case, key_splits):
+  """key_splits 3: three key ranges per row block (some empty for short rows), merged."""
   (batch, n_heads, n_kv, head_dim, page_size, max_pages, kv_len, n_tok, mode,
    n_pad, block_k) = case
   rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
@@ -160,7 +162,8 @@ def test_paged_attention_matches_references(case):
   scale = 1.0 / math.sqrt(head_dim)
 
   out, lse = paged_attention(q, q_pos, k_pages, v_pages, table, kv,
-                             sm_scale=scale, block_k=block_k, interpret=True)
+                             sm_scale=scale, block_k=block_k, key_splits=key_splits,
+                             interpret=True)
   ref_out, ref_lse = paged_attention_reference(q, q_pos, k_pages, v_pages,
                                                table, kv, sm_scale=scale)
   np_out, np_lse = np_attention(q, np.asarray(q_pos), k_pages, v_pages,
@@ -182,6 +185,14 @@ def test_paged_attention_matches_references(case):
                              atol=1e-5)
 
 
+def test_key_splits_only_where_rows_are_too_few():
+  # naive reuse at 8K: 32 tokens x 4 heads = 2 row blocks per (request, kv head), 8 kv heads
+  assert choose_key_splits(1, 8, 2, 8192, 64) == 32  # 16 programs -> 512
+  assert choose_key_splits(1, 8, 80, 8192, 64) == 1  # 640 programs: the rows fill the GPU
+  assert choose_key_splits(1, 8, 2, 512, 64) == 2  # at least 4 key blocks per split
+  assert choose_key_splits(1, 8, 2, 128, 64) == 1
+
+
 def test_paged_attention_bf16_and_block_m():
   """bf16 inputs, f32 accumulation; a small row block forces several row blocks."""
   rng = np.random.default_rng(7)
@@ -196,6 +207,10 @@ def test_paged_attention_bf16_and_block_m():
   out, lse = paged_attention(q, q_pos, k_pages, v_pages, table, kv,
                              sm_scale=0.125, block_m=16, block_k=32,
                              interpret=True)
+  split_out, split_lse = paged_attention(q, q_pos, k_pages, v_pages, table, kv, sm_scale=0.125,
+                                         block_m=16, block_k=32, key_splits=2, interpret=True)
+  assert split_out.dtype == jnp.bfloat16
+  assert rel_err(split_out, out) < 1e-2
   ref_out, ref_lse = paged_attention_reference(q, q_pos, k_pages, v_pages,
                                                table, kv, sm_scale=0.125)
   np_out, _ = np_attention(q.astype(jnp.float32), np.asarray(q_pos),

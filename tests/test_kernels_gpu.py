@@ -62,6 +62,7 @@ CASES = [
     (2, 32, 8, 128, 16, (2048, 1337), 0.15),  # Llama-3-8B heads, ragged
     (1, 9, 3, 64, 16, (1500,), 0.3),  # SmolLM2 heads: group 3, dim 64
     (2, 8, 8, 64, 32, (700, 1024), 1.0),  # group 1, all positions
+    (1, 32, 8, 128, 16, (8192,), 0.004),  # 32 queries over 8K keys: split over keys
 ]
 
 
@@ -79,10 +80,14 @@ def test_attention_and_importance_gpu(case):
   assert rel_err(np.asarray(lse)[real], np.asarray(ref_lse)[real]) < 1e-2
   assert np.all(np.asarray(out, np.float32)[~real] == 0)
   assert np.all(np.isneginf(np.asarray(lse)[~real]))
+  whole, whole_lse = paged_attention(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale,
+                                     key_splits=1)  # one program per row block: no merge
+  assert rel_err(out, whole) < 1e-2
+  assert rel_err(np.asarray(lse)[real], np.asarray(whole_lse)[real]) < 1e-3
 
   rng = np.random.default_rng(1)
   is_sparse = jnp.asarray(rng.random(q_pos.shape) < 0.4)
-  for head_reduce in ("sum", "max"):
+  for head_reduce in ("sum", "max", "per_kv_head"):
     imp = sparse_q_importance(q, q_pos, is_sparse, k_pages, table, kv, ref_lse,
                               sm_scale=scale, head_reduce=head_reduce)
     ref = sparse_q_importance_reference(q, q_pos, is_sparse, k_pages, table,
