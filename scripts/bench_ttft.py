@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -55,6 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import sparsex_jax as sx  # noqa: E402
 from sparsex_jax.evaluation.methods import DEFAULT_VARIANT  # noqa: E402
+from sparsex_jax.programs.options import COMPILER_OPTIONS  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 
@@ -228,7 +228,8 @@ def plan_floor(cfg, plan, policy_label, n_prompt, ceil):
 # The anchor: plain dense prefill
 # ----------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+# The anchor compiles with the engine's XLA options too: the same matmul library on both sides.
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), compiler_options=COMPILER_OPTIONS)
 def dense_prefill(params, tokens, *, cfg, impl):
   """Plain causal prefill of tokens [1, n] from position 0: last-token logits and the K/V cache
   (returned, so it is computed as the engine's is). No pages, no padding, no caches."""

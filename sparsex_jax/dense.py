@@ -17,6 +17,7 @@ import numpy as np
 from models import llama
 from models.config import ModelConfig
 from sparsex_jax.planner import bucket
+from sparsex_jax.programs.options import COMPILER_OPTIONS
 from sparsex_jax.prompt import check_prompt
 from sparsex_jax.sampling import (SamplingParams, finish, is_finished, resolve_stop_ids,
                                  sample_step)
@@ -27,7 +28,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int):
   return {"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
 
 
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,),
+                   compiler_options=COMPILER_OPTIONS)
 def dense_step(params, cfg: ModelConfig, cache, tokens, positions, kv_len, last_index):
   """Runs tokens [B, T] at positions [B, T]; returns (logits [B, V] at last_index [B], cache).
 

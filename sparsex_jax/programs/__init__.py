@@ -24,6 +24,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from sparsex_jax.kv.layout import PoolLayout
+from sparsex_jax.programs.options import COMPILER_OPTIONS
 
 
 def _pow2(n: int) -> int:
@@ -89,7 +90,8 @@ class KVPool:
     if fn is None:  # the program itself, inlined into a jit that pins the output layouts
       fn = jax.jit(lambda pool, *a: program(pool, *a, **static), donate_argnums=0,
                    out_shardings=(sharding.pool_sharding(self.mesh),
-                                  sharding.replicated(self.mesh)))
+                                  sharding.replicated(self.mesh)),
+                   compiler_options=COMPILER_OPTIONS)  # the inner program's jit is inlined
       _SHARDED_PROGRAMS[key] = fn
     return fn, sharding.put_replicated(args, self.mesh)
 

@@ -20,6 +20,7 @@ from models import llama
 from models.config import ModelConfig
 from pallas_kernels import ops
 from sparsex_jax.kv.layout import slot_of
+from sparsex_jax.programs.options import COMPILER_OPTIONS
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers
 from sparsex_jax.sampling import sample, step_keys
 
@@ -68,7 +69,7 @@ def _logits(pool, params, cfg: ModelConfig, tokens, positions, slots, page_table
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "layer_loop"),
-                   donate_argnames=("pool",))
+                   donate_argnames=("pool",), compiler_options=COMPILER_OPTIONS)
 def decode_step(pool, params, tokens, positions, slots, page_table, kv_len, temperature, top_p,
                 seeds, step, *, cfg: ModelConfig, backend: str = "auto",
                 layer_loop: str = "scan"):
@@ -83,7 +84,7 @@ def decode_step(pool, params, tokens, positions, slots, page_table, kv_len, temp
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "backend", "layer_loop"),
-                   donate_argnames=("pool",))
+                   donate_argnames=("pool",), compiler_options=COMPILER_OPTIONS)
 def decode_loop(pool, params, rows: DecodeRows, min_active, *, cfg: ModelConfig, steps: int,
                 backend: str = "auto", layer_loop: str = "scan"):
   """Up to `steps` decode steps of every row that is not done -> (pool, (rows, tokens)).

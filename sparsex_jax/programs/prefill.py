@@ -30,6 +30,7 @@ from models.config import ModelConfig
 from pallas_kernels import ops
 from sparsex_jax.kv.layout import page_and_offset
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers, write_kv
+from sparsex_jax.programs.options import COMPILER_OPTIONS
 
 SCORES = ("none", "attention", "deviation", "given")
 
@@ -249,7 +250,8 @@ def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse
   return score
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("pool",),
+                   compiler_options=COMPILER_OPTIONS)
 def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: PrefillSpec):
   """One prefill program -> (pool, PrefillOutput)."""
   if spec.assemble:

@@ -1,0 +1,98 @@
+"""Where a prefill's device time goes: GPU kernels by total time, per method (jax.profiler).
+
+Runs bench_ttft's workload (random weights at a preset's shapes) for each method label, traces a
+few prefills after the warm-up, and prints the kernels that take the most device time (summed
+over the traced runs, divided by the runs), with their share of the method's total. JSON under --out.
+
+  python scripts/profile_prefill.py --preset llama3-8b --context 8192 --methods naive \
+      "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_ttft as bt  # noqa: E402  (its workloads, engine and method table)
+
+import jax  # noqa: E402
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, dict]]:
+  """Total duration (us) per event name on the GPU's streams, from the perfetto trace, and one
+  event's arguments per name (the HLO op behind a kernel)."""
+  root = glob.escape(trace_dir)
+  path = sorted(glob.glob(os.path.join(root, "**", "*.trace.json.gz"), recursive=True)
+                + glob.glob(os.path.join(root, "**", "perfetto_trace.json.gz"),
+                            recursive=True))[-1]
+  with gzip.open(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {pid for pid, n in names.items() if "GPU" in n or "/device:" in n}
+  totals: dict[str, float] = collections.defaultdict(float)
+  counts: dict[str, int] = collections.defaultdict(int)
+  example: dict[str, dict] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+      totals[e["name"]] += float(e["dur"])
+      counts[e["name"]] += 1
+      example.setdefault(e["name"], {k: str(v)[:160] for k, v in e.get("args", {}).items()})
+  for name in example:
+    example[name]["count"] = counts[name]
+  return dict(totals), example
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", default="llama3-8b")
+  ap.add_argument("--context", type=int, default=8192)
+  ap.add_argument("--workload", default="rag", choices=bt.WORKLOADS)
+  ap.add_argument("--methods", nargs="+", required=True)
+  ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--top", type=int, default=15)
+  ap.add_argument("--verbose", action="store_true", help="print each kernel's HLO op")
+  ap.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  engine = bt.make_engine(args.preset, [args.context], smoke=False)
+  wl = bt.Workload(args.workload, engine.config, args.context, args.runs)
+  policies = dict(bt.POLICIES)
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "command": " ".join(sys.argv), "methods": {}}
+  for label in args.methods:
+    reuse = policies[label]
+    wl.setup(engine)
+    engine.prefill_logits(wl.request(-1), reuse=reuse)  # compile and warm up
+    for i in range(args.runs):  # every shape bucket compiled before tracing
+      engine.prefill_logits(wl.request(i), reuse=reuse)
+    trace_dir = os.path.join(args.out, "".join(c if c.isalnum() or c in "=._" else "_"
+                                               for c in label))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for i in range(args.runs):
+        engine.prefill_logits(wl.request(i), reuse=reuse)
+    totals, example = kernel_times(trace_dir)
+    per_run = {k: v / args.runs / 1e3 for k, v in totals.items()}  # ms per prefill
+    total = sum(per_run.values())
+    top = sorted(per_run.items(), key=lambda kv: -kv[1])[:args.top]
+    report["methods"][label] = {"device_ms_per_run": total, "top_ms": top,
+                                "top_args": {name: example[name] for name, _ in top}}
+    print(f"{label}: {total:.1f} ms of GPU kernels per prefill", flush=True)
+    for name, ms in top:
+      print(f"  {ms:8.2f} ms {100 * ms / total:5.1f}%  {name[:110]}  x{example[name]['count']}",
+            flush=True)
+      if args.verbose:
+        print(f"      {example[name]}", flush=True)
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+      json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
