@@ -136,6 +136,15 @@ def check_backends(results: dict, labels):
       rel = float(np.linalg.norm(got["pallas"] - got["reference"])
                   / np.linalg.norm(got["reference"]))
       results["checks"].append({"dtype": dtype, "policy": label, "rel_err": rel, "ok": rel < tol})
+    # The engine (compiled with COMPILER_OPTIONS) against the model's plain forward (XLA's
+    # defaults): full prefill's last logits, so the options cannot change results unseen.
+    ids = np.concatenate([np.asarray(s.content, np.int32) for s in req.segments])
+    plain = np.asarray(llama.forward(params, cfg, ids[None]))[0, -1]
+    for b, e in engines.items():
+      got = e.prefill_logits(req, reuse=sx.ReuseConfig("full", update_caches=False))
+      rel = float(np.linalg.norm(got - plain) / np.linalg.norm(plain))
+      results["checks"].append({"dtype": dtype, "policy": f"full ({b}) vs plain forward",
+                                "rel_err": rel, "ok": rel < tol})
     sp = sx.SamplingParams(max_new_tokens=12, ignore_eos=True)
     toks = {b: e.generate([req], sp, reuse=sx.ReuseConfig("sparsex"))[0].token_ids
             for b, e in engines.items()}
