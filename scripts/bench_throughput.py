@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import sparsex_jax as sx  # noqa: E402
 from bench_ttft import _ids  # noqa: E402  (random token ids, as the TTFT benchmark draws them)
 from models.config import get_config  # noqa: E402
+from sparsex_jax import scheduler  # noqa: E402
 from sparsex_jax.batching import RunningBatch  # noqa: E402
 from sparsex_jax.programs.decode import decode_loop  # noqa: E402
 
@@ -84,8 +85,8 @@ def make_job(args, vocab: int, n: int, seed: int):
 
 class PhaseTimes:
   """Where a job's wall time goes: the engine's prefills (admission: prefill and first token,
-  `Engine._start`) and its decode loops (`decoding.visit`, continuous; `decoding.decode`,
-  static), timed around the calls (each ends with a device-to-host copy, so the time includes
+  `Engine._start`) and its device decode loops (`decoding.visit`, which static batching's
+  `decoding.decode` runs too), timed around the calls (each ends with a device-to-host copy, so the time includes
   the device work). The rest is host scheduling, leasing and output assembly."""
 
   def __init__(self, engine):
@@ -106,17 +107,15 @@ class PhaseTimes:
     return timed
 
   def __enter__(self):
-    self.saved = (self.decoding.visit, self.decoding.decode)
+    self.saved = self.decoding.visit  # static batching's decode() runs visit() too
     self.engine._start = self._wrap(self.engine._start, "prefill", lambda jobs, *a, **k: len(jobs))
     self.decoding.visit = self._wrap(self.decoding.visit, "decode",
                                      lambda pool, params, cfg, batch, **k: batch.n_running)
-    self.decoding.decode = self._wrap(self.decoding.decode, "decode",
-                                      lambda pool, params, cfg, layout, first, *a, **k: len(first))
     return self
 
   def __exit__(self, *exc):
     del self.engine._start  # back to the class's method
-    self.decoding.visit, self.decoding.decode = self.saved
+    self.decoding.visit = self.saved
 
   def report(self, job_s: float) -> dict:
     out = {}
@@ -162,20 +161,29 @@ def bench_job(results: dict, args, cfg):
   requests, _ = make_job(args, cfg.vocab_size, args.requests, seed=args.seed)
   results["job"] = {"preset": cfg.name, "dtype": cfg.dtype, "reuse": args.reuse,
                     "rows": args.rows, "steps_per_visit": args.steps_per_visit,
+                    "refill_fraction": scheduler.REFILL_FRACTION,
                     "requests": args.requests, "new_tokens": [args.min_new, args.max_new],
                     "passages": args.passages, "passage_len": args.passage_len,
                     "passages_per_request": args.passages_per_request,
                     "system_len": args.system_len, "question_len": args.question_len,
                     "page_size": args.page_size, "pool_pages": engine.layout.num_pages,
                     "runs": []}
-  for batching in args.batching:
+  runs = [(b, None) for b in args.batching]
+  if args.refill_fractions and "continuous" in args.batching:
+    runs = [r for r in runs if r[0] != "continuous"] + [
+        ("continuous", float(f)) for f in args.refill_fractions.split(",")]
+  default_refill = scheduler.REFILL_FRACTION
+  for batching, refill in runs:
+    scheduler.REFILL_FRACTION = default_refill if refill is None else refill
     t0 = time.perf_counter()
     run_job(engine, warm, passages, batching, reuse)
     warm_s = time.perf_counter() - t0
-    row = run_job(engine, requests, passages, batching, reuse) | {"warmup_s": warm_s}
+    row = run_job(engine, requests, passages, batching, reuse) | {
+        "warmup_s": warm_s, "refill_fraction": scheduler.REFILL_FRACTION}
     results["job"]["runs"].append(row)
     _save(results)
-    print(f"job {batching:10s}: {row['output_tokens_per_s']:8.1f} tok/s, {row['job_s']:6.1f} s, "
+    print(f"job {batching:10s} (refill {scheduler.REFILL_FRACTION:.2f}): "
+          f"{row['output_tokens_per_s']:8.1f} tok/s, {row['job_s']:6.1f} s, "
           f"ttft mean {row['ttft_mean_s']:.2f} s p90 {row['ttft_p90_s']:.2f} s, peak pages "
           f"{row['peak_pages']}/{row['pool_pages']}, compiled {row['compilations_during_job']} "
           f"(warm-up {warm_s:.0f} s), errors {row['errors']}", flush=True)
@@ -184,6 +192,7 @@ def bench_job(results: dict, args, cfg):
           f"({ph['prefill_rows_per_call'] or 0:.1f} requests each), decode {ph['decode_s']:.1f} s "
           f"in {ph['decode_calls']} calls ({ph['decode_rows_per_call'] or 0:.1f} rows each), "
           f"other {ph['host_other_s']:.1f} s", flush=True)
+  scheduler.REFILL_FRACTION = default_refill
   del engine
 
 
@@ -441,6 +450,9 @@ def main(argv=None):
   job.add_argument("--system-len", type=int, default=128)
   job.add_argument("--question-len", type=int, default=32)
   job.add_argument("--rows", type=int, default=64, help="max_batch_size (rows of either batching)")
+  job.add_argument("--refill-fractions", default=None,
+                   help="continuous batching: run it once per value of scheduler.REFILL_FRACTION "
+                        "(comma-separated; default: the scheduler's)")
   job.add_argument("--steps-per-visit", type=int, default=32)
   job.add_argument("--page-size", type=int, default=16)
   job.add_argument("--pool-gib", type=float, default=16.0)

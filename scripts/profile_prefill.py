@@ -42,7 +42,14 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, dict]]:
   example: dict[str, dict] = {}
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-      totals[e["name"]] += float(e["dur"])
+      name = e["name"]
+      if name.startswith("Memcpy"):  # copies apart by HLO op and size: a 4-byte copy is not a
+        a = e.get("args", {})        # copy of the pool
+        size = next((w for w in a.get("memcpy_details", "").split() if w.startswith("size:")),
+                    "")
+        name = f"{name} {a.get('hlo_op', '')} {size}"
+      e = dict(e, name=name)
+      totals[name] += float(e["dur"])
       counts[e["name"]] += 1
       example.setdefault(e["name"], {k: str(v)[:160] for k, v in e.get("args", {}).items()})
   for name in example:

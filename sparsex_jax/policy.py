@@ -43,9 +43,11 @@ DEFAULT_LAYER_THRESHOLD = 4
 DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation_norm"
 DEFAULT_SEGMENT_HEADS = 2
 # Measuring the deviation computes every reused token's exact K/V at layer T; keeping them (not
-# only the selected tokens') is free and recovered +1.4 points of the gap on the dev split and
-# +0.8 [+0.3, +1.3] on the test split (docs/quality.md, round 3).
-DEFAULT_REFRESH_THRESHOLD_KV = True
+# only the selected tokens') recovered +1.4 points of the gap on the dev split and +0.8
+# [+0.3, +1.3] on the test split (docs/quality.md, round 3), but the extra pool write costs 14 ms
+# of TTFT at 8K on an H100 (XLA copies part of the pool for it; at 32K the copy does not fit):
+# less quality per ms than a higher recompute_ratio, so it is an option, off.
+DEFAULT_REFRESH_THRESHOLD_KV = False
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
 
@@ -293,7 +295,7 @@ class ReuseConfig:
     options (see SparseQAttention; "attention_x_deviation_per_head" is the norm paired per kv
     head, and sums the attention within each kv head, so it needs head_reduce="sum").
     Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at T = 0 attention
-    alone), segment_heads=2 and refresh_threshold_kv=True. The paper's rule:
+    alone), segment_heads=2, refresh_threshold_kv=False. The paper's rule:
     importance_signal="attention", segment_heads=0 (no deviation is measured then, so nothing is
     refreshed).
   """

@@ -62,8 +62,7 @@ def test_each_mode_resolves_to_its_scorer_and_caches():
     assert p.recompute_ratio == (0.0 if mode == "naive" else 0.2)
   sparsex = ReuseConfig("sparsex", importance_layers="sum", head_reduce="max").resolve(cfg)
   assert sparsex.scorer == policy.SparseQAttention("sum", "max", deviation_weighted=True,
-                                                   segment_heads=2, deviation_norm=True,
-                                                   refresh_threshold_kv=True)
+                                                   segment_heads=2, deviation_norm=True)
   squared = ReuseConfig("sparsex", importance_signal="attention_x_deviation").resolve(cfg).scorer
   assert squared.deviation_weighted and not squared.deviation_norm
   paper = ReuseConfig("sparsex", importance_signal="attention", segment_heads=0).resolve(cfg)
