@@ -386,11 +386,22 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   blk = ((lambda i: n_blk - 1 - i // key_splits) if longest_first
          else (lambda i: i // key_splits))
   grid = (batch, n_kv, n_blk * key_splits)
-  if key_splits > 1:
-    return _split_attention(kernel, grid, blk, key_splits, batch, n_kv, r_pad, block_m,
-                            head_dim, max_pages, num_warps, num_stages, interpret, n_tok, group,
-                            layer_arr, kv_len, page_table, pos, qr, k_flat, v_flat)
-  out, lse = pl.pallas_call(
+  if key_splits > 1:  # per-split partials: acc [.., NS, R, H] (f32), running max and sum
+    split = lambda i: i % key_splits  # noqa: E731
+    row_block = lambda b, h, i: (b, h, split(i), blk(i))  # noqa: E731
+    out_specs = [pl.BlockSpec((None, None, None, block_m, head_dim),
+                              lambda b, h, i: row_block(b, h, i) + (0,)),
+                 pl.BlockSpec((None, None, None, block_m), row_block),
+                 pl.BlockSpec((None, None, None, block_m), row_block)]
+    out_shape = [jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad), jnp.float32)]
+  else:  # the normalised output and lse directly
+    out_specs = [pl.BlockSpec((None, None, block_m, head_dim), lambda b, h, i: (b, h, blk(i), 0)),
+                 pl.BlockSpec((None, None, block_m), lambda b, h, i: (b, h, blk(i)))]
+    out_shape = [jax.ShapeDtypeStruct((batch, n_kv, r_pad, head_dim), q.dtype),
+                 jax.ShapeDtypeStruct((batch, n_kv, r_pad), jnp.float32)]
+  outs = pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[
@@ -403,58 +414,17 @@ def paged_attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
           pool_spec(k_flat),  # whole k pool (row layer * K + h is read)
           pool_spec(v_flat),  # whole v pool
       ],
-      out_specs=[
-          pl.BlockSpec((None, None, block_m, head_dim),
-                       lambda b, h, i: (b, h, blk(i), 0)),
-          pl.BlockSpec((None, None, block_m), lambda b, h, i: (b, h, blk(i))),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, n_kv, r_pad, head_dim), q.dtype),
-          jax.ShapeDtypeStruct((batch, n_kv, r_pad), jnp.float32),
-      ],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_compat.triton_params(num_warps, num_stages),
       interpret=interpret,
-      name="sparsex_paged_attention",
+      name="sparsex_paged_attention" + ("_split" if key_splits > 1 else ""),
   )(layer_arr, kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr,
     k_flat, v_flat)
+  if key_splits > 1:
+    from pallas_kernels.decode import merge_splits  # decode builds on this module
+    out, lse = merge_splits(*outs)  # [B, K, R_pad, H], [B, K, R_pad]
+    out = out.astype(q.dtype)
+  else:
+    out, lse = outs
   return ungroup_rows(out, n_tok, group), ungroup_rows(lse, n_tok, group)
-
-
-def _split_attention(kernel, grid, blk, key_splits, batch, n_kv, r_pad, block_m, head_dim,
-                     max_pages, num_warps, num_stages, interpret, n_tok, group,
-                     layer_arr, kv_len, page_table, pos, qr, k_flat, v_flat):
-  """paged_attention with key splits: per-split partials, merged as flash-decoding does."""
-  from pallas_kernels.decode import merge_splits  # decode builds on this module
-
-  split = lambda i: i % key_splits  # noqa: E731
-  acc, m, l = pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=[
-          pl.BlockSpec((1,), lambda b, h, i: (0,)),  # layer
-          pl.BlockSpec((batch,), lambda b, h, i: (0,)),  # kv_len
-          pl.BlockSpec((None, max_pages), lambda b, h, i: (b, 0)),  # page table
-          pl.BlockSpec((None, block_m), lambda b, h, i: (b, blk(i))),  # pos
-          pl.BlockSpec((None, None, block_m, head_dim),
-                       lambda b, h, i: (b, h, blk(i), 0)),  # q rows
-          pool_spec(k_flat),
-          pool_spec(v_flat),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, None, block_m, head_dim),
-                       lambda b, h, i: (b, h, split(i), blk(i), 0)),
-          pl.BlockSpec((None, None, None, block_m), lambda b, h, i: (b, h, split(i), blk(i))),
-          pl.BlockSpec((None, None, None, block_m), lambda b, h, i: (b, h, split(i), blk(i))),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad, head_dim), jnp.float32),
-          jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad), jnp.float32),
-          jax.ShapeDtypeStruct((batch, n_kv, key_splits, r_pad), jnp.float32),
-      ],
-      compiler_params=_compat.triton_params(num_warps, num_stages),
-      interpret=interpret,
-      name="sparsex_paged_attention_split",
-  )(layer_arr, kv_len.astype(jnp.int32), page_table.astype(jnp.int32), pos, qr, k_flat, v_flat)
-  out, lse = merge_splits(acc, m, l)  # [B, K, R_pad, H], [B, K, R_pad]
-  return (ungroup_rows(out.astype(qr.dtype), n_tok, group),
-          ungroup_rows(lse, n_tok, group))

@@ -150,16 +150,21 @@ def make_pool(rng, n_pages, dtype):
 
 
 def sparse_problem(ctx, frac, seed=0):
-  import jax.numpy as jnp
+  """A random sorted subset of frac * ctx positions (the last one included) as queries."""
   rng = np.random.default_rng(seed)
+  n_q = max(1, int(round(frac * ctx)))
+  pos = np.sort(rng.choice(ctx - 1, size=n_q - 1, replace=False))
+  return query_problem(ctx, np.concatenate([pos, [ctx - 1]]).astype(np.int32), rng)
+
+
+def query_problem(ctx, pos, rng):
+  """One ctx-token request in a shuffled bf16 pool, queries at positions pos."""
+  import jax.numpy as jnp
   max_pages = ctx // PAGE
   n_pages = max_pages + 16
   k, v = make_pool(rng, n_pages, jnp.bfloat16)
   table = jnp.asarray(rng.permutation(n_pages)[:max_pages][None], jnp.int32)
-  n_q = max(1, int(round(frac * ctx)))
-  pos = np.sort(rng.choice(ctx - 1, size=n_q - 1, replace=False))
-  pos = np.concatenate([pos, [ctx - 1]]).astype(np.int32)
-  q = jnp.asarray(rng.standard_normal((1, n_q, N_HEADS, HEAD_DIM), np.float32),
+  q = jnp.asarray(rng.standard_normal((1, pos.size, N_HEADS, HEAD_DIM), np.float32),
                   jnp.bfloat16)
   return dict(q=q, q_pos=jnp.asarray(pos[None]), k=k, v=v, table=table,
               kv_len=jnp.asarray([ctx], jnp.int32), pos_np=pos)
@@ -343,16 +348,8 @@ def section_sparse(contexts, fracs, sweep, results):
 
 def few_query_problem(ctx, n_q, seed=0):
   """The last n_q positions of a ctx-token request as queries (naive reuse: the new tokens)."""
-  import jax.numpy as jnp
-  rng = np.random.default_rng(seed)
-  max_pages = ctx // PAGE
-  n_pages = max_pages + 16
-  k, v = make_pool(rng, n_pages, jnp.bfloat16)
-  table = jnp.asarray(rng.permutation(n_pages)[:max_pages][None], jnp.int32)
-  pos = np.arange(ctx - n_q, ctx, dtype=np.int32)
-  q = jnp.asarray(rng.standard_normal((1, n_q, N_HEADS, HEAD_DIM), np.float32), jnp.bfloat16)
-  return dict(q=q, q_pos=jnp.asarray(pos[None]), k=k, v=v, table=table,
-              kv_len=jnp.asarray([ctx], jnp.int32), pos_np=pos)
+  return query_problem(ctx, np.arange(ctx - n_q, ctx, dtype=np.int32),
+                       np.random.default_rng(seed))
 
 
 def section_few(contexts, n_queries, results):
