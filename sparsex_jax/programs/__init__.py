@@ -88,10 +88,12 @@ class KVPool:
     key = (program, tuple(sorted(static.items())), self.mesh)
     fn = _SHARDED_PROGRAMS.get(key)
     if fn is None:  # the program itself, inlined into a jit that pins the output layouts
-      fn = jax.jit(lambda pool, *a: program(pool, *a, **static), donate_argnums=0,
+      # (its undecorated body: XLA options may only be given to the outermost jit)
+      body = getattr(program, "__wrapped__", program)
+      fn = jax.jit(lambda pool, *a: body(pool, *a, **static), donate_argnums=0,
                    out_shardings=(sharding.pool_sharding(self.mesh),
                                   sharding.replicated(self.mesh)),
-                   compiler_options=COMPILER_OPTIONS)  # the inner program's jit is inlined
+                   compiler_options=COMPILER_OPTIONS)
       _SHARDED_PROGRAMS[key] = fn
     return fn, sharding.put_replicated(args, self.mesh)
 
