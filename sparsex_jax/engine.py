@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -126,7 +126,9 @@ class Engine:
 
   def generate(self, requests: Sequence[Request], sampling: SamplingParams = SamplingParams(),
                reuse: ReuseConfig = ReuseConfig(), *, on_error: str = "raise",
-               batching: str = "continuous") -> list[RequestOutput]:
+               batching: str = "continuous",
+               on_output: Callable[[int, RequestOutput], object] | None = None
+               ) -> list[RequestOutput]:
     """Prefills and decodes `requests`; outputs in request order.
 
     batching="continuous" (default): a running batch of max_batch_size rows; a request joins as
@@ -137,13 +139,17 @@ class Engine:
     big for the pool, a failure while its batch runs) is isolated: with on_error="raise" a
     RequestError names it and carries the outputs finished so far (`.outputs`); with "return"
     its output has finish_reason "error" and `.error`, and every other request still runs.
+
+    on_output(index, output): called as each request finishes (index into `requests`), in the
+    order they finish, before generate returns: a job can write results as they come. What it
+    raises ends the job (everything held is released) and propagates.
     """
     if batching not in BATCHING:
       raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     t_job = time.perf_counter()
     policy = reuse.resolve(self.config)
     requests = list(requests)
-    outputs = scheduler.Outputs(len(requests), on_error)
+    outputs = scheduler.Outputs(len(requests), on_error, on_output)
     jobs = []
     for i, request in enumerate(requests):
       try:

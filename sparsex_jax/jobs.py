@@ -51,6 +51,10 @@ OPENAI_BODY = ("model", "messages", "prompt", "max_tokens", "max_completion_toke
 OPENAI_NOOP = {"n": 1, "stream": False, "logprobs": False, "echo": False,
                "frequency_penalty": 0, "presence_penalty": 0}
 SHARED = ("alone", "context", "off")
+# A job hands the engine this many batches of requests at a time: within a window the running
+# batch refills as requests finish (continuous batching), and each result is written as its
+# request finishes. A graceful stop (SIGINT/SIGTERM) waits for the current window.
+WINDOW_BATCHES = 4
 
 
 class JobError(Exception):
@@ -741,13 +745,14 @@ def run_job(engine, input_path: str, output_path: str, *,
       for step in plan.steps:
         if signals.stop:
           break
-        for i in range(0, len(step), batch_size):
+        window = batch_size * WINDOW_BATCHES
+        for i in range(0, len(step), window):
           if signals.stop:
             break
-          chunk = [runnable[j] for j in step[i:i + batch_size]]
-          # The batch's shared segments, computed alone first (checked now, not when planning:
+          chunk = [runnable[j] for j in step[i:i + window]]
+          # The window's shared segments, computed alone first (checked now, not when planning:
           # one evicted since is computed again, identically).
-          warm = [segments[k] for k in dict.fromkeys(k for j in step[i:i + batch_size]
+          warm = [segments[k] for k in dict.fromkeys(k for j in step[i:i + window]
                                                      for k in keys[j])
                   if k in plan.warm and not cached(k)]
           if warm:
@@ -755,18 +760,22 @@ def run_job(engine, input_path: str, output_path: str, *,
             n = int(sum(len(w) for w in warm))
             summary.n_precomputed += n
             summary.token_layers += n * L
-          outs = engine.generate([j.request for j in chunk], reuse=reuse, on_error="return")
-          for job, out in zip(chunk, outs):
+
+          def finished(index, out, chunk=chunk):  # written as each request finishes
+            job = chunk[index]
             if out.error is not None:
               fail(job.line, job.id, _cause(out.error))
-              continue
-            writer.write(result_record(job, out, reuse_record, decode, model_name))
-            _account(summary, out, L)
-          if bar is not None:
-            bar.update(len(chunk))
-            el = time.perf_counter() - start
-            bar.set_postfix_str(f"{summary.n_generated / el:.1f} tok/s, hit {summary.hit_rate:.0%}",
-                                refresh=True)
+            else:
+              writer.write(result_record(job, out, reuse_record, decode, model_name))
+              _account(summary, out, L)
+            if bar is not None:
+              bar.update(1)
+              el = time.perf_counter() - start
+              bar.set_postfix_str(f"{summary.n_generated / el:.1f} tok/s, "
+                                  f"hit {summary.hit_rate:.0%}", refresh=False)
+
+          engine.generate([j.request for j in chunk], reuse=reuse, on_error="return",
+                          on_output=finished)
       summary.interrupted = bool(signals.stop)
   except KeyboardInterrupt:
     summary.interrupted = True

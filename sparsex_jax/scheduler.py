@@ -47,13 +47,22 @@ class Job:
 
 
 class Outputs(list):
-  """A job's outputs in request order (None: not run yet); records failures per on_error."""
+  """A job's outputs in request order (None: not run yet); records failures per on_error.
 
-  def __init__(self, n: int, on_error: str):
+  on_output(index, output), if given, is called as each output is set (in completion order):
+  a caller can write results while the rest of the job runs."""
+
+  def __init__(self, n: int, on_error: str,
+               on_output: Callable[[int, RequestOutput], object] | None = None):
     if on_error not in ON_ERROR:
       raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     super().__init__([None] * n)
-    self.on_error = on_error
+    self.on_error, self.on_output = on_error, on_output
+
+  def __setitem__(self, index, output) -> None:
+    super().__setitem__(index, output)
+    if self.on_output is not None and output is not None:
+      self.on_output(index, output)
 
   def fail(self, index: int, request_id, cause) -> None:
     """"raise": a RequestError carrying what finished so far; "return": an error output."""

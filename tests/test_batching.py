@@ -79,6 +79,28 @@ def test_a_request_larger_than_the_pool_fails_alone_and_raise_releases_everythin
   assert eng.store.allocator.num_used == 0
 
 
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_on_output_sees_each_request_as_it_finishes_and_its_errors_end_the_job(batching):
+  eng = _engine(max_batch_size=2, steps_per_visit=2)
+  lengths = [7, 1, 2, 6]  # through 2 rows: the short second request finishes first
+  reqs = [sx.Request([sx.Segment(_ids(5 + i, 700 + i))], id=i, sampling=sx.SamplingParams(
+      max_new_tokens=n, ignore_eos=True)) for i, n in enumerate(lengths)]
+  seen = []
+  outs = eng.generate(reqs, reuse=sx.ReuseConfig("full"), batching=batching,
+                      on_output=lambda i, out: seen.append((i, out)))
+  assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+  assert all(outs[i] is out for i, out in seen)  # the same outputs, as they were set
+  assert [len(o.token_ids) for o in outs] == lengths
+  if batching == "continuous":  # completion order, not request order
+    assert [i for i, _ in seen][:2] == [1, 2]
+
+  def broken(i, out):
+    raise OSError("disk full")
+  with pytest.raises(OSError, match="disk full"):
+    eng.generate(reqs, reuse=sx.ReuseConfig("full"), batching=batching, on_output=broken)
+  _clean_pool(eng)  # nothing left pinned or leased
+
+
 jobs = st.tuples(
     st.lists(st.tuples(st.lists(st.integers(0, 2), max_size=2), st.integers(1, 7),
                        st.integers(1, 6)), min_size=1, max_size=7),
