@@ -6,6 +6,8 @@ over the traced runs, divided by the runs), with their share of the method's tot
 
   python scripts/profile_prefill.py --preset llama3-8b --context 8192 --methods naive \
       "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/profile
+  python scripts/profile_prefill.py --preset llama3-8b --context 32768 --memory --methods \
+      "sparsex[axn+heads2] r=0.15 T=4" "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/mem
 """
 
 from __future__ import annotations
@@ -57,6 +59,21 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, dict]]:
   return dict(totals), example
 
 
+def prefill_temp_gib(engine, wl, reuse) -> float:
+  """Temporary memory (GiB) of the compiled prefill of the workload's first request."""
+  from sparsex_jax import planner
+  from sparsex_jax.programs.prefill import prefill
+  from sparsex_jax.prompt import tokenize
+  wl.setup(engine)
+  policy = reuse.resolve(engine.config)
+  prompt = tokenize(wl.request(0), None, engine.config, 0)
+  with engine.store.acquire([prompt], policy, max_new_tokens=1) as leases:
+    plans = [planner.plan_request(prompt, leases[0], policy, engine.layout)]
+    batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout)
+    compiled = engine.kv.compile(prefill, engine.params, batch, cfg=engine.config, spec=spec)
+  return compiled.memory_analysis().temp_size_in_bytes / 2**30
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", default="llama3-8b")
@@ -66,6 +83,9 @@ def main():
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--top", type=int, default=15)
   ap.add_argument("--verbose", action="store_true", help="print each kernel's HLO op")
+  ap.add_argument("--memory", action="store_true",
+                  help="only compile each method's prefill and print its temporary memory "
+                       "(a temp that grows with the pool means a copy of the pool)")
   ap.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -74,6 +94,15 @@ def main():
   policies = dict(bt.POLICIES)
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "command": " ".join(sys.argv), "methods": {}}
+  if args.memory:
+    report["temp_gib"] = {label: prefill_temp_gib(engine, wl, policies[label])
+                          for label in args.methods}
+    for label, gib in report["temp_gib"].items():
+      print(f"{label}: temp {gib:.2f} GiB (pool K {engine.kv.arrays['k'].nbytes / 2**30:.2f} GiB)",
+            flush=True)
+    with open(os.path.join(args.out, "memory.json"), "w") as f:
+      json.dump(report, f, indent=1)
+    return
   for label in args.methods:
     reuse = policies[label]
     wl.setup(engine)

@@ -128,7 +128,8 @@ class SparseQAttention(TopK):
     head for a deviation in another.
   refresh_threshold_kv: the deviation's fresh K/V of every token at layer T (exact, since the
     layers below ran in full, and computed anyway to measure the deviation) replace the reused
-    K/V at layer T for the unselected tokens too. Free: one more K/V write of one layer.
+    K/V at layer T for the unselected tokens too: one more K/V write of one layer, which on the
+    GPU costs more than it should (XLA copies part of the pool for it; docs/ttft.md).
   """
 
   device_score: ClassVar[str] = "attention"

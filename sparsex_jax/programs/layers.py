@@ -55,11 +55,11 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   layer's per-key importance to `importance` [B, MP*S]. Returns (x, pool, importance).
 
   `layers` is the stacked pytree (leading axis L), or a list of per-layer pytrees. unroll=True (or
-  a list) runs a Python loop over the layers instead of lax.scan: a scan reads each layer's
-  weights through a dynamic slice of the stack, which XLA on GPU may copy out before a cuBLAS
-  matmul (one extra write and read of every weight, every step: decode is weight-bound), whereas
-  a static slice of a parameter, or a separate array, can be read in place. It costs compile time
-  (L copies of the layer in the program), so only the decode programs offer it.
+  a list) runs a Python loop over the layers instead of lax.scan. A scan reads each layer's
+  weights through a dynamic slice of the stack; with programs/options.COMPILER_OPTIONS (cuBLAS,
+  dynamic-slice fusion) the GPU reads it in place, so the scan is the default everywhere and the
+  loops stay decode options for measurement (docs/throughput.md). Unrolling costs compile time
+  (L copies of the layer in the program).
   pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
   (the dense full layers) that need not read them back from the pages.
   """

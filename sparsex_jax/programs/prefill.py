@@ -294,9 +294,8 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     squared, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
                                   layer_threshold, x, positions, slots, pool, per_head=per_head)
     if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
-      # The write must follow the read of the old K/V (in the deviation). Even so, XLA on the
-      # GPU still copies a share of the pool for this write (the option's cost, docs/ttft.md).
-      squared, pool = jax.lax.optimization_barrier((squared, pool))
+      # On the GPU, XLA copies a share of the pool for this write (the option's cost: 14 ms at
+      # 8K, docs/ttft.md); ordering it after the read with an optimization barrier did not help.
       pool = write_kv(pool, layer_threshold, slots, k, v)
     return squared, pool
 
