@@ -147,11 +147,6 @@ def logits(params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
   return out.astype(jnp.float32)
 
 
-def slice_layers(layers, start: int, stop: int):
-  """The stacked layer params of layers [start, stop): the prefill splits at the threshold."""
-  return jax.tree.map(lambda w: w[start:stop], layers)
-
-
 # ----------------------------------------------------------------------------------------------
 # Dense attention over contiguous keys, and the full causal forward (the correctness reference
 # for every cached path).

@@ -1,6 +1,7 @@
 """SparseX prefill: the limits that must hold (DESIGN.md section 2) on a tiny random model."""
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -345,3 +346,42 @@ def test_refresh_threshold_kv_makes_layer_t_exact_for_every_token(warm_engine):
     sx.ReuseConfig("cacheblend", refresh_threshold_kv=True)
   with pytest.raises(ValueError, match="refresh_threshold_kv must be True or False"):
     sx.ReuseConfig("sparsex", refresh_threshold_kv=1)
+
+
+def test_sparse_prefill_reads_layers_out_of_the_whole_stack(warm_engine):
+  """The layers split at T (and at the scoring layer): the program must index the stacked
+  weights inside its layer loops, never cut the stack into ranges first. A cut such as w[T:L]
+  is a copy of those layers' weights on the GPU: 12 GB per 8K prefill of Llama-3-8B at T=4
+  (docs/ttft.md, round 4). Reads the lowered program for slices of a stacked weight."""
+  from sparsex_jax import planner
+  from sparsex_jax.programs.prefill import prefill
+  eng = warm_engine
+  for reuse in (sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3),
+                sx.ReuseConfig("sparsex", layer_threshold=2, recompute_ratio=0.3,
+                               refresh_threshold_kv=True)):
+    policy = reuse.resolve(eng.config)
+    prompt = tokenize(_request(), eng.tokenizer, eng.config, 0)
+    with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
+      plans = [planner.plan_request(prompt, leases[0], policy, eng.layout)]
+      batch, spec = planner.plan_batch(plans, policy, eng.config, eng.layout)
+    assert 0 < spec.layer_threshold < CFG.n_layers
+    text = prefill.lower(eng.kv.arrays, eng.params, batch, cfg=eng.config, spec=spec).as_text()
+    stacked = {"x".join(map(str, w.shape)) for w in jax.tree.leaves(eng.params["layers"])}
+    assert not _layer_range_cuts(text, stacked)
+    # ... and the check sees a cut when there is one. (One layer's slice, as the deviation at
+    # layer T takes of q/k/v weights, is not a range: a few tens of MB, once per prefill.)
+    w = jax.tree.leaves(eng.params["layers"])[0]
+    assert _layer_range_cuts(jax.jit(lambda w: w[1:]).lower(w).as_text(),
+                             stacked)
+    assert not _layer_range_cuts(jax.jit(lambda w: w[1]).lower(w).as_text(),
+                                 stacked)
+
+
+def _layer_range_cuts(hlo: str, stacked_shapes) -> list[str]:
+  """StableHLO slices of more than one layer out of a stacked weight (shapes 'LxDx...')."""
+  cuts = []
+  for line in hlo.splitlines():
+    m = re.search(r"stablehlo\.slice %\S+ \[(\d+):(\d+)", line)
+    if m and int(m[2]) - int(m[1]) > 1 and any(f"(tensor<{s}x" in line for s in stacked_shapes):
+      cuts.append(line)
+  return cuts

@@ -48,18 +48,21 @@ def scatter_kv(pool, dst_slots, k, v):
 
 def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots, pool,
                 attend: Attend, score: Score | None = None, importance=None,
-                unroll: bool = False, pass_kv: bool = False):
-  """Runs the stacked `layers` (absolute indices first_layer, ...) over tokens x [B, T, D].
+                unroll: bool = False, pass_kv: bool = False, stop_layer: int | None = None):
+  """Runs layers [first_layer, stop_layer) of the stacked `layers` over tokens x [B, T, D].
 
   Each layer writes its K/V at `slots`, then attends with `attend`. With `score`, also adds each
   layer's per-key importance to `importance` [B, MP*S]. Returns (x, pool, importance).
 
-  `layers` is the stacked pytree (leading axis L), or a list of per-layer pytrees. unroll=True (or
-  a list) runs a Python loop over the layers instead of lax.scan. A scan reads each layer's
-  weights through a dynamic slice of the stack; with programs/options.COMPILER_OPTIONS (cuBLAS,
-  dynamic-slice fusion) the GPU reads it in place, so the scan is the default everywhere and the
-  loops stay decode options for measurement (docs/throughput.md). Unrolling costs compile time
-  (L copies of the layer in the program).
+  `layers` is the whole stacked pytree (leading axis L; stop_layer None: L), or a list of
+  per-layer pytrees (absolute indices first_layer, ...). unroll=True (or a list) runs a Python
+  loop over the layers instead of lax.scan. A scan reads each layer's weights through a dynamic
+  slice of the whole stack, at the layer's absolute index; with programs/options.COMPILER_OPTIONS
+  (cuBLAS, dynamic-slice fusion) the GPU reads it in place, so the scan is the default everywhere
+  and the loops stay decode options for measurement (docs/throughput.md). The stack is never cut
+  to the range first: a slice such as w[T:L] outside the loop is a copy of those layers' weights
+  (XLA materialises it, 12 GB per prefill of Llama-3-8B split at T=4: docs/ttft.md, round 4).
+  Unrolling costs compile time (L copies of the layer in the program).
   pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
   (the dense full layers) that need not read them back from the pages.
   """
@@ -75,17 +78,28 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
       acc = acc + score(q, positions, lse, pool, layer)
     return (constrain_replicated(llama.layer_output(layer_params, cfg, x, out)), pool, acc), None
 
-  if isinstance(layers, (list, tuple)) or unroll:
-    per_layer = list(layers) if isinstance(layers, (list, tuple)) else [
-        jax.tree.map(lambda w, i=i: w[i], layers)
-        for i in range(jax.tree.leaves(layers)[0].shape[0])]
-    carry = (x, pool, importance)
-    for i, layer_params in enumerate(per_layer):
-      carry, _ = one_layer(carry, (layer_params, jnp.int32(first_layer + i)))
-    return carry
-  n = jax.tree.leaves(layers)[0].shape[0]
-  if n == 0:
+  if isinstance(layers, (list, tuple)):
+    stop_layer = first_layer + len(layers) if stop_layer is None else stop_layer
+    per_layer = {first_layer + i: p for i, p in enumerate(layers)}
+  else:
+    stop_layer = jax.tree.leaves(layers)[0].shape[0] if stop_layer is None else stop_layer
+  if stop_layer <= first_layer:
     return x, pool, importance
-  layer_ids = first_layer + jnp.arange(n, dtype=jnp.int32)
-  (x, pool, importance), _ = jax.lax.scan(one_layer, (x, pool, importance), (layers, layer_ids))
-  return x, pool, importance
+  carry = (x, pool, importance)
+  if isinstance(layers, (list, tuple)) or unroll:
+    for i in range(first_layer, stop_layer):
+      layer_params = (per_layer[i] if isinstance(layers, (list, tuple))
+                      else jax.tree.map(lambda w, i=i: w[i], layers))
+      carry, _ = one_layer(carry, (layer_params, jnp.int32(i)))
+    return carry
+
+  # The loop counter itself indexes the stack (an XLA induction variable): dynamic-slice fusion
+  # then computes each layer's weight address on the host and cuBLAS reads them in place. An
+  # index loaded from device memory (e.g. scanning over an array of layer ids) cannot be: XLA
+  # copies the layer's weights out first (measured: naive reuse at 8K, 11 -> 21 ms).
+  def indexed_layer(layer, carry):
+    layer_params = jax.tree.map(
+        lambda w: jax.lax.dynamic_index_in_dim(w, layer, axis=0, keepdims=False), layers)
+    return one_layer(carry, (layer_params, layer))[0]
+
+  return jax.lax.fori_loop(first_layer, stop_layer, indexed_layer, carry)

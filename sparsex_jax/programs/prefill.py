@@ -274,8 +274,9 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
           probe=None, head_reduce=None):
     score = None if sparse_q is None else _importance(cfg, batch, spec, sparse_q, probe,
                                                       head_reduce)
-    return scan_layers(llama.slice_layers(layers, first, stop), cfg, first, x, positions, slots,
-                       pool, full_attend if dense else attend, score, importance, pass_kv=dense)
+    return scan_layers(layers, cfg, first, x, positions, slots, pool,
+                       full_attend if dense else attend, score, importance, pass_kv=dense,
+                       stop_layer=stop)
 
   attention_scored = spec.score == "attention" and layer_threshold > 0
   scored_from = layer_threshold - 1 if spec.importance_layers == "last" else 0
