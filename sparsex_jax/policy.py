@@ -44,10 +44,10 @@ DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation_norm"
 DEFAULT_SEGMENT_HEADS = 2
 # Measuring the deviation computes every reused token's exact K/V at layer T; keeping them (not
 # only the selected tokens') recovered +1.4 points of the gap on the dev split and +0.8
-# [+0.3, +1.3] on the test split (docs/quality.md, round 3), but the extra pool write costs 14 ms
-# of TTFT at 8K on an H100 (XLA copies part of the pool for it; at 32K the copy does not fit):
-# less quality per ms than a higher recompute_ratio, so it is an option, off.
-DEFAULT_REFRESH_THRESHOLD_KV = False
+# [+0.3, +1.3] on the test split (docs/quality.md, round 3). The extra write of one layer's K/V
+# costs nothing measurable on an H100 since the layer loops stopped copying weights (docs/ttft.md,
+# round 4: 69.5 vs 70.0 ms at 8K, 404 vs 406 ms at 32K), so it is on.
+DEFAULT_REFRESH_THRESHOLD_KV = True
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
 
@@ -128,8 +128,7 @@ class SparseQAttention(TopK):
     head for a deviation in another.
   refresh_threshold_kv: the deviation's fresh K/V of every token at layer T (exact, since the
     layers below ran in full, and computed anyway to measure the deviation) replace the reused
-    K/V at layer T for the unselected tokens too: one more K/V write of one layer, which on the
-    GPU costs more than it should (XLA copies part of the pool for it; docs/ttft.md).
+    K/V at layer T for the unselected tokens too: one more K/V write of one layer.
   """
 
   device_score: ClassVar[str] = "attention"
@@ -296,7 +295,7 @@ class ReuseConfig:
     options (see SparseQAttention; "attention_x_deviation_per_head" is the norm paired per kv
     head, and sums the attention within each kv head, so it needs head_reduce="sum").
     Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at T = 0 attention
-    alone), segment_heads=2, refresh_threshold_kv=False. The paper's rule:
+    alone), segment_heads=2, refresh_threshold_kv=True. The paper's rule:
     importance_signal="attention", segment_heads=0 (no deviation is measured then, so nothing is
     refreshed).
   """

@@ -62,13 +62,15 @@ def test_each_mode_resolves_to_its_scorer_and_caches():
     assert p.recompute_ratio == (0.0 if mode == "naive" else 0.2)
   sparsex = ReuseConfig("sparsex", importance_layers="sum", head_reduce="max").resolve(cfg)
   assert sparsex.scorer == policy.SparseQAttention("sum", "max", deviation_weighted=True,
-                                                   segment_heads=2, deviation_norm=True)
+                                                   segment_heads=2, deviation_norm=True,
+                                                   refresh_threshold_kv=True)
   squared = ReuseConfig("sparsex", importance_signal="attention_x_deviation").resolve(cfg).scorer
   assert squared.deviation_weighted and not squared.deviation_norm
   paper = ReuseConfig("sparsex", importance_signal="attention", segment_heads=0).resolve(cfg)
   assert paper.scorer == policy.SparseQAttention()  # the paper's rule, by its own name
   at_zero = ReuseConfig("sparsex", layer_threshold=0).resolve(cfg).scorer
-  assert not at_zero.deviation_weighted and not at_zero.deviation_norm  # T = 0: attention alone
+  # T = 0: attention alone, and no deviation measured, so nothing to refresh
+  assert not (at_zero.deviation_weighted or at_zero.deviation_norm or at_zero.refresh_threshold_kv)
   assert ReuseConfig("random", seed=9).resolve(cfg).scorer.seed == 9
   assert not ReuseConfig(update_caches=False).resolve(cfg).update_caches
   hash(sparsex)  # frozen: usable as a static argument

@@ -330,8 +330,9 @@ def test_refresh_threshold_kv_makes_layer_t_exact_for_every_token(warm_engine):
   base = dict(recompute_ratio=0.05, layer_threshold=last)
   fresh = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
       "sparsex", refresh_threshold_kv=True, **base))
-  stale = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base))
-  assert not sx.ReuseConfig().refresh_threshold_kv  # an option, off by default
+  stale = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", refresh_threshold_kv=False, **base))
+  assert sx.ReuseConfig().refresh_threshold_kv  # the default since round 4 (docs/quality.md)
   assert _rel(fresh, full) < 1e-4
   assert _rel(stale, full) > 1e-3
   # At T = 1 the pool's layer-1 K/V of every token are the fresh ones (the model functions').
@@ -343,7 +344,7 @@ def test_refresh_threshold_kv_makes_layer_t_exact_for_every_token(warm_engine):
         v, v_fresh, rtol=1e-3, atol=1e-4).all((1, 2))
     assert exact.all() if refresh else exact.mean() < 0.5, refresh
   with pytest.raises(ValueError, match="sparsex options"):
-    sx.ReuseConfig("cacheblend", refresh_threshold_kv=True)
+    sx.ReuseConfig("cacheblend", refresh_threshold_kv=False)
   with pytest.raises(ValueError, match="refresh_threshold_kv must be True or False"):
     sx.ReuseConfig("sparsex", refresh_threshold_kv=1)
 

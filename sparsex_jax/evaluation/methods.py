@@ -40,7 +40,8 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 
 # Options of the sparsex policy, ablated on the dev split (docs/quality.md), each spelled out in
 # full so that a label means the same rule whatever the defaults. The empty variant is the
-# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2" is the default.
+# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh" is the
+# default.
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
           "refresh_threshold_kv": False}
 _AXD = {"importance_signal": "attention_x_deviation"}
@@ -72,7 +73,7 @@ def _variant_of(config: sx.ReuseConfig) -> str:
   return "+".join(f"{k}={v}" for k, v in options.items())
 
 
-DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axn+heads2"
+DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axn+heads2+fresh"
 
 
 def _resolved(config: sx.ReuseConfig, n_layers: int):
