@@ -6,6 +6,8 @@ over the traced runs, divided by the runs), with their share of the method's tot
 
   python scripts/profile_prefill.py --preset llama3-8b --context 8192 --methods naive \
       "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/profile
+  python scripts/profile_prefill.py --preset llama3-8b --context 32768 --methods "dense prefill" \
+      full --out $OUT/profile32k          ("dense prefill": bench_ttft's anchor, same prompt length)
   python scripts/profile_prefill.py --preset llama3-8b --context 32768 --memory --methods \
       "sparsex[axn+heads2] r=0.15 T=4" "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/mem
 """
@@ -104,16 +106,24 @@ def main():
       json.dump(report, f, indent=1)
     return
   for label in args.methods:
-    reuse = policies[label]
-    wl.setup(engine)
-    engine.prefill_logits(wl.request(-1), reuse=reuse)  # compile and warm up
+    if label == bt.DENSE:  # the anchor: bench_ttft's plain dense prefill of the same length
+      ids = [t for seg in wl.request(0).segments for t in seg.content]
+      tokens = jax.numpy.asarray([ids], jax.numpy.int32)
+      impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+      run = lambda i: jax.block_until_ready(bt.dense_prefill(  # noqa: E731
+          engine.params, tokens, cfg=engine.config, impl=impl))
+    else:
+      reuse = policies[label]
+      wl.setup(engine)
+      run = lambda i: engine.prefill_logits(wl.request(i), reuse=reuse)  # noqa: E731
+    run(-1)  # compile and warm up
     for i in range(args.runs):  # every shape bucket compiled before tracing
-      engine.prefill_logits(wl.request(i), reuse=reuse)
+      run(i)
     trace_dir = os.path.join(args.out, "".join(c if c.isalnum() or c in "=._" else "_"
                                                for c in label))
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for i in range(args.runs):
-        engine.prefill_logits(wl.request(i), reuse=reuse)
+        run(i)
     totals, example = kernel_times(trace_dir)
     per_run = {k: v / args.runs / 1e3 for k, v in totals.items()}  # ms per prefill
     total = sum(per_run.values())

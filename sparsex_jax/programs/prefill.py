@@ -190,12 +190,14 @@ def _dense_attention(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, p
   Every non-exact token is a query, so a full layer is a dense causal prefill whose queries start
   at the row's exact prefix length: the tokens sit at positions start + t, t = 0, 1, ... (the
   planner lays them out so). Contiguous rows indexed by absolute position make that plain causal
-  attention (row t sees keys j <= t, j < kv_len): without an exact prefix the layer's fresh q, k, v
+  attention (row t sees keys j <= t): without an exact prefix the layer's fresh q, k, v
   are those rows as they are; with one, keys are read back from the pages (exact prefix and the
   just-written K/V) and queries are placed at their positions. The K/V are in the pages already
   (scan_layers writes them first), so later layers and decode see the same pool as the paged path.
+  A real query at position p < kv_len reads keys 0..p, all real: the causal mask alone excludes
+  every padding key, so no lengths are passed (rows past kv_len are junk, zeroed by `finish`).
+  cuDNN's padding-aware causal mask runs 9% slower at 32K even with no padding (docs/ttft.md).
   """
-  seq_len = jnp.maximum(batch.kv_len, 1)  # a padding row gets one harmless key (masked below)
   b, t = batch.positions.shape
 
   def finish(out, positions):
@@ -204,8 +206,8 @@ def _dense_attention(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, p
   if not spec.prefix_keys:
     def attend(q, positions, pool, layer, k, v):
       del pool, layer
-      return finish(ops.causal_attention(q, k, v, seq_len, sm_scale=cfg.sm_scale,
-                                         backend=spec.backend), positions)
+      return finish(ops.causal_attention(q, k, v, sm_scale=cfg.sm_scale, backend=spec.backend),
+                    positions)
     return attend
 
   n_keys = batch.page_table.shape[1] * page_size
@@ -221,7 +223,7 @@ def _dense_attention(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, p
       return jnp.moveaxis(x, 0, 3).reshape(b, -1, n_kv, head_dim)
 
     # Rows before a request's start are junk queries (their outputs are never read).
-    out = ops.causal_attention(_take(q, q_rows), keys(pool["k"]), keys(pool["v"]), seq_len,
+    out = ops.causal_attention(_take(q, q_rows), keys(pool["k"]), keys(pool["v"]),
                                sm_scale=cfg.sm_scale, backend=spec.backend)
     return finish(_take(out, jnp.clip(positions, 0, n_keys - 1)), positions)
   return attend
@@ -295,8 +297,6 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     squared, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
                                   layer_threshold, x, positions, slots, pool, per_head=per_head)
     if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
-      # On the GPU, XLA copies a share of the pool for this write (the option's cost: 14 ms at
-      # 8K, docs/ttft.md); ordering it after the read with an optimization barrier did not help.
       pool = write_kv(pool, layer_threshold, slots, k, v)
     return squared, pool
 
