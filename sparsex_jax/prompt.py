@@ -54,6 +54,8 @@ def check_prompt(cfg: ModelConfig, token_ids, max_new_tokens: int = 0) -> np.nda
 def segment_ids(segment: Segment, tokenizer) -> np.ndarray:
   """A segment's token ids (int64, unchecked): its own, or its text tokenized."""
   if not isinstance(segment.content, str):
+    if segment.token_array is not None:
+      return segment.token_array
     return np.asarray(segment.content, np.int64)
   if tokenizer is None:
     raise ValueError("this engine has no tokenizer (random weights): give segments as token ids")

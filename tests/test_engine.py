@@ -149,6 +149,18 @@ def test_pool_exhaustion_evicts_or_fails_cleanly():
   eng2.store.allocator.check_invariants()
 
 
+def test_segment_keeps_its_ids_as_a_tuple_and_a_read_only_array():
+  source = np.random.default_rng(2).integers(0, CFG.vocab_size, 50).astype(np.int32)
+  seg = sx.Segment(source)
+  source[0] += 1  # the segment holds its own copy
+  assert seg.content == tuple(int(i) for i in source[:1] - 1) + tuple(source[1:].tolist())
+  np.testing.assert_array_equal(seg.token_array, np.asarray(seg.content))
+  assert seg.token_array.dtype == np.int64 and not seg.token_array.flags.writeable
+  other = sx.Segment(list(seg.content))
+  assert other == seg and hash(other) == hash(seg)  # the array is neither compared nor hashed
+  assert sx.Segment("text").token_array is None
+
+
 def test_bad_input():
   eng = _engine()
   with pytest.raises(ValueError, match="empty request"):

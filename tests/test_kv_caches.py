@@ -316,6 +316,23 @@ def test_chained_hashes_do_not_match_after_another_prefix():
   alloc.decref(pages)
 
 
+def test_match_hashes_blocks_only_up_to_its_first_miss(monkeypatch):
+  """A lookup of a long prompt whose second block misses hashes two blocks, not all of them
+  (an 8K-token prompt is 512 blocks of host time per prefill otherwise)."""
+  from sparsex_jax.kv import prefix_cache as pc
+  alloc, prefix, _ = make()
+  rng = np.random.default_rng(4)
+  system = rng.integers(0, 1000, 4).tolist()
+  prefix.insert(system, alloc.allocate(1))
+  calls = []
+  real = pc.hash_tokens
+  monkeypatch.setattr(pc, "hash_tokens", lambda *a: calls.append(1) or real(*a))
+  prompt = system + rng.integers(0, 1000, 400).tolist()  # 101 full blocks
+  pages, n = prefix.match(prompt)
+  assert n == 4 and len(calls) == 2 and prefix.misses == 100
+  alloc.decref(pages)
+
+
 def test_partial_last_block_is_not_cached():
   alloc, prefix, _ = make()
   tokens = list(range(10))  # 2 full pages of 4 + 2 tokens
