@@ -5,6 +5,9 @@
 - sparse_q_importance / sparse_q_importance_reference: per-key attention mass of
   the Sparse-Q rows, exact and deterministic.
 - paged_decode_attention / paged_decode_attention_reference: flash-decoding.
+- assemble.assemble_kv / assemble_kv_reference: reused K/V gathered, re-rotated and written in
+  one pass, in place.
+- write.write_kv / write_kv_reference: one layer's K/V written at flat slots, in place.
 - ops: dispatch (kernels on GPU, references on CPU) behind one interface.
 """
 

@@ -33,6 +33,8 @@ from pallas_kernels.decode import (paged_decode_attention,
                                    paged_decode_attention_reference)
 from pallas_kernels.importance import (sparse_q_importance,
                                        sparse_q_importance_reference)
+from pallas_kernels.write import write_kv as _write_kv_kernel
+from pallas_kernels.write import write_kv_reference
 
 # causal_attention: contiguous causal attention (cuDNN on GPU) for the full layers.
 BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
@@ -143,6 +145,16 @@ def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto",
   return _call(_assemble_kv_kernel, assemble_kv_reference, backend,
                (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs,
                arg_heads=(1, 1, None, None, None, None), out_heads=((5, 1), (5, 1)))
+
+
+def write_kv(k_pool, v_pool, slots, k, v, *, layer, backend="auto", **kernel_kwargs):
+  """One layer's K/V k, v [..., K, H] written at flat slots [...] of the whole pool (sentinel
+  slots dropped) -> (k_pool, v_pool); in place where the pool is donated."""
+  # Under a mesh each shard writes its own KV heads (axis 1 of the pool, axis -2 of k and v).
+  return _call(_write_kv_kernel, write_kv_reference, backend, (k_pool, v_pool, slots, k, v),
+               dict(layer=layer), kernel_kwargs,
+               arg_heads=(POOL, POOL, None, k.ndim - 2, v.ndim - 2),
+               out_heads=((5, 1), (5, 1)))
 
 
 def causal_attention(q, k, v, *, sm_scale, backend="auto"):

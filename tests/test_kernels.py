@@ -486,3 +486,41 @@ def test_assemble_kv_kernel_matches_reference(dtype):
   # Only the destination slots changed, and K there is the source rotated (not a copy).
   changed = np.any(np.asarray(got_k, np.float32) != np.asarray(k, np.float32), axis=(0, 1, 4))
   assert sorted(np.flatnonzero(changed.reshape(-1))) == [20, 21, 22, 23, 24, 30, 31, 32]
+
+
+# ----------------------------------------------------------------------------------------------
+# K/V write of one layer (in place)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_write_kv_kernel_matches_reference(dtype):
+  from pallas_kernels.write import write_kv, write_kv_reference
+  rng = np.random.default_rng(8)
+  n_layers, n_kv, n_pages, page, head_dim = 3, 2, 12, 4, 16
+  shape = (n_layers, n_kv, n_pages, page, head_dim)
+  k_pool = jnp.asarray(rng.normal(size=shape), dtype)
+  v_pool = jnp.asarray(rng.normal(size=shape), dtype)
+  sentinel = n_pages * page
+  # [B=2, T=19] slots in pages >= 1 (page 0 is the null page), padding tokens at the sentinel.
+  slots = rng.choice(np.arange(page, sentinel), size=38, replace=False).reshape(2, 19)
+  slots[0, -3:] = slots[1, -7:] = sentinel
+  slots = jnp.asarray(slots, jnp.int32)
+  k = jnp.asarray(rng.normal(size=(2, 19, n_kv, head_dim)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 19, n_kv, head_dim)), jnp.float32)
+  for layer in range(n_layers):  # the layer traced, as inside the programs' layer loops
+    run = jax.jit(lambda kp, vp, layer: write_kv(kp, vp, slots, k, v, layer=layer, block_t=16,
+                                                 interpret=True))
+    got = run(k_pool, v_pool, jnp.int32(layer))
+    want = write_kv_reference(k_pool, v_pool, slots, k, v, layer=jnp.int32(layer))
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    # The real tokens' rows hold k (cast to the pool's dtype); nothing else changed.
+    ok = np.asarray(slots) < sentinel
+    flat = np.asarray(got[0], np.float32).reshape(n_layers, n_kv, sentinel, head_dim)
+    np.testing.assert_array_equal(
+        flat[layer][:, np.asarray(slots)[ok]],
+        np.asarray(jnp.asarray(k, dtype), np.float32)[ok].transpose(1, 0, 2))
+    before = np.asarray(k_pool, np.float32).reshape(flat.shape)
+    changed = np.any(flat != before, axis=(1, 3))
+    assert sorted(zip(*np.nonzero(changed))) == sorted((layer, s) for s in np.asarray(slots)[ok])

@@ -186,3 +186,27 @@ def test_layer_past_32bit_offsets_gpu():
   ref_dec = paged_decode_attention_reference(q[:, -1], k_all, v_all, table, kv, sm_scale=scale,
                                              layer=layer)
   assert rel_err(dec, ref_dec) < 1e-2
+
+
+def test_write_kv_past_32bit_offsets_gpu():
+  """The in-place K/V write against its XLA reference on a pool whose flat view passes 2**31
+  elements, at the last layer (a traced index), with padding slots."""
+  from pallas_kernels.write import write_kv, write_kv_reference
+  n_layers, n_kv, n_pages, page_size, head_dim = 2, 8, 72000, 16, 128
+  shape = (n_layers, n_kv, n_pages, page_size, head_dim)
+  kk, kv_key = jax.random.split(jax.random.PRNGKey(1))
+  k_pool = jax.random.normal(kk, shape, jnp.bfloat16)
+  v_pool = jax.random.normal(kv_key, shape, jnp.bfloat16)
+  rng = np.random.default_rng(7)
+  sentinel = n_pages * page_size
+  slots = rng.choice(np.arange(sentinel - 40000, sentinel), size=(2, 3000), replace=False)
+  slots[1, -100:] = sentinel
+  slots = jnp.asarray(slots, jnp.int32)
+  k = jnp.asarray(rng.standard_normal((2, 3000, n_kv, head_dim)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((2, 3000, n_kv, head_dim)), jnp.bfloat16)
+  layer = jnp.int32(n_layers - 1)
+  want = jax.jit(lambda kp, vp: write_kv_reference(kp, vp, slots, k, v, layer=layer))(
+      k_pool, v_pool)
+  got = jax.jit(lambda kp, vp: write_kv(kp, vp, slots, k, v, layer=layer))(k_pool, v_pool)
+  for g, w in zip(got, want):
+    assert bool(jnp.all(g == w))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from models import llama
 from models.config import ModelConfig
+from pallas_kernels import ops
 from sparsex_jax.kv.layout import page_and_offset
 from sparsex_jax.sharding import constrain_replicated
 
@@ -26,11 +27,15 @@ def pool_sentinel(pool) -> int:
   return p * s
 
 
-def write_kv(pool, layer, slots, k, v):
-  """Writes k, v [B, T, K, H] at flat slots [B, T] of one layer (sentinel slots are dropped)."""
-  page, offset = page_and_offset(slots, pool["k"].shape[3])
-  return {"k": pool["k"].at[layer, :, page, offset].set(k.astype(pool["k"].dtype), mode="drop"),
-          "v": pool["v"].at[layer, :, page, offset].set(v.astype(pool["v"].dtype), mode="drop")}
+def write_kv(pool, layer, slots, k, v, backend: str = "reference"):
+  """Writes k, v [B, T, K, H] at flat slots [B, T] of one layer (sentinel slots are dropped).
+
+  backend: of ops.write_kv. The prefill passes its own ("auto": the in-place kernel on the GPU,
+  about 10x XLA's scatter for thousands of tokens); the decode step's one token per row stays
+  an XLA scatter ("reference"), measured at its byte floor (docs/throughput.md).
+  """
+  k_pool, v_pool = ops.write_kv(pool["k"], pool["v"], slots, k, v, layer=layer, backend=backend)
+  return {"k": k_pool, "v": v_pool}
 
 
 def gather_kv(pool, src_slots):
@@ -48,7 +53,8 @@ def scatter_kv(pool, dst_slots, k, v):
 
 def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots, pool,
                 attend: Attend, score: Score | None = None, importance=None,
-                unroll: bool = False, pass_kv: bool = False, stop_layer: int | None = None):
+                unroll: bool = False, pass_kv: bool = False, stop_layer: int | None = None,
+                write_backend: str = "reference"):
   """Runs layers [first_layer, stop_layer) of the stacked `layers` over tokens x [B, T, D].
 
   Each layer writes its K/V at `slots`, then attends with `attend`. With `score`, also adds each
@@ -65,13 +71,14 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   Unrolling costs compile time (L copies of the layer in the program).
   pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
   (the dense full layers) that need not read them back from the pages.
+  write_backend: of each layer's K/V write (write_kv).
   """
   def one_layer(carry, xs):
     x, pool, acc = carry
     layer_params, layer = xs
     x = constrain_replicated(x)  # tensor parallel: the residual stream is replicated
     q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
-    pool = write_kv(pool, layer, slots, k, v)
+    pool = write_kv(pool, layer, slots, k, v, write_backend)
     out, lse = (attend(q, positions, pool, layer, k=k, v=v) if pass_kv
                 else attend(q, positions, pool, layer))
     if score is not None:

@@ -278,7 +278,7 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
                                                       head_reduce)
     return scan_layers(layers, cfg, first, x, positions, slots, pool,
                        full_attend if dense else attend, score, importance, pass_kv=dense,
-                       stop_layer=stop)
+                       stop_layer=stop, write_backend=spec.backend)
 
   attention_scored = spec.score == "attention" and layer_threshold > 0
   scored_from = layer_threshold - 1 if spec.importance_layers == "last" else 0
@@ -297,7 +297,7 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     squared, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
                                   layer_threshold, x, positions, slots, pool, per_head=per_head)
     if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
-      pool = write_kv(pool, layer_threshold, slots, k, v)
+      pool = write_kv(pool, layer_threshold, slots, k, v, spec.backend)
     return squared, pool
 
   scores = jnp.zeros((b, t), jnp.float32)
