@@ -461,14 +461,17 @@ def test_layer_of_whole_pool_equals_per_layer(case):
 # ----------------------------------------------------------------------------------------------
 
 
+def _random_pool(rng, shape, dtype):
+  """Random K and V pools [L, K, P, S, H]."""
+  return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_assemble_kv_kernel_matches_reference(dtype):
   from pallas_kernels.assemble import assemble_kv, assemble_kv_reference
   rng = np.random.default_rng(3)
   n_layers, n_kv, n_pages, page, head_dim = 2, 2, 12, 4, 16
-  shape = (n_layers, n_kv, n_pages, page, head_dim)
-  k = jnp.asarray(rng.normal(size=shape), dtype)
-  v = jnp.asarray(rng.normal(size=shape), dtype)
+  k, v = _random_pool(rng, (n_layers, n_kv, n_pages, page, head_dim), dtype)
   sentinel = n_pages * page
   # Row 0: a segment moved by 3 positions; row 1: by 1000 (angles far from 0); padding tokens
   # (sentinel dst) write nothing, whatever their src.
@@ -498,9 +501,7 @@ def test_write_kv_kernel_matches_reference(dtype):
   from pallas_kernels.write import write_kv, write_kv_reference
   rng = np.random.default_rng(8)
   n_layers, n_kv, n_pages, page, head_dim = 3, 2, 12, 4, 16
-  shape = (n_layers, n_kv, n_pages, page, head_dim)
-  k_pool = jnp.asarray(rng.normal(size=shape), dtype)
-  v_pool = jnp.asarray(rng.normal(size=shape), dtype)
+  k_pool, v_pool = _random_pool(rng, (n_layers, n_kv, n_pages, page, head_dim), dtype)
   sentinel = n_pages * page
   # [B=2, T=19] slots in pages >= 1 (page 0 is the null page), padding tokens at the sentinel.
   slots = rng.choice(np.arange(page, sentinel), size=38, replace=False).reshape(2, 19)
