@@ -181,12 +181,12 @@ def attn_flops(pos_np):
 SWEEP_ATTN = [  # (block_m, block_k, num_warps, num_stages, longest_first)
     (64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, True),
     (64, 128, 4, 2, True), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
-    (128, 64, 4, 3, True),
+    (128, 64, 4, 3, True), (128, 64, 4, 2, True),
 ]
 SWEEP_IMP = [  # (block_m, block_k, num_warps, num_stages)
     (64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
 ]
-SWEEP_PROBLEMS = ((8192, 0.15), (32768, 0.05))
+SWEEP_PROBLEMS = ((8192, 0.15), (32768, 0.05), (32768, 0.15))  # the last: T=2's sparse layers
 SWEEP_DECODE = [  # (block_k, num_warps, num_stages)
     (64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4),
 ]
