@@ -641,6 +641,54 @@ def section_assemble(token_counts, sweep, results):
   results["assemble"] = rows
 
 
+def section_write(token_counts, results):
+  """One layer's K/V write of n tokens of Llama-3-8B (8 kv heads, dim 128, bf16, page 16) into a
+  32-layer pool at a traced layer: the kernel (pallas_kernels/write.py) vs its reference (XLA's
+  scatter), both inside a donating jit as in the prefill's layer loop. Bytes = the new K and V
+  read once and written once (the floor; the kernel also reads each old row, for padding)."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.write import write_kv, write_kv_reference
+  n_layers = 32 if not KERNEL_KW.get("interpret") else 2
+  layer = jnp.int32(n_layers // 2)
+  rows = []
+  for n in token_counts:
+    n_pages = n // PAGE + 8
+    rng = np.random.default_rng(n)
+    shape = (n_layers, N_KV, n_pages, PAGE, HEAD_DIM)
+    pages = rng.permutation(np.arange(1, n_pages))[: n // PAGE]  # a request's own pages
+    slots = (pages[:, None] * PAGE + np.arange(PAGE)).reshape(1, -1).astype(np.int32)
+    kv = [jnp.asarray(rng.standard_normal((1, slots.size, N_KV, HEAD_DIM), np.float32),
+                      jnp.bfloat16) for _ in range(2)]
+    nbytes = 2 * 2 * slots.size * N_KV * HEAD_DIM * 2
+    pool = {"k": jnp.zeros(shape, jnp.bfloat16), "v": jnp.zeros(shape, jnp.bfloat16)}
+
+    def make(fn, **kw):
+      @functools.partial(jax.jit, donate_argnums=(0,))
+      def step(pool, slots, k, v):
+        k_pool, v_pool = fn(pool["k"], pool["v"], slots, k, v, layer=layer, **kw)
+        return {"k": k_pool, "v": v_pool}
+      return step
+
+    row = dict(tokens=int(slots.size), mbytes=nbytes / 1e6)
+    want = make(write_kv_reference)(jax.tree.map(jnp.copy, pool), slots, *kv)
+    for name, fn in (("kernel", make(write_kv, **KERNEL_KW)), ("reference",
+                                                               make(write_kv_reference))):
+      got = fn(jax.tree.map(jnp.copy, pool), slots, *kv)
+      equal = all(bool(jnp.all(got[x] == want[x])) for x in ("k", "v"))
+      state = {"p": jax.tree.map(jnp.copy, pool)}
+
+      def call(fn=fn):
+        state["p"] = fn(state["p"], slots, *kv)
+        return state["p"]
+      t = bench(call)
+      row[name] = dict(ms=t * 1e3, gbs=nbytes / t / 1e9, equal_to_reference=equal)
+      print(f"write {slots.size} tokens {name}: {t * 1e3:.3f} ms {nbytes / t / 1e9:.0f} GB/s, "
+            f"equal to the reference: {equal}", flush=True)
+    rows.append(row)
+  results["write"] = rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -650,6 +698,7 @@ def main():
   ap.add_argument("--batches", default="1,8,32,64")
   ap.add_argument("--decode-contexts", default="2048,8192,32768")
   ap.add_argument("--assemble-tokens", default="7680,30720")
+  ap.add_argument("--write-tokens", default="8192,32768")
   ap.add_argument("--few-queries", default="1,32,128",
                   help="section few: query rows over each context")
   ap.add_argument("--no-sweep", action="store_true")
@@ -671,9 +720,9 @@ def main():
     DECODE_MIN_BYTES, SWEEP_CTX = 1e6, 256
     SWEEP_PROBLEMS = ((256, 0.15), (512, 0.05))
     a.contexts, a.fracs, a.batches, a.decode_contexts = "256", "0.1", "2", "256"
-    a.sections = "sparse,decode,assemble,few"
+    a.sections = "sparse,decode,assemble,few,write"
     a.few_queries = "4"
-    a.assemble_tokens = "64"
+    a.assemble_tokens = a.write_tokens = "64"
   os.makedirs(a.out, exist_ok=True)
   res = dict(env=environment(), command=" ".join(sys.argv))
   print(json.dumps(res["env"], indent=1), flush=True)
@@ -695,6 +744,8 @@ def main():
     save()
   if "assemble" in sections:
     section_assemble(ints(a.assemble_tokens), not a.no_sweep, res)
+  if "write" in sections:
+    section_write(ints(a.write_tokens), res)
     save()
   if "few" in sections:
     section_few(ints(a.contexts), ints(a.few_queries), res)
