@@ -31,8 +31,8 @@ def write_kv(pool, layer, slots, k, v, backend: str = "reference"):
   """Writes k, v [B, T, K, H] at flat slots [B, T] of one layer (sentinel slots are dropped).
 
   backend: of ops.write_kv. The prefill passes its own ("auto": the in-place kernel on the GPU,
-  about 10x XLA's scatter for thousands of tokens); the decode step's one token per row stays
-  an XLA scatter ("reference"), measured at its byte floor (docs/throughput.md).
+  925 against XLA's 421 GB/s for 32K tokens, docs/BENCHMARKS.md); the decode step's one token
+  per row stays an XLA scatter ("reference"), measured at its byte floor (docs/throughput.md).
   """
   k_pool, v_pool = ops.write_kv(pool["k"], pool["v"], slots, k, v, layer=layer, backend=backend)
   return {"k": k_pool, "v": v_pool}
@@ -62,10 +62,11 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
 
   `layers` is the whole stacked pytree (leading axis L; stop_layer None: L), or a list of
   per-layer pytrees (absolute indices first_layer, ...). unroll=True (or a list) runs a Python
-  loop over the layers instead of lax.scan. A scan reads each layer's weights through a dynamic
-  slice of the whole stack, at the layer's absolute index; with programs/options.COMPILER_OPTIONS
-  (cuBLAS, dynamic-slice fusion) the GPU reads it in place, so the scan is the default everywhere
-  and the loops stay decode options for measurement (docs/throughput.md). The stack is never cut
+  loop over the layers instead of the device loop (lax.fori_loop). The device loop reads each
+  layer's weights through a dynamic slice of the whole stack, at the layer's absolute index; with
+  programs/options.COMPILER_OPTIONS (cuBLAS, dynamic-slice fusion) the GPU reads it in place, so
+  it is the default everywhere and the Python loops stay decode options for measurement
+  (docs/throughput.md). The stack is never cut
   to the range first: a slice such as w[T:L] outside the loop is a copy of those layers' weights
   (XLA materialises it, 12 GB per prefill of Llama-3-8B split at T=4: docs/ttft.md, round 4).
   Unrolling costs compile time (L copies of the layer in the program).
