@@ -14,6 +14,11 @@ dim 128; bf16; page size 16; pages shuffled in the pool):
                "cudnn") on the same queries with an explicit [Tq, L] mask; and
                cuDNN dense causal over all positions, the per-FLOP yardstick;
   importance   Sparse-Q importance over the same problems (QK^T FLOPs only);
+  assemble     the one-pass assembly of reused K/V against XLA's gather/scatter;
+  write        one layer's K/V write (the prefill's) against XLA's scatter;
+  few          a few query rows over many keys (the key split);
+  mask         cuDNN causal attention with and without sequence lengths;
+  pool         the sparse-query kernel on a one-layer and on engine-sized pools;
   decode       batch 1-64 x context 2K-32K: our kernel, the jnp reference and
                jax.experimental.pallas.ops.gpu.paged_attention. Small cases
                are replicated over R disjoint page sets ("layers") inside one
@@ -671,9 +676,9 @@ def section_write(token_counts, results):
       return step
 
     row = dict(tokens=int(slots.size), mbytes=nbytes / 1e6)
-    want = make(write_kv_reference)(jax.tree.map(jnp.copy, pool), slots, *kv)
-    for name, fn in (("kernel", make(write_kv, **KERNEL_KW)), ("reference",
-                                                               make(write_kv_reference))):
+    ref = make(write_kv_reference)
+    want = ref(jax.tree.map(jnp.copy, pool), slots, *kv)
+    for name, fn in (("kernel", make(write_kv, **KERNEL_KW)), ("reference", ref)):
       got = fn(jax.tree.map(jnp.copy, pool), slots, *kv)
       equal = all(bool(jnp.all(got[x] == want[x])) for x in ("k", "v"))
       state = {"p": jax.tree.map(jnp.copy, pool)}
@@ -687,6 +692,59 @@ def section_write(token_counts, results):
             f"equal to the reference: {equal}", flush=True)
     rows.append(row)
   results["write"] = rows
+
+
+def section_mask(contexts, results):
+  """cuDNN causal attention (B = 1, Llama-3-8B heads) with the plain causal mask, and with
+  sequence lengths (cuDNN's padding-aware causal mask) at the full length and at 80% of it: the
+  engine's full layers pass no lengths (docs/ttft.md, round 4)."""
+  import jax
+  import jax.numpy as jnp
+  rows = []
+  for ctx in contexts:
+    key = jax.random.PRNGKey(ctx)
+    q = jax.random.normal(key, (1, ctx, N_HEADS, HEAD_DIM), jnp.bfloat16)
+    kv = jax.random.normal(key, (1, ctx, N_KV, HEAD_DIM), jnp.bfloat16)
+    causal = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                       implementation="cudnn"))
+    row = dict(ctx=ctx, causal_ms=bench(causal, q, kv, kv) * 1e3)
+
+    def padded(q, k, v, n):
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=n,
+                                          key_value_seq_lengths=n, implementation="cudnn")
+    for name, n in (("lengths_full_ms", ctx), ("lengths_80pct_ms", int(0.8 * ctx))):
+      row[name] = bench(jax.jit(padded), q, kv, kv, jnp.asarray([n], jnp.int32)) * 1e3
+    rows.append(row)
+    print(f"cudnn causal {ctx}: {row}", flush=True)
+  results["mask"] = rows
+
+
+def section_pool(results):
+  """The sparse-query kernel (32K keys, 15% active) on a one-layer pool and on 32-layer pools of
+  0.5 and 2.5 x 2^31 elements (the engine's size: 64-bit offsets), at layers 0 and 16."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels import paged_attention
+  scale = 1.0 / math.sqrt(HEAD_DIM)
+  p = sparse_problem(32768, 0.15)
+  fl = attn_flops(p["pos_np"])
+  one = jax.jit(functools.partial(paged_attention, sm_scale=scale, **KERNEL_KW))
+  t = bench(one, p["q"], p["q_pos"], p["k"], p["v"], p["table"], p["kv_len"])
+  rows = [dict(pool=list(p["k"].shape), layer=None, ms=t * 1e3, tflops=fl / t / 1e12)]
+  layered = jax.jit(lambda q, qp, k, v, t, kl, layer: paged_attention(
+      q, qp, k, v, t, kl, sm_scale=scale, layer=layer, **KERNEL_KW))
+  for n_pages in (2100, 10304):
+    shape = (32, N_KV, n_pages, PAGE, HEAD_DIM)
+    k = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.bfloat16)
+    for layer in (0, 16):
+      t = bench(layered, p["q"], p["q_pos"], k, v, p["table"], p["kv_len"], jnp.int32(layer))
+      rows.append(dict(pool=list(shape), layer=layer, ms=t * 1e3, tflops=fl / t / 1e12))
+    del k, v
+  for r in rows:
+    print(f"pool {r['pool']} layer {r['layer']}: {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s",
+          flush=True)
+  results["pool"] = rows
 
 
 def main():
@@ -744,6 +802,13 @@ def main():
     save()
   if "assemble" in sections:
     section_assemble(ints(a.assemble_tokens), not a.no_sweep, res)
+    save()
+  if "mask" in sections:
+    section_mask(ints(a.contexts), res)
+    save()
+  if "pool" in sections:
+    section_pool(res)
+    save()
   if "write" in sections:
     section_write(ints(a.write_tokens), res)
     save()

@@ -46,7 +46,7 @@ DEFAULT_SEGMENT_HEADS = 2
 # only the selected tokens') recovered +1.4 points of the gap on the dev split and +0.8
 # [+0.3, +1.3] on the test split (docs/quality.md, round 3). The extra write of one layer's K/V
 # costs nothing measurable on an H100 since the layer loops stopped copying weights (docs/ttft.md,
-# round 4: 69.5 vs 70.0 ms at 8K, 404 vs 406 ms at 32K), so it is on.
+# round 4: 64.0 vs 63.5 ms of device time at 8K, 393.6 vs 392.1 ms at 32K), so it is on.
 DEFAULT_REFRESH_THRESHOLD_KV = True
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
