@@ -66,9 +66,9 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   layer's weights through a dynamic slice of the whole stack, at the layer's absolute index; with
   programs/options.COMPILER_OPTIONS (cuBLAS, dynamic-slice fusion) the GPU reads it in place, so
   it is the default everywhere and the Python loops stay decode options for measurement
-  (docs/throughput.md). The stack is never cut
-  to the range first: a slice such as w[T:L] outside the loop is a copy of those layers' weights
-  (XLA materialises it, 12 GB per prefill of Llama-3-8B split at T=4: docs/ttft.md, round 4).
+  (docs/throughput.md). The stack is never cut to the range first: a slice such as w[T:L]
+  outside the loop is a copy of those layers' weights (XLA materialises it, 12 GB per prefill of
+  Llama-3-8B split at T=4: docs/ttft.md, round 4).
   Unrolling costs compile time (L copies of the layer in the program).
   pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
   (the dense full layers) that need not read them back from the pages.
