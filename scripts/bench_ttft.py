@@ -94,8 +94,9 @@ POLICIES = [
 DEFAULT_METHODS = [DENSE, "full", "naive", "epic r=0.15", "cacheblend r=0.15",
                    f"{DEFAULT} r=0.15 T=4", f"{DEFAULT} r=0.15 T=2", "sparsex r=0.15 T=4"]
 WORKLOADS = ("rag", "chat", "agent")
-# --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context.
-SWEEP_R, SWEEP_T = (0.05, 0.15, 0.3), (1, 2, 4, 8)
+# --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context; the
+# defaults are the grid of `sparsex eval` (issue 10), so that every cell of its heatmap has a TTFT.
+SWEEP_R, SWEEP_T = (0.05, 0.10, 0.15, 0.20, 0.30), (0, 1, 2, 4, 8)
 
 
 def _ids(rng, n, vocab):
@@ -475,8 +476,8 @@ def bench(results, args, ceil):
     if args.sweep:
       wl = Workload(args.workloads[0], engine.config, args.sweep, args.runs)
       labels = []
-      for r in SWEEP_R:
-        for t in SWEEP_T:
+      for r in args.sweep_ratios:
+        for t in args.sweep_thresholds:
           if t >= engine.config.n_layers:
             continue
           label = f"{DEFAULT} r={r:.2f} T={t}"
@@ -489,6 +490,7 @@ def bench(results, args, ceil):
                      ceil)
       for row in results["ttft"][sweep_rows:]:
         row["sweep"] = True
+      _save(results, args.out)
     del engine, timer
 
 
@@ -665,6 +667,8 @@ def main():
   ap.add_argument("--sweep", type=int, metavar="CONTEXT", default=0,
                   help="also time the default rule at r x T (speed-up vs r and T) at this "
                        "context, on the first workload")
+  ap.add_argument("--sweep-ratios", nargs="+", type=float, default=list(SWEEP_R))
+  ap.add_argument("--sweep-thresholds", nargs="+", type=int, default=list(SWEEP_T))
   ap.add_argument("--smoke", action="store_true",
                   help="CPU self-check: tiny model, tiny contexts, 2 runs, no checks")
   ap.add_argument("--skip-checks", action="store_true")

@@ -342,3 +342,28 @@ def test_public_api_only():
                      "engine._", "from models"):
         assert banned not in src, f"{name} uses {banned}"
   assert sx.ReuseConfig(update_caches=False).update_caches is False
+
+
+def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, essays_test):
+  """A KL-only run (--max-new-tokens 1) takes its token from the prefill's logits instead of a
+  second prefill: it must be the token `generate` gives, method by method (random weights at
+  SmolLM2's shapes, 5 layers: the sparse path runs from T = 2)."""
+  from models import llama
+  from models.config import get_config
+  from sparsex_jax.evaluation import runner
+  cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=5)
+  engine = sx.Engine(cfg, llama.init_params(cfg, 3), real_tokenizer, num_pages=160)
+  prompt = wl.chat_prompts(real_tokenizer, essays_test, "test", 1, wl.Sizes.quick())[0]
+  methods = mth.method_grid(["naive", "epic", "sparsex"], cfg.n_layers, ratios=(0.15,),
+                            thresholds=(2,))
+  one = sx.SamplingParams(max_new_tokens=1, temperature=0.0)
+  rec = runner.evaluate_prompt(engine, prompt, methods, one)
+  naive = rec["results"]["naive"]
+  assert naive["n_reused"] > 0 and naive["kl"] > 0
+  for m in methods:
+    engine.clear_caches()
+    for step in prompt.warm:
+      runner.apply_warm(engine, step)
+    out = engine.generate([prompt.request], one, reuse=m.config)[0]
+    got = rec["results"][m.label]
+    assert (got["text"], got["n_generated"]) == (out.text, len(out.token_ids)), m.label

@@ -141,13 +141,21 @@ def evaluate_prompt(engine, prompt: wl.Prompt, methods: list[mth.Method],
     apply_warm(engine, step)
   before = _cache_fingerprint(engine)
   results, ref_logits, ref_tokens = {}, None, None
+  # A KL-only run (--max-new-tokens 1, greedy) halves its device calls: the one token is the
+  # argmax of the prefill's logits.
+  one_greedy_token = sampling.max_new_tokens <= 1 and sampling.temperature == 0
   n_prompt = None
   for m in methods:
     try:
       t0 = time.perf_counter()
       logits, plan = engine.prefill_logits(prompt.request, reuse=m.config, return_plan=True)
       prefill_s = time.perf_counter() - t0
-      out = engine.generate([prompt.request], sampling, reuse=m.config)[0]
+      if one_greedy_token:  # the logits above already give it: no second prefill
+        token_ids = [int(np.argmax(logits))]
+        text, ttft_s = engine.tokenizer.decode(token_ids), prefill_s
+      else:
+        out = engine.generate([prompt.request], sampling, reuse=m.config)[0]
+        token_ids, text, ttft_s = out.token_ids, out.text, float(out.stats.ttft_s)
     except Exception as e:  # keep the run going; the summary skips it and says so
       results[m.label] = {"error": f"{type(e).__name__}: {e}"}
       traceback.print_exc()
@@ -155,7 +163,7 @@ def evaluate_prompt(engine, prompt: wl.Prompt, methods: list[mth.Method],
         raise  # without the reference nothing else can be scored
       continue
     if ref_logits is None:
-      ref_logits, ref_tokens = logits, out.token_ids
+      ref_logits, ref_tokens = logits, token_ids
     labels = np.asarray(plan.labels)
     n_prompt = int(labels.size)
     n_reused = int(plan.reused_positions.size)
@@ -163,15 +171,15 @@ def evaluate_prompt(engine, prompt: wl.Prompt, methods: list[mth.Method],
     results[m.label] = {
         "kl": mt.kl_divergence(ref_logits, logits),
         "top1": mt.top1_agree(ref_logits, logits),
-        "em": mt.exact_match(ref_tokens, out.token_ids, sampling.max_new_tokens),
-        "match_len": mt.common_prefix(ref_tokens, out.token_ids),
-        "task": mt.task_score(prompt.task_metric, out.text, prompt.answers),
-        "text": out.text,
-        "n_generated": len(out.token_ids),
+        "em": mt.exact_match(ref_tokens, token_ids, sampling.max_new_tokens),
+        "match_len": mt.common_prefix(ref_tokens, token_ids),
+        "task": mt.task_score(prompt.task_metric, text, prompt.answers),
+        "text": text,
+        "n_generated": len(token_ids),
         "n_exact": int(np.sum(labels == 0)), "n_reused": n_reused,
         "n_new": int(np.sum(labels == 2)), "n_recomputed": n_rec,
         "frac_recomputed": n_rec / n_reused if n_reused else 0.0,
-        "ttft_s": float(out.stats.ttft_s), "prefill_s": prefill_s,
+        "ttft_s": ttft_s, "prefill_s": prefill_s,
     }
   after = _cache_fingerprint(engine)
   if after != before:
