@@ -258,13 +258,14 @@ def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
     mth.method_grid(["magic"], 30)
 
 
-def _fake_run(path, n=12, seed=0):
+def _fake_run(path, n=12, seed=0, max_new_tokens=32):
   """A raw eval JSON with made-up numbers: naive KL ~ 0.2, sparsex halves it, epic better."""
   rng = np.random.default_rng(seed)
   methods = mth.method_grid(["naive", "epic", "sparsex"], 30, [0.15, 0.3], [2, 4], variants=[""])
   meta = {"device": "cpu", "platform": "cpu", "jax": "x", "python": "3", "date": "d",
           "command": "sparsex eval --fake", "model": "m", "model_name": "m", "dtype": "float32",
           "split": "test", "workloads": ["needle", "chat"], "default_label": "sparsex r=0.15 T=4",
+          "max_new_tokens": max_new_tokens,
           "methods": [{"label": m.label, "family": m.family, "ratio": m.ratio,
                        "threshold": m.threshold} for m in methods], "complete": True,
           "elapsed_s": 1.0, "notes": []}
@@ -313,6 +314,15 @@ def test_report_summaries_tables_and_plots(tmp_path):
     assert os.path.getsize(out + suffix) > 0
   md = open(out + ".md").read()
   assert "sparsex eval --fake" in md and "| T \\ r |" in md and "left out of the plot" in md
+  assert "| exact 32 | task | task - full |" in md and "KL-only" not in md
+  # A KL-only run has no answers: its tables say so instead of showing task scores of 0.
+  kl_only = str(tmp_path / "kl_only.json")
+  _fake_run(kl_only, max_new_tokens=1)
+  report.render([kl_only], str(tmp_path / "kl_only"), [], n_boot=100)
+  md = open(str(tmp_path / "kl_only.md")).read()
+  assert "KL-only run" in md and "| task |" not in md and "| exact" not in md
+  rows = [line for line in md.splitlines() if line.startswith("| naive |")]
+  assert rows and all(row.count("|") == 8 for row in rows[1:])  # 7 cells per workload row
   # Re-rendering the merged output (and merging two runs) works from JSON alone.
   raw2 = str(tmp_path / "raw2.json")
   _fake_run(raw2, seed=1)

@@ -218,25 +218,34 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
     lines.append(f"| {name} | " + " | ".join(cells) + f" | "
                  f"{_ci_pct(o['gap_recovered']) if o else 'n/a'} | {vs} |")
 
+  # A KL-only run (--max-new-tokens 1) generates no answer: no task score, no exact match.
+  n_tokens = int(meta.get("max_new_tokens") or 32)
+  decoded = n_tokens > 1
+  if not decoded:
+    lines += ["", "KL-only run (`--max-new-tokens 1`): first-token metrics only; no task score "
+              "and no exact match were measured."]
   for w in workloads:
     ws = summary["workloads"][w]
     metric = "SQuAD token F1" if ws["task_metric"] == "f1" else "answer in output"
-    lines += ["", f"## {w}: {ws['n']} prompts, mean {ws['mean_prompt_tokens']:.0f} tokens, "
-              f"task = {metric}", "",
-              "| method | KL mean [95% CI] | KL median | top-1 | exact 32 | task | task - full | "
-              "gap recovered | recomputed (of reused) | TTFT here (ms) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    decode_cols = f" exact {n_tokens} | task | task - full |" if decoded else ""
+    lines += ["", f"## {w}: {ws['n']} prompts, mean {ws['mean_prompt_tokens']:.0f} tokens"
+              + (f", task = {metric}" if decoded else ""), "",
+              "| method | KL mean [95% CI] | KL median | top-1 |" + decode_cols
+              + " gap recovered | recomputed (of reused) | TTFT here (ms) |",
+              "| --- | --- | --- | --- |" + " --- | --- | --- |" * decoded + " --- | --- | --- |"]
     for label in labels:
       s = ws["methods"].get(label)
       if s is None:
         continue
       gr = _ci_pct(s["gap_recovered"]) if "gap_recovered" in s else "n/a"
       err = f" ({s['errors']} errors)" if s["errors"] else ""
+      tmf = s["task_minus_full"]
+      decode_cells = (f" {_ci_pct(s['em'])} | {_ci_pct(s['task'])} | {100 * tmf['mean']:+.1f} "
+                      f"[{100 * tmf['ci'][0]:+.1f}, {100 * tmf['ci'][1]:+.1f}] |"
+                      if decoded else "")
       lines.append(
           f"| {label}{err} | {_ci_num(s['kl'], '.4f')} | {s['kl']['median']:.4f} | "
-          f"{_ci_pct(s['top1'])} | {_ci_pct(s['em'])} | {_ci_pct(s['task'])} | "
-          f"{100 * s['task_minus_full']['mean']:+.1f} [{100 * s['task_minus_full']['ci'][0]:+.1f}"
-          f", {100 * s['task_minus_full']['ci'][1]:+.1f}] | {gr} | "
+          f"{_ci_pct(s['top1'])} |{decode_cells} {gr} | "
           f"{s['n_recomputed']:.0f} of {s['n_reused']:.0f} ({_pct(s['frac_recomputed'])}) | "
           f"{s['ttft_ms_here']:.1f} |")
 
