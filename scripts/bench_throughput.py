@@ -404,7 +404,12 @@ def report(json_path: str, md_path: str):
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   if job:
     runs = job["runs"]
-    axes[0].bar([r["batching"] for r in runs], [r["output_tokens_per_s"] for r in runs])
+    # Runs of one batching mode differ by their refill fraction: one bar each, named by both.
+    names = [r["batching"] for r in runs]
+    bar_labels = [f"{n}\nrefill {r.get('refill_fraction', 0):g}" if names.count(n) > 1 else n
+                  for n, r in zip(names, runs)]
+    axes[0].bar(np.arange(len(runs)), [r["output_tokens_per_s"] for r in runs])
+    axes[0].set_xticks(np.arange(len(runs)), bar_labels, fontsize=8)
     axes[0].set_ylabel("output tokens / s")
     axes[0].set_title(f"{job['requests']} requests, {job['preset']}", fontsize=9)
   if res.get("decode_step"):
