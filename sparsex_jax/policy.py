@@ -121,6 +121,9 @@ class SparseQAttention(TopK):
     instead of one top-k over the prompt.
   segment_heads: the first `segment_heads` tokens of every reused segment are always selected (a
     segment cached alone starts as a sequence does, with attention-sink K/V), within the budget.
+  segment_head_share: more forced head tokens: the first ceil(share * r * its length) of every
+    reused segment (EPIC's positional rule for that share of the budget; at least segment_heads),
+    the rest of the budget ranked by the score.
   deviation_per_head: pair attention and deviation per kv head: sum over kv heads k of (the
     attention its query heads pay the token) x |deviation of the token's K/V in head k|. A query
     head reads only its own kv head, so its first-order error from token j is its own a_hj times
@@ -137,6 +140,7 @@ class SparseQAttention(TopK):
   deviation_weighted: bool = False
   per_segment: bool = False
   segment_heads: int = 0
+  segment_head_share: float = 0.0
   deviation_norm: bool = False
   deviation_per_head: bool = False
   refresh_threshold_kv: bool = False
@@ -147,11 +151,13 @@ class SparseQAttention(TopK):
     return sum(min(ceil_fraction(ratio, m.size), c.size) for m, c in reused_segments(plan))
 
   def forced(self, plan, ratio: float) -> np.ndarray | None:
-    if not self.segment_heads:
+    if not self.segment_heads and not self.segment_head_share:
       return None
     out = np.zeros(plan.n, bool)
     for members, _ in reused_segments(plan):
-      out[members[:self.segment_heads]] = True
+      n_head = max(self.segment_heads,
+                   ceil_fraction(self.segment_head_share * ratio, members.size))
+      out[members[:n_head]] = True
     return out & ~plan.sparse_q
 
   def segment_budget(self, plan, ratio: float) -> np.ndarray | None:
@@ -291,7 +297,8 @@ class ReuseConfig:
     in-context segments): evaluations and sweeps that must not change the cache between configs.
   read_caches: False ignores every cache entry (the prompt is computed as if nothing were
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
-  importance_signal, per_segment_budget, segment_heads, refresh_threshold_kv: sparsex selection
+  importance_signal, per_segment_budget, segment_heads, segment_head_share, refresh_threshold_kv:
+    sparsex selection
     options (see SparseQAttention; "attention_x_deviation_per_head" is the norm paired per kv
     head, and sums the attention within each kv head, so it needs head_reduce="sum").
     Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at T = 0 attention
@@ -315,6 +322,7 @@ class ReuseConfig:
   per_segment_budget: bool = False
   segment_heads: int = DEFAULT_SEGMENT_HEADS
   refresh_threshold_kv: bool = DEFAULT_REFRESH_THRESHOLD_KV
+  segment_head_share: float = 0.0
 
   def __post_init__(self):
     if self.mode not in REUSE_MODES:
@@ -352,6 +360,8 @@ class ReuseConfig:
       raise ValueError(f"per_segment_budget must be True or False, got {self.per_segment_budget!r}")
     if not is_int(self.segment_heads) or self.segment_heads < 0:
       raise ValueError(f"segment_heads must be an int >= 0, got {self.segment_heads!r}")
+    if not is_real(self.segment_head_share) or not 0.0 <= self.segment_head_share <= 1.0:
+      raise ValueError(f"segment_head_share must be in [0, 1], got {self.segment_head_share!r}")
     if not isinstance(self.refresh_threshold_kv, bool):
       raise ValueError(f"refresh_threshold_kv must be True or False, "
                        f"got {self.refresh_threshold_kv!r}")
@@ -360,10 +370,11 @@ class ReuseConfig:
                        f"within each kv head; head_reduce must be 'sum', got {self.head_reduce!r}")
     if self.mode != "sparsex" and (
         self.importance_signal != DEFAULT_IMPORTANCE_SIGNAL or self.per_segment_budget
-        or self.segment_heads != DEFAULT_SEGMENT_HEADS
+        or self.segment_heads != DEFAULT_SEGMENT_HEADS or self.segment_head_share
         or self.refresh_threshold_kv != DEFAULT_REFRESH_THRESHOLD_KV):
-      raise ValueError(f"importance_signal, per_segment_budget, segment_heads and "
-                       f"refresh_threshold_kv are sparsex options, not for mode {self.mode!r}")
+      raise ValueError(f"importance_signal, per_segment_budget, segment_heads, "
+                       f"segment_head_share and refresh_threshold_kv are sparsex options, not "
+                       f"for mode {self.mode!r}")
     if not is_int(self.check_layer) or self.check_layer < 1:
       raise ValueError(f"check_layer must be >= 1 (layer 0 is always full), got {self.check_layer}")
 
@@ -395,6 +406,7 @@ class ReuseConfig:
             # token and its position): no deviation to weigh by, so attention alone ranks.
             deviation_weighted=self.importance_signal != "attention" and t >= 1,
             per_segment=self.per_segment_budget, segment_heads=self.segment_heads,
+            segment_head_share=float(self.segment_head_share),
             deviation_norm=self.importance_signal in ("attention_x_deviation_norm",
                                                       "attention_x_deviation_per_head") and t >= 1,
             deviation_per_head=self.importance_signal == "attention_x_deviation_per_head"

@@ -253,6 +253,35 @@ def test_per_segment_budget_and_segment_heads(warm_engine):
   assert _rel(warm_engine.prefill_logits(_request(), reuse=full), _full_logits(_full_ids())) < 1e-4
 
 
+def test_segment_head_share_forces_each_segments_first_tokens_then_ranks(warm_engine):
+  """share 0.5 at r = 0.5: the first ceil(0.25 n) tokens of every reused segment, whatever their
+  score; the rest of the one global budget ceil(0.5 n_reused) goes to the top scores."""
+  reuse = sx.ReuseConfig("sparsex", recompute_ratio=0.5, layer_threshold=1, segment_heads=2,
+                         segment_head_share=0.5)
+  _, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
+  starts = {12: len(DOC_B), 12 + 22 + 5: len(DOC_A), 12 + 22 + 5 + 13: len(DOC_C)}
+  selected = set(plan.selected_positions.tolist())
+  forced = set()
+  for start, n in starts.items():
+    heads = range(start, start + max(2, math.ceil(0.25 * n)))
+    forced |= {p for p in heads if p < len(_full_ids()) - 1}  # the last token is a Sparse-Q row
+  assert forced <= selected
+  assert len(selected) == math.ceil(0.5 * plan.reused_positions.size)
+  score_of = dict(zip(plan.reused_positions.tolist(), plan.scores))
+  ranked = selected - forced
+  rest = set(score_of) - selected - {len(_full_ids()) - 1}
+  assert ranked and rest
+  assert min(score_of[p] for p in ranked) >= max(score_of[p] for p in rest) - 1e-7
+  # Without the share, only 2 heads per segment are forced: another selection.
+  _, plan2 = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", recompute_ratio=0.5, layer_threshold=1), return_plan=True)
+  assert set(plan2.selected_positions.tolist()) != selected
+  with pytest.raises(ValueError, match="segment_head_share"):
+    sx.ReuseConfig("sparsex", segment_head_share=1.5)
+  with pytest.raises(ValueError, match="sparsex options"):
+    sx.ReuseConfig("epic", segment_head_share=0.5)
+
+
 def _hidden_after_layer0(ids, positions):
   """Layer 0's output for tokens ids at positions (no cache: the model functions, float32)."""
   x = llama.embed(PARAMS, np.asarray(ids)[None])

@@ -43,7 +43,7 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 # paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh" is the
 # default.
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
-          "refresh_threshold_kv": False}
+          "refresh_threshold_kv": False, "segment_head_share": 0.0}
 _AXD = {"importance_signal": "attention_x_deviation"}
 _AXN = {"importance_signal": "attention_x_deviation_norm"}
 _AXH = {"importance_signal": "attention_x_deviation_per_head"}
@@ -57,6 +57,11 @@ VARIANTS = {
     "axn": _PAPER | _AXN,
     "axn+heads2": _PAPER | _AXN | {"segment_heads": 2},
     "axn+heads2+fresh": _PAPER | _AXN | {"segment_heads": 2} | _FRESH,
+    # EPIC's positional rule for a share of the budget, the ranking for the rest
+    "axn+heads2+fresh+share25": _PAPER | _AXN | {"segment_heads": 2, "segment_head_share": 0.25}
+    | _FRESH,
+    "axn+heads2+fresh+share50": _PAPER | _AXN | {"segment_heads": 2, "segment_head_share": 0.5}
+    | _FRESH,
     "axh+heads2": _PAPER | _AXH | {"segment_heads": 2},
     "axh+heads2+fresh": _PAPER | _AXH | {"segment_heads": 2} | _FRESH,
     "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},
