@@ -39,7 +39,6 @@ import sys
 import time
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,6 +51,7 @@ from sparsex_jax.evaluation import report  # noqa: E402
 from sparsex_jax.evaluation import runner  # noqa: E402
 from sparsex_jax.evaluation import text as txt  # noqa: E402
 from sparsex_jax.evaluation import workloads as wl  # noqa: E402
+from sparsex_jax.evaluation.methods import VARIANTS  # noqa: E402
 from sparsex_jax.prompt import tokenize  # noqa: E402
 
 
@@ -140,7 +140,6 @@ def evaluate(engine, prompt: wl.Prompt, ratio: float, threshold: int, probe_laye
                          (f"sparsex[axn+heads2+fresh] r={ratio:.2f} T={threshold}",
                           "axn+heads2+fresh")):
     t0 = time.perf_counter()
-    from sparsex_jax.evaluation.methods import VARIANTS
     logits, p = engine.prefill_logits(prompt.request, reuse=sx.ReuseConfig(
         "sparsex", **base, **VARIANTS[variant]), return_plan=True)
     record(label, logits, int(p.selected_positions.size), t0)

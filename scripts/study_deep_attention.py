@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from sparsex_jax.evaluation import text as txt  # noqa: E402
 from sparsex_jax.evaluation import workloads as wl  # noqa: E402
-from sparsex_jax.prompt import tokenize  # noqa: E402
+from study_residual_carry import layer_params, segment_layout  # noqa: E402
 
 
 def attention_probs(q, k, sm_scale):
@@ -57,7 +58,7 @@ def forward_probs(params, cfg, tokens):
   x = llama.embed(params, jnp.asarray(tokens)[None])
   out = []
   for i in range(cfg.n_layers):
-    lp = jax.tree.map(lambda w: w[i], params["layers"])  # noqa: B023
+    lp = layer_params(params, i)
     q, k, v = llama.layer_qkv(lp, cfg, x, pos)
     p = attention_probs(q, k, cfg.sm_scale)
     out.append(np.asarray(p.sum(0)))
@@ -78,12 +79,7 @@ def _top_share(pred, target, frac=0.15):
 
 def study(engine, prompt, threshold: int) -> dict:
   params, cfg = engine.params, engine.config
-  p = tokenize(prompt.request, engine.tokenizer, cfg, 0)
-  segs = [np.asarray(s) for s in p.segments]
-  tokens = np.concatenate(segs)
-  starts = np.cumsum([0] + [s.size for s in segs])
-  reused = [i for i in range(1, len(segs)) if p.cacheable[i]]
-  n_ctx = int(starts[max(reused) + 1])
+  segs, tokens, starts, reused, n_ctx = segment_layout(engine, prompt)
   probs = forward_probs(params, cfg, tokens)  # [L, T, T]
   rows = np.arange(n_ctx, tokens.size)  # the new rows (question and generation prompt)
   from_new = probs[:, rows].sum(1)  # [L, T]: attention the new rows pay each key

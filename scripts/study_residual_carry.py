@@ -44,14 +44,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from sparsex_jax.evaluation import metrics as mt  # noqa: E402
-from sparsex_jax.evaluation import runner  # noqa: E402
 from sparsex_jax.evaluation import text as txt  # noqa: E402
 from sparsex_jax.evaluation import workloads as wl  # noqa: E402
 from sparsex_jax.prompt import tokenize  # noqa: E402
 
 
-def _layer(params, i):
+def layer_params(params, i):
+  """Layer i's weights out of the stacked layers."""
   return jax.tree.map(lambda w: w[i], params["layers"])
+
+
+def segment_layout(engine, prompt):
+  """(segment ids, all tokens, segment starts, indices of the reused segments, n_ctx) of a prompt
+  whose first segment is the exact prefix, whose cached segments after it are reused (cached
+  alone) and whose new segments all come last (the RAG workloads); n_ctx counts the tokens before
+  the new rows."""
+  p = tokenize(prompt.request, engine.tokenizer, engine.config, 0)
+  segs = [np.asarray(s) for s in p.segments]
+  starts = np.cumsum([0] + [s.size for s in segs])
+  reused = [i for i in range(1, len(segs)) if p.cacheable[i]]
+  if not reused or any(p.cacheable[i] for i in range(max(reused) + 1, len(segs))):
+    raise ValueError(f"{prompt.key}: needs reused segments followed only by new ones")
+  return segs, np.concatenate(segs), starts, reused, int(starts[max(reused) + 1])
 
 
 def record(params, cfg, tokens, positions):
@@ -61,7 +75,7 @@ def record(params, cfg, tokens, positions):
   x = llama.embed(params, jnp.asarray(tokens)[None])
   xs, ks, vs = [], [], []
   for i in range(cfg.n_layers):
-    lp = _layer(params, i)
+    lp = layer_params(params, i)
     q, k, v = llama.layer_qkv(lp, cfg, x, pos)
     xs.append(x[0])
     ks.append(k[0])
@@ -79,7 +93,7 @@ def rows_forward(params, cfg, tokens, n_ctx, kv_of_layer, x_ctx_full):
   pos = jnp.arange(n_ctx, t, dtype=jnp.int32)[None]
   x = x_ctx_full  # the new rows' input at layer 0 (their embeddings)
   for i in range(cfg.n_layers):
-    lp = _layer(params, i)
+    lp = layer_params(params, i)
     q, k, v = llama.layer_qkv(lp, cfg, x, pos)
     kc, vc = kv_of_layer(i)
     kk = jnp.concatenate([kc[None], k], axis=1)
@@ -90,21 +104,13 @@ def rows_forward(params, cfg, tokens, n_ctx, kv_of_layer, x_ctx_full):
 
 
 def qkv_from(params, cfg, layer, x, positions):
-  _, k, v = llama.layer_qkv(_layer(params, layer), cfg, x[None], jnp.asarray(positions)[None])
+  _, k, v = llama.layer_qkv(layer_params(params, layer), cfg, x[None], jnp.asarray(positions)[None])
   return k[0], v[0]
 
 
 def study(engine, prompt, threshold: int) -> dict:
   params, cfg = engine.params, engine.config
-  p = tokenize(prompt.request, engine.tokenizer, cfg, 0)
-  segs = [np.asarray(s) for s in p.segments]
-  tokens = np.concatenate(segs)
-  # Segments: the first is the exact prefix, the cached ones after it are reused (cached alone),
-  # the rest new; the new rows must all come last (true of the RAG workloads).
-  starts = np.cumsum([0] + [s.size for s in segs])
-  reused = [i for i in range(1, len(segs)) if p.cacheable[i]]
-  n_ctx = int(starts[max(reused) + 1])
-  assert all(not p.cacheable[i] for i in range(max(reused) + 1, len(segs)))
+  segs, tokens, starts, reused, n_ctx = segment_layout(engine, prompt)
   x_full, k_full, v_full, logits_full = record(params, cfg, tokens, np.arange(tokens.size))
   # Each reused segment alone at position 0, its K re-rotated to its place here.
   inv_freq = llama.rope_inv_freq(cfg)

@@ -298,9 +298,9 @@ class ReuseConfig:
   read_caches: False ignores every cache entry (the prompt is computed as if nothing were
     cached). With update_caches=False too, the prefill neither reads nor writes the caches.
   importance_signal, per_segment_budget, segment_heads, segment_head_share, refresh_threshold_kv:
-    sparsex selection
-    options (see SparseQAttention; "attention_x_deviation_per_head" is the norm paired per kv
-    head, and sums the attention within each kv head, so it needs head_reduce="sum").
+    sparsex selection options (see SparseQAttention; "attention_x_deviation_per_head" is the norm
+    paired per kv head, and sums the attention within each kv head, so it needs
+    head_reduce="sum").
     Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at T = 0 attention
     alone), segment_heads=2, refresh_threshold_kv=True. The paper's rule:
     importance_signal="attention", segment_heads=0 (no deviation is measured then, so nothing is
