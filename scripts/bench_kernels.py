@@ -19,6 +19,10 @@ dim 128; bf16; page size 16; pages shuffled in the pool):
   few          a few query rows over many keys (the key split);
   mask         cuDNN causal attention with and without sequence lengths;
   pool         the sparse-query kernel on a one-layer and on engine-sized pools;
+  mgpu         the Mosaic GPU sparse-query kernel (attention_mgpu) beside the Triton
+               one and cuDNN dense causal, on the sparse problems, over a few
+               (block_kv, n_slots) configs; its error against the reference (or
+               against the Triton kernel where the reference does not fit);
   decode       batch 1-64 x context 2K-32K: our kernel, the jnp reference and
                jax.experimental.pallas.ops.gpu.paged_attention. Small cases
                are replicated over R disjoint page sets ("layers") inside one
@@ -349,6 +353,75 @@ def section_sparse(contexts, fracs, sweep, results):
       print("sparse", {k: (round(v, 3) if isinstance(v, float) else v)
                        for k, v in row.items()}, flush=True)
   results["sparse"] = rows
+
+
+MGPU_CONFIGS = ((64, 2), (64, 3), (128, 2))  # (block_kv, n_slots)
+
+
+def rel_err(x, ref):
+  x = np.asarray(x, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def section_mgpu(contexts, fracs, results):
+  """The Mosaic GPU kernel against the Triton kernel and cuDNN dense, per useful FLOP."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels import paged_attention, paged_attention_reference
+  from pallas_kernels.attention_mgpu import paged_attention_mgpu
+  scale = 1.0 / math.sqrt(HEAD_DIM)
+  dense = {r["ctx"]: r for r in results.get("cudnn_dense") or [] if r}
+  rows = []
+  for ctx in contexts:
+    if ctx not in dense:
+      dense[ctx], _ = safe(f"cudnn dense {ctx}", cudnn_dense, ctx)
+    for frac in fracs:
+      p = sparse_problem(ctx, frac)
+      args = (p["q"], p["q_pos"], p["k"], p["v"], p["table"], p["kv_len"])
+      fl = attn_flops(p["pos_np"])
+      row = dict(ctx=ctx, frac=frac, n_q=int(p["q"].shape[1]), useful_gflop=fl / 1e9,
+                 cudnn_dense_tflops=dense[ctx] and dense[ctx]["tflops"])
+      triton = jax.jit(functools.partial(paged_attention, sm_scale=scale))
+      t, row["triton_error"] = safe("triton", bench, triton, *args)
+      row["triton_ms"] = t and t * 1e3
+      row["triton_tflops"] = t and fl / t / 1e12
+      if 4.0 * N_HEADS * row["n_q"] * ctx <= 4e9:
+        want = jax.jit(functools.partial(paged_attention_reference, sm_scale=scale))(*args)
+        row["checked_against"] = "reference"
+      else:
+        want = triton(*args)
+        row["checked_against"] = "triton"
+      want_out = np.asarray(jnp.asarray(want[0], jnp.float32))
+      want_lse = np.asarray(want[1])
+      real = np.asarray(p["q_pos"]) >= 0
+      row["configs"] = []
+      for block_kv, n_slots in MGPU_CONFIGS:
+        f = jax.jit(functools.partial(paged_attention_mgpu, sm_scale=scale, block_kv=block_kv,
+                                      n_slots=n_slots))
+        cfg = dict(block_kv=block_kv, n_slots=n_slots)
+        got, cfg["error"] = safe(f"mgpu {cfg}", f, *args)
+        if got is not None:
+          out = np.asarray(jnp.asarray(got[0], jnp.float32))
+          cfg["nan"] = bool(np.isnan(out).any())
+          cfg["out_rel_err"] = rel_err(out, want_out)
+          cfg["lse_rel_err"] = rel_err(np.asarray(got[1])[real], want_lse[real])
+          t, cfg["error"] = safe(f"mgpu {cfg}", bench, f, *args)
+          cfg["ms"] = t and t * 1e3
+          cfg["tflops"] = t and fl / t / 1e12
+          if t and row["cudnn_dense_tflops"]:
+            cfg["vs_cudnn_dense"] = cfg["tflops"] / row["cudnn_dense_tflops"]
+        row["configs"].append(cfg)
+        print("mgpu", ctx, frac, cfg, flush=True)
+      ok = [c for c in row["configs"] if c.get("ms")]
+      if ok:
+        best = min(ok, key=lambda c: c["ms"])
+        row["mgpu_best"] = best
+        if row["triton_ms"]:
+          row["mgpu_speedup_vs_triton"] = row["triton_ms"] / best["ms"]
+      rows.append(row)
+      print("mgpu row", {k: v for k, v in row.items() if k != "configs"}, flush=True)
+  results["mgpu"] = rows
 
 
 def few_query_problem(ctx, n_q, seed=0):
@@ -808,6 +881,9 @@ def main():
     save()
   if "pool" in sections:
     section_pool(res)
+    save()
+  if "mgpu" in sections:
+    section_mgpu(ints(a.contexts), [float(x) for x in a.fracs.split(",")], res)
     save()
   if "write" in sections:
     section_write(ints(a.write_tokens), res)

@@ -1,0 +1,307 @@
+"""Sparse-query paged attention with Mosaic GPU (Hopper: wgmma, TMA, warp specialisation).
+
+Same contract as attention.paged_attention (and its reference, attention.paged_attention_reference):
+queries are an arbitrary subset of a request's positions, a query at position p sees keys
+j <= p, j < kv_len, keys live in the paged pool. Returns (out [B, T, N, H], lse [B, T, N] f32).
+
+Why a second kernel: the Triton lowering caps the sparse-query kernel near half of cuDNN's dense
+rate per useful FLOP (docs/BENCHMARKS.md): no TMA, no asynchronous wgmma, no overlap of the
+softmax of one row block with the matmuls of another. This kernel is built the FlashAttention-3
+way, the way jax's own dense attention_mgpu reaches cuDNN parity:
+
+- GQA rows packed as in the Triton kernel (attention.group_rows): for one (request, kv head) the
+  G query heads of every token form R = T * G rows, so each K/V tile loaded serves all G heads.
+- One CUDA block takes 2 * block_q rows in two consumer warpgroups (block_q = 64, one wgmma M)
+  and a producer warpgroup that streams K/V pages into a ring of shared-memory slots with TMA;
+  the consumers alternate (a schedule barrier) so one warpgroup's softmax overlaps the other's
+  matmuls.
+- Keys come straight from the pages: a block of block_kv keys is block_kv / page_size TMA copies
+  of one page each, all landing on one barrier (it expects that many arrivals). The request's
+  page table is copied to shared memory first, so the producer's page lookups are cheap.
+- Each warpgroup's KV loop stops at its rows' largest position (the sparse-query saving); blocks
+  below its smallest position need no mask. Both are computed outside the kernel (row_tiles).
+  A warpgroup that finishes early still releases the slots the other one needs.
+
+Hopper only (sm_90a); attention.paged_attention (Triton) stays the fallback everywhere else.
+Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so on CPU the tests lower this kernel for
+CUDA (a structural check); the GPU tests compare it with the reference.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels.attention import group_rows, ungroup_rows
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# The running max starts finite so a row that sees nothing in a block never makes
+# exp2(-inf - -inf) = NaN; every real scaled logit is far above it.
+_M_INIT = -1e30
+_CONSUMERS = 2  # compute warpgroups per block
+# The page table travels as rows of this many entries: one TMA copy moves at most 256 per axis.
+_PT_ROW = 128
+
+
+def available() -> bool:
+  """Whether this process can run the Mosaic GPU kernel (a Hopper GPU and the plgpu module)."""
+  try:
+    from jax.experimental.pallas import mosaic_gpu  # noqa: F401
+  except ImportError:
+    return False
+  if not _compat.on_gpu():
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "")
+  return str(cc).startswith("9.")
+
+
+def row_tiles(pos, block_q, block_kv):
+  """Per warpgroup tile of block_q rows: [B, n_tiles, 2] int32 (kv steps, unmasked kv steps).
+
+  pos [B, R_pad] are the rows' effective positions (-1: padding). A tile's KV loop runs over
+  cdiv(max pos + 1, block_kv) blocks; the first (min valid pos + 1) // block_kv of them hold only
+  keys every valid row of the tile sees, so they skip the mask.
+  """
+  batch, r_pad = pos.shape
+  tiles = pos.reshape(batch, r_pad // block_q, block_q)
+  valid = tiles >= 0
+  hi = jnp.max(tiles, axis=2) + 1  # 0 for an all-padding tile
+  lo = jnp.min(jnp.where(valid, tiles, jnp.iinfo(jnp.int32).max), axis=2)
+  steps = (hi + block_kv - 1) // block_kv
+  full = jnp.where(jnp.any(valid, axis=2), jnp.minimum((lo + 1) // block_kv, steps), 0)
+  return jnp.stack([steps, full], axis=2).astype(jnp.int32)
+
+
+def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+            scoped, *, sm_scale, block_q, block_kv, page_size, n_kv, n_prog, n_slots, dtype):
+  """One (kv head, request, block of 2 * block_q rows) program; see the module docstring.
+
+  Refs (GMEM): layer [1]; tiles [B, n_tiles, 2]; pt [B, MP / 128, 128]; pos [B, R_pad]; q [B, K, R_pad, H];
+  k, v [L*K, P*S, H] (the whole pool, pages flattened; row layer * K + kv head is read).
+  Outputs: out [B, K, R_pad, H] (dtype), lse [B, K, R_pad] f32 (natural log).
+  """
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  (q_smem2, k_smem, v_smem, pos_smem2, lse_smem2, pt_smem), barriers = scoped[:6], scoped[6:]
+  (k_ready, v_ready, q_ready, pt_ready, k_free, v_free, schedule) = barriers
+  head = lax.axis_index("kv_head")
+  b = lax.axis_index("batch")
+  # The row blocks with the largest positions (the longest KV loops) launch first.
+  prog = n_prog - 1 - lax.axis_index("tile")
+  wg = lax.axis_index("wg")
+  pages_per_block = block_kv // page_size
+  kv_row = layer_ref[0] * n_kv + head
+  head_dim = q_ref.shape[-1]
+  prog_steps = jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0])
+  qk_scale = sm_scale * _LOG2E
+
+  def schedule_sync():
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_smem, pos_smem, lse_smem = q_smem2.at[wg], pos_smem2.at[wg], lse_smem2.at[wg]
+    tile = 2 * prog + wg
+    base = tile * block_q
+    steps = tiles_ref[b, tile, 0]
+    full = tiles_ref[b, tile, 1]
+    plgpu.copy_gmem_to_smem(q_ref.at[b, head, pl.ds(base, block_q)], q_smem, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(base, block_q)], pos_smem, q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg])
+    pos = plgpu.load(pos_smem, (), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+    m_i = plgpu.layout_cast(jnp.full((block_q,), _M_INIT, jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1))
+    l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+    @pl.when(steps > 0)
+    def _():
+      plgpu.barrier_wait(k_ready.at[0])
+
+    pl.when(wg == 1)(schedule_sync)
+
+    def kv_step(step, carry, masked):
+      acc, m_i, l_i = carry
+      slot = lax.rem(step, n_slots)
+
+      def qk_matmul(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        schedule_sync()
+        return acc_ref[...]
+      s = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      if masked:
+        key = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
+                                     layout=plgpu.Layout.WGMMA) + step * block_kv
+        s = jnp.where(key <= lax.broadcast_in_dim(pos, s.shape, [0]), s, -jnp.inf)
+      # Base-2 softmax with the scale folded into one FMA per logit.
+      m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_i = l_i * alpha + p.sum(axis=1)
+      p16 = p.astype(dtype)
+      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may use the cores
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)
+
+      def pv_matmul(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        nxt = step + 1
+
+        @pl.when(nxt < steps)
+        def _():
+          plgpu.barrier_wait(k_ready.at[lax.rem(nxt, n_slots)])
+      acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l_i
+
+    def release_step(step, _):
+      # Steps only the other warpgroup needs: free their slots and keep the schedule in step.
+      slot = lax.rem(step, n_slots)
+      plgpu.barrier_arrive(k_free.at[slot])
+      plgpu.barrier_arrive(v_free.at[slot])
+      schedule_sync()
+      schedule_sync()
+
+    carry = (acc, m_i, l_i)
+    carry = lax.fori_loop(0, full, functools.partial(kv_step, masked=False), carry)
+    carry = lax.fori_loop(full, steps, functools.partial(kv_step, masked=True), carry)
+    lax.fori_loop(steps, prog_steps, release_step, None)
+    acc, m_i, l_i = carry
+    pl.when(wg == 0)(schedule_sync)
+
+    # Padding rows (pos -1) ran the unmasked blocks: zero them and give them lse -inf.
+    valid = pos >= 0
+    inv_l = jnp.where(valid, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
+    q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+    lse_smem[...] = jnp.where(valid, (m_i + jnp.log2(jnp.where(l_i > 0, l_i, 1.0))) * _LN2,
+                              -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, head, pl.ds(base, block_q)])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(base, block_q)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    plgpu.copy_gmem_to_smem(pt_ref.at[b], pt_smem, pt_ready.at[0])
+    plgpu.barrier_wait(pt_ready.at[0])
+
+    def page_of(j):
+      return pt_smem[lax.div(j, _PT_ROW), lax.rem(j, _PT_ROW)]
+
+    def fetch(step, slot):
+      for i in range(pages_per_block):
+        page = page_of(step * pages_per_block + i)
+        rows = pl.ds(page * page_size, page_size)
+        dst = pl.ds(i * page_size, page_size)
+        plgpu.copy_gmem_to_smem(k_ref.at[kv_row, rows], k_smem.at[slot, dst], k_ready.at[slot])
+      for i in range(pages_per_block):
+        page = page_of(step * pages_per_block + i)
+        rows = pl.ds(page * page_size, page_size)
+        dst = pl.ds(i * page_size, page_size)
+        plgpu.copy_gmem_to_smem(v_ref.at[kv_row, rows], v_smem.at[slot, dst], v_ready.at[slot])
+
+    for i in range(n_slots):
+      pl.when(i < prog_steps)(functools.partial(fetch, i, i))
+
+    @pl.loop(n_slots, jnp.maximum(prog_steps, n_slots))
+    def _(step):
+      slot = lax.rem(step, n_slots)
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+      fetch(step, slot)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_kv", "n_slots",
+                                             "interpret"))
+def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
+                         layer=None, block_q=64, block_kv=64, n_slots=2, interpret=False):
+  """Mosaic GPU sparse-query paged attention; same contract as attention.paged_attention.
+
+  block_q: rows per consumer warpgroup (64, one wgmma M). block_kv: keys per step, a multiple of
+  the page size and of 64. n_slots: K/V shared-memory slots in flight (>= 2). layer: None (one
+  layer [K, P, S, H]) or the layer of the whole pool [L, K, P, S, H], read inside the kernel.
+  """
+  del interpret  # Mosaic GPU's interpret mode lacks wgmma in jax 0.10; see the module docstring
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  from pallas_kernels.attention import kernel_pool
+
+  batch, n_tok, n_heads, head_dim = q.shape
+  n_kv, _, page_size, _ = k_pages.shape[-4:]
+  group = n_heads // n_kv
+  if block_kv % page_size or block_kv % 64 or block_q != 64 or n_slots < 2:
+    raise ValueError(f"block_kv={block_kv} must be a multiple of the page size {page_size} and "
+                     f"of 64, block_q={block_q} must be 64, n_slots={n_slots} >= 2")
+  if head_dim % 64 or q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"needs head_dim a multiple of 64 and bf16/f16, got {head_dim}, {q.dtype}")
+  pages_per_block = block_kv // page_size
+  # Effective positions: j <= p and j < kv_len is j <= min(p, kv_len - 1).
+  eff = jnp.where(q_pos >= 0, jnp.minimum(q_pos, kv_len[:, None] - 1), -1).astype(jnp.int32)
+  qr, pos = group_rows(q, eff, n_kv, _CONSUMERS * block_q)
+  r_pad = qr.shape[2]
+  n_prog = r_pad // (_CONSUMERS * block_q)
+  tiles = row_tiles(pos, block_q, block_kv)
+  # Whole key blocks of pages (the tail block reads page 0 for its masked keys), as rows of
+  # _PT_ROW entries; at most 256 rows (one TMA copy), 512K keys at 16-token pages.
+  max_pages = page_table.shape[1]
+  pt_rows = _compat.cdiv(max_pages, math.lcm(pages_per_block, _PT_ROW)) * (
+      math.lcm(pages_per_block, _PT_ROW) // _PT_ROW)
+  if pt_rows > 256:
+    raise ValueError(f"page table of {max_pages} pages: at most {256 * _PT_ROW} supported")
+  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * _PT_ROW - max_pages)))
+  pt = pt.reshape(batch, pt_rows, _PT_ROW)
+  k_flat, layer_arr = kernel_pool(k_pages, layer)
+  v_flat, _ = kernel_pool(v_pages, layer)
+
+  dtype = q.dtype
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  scratch = [
+      plgpu.SMEM((_CONSUMERS, block_q, head_dim), dtype, transforms=swizzled),  # q, then out
+      plgpu.SMEM((n_slots, block_kv, head_dim), dtype, transforms=swizzled),  # k ring
+      plgpu.SMEM((n_slots, block_kv, head_dim), dtype, transforms=swizzled),  # v ring
+      plgpu.SMEM((_CONSUMERS, block_q), jnp.int32),  # row positions
+      plgpu.SMEM((_CONSUMERS, block_q), jnp.float32),  # lse
+      plgpu.SMEM((pt_rows, _PT_ROW), jnp.int32),  # this request's page table
+  ]
+  barriers = [
+      plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=n_slots),  # k_ready
+      plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=n_slots),  # v_ready
+      plgpu.Barrier(num_arrivals=2, num_barriers=_CONSUMERS),  # q_ready (q and positions)
+      plgpu.Barrier(num_barriers=1),  # pt_ready
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=n_slots),  # k_free
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=n_slots),  # v_free
+      plgpu.Barrier(num_arrivals=_CONSUMERS),  # schedule
+  ]
+  kernel = functools.partial(
+      _kernel, sm_scale=sm_scale, block_q=block_q, block_kv=block_kv, page_size=page_size,
+      n_kv=n_kv, n_prog=n_prog, n_slots=n_slots, dtype=dtype)
+
+  def entry(*refs):
+    pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch, *barriers,
+                  collective_axes="wg")
+
+  out, lse = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct((batch, n_kv, r_pad, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch, n_kv, r_pad), jnp.float32)),
+      # kv heads vary fastest, then requests, then row blocks (the slowest axis, so every
+      # head's longest row block starts before any shorter one).
+      grid=(n_kv, batch, n_prog),
+      grid_names=("kv_head", "batch", "tile"),
+      num_threads=_CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(layer_arr, tiles, pt, pos, qr, k_flat, v_flat)
+  return ungroup_rows(out, n_tok, group), ungroup_rows(lse, n_tok, group)

@@ -1,0 +1,144 @@
+"""The Mosaic GPU sparse-query kernel (pallas_kernels/attention_mgpu.py).
+
+On CPU: its row-tile arithmetic against a numpy count, and the kernel lowered for CUDA through
+jax.export (Mosaic GPU's lowering runs in Python, so shape, layout and barrier mistakes fail
+here; Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so the numbers are checked on the GPU).
+On a Hopper GPU: bf16 outputs and lse against the f32 jnp reference (relative L2 < 1e-2), padding
+rows zero with lse -inf, the layer of a whole pool read inside a scan.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import attention_mgpu
+from pallas_kernels.attention import paged_attention_reference
+from pallas_kernels.attention_mgpu import paged_attention_mgpu, row_tiles
+
+on_hopper = pytest.mark.skipif(not attention_mgpu.available(), reason="needs a Hopper GPU")
+
+
+def test_row_tiles_against_numpy_count():
+  rng = np.random.default_rng(0)
+  block_q, block_kv = 64, 64
+  pos = np.sort(rng.choice(5000, size=300, replace=False))
+  pos = np.concatenate([pos, -np.ones(84, np.int64)])  # padding at the end, 384 = 6 tiles
+  got = np.asarray(row_tiles(jnp.asarray(pos[None], jnp.int32), block_q, block_kv))[0]
+  for t in range(6):
+    rows = pos[t * block_q:(t + 1) * block_q]
+    valid = rows[rows >= 0]
+    if valid.size == 0:
+      assert tuple(got[t]) == (0, 0)
+      continue
+    steps = -(-(valid.max() + 1) // block_kv)
+    # Unmasked blocks: every key in them is visible to every valid row of the tile.
+    full = sum(1 for j in range(steps) if (j + 1) * block_kv - 1 <= valid.min())
+    assert tuple(got[t]) == (steps, full), t
+  assert got[-1, 0] == 0 and got[4, 0] > got[0, 0]
+
+
+def _args(batch, n_heads, n_kv, head_dim, page_size, n_layers=None):
+  n_tok, max_pages, n_pages = 300, 96, 200
+  pool = ((n_layers,) if n_layers else ()) + (n_kv, n_pages, page_size, head_dim)
+  return (jax.ShapeDtypeStruct((batch, n_tok, n_heads, head_dim), jnp.bfloat16),
+          jax.ShapeDtypeStruct((batch, n_tok), jnp.int32),
+          jax.ShapeDtypeStruct(pool, jnp.bfloat16), jax.ShapeDtypeStruct(pool, jnp.bfloat16),
+          jax.ShapeDtypeStruct((batch, max_pages), jnp.int32),
+          jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+
+@pytest.mark.parametrize("case,kw", [
+    ((2, 32, 8, 128, 16), dict()),  # Llama-3-8B heads
+    ((1, 9, 3, 64, 16), dict(block_kv=128, n_slots=3)),  # SmolLM2 heads
+    ((1, 8, 8, 64, 32, 4), dict(layer=2)),  # group 1, 32-token pages, a layer of the pool
+])
+def test_lowers_for_cuda(case, kw):
+  from jax import export
+  layer = kw.pop("layer", None)
+
+  def f(*a):
+    return paged_attention_mgpu(*a, sm_scale=0.1,
+                                layer=None if layer is None else jnp.int32(layer), **kw)
+  exported = export.export(jax.jit(f), platforms=("cuda",))(*_args(*case))
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_rejects_unsupported_blocks():
+  q, q_pos, k, v, pt, kv = (jnp.zeros(a.shape, a.dtype) for a in _args(1, 8, 8, 64, 16))
+  with pytest.raises(ValueError, match="block_kv=48"):
+    paged_attention_mgpu(q, q_pos, k, v, pt, kv, sm_scale=0.1, block_kv=48)
+  with pytest.raises(ValueError, match="bf16"):
+    paged_attention_mgpu(q.astype(jnp.float32), q_pos, k, v, pt, kv, sm_scale=0.1)
+
+
+def rel_err(x, ref):
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def problem(seed, batch, n_heads, n_kv, head_dim, page_size, kv_len, frac, n_pad=5,
+            n_layers=None):
+  rng = np.random.default_rng(seed)
+  max_pages = -(-max(kv_len) // page_size)
+  n_pages = batch * max_pages + 7
+  shape = ((n_layers,) if n_layers else ()) + (n_kv, n_pages, page_size, head_dim)
+  k_pages = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  v_pages = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  table = jnp.asarray(rng.permutation(n_pages)[:batch * max_pages].reshape(batch, max_pages),
+                      jnp.int32)
+  n_q = max(2, int(frac * max(kv_len)))
+  rows = []
+  for length in kv_len:
+    m = min(n_q, length)
+    p = np.sort(rng.choice(length - 1, size=m - 1, replace=False))
+    rows.append(np.concatenate([p, [length - 1], -np.ones(n_q - m + n_pad, np.int64)]))
+  q_pos = jnp.asarray(np.stack(rows), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((batch, q_pos.shape[1], n_heads, head_dim)), jnp.bfloat16)
+  return q, q_pos, k_pages, v_pages, table, jnp.asarray(kv_len, jnp.int32)
+
+
+GPU_CASES = [
+    # (batch, n_heads, n_kv, head_dim, page_size, kv_len, frac), kernel options
+    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict()),  # Llama-3-8B heads, ragged
+    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(block_kv=128, n_slots=3)),
+    ((1, 9, 3, 64, 16, (1500,), 0.3), dict()),  # SmolLM2 heads: group 3, dim 64
+    ((2, 8, 8, 64, 32, (700, 1024), 1.0), dict()),  # group 1, every position, 32-token pages
+    ((1, 32, 8, 128, 16, (8192,), 0.05), dict(n_slots=4)),  # long rows
+    ((1, 32, 8, 128, 16, (4096,), 0.004), dict()),  # a few rows, one partial tile
+]
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.parametrize("case,kw", GPU_CASES)
+def test_matches_reference_gpu(case, kw):
+  q, q_pos, k_pages, v_pages, table, kv = problem(0, *case)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  out, lse = paged_attention_mgpu(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale, **kw)
+  ref_out, ref_lse = paged_attention_reference(q, q_pos, k_pages, v_pages, table, kv,
+                                               sm_scale=scale)
+  assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
+  assert rel_err(out, ref_out) < 1e-2
+  real = np.asarray(q_pos) >= 0
+  assert rel_err(np.asarray(lse)[real], np.asarray(ref_lse)[real]) < 1e-2
+  assert np.all(np.asarray(out, np.float32)[~real] == 0)
+  assert np.all(np.isneginf(np.asarray(lse)[~real]))
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_layer_of_whole_pool_gpu():
+  """layer= over the whole pool [L, K, P, S, H], traced inside a scan as in the engine."""
+  q, q_pos, k_all, v_all, table, kv = problem(4, *GPU_CASES[0][0], n_layers=3)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  _, scanned = jax.jit(lambda k, v: jax.lax.scan(
+      lambda c, i: (c, paged_attention_mgpu(q, q_pos, k, v, table, kv, sm_scale=scale,
+                                            layer=i)), 0, jnp.arange(3, dtype=jnp.int32)))(
+      k_all, v_all)
+  for i in range(3):
+    want, _ = paged_attention_reference(q, q_pos, k_all[i], v_all[i], table, kv, sm_scale=scale)
+    assert rel_err(scanned[0][i], want) < 1e-2
