@@ -46,8 +46,13 @@ _M_INIT = -1e30
 _CONSUMERS = 2  # compute warpgroups per block
 # The page table travels as rows of this many entries: one TMA copy moves at most 256 per axis.
 _PT_ROW = 128
+_MAX_PT_ROWS = 256
+# Keys per step: 128 was the fastest of (64, 2 slots), (64, 3), (128, 2) at every 8K-32K,
+# 5-30% problem on the H100 (docs/BENCHMARKS.md).
+DEFAULT_BLOCK_KV = 128
 
 
+@functools.cache
 def available() -> bool:
   """Whether this process can run the Mosaic GPU kernel (a Hopper GPU and the plgpu module)."""
   try:
@@ -58,6 +63,19 @@ def available() -> bool:
     return False
   cc = getattr(jax.devices()[0], "compute_capability", "")
   return str(cc).startswith("9.")
+
+
+def supports(q, k_pages, page_table, block_kv=None) -> bool:
+  """Whether paged_attention_mgpu runs these inputs here (else: the Triton kernel).
+
+  A Hopper GPU; bf16/f16; head dim a multiple of 64 (one 128-byte swizzled row per 64 values);
+  pages that tile a key block; a page table the kernel's shared-memory copy holds.
+  """
+  block_kv = block_kv or DEFAULT_BLOCK_KV
+  page_size, head_dim = k_pages.shape[-2], k_pages.shape[-1]
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype == q.dtype
+          and head_dim % 64 == 0 and head_dim <= 256 and block_kv % page_size == 0
+          and page_table.shape[1] <= _MAX_PT_ROWS * _PT_ROW and available())
 
 
 def row_tiles(pos, block_q, block_kv):
@@ -75,6 +93,21 @@ def row_tiles(pos, block_q, block_kv):
   steps = (hi + block_kv - 1) // block_kv
   full = jnp.where(jnp.any(valid, axis=2), jnp.minimum((lo + 1) // block_kv, steps), 0)
   return jnp.stack([steps, full], axis=2).astype(jnp.int32)
+
+
+def _load(plgpu, ref, layout):
+  """The whole ref as an array in layout (jax 0.11 deprecates the separate index of 0.10)."""
+  try:
+    return plgpu.load(ref, layout=layout, optimized=False)
+  except TypeError:  # jax 0.10: the index is a required argument
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def _transposed(plgpu, ref):
+  """ref viewed as its 2-D transpose (jax 0.11: ref.transpose; 0.10: plgpu.transpose_ref)."""
+  if hasattr(ref, "transpose"):
+    return ref.transpose((1, 0))
+  return plgpu.transpose_ref(ref, (1, 0))
 
 
 def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
@@ -115,7 +148,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     plgpu.copy_gmem_to_smem(q_ref.at[b, head, pl.ds(base, block_q)], q_smem, q_ready.at[wg])
     plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(base, block_q)], pos_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
-    pos = plgpu.load(pos_smem, (), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+    pos = _load(plgpu, pos_smem, plgpu.Layout.WGMMA.reduce(1))
 
     m_i = plgpu.layout_cast(jnp.full((block_q,), _M_INIT, jnp.float32),
                             plgpu.Layout.WGMMA.reduce(1))
@@ -133,7 +166,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
       slot = lax.rem(step, n_slots)
 
       def qk_matmul(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        plgpu.wgmma(acc_ref, q_smem, _transposed(plgpu, k_smem.at[slot]))
         schedule_sync()
         return acc_ref[...]
       s = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_kv), jnp.float32))
@@ -226,7 +259,8 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_kv", "n_slots",
                                              "interpret"))
 def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
-                         layer=None, block_q=64, block_kv=64, n_slots=2, interpret=False):
+                         layer=None, block_q=64, block_kv=DEFAULT_BLOCK_KV, n_slots=2,
+                         interpret=False):
   """Mosaic GPU sparse-query paged attention; same contract as attention.paged_attention.
 
   block_q: rows per consumer warpgroup (64, one wgmma M). block_kv: keys per step, a multiple of
@@ -258,8 +292,9 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   max_pages = page_table.shape[1]
   pt_rows = _compat.cdiv(max_pages, math.lcm(pages_per_block, _PT_ROW)) * (
       math.lcm(pages_per_block, _PT_ROW) // _PT_ROW)
-  if pt_rows > 256:
-    raise ValueError(f"page table of {max_pages} pages: at most {256 * _PT_ROW} supported")
+  if pt_rows > _MAX_PT_ROWS:
+    raise ValueError(f"page table of {max_pages} pages: at most {_MAX_PT_ROWS * _PT_ROW} "
+                     "supported")
   pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * _PT_ROW - max_pages)))
   pt = pt.reshape(batch, pt_rows, _PT_ROW)
   k_flat, layer_arr = kernel_pool(k_pages, layer)

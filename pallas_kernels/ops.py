@@ -4,7 +4,11 @@ backend:
   "auto"              Pallas kernel when jax.default_backend() == "gpu", else
                       the pure-jnp reference (CPU engine runs, tests).
   "reference"         pure-jnp reference.
-  "pallas"            Pallas kernel, Triton lowering (needs a GPU).
+  "pallas"            Pallas kernels (needs a GPU): the sparse-query attention on Mosaic GPU
+                      where it runs (Hopper, bf16/f16, head dim a multiple of 64, pages that
+                      tile 128 keys; attention_mgpu.supports), Triton everywhere else.
+  "pallas_triton"     Pallas kernels with the Triton lowering only (the fallback, and the
+                      baseline the Mosaic GPU kernel is measured against).
   "pallas_interpret"  Pallas kernel in interpret mode (CPU; slow, for tests).
 (causal_attention, the full layers' dense attention, is cuDNN under "pallas" and
 XLA otherwise: it has no Pallas kernel of ours.)
@@ -25,7 +29,7 @@ heads locally, then over the shards. Without a mesh nothing changes.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, attention_mgpu
 from pallas_kernels.assemble import assemble_kv as _assemble_kv_kernel
 from pallas_kernels.assemble import assemble_kv_reference
 from pallas_kernels.attention import paged_attention, paged_attention_reference
@@ -37,7 +41,8 @@ from pallas_kernels.write import write_kv as _write_kv_kernel
 from pallas_kernels.write import write_kv_reference
 
 # causal_attention: contiguous causal attention (cuDNN on GPU) for the full layers.
-BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
+BACKENDS = ("auto", "reference", "pallas", "pallas_triton", "pallas_interpret")
+COMPILED = ("pallas", "pallas_triton")  # backends that run compiled GPU kernels
 
 
 def resolve_backend(backend: str) -> str:
@@ -47,6 +52,11 @@ def resolve_backend(backend: str) -> str:
   if backend == "auto":
     return "pallas" if _compat.on_gpu() else "reference"
   return backend
+
+
+def compiled(backend: str) -> bool:
+  """Whether backend runs compiled GPU kernels (cuDNN for the dense full layers among them)."""
+  return resolve_backend(backend) in COMPILED
 
 
 POOL = "pool"  # an argument whose head axis is the pool's KV-head axis
@@ -95,8 +105,15 @@ def _call(kernel, reference, backend, args, kwargs, kernel_kwargs,
 
 def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
               layer=None, backend="auto", **kernel_kwargs):
-  """Sparse-query paged attention -> (out [B,T,N,H], lse [B,T,N] f32)."""
-  return _call(paged_attention, paged_attention_reference, backend,
+  """Sparse-query paged attention -> (out [B,T,N,H], lse [B,T,N] f32).
+
+  Under "pallas" the Mosaic GPU kernel where it supports the inputs (kernel_kwargs, Triton
+  block sizes, keep the Triton kernel)."""
+  kernel = paged_attention
+  if (resolve_backend(backend) == "pallas" and not kernel_kwargs
+      and attention_mgpu.supports(q, k_pages, page_table)):
+    kernel = attention_mgpu.paged_attention_mgpu
+  return _call(kernel, paged_attention_reference, backend,
                (q, q_pos, k_pages, v_pages, page_table, kv_len),
                dict(sm_scale=sm_scale, layer=layer), kernel_kwargs,
                arg_heads=(2, None, POOL, POOL, None, None),
@@ -165,11 +182,11 @@ def causal_attention(q, k, v, *, sm_scale, backend="auto"):
   there, and rows t >= n are garbage (callers mask them). cuDNN's padding-aware causal mask is
   slower than the plain one even at 20% padding on an H100 (32K: 14.8 ms at 80% length, 15.9 ms
   at full length, 14.5 ms without lengths; docs/ttft.md), so it is not used. The full layers'
-  dense path: cuDNN flash attention on the GPU ('pallas'; bf16/f16, head dim a multiple of 8 up
+  dense path: cuDNN flash attention on the GPU (compiled backends; bf16/f16, head dim a multiple of 8 up
   to 128), XLA's materialised softmax elsewhere (small problems and tests: it holds [B, N, S, S]
   logits).
   """
-  impl = "cudnn" if resolve_backend(backend) == "pallas" else "xla"
+  impl = "cudnn" if compiled(backend) else "xla"
   return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=True,
                                       implementation=impl)
 

@@ -124,7 +124,7 @@ def check_backends(results: dict, labels):
     req = sx.Request([sx.Segment(system), sx.Segment(docs[1]), sx.Segment(question, cache=False),
                       sx.Segment(docs[0]), sx.Segment(docs[2]), sx.Segment(question, cache=False)])
     engines = {b: sx.Engine(cfg, params, page_size=16, num_pages=256, attention_backend=b)
-               for b in ("reference", "pallas")}
+               for b in ("reference", "pallas", "pallas_triton")}
     for e in engines.values():
       e.cache_segments(docs)
       # The system prompt becomes an exact prefix: the full layers then start after it.
@@ -135,9 +135,10 @@ def check_backends(results: dict, labels):
       if label == "prefix" or label not in labels:
         continue  # prefix would turn the whole prompt into exact hits for the policies after it
       got = {b: e.prefill_logits(req, reuse=reuse) for b, e in engines.items()}
-      rel = float(np.linalg.norm(got["pallas"] - got["reference"])
-                  / np.linalg.norm(got["reference"]))
-      results["checks"].append({"dtype": dtype, "policy": label, "rel_err": rel, "ok": rel < tol})
+      for b in ("pallas", "pallas_triton"):  # each kernel set against the references
+        rel = float(np.linalg.norm(got[b] - got["reference"]) / np.linalg.norm(got["reference"]))
+        results["checks"].append({"dtype": dtype, "policy": label if b == "pallas" else
+                                  f"{label} ({b})", "rel_err": rel, "ok": rel < tol})
     # The engine (compiled with COMPILER_OPTIONS) against the model's plain forward (XLA's
     # defaults): full prefill's last logits, so the options cannot change results unseen.
     ids = np.concatenate([np.asarray(s.content, np.int32) for s in req.segments])
@@ -151,8 +152,9 @@ def check_backends(results: dict, labels):
     toks = {b: e.generate([req], sp, reuse=sx.ReuseConfig("sparsex"))[0].token_ids
             for b, e in engines.items()}
     results["checks"].append({"dtype": dtype, "policy": "decode tokens",
-                              "ok": toks["pallas"] == toks["reference"],
-                              "pallas": toks["pallas"], "reference": toks["reference"]})
+                              "ok": toks["pallas"] == toks["reference"] == toks["pallas_triton"],
+                              "pallas": toks["pallas"], "pallas_triton": toks["pallas_triton"],
+                              "reference": toks["reference"]})
     print(dtype, [(c["policy"], round(c.get("rel_err", 0), 5), c["ok"])
                   for c in results["checks"] if c["dtype"] == dtype], flush=True)
 
@@ -442,7 +444,7 @@ def bench_workload(results, engine, timer, preset, workload: Workload, methods, 
           flush=True)
 
 
-def make_engine(preset, contexts, smoke):
+def make_engine(preset, contexts, smoke, attention_backend="auto"):
   cfg = get_config(preset, dtype="float32" if smoke else "bfloat16")
   if smoke:
     cfg = cfg.replace(n_layers=5)  # room for T = 4
@@ -454,14 +456,15 @@ def make_engine(preset, contexts, smoke):
   # The largest cache state: the chat turns (W + runs + 1 of them) plus a request.
   pages = int(4 * (longest + 8192) / 16) + 64
   params = llama.init_params(cfg, 0)
-  return sx.Engine(cfg, params, None, page_size=16, num_pages=pages)
+  return sx.Engine(cfg, params, None, page_size=16, num_pages=pages,
+                   attention_backend=attention_backend)
 
 
 def bench(results, args, ceil):
   for preset in args.presets:
     contexts = args.contexts
     t0 = time.perf_counter()
-    engine = make_engine(preset, contexts, args.smoke)
+    engine = make_engine(preset, contexts, args.smoke, args.attention_backend)
     timer = DeviceTimer(engine)
     print(f"{preset}: init {time.perf_counter() - t0:.1f} s", flush=True)
     for context in contexts:
@@ -671,6 +674,9 @@ def main():
   ap.add_argument("--sweep-thresholds", nargs="+", type=int, default=list(SWEEP_T))
   ap.add_argument("--smoke", action="store_true",
                   help="CPU self-check: tiny model, tiny contexts, 2 runs, no checks")
+  ap.add_argument("--attention-backend", default="auto",
+                  help="the engine's kernels: auto/pallas (sparse-query attention on Mosaic GPU "
+                  "where it runs), pallas_triton (the Triton kernel), reference")
   ap.add_argument("--skip-checks", action="store_true")
   ap.add_argument("--checks-only", action="store_true",
                   help="only the kernels-vs-references engine check (for the --methods)")
@@ -694,6 +700,7 @@ def main():
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "command": " ".join(["scripts/bench_ttft.py"] + sys.argv[1:]),
+             "attention_backend": args.attention_backend,
              "checks": [], "ttft": [], "errors": []}
   if args.decode_only:
     for extra in (64, 8000):  # +16 GB of pool on llama3-8b (fits beside 2 x 16 GB of weights)

@@ -188,7 +188,7 @@ def full_attention_kind(cfg: ModelConfig, backend: str) -> str:
   non-exact token a query) where cuDNN runs (GPU kernels, bf16/f16, head dim <= 128), else
   "paged" (the sparse-query kernel or reference with every token a query; same results). The CPU
   keeps "paged": its reference chunks the queries, XLA's dense softmax would hold [N, T, T]."""
-  if ops.resolve_backend(backend) == "pallas" and ops.cudnn_can_run(cfg.jnp_dtype, cfg.head_dim):
+  if ops.compiled(backend) and ops.cudnn_can_run(cfg.jnp_dtype, cfg.head_dim):
     return "dense"
   return "paged"
 

@@ -52,7 +52,7 @@ def _args(batch, n_heads, n_kv, head_dim, page_size, n_layers=None):
 
 @pytest.mark.parametrize("case,kw", [
     ((2, 32, 8, 128, 16), dict()),  # Llama-3-8B heads
-    ((1, 9, 3, 64, 16), dict(block_kv=128, n_slots=3)),  # SmolLM2 heads
+    ((1, 9, 3, 64, 16), dict(block_kv=64, n_slots=3)),  # SmolLM2 heads
     ((1, 8, 8, 64, 32, 4), dict(layer=2)),  # group 1, 32-token pages, a layer of the pool
 ])
 def test_lowers_for_cuda(case, kw):
@@ -72,6 +72,16 @@ def test_rejects_unsupported_blocks():
     paged_attention_mgpu(q, q_pos, k, v, pt, kv, sm_scale=0.1, block_kv=48)
   with pytest.raises(ValueError, match="bf16"):
     paged_attention_mgpu(q.astype(jnp.float32), q_pos, k, v, pt, kv, sm_scale=0.1)
+
+
+def test_dispatch_names():
+  from pallas_kernels import ops
+  assert ops.compiled("pallas") and ops.compiled("pallas_triton")
+  assert not ops.compiled("reference") and not ops.compiled("pallas_interpret")
+  args = [jnp.zeros(a.shape, a.dtype) for a in _args(1, 32, 8, 128, 16)]
+  # No Hopper here: the dispatcher keeps the Triton kernel (or the reference).
+  assert attention_mgpu.supports(args[0], args[2], args[4]) == attention_mgpu.available()
+  assert not attention_mgpu.supports(args[0].astype(jnp.float32), args[2], args[4])
 
 
 def rel_err(x, ref):
@@ -104,7 +114,7 @@ def problem(seed, batch, n_heads, n_kv, head_dim, page_size, kv_len, frac, n_pad
 GPU_CASES = [
     # (batch, n_heads, n_kv, head_dim, page_size, kv_len, frac), kernel options
     ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict()),  # Llama-3-8B heads, ragged
-    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(block_kv=128, n_slots=3)),
+    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(block_kv=64, n_slots=3)),
     ((1, 9, 3, 64, 16, (1500,), 0.3), dict()),  # SmolLM2 heads: group 3, dim 64
     ((2, 8, 8, 64, 32, (700, 1024), 1.0), dict()),  # group 1, every position, 32-token pages
     ((1, 32, 8, 128, 16, (8192,), 0.05), dict(n_slots=4)),  # long rows
@@ -142,3 +152,18 @@ def test_layer_of_whole_pool_gpu():
   for i in range(3):
     want, _ = paged_attention_reference(q, q_pos, k_all[i], v_all[i], table, kv, sm_scale=scale)
     assert rel_err(scanned[0][i], want) < 1e-2
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_ops_dispatch_gpu():
+  """ops.attention under "pallas" runs this kernel; "pallas_triton" the Triton one; both agree."""
+  from pallas_kernels import ops
+  q, q_pos, k_pages, v_pages, table, kv = problem(6, *GPU_CASES[0][0])
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  got = {b: ops.attention(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale, backend=b)
+         for b in ("pallas", "pallas_triton")}
+  mine = paged_attention_mgpu(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale)
+  np.testing.assert_array_equal(np.asarray(got["pallas"][0], np.float32),
+                                np.asarray(mine[0], np.float32))
+  assert rel_err(got["pallas"][0], got["pallas_triton"][0]) < 1e-2
