@@ -117,7 +117,7 @@ GPU_CASES = [
     ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(block_kv=64, n_slots=3)),
     ((1, 9, 3, 64, 16, (1500,), 0.3), dict()),  # SmolLM2 heads: group 3, dim 64
     ((2, 8, 8, 64, 32, (700, 1024), 1.0), dict()),  # group 1, every position, 32-token pages
-    ((1, 32, 8, 128, 16, (8192,), 0.05), dict(n_slots=4)),  # long rows
+    ((1, 32, 8, 128, 16, (8192,), 0.05), dict(block_kv=64, n_slots=4)),  # long rows
     ((1, 32, 8, 128, 16, (4096,), 0.004), dict()),  # a few rows, one partial tile
 ]
 
