@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import group_rows, ungroup_rows
+from pallas_kernels.attention import choose_key_splits, group_rows, ungroup_rows
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -47,9 +47,14 @@ _CONSUMERS = 2  # compute warpgroups per block
 # The page table travels as rows of this many entries: one TMA copy moves at most 256 per axis.
 _PT_ROW = 128
 _MAX_PT_ROWS = 256
+_SMEM_LIMIT = 227 * 1024  # shared memory one block may take on sm_90
 # Keys per step: 128 was the fastest of (64, 2 slots), (64, 3), (128, 2) at every 8K-32K,
 # 5-30% problem on the H100 (docs/BENCHMARKS.md).
 DEFAULT_BLOCK_KV = 128
+# Key splits are added until about this many programs, about 4 waves of the H100's 132 SMs (one
+# block per SM: its shared memory is taken), so the causal triangle's long row blocks are shared
+# out instead of finishing alone.
+_TARGET_PROGRAMS = 512
 
 
 @functools.cache
@@ -73,9 +78,18 @@ def supports(q, k_pages, page_table, block_kv=None) -> bool:
   """
   block_kv = block_kv or DEFAULT_BLOCK_KV
   page_size, head_dim = k_pages.shape[-2], k_pages.shape[-1]
+  if block_kv % page_size:
+    return False
+  pt_rows = page_table_rows(page_table.shape[1], block_kv // page_size)
   return (q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype == q.dtype
-          and head_dim % 64 == 0 and head_dim <= 256 and block_kv % page_size == 0
-          and page_table.shape[1] <= _MAX_PT_ROWS * _PT_ROW and available())
+          and head_dim % 64 == 0 and pt_rows <= _MAX_PT_ROWS
+          and smem_bytes(head_dim, 64, block_kv, 2, pt_rows) <= _SMEM_LIMIT and available())
+
+
+def page_table_rows(max_pages, pages_per_block):
+  """Rows of _PT_ROW entries holding a page table padded to whole key blocks."""
+  unit = math.lcm(pages_per_block, _PT_ROW)
+  return _compat.cdiv(max_pages, unit) * (unit // _PT_ROW)
 
 
 def row_tiles(pos, block_q, block_kv):
@@ -111,12 +125,16 @@ def _transposed(plgpu, ref):
 
 
 def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-            scoped, *, sm_scale, block_q, block_kv, page_size, n_kv, n_prog, n_slots, dtype):
+            scoped, *, sm_scale, block_q, block_kv, page_size, n_kv, n_prog, n_slots, dtype,
+            key_splits, split_blocks):
   """One (kv head, request, block of 2 * block_q rows) program; see the module docstring.
 
   Refs (GMEM): layer [1]; tiles [B, n_tiles, 2]; pt [B, MP / 128, 128]; pos [B, R_pad]; q [B, K, R_pad, H];
   k, v [L*K, P*S, H] (the whole pool, pages flattened; row layer * K + kv head is read).
-  Outputs: out [B, K, R_pad, H] (dtype), lse [B, K, R_pad] f32 (natural log).
+  Outputs: out [B, K, R_pad, H] (dtype), lse [B, K, R_pad] f32 (natural log); with key splits
+  (grid axis "tile" runs over (row block, split) pairs; split s takes the key blocks
+  [s * split_blocks, (s + 1) * split_blocks)) each split's normalised out [B, K, NS, R_pad, H]
+  and lse [B, K, NS, R_pad], merged by merge_key_splits.
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -124,13 +142,19 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
   (k_ready, v_ready, q_ready, pt_ready, k_free, v_free, schedule) = barriers
   head = lax.axis_index("kv_head")
   b = lax.axis_index("batch")
-  # The row blocks with the largest positions (the longest KV loops) launch first.
-  prog = n_prog - 1 - lax.axis_index("tile")
+  # The row blocks with the largest positions (the longest KV loops) launch first; the key
+  # splits of one row block side by side.
+  prog = n_prog - 1 - lax.div(lax.axis_index("tile"), key_splits)
+  first = lax.rem(lax.axis_index("tile"), key_splits) * split_blocks  # this split's first block
   wg = lax.axis_index("wg")
   pages_per_block = block_kv // page_size
   kv_row = layer_ref[0] * n_kv + head
   head_dim = q_ref.shape[-1]
-  prog_steps = jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0])
+  # Blocks [first, prog_last) are fetched: the longer of the two warpgroups' ranges.
+  prog_last = jnp.minimum(jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0]),
+                          first + split_blocks)
+  out_at = (lambda ref, rows: ref.at[b, head, rows]) if key_splits == 1 else (
+      lambda ref, rows: ref.at[b, head, lax.rem(lax.axis_index("tile"), key_splits), rows])
   qk_scale = sm_scale * _LOG2E
 
   def schedule_sync():
@@ -143,8 +167,8 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     q_smem, pos_smem, lse_smem = q_smem2.at[wg], pos_smem2.at[wg], lse_smem2.at[wg]
     tile = 2 * prog + wg
     base = tile * block_q
-    steps = tiles_ref[b, tile, 0]
-    full = tiles_ref[b, tile, 1]
+    last = jnp.minimum(tiles_ref[b, tile, 0], first + split_blocks)  # this split's blocks:
+    full = jnp.clip(tiles_ref[b, tile, 1], first, jnp.maximum(last, first))  # [first, last)
     plgpu.copy_gmem_to_smem(q_ref.at[b, head, pl.ds(base, block_q)], q_smem, q_ready.at[wg])
     plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(base, block_q)], pos_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
@@ -155,7 +179,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-    @pl.when(steps > 0)
+    @pl.when(last > first)
     def _():
       plgpu.barrier_wait(k_ready.at[0])
 
@@ -163,7 +187,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
 
     def kv_step(step, carry, masked):
       acc, m_i, l_i = carry
-      slot = lax.rem(step, n_slots)
+      slot = lax.rem(step - first, n_slots)
 
       def qk_matmul(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, _transposed(plgpu, k_smem.at[slot]))
@@ -191,37 +215,38 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
         plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
         nxt = step + 1
 
-        @pl.when(nxt < steps)
+        @pl.when(nxt < last)
         def _():
-          plgpu.barrier_wait(k_ready.at[lax.rem(nxt, n_slots)])
+          plgpu.barrier_wait(k_ready.at[lax.rem(nxt - first, n_slots)])
       acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l_i
 
     def release_step(step, _):
       # Steps only the other warpgroup needs: free their slots and keep the schedule in step.
-      slot = lax.rem(step, n_slots)
+      slot = lax.rem(step - first, n_slots)
       plgpu.barrier_arrive(k_free.at[slot])
       plgpu.barrier_arrive(v_free.at[slot])
       schedule_sync()
       schedule_sync()
 
     carry = (acc, m_i, l_i)
-    carry = lax.fori_loop(0, full, functools.partial(kv_step, masked=False), carry)
-    carry = lax.fori_loop(full, steps, functools.partial(kv_step, masked=True), carry)
-    lax.fori_loop(steps, prog_steps, release_step, None)
+    carry = lax.fori_loop(first, full, functools.partial(kv_step, masked=False), carry)
+    carry = lax.fori_loop(full, last, functools.partial(kv_step, masked=True), carry)
+    lax.fori_loop(jnp.maximum(last, first), prog_last, release_step, None)
     acc, m_i, l_i = carry
     pl.when(wg == 0)(schedule_sync)
 
-    # Padding rows (pos -1) ran the unmasked blocks: zero them and give them lse -inf.
-    valid = pos >= 0
+    # Padding rows (pos -1) ran the unmasked blocks: zero them and give them lse -inf, as a
+    # row with no key in this split (l = 0).
+    valid = (pos >= 0) & (l_i > 0)
     inv_l = jnp.where(valid, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
     q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
     lse_smem[...] = jnp.where(valid, (m_i + jnp.log2(jnp.where(l_i > 0, l_i, 1.0))) * _LN2,
                               -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, head, pl.ds(base, block_q)])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(base, block_q)])
+    plgpu.copy_smem_to_gmem(q_smem, out_at(out_ref, pl.ds(base, block_q)))
+    plgpu.copy_smem_to_gmem(lse_smem, out_at(lse_ref, pl.ds(base, block_q)))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _CONSUMERS)
@@ -246,26 +271,48 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
         plgpu.copy_gmem_to_smem(v_ref.at[kv_row, rows], v_smem.at[slot, dst], v_ready.at[slot])
 
     for i in range(n_slots):
-      pl.when(i < prog_steps)(functools.partial(fetch, i, i))
+      pl.when(first + i < prog_last)(functools.partial(fetch, first + i, i))
 
-    @pl.loop(n_slots, jnp.maximum(prog_steps, n_slots))
+    @pl.loop(first + n_slots, jnp.maximum(prog_last, first + n_slots))
     def _(step):
-      slot = lax.rem(step, n_slots)
+      slot = lax.rem(step - first, n_slots)
       plgpu.barrier_wait(k_free.at[slot])
       plgpu.barrier_wait(v_free.at[slot])
       fetch(step, slot)
 
 
+def merge_key_splits(out, lse):
+  """Per-split normalised out [B, K, NS, R, H] and lse [B, K, NS, R] f32 -> out [B, K, R, H] (f32),
+  lse [B, K, R]: out = sum_s exp(lse_s - lse) out_s with lse = logsumexp_s lse_s. A split that
+  saw no key of a row has lse_s = -inf (weight 0); a row no split saw keeps lse -inf, out 0."""
+  top = jnp.max(lse, axis=2, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  w = jnp.exp(lse - top)  # 0 where lse_s = -inf
+  total = jnp.sum(w, axis=2)
+  merged = jnp.einsum("BKSR,BKSRH->BKRH", w, out.astype(jnp.promote_types(out.dtype, w.dtype)))
+  merged = merged / jnp.where(total > 0, total, 1.0)[..., None]
+  return merged, jnp.where(total > 0, top[:, :, 0] + jnp.log(jnp.where(total > 0, total, 1.0)),
+                           -jnp.inf)
+
+
+def smem_bytes(head_dim, block_q, block_kv, n_slots, pt_rows, itemsize=2) -> int:
+  """Shared memory the kernel allocates (the H100 gives a block at most 227 KiB)."""
+  tiles = (_CONSUMERS * block_q + 2 * n_slots * block_kv) * head_dim * itemsize
+  return tiles + _CONSUMERS * block_q * 8 + pt_rows * _PT_ROW * 4 + 1024  # + barriers
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_kv", "n_slots",
-                                             "interpret"))
+                                             "key_splits", "interpret"))
 def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
                          layer=None, block_q=64, block_kv=DEFAULT_BLOCK_KV, n_slots=2,
-                         interpret=False):
+                         key_splits=None, interpret=False):
   """Mosaic GPU sparse-query paged attention; same contract as attention.paged_attention.
 
   block_q: rows per consumer warpgroup (64, one wgmma M). block_kv: keys per step, a multiple of
   the page size and of 64. n_slots: K/V shared-memory slots in flight (>= 2). layer: None (one
   layer [K, P, S, H]) or the layer of the whole pool [L, K, P, S, H], read inside the kernel.
+  key_splits: key ranges per row block, merged afterwards (None: attention.choose_key_splits,
+  which splits only when the row blocks alone leave the GPU's SMs idle; 1: never).
   """
   del interpret  # Mosaic GPU's interpret mode lacks wgmma in jax 0.10; see the module docstring
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -290,13 +337,20 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   # Whole key blocks of pages (the tail block reads page 0 for its masked keys), as rows of
   # _PT_ROW entries; at most 256 rows (one TMA copy), 512K keys at 16-token pages.
   max_pages = page_table.shape[1]
-  pt_rows = _compat.cdiv(max_pages, math.lcm(pages_per_block, _PT_ROW)) * (
-      math.lcm(pages_per_block, _PT_ROW) // _PT_ROW)
+  pt_rows = page_table_rows(max_pages, pages_per_block)
   if pt_rows > _MAX_PT_ROWS:
     raise ValueError(f"page table of {max_pages} pages: at most {_MAX_PT_ROWS * _PT_ROW} "
                      "supported")
   pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * _PT_ROW - max_pages)))
   pt = pt.reshape(batch, pt_rows, _PT_ROW)
+  if smem_bytes(head_dim, block_q, block_kv, n_slots, pt_rows, q.dtype.itemsize) > _SMEM_LIMIT:
+    raise ValueError(f"block_kv={block_kv} x n_slots={n_slots} at head_dim {head_dim} needs more "
+                     "than the 227 KiB of shared memory a block gets: fewer slots or keys")
+  n_key_blocks = pt_rows * _PT_ROW // pages_per_block
+  if key_splits is None:
+    key_splits = choose_key_splits(batch, n_kv, n_prog, n_key_blocks * block_kv, block_kv,
+                                   target_programs=_TARGET_PROGRAMS)
+  split_blocks = _compat.cdiv(n_key_blocks, key_splits)
   k_flat, layer_arr = kernel_pool(k_pages, layer)
   v_flat, _ = kernel_pool(v_pages, layer)
 
@@ -321,22 +375,27 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   ]
   kernel = functools.partial(
       _kernel, sm_scale=sm_scale, block_q=block_q, block_kv=block_kv, page_size=page_size,
-      n_kv=n_kv, n_prog=n_prog, n_slots=n_slots, dtype=dtype)
+      n_kv=n_kv, n_prog=n_prog, n_slots=n_slots, dtype=dtype, key_splits=key_splits,
+      split_blocks=split_blocks)
 
   def entry(*refs):
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch, *barriers,
                   collective_axes="wg")
 
+  splits = () if key_splits == 1 else (key_splits,)
   out, lse = plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((batch, n_kv, r_pad, head_dim), dtype),
-                jax.ShapeDtypeStruct((batch, n_kv, r_pad), jnp.float32)),
+      out_type=(jax.ShapeDtypeStruct((batch, n_kv) + splits + (r_pad, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch, n_kv) + splits + (r_pad,), jnp.float32)),
       # kv heads vary fastest, then requests, then row blocks (the slowest axis, so every
       # head's longest row block starts before any shorter one).
-      grid=(n_kv, batch, n_prog),
+      grid=(n_kv, batch, n_prog * key_splits),
       grid_names=("kv_head", "batch", "tile"),
       num_threads=_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(layer_arr, tiles, pt, pos, qr, k_flat, v_flat)
+  if key_splits > 1:
+    out, lse = merge_key_splits(out, lse)
+    out = out.astype(dtype)
   return ungroup_rows(out, n_tok, group), ungroup_rows(lse, n_tok, group)

@@ -16,7 +16,7 @@ import pytest
 
 from pallas_kernels import attention_mgpu
 from pallas_kernels.attention import paged_attention_reference
-from pallas_kernels.attention_mgpu import paged_attention_mgpu, row_tiles
+from pallas_kernels.attention_mgpu import merge_key_splits, paged_attention_mgpu, row_tiles
 
 on_hopper = pytest.mark.skipif(not attention_mgpu.available(), reason="needs a Hopper GPU")
 
@@ -54,6 +54,7 @@ def _args(batch, n_heads, n_kv, head_dim, page_size, n_layers=None):
     ((2, 32, 8, 128, 16), dict()),  # Llama-3-8B heads
     ((1, 9, 3, 64, 16), dict(block_kv=64, n_slots=3)),  # SmolLM2 heads
     ((1, 8, 8, 64, 32, 4), dict(layer=2)),  # group 1, 32-token pages, a layer of the pool
+    ((2, 32, 8, 128, 16), dict(key_splits=4)),
 ])
 def test_lowers_for_cuda(case, kw):
   from jax import export
@@ -66,10 +67,43 @@ def test_lowers_for_cuda(case, kw):
   assert "mosaic_gpu" in exported.mlir_module()
 
 
+def test_merge_key_splits_against_float64_attention():
+  """Attention over key ranges, merged, equals attention over all keys (numpy, float64)."""
+  rng = np.random.default_rng(3)
+  n_rows, n_keys, dim, bounds = 7, 40, 16, (0, 9, 25, 40)
+  q, k, v = (rng.standard_normal((n, dim)) for n in (n_rows, n_keys, n_keys))
+  pos = np.array([3, 8, 9, 20, 30, 39, -1])  # row i sees keys j <= pos[i]; -1: none
+
+  def attend(lo, hi):  # rows over keys [lo, hi): normalised out and lse (-inf: nothing seen)
+    s = q @ k[lo:hi].T
+    vis = np.arange(lo, hi)[None] <= pos[:, None]
+    s = np.where(vis, s, -np.inf)
+    m = np.max(s, axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    total = e.sum(axis=1)
+    out = (e @ v[lo:hi]) / np.where(total > 0, total, 1.0)[:, None]
+    with np.errstate(divide="ignore"):
+      return out, np.where(total > 0, m[:, 0] + np.log(total), -np.inf)
+
+  parts = [attend(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+  out_s = np.stack([o for o, _ in parts])[None, None]  # [1, 1, NS, R, H]
+  lse_s = np.stack([l for _, l in parts])[None, None]
+  assert np.isneginf(lse_s).sum() > 1  # some rows see nothing in some splits
+  with jax.enable_x64():
+    out, lse = merge_key_splits(jnp.asarray(out_s), jnp.asarray(lse_s))
+  want_out, want_lse = attend(0, n_keys)
+  np.testing.assert_allclose(np.asarray(out)[0, 0], want_out, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(lse)[0, 0][:-1], want_lse[:-1], rtol=1e-12)
+  assert np.isneginf(np.asarray(lse)[0, 0, -1]) and np.all(np.asarray(out)[0, 0, -1] == 0)
+
+
 def test_rejects_unsupported_blocks():
   q, q_pos, k, v, pt, kv = (jnp.zeros(a.shape, a.dtype) for a in _args(1, 8, 8, 64, 16))
   with pytest.raises(ValueError, match="block_kv=48"):
     paged_attention_mgpu(q, q_pos, k, v, pt, kv, sm_scale=0.1, block_kv=48)
+  with pytest.raises(ValueError, match="shared memory"):
+    paged_attention_mgpu(q, q_pos, k, v, pt, kv, sm_scale=0.1, block_kv=128, n_slots=8)
   with pytest.raises(ValueError, match="bf16"):
     paged_attention_mgpu(q.astype(jnp.float32), q_pos, k, v, pt, kv, sm_scale=0.1)
 
@@ -118,7 +152,9 @@ GPU_CASES = [
     ((1, 9, 3, 64, 16, (1500,), 0.3), dict()),  # SmolLM2 heads: group 3, dim 64
     ((2, 8, 8, 64, 32, (700, 1024), 1.0), dict()),  # group 1, every position, 32-token pages
     ((1, 32, 8, 128, 16, (8192,), 0.05), dict(block_kv=64, n_slots=4)),  # long rows
-    ((1, 32, 8, 128, 16, (4096,), 0.004), dict()),  # a few rows, one partial tile
+    ((1, 32, 8, 128, 16, (4096,), 0.004), dict()),  # a few rows, one partial tile (auto splits)
+    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(key_splits=4)),  # splits past short rows
+    ((1, 9, 3, 64, 16, (1500,), 0.3), dict(key_splits=3, block_kv=64)),
 ]
 
 
