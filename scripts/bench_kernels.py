@@ -21,7 +21,7 @@ dim 128; bf16; page size 16; pages shuffled in the pool):
   pool         the sparse-query kernel on a one-layer and on engine-sized pools;
   mgpu         the Mosaic GPU sparse-query kernel (attention_mgpu) beside the Triton
                one and cuDNN dense causal, on the sparse problems, over a few
-               (block_kv, n_slots) configs; its error against the reference (or
+               (block_kv, n_slots, key_splits) configs; its error against the reference (or
                against the Triton kernel where the reference does not fit);
   decode       batch 1-64 x context 2K-32K: our kernel, the jnp reference and
                jax.experimental.pallas.ops.gpu.paged_attention. Small cases
@@ -355,7 +355,8 @@ def section_sparse(contexts, fracs, sweep, results):
   results["sparse"] = rows
 
 
-MGPU_CONFIGS = ((64, 2), (64, 3), (128, 2))  # (block_kv, n_slots)
+# (block_kv, n_slots, key_splits); None: the kernel's own choice (splits only for few row blocks)
+MGPU_CONFIGS = ((128, 2, None), (128, 2, 1), (64, 3, None), (64, 2, None))
 
 
 def rel_err(x, ref):
@@ -396,10 +397,10 @@ def section_mgpu(contexts, fracs, results):
       want_lse = np.asarray(want[1])
       real = np.asarray(p["q_pos"]) >= 0
       row["configs"] = []
-      for block_kv, n_slots in MGPU_CONFIGS:
+      for block_kv, n_slots, key_splits in MGPU_CONFIGS:
         f = jax.jit(functools.partial(paged_attention_mgpu, sm_scale=scale, block_kv=block_kv,
-                                      n_slots=n_slots))
-        cfg = dict(block_kv=block_kv, n_slots=n_slots)
+                                      n_slots=n_slots, key_splits=key_splits))
+        cfg = dict(block_kv=block_kv, n_slots=n_slots, key_splits=key_splits)
         got, cfg["error"] = safe(f"mgpu {cfg}", f, *args)
         if got is not None:
           out = np.asarray(jnp.asarray(got[0], jnp.float32))
