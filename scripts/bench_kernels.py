@@ -578,6 +578,26 @@ def tables(res):
           f"{fmt(r.get('kernel_vs_cudnn_dense') and 100 * r['kernel_vs_cudnn_dense'], 0)}% | "
           f"{fmt(r.get('imp_ms'), 2)} | {fmt(r.get('imp_tflops'))} | {fmt(r.get('imp_ref_ms'), 2)} |")
     out.append("")
+  if res.get("mgpu"):
+    out.append("Sparse-query attention, Mosaic GPU kernel (attention_mgpu) against the Triton kernel "
+               "and cuDNN dense causal (useful TFLOP/s; the kernel's default config: block_kv 128, "
+               "2 slots, key splits chosen by the kernel; best of the configs tried in brackets):\n")
+    out.append("| context | active | queries | Triton ms | Mosaic GPU ms | speed-up | Mosaic TFLOP/s | "
+               "cuDNN dense TFLOP/s | Mosaic / cuDNN dense | (best config, / cuDNN) | rel. error |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["mgpu"]:
+      d = (r.get("configs") or [{}])[0]
+      b = r.get("mgpu_best") or {}
+      dense = r.get("cudnn_dense_tflops")
+      out.append(
+          f"| {r['ctx']} | {r['frac']:.0%} | {r['n_q']} | {fmt(r.get('triton_ms'), 3)} | "
+          f"{fmt(d.get('ms'), 3)} | {fmt(d.get('ms') and r.get('triton_ms') and r['triton_ms'] / d['ms'], 2)}x | "
+          f"{fmt(d.get('tflops'))} | {fmt(dense)} | "
+          f"{fmt(d.get('tflops') and dense and 100 * d['tflops'] / dense, 0)}% | "
+          f"({b.get('block_kv')}, {b.get('n_slots')}, {b.get('key_splits') or 'auto'}): "
+          f"{fmt(b.get('vs_cudnn_dense') and 100 * b['vs_cudnn_dense'], 0)}% | "
+          f"{fmt(d.get('out_rel_err'), 4)} vs {r.get('checked_against')} |")
+    out.append("")
   if res.get("few_query"):
     out.append("Few queries over many keys (the last n queries of a request; K/V bytes bound; floor: "
                "every K/V byte read once at the copy bandwidth):\n")
@@ -605,7 +625,37 @@ def tables(res):
   return "\n".join(out)
 
 
+def plot_mgpu(res, path):
+  """Useful TFLOP/s against context: Mosaic GPU (default config), Triton, cuDNN dense causal."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = res.get("mgpu") or []
+  fig, ax = plt.subplots(figsize=(7.5, 4.8))
+  for i, frac in enumerate(sorted({r["frac"] for r in rows})):
+    rs = [r for r in rows if r["frac"] == frac]
+    color = f"C{i}"
+    ax.plot([r["ctx"] for r in rs], [(r.get("configs") or [{}])[0].get("tflops") or 0 for r in rs],
+            "o-", color=color, label=f"Mosaic GPU, {frac:.0%} active")
+    ax.plot([r["ctx"] for r in rs], [r.get("triton_tflops") or 0 for r in rs], "x--",
+            color=color, alpha=0.6, label=f"Triton, {frac:.0%} active")
+  dense = sorted({(r["ctx"], r["cudnn_dense_tflops"]) for r in rows if r.get("cudnn_dense_tflops")})
+  ax.plot([c for c, _ in dense], [t for _, t in dense], "k^-", label="cuDNN dense causal")
+  ax.plot([c for c, _ in dense], [0.7 * t for _, t in dense], "k:", label="70% of cuDNN (target)")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("context (tokens)")
+  ax.set_ylabel("useful TFLOP/s")
+  env = res.get("env", {})
+  ax.set_title(f"Sparse-query attention, {env.get('device_kind', '?')}, jax {env.get('jax', '?')}")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def plot(res, path):
+  if res.get("mgpu") and not res.get("sparse") and not res.get("decode"):
+    return plot_mgpu(res, path)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
