@@ -365,8 +365,25 @@ def rel_err(x, ref):
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def section_mgpu(contexts, fracs, results):
-  """The Mosaic GPU kernel against the Triton kernel and cuDNN dense, per useful FLOP."""
+def device_kernels(fn, args, out_dir, calls=20):
+  """Where fn's device time goes: {GPU kernel name: us per call}, from a jax.profiler trace."""
+  import jax
+  from profile_prefill import kernel_times
+  _block(fn(*args))
+  with jax.profiler.trace(out_dir):
+    for _ in range(calls):
+      out = fn(*args)
+    _block(out)
+  totals, _ = kernel_times(out_dir)
+  return {name: us / calls for name, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def section_mgpu(contexts, fracs, results, profile_dir=None):
+  """The Mosaic GPU kernel against the Triton kernel and cuDNN dense, per useful FLOP.
+
+  profile_dir: also trace the default config on each problem and keep its kernels' device times
+  (the Mosaic GPU kernel apart from the XLA work around it: row grouping, the key-split merge).
+  """
   import jax
   import jax.numpy as jnp
   from pallas_kernels import paged_attention, paged_attention_reference
@@ -414,6 +431,11 @@ def section_mgpu(contexts, fracs, results):
             cfg["vs_cudnn_dense"] = cfg["tflops"] / row["cudnn_dense_tflops"]
         row["configs"].append(cfg)
         print("mgpu", ctx, frac, cfg, flush=True)
+      if profile_dir:
+        f = jax.jit(functools.partial(paged_attention_mgpu, sm_scale=scale))
+        row["profile_us"], row["profile_error"] = safe(
+            "profile", device_kernels, f, args, os.path.join(profile_dir, f"{ctx}_{frac}"))
+        print("mgpu profile", ctx, frac, row["profile_us"], flush=True)
       ok = [c for c in row["configs"] if c.get("ms")]
       if ok:
         best = min(ok, key=lambda c: c["ms"])
@@ -597,6 +619,13 @@ def tables(res):
           f"({b.get('block_kv')}, {b.get('n_slots')}, {b.get('key_splits') or 'auto'}): "
           f"{fmt(b.get('vs_cudnn_dense') and 100 * b['vs_cudnn_dense'], 0)}% | "
           f"{fmt(d.get('out_rel_err'), 4)} vs {r.get('checked_against')} |")
+    out.append("")
+    for r in res["mgpu"]:
+      if r.get("profile_us"):
+        top = sorted(r["profile_us"].items(), key=lambda kv: -kv[1])
+        total = sum(us for _, us in top)
+        out.append(f"- {r['ctx']}, {r['frac']:.0%}: device kernels {total:.1f} us per call: " +
+                   ", ".join(f"{name[:48]} {us:.1f}" for name, us in top[:6]))
     out.append("")
   if res.get("few_query"):
     out.append("Few queries over many keys (the last n queries of a request; K/V bytes bound; floor: "
@@ -884,6 +913,8 @@ def main():
   ap.add_argument("--few-queries", default="1,32,128",
                   help="section few: query rows over each context")
   ap.add_argument("--no-sweep", action="store_true")
+  ap.add_argument("--mgpu-profile", action="store_true",
+                  help="section mgpu: also trace each problem (kernel vs XLA work around it)")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU check of this script: interpret mode, tiny shapes")
   ap.add_argument("--report", help="JSON from a run: print tables, write PNG")
@@ -934,7 +965,8 @@ def main():
     section_pool(res)
     save()
   if "mgpu" in sections:
-    section_mgpu(ints(a.contexts), [float(x) for x in a.fracs.split(",")], res)
+    section_mgpu(ints(a.contexts), [float(x) for x in a.fracs.split(",")], res,
+                 os.path.join(a.out, "traces") if a.mgpu_profile else None)
     save()
   if "write" in sections:
     section_write(ints(a.write_tokens), res)
