@@ -1,7 +1,9 @@
-"""GPU kernels (Pallas, Triton lowering) with a pure-jnp reference beside each.
+"""GPU kernels (Pallas: Triton lowering; Mosaic GPU on Hopper), a pure-jnp reference beside each.
 
 - paged_attention / paged_attention_reference: sparse-query attention over the
   paged KV pool (GQA, causal by absolute position), returns (out, lse).
+- attention_mgpu.paged_attention_mgpu: the same attention with Mosaic GPU (Hopper), what
+  ops.attention runs under "pallas" where attention_mgpu.supports holds.
 - sparse_q_importance / sparse_q_importance_reference: per-key attention mass of
   the Sparse-Q rows, exact and deterministic.
 - paged_decode_attention / paged_decode_attention_reference: flash-decoding.

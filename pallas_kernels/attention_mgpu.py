@@ -61,7 +61,7 @@ _TARGET_PROGRAMS = 512
 def available() -> bool:
   """Whether this process can run the Mosaic GPU kernel (a Hopper GPU and the plgpu module)."""
   try:
-    from jax.experimental.pallas import mosaic_gpu  # noqa: F401
+    import jax.experimental.pallas.mosaic_gpu  # noqa: F401  (present in this jax?)
   except ImportError:
     return False
   if not _compat.on_gpu():
@@ -129,8 +129,9 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
             key_splits, split_blocks):
   """One (kv head, request, block of 2 * block_q rows) program; see the module docstring.
 
-  Refs (GMEM): layer [1]; tiles [B, n_tiles, 2]; pt [B, MP / 128, 128]; pos [B, R_pad]; q [B, K, R_pad, H];
-  k, v [L*K, P*S, H] (the whole pool, pages flattened; row layer * K + kv head is read).
+  Refs (GMEM): layer [1]; tiles [B, n_tiles, 2]; pt [B, MP / 128, 128]; pos [B, R_pad];
+  q [B, K, R_pad, H]; k, v [L*K, P*S, H] (the whole pool, pages flattened; row
+  layer * K + kv head is read).
   Outputs: out [B, K, R_pad, H] (dtype), lse [B, K, R_pad] f32 (natural log); with key splits
   (grid axis "tile" runs over (row block, split) pairs; split s takes the key blocks
   [s * split_blocks, (s + 1) * split_blocks)) each split's normalised out [B, K, NS, R_pad, H]

@@ -182,9 +182,9 @@ def causal_attention(q, k, v, *, sm_scale, backend="auto"):
   there, and rows t >= n are garbage (callers mask them). cuDNN's padding-aware causal mask is
   slower than the plain one even at 20% padding on an H100 (32K: 14.8 ms at 80% length, 15.9 ms
   at full length, 14.5 ms without lengths; docs/ttft.md), so it is not used. The full layers'
-  dense path: cuDNN flash attention on the GPU (compiled backends; bf16/f16, head dim a multiple of 8 up
-  to 128), XLA's materialised softmax elsewhere (small problems and tests: it holds [B, N, S, S]
-  logits).
+  dense path: cuDNN flash attention on the GPU (compiled backends; bf16/f16, head dim a multiple
+  of 8 up to 128), XLA's materialised softmax elsewhere (small problems and tests: it holds
+  [B, N, S, S] logits).
   """
   impl = "cudnn" if compiled(backend) else "xla"
   return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=True,

@@ -601,11 +601,13 @@ def tables(res):
           f"{fmt(r.get('imp_ms'), 2)} | {fmt(r.get('imp_tflops'))} | {fmt(r.get('imp_ref_ms'), 2)} |")
     out.append("")
   if res.get("mgpu"):
-    out.append("Sparse-query attention, Mosaic GPU kernel (attention_mgpu) against the Triton kernel "
-               "and cuDNN dense causal (useful TFLOP/s; the kernel's default config: block_kv 128, "
-               "2 slots, key splits chosen by the kernel; best of the configs tried in brackets):\n")
-    out.append("| context | active | queries | Triton ms | Mosaic GPU ms | speed-up | Mosaic TFLOP/s | "
-               "cuDNN dense TFLOP/s | Mosaic / cuDNN dense | (best config, / cuDNN) | rel. error |")
+    out.append("Sparse-query attention, Mosaic GPU kernel (attention_mgpu) against the Triton "
+               "kernel and cuDNN dense causal (useful TFLOP/s; the kernel's default config: "
+               "block_kv 128, 2 slots, key splits chosen by the kernel; best of the configs tried "
+               "in brackets):\n")
+    out.append("| context | active | queries | Triton ms | Mosaic GPU ms | speed-up | "
+               "Mosaic TFLOP/s | cuDNN dense TFLOP/s | Mosaic / cuDNN dense | "
+               "(best config, / cuDNN) | rel. error |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["mgpu"]:
       d = (r.get("configs") or [{}])[0]
@@ -613,7 +615,8 @@ def tables(res):
       dense = r.get("cudnn_dense_tflops")
       out.append(
           f"| {r['ctx']} | {r['frac']:.0%} | {r['n_q']} | {fmt(r.get('triton_ms'), 3)} | "
-          f"{fmt(d.get('ms'), 3)} | {fmt(d.get('ms') and r.get('triton_ms') and r['triton_ms'] / d['ms'], 2)}x | "
+          f"{fmt(d.get('ms'), 3)} | "
+          f"{fmt(d.get('ms') and r.get('triton_ms') and r['triton_ms'] / d['ms'], 2)}x | "
           f"{fmt(d.get('tflops'))} | {fmt(dense)} | "
           f"{fmt(d.get('tflops') and dense and 100 * d['tflops'] / dense, 0)}% | "
           f"({b.get('block_kv')}, {b.get('n_slots')}, {b.get('key_splits') or 'auto'}): "
@@ -664,11 +667,13 @@ def plot_mgpu(res, path):
   for i, frac in enumerate(sorted({r["frac"] for r in rows})):
     rs = [r for r in rows if r["frac"] == frac]
     color = f"C{i}"
-    ax.plot([r["ctx"] for r in rs], [(r.get("configs") or [{}])[0].get("tflops") or 0 for r in rs],
-            "o-", color=color, label=f"Mosaic GPU, {frac:.0%} active")
+    mosaic = [(r.get("configs") or [{}])[0].get("tflops") or 0 for r in rs]
+    ax.plot([r["ctx"] for r in rs], mosaic, "o-", color=color,
+            label=f"Mosaic GPU, {frac:.0%} active")
     ax.plot([r["ctx"] for r in rs], [r.get("triton_tflops") or 0 for r in rs], "x--",
             color=color, alpha=0.6, label=f"Triton, {frac:.0%} active")
-  dense = sorted({(r["ctx"], r["cudnn_dense_tflops"]) for r in rows if r.get("cudnn_dense_tflops")})
+  dense = sorted({(r["ctx"], r["cudnn_dense_tflops"]) for r in rows
+                  if r.get("cudnn_dense_tflops")})
   ax.plot([c for c, _ in dense], [t for _, t in dense], "k^-", label="cuDNN dense causal")
   ax.plot([c for c, _ in dense], [0.7 * t for _, t in dense], "k:", label="70% of cuDNN (target)")
   ax.set_xscale("log", base=2)

@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--resume", action="store_true",
                  help="continue PREFIX.json of an earlier run with the same settings: its prompts "
                  "are kept and skipped")
-  p.add_argument("--attention-backend", default="auto", choices=("auto", "pallas", "pallas_triton", "reference"),
+  p.add_argument("--attention-backend", default="auto",
+                 choices=("auto", "pallas", "pallas_triton", "reference"),
                  help="the engine's attention backend (auto: Pallas kernels on GPU)")
   p.add_argument("--quick", action="store_true",
                  help="CPU smoke run: 2 prompts per workload, short contexts, 4 methods, "
