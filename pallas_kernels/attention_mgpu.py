@@ -126,8 +126,13 @@ def _transposed(plgpu, ref):
 
 def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
             scoped, *, sm_scale, block_q, block_kv, page_size, n_kv, n_prog, n_slots, dtype,
-            key_splits, split_blocks):
+            key_splits, split_blocks, group):
   """One (kv head, request, block of 2 * block_q rows) program; see the module docstring.
+
+  group: None when q comes grouped ([B, K, R_pad, H], attention.group_rows, row = token * G +
+  head); else G, and q, out keep their own [B, T_pad, N, H] layout: a warpgroup's 64 rows are
+  block_q / G tokens of each of the G heads, head-major (row = head * (block_q / G) + token), one
+  TMA copy per head in and out, so no transposes run around the kernel. lse is then [B, N, T_pad].
 
   Refs (GMEM): layer [1]; tiles [B, n_tiles, 2]; pt [B, MP / 128, 128]; pos [B, R_pad];
   q [B, K, R_pad, H]; k, v [L*K, P*S, H] (the whole pool, pages flattened; row
@@ -154,8 +159,8 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
   # Blocks [first, prog_last) are fetched: the longer of the two warpgroups' ranges.
   prog_last = jnp.minimum(jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0]),
                           first + split_blocks)
-  out_at = (lambda ref, rows: ref.at[b, head, rows]) if key_splits == 1 else (
-      lambda ref, rows: ref.at[b, head, lax.rem(lax.axis_index("tile"), key_splits), rows])
+  split = () if key_splits == 1 else (lax.rem(lax.axis_index("tile"), key_splits),)
+  tokens = None if group is None else block_q // group  # per head in a warpgroup's rows
   qk_scale = sm_scale * _LOG2E
 
   def schedule_sync():
@@ -170,7 +175,12 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     base = tile * block_q
     last = jnp.minimum(tiles_ref[b, tile, 0], first + split_blocks)  # this split's blocks:
     full = jnp.clip(tiles_ref[b, tile, 1], first, jnp.maximum(last, first))  # [first, last)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, head, pl.ds(base, block_q)], q_smem, q_ready.at[wg])
+    if group is None:
+      plgpu.copy_gmem_to_smem(q_ref.at[b, head, pl.ds(base, block_q)], q_smem, q_ready.at[wg])
+    else:
+      for g in range(group):
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(tile * tokens, tokens), head * group + g],
+                                q_smem.at[pl.ds(g * tokens, tokens)], q_ready.at[wg])
     plgpu.copy_gmem_to_smem(pos_ref.at[b, pl.ds(base, block_q)], pos_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
     pos = _load(plgpu, pos_smem, plgpu.Layout.WGMMA.reduce(1))
@@ -246,8 +256,16 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     lse_smem[...] = jnp.where(valid, (m_i + jnp.log2(jnp.where(l_i > 0, l_i, 1.0))) * _LN2,
                               -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_at(out_ref, pl.ds(base, block_q)))
-    plgpu.copy_smem_to_gmem(lse_smem, out_at(lse_ref, pl.ds(base, block_q)))
+    if group is None:
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[(b, head) + split + (pl.ds(base, block_q),)])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[(b, head) + split + (pl.ds(base, block_q),)])
+    else:
+      for g in range(group):
+        rows, toks = pl.ds(g * tokens, tokens), pl.ds(tile * tokens, tokens)
+        plgpu.copy_smem_to_gmem(q_smem.at[rows],
+                                out_ref.at[(b,) + split + (toks, head * group + g)])
+        plgpu.copy_smem_to_gmem(lse_smem.at[rows],
+                                lse_ref.at[(b,) + split + (head * group + g, toks)])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _CONSUMERS)
@@ -282,18 +300,19 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
       fetch(step, slot)
 
 
-def merge_key_splits(out, lse):
-  """Per-split normalised out [B, K, NS, R, H] and lse [B, K, NS, R] f32 -> out [B, K, R, H] (f32),
-  lse [B, K, R]: out = sum_s exp(lse_s - lse) out_s with lse = logsumexp_s lse_s. A split that
-  saw no key of a row has lse_s = -inf (weight 0); a row no split saw keeps lse -inf, out 0."""
-  top = jnp.max(lse, axis=2, keepdims=True)
+def merge_key_splits(out, lse, axis=2):
+  """Per-split normalised out [..., NS, ..., H] and lse (out's shape without H) f32, the splits
+  on `axis` -> out (f32) and lse without that axis: out = sum_s exp(lse_s - lse) out_s with
+  lse = logsumexp_s lse_s. A split that saw no key of a row has lse_s = -inf (weight 0); a row no
+  split saw keeps lse -inf and out 0."""
+  top = jnp.max(lse, axis=axis, keepdims=True)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   w = jnp.exp(lse - top)  # 0 where lse_s = -inf
-  total = jnp.sum(w, axis=2)
-  merged = jnp.einsum("BKSR,BKSRH->BKRH", w, out.astype(jnp.promote_types(out.dtype, w.dtype)))
-  merged = merged / jnp.where(total > 0, total, 1.0)[..., None]
-  return merged, jnp.where(total > 0, top[:, :, 0] + jnp.log(jnp.where(total > 0, total, 1.0)),
-                           -jnp.inf)
+  total = jnp.sum(w, axis=axis)
+  out = out.astype(jnp.promote_types(out.dtype, w.dtype))
+  merged = jnp.sum(w[..., None] * out, axis=axis) / jnp.where(total > 0, total, 1.0)[..., None]
+  safe = jnp.where(total > 0, total, 1.0)
+  return merged, jnp.where(total > 0, jnp.squeeze(top, axis) + jnp.log(safe), -jnp.inf)
 
 
 def smem_bytes(head_dim, block_q, block_kv, n_slots, pt_rows, itemsize=2) -> int:
@@ -303,10 +322,10 @@ def smem_bytes(head_dim, block_q, block_kv, n_slots, pt_rows, itemsize=2) -> int
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_kv", "n_slots",
-                                             "key_splits", "interpret"))
+                                             "key_splits", "token_major", "interpret"))
 def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
                          layer=None, block_q=64, block_kv=DEFAULT_BLOCK_KV, n_slots=2,
-                         key_splits=None, interpret=False):
+                         key_splits=None, token_major=None, interpret=False):
   """Mosaic GPU sparse-query paged attention; same contract as attention.paged_attention.
 
   block_q: rows per consumer warpgroup (64, one wgmma M). block_kv: keys per step, a multiple of
@@ -314,6 +333,10 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   layer [K, P, S, H]) or the layer of the whole pool [L, K, P, S, H], read inside the kernel.
   key_splits: key ranges per row block, merged afterwards (None: attention.choose_key_splits,
   which splits only when the row blocks alone leave the GPU's SMs idle; 1: never).
+  token_major: read q and write out in their own [B, T, N, H] layout, one TMA copy per head
+  (None: wherever the group G of query heads per kv head gives each head 8 or more of a
+  warpgroup's 64 rows: G in 1, 2, 4, 8); else the rows are grouped around the kernel
+  (attention.group_rows: a transpose of q and one of the output).
   """
   del interpret  # Mosaic GPU's interpret mode lacks wgmma in jax 0.10; see the module docstring
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -331,9 +354,27 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   pages_per_block = block_kv // page_size
   # Effective positions: j <= p and j < kv_len is j <= min(p, kv_len - 1).
   eff = jnp.where(q_pos >= 0, jnp.minimum(q_pos, kv_len[:, None] - 1), -1).astype(jnp.int32)
-  qr, pos = group_rows(q, eff, n_kv, _CONSUMERS * block_q)
-  r_pad = qr.shape[2]
-  n_prog = r_pad // (_CONSUMERS * block_q)
+  # TMA moves whole 8-row tiles of the swizzled shared memory: each head needs 8 rows or more.
+  can_token_major = block_q % group == 0 and block_q // group >= 8
+  if token_major is None:
+    token_major = can_token_major
+  elif token_major and not can_token_major:
+    raise ValueError(f"token_major needs {group} query heads per kv head to divide {block_q} "
+                     "into tiles of 8 rows or more")
+  if token_major:
+    tokens = _CONSUMERS * block_q // group  # per program
+    t_pad = _compat.cdiv(n_tok, tokens) * tokens
+    qr = jnp.pad(q, ((0, 0), (0, t_pad - n_tok), (0, 0), (0, 0)))  # none for the engine's buckets
+    eff = jnp.pad(eff, ((0, 0), (0, t_pad - n_tok)), constant_values=-1)
+    # Row positions, head-major within each warpgroup's block: [B, tiles, G, tokens per head].
+    per_head = eff.reshape(batch, -1, 1, block_q // group)
+    pos = jnp.broadcast_to(per_head, (batch, per_head.shape[1], group, per_head.shape[3]))
+    pos = pos.reshape(batch, -1)
+    n_prog = t_pad // tokens
+  else:
+    qr, pos = group_rows(q, eff, n_kv, _CONSUMERS * block_q)
+    n_prog = qr.shape[2] // (_CONSUMERS * block_q)
+  r_pad = pos.shape[1]
   tiles = row_tiles(pos, block_q, block_kv)
   # Whole key blocks of pages (the tail block reads page 0 for its masked keys), as rows of
   # _PT_ROW entries; at most 256 rows (one TMA copy), 512K keys at 16-token pages.
@@ -368,7 +409,8 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   barriers = [
       plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=n_slots),  # k_ready
       plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=n_slots),  # v_ready
-      plgpu.Barrier(num_arrivals=2, num_barriers=_CONSUMERS),  # q_ready (q and positions)
+      # q_ready: the q copies (one, or one per head) and the positions
+      plgpu.Barrier(num_arrivals=(group if token_major else 1) + 1, num_barriers=_CONSUMERS),
       plgpu.Barrier(num_barriers=1),  # pt_ready
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=n_slots),  # k_free
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=n_slots),  # v_free
@@ -377,17 +419,23 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   kernel = functools.partial(
       _kernel, sm_scale=sm_scale, block_q=block_q, block_kv=block_kv, page_size=page_size,
       n_kv=n_kv, n_prog=n_prog, n_slots=n_slots, dtype=dtype, key_splits=key_splits,
-      split_blocks=split_blocks)
+      split_blocks=split_blocks, group=group if token_major else None)
 
   def entry(*refs):
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch, *barriers,
                   collective_axes="wg")
 
   splits = () if key_splits == 1 else (key_splits,)
+  if token_major:
+    t_pad = qr.shape[1]
+    out_type = (jax.ShapeDtypeStruct((batch,) + splits + (t_pad, n_heads, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch,) + splits + (n_heads, t_pad), jnp.float32))
+  else:
+    out_type = (jax.ShapeDtypeStruct((batch, n_kv) + splits + (r_pad, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch, n_kv) + splits + (r_pad,), jnp.float32))
   out, lse = plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((batch, n_kv) + splits + (r_pad, head_dim), dtype),
-                jax.ShapeDtypeStruct((batch, n_kv) + splits + (r_pad,), jnp.float32)),
+      out_type=out_type,
       # kv heads vary fastest, then requests, then row blocks (the slowest axis, so every
       # head's longest row block starts before any shorter one).
       grid=(n_kv, batch, n_prog * key_splits),
@@ -396,6 +444,12 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(layer_arr, tiles, pt, pos, qr, k_flat, v_flat)
+  if token_major:
+    lse = jnp.swapaxes(lse, -1, -2)  # [B, (NS,) T_pad, N]: small
+    if key_splits > 1:
+      out, lse = merge_key_splits(out, lse, axis=1)
+      out = out.astype(dtype)
+    return out[:, :n_tok], lse[:, :n_tok]
   if key_splits > 1:
     out, lse = merge_key_splits(out, lse)
     out = out.astype(dtype)

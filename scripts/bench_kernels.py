@@ -355,8 +355,9 @@ def section_sparse(contexts, fracs, sweep, results):
   results["sparse"] = rows
 
 
-# (block_kv, n_slots, key_splits); None: the kernel's own choice (splits only for few row blocks)
-MGPU_CONFIGS = ((128, 2, None), (128, 2, 1), (64, 3, None), (64, 2, None))
+# (block_kv, n_slots, key_splits, token_major); None: the kernel's own choice (key splits only for
+# few row blocks; token-major q and out where the head group allows)
+MGPU_CONFIGS = ((128, 2, None, None), (128, 2, 1, None), (128, 2, None, False), (64, 2, None, None))
 
 
 def rel_err(x, ref):
@@ -414,10 +415,12 @@ def section_mgpu(contexts, fracs, results, profile_dir=None):
       want_lse = np.asarray(want[1])
       real = np.asarray(p["q_pos"]) >= 0
       row["configs"] = []
-      for block_kv, n_slots, key_splits in MGPU_CONFIGS:
+      for block_kv, n_slots, key_splits, token_major in MGPU_CONFIGS:
         f = jax.jit(functools.partial(paged_attention_mgpu, sm_scale=scale, block_kv=block_kv,
-                                      n_slots=n_slots, key_splits=key_splits))
-        cfg = dict(block_kv=block_kv, n_slots=n_slots, key_splits=key_splits)
+                                      n_slots=n_slots, key_splits=key_splits,
+                                      token_major=token_major))
+        cfg = dict(block_kv=block_kv, n_slots=n_slots, key_splits=key_splits,
+                   token_major=token_major)
         got, cfg["error"] = safe(f"mgpu {cfg}", f, *args)
         if got is not None:
           out = np.asarray(jnp.asarray(got[0], jnp.float32))
@@ -619,7 +622,8 @@ def tables(res):
           f"{fmt(d.get('ms') and r.get('triton_ms') and r['triton_ms'] / d['ms'], 2)}x | "
           f"{fmt(d.get('tflops'))} | {fmt(dense)} | "
           f"{fmt(d.get('tflops') and dense and 100 * d['tflops'] / dense, 0)}% | "
-          f"({b.get('block_kv')}, {b.get('n_slots')}, {b.get('key_splits') or 'auto'}): "
+          f"({b.get('block_kv')}, {b.get('n_slots')}, {b.get('key_splits') or 'auto'}"
+          f"{', grouped rows' if b.get('token_major') is False else ''}): "
           f"{fmt(b.get('vs_cudnn_dense') and 100 * b['vs_cudnn_dense'], 0)}% | "
           f"{fmt(d.get('out_rel_err'), 4)} vs {r.get('checked_against')} |")
     out.append("")

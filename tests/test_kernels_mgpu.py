@@ -4,7 +4,8 @@ On CPU: its row-tile arithmetic against a numpy count, and the kernel lowered fo
 jax.export (Mosaic GPU's lowering runs in Python, so shape, layout and barrier mistakes fail
 here; Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so the numbers are checked on the GPU).
 On a Hopper GPU: bf16 outputs and lse against the f32 jnp reference (relative L2 < 1e-2), padding
-rows zero with lse -inf, the layer of a whole pool read inside a scan.
+rows zero with lse -inf, key splits, both query layouts (token-major and grouped rows), the layer
+of a whole pool read inside a scan.
 """
 
 import math
@@ -55,6 +56,8 @@ def _args(batch, n_heads, n_kv, head_dim, page_size, n_layers=None):
     ((1, 9, 3, 64, 16), dict(block_kv=64, n_slots=3)),  # SmolLM2 heads
     ((1, 8, 8, 64, 32, 4), dict(layer=2)),  # group 1, 32-token pages, a layer of the pool
     ((2, 32, 8, 128, 16), dict(key_splits=4)),
+    ((2, 32, 8, 128, 16), dict(token_major=False)),  # rows grouped around the kernel
+    ((2, 32, 8, 128, 16), dict(token_major=False, key_splits=2)),
 ])
 def test_lowers_for_cuda(case, kw):
   from jax import export
@@ -104,6 +107,10 @@ def test_rejects_unsupported_blocks():
     paged_attention_mgpu(q, q_pos, k, v, pt, kv, sm_scale=0.1, block_kv=48)
   with pytest.raises(ValueError, match="shared memory"):
     paged_attention_mgpu(q, q_pos, k, v, pt, kv, sm_scale=0.1, block_kv=128, n_slots=8)
+  q3 = jnp.zeros((1, 300, 9, 64), jnp.bfloat16)  # group 3 does not tile 64 rows per head
+  k3 = jnp.zeros((3, 200, 16, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="token_major"):
+    paged_attention_mgpu(q3, q_pos, k3, k3, pt, kv, sm_scale=0.1, token_major=True)
   with pytest.raises(ValueError, match="bf16"):
     paged_attention_mgpu(q.astype(jnp.float32), q_pos, k, v, pt, kv, sm_scale=0.1)
 
@@ -155,6 +162,9 @@ GPU_CASES = [
     ((1, 32, 8, 128, 16, (4096,), 0.004), dict()),  # a few rows, one partial tile (auto splits)
     ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(key_splits=4)),  # splits past short rows
     ((1, 9, 3, 64, 16, (1500,), 0.3), dict(key_splits=3, block_kv=64)),
+    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(token_major=False)),  # grouped rows
+    ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict(token_major=False, key_splits=4)),
+    ((2, 16, 2, 128, 16, (1024, 999), 0.3), dict()),  # group 8: 8 rows per head, token-major
 ]
 
 
