@@ -123,7 +123,9 @@ def test_auto_backend_is_pallas_on_gpu():
 
 def test_layer_of_whole_pool_gpu():
   """layer= over the whole pool [L, K, P, S, H] (traced, inside a scan as in the engine) gives
-  what the layer's own slice gives, for all three kernels."""
+  what the layer's own slice gives, for the three Triton kernels, to 1e-5. (The Mosaic GPU
+  attention compiles to different code for the two pool shapes and may differ by one bf16 ulp in
+  a few elements; tests/test_kernels_mgpu.py checks its layer against the reference.)"""
   q, q_pos, k_one, _, table, kv = problem(4, *CASES[0])
   n_layers = 3
   rng = np.random.default_rng(5)
@@ -136,9 +138,9 @@ def test_layer_of_whole_pool_gpu():
   def all_ops(layer, k_pages, v_pages):
     out, lse, imp = ops.attention_with_importance(
         q, q_pos, is_sparse, k_pages, v_pages, table, kv, sm_scale=scale,
-        layer=layer, backend="pallas")
+        layer=layer, backend="pallas_triton")
     dec = ops.decode_attention(q[:, -1], k_pages, v_pages, table, kv,
-                               sm_scale=scale, layer=layer, backend="pallas")
+                               sm_scale=scale, layer=layer, backend="pallas_triton")
     return out, lse, imp, dec
 
   _, scanned = jax.jit(lambda k, v: jax.lax.scan(
