@@ -9,8 +9,11 @@ rate per useful FLOP (docs/BENCHMARKS.md): no TMA, no asynchronous wgmma, no ove
 softmax of one row block with the matmuls of another. This kernel is built the FlashAttention-3
 way, the way jax's own dense attention_mgpu reaches cuDNN parity:
 
-- GQA rows packed as in the Triton kernel (attention.group_rows): for one (request, kv head) the
-  G query heads of every token form R = T * G rows, so each K/V tile loaded serves all G heads.
+- GQA rows packed: for one (request, kv head) the G query heads of every token form the rows, so
+  each K/V tile loaded serves all G heads. Where G gives each head 8+ of a warpgroup's 64 rows
+  (G = 1, 2, 4, 8) the rows are read from q's own [B, T, N, H] layout, one TMA copy per head
+  (token-major); otherwise they are grouped around the kernel as in the Triton kernel
+  (attention.group_rows, a transpose of q and of the output).
 - One CUDA block takes 2 * block_q rows in two consumer warpgroups (block_q = 64, one wgmma M)
   and a producer warpgroup that streams K/V pages into a ring of shared-memory slots with TMA;
   the consumers alternate (a schedule barrier) so one warpgroup's softmax overlaps the other's
@@ -21,6 +24,9 @@ way, the way jax's own dense attention_mgpu reaches cuDNN parity:
 - Each warpgroup's KV loop stops at its rows' largest position (the sparse-query saving); blocks
   below its smallest position need no mask. Both are computed outside the kernel (row_tiles).
   A warpgroup that finishes early still releases the slots the other one needs.
+- Few rows over many keys (naive's 32 rows, 5% of 8K) leave SMs idle: the keys are then split
+  over several programs per row block, each writes its normalised part and lse, and
+  merge_key_splits combines them (flash-decoding).
 
 Hopper only (sm_90a); attention.paged_attention (Triton) stays the fallback everywhere else.
 Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so on CPU the tests lower this kernel for
