@@ -34,11 +34,14 @@ def rel_err(x, ref):
 
 
 def problem(seed, batch, n_heads, n_kv, head_dim, page_size, kv_len, frac,
-            n_pad=5):
+            n_pad=5, n_layers=None):
+  """Random bf16 q and pool (one layer [K, P, S, H], or n_layers of them), shuffled pages,
+  sorted random query positions per request (its last position included) and n_pad padding
+  rows."""
   rng = np.random.default_rng(seed)
   max_pages = -(-max(kv_len) // page_size)
   n_pages = batch * max_pages + 7
-  shape = (n_kv, n_pages, page_size, head_dim)
+  shape = ((n_layers,) if n_layers else ()) + (n_kv, n_pages, page_size, head_dim)
   k_pages = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   v_pages = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   table = jnp.asarray(
@@ -57,6 +60,20 @@ def problem(seed, batch, n_heads, n_kv, head_dim, page_size, kv_len, frac,
   return q, q_pos, k_pages, v_pages, table, jnp.asarray(kv_len, jnp.int32)
 
 
+def assert_matches_reference(out, lse, q, q_pos, k_pages, v_pages, table, kv, scale):
+  """A kernel's (out, lse) against the f32 reference: relative L2 < 1e-2, no NaN, padding rows
+  zero with lse -inf. Returns the reference's (out, lse)."""
+  ref_out, ref_lse = paged_attention_reference(q, q_pos, k_pages, v_pages, table, kv,
+                                               sm_scale=scale)
+  assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
+  assert rel_err(out, ref_out) < 1e-2
+  real = np.asarray(q_pos) >= 0
+  assert rel_err(np.asarray(lse)[real], np.asarray(ref_lse)[real]) < 1e-2
+  assert np.all(np.asarray(out, np.float32)[~real] == 0)
+  assert np.all(np.isneginf(np.asarray(lse)[~real]))
+  return ref_out, ref_lse
+
+
 CASES = [
     # (batch, n_heads, n_kv, head_dim, page_size, kv_len, frac)
     (2, 32, 8, 128, 16, (2048, 1337), 0.15),  # Llama-3-8B heads, ragged
@@ -72,14 +89,9 @@ def test_attention_and_importance_gpu(case):
   scale = 1.0 / math.sqrt(q.shape[-1])
   out, lse = paged_attention(q, q_pos, k_pages, v_pages, table, kv,
                              sm_scale=scale)
-  ref_out, ref_lse = paged_attention_reference(q, q_pos, k_pages, v_pages,
-                                               table, kv, sm_scale=scale)
-  assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
-  assert rel_err(out, ref_out) < 1e-2
+  ref_out, ref_lse = assert_matches_reference(out, lse, q, q_pos, k_pages, v_pages, table, kv,
+                                              scale)
   real = np.asarray(q_pos) >= 0
-  assert rel_err(np.asarray(lse)[real], np.asarray(ref_lse)[real]) < 1e-2
-  assert np.all(np.asarray(out, np.float32)[~real] == 0)
-  assert np.all(np.isneginf(np.asarray(lse)[~real]))
   whole, whole_lse = paged_attention(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale,
                                      key_splits=1)  # one program per row block: no merge
   assert rel_err(out, whole) < 1e-2

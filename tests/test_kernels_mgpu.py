@@ -18,6 +18,7 @@ import pytest
 from pallas_kernels import attention_mgpu
 from pallas_kernels.attention import paged_attention_reference
 from pallas_kernels.attention_mgpu import merge_key_splits, paged_attention_mgpu, row_tiles
+from tests.test_kernels_gpu import assert_matches_reference, problem, rel_err
 
 on_hopper = pytest.mark.skipif(not attention_mgpu.available(), reason="needs a Hopper GPU")
 
@@ -125,33 +126,6 @@ def test_dispatch_names():
   assert not attention_mgpu.supports(args[0].astype(jnp.float32), args[2], args[4])
 
 
-def rel_err(x, ref):
-  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
-
-
-def problem(seed, batch, n_heads, n_kv, head_dim, page_size, kv_len, frac, n_pad=5,
-            n_layers=None):
-  rng = np.random.default_rng(seed)
-  max_pages = -(-max(kv_len) // page_size)
-  n_pages = batch * max_pages + 7
-  shape = ((n_layers,) if n_layers else ()) + (n_kv, n_pages, page_size, head_dim)
-  k_pages = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  v_pages = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  table = jnp.asarray(rng.permutation(n_pages)[:batch * max_pages].reshape(batch, max_pages),
-                      jnp.int32)
-  n_q = max(2, int(frac * max(kv_len)))
-  rows = []
-  for length in kv_len:
-    m = min(n_q, length)
-    p = np.sort(rng.choice(length - 1, size=m - 1, replace=False))
-    rows.append(np.concatenate([p, [length - 1], -np.ones(n_q - m + n_pad, np.int64)]))
-  q_pos = jnp.asarray(np.stack(rows), jnp.int32)
-  q = jnp.asarray(rng.standard_normal((batch, q_pos.shape[1], n_heads, head_dim)), jnp.bfloat16)
-  return q, q_pos, k_pages, v_pages, table, jnp.asarray(kv_len, jnp.int32)
-
-
 GPU_CASES = [
     # (batch, n_heads, n_kv, head_dim, page_size, kv_len, frac), kernel options
     ((2, 32, 8, 128, 16, (2048, 1337), 0.15), dict()),  # Llama-3-8B heads, ragged
@@ -175,14 +149,7 @@ def test_matches_reference_gpu(case, kw):
   q, q_pos, k_pages, v_pages, table, kv = problem(0, *case)
   scale = 1.0 / math.sqrt(q.shape[-1])
   out, lse = paged_attention_mgpu(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale, **kw)
-  ref_out, ref_lse = paged_attention_reference(q, q_pos, k_pages, v_pages, table, kv,
-                                               sm_scale=scale)
-  assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
-  assert rel_err(out, ref_out) < 1e-2
-  real = np.asarray(q_pos) >= 0
-  assert rel_err(np.asarray(lse)[real], np.asarray(ref_lse)[real]) < 1e-2
-  assert np.all(np.asarray(out, np.float32)[~real] == 0)
-  assert np.all(np.isneginf(np.asarray(lse)[~real]))
+  assert_matches_reference(out, lse, q, q_pos, k_pages, v_pages, table, kv, scale)
 
 
 @pytest.mark.gpu
