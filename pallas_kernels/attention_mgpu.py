@@ -98,6 +98,28 @@ def page_table_rows(max_pages, pages_per_block):
   return _compat.cdiv(max_pages, unit) * (unit // _PT_ROW)
 
 
+def split_steps(steps, full, first, split_blocks):
+  """A warpgroup's KV blocks within one key split -> (full_end, last).
+
+  steps, full: the tile's row_tiles entry (blocks [0, steps) are read, [0, full) need no mask);
+  the split takes blocks [first, first + split_blocks). The warpgroup then runs [first, full_end)
+  unmasked and [full_end, last) masked; both are empty when the split starts past its blocks
+  (last <= first). Works on Python/numpy integers and on the kernel's traced scalars alike.
+  """
+  last = jnp.minimum(steps, first + split_blocks)
+  return jnp.clip(full, first, jnp.maximum(last, first)), last
+
+
+def token_major_positions(pos, group, block_q):
+  """[B, T] token positions (T a multiple of block_q // group) -> [B, T * G] row positions in the
+  token-major kernel's order: each block of block_q rows holds block_q // G tokens of each of the
+  G heads, head-major (row = head * (block_q // G) + token)."""
+  batch = pos.shape[0]
+  per_head = pos.reshape(batch, -1, 1, block_q // group)  # [B, blocks, 1, tokens]
+  rows = jnp.broadcast_to(per_head, (batch, per_head.shape[1], group, per_head.shape[3]))
+  return rows.reshape(batch, -1)
+
+
 def row_tiles(pos, block_q, block_kv):
   """Per warpgroup tile of block_q rows: [B, n_tiles, 2] int32 (kv steps, unmasked kv steps).
 
@@ -163,8 +185,8 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
   kv_row = layer_ref[0] * n_kv + head
   head_dim = q_ref.shape[-1]
   # Blocks [first, prog_last) are fetched: the longer of the two warpgroups' ranges.
-  prog_last = jnp.minimum(jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0]),
-                          first + split_blocks)
+  _, prog_last = split_steps(jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0]),
+                             0, first, split_blocks)
   split = () if key_splits == 1 else (lax.rem(lax.axis_index("tile"), key_splits),)
   tokens = None if group is None else block_q // group  # per head in a warpgroup's rows
   qk_scale = sm_scale * _LOG2E
@@ -179,8 +201,8 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     q_smem, pos_smem, lse_smem = q_smem2.at[wg], pos_smem2.at[wg], lse_smem2.at[wg]
     tile = 2 * prog + wg
     base = tile * block_q
-    last = jnp.minimum(tiles_ref[b, tile, 0], first + split_blocks)  # this split's blocks:
-    full = jnp.clip(tiles_ref[b, tile, 1], first, jnp.maximum(last, first))  # [first, last)
+    # This split's blocks: [first, full) unmasked, [full, last) masked.
+    full, last = split_steps(tiles_ref[b, tile, 0], tiles_ref[b, tile, 1], first, split_blocks)
     if group is None:
       plgpu.copy_gmem_to_smem(q_ref.at[b, head, pl.ds(base, block_q)], q_smem, q_ready.at[wg])
     else:
@@ -372,10 +394,7 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
     t_pad = _compat.cdiv(n_tok, tokens) * tokens
     qr = jnp.pad(q, ((0, 0), (0, t_pad - n_tok), (0, 0), (0, 0)))  # none for the engine's buckets
     eff = jnp.pad(eff, ((0, 0), (0, t_pad - n_tok)), constant_values=-1)
-    # Row positions, head-major within each warpgroup's block: [B, tiles, G, tokens per head].
-    per_head = eff.reshape(batch, -1, 1, block_q // group)
-    pos = jnp.broadcast_to(per_head, (batch, per_head.shape[1], group, per_head.shape[3]))
-    pos = pos.reshape(batch, -1)
+    pos = token_major_positions(eff, group, block_q)
     n_prog = t_pad // tokens
   else:
     qr, pos = group_rows(q, eff, n_kv, _CONSUMERS * block_q)

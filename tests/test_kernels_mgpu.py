@@ -1,7 +1,8 @@
 """The Mosaic GPU sparse-query kernel (pallas_kernels/attention_mgpu.py).
 
-On CPU: its row-tile arithmetic against a numpy count, and the kernel lowered for CUDA through
-jax.export (Mosaic GPU's lowering runs in Python, so shape, layout and barrier mistakes fail
+On CPU: its row-tile arithmetic against a numpy count; its schedule (row order, per-tile block
+ranges, key splits, masks, merge) emulated in float64 against plain attention (hypothesis); and the
+kernel lowered for CUDA through jax.export (Mosaic GPU's lowering runs in Python, so shape, layout and barrier mistakes fail
 here; Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so the numbers are checked on the GPU).
 On a Hopper GPU: bf16 outputs and lse against the f32 jnp reference (relative L2 < 1e-2), padding
 rows zero with lse -inf, key splits, both query layouts (token-major and grouped rows), the layer
@@ -14,9 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pallas_kernels import attention_mgpu
+from pallas_kernels.attention import group_rows as attention_group_rows
 from pallas_kernels.attention import paged_attention_reference
+from pallas_kernels.attention import ungroup_rows as attention_ungroup_rows
 from pallas_kernels.attention_mgpu import merge_key_splits, paged_attention_mgpu, row_tiles
 from tests.test_kernels_gpu import assert_matches_reference, problem, rel_err
 
@@ -180,3 +185,126 @@ def test_ops_dispatch_gpu():
   np.testing.assert_array_equal(np.asarray(got["pallas"][0], np.float32),
                                 np.asarray(mine[0], np.float32))
   assert rel_err(got["pallas"][0], got["pallas_triton"][0]) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel's schedule, emulated in float64 on CPU: the same row order, row_tiles, split_steps
+# and merge_key_splits as the kernel, blocks of keys processed as its warpgroups process them
+# (unmasked below full_end, masked up to last, nothing past it), against plain attention.
+# ------------------------------------------------------------------------------------------------
+
+def _attention64(q, q_pos, k, v, kv_len, scale):
+  """Plain attention: q [B, T, N, H], k, v [B, K, L, H] (float64) -> out [B, T, N, H], lse."""
+  batch, n_tok, n_heads, _ = q.shape
+  group = n_heads // k.shape[1]
+  out, lse = np.zeros(q.shape), np.full(q.shape[:3], -np.inf)
+  for b in range(batch):
+    for t in range(n_tok):
+      p = q_pos[b, t]
+      if p < 0:
+        continue
+      seen = min(p + 1, kv_len[b])
+      for n in range(n_heads):
+        s = k[b, n // group, :seen] @ q[b, t, n] * scale
+        top = s.max()
+        w = np.exp(s - top)
+        out[b, t, n] = w @ v[b, n // group, :seen] / w.sum()
+        lse[b, t, n] = top + np.log(w.sum())
+  return out, lse
+
+
+def _emulate(q, q_pos, k, v, kv_len, scale, block_kv, key_splits, token_major, block_q=64):
+  """The kernel's arithmetic on the host: -> out [B, T, N, H], lse [B, T, N] (float64)."""
+  from pallas_kernels.attention_mgpu import split_steps, token_major_positions
+  batch, n_tok, n_heads, head_dim = q.shape
+  n_kv, n_keys = k.shape[1], k.shape[2]
+  group = n_heads // n_kv
+  eff = np.where(q_pos >= 0, np.minimum(q_pos, kv_len[:, None] - 1), -1)
+  per_prog = 2 * block_q // group if token_major else None
+  if token_major:  # row r of tile i: head g = (r % 64) // tpt, token i * tpt + r % tpt
+    t_pad = -(-n_tok // per_prog) * per_prog
+    eff = np.pad(eff, ((0, 0), (0, t_pad - n_tok)), constant_values=-1)
+    pos = np.asarray(token_major_positions(jnp.asarray(eff), group, block_q))
+    tpt = block_q // group
+    r = np.arange(pos.shape[1])
+    token = (r // block_q) * tpt + r % tpt
+    head_of = (r % block_q) // tpt
+    qpad = np.pad(q, ((0, 0), (0, t_pad - n_tok), (0, 0), (0, 0)))
+    rows = np.stack([qpad[:, token, h * group + head_of] for h in range(n_kv)], axis=1)
+  else:
+    qr, pos = attention_group_rows(jnp.asarray(q), jnp.asarray(eff, jnp.int32), n_kv,
+                                   2 * block_q)
+    rows, pos = np.asarray(qr, np.float64), np.asarray(pos)
+  tiles = np.asarray(row_tiles(jnp.asarray(pos, jnp.int32), block_q, block_kv))
+  n_blocks = -(-n_keys // block_kv)
+  split_blocks = -(-n_blocks // key_splits)
+  kpad = np.pad(k, ((0, 0), (0, 0), (0, n_blocks * block_kv - n_keys), (0, 0)))
+  vpad = np.pad(v, ((0, 0), (0, 0), (0, n_blocks * block_kv - n_keys), (0, 0)))
+  n_rows = pos.shape[1]
+  out_s = np.zeros((batch, n_kv, key_splits, n_rows, head_dim))
+  lse_s = np.full((batch, n_kv, key_splits, n_rows), -np.inf)
+  for b in range(batch):
+    for h in range(n_kv):
+      for tile in range(n_rows // block_q):
+        sl = slice(tile * block_q, (tile + 1) * block_q)
+        qt, pt = rows[b, h, sl], pos[b, sl]
+        for split in range(key_splits):
+          first = split * split_blocks
+          full_end, last = (int(x) for x in split_steps(*tiles[b, tile], first, split_blocks))
+          m, l_sum, acc = np.full(block_q, -1e30), np.zeros(block_q), np.zeros((block_q, head_dim))
+          for j in range(first, last):
+            keys = slice(j * block_kv, (j + 1) * block_kv)
+            s = qt @ kpad[b, h, keys].T * scale
+            if j >= full_end:  # the masked blocks; the unmasked ones must not need it
+              s = np.where(np.arange(j * block_kv, (j + 1) * block_kv)[None] <= pt[:, None],
+                           s, -np.inf)
+            m_new = np.maximum(m, s.max(axis=1))
+            p = np.exp(s - m_new[:, None])
+            alpha = np.exp(m - m_new)
+            l_sum = l_sum * alpha + p.sum(axis=1)
+            acc, m = acc * alpha[:, None] + p @ vpad[b, h, keys], m_new
+          ok = (pt >= 0) & (l_sum > 0)
+          out_s[b, h, split, sl] = np.where(ok[:, None], acc / np.where(ok, l_sum, 1)[:, None], 0)
+          lse_s[b, h, split, sl] = np.where(ok, m + np.log(np.where(ok, l_sum, 1)), -np.inf)
+  out, lse = (np.asarray(x) for x in merge_key_splits(jnp.asarray(out_s), jnp.asarray(lse_s)))
+  if token_major:
+    out_t = np.zeros((batch, t_pad, n_heads, head_dim))
+    lse_t = np.full((batch, t_pad, n_heads), -np.inf)
+    for h in range(n_kv):
+      out_t[:, token, h * group + head_of] = out[:, h]
+      lse_t[:, token, h * group + head_of] = lse[:, h]
+    return out_t[:, :n_tok], lse_t[:, :n_tok]
+  return (np.asarray(attention_ungroup_rows(jnp.asarray(out), n_tok, group)),
+          np.asarray(attention_ungroup_rows(jnp.asarray(lse), n_tok, group)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_schedule_emulation_matches_attention(data):
+  """Row order, per-tile block ranges, key splits, masks and the merge, as the kernel runs them,
+  give plain attention (float64), for random sorted positions with padding, ragged lengths."""
+  group, token_major = data.draw(st.sampled_from([(1, True), (4, True), (8, True), (4, False),
+                                                  (3, False)]))
+  n_kv, head_dim = data.draw(st.integers(1, 2)), 4
+  batch = data.draw(st.integers(1, 2))
+  kv_len = np.array([data.draw(st.integers(1, 400)) for _ in range(batch)])
+  block_kv = data.draw(st.sampled_from([64, 128]))
+  key_splits = data.draw(st.integers(1, 5))
+  n_tok = data.draw(st.integers(1, 70))
+  seed = data.draw(st.integers(0, 2**16))
+  rng = np.random.default_rng(seed)
+  q_pos = np.full((batch, n_tok), -1)
+  for b in range(batch):
+    n = min(n_tok - data.draw(st.integers(0, min(5, n_tok - 1))), kv_len[b])
+    q_pos[b, :n] = np.sort(rng.choice(kv_len[b], size=n, replace=False))
+  n_keys = int(kv_len.max()) + data.draw(st.integers(0, 40))  # keys past kv_len hold junk
+  q = rng.standard_normal((batch, n_tok, n_kv * group, head_dim))
+  k = rng.standard_normal((batch, n_kv, n_keys, head_dim))
+  v = rng.standard_normal((batch, n_kv, n_keys, head_dim))
+  with jax.enable_x64():  # the jnp helpers (row grouping, tiles, merge) in float64 too
+    got_out, got_lse = _emulate(q, q_pos, k, v, kv_len, 0.5, block_kv, key_splits, token_major)
+  want_out, want_lse = _attention64(q, q_pos, k, v, kv_len, 0.5)
+  np.testing.assert_allclose(got_out, want_out, rtol=1e-10, atol=1e-10)
+  real = np.isfinite(want_lse)
+  assert np.array_equal(np.isfinite(got_lse), real)
+  np.testing.assert_allclose(got_lse[real], want_lse[real], rtol=1e-10)
