@@ -1,9 +1,10 @@
 """The Mosaic GPU sparse-query kernel (pallas_kernels/attention_mgpu.py).
 
 On CPU: its row-tile arithmetic against a numpy count; its schedule (row order, per-tile block
-ranges, key splits, masks, merge) emulated in float64 against plain attention (hypothesis); and the
-kernel lowered for CUDA through jax.export (Mosaic GPU's lowering runs in Python, so shape, layout and barrier mistakes fail
-here; Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so the numbers are checked on the GPU).
+ranges, key splits, masks, merge) emulated in float64 against plain attention (hypothesis); and
+the kernel lowered for CUDA through jax.export (Mosaic GPU's lowering runs in Python, so shape,
+layout and barrier mistakes fail here; Mosaic GPU's interpret mode in jax 0.10 has no wgmma, so
+the numbers are checked on the GPU).
 On a Hopper GPU: bf16 outputs and lse against the f32 jnp reference (relative L2 < 1e-2), padding
 rows zero with lse -inf, key splits, both query layouts (token-major and grouped rows), the layer
 of a whole pool read inside a scan.
