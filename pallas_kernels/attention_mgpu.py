@@ -185,8 +185,8 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
   kv_row = layer_ref[0] * n_kv + head
   head_dim = q_ref.shape[-1]
   # Blocks [first, prog_last) are fetched: the longer of the two warpgroups' ranges.
-  _, prog_last = split_steps(jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0]),
-                             0, first, split_blocks)
+  prog_last = jnp.minimum(jnp.maximum(tiles_ref[b, 2 * prog, 0], tiles_ref[b, 2 * prog + 1, 0]),
+                          first + split_blocks)
   split = () if key_splits == 1 else (lax.rem(lax.axis_index("tile"), key_splits),)
   tokens = None if group is None else block_q // group  # per head in a warpgroup's rows
   qk_scale = sm_scale * _LOG2E
