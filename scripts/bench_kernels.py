@@ -355,9 +355,26 @@ def section_sparse(contexts, fracs, sweep, results):
   results["sparse"] = rows
 
 
-# (block_kv, n_slots, key_splits, token_major); None: the kernel's own choice (key splits only for
-# few row blocks; token-major q and out where the head group allows)
+# (block_kv, n_slots, key_splits, token_major); None: the kernel's own choice (key splits only
+# for few row blocks; token-major q and out where the head group allows)
 MGPU_CONFIGS = ((128, 2, None, None), (128, 2, 1, None), (128, 2, None, False), (64, 2, None, None))
+
+
+def parse_mgpu_configs(text):
+  """"block_kv:n_slots:key_splits:token_major,..." ("auto": the kernel's choice, None) ->
+  MGPU_CONFIGS' tuples."""
+  flag = {"1": True, "0": False, "true": True, "false": False, "auto": None}
+  configs = []
+  for item in text.split(","):
+    fields = item.strip().split(":")
+    try:
+      block_kv, n_slots, splits, major = fields
+      configs.append((int(block_kv), int(n_slots), None if splits == "auto" else int(splits),
+                      flag[major.lower()]))
+    except (ValueError, KeyError):
+      raise ValueError(f"--mgpu-configs entry {item!r}: want block_kv:n_slots:key_splits:"
+                       "token_major, e.g. 128:2:auto:auto or 128:2:4:0") from None
+  return tuple(configs)
 
 
 def rel_err(x, ref):
@@ -379,7 +396,7 @@ def device_kernels(fn, args, out_dir, calls=20):
   return {name: us / calls for name, us in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def section_mgpu(contexts, fracs, results, profile_dir=None):
+def section_mgpu(contexts, fracs, results, profile_dir=None, configs=MGPU_CONFIGS):
   """The Mosaic GPU kernel against the Triton kernel and cuDNN dense, per useful FLOP.
 
   profile_dir: also trace the default config on each problem and keep its kernels' device times
@@ -415,7 +432,7 @@ def section_mgpu(contexts, fracs, results, profile_dir=None):
       want_lse = np.asarray(want[1])
       real = np.asarray(p["q_pos"]) >= 0
       row["configs"] = []
-      for block_kv, n_slots, key_splits, token_major in MGPU_CONFIGS:
+      for block_kv, n_slots, key_splits, token_major in configs:
         f = jax.jit(functools.partial(paged_attention_mgpu, sm_scale=scale, block_kv=block_kv,
                                       n_slots=n_slots, key_splits=key_splits,
                                       token_major=token_major))
@@ -623,7 +640,8 @@ def tables(res):
           f"{fmt(d.get('tflops'))} | {fmt(dense)} | "
           f"{fmt(d.get('tflops') and dense and 100 * d['tflops'] / dense, 0)}% | "
           f"({b.get('block_kv')}, {b.get('n_slots')}, {b.get('key_splits') or 'auto'}"
-          f"{', grouped rows' if b.get('token_major') is False else ''}): "
+          f"{', grouped rows' if b.get('token_major') is False else ''}"
+          f"{', balanced splits' if b.get('balanced_splits') else ''}): "
           f"{fmt(b.get('vs_cudnn_dense') and 100 * b['vs_cudnn_dense'], 0)}% | "
           f"{fmt(d.get('out_rel_err'), 4)} vs {r.get('checked_against')} |")
     out.append("")
@@ -924,6 +942,9 @@ def main():
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--mgpu-profile", action="store_true",
                   help="section mgpu: also trace each problem (kernel vs XLA work around it)")
+  ap.add_argument("--mgpu-configs", default=None,
+                  help="section mgpu: configs to time, block_kv:n_slots:key_splits:token_major "
+                       "comma-separated ('auto': the kernel's choice); default: four")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU check of this script: interpret mode, tiny shapes")
   ap.add_argument("--report", help="JSON from a run: print tables, write PNG")
@@ -975,7 +996,8 @@ def main():
     save()
   if "mgpu" in sections:
     section_mgpu(ints(a.contexts), [float(x) for x in a.fracs.split(",")], res,
-                 os.path.join(a.out, "traces") if a.mgpu_profile else None)
+                 os.path.join(a.out, "traces") if a.mgpu_profile else None,
+                 parse_mgpu_configs(a.mgpu_configs) if a.mgpu_configs else MGPU_CONFIGS)
     save()
   if "write" in sections:
     section_write(ints(a.write_tokens), res)

@@ -309,3 +309,19 @@ def test_schedule_emulation_matches_attention(data):
   real = np.isfinite(want_lse)
   assert np.array_equal(np.isfinite(got_lse), real)
   np.testing.assert_allclose(got_lse[real], want_lse[real], rtol=1e-10)
+
+
+def test_bench_kernels_parses_mgpu_configs():
+  """scripts/bench_kernels.py --mgpu-configs: the tuples section_mgpu times, and a bad entry
+  named in the error."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import bench_kernels
+
+  assert bench_kernels.parse_mgpu_configs("128:2:auto:auto, 64:3:4:0") == (
+      (128, 2, None, None), (64, 3, 4, False))
+  with pytest.raises(ValueError, match="'128:2:x:auto'"):
+    bench_kernels.parse_mgpu_configs("128:2:auto:auto,128:2:x:auto")
+  with pytest.raises(ValueError, match="'128:2:4'"):
+    bench_kernels.parse_mgpu_configs("128:2:4")
