@@ -60,6 +60,7 @@ from models.config import get_config  # noqa: E402
 
 PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
 DEFAULT = f"sparsex[{DEFAULT_VARIANT}]"  # the default rule's label family, as `sparsex eval`'s
+ATTN_T = "sparsex[axn+heads2+fresh+attnT]"  # `sparsex eval --variants axn+heads2+fresh+attnT`
 DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
 # Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
@@ -74,6 +75,14 @@ POLICIES = [
     # The cheapest configurations of the default rule that beat EPIC r=0.15 (docs/quality.md).
     (f"{DEFAULT} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1)),
     (f"{DEFAULT} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1)),
+    # The default rule reading the Sparse-Q attention at layer T over its fresh K/V
+    # (importance_layers="threshold"; docs/quality.md, round 7).
+    (f"{ATTN_T} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
+                                            importance_layers="threshold")),
+    (f"{ATTN_T} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1,
+                                            importance_layers="threshold")),
+    (f"{ATTN_T} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
+                                            importance_layers="threshold")),
     # The default rule without keeping every token's fresh K/V at layer T (the default until
     # round 4; docs/quality.md).
     ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,

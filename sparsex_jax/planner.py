@@ -164,13 +164,16 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   n_late = bucket(max(q + p.n_keep for q, p in zip(n_late_q, plans)))
   scorer = policy.scorer
   full_attention = full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged"
-  if score == "attention" and (layer_threshold == 0 or full_attention == "dense"):
-    probe = n_probe  # T = 0: the layer-0 probe; dense full layers: the Sparse-Q rows' lse
+  importance_layers = getattr(scorer, "importance_layers", "last")
+  if score == "attention" and (layer_threshold == 0 or full_attention == "dense"
+                               or importance_layers == "threshold"):
+    # T = 0: the layer-0 probe; dense full layers and layer T's attention: the Sparse-Q rows' lse
+    probe = n_probe
   else:
     probe = 0
   return PrefillSpec(
       layer_threshold=layer_threshold, score=score,
-      importance_layers=getattr(scorer, "importance_layers", "last"),
+      importance_layers=importance_layers,
       head_reduce=getattr(scorer, "head_reduce", "sum"),
       deviation_weighted=score == "attention" and getattr(scorer, "deviation_weighted", False),
       deviation_norm=score == "attention" and getattr(scorer, "deviation_norm", False),

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
   from models.config import ModelConfig
 
 REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
-IMPORTANCE_LAYERS = ("last", "sum")
+IMPORTANCE_LAYERS = ("last", "sum", "threshold")
 HEAD_REDUCE = ("sum", "max")
 IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviation_norm",
                       "attention_x_deviation_per_head")
@@ -107,8 +107,9 @@ class TopK(Scorer):
 
 @dataclasses.dataclass(frozen=True)
 class SparseQAttention(TopK):
-  """SparseX: attention probability the Sparse-Q rows pay each key, at the last full layer or
-  summed over the full layers, summed or maxed over heads (layer 0 probed when T = 0).
+  """SparseX: attention probability the Sparse-Q rows pay each key, at the last full layer
+  ("last"), summed over the full layers ("sum") or at layer T itself over its fresh K/V
+  ("threshold"), summed or maxed over heads (layer 0 probed when T = 0).
 
   Options (ablated in docs/quality.md):
   deviation_weighted: multiply a token's attention by its K/V deviation at layer T (how far the
@@ -282,9 +283,13 @@ class ReuseConfig:
   layer_threshold: T, layers [0, T) are computed for every non-exact token. None picks the mode's
     default: sparsex and random 4 (capped at the model's depth), cacheblend `check_layer`, epic 0,
     naive 0.
-  importance_layers: sparsex reads Sparse-Q attention at the "last" full layer (default) or
-    "sum"s it over the full layers. head_reduce: "sum" (default) or "max" over heads. Both
-    defaults were the better measured option (docs/quality.md).
+  importance_layers: sparsex reads Sparse-Q attention at the "last" full layer T - 1 (default),
+    "sum"s it over the full layers, or reads it at layer "threshold" T itself: the Sparse-Q rows'
+    attention over layer T's fresh K/V of every token (exact, since the layers below ran in full;
+    they are then kept, as refresh_threshold_kv does, whatever that option says). The attention
+    a token receives where the sparse layers start, not one layer below. head_reduce: "sum"
+    (default) or "max" over heads. The defaults were the better measured options
+    (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
   seed: for mode="random" (an int in [0, 2**32)).
   rescore_layer, rescore_ratio: re-score the selection at a later layer (sparsex only). At layer
@@ -411,8 +416,8 @@ class ReuseConfig:
                                                       "attention_x_deviation_per_head") and t >= 1,
             deviation_per_head=self.importance_signal == "attention_x_deviation_per_head"
             and t >= 1,
-            refresh_threshold_kv=self.refresh_threshold_kv and self.importance_signal != "attention"
-            and t >= 1),
+            refresh_threshold_kv=(self.importance_layers == "threshold" or (
+                self.refresh_threshold_kv and self.importance_signal != "attention")) and t >= 1),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,
         "random": lambda: RandomChoice(self.seed),

@@ -415,3 +415,41 @@ def _layer_range_cuts(hlo: str, stacked_shapes) -> list[str]:
     if m and int(m[2]) - int(m[1]) > 1 and any(f"(tensor<{s}x" in line for s in stacked_shapes):
       cuts.append(line)
   return cuts
+
+
+def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
+  """importance_layers="threshold": the Sparse-Q rows' attention at layer T = 1 itself, over
+  every token's fresh layer-1 K (exact: layer 0 ran in full), against float64 attention of the
+  model functions' own q and k; times the deviation norm with that signal; and the fresh K/V
+  kept in the pool even where refresh_threshold_kv says otherwise."""
+  ids = _full_ids()
+  positions = np.arange(len(ids))
+  layer1 = jax.tree.map(lambda w: w[1], PARAMS["layers"])
+  q, k, _ = (np.asarray(a[0], np.float64) for a in llama.layer_qkv(
+      layer1, CFG, _hidden_after_layer0(ids, positions), positions[None]))
+  base = dict(recompute_ratio=0.3, layer_threshold=1, importance_layers="threshold")
+  _, plan = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base,
+                                                                       **PAPER), return_plan=True)
+  g = CFG.n_heads // CFG.n_kv_heads
+  want = np.zeros(len(ids))
+  for n in range(CFG.n_heads):
+    s = q[plan.sparse_q, n] @ k[:, n // g].T / math.sqrt(CFG.head_dim)
+    s = np.where(positions[None, :] <= positions[plan.sparse_q][:, None], s, -np.inf)
+    prob = np.exp(s - s.max(-1, keepdims=True))
+    want += (prob / prob.sum(-1, keepdims=True)).sum(0)
+  np.testing.assert_allclose(plan.scores, want[plan.reused_positions], rtol=2e-3, atol=1e-6)
+  # Not layer 0's attention (the "last" full layer), which the default reads.
+  layer0 = _layer0_importance_reference(np.asarray(ids), 12, plan.sparse_q)
+  assert not np.allclose(plan.scores, layer0[plan.reused_positions], rtol=2e-3, atol=1e-6)
+  _, norm = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", importance_signal="attention_x_deviation_norm", segment_heads=0, **base),
+      return_plan=True)
+  deviation, (k_fresh, v_fresh) = _layer1_kv_deviation_per_kv_head()
+  np.testing.assert_allclose(norm.scores, (want * np.sqrt(deviation.sum(0)))[norm.reused_positions],
+                             rtol=2e-3, atol=1e-6)
+  k_pool, v_pool = _pool_kv(warm_engine, _request(), sx.ReuseConfig(
+      "sparsex", refresh_threshold_kv=False, **base), 1)
+  np.testing.assert_allclose(k_pool, k_fresh, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(v_pool, v_fresh, rtol=1e-3, atol=1e-4)
+  with pytest.raises(ValueError, match="importance_layers must be one of"):
+    sx.ReuseConfig("sparsex", importance_layers="first")

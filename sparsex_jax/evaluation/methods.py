@@ -43,7 +43,7 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 # paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh" is the
 # default.
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
-          "refresh_threshold_kv": False, "segment_head_share": 0.0}
+          "refresh_threshold_kv": False, "segment_head_share": 0.0, "importance_layers": "last"}
 _AXD = {"importance_signal": "attention_x_deviation"}
 _AXN = {"importance_signal": "attention_x_deviation_norm"}
 _AXH = {"importance_signal": "attention_x_deviation_per_head"}
@@ -62,6 +62,10 @@ VARIANTS = {
     | _FRESH,
     "axn+heads2+fresh+share50": _PAPER | _AXN | {"segment_heads": 2, "segment_head_share": 0.5}
     | _FRESH,
+    # the Sparse-Q attention read at layer T over its fresh K/V, not at the last full layer
+    "axn+heads2+fresh+attnT": _PAPER | _AXN | {"segment_heads": 2, "importance_layers": "threshold"}
+    | _FRESH,
+    "attnT": _PAPER | {"importance_layers": "threshold"},
     "axh+heads2": _PAPER | _AXH | {"segment_heads": 2},
     "axh+heads2+fresh": _PAPER | _AXH | {"segment_heads": 2} | _FRESH,
     "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},

@@ -41,10 +41,13 @@ class PrefillSpec:
 
   layer_threshold: int  # T
   score: str = "none"  # one of SCORES
-  importance_layers: str = "last"  # last | sum
+  # last | sum | threshold (layer T's attention over its fresh K/V, which are then kept)
+  importance_layers: str = "last"
   head_reduce: str = "sum"
   n_active: int = 0  # bucketed size of the active set (sparse layers)
-  n_probe: int = 0  # bucketed size of the Sparse-Q set (attention probe when T == 0)
+  # bucketed size of the Sparse-Q set: the rows whose lse a scored layer without one recomputes
+  # (the layer-0 probe at T = 0, dense full layers, layer T's attention)
+  n_probe: int = 0
   assemble: bool = False  # any reused tokens in the batch
   backend: str = "auto"
   rescore_layer: int = 0  # R > T: re-score the selection with layer R-1's Sparse-Q attention
@@ -163,15 +166,15 @@ def _token_scores(importance, positions):
 
 def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool, per_head=False):
   """CacheBlend's score: squared distance of fresh K/V at `layer` from what the pool holds,
-  [B, T] (or [B, T, K] per kv head), and the fresh k, v [B, T, K, H] themselves."""
-  _, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+  [B, T] (or [B, T, K] per kv head), and the fresh q, k, v [B, T, ., H] themselves."""
+  q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
   page, offset = page_and_offset(slots, pool["k"].shape[3])
   page = jnp.clip(page, 0, pool["k"].shape[2] - 1)
   k_old = pool["k"][layer][:, page, offset].transpose(1, 2, 0, 3)  # [B, T, K, H]
   v_old = pool["v"][layer][:, page, offset].transpose(1, 2, 0, 3)
   dk = (k.astype(jnp.float32) - k_old.astype(jnp.float32)) ** 2
   dv = (v.astype(jnp.float32) - v_old.astype(jnp.float32)) ** 2
-  return jnp.sum(dk + dv, axis=3 if per_head else (2, 3)), k, v
+  return jnp.sum(dk + dv, axis=3 if per_head else (2, 3)), q, k, v
 
 
 def _paged_attention(cfg: ModelConfig, batch: PrefillBatch, backend: str):
@@ -280,25 +283,38 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
                        full_attend if dense else attend, score, importance, pass_kv=dense,
                        stop_layer=stop, write_backend=spec.backend)
 
-  attention_scored = spec.score == "attention" and layer_threshold > 0
+  # Sparse-Q attention read at layer T itself, over its fresh K/V (computed for every token: the
+  # layers below ran in full), instead of in the full layers.
+  at_threshold = (spec.score == "attention" and layer_threshold > 0
+                  and spec.importance_layers == "threshold")
+  if at_threshold and not (spec.refresh_threshold_kv and spec.n_probe):
+    raise ValueError("importance_layers='threshold' reads layer T's attention over the fresh K/V "
+                     "the refresh writes, through the Sparse-Q probe: the spec needs "
+                     f"refresh_threshold_kv and n_probe > 0, got {spec}")
+  attention_scored = spec.score == "attention" and layer_threshold > 0 and not at_threshold
   scored_from = layer_threshold - 1 if spec.importance_layers == "last" else 0
   if not attention_scored:
     scored_from = layer_threshold
   # The full layers: every non-exact token is a query.
   dense = spec.full_attention == "dense"
   full_attend = _dense_attention(cfg, batch, spec, pool["k"].shape[3]) if dense else attend
-  probe = compact(batch.sparse_q, spec.n_probe) if (dense and attention_scored) else None
+  probe = (compact(batch.sparse_q, spec.n_probe) if ((dense and attention_scored) or at_threshold)
+           else None)
   x, pool, _ = run(0, scored_from, x, positions, slots, pool, dense=dense)
   x, pool, importance = run(scored_from, layer_threshold, x, positions, slots, pool,
                             sparse_q=batch.sparse_q, importance=importance, dense=dense,
                             probe=probe, head_reduce="per_kv_head" if per_head else None)
+  measured = {}
 
   def deviation(pool):  # at the first sparse layer, from its input x (exact: every layer ran)
-    squared, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
-                                  layer_threshold, x, positions, slots, pool, per_head=per_head)
-    if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
-      pool = write_kv(pool, layer_threshold, slots, k, v, spec.backend)
-    return squared, pool
+    if not measured:  # once, whichever of the scoring steps asks first
+      squared, q, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
+                                       layer_threshold, x, positions, slots, pool,
+                                       per_head=per_head)
+      if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
+        pool = write_kv(pool, layer_threshold, slots, k, v, spec.backend)
+      measured.update(squared=squared, q=q)
+    return measured["squared"], pool
 
   scores = jnp.zeros((b, t), jnp.float32)
   selected = jnp.zeros((b, t), bool)
@@ -307,6 +323,12 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected, selected)
 
   if attention_scored:
+    scores = _token_scores(importance, positions)
+  elif at_threshold:  # the refresh put layer T's fresh K/V of every token in the pool
+    _, pool = deviation(pool)
+    score = _importance(cfg, batch, spec, batch.sparse_q, probe,
+                        "per_kv_head" if per_head else None)
+    importance = score(measured["q"], positions, None, pool, layer_threshold)
     scores = _token_scores(importance, positions)
   elif spec.score == "attention":  # T == 0: probe layer 0 with the Sparse-Q rows only
     idx, valid = compact(batch.sparse_q, spec.n_probe)
