@@ -287,7 +287,8 @@ class ReuseConfig:
     "sum"s it over the full layers, or reads it at layer "threshold" T itself: the Sparse-Q rows'
     attention over layer T's fresh K/V of every token (exact, since the layers below ran in full;
     they are then kept, as refresh_threshold_kv does, whatever that option says). The attention
-    a token receives where the sparse layers start, not one layer below. head_reduce: "sum"
+    a token receives where the sparse layers start, not one layer below; measured worse than
+    "last" on the test split (docs/quality.md, round 7). head_reduce: "sum"
     (default) or "max" over heads. The defaults were the better measured options
     (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
