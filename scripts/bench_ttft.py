@@ -61,6 +61,7 @@ from models.config import get_config  # noqa: E402
 PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
 DEFAULT = f"sparsex[{DEFAULT_VARIANT}]"  # the default rule's label family, as `sparsex eval`'s
 ATTN_T = "sparsex[axn+heads2+fresh+attnT]"  # `sparsex eval --variants axn+heads2+fresh+attnT`
+ATTN_2 = "sparsex[axn+heads2+fresh+attn2]"  # `sparsex eval --variants axn+heads2+fresh+attn2`
 DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
 # Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
@@ -83,6 +84,11 @@ POLICIES = [
                                             importance_layers="threshold")),
     (f"{ATTN_T} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
                                             importance_layers="threshold")),
+    # ... and the attention of layers T - 1 and T summed (round 8)
+    (f"{ATTN_2} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
+                                            importance_layers="last_and_threshold")),
+    (f"{ATTN_2} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
+                                            importance_layers="last_and_threshold")),
     # The default rule without keeping every token's fresh K/V at layer T (the default until
     # round 4; docs/quality.md).
     ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,

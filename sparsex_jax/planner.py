@@ -166,7 +166,7 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   full_attention = full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged"
   importance_layers = getattr(scorer, "importance_layers", "last")
   if score == "attention" and (layer_threshold == 0 or full_attention == "dense"
-                               or importance_layers == "threshold"):
+                               or importance_layers in ("threshold", "last_and_threshold")):
     # T = 0: the layer-0 probe; dense full layers and layer T's attention: the Sparse-Q rows' lse
     probe = n_probe
   else:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
   from models.config import ModelConfig
 
 REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
-IMPORTANCE_LAYERS = ("last", "sum", "threshold")
+IMPORTANCE_LAYERS = ("last", "sum", "threshold", "last_and_threshold")
 HEAD_REDUCE = ("sum", "max")
 IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviation_norm",
                       "attention_x_deviation_per_head")
@@ -108,8 +108,9 @@ class TopK(Scorer):
 @dataclasses.dataclass(frozen=True)
 class SparseQAttention(TopK):
   """SparseX: attention probability the Sparse-Q rows pay each key, at the last full layer
-  ("last"), summed over the full layers ("sum") or at layer T itself over its fresh K/V
-  ("threshold"), summed or maxed over heads (layer 0 probed when T = 0).
+  ("last"), summed over the full layers ("sum"), at layer T itself over its fresh K/V
+  ("threshold") or the last full layer's plus layer T's ("last_and_threshold"), summed or maxed
+  over heads (layer 0 probed when T = 0).
 
   Options (ablated in docs/quality.md):
   deviation_weighted: multiply a token's attention by its K/V deviation at layer T (how far the
@@ -288,7 +289,8 @@ class ReuseConfig:
     attention over layer T's fresh K/V of every token (exact, since the layers below ran in full;
     they are then kept, as refresh_threshold_kv does, whatever that option says). The attention
     a token receives where the sparse layers start, not one layer below; measured worse than
-    "last" on the test split (docs/quality.md, round 7). head_reduce: "sum"
+    "last" on the test split (docs/quality.md, round 7). "last_and_threshold" sums the
+    attention of layers T - 1 and T (the same fresh K/V kept). head_reduce: "sum"
     (default) or "max" over heads. The defaults were the better measured options
     (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
@@ -417,7 +419,8 @@ class ReuseConfig:
                                                       "attention_x_deviation_per_head") and t >= 1,
             deviation_per_head=self.importance_signal == "attention_x_deviation_per_head"
             and t >= 1,
-            refresh_threshold_kv=(self.importance_layers == "threshold" or (
+            refresh_threshold_kv=(self.importance_layers in ("threshold", "last_and_threshold")
+                                  or (
                 self.refresh_threshold_kv and self.importance_signal != "attention")) and t >= 1),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,

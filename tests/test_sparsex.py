@@ -441,6 +441,12 @@ def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
   # Not layer 0's attention (the "last" full layer), which the default reads.
   layer0 = _layer0_importance_reference(np.asarray(ids), 12, plan.sparse_q)
   assert not np.allclose(plan.scores, layer0[plan.reused_positions], rtol=2e-3, atol=1e-6)
+  # "last_and_threshold": the two layers' attention summed.
+  _, both = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
+      "sparsex", **(base | dict(importance_layers="last_and_threshold")), **PAPER),
+      return_plan=True)
+  np.testing.assert_allclose(both.scores, (want + layer0)[both.reused_positions], rtol=2e-3,
+                             atol=1e-6)
   _, norm = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
       "sparsex", importance_signal="attention_x_deviation_norm", segment_heads=0, **base),
       return_plan=True)

@@ -66,6 +66,9 @@ VARIANTS = {
     "axn+heads2+fresh+attnT": _PAPER | _AXN | {"segment_heads": 2, "importance_layers": "threshold"}
     | _FRESH,
     "attnT": _PAPER | {"importance_layers": "threshold"},
+    # ... the attention of layers T - 1 and T summed
+    "axn+heads2+fresh+attn2": _PAPER | _AXN | {"segment_heads": 2,
+                                               "importance_layers": "last_and_threshold"} | _FRESH,
     "axh+heads2": _PAPER | _AXH | {"segment_heads": 2},
     "axh+heads2+fresh": _PAPER | _AXH | {"segment_heads": 2} | _FRESH,
     "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},

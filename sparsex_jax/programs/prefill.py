@@ -41,7 +41,8 @@ class PrefillSpec:
 
   layer_threshold: int  # T
   score: str = "none"  # one of SCORES
-  # last | sum | threshold (layer T's attention over its fresh K/V, which are then kept)
+  # last | sum | threshold (layer T's attention over its fresh K/V, which are then kept) |
+  # last_and_threshold (the sum of the two)
   importance_layers: str = "last"
   head_reduce: str = "sum"
   n_active: int = 0  # bucketed size of the active set (sparse layers)
@@ -286,13 +287,14 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   # Sparse-Q attention read at layer T itself, over its fresh K/V (computed for every token: the
   # layers below ran in full), instead of in the full layers.
   at_threshold = (spec.score == "attention" and layer_threshold > 0
-                  and spec.importance_layers == "threshold")
+                  and spec.importance_layers in ("threshold", "last_and_threshold"))
   if at_threshold and not (spec.refresh_threshold_kv and spec.n_probe):
-    raise ValueError("importance_layers='threshold' reads layer T's attention over the fresh K/V "
-                     "the refresh writes, through the Sparse-Q probe: the spec needs "
-                     f"refresh_threshold_kv and n_probe > 0, got {spec}")
-  attention_scored = spec.score == "attention" and layer_threshold > 0 and not at_threshold
-  scored_from = layer_threshold - 1 if spec.importance_layers == "last" else 0
+    raise ValueError(f"importance_layers={spec.importance_layers!r} reads layer T's attention "
+                     "over the fresh K/V the refresh writes, through the Sparse-Q probe: the spec "
+                     f"needs refresh_threshold_kv and n_probe > 0, got {spec}")
+  attention_scored = (spec.score == "attention" and layer_threshold > 0
+                      and spec.importance_layers != "threshold")
+  scored_from = 0 if spec.importance_layers == "sum" else layer_threshold - 1
   if not attention_scored:
     scored_from = layer_threshold
   # The full layers: every non-exact token is a query.
@@ -322,13 +324,13 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     x_last = _take(x, batch.last_index[:, None])[:, 0]
     return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected, selected)
 
-  if attention_scored:
-    scores = _token_scores(importance, positions)
-  elif at_threshold:  # the refresh put layer T's fresh K/V of every token in the pool
+  if at_threshold:  # the refresh put layer T's fresh K/V of every token in the pool
     _, pool = deviation(pool)
     score = _importance(cfg, batch, spec, batch.sparse_q, probe,
                         "per_kv_head" if per_head else None)
-    importance = score(measured["q"], positions, None, pool, layer_threshold)
+    importance = importance + score(measured["q"], positions, None, pool, layer_threshold)
+    scores = _token_scores(importance, positions)
+  elif attention_scored:
     scores = _token_scores(importance, positions)
   elif spec.score == "attention":  # T == 0: probe layer 0 with the Sparse-Q rows only
     idx, valid = compact(batch.sparse_q, spec.n_probe)
