@@ -243,11 +243,13 @@ def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse
   log-sum-exp (the dense full layers): their lse is recomputed by the sparse-query kernel on those
   rows only (a few queries: cheap next to the layer), so the probabilities stay exact.
   """
-  def score(q, positions, lse, pool, layer):
+  def score(q, positions, lse, pool, layer, probe_rows=False):
+    """probe_rows: q is already the probe's rows (positions still every token's)."""
     rows = sparse_q
     if lse is None:
       idx, valid = probe
-      q, positions, rows = _take(q, idx), jnp.where(valid, _take(positions, idx), -1), valid
+      q = q if probe_rows else _take(q, idx)
+      positions, rows = jnp.where(valid, _take(positions, idx), -1), valid
       _, lse = ops.attention(q, positions, pool["k"], pool["v"], batch.page_table, batch.kv_len,
                              sm_scale=cfg.sm_scale, layer=layer, backend=spec.backend)
     return ops.importance(q, positions, rows, pool["k"], batch.page_table, batch.kv_len, lse,
@@ -292,8 +294,11 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     raise ValueError(f"importance_layers={spec.importance_layers!r} reads layer T's attention "
                      "over the fresh K/V the refresh writes, through the Sparse-Q probe: the spec "
                      f"needs refresh_threshold_kv and n_probe > 0, got {spec}")
+  # last_and_threshold scores layer T - 1 after the full layers too, from its kept input, rather
+  # than inside their scan: with both scored inside one program XLA added 69 device copies per
+  # prefill, 8 ms at 8K on the H100 (docs/quality.md, round 8).
   attention_scored = (spec.score == "attention" and layer_threshold > 0
-                      and spec.importance_layers != "threshold")
+                      and spec.importance_layers in ("last", "sum"))
   scored_from = 0 if spec.importance_layers == "sum" else layer_threshold - 1
   if not attention_scored:
     scored_from = layer_threshold
@@ -302,10 +307,15 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   full_attend = _dense_attention(cfg, batch, spec, pool["k"].shape[3]) if dense else attend
   probe = (compact(batch.sparse_q, spec.n_probe) if ((dense and attention_scored) or at_threshold)
            else None)
+  both = at_threshold and spec.importance_layers == "last_and_threshold"
+  if both:
+    scored_from = layer_threshold - 1
   x, pool, _ = run(0, scored_from, x, positions, slots, pool, dense=dense)
+  x_last_full = x  # layer T - 1's input
   x, pool, importance = run(scored_from, layer_threshold, x, positions, slots, pool,
-                            sparse_q=batch.sparse_q, importance=importance, dense=dense,
-                            probe=probe, head_reduce="per_kv_head" if per_head else None)
+                            sparse_q=batch.sparse_q if attention_scored else None,
+                            importance=importance, dense=dense, probe=probe,
+                            head_reduce="per_kv_head" if per_head else None)
   measured = {}
 
   def deviation(pool):  # at the first sparse layer, from its input x (exact: every layer ran)
@@ -329,6 +339,13 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     score = _importance(cfg, batch, spec, batch.sparse_q, probe,
                         "per_kv_head" if per_head else None)
     importance = importance + score(measured["q"], positions, None, pool, layer_threshold)
+    if both:  # layer T - 1: the probe rows' q from its input, over the K/V it wrote
+      idx, valid = probe
+      q_last_full, _, _ = llama.layer_qkv(
+          jax.tree.map(lambda w: w[layer_threshold - 1], layers), cfg, _take(x_last_full, idx),
+          jnp.where(valid, _take(positions, idx), 0))
+      importance = importance + score(q_last_full, positions, None, pool, layer_threshold - 1,
+                                      probe_rows=True)
     scores = _token_scores(importance, positions)
   elif attention_scored:
     scores = _token_scores(importance, positions)
