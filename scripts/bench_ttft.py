@@ -58,10 +58,11 @@ from sparsex_jax.programs.options import COMPILER_OPTIONS  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 
-PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
+# the paper's selection rule
+PAPER = dict(importance_signal="attention", segment_heads=0, importance_layers="last")
 DEFAULT = f"sparsex[{DEFAULT_VARIANT}]"  # the default rule's label family, as `sparsex eval`'s
+LAST = "sparsex[axn+heads2+fresh]"  # `sparsex eval --variants axn+heads2+fresh`
 ATTN_T = "sparsex[axn+heads2+fresh+attnT]"  # `sparsex eval --variants axn+heads2+fresh+attnT`
-ATTN_2 = "sparsex[axn+heads2+fresh+attn2]"  # `sparsex eval --variants axn+heads2+fresh+attn2`
 DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
 # Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
@@ -69,30 +70,32 @@ POLICIES = [
     ("naive", sx.ReuseConfig("naive")),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
-    # The default selection rule (attention x |K/V deviation|, 2 segment heads, every token's
-    # fresh K/V kept at layer T; docs/quality.md).
+    # The default selection rule (attention at layers T - 1 and T x |K/V deviation|, 2 segment
+    # heads, every token's fresh K/V kept at layer T; docs/quality.md, round 8).
     (f"{DEFAULT} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
     (f"{DEFAULT} r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
-    # The cheapest configurations of the default rule that beat EPIC r=0.15 (docs/quality.md).
     (f"{DEFAULT} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1)),
     (f"{DEFAULT} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1)),
-    # The default rule reading the Sparse-Q attention at layer T over its fresh K/V
-    # (importance_layers="threshold"; docs/quality.md, round 7).
+    # The rule reading layer T - 1 alone (the default until round 8); at T = 1 it is the better
+    # one, and r = 0.10 T = 1 is the configuration at EPIC r=0.15's TTFT (docs/quality.md).
+    (f"{LAST} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
+                                          importance_layers="last")),
+    (f"{LAST} r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
+                                          importance_layers="last")),
+    (f"{LAST} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
+                                          importance_layers="last")),
+    (f"{LAST} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1,
+                                          importance_layers="last")),
+    # ... reading layer T alone over its fresh K/V (importance_layers="threshold"; round 7).
     (f"{ATTN_T} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
                                             importance_layers="threshold")),
     (f"{ATTN_T} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1,
                                             importance_layers="threshold")),
     (f"{ATTN_T} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
                                             importance_layers="threshold")),
-    # ... and the attention of layers T - 1 and T summed (round 8)
-    (f"{ATTN_2} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
-                                            importance_layers="last_and_threshold")),
-    (f"{ATTN_2} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
-                                            importance_layers="last_and_threshold")),
-    # The default rule without keeping every token's fresh K/V at layer T (the default until
-    # round 4; docs/quality.md).
+    # ... without keeping every token's fresh K/V at layer T (the default until round 4).
     ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=4,
+                                                      layer_threshold=4, importance_layers="last",
                                                       refresh_threshold_kv=False)),
     # The paper's rule (Sparse-Q attention mass).
     ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,

@@ -32,7 +32,7 @@ PREFILLS = [  # (label, reuse): full prefill, naive reuse, and the sparsex defau
     ("naive", sx.ReuseConfig("naive", **NO_UPDATE)),
     ("sparsex T=1", sx.ReuseConfig("sparsex", layer_threshold=1, **NO_UPDATE)),
     ("sparsex T=1 no-ref", sx.ReuseConfig("sparsex", layer_threshold=1, refresh_threshold_kv=False,
-                                          **NO_UPDATE)),
+                                          importance_layers="last", **NO_UPDATE)),
 ]
 
 

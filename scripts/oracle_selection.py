@@ -100,7 +100,7 @@ def _attention_at(engine, request, layer: int, ratio: float) -> np.ndarray:
   """Attention mass the Sparse-Q rows pay each prompt position at `layer` (the paper's signal,
   from a prefill whose full layers are [0, layer]); 0 off the reused tokens."""
   cfg = sx.ReuseConfig("sparsex", recompute_ratio=ratio, layer_threshold=layer + 1,
-                       importance_signal="attention", segment_heads=0,
+                       importance_signal="attention", segment_heads=0, importance_layers="last",
                        refresh_threshold_kv=False, update_caches=False)
   _, plan = engine.prefill_logits(request, reuse=cfg, return_plan=True)
   out = np.zeros(plan.labels.size, np.float64)

@@ -39,7 +39,7 @@ DEFAULT_LAYER_THRESHOLD = 4
 # error a reused token causes in the new tokens' outputs, not only how much it is read) and always
 # recompute the first 2 tokens of every reused segment (a segment cached alone starts as a
 # sequence does: its first tokens carry attention-sink K/V). The paper's rule is
-# importance_signal="attention", segment_heads=0.
+# importance_signal="attention", segment_heads=0, importance_layers="last".
 DEFAULT_IMPORTANCE_SIGNAL = "attention_x_deviation_norm"
 DEFAULT_SEGMENT_HEADS = 2
 # Measuring the deviation computes every reused token's exact K/V at layer T; keeping them (not
@@ -48,6 +48,13 @@ DEFAULT_SEGMENT_HEADS = 2
 # costs nothing measurable on an H100 since the layer loops stopped copying weights (docs/ttft.md,
 # round 4: 64.0 vs 63.5 ms of device time at 8K, 393.6 vs 392.1 ms at 32K), so it is on.
 DEFAULT_REFRESH_THRESHOLD_KV = True
+# Read the Sparse-Q attention at the last full layer T - 1 and at layer T (over the fresh K/V the
+# deviation computes anyway), summed: chosen on the dev split (+4.1 points [+1.9, +9.9] at r = 0.15,
+# T = 4) and +1.8 [+0.2, +3.3] on the test split, for +1.6 ms of device time at 8K on an H100
+# (docs/quality.md, round 8). At T = 1 reading layer T - 1 alone ("last") is better (-4.7 on the
+# test split): layer 1's attention over fresh keys is a weak signal there.
+DEFAULT_IMPORTANCE_LAYERS = "last_and_threshold"
+_READS_LAYER_T = ("threshold", "last_and_threshold")
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
 
@@ -284,15 +291,13 @@ class ReuseConfig:
   layer_threshold: T, layers [0, T) are computed for every non-exact token. None picks the mode's
     default: sparsex and random 4 (capped at the model's depth), cacheblend `check_layer`, epic 0,
     naive 0.
-  importance_layers: sparsex reads Sparse-Q attention at the "last" full layer T - 1 (default),
-    "sum"s it over the full layers, or reads it at layer "threshold" T itself: the Sparse-Q rows'
-    attention over layer T's fresh K/V of every token (exact, since the layers below ran in full;
-    they are then kept, as refresh_threshold_kv does, whatever that option says). The attention
-    a token receives where the sparse layers start, not one layer below; measured worse than
-    "last" on the test split (docs/quality.md, round 7). "last_and_threshold" sums the
-    attention of layers T - 1 and T (the same fresh K/V kept). head_reduce: "sum"
-    (default) or "max" over heads. The defaults were the better measured options
-    (docs/quality.md).
+  importance_layers: where sparsex reads the Sparse-Q attention: "last_and_threshold"
+    (default) sums the last full layer T - 1's and layer T's, the latter over layer T's fresh
+    K/V of every token (exact, since the layers below ran in full; they are kept, so it needs
+    refresh_threshold_kv=True); "last" reads layer T - 1 alone (the default until round 8, and
+    the better one at T = 1); "threshold" layer T alone (measured worse, round 7); "sum" sums
+    the full layers [0, T). head_reduce: "sum" (default) or "max" over heads. The defaults were
+    the better measured options (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
   seed: for mode="random" (an int in [0, 2**32)).
   rescore_layer, rescore_ratio: re-score the selection at a later layer (sparsex only). At layer
@@ -311,14 +316,14 @@ class ReuseConfig:
     head_reduce="sum").
     Defaults (measured best, docs/quality.md): "attention_x_deviation_norm" (at T = 0 attention
     alone), segment_heads=2, refresh_threshold_kv=True. The paper's rule:
-    importance_signal="attention", segment_heads=0 (no deviation is measured then, so nothing is
-    refreshed).
+    importance_signal="attention", segment_heads=0, importance_layers="last" (no deviation is
+    measured then, so nothing is refreshed).
   """
 
   mode: str = "sparsex"
   recompute_ratio: float = 0.15
   layer_threshold: int | None = None
-  importance_layers: str = "last"
+  importance_layers: str = DEFAULT_IMPORTANCE_LAYERS
   head_reduce: str = "sum"
   check_layer: int = 1
   seed: int = 0
@@ -373,6 +378,11 @@ class ReuseConfig:
     if not isinstance(self.refresh_threshold_kv, bool):
       raise ValueError(f"refresh_threshold_kv must be True or False, "
                        f"got {self.refresh_threshold_kv!r}")
+    if (self.mode == "sparsex" and self.importance_layers in _READS_LAYER_T
+        and not self.refresh_threshold_kv):
+      raise ValueError(f"importance_layers={self.importance_layers!r} reads layer T's attention "
+                       "over the fresh K/V of every token and keeps them: it needs "
+                       "refresh_threshold_kv=True; without the refresh use importance_layers='last'")
     if self.importance_signal == "attention_x_deviation_per_head" and self.head_reduce != "sum":
       raise ValueError(f"importance_signal='attention_x_deviation_per_head' sums the attention "
                        f"within each kv head; head_reduce must be 'sum', got {self.head_reduce!r}")
@@ -419,9 +429,8 @@ class ReuseConfig:
                                                       "attention_x_deviation_per_head") and t >= 1,
             deviation_per_head=self.importance_signal == "attention_x_deviation_per_head"
             and t >= 1,
-            refresh_threshold_kv=(self.importance_layers in ("threshold", "last_and_threshold")
-                                  or (
-                self.refresh_threshold_kv and self.importance_signal != "attention")) and t >= 1),
+            refresh_threshold_kv=self.refresh_threshold_kv and t >= 1 and (
+                self.importance_signal != "attention" or self.importance_layers in _READS_LAYER_T)),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,
         "random": lambda: RandomChoice(self.seed),

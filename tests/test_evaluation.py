@@ -244,16 +244,17 @@ def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
   # baselines and the default rule's 5 x 5 grid (the default is one of its points)
   assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
-          "sparsex[axn+heads2+fresh] r=0.15 T=4", "sparsex[axn+heads2+fresh] r=0.30 T=8"} <= set(labels)
+          "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4",
+          "sparsex[axn+heads2+fresh+attn2] r=0.30 T=8"} <= set(labels)
   # at T = 0 the rule resolves to attention alone with segment heads (no deviation at layer 0)
-  assert "sparsex[axn+heads2+fresh] r=0.05 T=0" in labels
+  assert "sparsex[axn+heads2+fresh+attn2] r=0.05 T=0" in labels
   paper = [m.label for m in mth.method_grid(["sparsex"], 30, [0.15], [4], variants=[""])]
-  assert paper == ["full", "sparsex[axn+heads2+fresh] r=0.15 T=4", "sparsex r=0.15 T=4"]
+  assert paper == ["full", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4", "sparsex r=0.15 T=4"]
   assert all(not m.config.update_caches for m in grid)
-  assert mth.default_method(30).label == "sparsex[axn+heads2+fresh] r=0.15 T=4"
+  assert mth.default_method(30).label == "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4"
   assert [m.label for m in mth.method_grid(["naive", "sparsex"], 3, [0.1], [2, 8])] == [
-      "full", "naive", "sparsex[axn+heads2+fresh] r=0.15 T=3",
-      "sparsex[axn+heads2+fresh] r=0.10 T=2"]  # T=8 > depth: dropped
+      "full", "naive", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=3",
+      "sparsex[axn+heads2+fresh+attn2] r=0.10 T=2"]  # T=8 > depth: dropped
   with pytest.raises(ValueError, match="unknown method"):
     mth.method_grid(["magic"], 30)
 

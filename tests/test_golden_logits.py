@@ -26,7 +26,8 @@ import sparsex_jax as sx  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_logits.npz")
 
-PAPER = dict(importance_signal="attention", segment_heads=0)  # the rule the values were made with
+# the rule the values were made with
+PAPER = dict(importance_signal="attention", segment_heads=0, importance_layers="last")
 POLICIES = {
     "full": sx.ReuseConfig("full"),
     "prefix": sx.ReuseConfig("prefix"),
@@ -38,7 +39,7 @@ POLICIES = {
     "sparsex_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1, **PAPER),
     "sparsex_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0, **PAPER),
     "sparsex_sum_max": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=2,
-                                      importance_layers="sum", head_reduce="max", **PAPER),
+                                      head_reduce="max", **(PAPER | dict(importance_layers="sum"))),
     "sparsex_rescore": sx.ReuseConfig("sparsex", recompute_ratio=0.4, layer_threshold=1,
                                       rescore_layer=2, rescore_ratio=0.1, **PAPER),
 }

@@ -69,7 +69,9 @@ def test_labels_from_cache_hits_and_selection_counts():
     np.testing.assert_array_equal(batch.delta[0, 9:22], np.arange(17, 30) - (40 + j))
     assert batch.reused[0].sum() == 13 and batch.last_index[0] == m - 1 and batch.kv_len[0] == n
     assert (spec.layer_threshold, spec.score, spec.assemble) == (1, "attention", True)
-    assert spec.n_active == planner.bucket(int(plan.sparse_q[8:].sum()) + 7) and spec.n_probe == 0
+    assert spec.n_active == planner.bucket(int(plan.sparse_q[8:].sum()) + 7)
+    # the default reads layer T's attention through the Sparse-Q probe (its lse recomputed)
+    assert spec.n_probe == planner.bucket(int(plan.sparse_q.sum()))
   store.check_invariants()
   assert store.allocator.num_used == 2 + 4  # what the caches hold: 2 full blocks, 4 doc pages
 

@@ -60,13 +60,18 @@ def test_each_mode_resolves_to_its_scorer_and_caches():
     assert type(p.scorer) is scorer, mode
     assert (p.reads_prefix_cache, p.reads_segment_cache) == (prefix, segments), mode
     assert p.recompute_ratio == (0.0 if mode == "naive" else 0.2)
+  default = ReuseConfig("sparsex").resolve(cfg).scorer
+  assert default == policy.SparseQAttention("last_and_threshold", "sum", deviation_weighted=True,
+                                            segment_heads=2, deviation_norm=True,
+                                            refresh_threshold_kv=True)
   sparsex = ReuseConfig("sparsex", importance_layers="sum", head_reduce="max").resolve(cfg)
   assert sparsex.scorer == policy.SparseQAttention("sum", "max", deviation_weighted=True,
                                                    segment_heads=2, deviation_norm=True,
                                                    refresh_threshold_kv=True)
   squared = ReuseConfig("sparsex", importance_signal="attention_x_deviation").resolve(cfg).scorer
   assert squared.deviation_weighted and not squared.deviation_norm
-  paper = ReuseConfig("sparsex", importance_signal="attention", segment_heads=0).resolve(cfg)
+  paper = ReuseConfig("sparsex", importance_signal="attention", segment_heads=0,
+                      importance_layers="last").resolve(cfg)
   assert paper.scorer == policy.SparseQAttention()  # the paper's rule, by its own name
   at_zero = ReuseConfig("sparsex", layer_threshold=0).resolve(cfg).scorer
   # T = 0: attention alone, and no deviation measured, so nothing to refresh

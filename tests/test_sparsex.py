@@ -14,7 +14,9 @@ from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
 
 DOC_A, DOC_B, DOC_C = _ids(13, 21), _ids(22, 22), _ids(9, 23)
 SYSTEM, QUESTION = _ids(12, 24), _ids(6, 25)
-PAPER = dict(importance_signal="attention", segment_heads=0)  # the paper's selection rule
+# the paper's selection rule
+PAPER = dict(importance_signal="attention", segment_heads=0, importance_layers="last")
+PAPER_SIGNAL = dict(importance_signal="attention", segment_heads=0)  # read where a test says
 
 
 def _request():
@@ -121,8 +123,8 @@ def test_sum_over_layers_and_max_heads_options(warm_engine):
   outs = {}
   for layers in ("last", "sum"):
     for heads in ("sum", "max"):
-      reuse = sx.ReuseConfig("sparsex", importance_layers=layers, head_reduce=heads, **base,
-                             **PAPER)
+      reuse = sx.ReuseConfig("sparsex", head_reduce=heads, **base,
+                             **(PAPER | dict(importance_layers=layers)))
       logits, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
       outs[layers, heads] = plan.scores
       assert np.all(np.isfinite(logits)) and np.all(plan.scores >= 0)
@@ -206,9 +208,10 @@ def test_rescoring_options_are_validated(warm_engine):
 
 
 def test_attention_x_deviation_is_the_product_of_the_two_signals(warm_engine):
-  base = dict(recompute_ratio=0.3, layer_threshold=2)
+  base = dict(recompute_ratio=0.3, layer_threshold=2, importance_layers="last")
   _, att = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base,
-                                                                      **PAPER), return_plan=True)
+                                                                      **PAPER_SIGNAL),
+                                      return_plan=True)
   _, dev = warm_engine.prefill_logits(
       _request(), reuse=sx.ReuseConfig("cacheblend", recompute_ratio=0.3, check_layer=2),
       return_plan=True)
@@ -326,7 +329,7 @@ def _pool_kv(eng, request, reuse, layer):
 def test_per_head_deviation_pairs_each_kv_head_with_its_own_attention(warm_engine):
   """Score of reused token j: sum over kv heads k of a_kj * |deviation_kj|, against float64
   attention and the model functions' own K/V (not the engine's pages)."""
-  base = dict(recompute_ratio=0.3, layer_threshold=1, segment_heads=0)
+  base = dict(recompute_ratio=0.3, layer_threshold=1, segment_heads=0, importance_layers="last")
   _, plan = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
       "sparsex", importance_signal="attention_x_deviation_per_head", **base), return_plan=True)
   attention = _layer0_importance_reference(np.asarray(_full_ids()), 12, plan.sparse_q,
@@ -360,7 +363,7 @@ def test_refresh_threshold_kv_makes_layer_t_exact_for_every_token(warm_engine):
   fresh = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
       "sparsex", refresh_threshold_kv=True, **base))
   stale = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
-      "sparsex", refresh_threshold_kv=False, **base))
+      "sparsex", refresh_threshold_kv=False, importance_layers="last", **base))
   assert sx.ReuseConfig().refresh_threshold_kv  # the default since round 4 (docs/quality.md)
   assert _rel(fresh, full) < 1e-4
   assert _rel(stale, full) > 1e-3
@@ -368,7 +371,8 @@ def test_refresh_threshold_kv_makes_layer_t_exact_for_every_token(warm_engine):
   _, (k_fresh, v_fresh) = _layer1_kv_deviation_per_kv_head()
   for refresh in (True, False):
     k, v = _pool_kv(warm_engine, _request(), sx.ReuseConfig(
-        "sparsex", refresh_threshold_kv=refresh, recompute_ratio=0.05, layer_threshold=1), 1)
+        "sparsex", refresh_threshold_kv=refresh, recompute_ratio=0.05, layer_threshold=1,
+        importance_layers="last"), 1)
     exact = np.isclose(k, k_fresh, rtol=1e-3, atol=1e-4).all((1, 2)) & np.isclose(
         v, v_fresh, rtol=1e-3, atol=1e-4).all((1, 2))
     assert exact.all() if refresh else exact.mean() < 0.5, refresh
@@ -429,7 +433,8 @@ def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
       layer1, CFG, _hidden_after_layer0(ids, positions), positions[None]))
   base = dict(recompute_ratio=0.3, layer_threshold=1, importance_layers="threshold")
   _, plan = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig("sparsex", **base,
-                                                                       **PAPER), return_plan=True)
+                                                                       **PAPER_SIGNAL),
+                                       return_plan=True)
   g = CFG.n_heads // CFG.n_kv_heads
   want = np.zeros(len(ids))
   for n in range(CFG.n_heads):
@@ -443,7 +448,7 @@ def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
   assert not np.allclose(plan.scores, layer0[plan.reused_positions], rtol=2e-3, atol=1e-6)
   # "last_and_threshold": the two layers' attention summed.
   _, both = warm_engine.prefill_logits(_request(), reuse=sx.ReuseConfig(
-      "sparsex", **(base | dict(importance_layers="last_and_threshold")), **PAPER),
+      "sparsex", **(base | dict(importance_layers="last_and_threshold")), **PAPER_SIGNAL),
       return_plan=True)
   np.testing.assert_allclose(both.scores, (want + layer0)[both.reused_positions], rtol=2e-3,
                              atol=1e-6)
@@ -453,9 +458,11 @@ def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
   deviation, (k_fresh, v_fresh) = _layer1_kv_deviation_per_kv_head()
   np.testing.assert_allclose(norm.scores, (want * np.sqrt(deviation.sum(0)))[norm.reused_positions],
                              rtol=2e-3, atol=1e-6)
-  k_pool, v_pool = _pool_kv(warm_engine, _request(), sx.ReuseConfig(
-      "sparsex", refresh_threshold_kv=False, **base), 1)
+  k_pool, v_pool = _pool_kv(warm_engine, _request(), sx.ReuseConfig("sparsex", **base), 1)
   np.testing.assert_allclose(k_pool, k_fresh, rtol=1e-3, atol=1e-4)
   np.testing.assert_allclose(v_pool, v_fresh, rtol=1e-3, atol=1e-4)
+  with pytest.raises(ValueError, match="needs refresh_threshold_kv=True"):
+    sx.ReuseConfig("sparsex", refresh_threshold_kv=False, **base)
+  assert sx.ReuseConfig().importance_layers == "last_and_threshold"  # the default since round 8
   with pytest.raises(ValueError, match="importance_layers must be one of"):
     sx.ReuseConfig("sparsex", importance_layers="first")

@@ -40,8 +40,8 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 
 # Options of the sparsex policy, ablated on the dev split (docs/quality.md), each spelled out in
 # full so that a label means the same rule whatever the defaults. The empty variant is the
-# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh" is the
-# default.
+# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh+attn2" is
+# the default (since round 8; "axn+heads2+fresh" before).
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
           "refresh_threshold_kv": False, "segment_head_share": 0.0, "importance_layers": "last"}
 _AXD = {"importance_signal": "attention_x_deviation"}
@@ -65,7 +65,7 @@ VARIANTS = {
     # the Sparse-Q attention read at layer T over its fresh K/V, not at the last full layer
     "axn+heads2+fresh+attnT": _PAPER | _AXN | {"segment_heads": 2, "importance_layers": "threshold"}
     | _FRESH,
-    "attnT": _PAPER | {"importance_layers": "threshold"},
+    "attnT": _PAPER | {"importance_layers": "threshold"} | _FRESH,
     # ... the attention of layers T - 1 and T summed
     "axn+heads2+fresh+attn2": _PAPER | _AXN | {"segment_heads": 2,
                                                "importance_layers": "last_and_threshold"} | _FRESH,
@@ -85,7 +85,7 @@ def _variant_of(config: sx.ReuseConfig) -> str:
   return "+".join(f"{k}={v}" for k, v in options.items())
 
 
-DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axn+heads2+fresh"
+DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axn+heads2+fresh+attn2"
 
 
 def _resolved(config: sx.ReuseConfig, n_layers: int):
