@@ -64,6 +64,15 @@ DEFAULT = f"sparsex[{DEFAULT_VARIANT}]"  # the default rule's label family, as `
 LAST = "sparsex[axn+heads2+fresh]"  # `sparsex eval --variants axn+heads2+fresh`
 ATTN_T = "sparsex[axn+heads2+fresh+attnT]"  # `sparsex eval --variants axn+heads2+fresh+attnT`
 DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
+
+
+def _rule(family, options, cells):
+  """(label, config) of a sparsex rule at (r, T) cells, labelled as `sparsex eval` labels them."""
+  return [(f"{family} r={r:.2f} T={t}", sx.ReuseConfig("sparsex", recompute_ratio=r,
+                                                        layer_threshold=t, **options))
+          for r, t in cells]
+
+
 # Labels match `sparsex eval`'s, so quality and TTFT join by label.
 POLICIES = [
     ("full", sx.ReuseConfig("full")),
@@ -72,27 +81,12 @@ POLICIES = [
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
     # The default selection rule (attention at layers T - 1 and T x |K/V deviation|, 2 segment
     # heads, every token's fresh K/V kept at layer T; docs/quality.md, round 8).
-    (f"{DEFAULT} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
-    (f"{DEFAULT} r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
-    (f"{DEFAULT} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1)),
-    (f"{DEFAULT} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1)),
+    *_rule(DEFAULT, {}, ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
     # The rule reading layer T - 1 alone (the default until round 8); at T = 1 it is the better
     # one, and r = 0.10 T = 1 is the configuration at EPIC r=0.15's TTFT (docs/quality.md).
-    (f"{LAST} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
-                                          importance_layers="last")),
-    (f"{LAST} r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
-                                          importance_layers="last")),
-    (f"{LAST} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
-                                          importance_layers="last")),
-    (f"{LAST} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1,
-                                          importance_layers="last")),
+    *_rule(LAST, {"importance_layers": "last"}, ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
     # ... reading layer T alone over its fresh K/V (importance_layers="threshold"; round 7).
-    (f"{ATTN_T} r=0.10 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.10, layer_threshold=1,
-                                            importance_layers="threshold")),
-    (f"{ATTN_T} r=0.15 T=1", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1,
-                                            importance_layers="threshold")),
-    (f"{ATTN_T} r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
-                                            importance_layers="threshold")),
+    *_rule(ATTN_T, {"importance_layers": "threshold"}, ((0.10, 1), (0.15, 1), (0.15, 4))),
     # ... without keeping every token's fresh K/V at layer T (the default until round 4).
     ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
                                                       layer_threshold=4, importance_layers="last",
