@@ -17,7 +17,7 @@ from sparsex_jax.api import PrefillPlan
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.store import Lease
 from sparsex_jax.policy import EXACT, NEW, REUSED, ReusePolicy
-from sparsex_jax.programs.prefill import PrefillBatch, PrefillSpec
+from sparsex_jax.programs.prefill import LAYER_T_READINGS, PrefillBatch, PrefillSpec
 from sparsex_jax.prompt import Prompt
 
 __all__ = ["EXACT", "NEW", "REUSED", "Prompt", "RequestPlan", "bucket",
@@ -166,7 +166,7 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   full_attention = full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged"
   importance_layers = getattr(scorer, "importance_layers", "last")
   if score == "attention" and (layer_threshold == 0 or full_attention == "dense"
-                               or importance_layers in ("threshold", "last_and_threshold")):
+                               or importance_layers in LAYER_T_READINGS):
     # T = 0: the layer-0 probe; dense full layers and layer T's attention: the Sparse-Q rows' lse
     probe = n_probe
   else:

@@ -33,6 +33,8 @@ from sparsex_jax.programs.layers import pool_sentinel, scan_layers, write_kv
 from sparsex_jax.programs.options import COMPILER_OPTIONS
 
 SCORES = ("none", "attention", "deviation", "given")
+# importance_layers that read the Sparse-Q attention at layer T, through the probe
+LAYER_T_READINGS = ("threshold", "last_and_threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,7 @@ class PrefillSpec:
   layer_threshold: int  # T
   score: str = "none"  # one of SCORES
   # last | sum | threshold (layer T's attention over its fresh K/V, which are then kept) |
-  # last_and_threshold (the sum of the two)
+  # last_and_threshold (the sum of the two): LAYER_T_READINGS read layer T
   importance_layers: str = "last"
   head_reduce: str = "sum"
   n_active: int = 0  # bucketed size of the active set (sparse layers)
@@ -167,15 +169,15 @@ def _token_scores(importance, positions):
 
 def _kv_deviation(layer_params, cfg, layer, x, positions, slots, pool, per_head=False):
   """CacheBlend's score: squared distance of fresh K/V at `layer` from what the pool holds,
-  [B, T] (or [B, T, K] per kv head), and the fresh q, k, v [B, T, ., H] themselves."""
-  q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
+  [B, T] (or [B, T, K] per kv head), and the fresh k, v [B, T, K, H] themselves."""
+  _, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
   page, offset = page_and_offset(slots, pool["k"].shape[3])
   page = jnp.clip(page, 0, pool["k"].shape[2] - 1)
   k_old = pool["k"][layer][:, page, offset].transpose(1, 2, 0, 3)  # [B, T, K, H]
   v_old = pool["v"][layer][:, page, offset].transpose(1, 2, 0, 3)
   dk = (k.astype(jnp.float32) - k_old.astype(jnp.float32)) ** 2
   dv = (v.astype(jnp.float32) - v_old.astype(jnp.float32)) ** 2
-  return jnp.sum(dk + dv, axis=3 if per_head else (2, 3)), q, k, v
+  return jnp.sum(dk + dv, axis=3 if per_head else (2, 3)), k, v
 
 
 def _paged_attention(cfg: ModelConfig, batch: PrefillBatch, backend: str):
@@ -289,44 +291,49 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   # Sparse-Q attention read at layer T itself, over its fresh K/V (computed for every token: the
   # layers below ran in full), instead of in the full layers.
   at_threshold = (spec.score == "attention" and layer_threshold > 0
-                  and spec.importance_layers in ("threshold", "last_and_threshold"))
+                  and spec.importance_layers in LAYER_T_READINGS)
   if at_threshold and not (spec.refresh_threshold_kv and spec.n_probe):
     raise ValueError(f"importance_layers={spec.importance_layers!r} reads layer T's attention "
                      "over the fresh K/V the refresh writes, through the Sparse-Q probe: the spec "
                      f"needs refresh_threshold_kv and n_probe > 0, got {spec}")
-  # last_and_threshold scores layer T - 1 after the full layers too, from its kept input, rather
-  # than inside their scan: with both scored inside one program XLA added 69 device copies per
-  # prefill, 8 ms at 8K on the H100 (docs/quality.md, round 8).
   attention_scored = (spec.score == "attention" and layer_threshold > 0
                       and spec.importance_layers in ("last", "sum"))
-  scored_from = 0 if spec.importance_layers == "sum" else layer_threshold - 1
-  if not attention_scored:
-    scored_from = layer_threshold
+  # last_and_threshold scores layer T - 1 after the full layers, from its input kept between two
+  # runs, not inside their scan: with both layers scored inside one program XLA added 69 device
+  # copies per prefill, 8 ms at 8K on the H100 (docs/quality.md, round 8).
+  both = at_threshold and spec.importance_layers == "last_and_threshold"
+  if attention_scored:
+    scored_from = 0 if spec.importance_layers == "sum" else layer_threshold - 1
+  else:
+    scored_from = layer_threshold - 1 if both else layer_threshold
   # The full layers: every non-exact token is a query.
   dense = spec.full_attention == "dense"
   full_attend = _dense_attention(cfg, batch, spec, pool["k"].shape[3]) if dense else attend
   probe = (compact(batch.sparse_q, spec.n_probe) if ((dense and attention_scored) or at_threshold)
            else None)
-  both = at_threshold and spec.importance_layers == "last_and_threshold"
-  if both:
-    scored_from = layer_threshold - 1
   x, pool, _ = run(0, scored_from, x, positions, slots, pool, dense=dense)
-  x_last_full = x  # layer T - 1's input
+  x_last_full = x  # layer T - 1's input where both
   x, pool, importance = run(scored_from, layer_threshold, x, positions, slots, pool,
                             sparse_q=batch.sparse_q if attention_scored else None,
                             importance=importance, dense=dense, probe=probe,
                             head_reduce="per_kv_head" if per_head else None)
-  measured = {}
 
   def deviation(pool):  # at the first sparse layer, from its input x (exact: every layer ran)
-    if not measured:  # once, whichever of the scoring steps asks first
-      squared, q, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
-                                       layer_threshold, x, positions, slots, pool,
-                                       per_head=per_head)
-      if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
-        pool = write_kv(pool, layer_threshold, slots, k, v, spec.backend)
-      measured.update(squared=squared, q=q)
-    return measured["squared"], pool
+    squared, k, v = _kv_deviation(jax.tree.map(lambda w: w[layer_threshold], layers), cfg,
+                                  layer_threshold, x, positions, slots, pool, per_head=per_head)
+    if spec.refresh_threshold_kv:  # the fresh K/V are exact for every token: keep them all
+      pool = write_kv(pool, layer_threshold, slots, k, v, spec.backend)
+    return squared, pool
+
+  def probe_importance(layer, x_in, pool):
+    """The probe rows' attention at `layer` (its K/V in the pool), their q computed from the
+    layer's input x_in for those rows only."""
+    idx, valid = probe
+    q, _, _ = llama.layer_qkv(jax.tree.map(lambda w: w[layer], layers), cfg, _take(x_in, idx),
+                              jnp.where(valid, _take(positions, idx), 0))
+    score = _importance(cfg, batch, spec, batch.sparse_q, probe,
+                        "per_kv_head" if per_head else None)
+    return score(q, positions, None, pool, layer, probe_rows=True)
 
   scores = jnp.zeros((b, t), jnp.float32)
   selected = jnp.zeros((b, t), bool)
@@ -334,18 +341,12 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     x_last = _take(x, batch.last_index[:, None])[:, 0]
     return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected, selected)
 
-  if at_threshold:  # the refresh put layer T's fresh K/V of every token in the pool
-    _, pool = deviation(pool)
-    score = _importance(cfg, batch, spec, batch.sparse_q, probe,
-                        "per_kv_head" if per_head else None)
-    importance = importance + score(measured["q"], positions, None, pool, layer_threshold)
-    if both:  # layer T - 1: the probe rows' q from its input, over the K/V it wrote
-      idx, valid = probe
-      q_last_full, _, _ = llama.layer_qkv(
-          jax.tree.map(lambda w: w[layer_threshold - 1], layers), cfg, _take(x_last_full, idx),
-          jnp.where(valid, _take(positions, idx), 0))
-      importance = importance + score(q_last_full, positions, None, pool, layer_threshold - 1,
-                                      probe_rows=True)
+  squared = None
+  if at_threshold:  # the refresh puts layer T's fresh K/V of every token in the pool first
+    squared, pool = deviation(pool)
+    importance = importance + probe_importance(layer_threshold, x, pool)
+    if both:  # layer T - 1, over the K/V it wrote
+      importance = importance + probe_importance(layer_threshold - 1, x_last_full, pool)
     scores = _token_scores(importance, positions)
   elif attention_scored:
     scores = _token_scores(importance, positions)
@@ -364,7 +365,8 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     scores = batch.given_score
 
   if spec.deviation_weighted:  # the error a token causes: how much it is read x how wrong it is
-    squared, pool = deviation(pool)
+    if squared is None:
+      squared, pool = deviation(pool)
     error = scores * (jnp.sqrt(squared) if spec.deviation_norm else squared)
     scores = jnp.sum(error, axis=2) if per_head else error
   candidates = batch.reused & ~batch.sparse_q
