@@ -49,10 +49,11 @@ DEFAULT_SEGMENT_HEADS = 2
 # round 4: 64.0 vs 63.5 ms of device time at 8K, 393.6 vs 392.1 ms at 32K), so it is on.
 DEFAULT_REFRESH_THRESHOLD_KV = True
 # Read the Sparse-Q attention at the last full layer T - 1 and at layer T (over the fresh K/V the
-# deviation computes anyway), summed: chosen on the dev split (+4.1 points [+1.9, +9.9] at r = 0.15,
-# T = 4) and +1.8 [+0.2, +3.3] on the test split, at the previous rule's device time (59.3 against
-# 59.4 ms at 8K on an H100; docs/quality.md, round 8). At T = 1 reading layer T - 1 alone ("last") is better (-4.7 on the
-# test split): layer 1's attention over fresh keys is a weak signal there.
+# deviation computes anyway), summed: chosen on the dev split (+4.1 points [+1.9, +9.9] at
+# r = 0.15, T = 4) and +1.8 [+0.2, +3.3] on the test split, at the previous rule's device time
+# (59.3 against 59.4 ms at 8K on an H100; docs/quality.md, round 8). At T = 1 reading layer T - 1
+# alone ("last") is better (-4.7 on the test split): layer 1's attention over fresh keys is a
+# weak signal there.
 DEFAULT_IMPORTANCE_LAYERS = "last_and_threshold"
 _READS_LAYER_T = ("threshold", "last_and_threshold")
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
