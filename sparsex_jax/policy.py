@@ -383,7 +383,8 @@ class ReuseConfig:
         and not self.refresh_threshold_kv):
       raise ValueError(f"importance_layers={self.importance_layers!r} reads layer T's attention "
                        "over the fresh K/V of every token and keeps them: it needs "
-                       "refresh_threshold_kv=True; without the refresh use importance_layers='last'")
+                       "refresh_threshold_kv=True; without the refresh use "
+                       "importance_layers='last'")
     if self.importance_signal == "attention_x_deviation_per_head" and self.head_reduce != "sum":
       raise ValueError(f"importance_signal='attention_x_deviation_per_head' sums the attention "
                        f"within each kv head; head_reduce must be 'sum', got {self.head_reduce!r}")
