@@ -431,6 +431,9 @@ def bench_workload(results, engine, timer, preset, workload: Workload, methods, 
                  "n_reused": int(plan.reused_positions.size),
                  "n_recomputed": int(plan.selected_positions.size), "recompiled": recompiled,
                  **fl})
+    # one line as each method finishes: a run stopped mid-workload still leaves its numbers
+    print(f"  {label}: ttft {1e3 * float(np.median(ttft)):.1f} ms, device "
+          f"{1e3 * float(np.median(device)):.1f} ms, compile {compile_s:.0f} s", flush=True)
   anchor = next((r for r in rows if r["method"] == DENSE), None)
   for r in rows:
     med = 1e3 * float(np.median(r["ttft"]))
