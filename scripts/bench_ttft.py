@@ -53,14 +53,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import sparsex_jax as sx  # noqa: E402
-from sparsex_jax.evaluation.methods import DEFAULT_VARIANT  # noqa: E402
+from sparsex_jax.evaluation.methods import default_label  # noqa: E402
 from sparsex_jax.programs.options import COMPILER_OPTIONS  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
 
 # the paper's selection rule
 PAPER = dict(importance_signal="attention", segment_heads=0, importance_layers="last")
-DEFAULT = f"sparsex[{DEFAULT_VARIANT}]"  # the default rule's label family, as `sparsex eval`'s
+ATTN2 = "sparsex[axn+heads2+fresh+attn2]"  # `sparsex eval --variants axn+heads2+fresh+attn2`
 LAST = "sparsex[axn+heads2+fresh]"  # `sparsex eval --variants axn+heads2+fresh`
 ATTN_T = "sparsex[axn+heads2+fresh+attnT]"  # `sparsex eval --variants axn+heads2+fresh+attnT`
 DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
@@ -79,11 +79,13 @@ POLICIES = [
     ("naive", sx.ReuseConfig("naive")),
     ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
-    # The default selection rule (attention at layers T - 1 and T x |K/V deviation|, 2 segment
-    # heads, every token's fresh K/V kept at layer T; docs/quality.md, round 8).
-    *_rule(DEFAULT, {}, ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
-    # The rule reading layer T - 1 alone (the default until round 8); at T = 1 it is the better
-    # one, and r = 0.10 T = 1 is the configuration at EPIC r=0.15's TTFT (docs/quality.md).
+    # The selection rule (attention x |K/V deviation|, 2 segment heads, every token's fresh K/V
+    # kept at layer T) reading the attention at layers T - 1 and T: the default at T >= 2
+    # (docs/quality.md, rounds 8 and 10) ...
+    *_rule(ATTN2, {"importance_layers": "last_and_threshold"},
+           ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
+    # ... and at layer T - 1 alone: the default at T <= 1, where r = 0.10 T = 1 is the
+    # configuration at EPIC r=0.15's TTFT (docs/quality.md).
     *_rule(LAST, {"importance_layers": "last"}, ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
     # ... reading layer T alone over its fresh K/V (importance_layers="threshold"; round 7).
     *_rule(ATTN_T, {"importance_layers": "threshold"}, ((0.10, 1), (0.15, 1), (0.15, 4))),
@@ -104,7 +106,7 @@ POLICIES = [
     ("prefix", sx.ReuseConfig("prefix")),
 ]
 DEFAULT_METHODS = [DENSE, "full", "naive", "epic r=0.15", "cacheblend r=0.15",
-                   f"{DEFAULT} r=0.15 T=4", f"{DEFAULT} r=0.15 T=2", "sparsex r=0.15 T=4"]
+                   default_label(0.15, 4), default_label(0.15, 2), "sparsex r=0.15 T=4"]
 WORKLOADS = ("rag", "chat", "agent")
 # --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context; the
 # defaults are the grid of `sparsex eval` (issue 10), so that every cell of its heatmap has a TTFT.
@@ -498,7 +500,7 @@ def bench(results, args, ceil):
         for t in args.sweep_thresholds:
           if t >= engine.config.n_layers:
             continue
-          label = f"{DEFAULT} r={r:.2f} T={t}"
+          label = default_label(r, t)
           if label not in {lb for lb, _ in POLICIES}:
             POLICIES.append((label, sx.ReuseConfig("sparsex", recompute_ratio=r,
                                                    layer_threshold=t)))

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
   from models.config import ModelConfig
 
 REUSE_MODES = ("full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex")
-IMPORTANCE_LAYERS = ("last", "sum", "threshold", "last_and_threshold")
+IMPORTANCE_LAYERS = ("auto", "last", "sum", "threshold", "last_and_threshold")
 HEAD_REDUCE = ("sum", "max")
 IMPORTANCE_SIGNALS = ("attention", "attention_x_deviation", "attention_x_deviation_norm",
                       "attention_x_deviation_per_head")
@@ -49,12 +49,25 @@ DEFAULT_SEGMENT_HEADS = 2
 # round 4: 64.0 vs 63.5 ms of device time at 8K, 393.6 vs 392.1 ms at 32K), so it is on.
 DEFAULT_REFRESH_THRESHOLD_KV = True
 # Read the Sparse-Q attention at the last full layer T - 1 and at layer T (over the fresh K/V the
-# deviation computes anyway), summed: chosen on the dev split (+4.1 points [+1.9, +9.9] at
-# r = 0.15, T = 4) and +1.8 [+0.2, +3.3] on the test split, at the previous rule's device time
-# (59.3 against 59.4 ms at 8K on an H100; docs/quality.md, round 8). At T = 1 reading layer T - 1
-# alone ("last") is better (-4.7 on the test split): layer 1's attention over fresh keys is a
-# weak signal there.
-DEFAULT_IMPORTANCE_LAYERS = "last_and_threshold"
+# deviation computes anyway), summed, where T >= 2; at T <= 1 read layer T - 1 alone. The sum was
+# chosen on the dev split at T = 4 (+4.1 points [+1.9, +9.9] at r = 0.15) and at T = 2 (+7.4 over
+# r = 0.10 and 0.15), and is +1.8 [+0.2, +3.3] on the test split at the default, at the previous
+# rule's device time (59.3 against 59.4 ms at 8K on an H100; docs/quality.md, rounds 8 and 10).
+# At T = 1 it is worse (-4.7 on the test split, -2.7 on dev): layers 0 and 1 attend mostly by
+# position, and layer 1's attention alone is worse still (round 7). At T = 8 the two readings tie
+# on dev (-1.2 [-3.9, +4.9]); one rule for every T >= 2 is the simpler choice.
+DEFAULT_IMPORTANCE_LAYERS = "auto"
+
+
+def importance_layers_at(importance_layers: str, layer_threshold: int,
+                         refresh_threshold_kv: bool) -> str:
+  """The concrete reading of `importance_layers` at threshold T: "auto" is "last_and_threshold"
+  at T >= 2 where layer T's fresh K/V are kept (the reading needs them), "last" otherwise."""
+  if importance_layers != "auto":
+    return importance_layers
+  return "last_and_threshold" if layer_threshold >= 2 and refresh_threshold_kv else "last"
+
+
 _READS_LAYER_T = ("threshold", "last_and_threshold")
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
 EXACT, REUSED, NEW = 0, 1, 2
@@ -292,13 +305,14 @@ class ReuseConfig:
   layer_threshold: T, layers [0, T) are computed for every non-exact token. None picks the mode's
     default: sparsex and random 4 (capped at the model's depth), cacheblend `check_layer`, epic 0,
     naive 0.
-  importance_layers: where sparsex reads the Sparse-Q attention: "last_and_threshold"
-    (default) sums the last full layer T - 1's and layer T's, the latter over layer T's fresh
-    K/V of every token (exact, since the layers below ran in full; they are kept, so it needs
-    refresh_threshold_kv=True); "last" reads layer T - 1 alone (the default until round 8, and
-    the better one at T = 1); "threshold" layer T alone (measured worse, round 7); "sum" sums
-    the full layers [0, T). head_reduce: "sum" (default) or "max" over heads. The defaults were
-    the better measured options (docs/quality.md).
+  importance_layers: where sparsex reads the Sparse-Q attention. "auto" (default): layers T - 1
+    and T summed at T >= 2, layer T - 1 alone at T <= 1 (see importance_layers_at; the better
+    measured at each T). "last_and_threshold" sums the last full layer T - 1's and layer T's,
+    the latter over layer T's fresh K/V of every token (exact, since the layers below ran in
+    full; they are kept, so it needs refresh_threshold_kv=True); "last" reads layer T - 1 alone
+    (the default until round 8); "threshold" layer T alone (measured worse, round 7); "sum"
+    sums the full layers [0, T). head_reduce: "sum" (default) or "max" over heads. The defaults
+    were the better measured options (docs/quality.md).
   check_layer: cacheblend's layer whose K/V deviation ranks the tokens (full layers below it).
   seed: for mode="random" (an int in [0, 2**32)).
   rescore_layer, rescore_ratio: re-score the selection at a later layer (sparsex only). At layer
@@ -419,9 +433,10 @@ class ReuseConfig:
         raise ValueError(f"rescore_layer must be in ({t}, {n_layers}) (after the layer "
                          f"threshold, before the last layer), got {self.rescore_layer}")
       rescore = self.rescore_layer
+    layers = importance_layers_at(self.importance_layers, t, self.refresh_threshold_kv)
     scorer = {
         "sparsex": lambda: SparseQAttention(
-            self.importance_layers, self.head_reduce,
+            layers, self.head_reduce,
             # At T = 0 every reused K/V equals its fresh value at layer 0 (it depends only on the
             # token and its position): no deviation to weigh by, so attention alone ranks.
             deviation_weighted=self.importance_signal != "attention" and t >= 1,
@@ -432,7 +447,7 @@ class ReuseConfig:
             deviation_per_head=self.importance_signal == "attention_x_deviation_per_head"
             and t >= 1,
             refresh_threshold_kv=self.refresh_threshold_kv and t >= 1 and (
-                self.importance_signal != "attention" or self.importance_layers in _READS_LAYER_T)),
+                self.importance_signal != "attention" or layers in _READS_LAYER_T)),
         "cacheblend": KVDeviation,
         "epic": SegmentHeads,
         "random": lambda: RandomChoice(self.seed),

@@ -246,8 +246,20 @@ def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
           "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4",
           "sparsex[axn+heads2+fresh+attn2] r=0.30 T=8"} <= set(labels)
-  # at T = 0 the rule resolves to attention alone with segment heads (no deviation at layer 0)
-  assert "sparsex[axn+heads2+fresh+attn2] r=0.05 T=0" in labels
+  # at T <= 1 the default reads layer T - 1 alone (importance_layers="auto"), and its cells are
+  # labelled by that rule; at T = 0 it ranks by attention alone (no deviation at layer 0)
+  assert {"sparsex[axn+heads2+fresh] r=0.05 T=0", "sparsex[axn+heads2+fresh] r=0.10 T=1",
+          "sparsex[axn+heads2+fresh+attn2] r=0.10 T=2"} <= set(labels)
+  assert not any("auto" in label for label in labels)
+  by_label = {m.label: m for m in grid}
+  assert by_label["sparsex[axn+heads2+fresh] r=0.10 T=1"].config.importance_layers == "last"
+  # the default's cells and an explicit run of the same rule share labels (one method each)
+  both = mth.method_grid(["sparsex"], 30, [0.1], [1, 2],
+                         variants=[mth.DEFAULT_VARIANT, "axn+heads2+fresh"])
+  assert [m.label for m in both] == [
+      "full", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4", "sparsex[axn+heads2+fresh] r=0.10 T=1",
+      "sparsex[axn+heads2+fresh+attn2] r=0.10 T=2", "sparsex[axn+heads2+fresh] r=0.10 T=2"]
+  assert mth.default_label(0.1, 1) == "sparsex[axn+heads2+fresh] r=0.10 T=1"
   paper = [m.label for m in mth.method_grid(["sparsex"], 30, [0.15], [4], variants=[""])]
   assert paper == ["full", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4", "sparsex r=0.15 T=4"]
   assert all(not m.config.update_caches for m in grid)
@@ -329,6 +341,46 @@ def test_report_summaries_tables_and_plots(tmp_path):
   _fake_run(raw2, seed=1)
   report.render([out + ".json", raw2], str(tmp_path / "merged"), [], n_boot=100)
   assert "sparsex eval --fake" in open(str(tmp_path / "merged.md")).read()
+
+
+def test_report_joins_runs_that_split_the_methods(tmp_path):
+  """Two runs on the same prompts with different sparsex rules join into one report: every
+  method of both, the shared ones (full, naive) from the later run, and a grid that shows the
+  default rule's cell where both rules ran there."""
+  old, new = str(tmp_path / "old.json"), str(tmp_path / "new.json")
+  _fake_run(old, n=8, seed=2)
+  _fake_run(new, n=8, seed=3)
+  rename = {"sparsex r=0.15 T=4": mth.default_label(0.15, 4),
+            "sparsex r=0.30 T=2": mth.default_label(0.30, 2)}
+  data = json.load(open(new))  # the newer run: the default rule at two cells, plus the baselines
+  data["meta"]["methods"] = [dict(m, label=rename.get(m["label"], m["label"]))
+                            for m in data["meta"]["methods"]
+                             if m["label"] in rename or m["family"] != "sparsex"]
+  data["meta"]["default_label"] = rename["sparsex r=0.15 T=4"]
+  for p in data["prompts"]:
+    p["results"] = {rename.get(k, k): v for k, v in p["results"].items()
+                    if k in rename or not k.startswith("sparsex")}
+  json.dump(data, open(new, "w"))
+  metas, prompts = report.load_runs([old, new])
+  assert len(prompts) == 16
+  by_key = {p["key"]: p for p in prompts}
+  old_prompt = json.load(open(old))["prompts"][0]
+  joined = by_key[old_prompt["key"]]["results"]
+  assert joined["sparsex r=0.15 T=4"] == old_prompt["results"]["sparsex r=0.15 T=4"]
+  assert joined["naive"] == data["prompts"][0]["results"]["naive"]  # the later run's
+  assert joined[rename["sparsex r=0.30 T=2"]] == data["prompts"][0]["results"][
+      rename["sparsex r=0.30 T=2"]]
+  summary = report.render([old, new], str(tmp_path / "joined"), [], n_boot=100)
+  assert summary["default_label"] == rename["sparsex r=0.15 T=4"]
+  assert {"sparsex r=0.15 T=4", "sparsex r=0.30 T=4"} | set(rename.values()) <= set(
+      summary["overall"])
+  ts, rs, g = report._grid(report.merged_meta(metas), summary)
+  cell = lambda label: summary["overall"][label]["gap_recovered"]["mean"]  # noqa: E731
+  assert g[ts.index(4), rs.index(0.15)] == cell(rename["sparsex r=0.15 T=4"])
+  assert g[ts.index(2), rs.index(0.30)] == cell(rename["sparsex r=0.30 T=2"])
+  assert g[ts.index(4), rs.index(0.30)] == cell("sparsex r=0.30 T=4")  # only the old rule ran
+  assert cell(rename["sparsex r=0.15 T=4"]) != cell("sparsex r=0.15 T=4")
+  assert "the grid shows the default rule's" in open(str(tmp_path / "joined.md")).read()
 
 
 def test_report_refuses_to_merge_splits(tmp_path):

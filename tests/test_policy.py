@@ -64,6 +64,10 @@ def test_each_mode_resolves_to_its_scorer_and_caches():
   assert default == policy.SparseQAttention("last_and_threshold", "sum", deviation_weighted=True,
                                             segment_heads=2, deviation_norm=True,
                                             refresh_threshold_kv=True)
+  # "auto" reads layer T - 1 alone at T <= 1 (the sum was measured worse there)
+  at_one = ReuseConfig("sparsex", layer_threshold=1).resolve(cfg).scorer
+  assert at_one == policy.SparseQAttention("last", "sum", deviation_weighted=True, segment_heads=2,
+                                           deviation_norm=True, refresh_threshold_kv=True)
   sparsex = ReuseConfig("sparsex", importance_layers="sum", head_reduce="max").resolve(cfg)
   assert sparsex.scorer == policy.SparseQAttention("sum", "max", deviation_weighted=True,
                                                    segment_heads=2, deviation_norm=True,

@@ -463,6 +463,14 @@ def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
   np.testing.assert_allclose(v_pool, v_fresh, rtol=1e-3, atol=1e-4)
   with pytest.raises(ValueError, match="needs refresh_threshold_kv=True"):
     sx.ReuseConfig("sparsex", refresh_threshold_kv=False, **base)
-  assert sx.ReuseConfig().importance_layers == "last_and_threshold"  # the default since round 8
+  # The default since round 10: layers T - 1 and T at T >= 2, layer T - 1 alone at T <= 1, and
+  # layer T - 1 alone wherever layer T's fresh K/V are not kept (the sum needs them).
+  assert sx.ReuseConfig().importance_layers == "auto"
+  cfg = warm_engine.config
+  at = lambda **kw: sx.ReuseConfig("sparsex", **kw).resolve(cfg).scorer.importance_layers  # noqa
+  assert [at(layer_threshold=t) for t in (0, 1, 2, 3)] == [
+      "last", "last", "last_and_threshold", "last_and_threshold"]
+  assert at(layer_threshold=3, refresh_threshold_kv=False) == "last"
+  assert at(layer_threshold=3, importance_layers="last") == "last"
   with pytest.raises(ValueError, match="importance_layers must be one of"):
     sx.ReuseConfig("sparsex", importance_layers="first")

@@ -14,6 +14,7 @@ import types
 from typing import Sequence
 
 import sparsex_jax as sx
+from sparsex_jax.policy import importance_layers_at
 
 BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
 FAMILIES = BASELINES + ("sparsex",)
@@ -40,8 +41,8 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 
 # Options of the sparsex policy, ablated on the dev split (docs/quality.md), each spelled out in
 # full so that a label means the same rule whatever the defaults. The empty variant is the
-# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh+attn2" is
-# the default (since round 8; "axn+heads2+fresh" before).
+# paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh+auto" is
+# the default (since round 10: "axn+heads2+fresh+attn2" at T >= 2, "axn+heads2+fresh" at T <= 1).
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
           "refresh_threshold_kv": False, "segment_head_share": 0.0, "importance_layers": "last"}
 _AXD = {"importance_signal": "attention_x_deviation"}
@@ -69,6 +70,10 @@ VARIANTS = {
     # ... the attention of layers T - 1 and T summed
     "axn+heads2+fresh+attn2": _PAPER | _AXN | {"segment_heads": 2,
                                                "importance_layers": "last_and_threshold"} | _FRESH,
+    # the default: attn2 at T >= 2, the last full layer alone at T <= 1 (importance_layers="auto");
+    # its cells are labelled by the rule they run (cell_variant), so they join the runs above
+    "axn+heads2+fresh+auto": _PAPER | _AXN | {"segment_heads": 2, "importance_layers": "auto"}
+    | _FRESH,
     "axh+heads2": _PAPER | _AXH | {"segment_heads": 2},
     "axh+heads2+fresh": _PAPER | _AXH | {"segment_heads": 2} | _FRESH,
     "axd+perseg": _PAPER | _AXD | {"per_segment_budget": True},
@@ -85,7 +90,28 @@ def _variant_of(config: sx.ReuseConfig) -> str:
   return "+".join(f"{k}={v}" for k, v in options.items())
 
 
-DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axn+heads2+fresh+attn2"
+DEFAULT_VARIANT = _variant_of(sx.ReuseConfig())  # "axn+heads2+fresh+auto"
+
+
+def cell_variant(variant: str, threshold: int) -> str:
+  """The variant a cell at threshold T runs: "auto" readings resolved to the concrete one, so a
+  label always names one rule (and the default's cells join explicit runs of that rule)."""
+  opts = VARIANTS[variant]
+  if opts.get("importance_layers") != "auto":
+    return variant
+  layers = importance_layers_at("auto", threshold, opts["refresh_threshold_kv"])
+  return _variant_of(sx.ReuseConfig(**(opts | {"importance_layers": layers})))
+
+
+def sparsex_label(variant: str, ratio: float, threshold: int) -> str:
+  """The label of a sparsex rule at (r, T), as `sparsex eval` and bench_ttft write it."""
+  v = cell_variant(variant, threshold)
+  return _label(f"sparsex[{v}]" if v else "sparsex", ratio, threshold)
+
+
+def default_label(ratio: float, threshold: int) -> str:
+  """The label of the shipped default rule (sx.ReuseConfig()'s options) at (r, T)."""
+  return sparsex_label(DEFAULT_VARIANT, ratio, threshold)
 
 
 def _resolved(config: sx.ReuseConfig, n_layers: int):
@@ -98,9 +124,7 @@ def default_method(n_layers: int) -> Method:
   base = sx.ReuseConfig("sparsex")
   t = _resolved(base, n_layers).layer_threshold
   r = base.recompute_ratio
-  variant = _variant_of(base)
-  family = f"sparsex[{variant}]" if variant else "sparsex"
-  return Method(_label(family, r, t), "sparsex",
+  return Method(default_label(r, t), "sparsex",
                 dataclasses.replace(base, layer_threshold=t, update_caches=False), r, t)
 
 
@@ -147,9 +171,9 @@ def method_grid(families: Sequence[str], n_layers: int, ratios: Sequence[float] 
         continue
       for r in ratios:
         for v in variants:
+          v = cell_variant(v, t)
           opts = VARIANTS[v]
-          family = f"sparsex[{v}]" if v else "sparsex"
-          grid.append(Method(_label(family, r, t), "sparsex",
+          grid.append(Method(sparsex_label(v, r, t), "sparsex",
                              sx.ReuseConfig("sparsex", recompute_ratio=r, layer_threshold=t,
                                             update_caches=False, **opts), r, t))
     seen = set()

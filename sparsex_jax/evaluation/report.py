@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sparsex_jax.evaluation import methods as mth
 from sparsex_jax.evaluation import metrics as mt
 
 PER_PROMPT = ("kl", "top1", "em", "task")
@@ -28,7 +29,9 @@ COMPARE_WITH = ("epic r=0.15", "cacheblend r=0.15")
 # ------------------------------------------------------------------------------------------------
 
 def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
-  """(metas, prompts) of raw JSON files; a prompt key seen twice keeps the later file's."""
+  """(metas, prompts) of raw JSON files. Runs that split the methods of the same prompts join:
+  a prompt seen in several files gets every file's methods, and a method measured twice keeps
+  the later file's result."""
   metas, by_key = [], {}
   for path in paths:
     if not os.path.exists(path):
@@ -43,11 +46,27 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
     # A merged report keeps every run's meta under "runs".
     metas.extend(data["meta"].get("runs") or [data["meta"]])
     for p in data["prompts"]:
-      by_key[p["key"]] = p
+      earlier = by_key.get(p["key"])
+      by_key[p["key"]] = p if earlier is None else {
+          **p, "results": {**earlier["results"], **p["results"]}}
   splits = {m["split"] for m in metas}
   if len(splits) > 1:
     raise ValueError(f"refusing to merge runs of different splits: {sorted(splits)}")
   return metas, list(by_key.values())
+
+
+def merged_meta(metas: list[dict]) -> dict:
+  """One meta for joined runs: the first run's settings, every run's methods (each label once,
+  in the order first seen), the newest run's default."""
+  if len(metas) == 1:
+    return metas[0]
+  methods, seen = [], set()
+  for m in metas:
+    for method in m["methods"]:
+      if method["label"] not in seen:
+        seen.add(method["label"])
+        methods.append(method)
+  return {**metas[0], "methods": methods, "default_label": metas[-1]["default_label"]}
 
 
 def load_ttft(paths: Sequence[str]) -> dict[str, dict]:
@@ -83,7 +102,7 @@ def _ok(p: dict, *labels: str) -> bool:
 
 
 def summarize(metas: list[dict], prompts: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
-  meta = metas[0]
+  meta = merged_meta(metas)
   labels = [m["label"] for m in meta["methods"]]
   default = meta["default_label"]
   workloads = [w for w in meta["workloads"] if any(p["workload"] == w for p in prompts)]
@@ -177,7 +196,7 @@ def _comparison(summary: dict, label: str, ref: str) -> dict | None:
 
 def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[str],
              out_name: str) -> str:
-  meta = metas[0]
+  meta = merged_meta(metas)
   default = summary["default_label"]
   labels = [m["label"] for m in meta["methods"]]
   workloads = list(summary["workloads"])
@@ -258,6 +277,10 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
               "| --- | " + " | ".join("---" for _ in rs) + " |"]
     for i, t in enumerate(ts):
       lines.append(f"| {t} | " + " | ".join(_pct(v) for v in g[i]) + " |")
+    rules = sorted({m["label"].split(" r=")[0] for m in _grid_methods(meta)})
+    if len(rules) > 1:
+      lines += ["", "Where several rules ran at a cell, the grid shows the default rule's; its "
+                "cells come from " + ", ".join(f"`{r}`" for r in rules) + "."]
 
   lines += ["", "## Quality vs TTFT", ""]
   if ttft:
@@ -274,8 +297,21 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
   return "\n".join(lines) + "\n"
 
 
+def _grid_methods(meta: dict) -> list[dict]:
+  """The sparsex methods of the T x r grid, one per cell: where several rules ran at a cell, the
+  shipped default rule's, else the first listed."""
+  cells = {}
+  for m in meta["methods"]:
+    if m["family"] != "sparsex":
+      continue
+    cell = (m["threshold"], m["ratio"])
+    if cell not in cells or m["label"] == mth.default_label(m["ratio"], m["threshold"]):
+      cells[cell] = m
+  return list(cells.values())
+
+
 def _grid(meta: dict, summary: dict):
-  sp = [m for m in meta["methods"] if m["family"] == "sparsex"]
+  sp = _grid_methods(meta)
   if not sp:
     return None
   ts = sorted({m["threshold"] for m in sp})
@@ -299,9 +335,7 @@ def heatmap(meta: dict, summary: dict, path: str):
   panels = [("mean over workloads", g)]
   for w in summary["workloads"]:
     gw = np.full_like(g, np.nan)
-    for m in meta["methods"]:
-      if m["family"] != "sparsex":
-        continue
+    for m in _grid_methods(meta):
       s = summary["workloads"][w]["methods"].get(m["label"], {}).get("gap_recovered")
       if s:
         gw[ts.index(m["threshold"]), rs.index(m["ratio"])] = s["mean"]
@@ -377,15 +411,16 @@ def render(paths: Sequence[str], out: str, ttft_files: Sequence[str], n_boot: in
   ttft = load_ttft(ttft_files)
   name = os.path.basename(out)
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  heatmap(metas[0], summary, out + "_heatmap.png")
-  missing = ttft_plot(metas[0], summary, ttft, out + "_ttft.png")
-  ours = {m["label"] for m in metas[0]["methods"]}
+  meta = merged_meta(metas)
+  heatmap(meta, summary, out + "_heatmap.png")
+  missing = ttft_plot(meta, summary, ttft, out + "_ttft.png")
+  ours = {m["label"] for m in meta["methods"]}
   summary["ttft"] = {k: v for k, v in ttft.items() if k in ours}
   summary["ttft_missing"] = missing
   text = markdown(metas, summary, ttft, missing, name)
   with open(out + ".md", "w") as f:
     f.write(text)
-  merged = {"meta": metas[0] if len(metas) == 1 else {**metas[0], "runs": metas},
+  merged = {"meta": meta if len(metas) == 1 else {**meta, "runs": metas},
             "prompts": sorted(prompts, key=lambda p: (p["workload"], p["index"])),
             "summary": summary}
   tmp = out + ".json.tmp"
