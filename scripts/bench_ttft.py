@@ -81,7 +81,7 @@ POLICIES = [
     ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
     # The selection rule (attention x |K/V deviation|, 2 segment heads, every token's fresh K/V
     # kept at layer T) reading the attention at layers T - 1 and T: the default at T >= 2
-    # (docs/quality.md, rounds 8 and 10) ...
+    # (docs/quality.md, rounds 8 and 9) ...
     *_rule(ATTN2, {"importance_layers": "last_and_threshold"},
            ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
     # ... and at layer T - 1 alone: the default at T <= 1, where r = 0.10 T = 1 is the

@@ -463,7 +463,7 @@ def test_attention_read_at_the_threshold_layer_over_fresh_keys(warm_engine):
   np.testing.assert_allclose(v_pool, v_fresh, rtol=1e-3, atol=1e-4)
   with pytest.raises(ValueError, match="needs refresh_threshold_kv=True"):
     sx.ReuseConfig("sparsex", refresh_threshold_kv=False, **base)
-  # The default since round 10: layers T - 1 and T at T >= 2, layer T - 1 alone at T <= 1, and
+  # The default since round 9: layers T - 1 and T at T >= 2, layer T - 1 alone at T <= 1, and
   # layer T - 1 alone wherever layer T's fresh K/V are not kept (the sum needs them).
   assert sx.ReuseConfig().importance_layers == "auto"
   cfg = warm_engine.config

@@ -42,7 +42,7 @@ def _label(family: str, ratio: float | None, threshold: int | None) -> str:
 # Options of the sparsex policy, ablated on the dev split (docs/quality.md), each spelled out in
 # full so that a label means the same rule whatever the defaults. The empty variant is the
 # paper's rule (Sparse-Q attention mass, one top-k over the prompt); "axn+heads2+fresh+auto" is
-# the default (since round 10: "axn+heads2+fresh+attn2" at T >= 2, "axn+heads2+fresh" at T <= 1).
+# the default (since round 9: "axn+heads2+fresh+attn2" at T >= 2, "axn+heads2+fresh" at T <= 1).
 _PAPER = {"importance_signal": "attention", "per_segment_budget": False, "segment_heads": 0,
           "refresh_threshold_kv": False, "segment_head_share": 0.0, "importance_layers": "last"}
 _AXD = {"importance_signal": "attention_x_deviation"}
