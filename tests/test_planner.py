@@ -70,8 +70,14 @@ def test_labels_from_cache_hits_and_selection_counts():
     assert batch.reused[0].sum() == 13 and batch.last_index[0] == m - 1 and batch.kv_len[0] == n
     assert (spec.layer_threshold, spec.score, spec.assemble) == (1, "attention", True)
     assert spec.n_active == planner.bucket(int(plan.sparse_q[8:].sum()) + 7)
-    # the default reads layer T's attention through the Sparse-Q probe (its lse recomputed)
-    assert spec.n_probe == planner.bucket(int(plan.sparse_q.sum()))
+    # at T = 1 the default reads the last full layer's attention in that layer's own pass: no
+    # probe; the sum with layer T's attention reads it through the Sparse-Q probe (lse recomputed)
+    assert spec.importance_layers == "last" and spec.n_probe == 0
+    both = ReuseConfig("sparsex", recompute_ratio=0.5, layer_threshold=1,
+                       importance_layers="last_and_threshold").resolve(CFG)
+    _, spec2 = planner.plan_batch([plan], both, CFG, layout)
+    assert spec2.importance_layers == "last_and_threshold"
+    assert spec2.n_probe == planner.bucket(int(plan.sparse_q.sum()))
   store.check_invariants()
   assert store.allocator.num_used == 2 + 4  # what the caches hold: 2 full blocks, 4 doc pages
 
