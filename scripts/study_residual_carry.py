@@ -30,6 +30,7 @@ exact (what the prefill computes), layers > T stale (naive, the r = 0 refresh), 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -68,6 +69,8 @@ def segment_layout(engine, prompt):
   return segs, np.concatenate(segs), starts, reused, int(starts[max(reused) + 1])
 
 
+# One compiled program per shape (op by op, the study compiled ~500 small programs per prompt).
+@functools.partial(jax.jit, static_argnums=1)
 def record(params, cfg, tokens, positions):
   """Full causal forward of one sequence: per layer its input x [L, n, D], k and v [L, n, K, H]."""
   t = tokens.size
@@ -89,13 +92,19 @@ def record(params, cfg, tokens, positions):
 def rows_forward(params, cfg, tokens, n_ctx, kv_of_layer, x_ctx_full):
   """The tokens after the first n_ctx (the new rows) through every layer, over context K/V given
   per layer by kv_of_layer(l) -> (k [n_ctx, K, H], v); their own K/V fresh. Last row's logits."""
-  t = tokens.size
+  kvs = [kv_of_layer(i) for i in range(cfg.n_layers)]
+  return _rows_forward(params, cfg, tokens.size, n_ctx, jnp.stack([k for k, _ in kvs]),
+                       jnp.stack([v for _, v in kvs]), x_ctx_full)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _rows_forward(params, cfg, t, n_ctx, k_ctx, v_ctx, x_ctx_full):
   pos = jnp.arange(n_ctx, t, dtype=jnp.int32)[None]
   x = x_ctx_full  # the new rows' input at layer 0 (their embeddings)
   for i in range(cfg.n_layers):
     lp = layer_params(params, i)
     q, k, v = llama.layer_qkv(lp, cfg, x, pos)
-    kc, vc = kv_of_layer(i)
+    kc, vc = k_ctx[i], v_ctx[i]
     kk = jnp.concatenate([kc[None], k], axis=1)
     vv = jnp.concatenate([vc[None], v], axis=1)
     attn = llama.dense_attention(q, kk, vv, pos, jnp.array([t], jnp.int32), cfg.sm_scale)
