@@ -53,8 +53,8 @@ DEFAULT_REFRESH_THRESHOLD_KV = True
 # chosen on the dev split at T = 4 (+4.1 points [+1.9, +9.9] at r = 0.15) and at T = 2 (+7.4 over
 # r = 0.10 and 0.15), and is +1.8 [+0.2, +3.3] on the test split at the default, at the previous
 # rule's device time (59.3 against 59.4 ms at 8K on an H100; docs/quality.md, rounds 8 and 9).
-# At T = 1 it is worse (-4.7 on the test split, -2.7 on dev): layers 0 and 1 attend mostly by
-# position, and layer 1's attention alone is worse still (round 7). At T = 8 the two readings tie
+# At T = 1 it is worse (-4.7 on the test split, -2.7 on dev); our reading: layers 0 and 1 attend
+# mostly by position, and layer 1's attention alone is worse still (round 7). At T = 8 the two readings tie
 # on dev (-1.2 [-3.9, +4.9]); one rule for every T >= 2 is the simpler choice.
 DEFAULT_IMPORTANCE_LAYERS = "auto"
 
