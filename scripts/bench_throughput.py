@@ -25,6 +25,7 @@ against its byte floor. Random weights at real shapes (speed does not depend on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -67,6 +68,19 @@ def _sync(x):
 # 1. the job
 # ------------------------------------------------------------------------------------------------
 
+LENGTHS = ("uniform", "loguniform")
+
+
+def output_length(rng, lo: int, hi: int, dist: str) -> int:
+  """One request's output length in [lo, hi]: uniform, or log-uniform (each doubling of the
+  length equally likely: most outputs short, a long tail, as chat and summary outputs are)."""
+  if dist == "uniform":
+    return int(rng.integers(lo, hi + 1))
+  if dist == "loguniform":
+    return int(min(hi, np.floor(np.exp(rng.uniform(np.log(lo), np.log(hi + 1))))))
+  raise ValueError(f"--lengths must be one of {LENGTHS}, got {dist!r}")
+
+
 def make_job(args, vocab: int, n: int, seed: int):
   rng = np.random.default_rng(seed)
   corpus_rng = np.random.default_rng(1)  # the same corpus for every job of the run
@@ -75,7 +89,7 @@ def make_job(args, vocab: int, n: int, seed: int):
   requests = []
   for i in range(n):
     picks = rng.choice(args.passages, size=args.passages_per_request, replace=False)
-    n_new = int(rng.integers(args.min_new, args.max_new + 1))
+    n_new = output_length(rng, args.min_new, args.max_new, args.lengths)
     requests.append(sx.Request(
         [sx.Segment(system)] + [sx.Segment(passages[p]) for p in picks]
         + [sx.Segment(_ids(rng, args.question_len, vocab), cache=False)], id=i,
@@ -126,12 +140,42 @@ class PhaseTimes:
     return out
 
 
+class CompileTime:
+  """Host seconds spent tracing, lowering and compiling programs (jax.monitoring's compile
+  events, persistent-cache reads included) while `active`: the part of a job's time that a
+  longer job, or a second one, does not pay again."""
+
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.seconds, self.active = 0.0, False
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **_) -> None:
+    if self.active and event in self.EVENTS:
+      self.seconds += duration
+
+  def __enter__(self):
+    self.seconds, self.active = 0.0, True
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+
+_COMPILE_TIME: list = []
+
+
 def run_job(engine, requests, passages, batching: str, reuse) -> dict:
   engine.clear_caches()
   engine.cache_segments(passages, batch_size=4)
   engine.store.allocator.reset_peak()
   compiled = engine.num_compilations
-  with PhaseTimes(engine) as phases:
+  if not _COMPILE_TIME:
+    _COMPILE_TIME.append(CompileTime())
+  with PhaseTimes(engine) as phases, _COMPILE_TIME[0] as compile_time:
     t0 = time.perf_counter()
     outs = engine.generate(requests, reuse=reuse, batching=batching, on_error="return")
     seconds = time.perf_counter() - t0
@@ -148,6 +192,7 @@ def run_job(engine, requests, passages, batching: str, reuse) -> dict:
           "peak_pages": engine.store.allocator.peak_used,
           "pool_pages": engine.store.allocator.capacity,
           "compilations_during_job": engine.num_compilations - compiled,
+          "compile_s": compile_time.seconds,
           "phases": phases.report(seconds)}
 
 
@@ -157,12 +202,16 @@ def bench_job(results: dict, args, cfg):
                      kv_pool_bytes=int(args.pool_gib * 2**30), max_batch_size=args.rows,
                      steps_per_visit=args.steps_per_visit)
   reuse = sx.ReuseConfig(args.reuse)
-  warm, passages = make_job(args, cfg.vocab_size, args.warmup_requests, seed=99)
-  requests, _ = make_job(args, cfg.vocab_size, args.requests, seed=args.seed)
+  requests, passages = make_job(args, cfg.vocab_size, args.requests, seed=args.seed)
+  # --warmup-requests 0: the warm-up is the timed job itself, so the timed run meets only shapes
+  # already compiled (the scheduler's groups depend on token counts, not on time): steady state.
+  warm = requests if args.warmup_requests == 0 else make_job(
+      args, cfg.vocab_size, args.warmup_requests, seed=99)[0]
   results["job"] = {"preset": cfg.name, "dtype": cfg.dtype, "reuse": args.reuse,
                     "rows": args.rows, "steps_per_visit": args.steps_per_visit,
                     "refill_fraction": scheduler.REFILL_FRACTION,
                     "requests": args.requests, "new_tokens": [args.min_new, args.max_new],
+                    "lengths": args.lengths,
                     "passages": args.passages, "passage_len": args.passage_len,
                     "passages_per_request": args.passages_per_request,
                     "system_len": args.system_len, "question_len": args.question_len,
@@ -176,24 +225,132 @@ def bench_job(results: dict, args, cfg):
   for batching, refill in runs:
     scheduler.REFILL_FRACTION = default_refill if refill is None else refill
     t0 = time.perf_counter()
-    run_job(engine, warm, passages, batching, reuse)
+    first = run_job(engine, warm, passages, batching, reuse)
     warm_s = time.perf_counter() - t0
     row = run_job(engine, requests, passages, batching, reuse) | {
-        "warmup_s": warm_s, "refill_fraction": scheduler.REFILL_FRACTION}
+        "warmup_s": warm_s, "refill_fraction": scheduler.REFILL_FRACTION,
+        "warmup": {k: first[k] for k in ("requests", "job_s", "output_tokens_per_s",
+                                         "compilations_during_job", "compile_s")}}
     results["job"]["runs"].append(row)
     _save(results)
     print(f"job {batching:10s} (refill {scheduler.REFILL_FRACTION:.2f}): "
           f"{row['output_tokens_per_s']:8.1f} tok/s, {row['job_s']:6.1f} s, "
           f"ttft mean {row['ttft_mean_s']:.2f} s p90 {row['ttft_p90_s']:.2f} s, peak pages "
           f"{row['peak_pages']}/{row['pool_pages']}, compiled {row['compilations_during_job']} "
-          f"(warm-up {warm_s:.0f} s), errors {row['errors']}", flush=True)
+          f"({row['compile_s']:.1f} s; warm-up {warm_s:.0f} s), errors {row['errors']}",
+          flush=True)
     ph = row["phases"]
     print(f"  phases: prefill {ph['prefill_s']:.1f} s in {ph['prefill_calls']} calls "
           f"({ph['prefill_rows_per_call'] or 0:.1f} requests each), decode {ph['decode_s']:.1f} s "
           f"in {ph['decode_calls']} calls ({ph['decode_rows_per_call'] or 0:.1f} rows each), "
           f"other {ph['host_other_s']:.1f} s", flush=True)
   scheduler.REFILL_FRACTION = default_refill
+  add_bounds(results["job"])
+  _save(results)
+  if args.profile_prefill:
+    profile_prefill_group(results, args, cfg, engine, requests, passages, reuse)
   del engine
+
+
+def measure_matmul_flops(n: int = 8192, repeats: int = 5) -> float:
+  """Dense matmul rate (FLOP/s) of an n x n x n product in the weights' dtype."""
+  a = jnp.ones((n, n), _PARAMS_DTYPE[0]) if _PARAMS_DTYPE else jnp.ones((n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x: x @ x)
+  _sync(mm(a))
+  best = np.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    _sync(mm(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+_PARAMS_DTYPE: list = []
+
+
+def prefill_flops(cfg, outs, reading_layer: int) -> float:
+  """The matmul FLOPs a prefill of these requests cannot avoid: every computed token (new or
+  reused) through the layers below `reading_layer` (the full layers), and the new and selected
+  tokens through the rest; projections and MLP only (attention over ~1K keys adds a few %)."""
+  d, h = cfg.d_model, cfg.head_dim
+  per_token_layer = 2 * (2 * d * cfg.n_heads * h + 2 * d * cfg.n_kv_heads * h
+                         + 3 * d * cfg.ffn_dim)
+  total = 0.0
+  for o in outs:
+    st = o.stats
+    full = st.n_new + st.n_reused  # exact (prefix-cache) tokens are not computed
+    total += per_token_layer * (full * reading_layer
+                                + (st.n_new + st.n_recomputed) * (cfg.n_layers - reading_layer))
+    total += 2 * d * cfg.vocab_size  # the first token's logits
+  return total
+
+
+def profile_prefill_group(results: dict, args, cfg, engine, requests, passages, reuse) -> None:
+  """One admission group of the job (`--profile-prefill` requests, prefill and first token):
+  its time against the FLOP floor at the matmul rate measured here, and the GPU kernels that
+  take its time (jax.profiler; scripts/profile_prefill.py reads the trace)."""
+  import profile_prefill
+  n = args.profile_prefill
+  group = [sx.Request(r.segments, id=r.id, sampling=sx.SamplingParams(
+      max_new_tokens=1, ignore_eos=True, seed=i)) for i, r in enumerate(requests[:n])]
+  engine.clear_caches()
+  engine.cache_segments(passages, batch_size=4)
+  run = lambda: engine.generate(group, reuse=reuse, batching="static")  # noqa: E731
+  run()  # compile
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    outs = run()
+    times.append(time.perf_counter() - t0)
+  wall_s = float(np.median(times))
+  policy = reuse.resolve(cfg)
+  flops = prefill_flops(cfg, outs, policy.layer_threshold)
+  rate = measure_matmul_flops()
+  trace_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "prefill_trace")
+  with jax.profiler.trace(trace_dir):
+    run()
+  totals, example = profile_prefill.kernel_times(trace_dir)
+  kernel_ms = sum(totals.values()) / 1e3
+  top = sorted(totals.items(), key=lambda kv: -kv[1])[:args.profile_top]
+  results["prefill_profile"] = {
+      "requests": n, "wall_ms": 1e3 * wall_s, "gpu_kernel_ms": kernel_ms,
+      "flops": flops, "matmul_tflops": rate / 1e12, "floor_ms": 1e3 * flops / rate,
+      "stats": [dataclasses.asdict(o.stats) for o in outs[:2]],
+      "top_ms": [(name, us / 1e3, example[name].get("count")) for name, us in top]}
+  _save(results)
+  print(f"prefill of {n} job requests: {1e3 * wall_s:.1f} ms wall, {kernel_ms:.1f} ms of GPU "
+        f"kernels, FLOP floor {1e3 * flops / rate:.1f} ms ({flops / 1e12:.1f} TFLOP at "
+        f"{rate / 1e12:.0f} TFLOP/s measured)", flush=True)
+  for name, us in top:
+    print(f"  {us / 1e3:8.2f} ms {100 * us / 1e3 / kernel_ms:5.1f}%  {name[:100]}", flush=True)
+
+
+def add_bounds(job: dict) -> None:
+  """For each continuous run: its speedup over the static run, and two upper bounds on that
+  speedup for any scheduler that, like these two, runs prefills and decode steps one after the
+  other, from the phase times measured in this run:
+  - every_row_busy: continuous decode with no row ever idle (its decode time scaled by its mean
+    busy rows over all rows; a decode step costs about the same with a few rows idle, being
+    dominated by the weight reads), and prefill as cheap as static's (large groups);
+  - prefill_free: the same decode, and prefill hidden entirely (as mixed prefill-and-decode steps
+    would try to)."""
+  static = next((r for r in job["runs"] if r["batching"] == "static"), None)
+  if static is None:
+    return
+  sp = static["phases"]
+  static_s = sp["prefill_s"] + sp["decode_s"]
+  for r in job["runs"]:
+    if r["batching"] != "continuous":
+      continue
+    cp = r["phases"]
+    busy = (cp["decode_rows_per_call"] or 0) / job["rows"]
+    decode_all_busy = cp["decode_s"] * busy
+    r["speedup"] = r["output_tokens_per_s"] / static["output_tokens_per_s"]
+    r["bound_every_row_busy"] = static_s / (sp["prefill_s"] + decode_all_busy)
+    r["bound_prefill_free"] = static_s / decode_all_busy if decode_all_busy else None
+    print(f"continuous (refill {r['refill_fraction']:.2f}): {r['speedup']:.2f}x static; bounds "
+          f"{r['bound_every_row_busy']:.2f}x (every row busy), {r['bound_prefill_free'] or 0:.2f}x "
+          f"(prefill free)", flush=True)
 
 
 _PARAMS: dict = {}
@@ -204,6 +361,7 @@ def _params(cfg, seed):
   from models import llama
   if cfg not in _PARAMS:
     _PARAMS[cfg] = llama.init_params(cfg, seed)
+    _PARAMS_DTYPE[:] = [cfg.jnp_dtype]
   return _PARAMS[cfg]
 
 
@@ -350,29 +508,81 @@ def bench_decode_step(results: dict, args, cfg):
 RESULTS_MARKER = "<!-- results: written by scripts/bench_throughput.py --report -->"
 
 
+def _job_lines(job: dict) -> list[str]:
+  lengths = job.get("lengths", "uniform")
+  lines = [f"Job: {job['requests']} requests ({job['preset']}, {job['dtype']}), system "
+           f"{job['system_len']} + {job['passages_per_request']} of {job['passages']} passages x "
+           f"{job['passage_len']} + question {job['question_len']} tokens, output "
+           f"{job['new_tokens'][0]}..{job['new_tokens'][1]} tokens ({lengths}), reuse "
+           f"{job['reuse']}, {job['rows']} rows, {job['steps_per_visit']} steps per visit, pool "
+           f"{job['pool_pages']} pages of {job['page_size']}.", "",
+           "| batching | output tok/s | x static | bound: every row busy | bound: prefill free | "
+           "job (s) | prefill (s) | decode (s) | busy rows | TTFT mean (s) | TTFT p90 (s) | "
+           "peak pages | compiled in job | errors | first run of the job: tok/s (compiling) |",
+           "|" + " --- |" * 15]
+  names = [r["batching"] for r in job["runs"]]
+  for r in job["runs"]:
+    name = r["batching"]
+    if names.count(name) > 1:
+      name += f", refill {r.get('refill_fraction', 0):g}"
+    ph = r.get("phases", {})
+    fmt = lambda v, f="{:.2f}x": "-" if v is None else f.format(v)  # noqa: E731
+    lines.append(
+        f"| {name} | {r['output_tokens_per_s']:.0f} | {fmt(r.get('speedup'))} | "
+        f"{fmt(r.get('bound_every_row_busy'))} | {fmt(r.get('bound_prefill_free'))} | "
+        f"{r['job_s']:.1f} | {fmt(ph.get('prefill_s'), '{:.1f}')} | "
+        f"{fmt(ph.get('decode_s'), '{:.1f}')} | "
+        f"{fmt(ph.get('decode_rows_per_call'), '{:.1f}')} / {job['rows']} | "
+        f"{r['ttft_mean_s']:.2f} | {r['ttft_p90_s']:.2f} | {r['peak_pages']} / "
+        f"{r['pool_pages']} | {r['compilations_during_job']}"
+        + (f" ({r['compile_s']:.1f} s)" if "compile_s" in r else "") + f" | {r['errors']} | "
+        + cold(r.get("warmup")) + " |")
+  return lines
+
+
+def cold(warmup: dict | None) -> str:
+  """The warm-up run, when it was the job itself (--warmup-requests 0): what a fresh process
+  gets from this job, compilations included."""
+  if not warmup:
+    return "-"
+  return (f"{warmup['output_tokens_per_s']:.0f} ({warmup['compilations_during_job']} programs, "
+          f"{warmup['compile_s']:.0f} s)")
+
+
 def report(json_path: str, md_path: str):
-  """Renders a run's JSON as a markdown table (md_path) and a PNG beside it."""
+  """Renders runs' JSON as a markdown table (md_path) and a PNG beside it. json_path may name
+  several files (comma-separated): the first gives the header and the decode step, each gives its
+  job (for instance one per --lengths)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  with open(json_path) as f:
-    res = json.load(f)
-  lines = [f"{res['device']}, jax {res['jax']}, {res['date']}. Command: `{res['command']}`", ""]
-  job = res.get("job")
-  if job:
-    lines += [f"Job: {job['requests']} requests ({job['preset']}, {job['dtype']}), system "
-              f"{job['system_len']} + {job['passages_per_request']} of {job['passages']} "
-              f"passages x "
-              f"{job['passage_len']} + question {job['question_len']} tokens, output "
-              f"{job['new_tokens'][0]}..{job['new_tokens'][1]} tokens, reuse {job['reuse']}, "
-              f"{job['rows']} rows, {job['steps_per_visit']} steps per visit, pool "
-              f"{job['pool_pages']} pages of {job['page_size']}.", "",
-              "| batching | output tok/s | job (s) | TTFT mean (s) | TTFT p90 (s) | peak pages | "
-              "compiled in job | errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in job["runs"]:
-      lines.append(f"| {r['batching']} | {r['output_tokens_per_s']:.0f} | {r['job_s']:.1f} | "
-                   f"{r['ttft_mean_s']:.2f} | {r['ttft_p90_s']:.2f} | {r['peak_pages']} / "
-                   f"{r['pool_pages']} | {r['compilations_during_job']} | {r['errors']} |")
+  files = []
+  for path in json_path.split(","):
+    with open(path) as f:
+      files.append(json.load(f))
+  res = files[0]
+  commands = [f"`{r['command']}`" for r in files]
+  lines = [f"{res['device']}, jax {res['jax']}, {res['date']}. "
+           f"Command{'s' if len(files) > 1 else ''}: {', '.join(commands)}", ""]
+  jobs = [r["job"] for r in files if r.get("job")]
+  job = jobs[0] if jobs else None
+  for j in jobs:
+    lines += _job_lines(j) + [""]
+  if lines[-1] == "":
+    lines.pop()
+  for r in files:
+    prof = r.get("prefill_profile")
+    if prof:
+      lines += ["", f"The prefill of {prof['requests']} of the job's requests (one admission "
+                f"group, prefill and first token): {prof['wall_ms']:.1f} ms wall, "
+                f"{prof['gpu_kernel_ms']:.1f} ms of GPU kernels, against a FLOP floor of "
+                f"{prof['floor_ms']:.1f} ms ({prof['flops'] / 1e12:.1f} TFLOP of projections and "
+                f"MLP at the {prof['matmul_tflops']:.0f} TFLOP/s of a large matmul measured in "
+                f"the same run). Kernels by time:", "", "| kernel | ms | share | calls |",
+                "| --- | --- | --- | --- |"]
+      for name, ms, count in prof["top_ms"][:10]:
+        lines.append(f"| `{name[:70]}` | {ms:.2f} | {100 * ms / prof['gpu_kernel_ms']:.0f}% | "
+                     f"{count} |")
   if res.get("decode_step"):
     lines += ["", f"Decode step (decode_loop, device time per step) against its byte floor "
               f"(weights + K/V read once at the measured {res['bandwidth_gb_s']:.0f} GB/s):", "",
@@ -402,16 +612,22 @@ def report(json_path: str, md_path: str):
   with open(md_path, "w") as f:
     f.write(head + "\n".join(lines) + "\n")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-  if job:
-    runs = job["runs"]
-    # Runs of one batching mode differ by their refill fraction: one bar each, named by both.
-    names = [r["batching"] for r in runs]
-    bar_labels = [f"{n}\nrefill {r.get('refill_fraction', 0):g}" if names.count(n) > 1 else n
-                  for n, r in zip(names, runs)]
-    axes[0].bar(np.arange(len(runs)), [r["output_tokens_per_s"] for r in runs])
-    axes[0].set_xticks(np.arange(len(runs)), bar_labels, fontsize=8)
+  if jobs:
+    labels, values, colors = [], [], []
+    for j in jobs:
+      names = [r["batching"] for r in j["runs"]]
+      for r in j["runs"]:
+        name = r["batching"]
+        if names.count(name) > 1:  # runs of one batching differ by refill fraction
+          name += f" {r.get('refill_fraction', 0):g}"
+        labels.append(f"{name}\n{j.get('lengths', 'uniform')}" if len(jobs) > 1 else name)
+        values.append(r["output_tokens_per_s"])
+        colors.append("C0" if r["batching"] == "static" else "C1")
+    axes[0].bar(np.arange(len(values)), values, color=colors)
+    axes[0].set_xticks(np.arange(len(values)), labels, fontsize=7)
     axes[0].set_ylabel("output tokens / s")
-    axes[0].set_title(f"{job['requests']} requests, {job['preset']}", fontsize=9)
+    axes[0].set_title(f"{job['requests']} requests, {job['preset']}, {job['rows']} rows",
+                      fontsize=9)
   if res.get("decode_step"):
     rows = [r for r in res["decode_step"] if r["layer_loop"] == "scan"]
     labels = [f"{r['batch']}x{r['context'] // 1024}K" for r in rows]
@@ -420,6 +636,18 @@ def report(json_path: str, md_path: str):
     axes[1].bar(x + 0.2, [r["floor_ms"] for r in rows], 0.4, label="byte floor")
     axes[1].set_xticks(x, labels)
     axes[1].set_ylabel("ms per decode step")
+    axes[1].legend(fontsize=8)
+  elif jobs:  # no decode-step sweep in this run: where each job's time went instead
+    runs = [r for j in jobs for r in j["runs"]]
+    x = np.arange(len(runs))
+    bottom = np.zeros(len(runs))
+    for key, label in (("prefill_s", "prefill"), ("decode_s", "decode loops"),
+                       ("host_other_s", "host, other")):
+      v = np.array([r["phases"][key] for r in runs])
+      axes[1].bar(x, v, bottom=bottom, label=label)
+      bottom += v
+    axes[1].set_xticks(x, labels, fontsize=7)
+    axes[1].set_ylabel("job time (s)")
     axes[1].legend(fontsize=8)
   fig.suptitle(res["device"], fontsize=9)
   fig.tight_layout()
@@ -445,10 +673,13 @@ def main(argv=None):
   ap.add_argument("--skip-micro", action="store_true")
   job = ap.add_argument_group("the job")
   job.add_argument("--requests", type=int, default=1000)
-  job.add_argument("--warmup-requests", type=int, default=96)
+  job.add_argument("--warmup-requests", type=int, default=96,
+                   help="0: warm up with the timed job itself (the timed run compiles nothing)")
   job.add_argument("--min-new", type=int, default=16)
   job.add_argument("--max-new", type=int, default=256,
                    help="longest output; lower it to shorten the run")
+  job.add_argument("--lengths", choices=LENGTHS, default="uniform",
+                   help="distribution of output lengths in [--min-new, --max-new]")
   job.add_argument("--passages", type=int, default=32)
   job.add_argument("--passage-len", type=int, default=512)
   job.add_argument("--passages-per-request", type=int, default=2)
@@ -464,6 +695,9 @@ def main(argv=None):
   job.add_argument("--pool-pages", type=int, default=None, help="overrides --pool-gib")
   job.add_argument("--reuse", default="sparsex")
   job.add_argument("--batching", type=lambda s: s.split(","), default=["static", "continuous"])
+  job.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                   help="after the job: profile the prefill of its first N requests (GPU)")
+  job.add_argument("--profile-top", type=int, default=15)
   micro = ap.add_argument_group("the decode step")
   micro.add_argument("--micro-batches", type=_ints, default=[16, 32, 64])
   micro.add_argument("--micro-contexts", type=_ints, default=[4096, 8192])

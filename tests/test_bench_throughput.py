@@ -4,6 +4,9 @@ import json
 import os
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
@@ -12,8 +15,10 @@ import bench_throughput  # noqa: E402
 
 def test_smoke_run_writes_json_and_the_report_renders(tmp_path):
   out = tmp_path / "throughput.json"
+  # Warm-up with the job itself (--warmup-requests 0): the timed runs compile nothing.
   bench_throughput.main(["--smoke", "--out", str(out), "--requests", "10", "--warmup-requests",
-                         "4", "--layer-loops", "scan,per_layer", "--micro-batches", "2"])
+                         "0", "--lengths", "loguniform", "--layer-loops", "scan,per_layer",
+                         "--micro-batches", "2"])
   res = json.loads(out.read_text())
   assert res["errors"] == []
   runs = {r["batching"]: r for r in res["job"]["runs"]}
@@ -23,6 +28,14 @@ def test_smoke_run_writes_json_and_the_report_renders(tmp_path):
     assert 0 < r["peak_pages"] <= r["pool_pages"]
   # Every request ran to its own length in both (no stop tokens).
   assert runs["static"]["output_tokens"] == runs["continuous"]["output_tokens"]
+  for r in runs.values():
+    assert r["compilations_during_job"] == 0 and r["compile_s"] == 0.0
+    assert r["warmup"]["requests"] == 10 and r["warmup"]["compilations_during_job"] > 0
+    assert r["warmup"]["compile_s"] > 0
+  cont = runs["continuous"]
+  assert cont["speedup"] == cont["output_tokens_per_s"] / runs["static"]["output_tokens_per_s"]
+  # Hiding prefill can only help: the prefill-free bound is above the every-row-busy one.
+  assert cont["bound_prefill_free"] > cont["bound_every_row_busy"] > 0
   loops = {r["layer_loop"]: r for r in res["decode_step"]}
   # Separate per-layer arrays: no slice of the stack to copy (on CPU, XLA still copies wo into
   # the dot's layout; the scan also copies the MLP weights and more).
@@ -32,5 +45,21 @@ def test_smoke_run_writes_json_and_the_report_renders(tmp_path):
   md = tmp_path / "throughput.md"
   bench_throughput.report(str(out), str(md))
   text = md.read_text()
-  assert "| continuous |" in text and "byte floor" in text
+  assert "| continuous |" in text and "byte floor" in text and "(loguniform)" in text
   assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_output_lengths_stay_in_range_and_loguniform_favours_short_ones():
+  rng = np.random.default_rng(0)
+  draws = {d: np.array([bench_throughput.output_length(rng, 16, 256, d) for _ in range(4000)])
+           for d in bench_throughput.LENGTHS}
+  for d, x in draws.items():
+    assert x.min() == 16 and x.max() == 256, d
+  # uniform: mean (16 + 256) / 2; log-uniform: (257 - 16) / ln(257 / 16) = 86.8, each doubling
+  # equally likely (16..32 as often as 128..256).
+  assert abs(draws["uniform"].mean() - 136) < 4
+  assert abs(draws["loguniform"].mean() - 86.8) < 4
+  low, high = (draws["loguniform"] < 32).mean(), (draws["loguniform"] >= 128).mean()
+  assert abs(low - high) < 0.04 and abs(low - 0.25) < 0.03
+  with pytest.raises(ValueError, match="--lengths"):
+    bench_throughput.output_length(rng, 16, 256, "zipf")
