@@ -150,15 +150,17 @@ class CompileTime:
             "/jax/core/compile/backend_compile_duration")
 
   def __init__(self):
-    self.seconds, self.active = 0.0, False
+    self.seconds, self.active, self.programs = 0.0, False, []
     jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
-  def _on_event(self, event: str, duration: float, **_) -> None:
+  def _on_event(self, event: str, duration: float, **kw) -> None:
     if self.active and event in self.EVENTS:
       self.seconds += duration
+      if event == self.EVENTS[-1]:  # one per program compiled (or read from a disk cache)
+        self.programs.append((str(kw.get("fun_name", "?")), round(duration, 2)))
 
   def __enter__(self):
-    self.seconds, self.active = 0.0, True
+    self.seconds, self.active, self.programs = 0.0, True, []
     return self
 
   def __exit__(self, *exc):
@@ -193,6 +195,7 @@ def run_job(engine, requests, passages, batching: str, reuse) -> dict:
           "pool_pages": engine.store.allocator.capacity,
           "compilations_during_job": engine.num_compilations - compiled,
           "compile_s": compile_time.seconds,
+          "compiled_programs": compile_time.programs,  # (name, backend compile s) in order
           "phases": phases.report(seconds)}
 
 
@@ -230,7 +233,8 @@ def bench_job(results: dict, args, cfg):
     row = run_job(engine, requests, passages, batching, reuse) | {
         "warmup_s": warm_s, "refill_fraction": scheduler.REFILL_FRACTION,
         "warmup": {k: first[k] for k in ("requests", "job_s", "output_tokens_per_s",
-                                         "compilations_during_job", "compile_s")}}
+                                         "compilations_during_job", "compile_s",
+                                         "compiled_programs")}}
     results["job"]["runs"].append(row)
     _save(results)
     print(f"job {batching:10s} (refill {scheduler.REFILL_FRACTION:.2f}): "

@@ -88,6 +88,10 @@ def _add_engine_args(p) -> None:
   p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (power of 2)")
   p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
   _add_tp_arg(p)
+  p.add_argument("--compile-cache", metavar="DIR",
+                 help="keep compiled programs here for later runs; 'off' for none (default: "
+                      "$SPARSEX_COMPILE_CACHE, else ~/.cache/sparsex-jax/xla; jax's "
+                      "JAX_COMPILATION_CACHE_DIR wins when set)")
   pool = p.add_mutually_exclusive_group()
   pool.add_argument("--pool-gib", type=float, help="KV pool size in GiB (default 1)")
   pool.add_argument("--pool-fraction", type=float,
@@ -152,6 +156,13 @@ def _free_device_bytes() -> int:
   return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # CPU: free host memory
 
 
+def _use_compile_cache(args) -> None:
+  """Sets up the compile cache on disk (before the process's first compilation: before the
+  engine); args.compile_stats then holds (cache dir or None, counters) for the job's last line."""
+  from sparsex_jax import compile_cache
+  args.compile_stats = compile_cache.enable(args.compile_cache)
+
+
 def _build_engine(args):
   """The engine the flags describe (model, dtype, page size, pool size, batch size)."""
   import jax
@@ -200,6 +211,7 @@ def _generate(args) -> int:
   reuse = sx.ReuseConfig(args.reuse, recompute_ratio=args.ratio, layer_threshold=args.threshold)
   defaults = jobs.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed)
   sx.SamplingParams(defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed)
+  _use_compile_cache(args)
   engine = _build_engine(args)
   if args.cache_dir:
     engine.use_cache_dir(args.cache_dir)
@@ -212,6 +224,7 @@ def _generate(args) -> int:
     print(f"sparsex: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   print(summary.text(), file=sys.stderr)
+  print(_compile_line(args), file=sys.stderr)
   if args.summary_json:
     with open(args.summary_json, "w", encoding="utf-8") as f:
       json.dump(summary.as_dict(), f, indent=1)
@@ -257,6 +270,7 @@ def _cache_warm(args) -> int:
   for msg in bad:
     print(msg, file=sys.stderr)
   t0 = time.perf_counter()
+  _use_compile_cache(args)
   engine = _build_engine(args)
   disk = engine.use_cache_dir(args.cache_dir)
   if args.as_message:
@@ -283,7 +297,13 @@ def _cache_warm(args) -> int:
         f"{len(passages) - len(todo)} already cached, {len(bad)} bad lines; the cache now holds "
         f"{info['segments']} segments, {info['tokens']} tokens, {info['bytes'] / 2**20:.1f} MiB "
         f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+  print(_compile_line(args), file=sys.stderr)
   return EXIT_FAILED_LINES if bad else 0
+
+
+def _compile_line(args) -> str:
+  from sparsex_jax import compile_cache
+  return compile_cache.describe(*args.compile_stats)
 
 
 def _cache_info(args) -> int:

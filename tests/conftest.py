@@ -12,6 +12,10 @@ import sys
 
 import pytest
 
+# The CLI keeps compiled programs on disk (sparsex_jax/compile_cache.py); tests, and the CLI
+# processes they start, leave the home directory alone (test_compile_cache.py names its own dir).
+os.environ.setdefault("SPARSEX_COMPILE_CACHE", "off")
+
 # Make `import models` / `import sparsex_jax` work without installing the package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:

@@ -28,7 +28,9 @@ def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
   checks = {r.get("check") for r in rows}
   assert {"logits", "greedy tokens", "weights per device", "pool per device",
           "decode all-reduces of the residual stream per layer"} <= checks
-  assert {r["tp"] for r in rows if r.get("check") == "logits"} == {1, 2, 4}
+  policies = {tp: sum(r.get("check") == "logits" and r["tp"] == tp for r in rows)
+              for tp in (1, 2, 4)}
+  assert policies == {1: 3, 2: 9, 4: 9}, policies  # every policy at 2 and 4, three at 1
 
 
 def test_bench_tp_smoke_on_2_fake_devices(tmp_path):
