@@ -637,7 +637,7 @@ def report(json_path: str, md_path: str):
     labels = [f"{r['batch']}x{r['context'] // 1024}K" for r in rows]
     x = np.arange(len(rows))
     axes[1].bar(x - 0.2, [r["step_ms"] for r in rows], 0.4, label="measured")
-    axes[1].bar(x + 0.2, [r["floor_ms"] for r in rows], 0.4, label="byte floor")
+    axes[1].bar(x + 0.2, [r["floor_ms"] for r in rows], 0.4, label="byte floor (copy bandwidth)")
     axes[1].set_xticks(x, labels)
     axes[1].set_ylabel("ms per decode step")
     axes[1].legend(fontsize=8)
