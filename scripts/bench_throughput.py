@@ -258,15 +258,8 @@ def bench_job(results: dict, args, cfg):
 
 def measure_matmul_flops(n: int = 8192, repeats: int = 5) -> float:
   """Dense matmul rate (FLOP/s) of an n x n x n product in the weights' dtype."""
-  a = jnp.ones((n, n), _PARAMS_DTYPE[0]) if _PARAMS_DTYPE else jnp.ones((n, n), jnp.bfloat16)
-  mm = jax.jit(lambda x: x @ x)
-  _sync(mm(a))
-  best = np.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    _sync(mm(a))
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  a = jnp.ones((n, n), _PARAMS_DTYPE[0] if _PARAMS_DTYPE else jnp.bfloat16)
+  return 2 * n ** 3 / best_time(jax.jit(lambda x: x @ x), a, repeats)
 
 
 _PARAMS_DTYPE: list = []
@@ -376,14 +369,18 @@ def _params(cfg, seed):
 def measure_bandwidth(n_bytes: int, repeats: int = 5) -> float:
   """HBM bandwidth (bytes/s) of a large device copy: each element read once and written once."""
   x = jnp.ones((int(n_bytes) // 4,), jnp.float32)
-  copy = jax.jit(lambda a: a * 2.0)
-  _sync(copy(x))
+  return 2 * x.nbytes / best_time(jax.jit(lambda a: a * 2.0), x, repeats)
+
+
+def best_time(fn, x, repeats: int) -> float:
+  """The fastest of `repeats` runs of fn(x), after one that compiles (seconds)."""
+  _sync(fn(x))
   best = np.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    _sync(copy(x))
+    _sync(fn(x))
     best = min(best, time.perf_counter() - t0)
-  return 2 * x.nbytes / best
+  return best
 
 
 def weight_sized_buffers(hlo: str, cfg) -> int:
