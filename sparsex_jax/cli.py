@@ -160,7 +160,8 @@ def _use_compile_cache(args) -> None:
   """Sets up the compile cache on disk (before the process's first compilation: before the
   engine); args.compile_stats then holds (cache dir or None, counters) for the job's last line."""
   from sparsex_jax import compile_cache
-  args.compile_stats = compile_cache.enable(args.compile_cache)
+  args.compile_stats = compile_cache.enable(
+      args.compile_cache, warn=lambda msg: print(f"sparsex: warning: {msg}", file=sys.stderr))
 
 
 def _build_engine(args):

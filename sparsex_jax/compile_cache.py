@@ -35,15 +35,18 @@ def resolve(flag: str | None = None, environ=None) -> str | None:
 
 
 class CompileStats:
-  """Counts, from jax.monitoring, the programs compiled or read from the disk cache since it was
-  made (listeners cannot be removed: make one per process)."""
+  """Counts, from jax.monitoring, the programs compiled or read from the disk cache since the last
+  reset (listeners cannot be removed: one instance per process, `stats()`)."""
 
   def __init__(self):
     import jax
-    self.programs = self.hits = 0
-    self.compile_s = 0.0
+    self.reset()
     jax.monitoring.register_event_listener(self._on_event)
     jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+
+  def reset(self) -> None:
+    self.programs = self.hits = 0
+    self.compile_s = 0.0
 
   def _on_event(self, event: str, **_) -> None:
     if event == "/jax/compilation_cache/cache_hits":
@@ -55,17 +58,41 @@ class CompileStats:
       self.compile_s += duration
 
 
-def enable(flag: str | None = None) -> tuple[str | None, CompileStats]:
+_STATS: list[CompileStats] = []
+
+
+def stats() -> CompileStats:
+  """The process's counters, reset."""
+  if not _STATS:
+    _STATS.append(CompileStats())
+  _STATS[0].reset()
+  return _STATS[0]
+
+
+def enable(flag: str | None = None, warn=None) -> tuple[str | None, CompileStats]:
   """Points jax at the cache directory (made if missing) before anything compiles; returns it
-  (None: off) and the counters."""
+  (None: off) and the counters. A directory that cannot be made or written is an error when the
+  flag named it; a default one is skipped with a warning (`warn(message)`), so that a read-only
+  home never stops a job."""
   import jax
   path = resolve(flag)
   if path is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-  elif path is None:
+    try:
+      os.makedirs(path, exist_ok=True)
+      if not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable")
+    except OSError as e:
+      if flag is not None:
+        raise ValueError(f"--compile-cache {path}: cannot keep compiled programs there ({e})"
+                         ) from e
+      if warn is not None:
+        warn(f"compile cache {path} cannot be used ({e}); compiling without it")
+      path = None
+    else:
+      jax.config.update("jax_compilation_cache_dir", path)
+  if path is None:
     jax.config.update("jax_enable_compilation_cache", False)
-  return path, CompileStats()
+  return path, stats()
 
 
 def describe(path: str | None, stats: CompileStats) -> str:

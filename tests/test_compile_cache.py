@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from sparsex_jax import compile_cache
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +55,18 @@ def test_a_second_process_reads_the_programs_and_gives_the_same_outputs(tmp_path
   assert p0 > 0 and h0 == 0 and len(os.listdir(cache)) > 0  # the first wrote what it compiled
   assert h1 == p1 == p0  # the second compiled nothing: every program came from the disk
   assert tokens1 == tokens0 and all(len(t) == 4 for t in tokens0)
+
+
+def test_a_directory_that_cannot_be_written(tmp_path, monkeypatch):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("")  # a directory cannot be made below a file
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  # Named by the flag: an error naming it, before any work.
+  with pytest.raises(ValueError, match="--compile-cache .*a-file/xla: cannot keep"):
+    compile_cache.enable(str(blocker / "xla"))
+  # The default (here from the variable): a warning, and the job goes on without a cache.
+  monkeypatch.setenv("SPARSEX_COMPILE_CACHE", str(blocker / "xla"))
+  warnings = []
+  path, stats = compile_cache.enable(None, warn=warnings.append)
+  assert path is None and "cannot be used" in warnings[0] and str(blocker) in warnings[0]
+  assert compile_cache.describe(path, stats).startswith("compile cache off: 0 programs")
