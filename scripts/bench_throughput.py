@@ -107,6 +107,22 @@ class PhaseTimes:
     from sparsex_jax import decoding
     self.engine, self.decoding = engine, decoding
     self.totals = {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]}  # seconds, calls, requests
+    self.steps = self.tokens = self.row_steps = 0  # decode steps run, tokens they made, rows x steps
+
+  def _visit(self, fn):
+    """decoding.visit, timed, with the steps it ran (the most tokens any row got in it: a running
+    row gets one per step) and the tokens it made: the batch's occupancy step by step."""
+    timed = self._wrap(fn, "decode", lambda pool, params, cfg, batch, **k: batch.n_running)
+
+    def visit(pool, params, cfg, batch, **kw):
+      before = batch.n_generated.copy()
+      made = timed(pool, params, cfg, batch, **kw)
+      steps = int((batch.n_generated - before).max(initial=0))
+      self.steps += steps
+      self.tokens += made
+      self.row_steps += steps * batch.n_rows
+      return made
+    return visit
 
   def _wrap(self, fn, phase, count):
     def timed(*args, **kw):
@@ -123,8 +139,7 @@ class PhaseTimes:
   def __enter__(self):
     self.saved = self.decoding.visit  # static batching's decode() runs visit() too
     self.engine._start = self._wrap(self.engine._start, "prefill", lambda jobs, *a, **k: len(jobs))
-    self.decoding.visit = self._wrap(self.decoding.visit, "decode",
-                                     lambda pool, params, cfg, batch, **k: batch.n_running)
+    self.decoding.visit = self._visit(self.decoding.visit)
     return self
 
   def __exit__(self, *exc):
@@ -137,6 +152,10 @@ class PhaseTimes:
       out[f"{phase}_s"], out[f"{phase}_calls"] = sec, calls
       out[f"{phase}_rows_per_call"] = reqs / calls if calls else None
     out["host_other_s"] = job_s - sum(v[0] for v in self.totals.values())
+    out["decode_steps"], out["decode_tokens"] = self.steps, self.tokens
+    # rows busy at an average step / rows: the decode loops' true occupancy (rows that finish
+    # inside a loop idle until it ends; the rows at a loop's start overstate it)
+    out["occupancy"] = self.tokens / self.row_steps if self.row_steps else None
     return out
 
 
@@ -246,7 +265,8 @@ def bench_job(results: dict, args, cfg):
     ph = row["phases"]
     print(f"  phases: prefill {ph['prefill_s']:.1f} s in {ph['prefill_calls']} calls "
           f"({ph['prefill_rows_per_call'] or 0:.1f} requests each), decode {ph['decode_s']:.1f} s "
-          f"in {ph['decode_calls']} calls ({ph['decode_rows_per_call'] or 0:.1f} rows each), "
+          f"in {ph['decode_calls']} calls ({ph['decode_steps']} steps, "
+          f"{100 * (ph['occupancy'] or 0):.0f}% of rows busy), "
           f"other {ph['host_other_s']:.1f} s", flush=True)
   scheduler.REFILL_FRACTION = default_refill
   add_bounds(results["job"])
@@ -326,9 +346,10 @@ def add_bounds(job: dict) -> None:
   """For each continuous run: its speedup over the static run, and two upper bounds on that
   speedup for any scheduler that, like these two, runs prefills and decode steps one after the
   other, from the phase times measured in this run:
-  - every_row_busy: continuous decode with no row ever idle (its decode time scaled by its mean
-    busy rows over all rows; a decode step costs about the same with a few rows idle, being
-    dominated by the weight reads), and prefill as cheap as static's (large groups);
+  - every_row_busy: continuous decode with no row ever idle (its decode time scaled by its
+    occupancy, the busy rows of an average step over all rows; a decode step costs about the same
+    with a few rows idle, being dominated by the weight reads), and prefill as cheap as
+    static's (large groups);
   - prefill_free: the same decode, and prefill hidden entirely (as mixed prefill-and-decode steps
     would try to)."""
   static = next((r for r in job["runs"] if r["batching"] == "static"), None)
@@ -340,8 +361,7 @@ def add_bounds(job: dict) -> None:
     if r["batching"] != "continuous":
       continue
     cp = r["phases"]
-    busy = (cp["decode_rows_per_call"] or 0) / job["rows"]
-    decode_all_busy = cp["decode_s"] * busy
+    decode_all_busy = cp["decode_s"] * (cp["occupancy"] or 0)
     r["speedup"] = r["output_tokens_per_s"] / static["output_tokens_per_s"]
     r["bound_every_row_busy"] = static_s / (sp["prefill_s"] + decode_all_busy)
     r["bound_prefill_free"] = static_s / decode_all_busy if decode_all_busy else None
@@ -533,12 +553,21 @@ def _job_lines(job: dict) -> list[str]:
         f"{fmt(r.get('bound_every_row_busy'))} | {fmt(r.get('bound_prefill_free'))} | "
         f"{r['job_s']:.1f} | {fmt(ph.get('prefill_s'), '{:.1f}')} | "
         f"{fmt(ph.get('decode_s'), '{:.1f}')} | "
-        f"{fmt(ph.get('decode_rows_per_call'), '{:.1f}')} / {job['rows']} | "
+        f"{busy(ph, job['rows'])} | "
         f"{r['ttft_mean_s']:.2f} | {r['ttft_p90_s']:.2f} | {r['peak_pages']} / "
         f"{r['pool_pages']} | {r['compilations_during_job']}"
         + (f" ({r['compile_s']:.1f} s)" if "compile_s" in r else "") + f" | {r['errors']} | "
         + cold(r.get("warmup")) + " |")
   return lines
+
+
+def busy(phases: dict, rows: int) -> str:
+  """Busy rows of an average decode step (older runs: rows running at a loop's start)."""
+  if phases.get("occupancy") is not None:
+    return f"{phases['occupancy'] * rows:.1f} / {rows}"
+  if phases.get("decode_rows_per_call") is not None:
+    return f"{phases['decode_rows_per_call']:.1f} / {rows} (at loop starts)"
+  return "-"
 
 
 def cold(warmup: dict | None) -> str:

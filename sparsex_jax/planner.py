@@ -36,6 +36,15 @@ def bucket(n: int, minimum: int = 16) -> int:
   return -(-n // step) * step
 
 
+def largest_bucket_within(n: int, minimum: int = 16) -> int:
+  """The largest padded size (a value of `bucket`) that is at most n (n >= 1): a batch of that
+  many is computed with no padding."""
+  m = max(n, 1)
+  while bucket(m, minimum) != m and m > 1:
+    m -= 1
+  return m
+
+
 @dataclasses.dataclass
 class RequestPlan:
   """One request's prompt, labelled, with the pages it will use."""

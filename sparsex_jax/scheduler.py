@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from sparsex_jax.api import RequestError, RequestOutput
 from sparsex_jax.kv import KVStore, Leases, PoolExhausted
+from sparsex_jax.planner import largest_bucket_within
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.policy import ReusePolicy
 from sparsex_jax.sampling import SamplingParams
@@ -34,6 +35,22 @@ ON_ERROR = ("raise", "return")
 # the rows is free: admitted requests are prefilled together, and a prefill of a few requests
 # costs nearly as much weight traffic and launch overhead as one of many (docs/throughput.md).
 REFILL_FRACTION = 0.25
+
+
+def admission_limit(n_free: int, n_running: int, n_rows: int) -> int:
+  """How many waiting requests continuous batching admits into `n_free` rows.
+
+  A prefill pads its batch of requests to a bucket (a power of two at these sizes), so a group
+  one past a bucket computes nearly twice its requests: 17 admitted requests cost what 32 do.
+  When the free rows exceed a bucket that is itself at least the refill size, the group stops at
+  that bucket and the few rows over it wait for the next loop (a long-tailed H100 job, where
+  loops often end with 17-20 rows free, spent a quarter of its prefill on padding:
+  docs/throughput.md, round 5). Fewer free rows than that are all filled: leaving them idle
+  would cost more decode than their padding costs prefill. An empty batch is filled whole."""
+  if not n_running or n_free <= 1:
+    return n_free
+  within = largest_bucket_within(n_free, minimum=1)
+  return within if within >= max(1, int(n_rows * REFILL_FRACTION)) else n_free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +198,8 @@ def run_continuous(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy,
   try:
     while waiting or batch.n_running:
       group: list[tuple[Job, bool]] = []
-      while waiting and len(group) < batch.n_free and not solo:
+      limit = admission_limit(batch.n_free, batch.n_running, batch.n_rows)
+      while waiting and len(group) < limit and not solo:
         job, alone = waiting[0]
         if alone and (batch.n_running or group):
           break

@@ -126,3 +126,21 @@ def test_after_any_job_every_page_is_free_or_cached(job):
       assert out.finish_reason == "length" and len(out.token_ids) == req.sampling.max_new_tokens
   _clean_pool(eng)
   assert np.all(eng.store.allocator.refcounts(np.arange(1, pages)) <= 1)
+
+
+def test_admission_stops_at_a_padded_size_when_the_free_rows_pass_one():
+  from sparsex_jax import planner, scheduler
+  # largest_bucket_within: the largest padded size <= n, against the bucket function itself
+  for n in range(1, 300):
+    m = planner.largest_bucket_within(n, minimum=1)
+    assert m <= n and planner.bucket(m, minimum=1) == m
+    assert all(planner.bucket(k, minimum=1) != k for k in range(m + 1, n + 1))
+  refill = int(64 * scheduler.REFILL_FRACTION)  # 16 of 64 rows
+  assert scheduler.admission_limit(17, 47, 64) == 16  # 17 would be padded to 32
+  assert scheduler.admission_limit(31, 33, 64) == 16
+  assert scheduler.admission_limit(16, 48, 64) == 16
+  # Below the refill size every free row is filled (13 padded to 16: idle rows cost more).
+  assert scheduler.admission_limit(13, 51, 64) == 13 and refill == 16
+  assert scheduler.admission_limit(64, 0, 64) == 64  # an empty batch is filled whole
+  assert scheduler.admission_limit(40, 0, 64) == 40
+  assert scheduler.admission_limit(1, 1, 2) == 1 and scheduler.admission_limit(0, 2, 2) == 0

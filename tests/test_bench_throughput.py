@@ -32,6 +32,10 @@ def test_smoke_run_writes_json_and_the_report_renders(tmp_path):
     assert r["compilations_during_job"] == 0 and r["compile_s"] == 0.0
     assert r["warmup"]["requests"] == 10 and r["warmup"]["compilations_during_job"] > 0
     assert r["warmup"]["compile_s"] > 0
+  for r in runs.values():  # the first token of each request comes from its prefill
+    ph = r["phases"]
+    assert ph["decode_tokens"] == r["output_tokens"] - r["requests"]
+    assert 0 < ph["occupancy"] <= 1 and ph["decode_steps"] > 0
   cont = runs["continuous"]
   assert cont["speedup"] == cont["output_tokens_per_s"] / runs["static"]["output_tokens_per_s"]
   # Hiding prefill can only help: the prefill-free bound is above the every-row-busy one.
