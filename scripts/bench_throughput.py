@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import sparsex_jax as sx  # noqa: E402
 from bench_ttft import _ids  # noqa: E402  (random token ids, as the TTFT benchmark draws them)
 from models.config import get_config  # noqa: E402
-from sparsex_jax import scheduler  # noqa: E402
+from sparsex_jax import compile_cache, scheduler  # noqa: E402
 from sparsex_jax.batching import RunningBatch  # noqa: E402
 from sparsex_jax.programs.decode import decode_loop  # noqa: E402
 
@@ -159,44 +159,15 @@ class PhaseTimes:
     return out
 
 
-class CompileTime:
-  """Host seconds spent tracing, lowering and compiling programs (jax.monitoring's compile
-  events, persistent-cache reads included) while `active`: the part of a job's time that a
-  longer job, or a second one, does not pay again."""
-
-  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-            "/jax/core/compile/jaxpr_to_mlir_module_duration",
-            "/jax/core/compile/backend_compile_duration")
-
-  def __init__(self):
-    self.seconds, self.active, self.programs = 0.0, False, []
-    jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-  def _on_event(self, event: str, duration: float, **kw) -> None:
-    if self.active and event in self.EVENTS:
-      self.seconds += duration
-      if event == self.EVENTS[-1]:  # one per program compiled (or read from a disk cache)
-        self.programs.append((str(kw.get("fun_name", "?")), round(duration, 2)))
-
-  def __enter__(self):
-    self.seconds, self.active, self.programs = 0.0, True, []
-    return self
-
-  def __exit__(self, *exc):
-    self.active = False
-
-
-_COMPILE_TIME: list = []
-
-
 def run_job(engine, requests, passages, batching: str, reuse) -> dict:
   engine.clear_caches()
   engine.cache_segments(passages, batch_size=4)
   engine.store.allocator.reset_peak()
   compiled = engine.num_compilations
-  if not _COMPILE_TIME:
-    _COMPILE_TIME.append(CompileTime())
-  with PhaseTimes(engine) as phases, _COMPILE_TIME[0] as compile_time:
+  # Host seconds spent tracing, lowering and compiling during the job: what a longer job, or a
+  # second one, does not pay again.
+  compile_time = compile_cache.stats()
+  with PhaseTimes(engine) as phases:
     t0 = time.perf_counter()
     outs = engine.generate(requests, reuse=reuse, batching=batching, on_error="return")
     seconds = time.perf_counter() - t0
@@ -213,8 +184,8 @@ def run_job(engine, requests, passages, batching: str, reuse) -> dict:
           "peak_pages": engine.store.allocator.peak_used,
           "pool_pages": engine.store.allocator.capacity,
           "compilations_during_job": engine.num_compilations - compiled,
-          "compile_s": compile_time.seconds,
-          "compiled_programs": compile_time.programs,  # (name, backend compile s) in order
+          "compile_s": compile_time.trace_s + compile_time.compile_s,
+          "compiled_programs": compile_time.compiled,  # (name, backend compile s) in order
           "phases": phases.report(seconds)}
 
 
@@ -276,13 +247,9 @@ def bench_job(results: dict, args, cfg):
   del engine
 
 
-def measure_matmul_flops(n: int = 8192, repeats: int = 5) -> float:
-  """Dense matmul rate (FLOP/s) of an n x n x n product in the weights' dtype."""
-  a = jnp.ones((n, n), _PARAMS_DTYPE[0] if _PARAMS_DTYPE else jnp.bfloat16)
-  return 2 * n ** 3 / best_time(jax.jit(lambda x: x @ x), a, repeats)
-
-
-_PARAMS_DTYPE: list = []
+def measure_matmul_flops(dtype, n: int = 8192, repeats: int = 5) -> float:
+  """Dense matmul rate (FLOP/s) of an n x n x n product in `dtype`."""
+  return 2 * n ** 3 / best_time(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype), repeats)
 
 
 def prefill_flops(cfg, outs, reading_layer: int) -> float:
@@ -322,7 +289,7 @@ def profile_prefill_group(results: dict, args, cfg, engine, requests, passages, 
   wall_s = float(np.median(times))
   policy = reuse.resolve(cfg)
   flops = prefill_flops(cfg, outs, policy.layer_threshold)
-  rate = measure_matmul_flops()
+  rate = measure_matmul_flops(cfg.jnp_dtype)
   trace_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "prefill_trace")
   with jax.profiler.trace(trace_dir):
     run()
@@ -378,7 +345,6 @@ def _params(cfg, seed):
   from models import llama
   if cfg not in _PARAMS:
     _PARAMS[cfg] = llama.init_params(cfg, seed)
-    _PARAMS_DTYPE[:] = [cfg.jnp_dtype]
   return _PARAMS[cfg]
 
 

@@ -36,7 +36,13 @@ def resolve(flag: str | None = None, environ=None) -> str | None:
 
 class CompileStats:
   """Counts, from jax.monitoring, the programs compiled or read from the disk cache since the last
-  reset (listeners cannot be removed: one instance per process, `stats()`)."""
+  reset (listeners cannot be removed: one instance per process, `stats()`): `programs` and
+  `hits`, `compile_s` in XLA's compiler (reads included), `trace_s` tracing and lowering, and
+  `compiled`, (function, compile seconds) in order."""
+
+  TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration")
+  COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per program, hit or not
 
   def __init__(self):
     import jax
@@ -46,16 +52,20 @@ class CompileStats:
 
   def reset(self) -> None:
     self.programs = self.hits = 0
-    self.compile_s = 0.0
+    self.compile_s = self.trace_s = 0.0
+    self.compiled: list[tuple[str, float]] = []
 
   def _on_event(self, event: str, **_) -> None:
     if event == "/jax/compilation_cache/cache_hits":
       self.hits += 1
 
-  def _on_duration(self, event: str, duration: float, **_) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":  # one per program, hit or not
+  def _on_duration(self, event: str, duration: float, **kw) -> None:
+    if event == self.COMPILE_EVENT:
       self.programs += 1
       self.compile_s += duration
+      self.compiled.append((str(kw.get("fun_name", "?")), round(duration, 2)))
+    elif event in self.TRACE_EVENTS:
+      self.trace_s += duration
 
 
 _STATS: list[CompileStats] = []

@@ -38,6 +38,11 @@ ON_ERROR = ("raise", "return")
 REFILL_FRACTION = 0.25
 
 
+def refill_rows(n_rows: int) -> int:
+  """Free rows at which a device loop ends early to admit waiting requests."""
+  return max(1, int(n_rows * REFILL_FRACTION))
+
+
 def admission_limit(n_free: int, n_running: int, n_rows: int) -> int:
   """How many waiting requests continuous batching admits into `n_free` rows.
 
@@ -45,13 +50,13 @@ def admission_limit(n_free: int, n_running: int, n_rows: int) -> int:
   one past a bucket computes nearly twice its requests: 17 admitted requests cost what 32 do.
   When the free rows exceed a bucket that is itself at least the refill size, the group stops at
   that bucket and the few rows over it wait for the next loop (a long-tailed H100 job, where
-  loops often end with 17-20 rows free, spent a quarter of its prefill on padding:
+  loops often end with 17-20 rows free, spent a sixth of its prefill on padding:
   docs/throughput.md, round 5). Fewer free rows than that are all filled: leaving them idle
   would cost more decode than their padding costs prefill. An empty batch is filled whole."""
   if not n_running or n_free <= 1:
     return n_free
   within = largest_bucket_within(n_free, minimum=1)
-  return within if within >= max(1, int(n_rows * REFILL_FRACTION)) else n_free
+  return within if within >= refill_rows(n_rows) else n_free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +251,7 @@ def run_continuous(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy,
         continue
       min_active = 1
       if waiting and not solo:  # end the loop once REFILL_FRACTION of the rows are free
-        refill = max(1, int(batch.n_rows * REFILL_FRACTION))
-        min_active = max(1, batch.n_running - refill + 1)
+        min_active = max(1, batch.n_running - refill_rows(batch.n_rows) + 1)
       try:
         visit(min_active)
       except Exception as e:  # pylint: disable=broad-except

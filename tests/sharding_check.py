@@ -3,9 +3,8 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharding_check.py [--tp 1 2 4]
 
 XLA_FLAGS must be set before jax is imported, hence a script in its own process. For each tensor
-parallel degree: prefill logits of every reuse policy (at tp 1: of the sparse and prefix ones)
-equal the unsharded engine's (float32, rel.
-error < 1e-5), greedy tokens are equal, every device holds 1/tp of the layer weights and of the KV
+parallel degree: prefill logits of every reuse policy (at tp 1: the sparse and prefix ones) equal
+the unsharded engine's (float32, rel. error < 1e-5), greedy tokens are equal, every device holds 1/tp of the layer weights and of the KV
 pool, the compiled decode step all-reduces exactly twice per layer (after o and after down), and
 a segment cache saved from the sharded pool loads into a pool of another degree. Prints one JSON
 line per check and exits non-zero on any failure.
@@ -86,8 +85,8 @@ def make_engine(params, mesh):
 
 
 # At tp 1 every collective is over one device: the mesh code path is what is checked there, and
-# two policies (the sparse prefill with its selection, the prefix cache) cover it; each policy's
-# program compiles once per degree, the larger part of this script's time.
+# the sparse prefill (with its selection) and the prefix cache (filled, then hit) cover it; each
+# policy's program compiles once per degree, the larger part of this script's time.
 AT_TP_1 = ("sparsex T=2", "prefix (fills)", "prefix (hits)")
 
 
