@@ -1,7 +1,6 @@
 """The public request/response types: Segment, Request, RequestOutput, RequestStats, PrefillPlan.
 
-ReuseConfig (how a prefill reuses cached KV) lives with the policies it resolves to
-(sparsex_jax/policy.py) and is re-exported here.
+How a prefill reuses cached KV (the reuse methods, ReuseConfig) lives in sparsex_jax/reuse.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 
-from sparsex_jax.policy import ReuseConfig  # noqa: F401  (re-exported)
 from sparsex_jax.sampling import SamplingParams
 
 
@@ -129,5 +127,4 @@ class PrefillPlan:
   reused_positions: np.ndarray  # positions of the reused tokens
   scores: np.ndarray  # selection score of each reused token (importance, deviation, ...)
   selected_positions: np.ndarray  # reused positions recomputed in the sparse layers
-  kept_positions: np.ndarray | None = None  # of those, recomputed after re-scoring (if enabled)
   layer_threshold: int = 0

@@ -22,7 +22,7 @@ from sparsex_jax.demo import PASSAGE as DEMO_PASSAGE
 from sparsex_jax.demo import QUESTION as DEMO_QUESTION
 from sparsex_jax.demo import QUESTION2 as DEMO_QUESTION2
 from sparsex_jax.jobs import SHARED
-from sparsex_jax.policy import REUSE_MODES
+from sparsex_jax.reuse import REUSE_MODES
 
 
 def _demo(args) -> int:

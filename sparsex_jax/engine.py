@@ -31,7 +31,7 @@ from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.planner import NEW, RequestPlan
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
 from sparsex_jax.validation import is_int
-from sparsex_jax.policy import ReuseConfig, ReusePolicy
+from sparsex_jax.reuse import ReuseConfig, ReuseMethod, ReusePolicy
 from sparsex_jax.programs import KVPool
 from sparsex_jax.programs.copy import copy_slots
 from sparsex_jax.programs.decode import LAYER_LOOPS
@@ -125,7 +125,7 @@ class Engine:
   # ------------------------------------------------------------------------------------------
 
   def generate(self, requests: Sequence[Request], sampling: SamplingParams = SamplingParams(),
-               reuse: ReuseConfig = ReuseConfig(), *, on_error: str = "raise",
+               reuse: ReuseMethod = ReuseConfig(), *, on_error: str = "raise",
                batching: str = "continuous",
                on_output: Callable[[int, RequestOutput], object] | None = None
                ) -> list[RequestOutput]:
@@ -213,7 +213,7 @@ class Engine:
       raise ValueError("no cache dir: call use_cache_dir(path) first")
     return self._disk.save()
 
-  def prefill_logits(self, request: Request, reuse: ReuseConfig = ReuseConfig(),
+  def prefill_logits(self, request: Request, reuse: ReuseMethod = ReuseConfig(),
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
@@ -227,7 +227,7 @@ class Engine:
       self._disk.autosave()
     if not return_plan:
       return logits
-    return logits, planner.describe(plans[0], out.scores[0], out.selected[0], out.kept[0], policy)
+    return logits, planner.describe(plans[0], out.scores[0], out.selected[0], policy)
 
   def cache_segments(self, segments: Iterable[str | Sequence[int] | Segment],
                      batch_size: int = 8) -> int:
@@ -321,10 +321,10 @@ class Engine:
     rows = self._sampling_rows(jobs, out.logits.shape[0])
     first = np.asarray(sample_step(out.logits, *rows, 0))
     now = time.perf_counter()
-    scores, selected, kept = (np.asarray(a) for a in (out.scores, out.selected, out.kept))
+    scores, selected = np.asarray(out.scores), np.asarray(out.selected)
     seqs = []
     for i, (job, plan) in enumerate(zip(jobs, plans)):
-      account = planner.describe(plan, scores[i], selected[i], kept[i], policy)
+      account = planner.describe(plan, scores[i], selected[i], policy)
       seqs.append(DecodingRequest(job, [int(first[i])], self._stops(job),
                                   job.sampling.max_new_tokens,
                                   payload=(plan, account, now - start, now - t_job)))

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 from sparsex_jax.api import Request, RequestOutput, Segment
 from sparsex_jax.chat import chat_segments
 from sparsex_jax.kv.segment_cache import segment_key
-from sparsex_jax.policy import ReuseConfig
+from sparsex_jax.reuse import ReuseConfig, ReuseMethod
 from sparsex_jax.sampling import SamplingParams
 from sparsex_jax.validation import is_int
 
@@ -649,7 +649,7 @@ def _cause(error: str) -> str:
 
 
 def run_job(engine, input_path: str, output_path: str, *,
-            reuse: ReuseConfig = ReuseConfig(), defaults: Defaults = Defaults(),
+            reuse: ReuseMethod = ReuseConfig(), defaults: Defaults = Defaults(),
             batch_size: int = 16, shared: str = "alone", errors_path: str | None = None,
             progress: bool = True, model_name: str | None = None, log=None) -> Summary:
   """Runs a JSONL job with `engine`; see the module docstring. Returns the Summary (its
@@ -664,7 +664,7 @@ def run_job(engine, input_path: str, output_path: str, *,
   start = time.perf_counter()
   cfg = engine.config
   policy = reuse.resolve(cfg)
-  reuse_record = {"mode": reuse.mode, "recompute_ratio": reuse.recompute_ratio,
+  reuse_record = {"mode": reuse.mode, "recompute_ratio": reuse.ratio,
                   "layer_threshold": policy.layer_threshold}
   model_name = model_name or cfg.name
   tok = engine.tokenizer

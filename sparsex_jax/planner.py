@@ -16,8 +16,9 @@ from pallas_kernels import ops
 from sparsex_jax.api import PrefillPlan
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.store import Lease
-from sparsex_jax.policy import EXACT, NEW, REUSED, ReusePolicy
-from sparsex_jax.programs.prefill import LAYER_T_READINGS, PrefillBatch, PrefillSpec
+from sparsex_jax.labels import EXACT, NEW, REUSED
+from sparsex_jax.programs.prefill import PrefillBatch, PrefillSpec
+from sparsex_jax.reuse import ReusePolicy
 from sparsex_jax.prompt import Prompt
 
 __all__ = ["EXACT", "NEW", "REUSED", "Prompt", "RequestPlan", "bucket",
@@ -57,10 +58,8 @@ class RequestPlan:
   page_table: np.ndarray  # [n_pages] int32: exact prefix pages, then the request's own pages
   n_exact: int
   n_select: int = 0  # reused tokens to recompute in the sparse layers
-  n_keep: int = 0  # of those, still recomputed after re-scoring
   given_score: np.ndarray | None = None  # host scores (epic, random), [n] float32
   forced: np.ndarray | None = None  # [n] bool: selected first (segment heads)
-  segment_budget: np.ndarray | None = None  # [n] int32: per-segment selection budget
 
   @property
   def n(self) -> int:
@@ -103,9 +102,8 @@ def plan_request(prompt: Prompt, lease: Lease, policy: ReusePolicy,
     plan.src_slots[pos] = layout.slot_of(entry.pages, j)
     plan.old_positions[pos] = entry.positions[j]
   selection = policy.select(plan)
-  plan.n_select, plan.n_keep = selection.n_select, selection.n_keep
-  plan.given_score = selection.given_score
-  plan.forced, plan.segment_budget = selection.forced, selection.segment_budget
+  plan.n_select = selection.n_select
+  plan.given_score, plan.forced = selection.given_score, selection.forced
   return plan
 
 
@@ -125,9 +123,7 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   sparse_q = np.zeros((b, t), bool)
   given_score = np.zeros((b, t), np.float32)
   forced = np.zeros((b, t), bool)
-  segment_ids = np.full((b, t), -1, np.int32)
-  segment_budget = np.zeros((b, t), np.int32)
-  n_select, n_keep, last_index, kv_len = (np.zeros((b,), np.int32) for _ in range(4))
+  n_select, last_index, kv_len = (np.zeros((b,), np.int32) for _ in range(3))
   page_table = np.zeros((b, max_pages), np.int32)
   for i, p in enumerate(plans):
     work = slice(p.n_exact, p.n)
@@ -145,15 +141,11 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
       given_score[i, :m] = p.given_score[work]
     if p.forced is not None:
       forced[i, :m] = p.forced[work]
-    segment_ids[i, :m] = p.segment_ids[work]
-    if p.segment_budget is not None:
-      segment_budget[i, :m] = p.segment_budget[work]
-    n_select[i], n_keep[i], last_index[i], kv_len[i] = p.n_select, p.n_keep, m - 1, p.n
+    n_select[i], last_index[i], kv_len[i] = p.n_select, m - 1, p.n
     page_table[i, :p.page_table.size] = p.page_table
   batch = PrefillBatch(tokens=tokens, positions=positions, slots=slots, src_slots=src_slots,
                        delta=delta, reused=reused, sparse_q=sparse_q, given_score=given_score,
-                       forced=forced, segment_ids=segment_ids, segment_budget=segment_budget,
-                       n_select=n_select, n_keep=n_keep, last_index=last_index,
+                       forced=forced, n_select=n_select, last_index=last_index,
                        page_table=page_table, kv_len=kv_len)
   return batch, _spec(plans, policy, cfg, backend)
 
@@ -163,35 +155,20 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   n_layers = cfg.n_layers
   any_reused = any(p.n_reused for p in plans)
   layer_threshold = policy.layer_threshold if any_reused else n_layers
-  score = policy.scorer.device_score if any(p.n_select for p in plans) else "none"
-  if layer_threshold == n_layers:
-    score = "none"  # every token is computed in full: nothing to select
+  if layer_threshold == n_layers:  # every token is computed in full: nothing to select
+    return PrefillSpec(layer_threshold=n_layers, assemble=any_reused, backend=backend,
+                       full_attention=full_attention_kind(cfg, backend),
+                       prefix_keys=any(p.n_exact > 0 for p in plans))
+  # No request selects anything: the host's (empty) choice is all there is.
+  scorer = policy.scorer if any(p.n_select for p in plans) else None
   n_late_q = [int(p.sparse_q[p.n_exact:].sum()) for p in plans]
-  n_active = bucket(max(q + p.n_select for q, p in zip(n_late_q, plans)))
   n_probe = bucket(max(int(p.sparse_q.sum()) for p in plans))
-  rescore = policy.rescore_layer if (score == "attention" and layer_threshold < n_layers) else None
-  n_late = bucket(max(q + p.n_keep for q, p in zip(n_late_q, plans)))
-  scorer = policy.scorer
-  full_attention = full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged"
-  importance_layers = getattr(scorer, "importance_layers", "last")
-  if score == "attention" and (layer_threshold == 0 or full_attention == "dense"
-                               or importance_layers in LAYER_T_READINGS):
-    # T = 0: the layer-0 probe; dense full layers and layer T's attention: the Sparse-Q rows' lse
-    probe = n_probe
-  else:
-    probe = 0
   return PrefillSpec(
-      layer_threshold=layer_threshold, score=score,
-      importance_layers=importance_layers,
-      head_reduce=getattr(scorer, "head_reduce", "sum"),
-      deviation_weighted=score == "attention" and getattr(scorer, "deviation_weighted", False),
-      deviation_norm=score == "attention" and getattr(scorer, "deviation_norm", False),
-      deviation_per_head=score == "attention" and getattr(scorer, "deviation_per_head", False),
-      refresh_threshold_kv=score == "attention" and getattr(scorer, "refresh_threshold_kv", False),
-      per_segment=score != "none" and getattr(scorer, "per_segment", False),
-      n_active=0 if layer_threshold == n_layers else n_active,
-      n_probe=probe, assemble=any_reused, backend=backend, rescore_layer=rescore or 0,
-      n_active_late=n_late if rescore else 0, full_attention=full_attention,
+      layer_threshold=layer_threshold, scorer=scorer,
+      n_active=bucket(max(q + p.n_select for q, p in zip(n_late_q, plans))),
+      n_probe=n_probe if scorer is not None and scorer.uses_probe else 0,
+      assemble=any_reused, backend=backend,
+      full_attention=full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged",
       prefix_keys=any(p.n_exact > 0 for p in plans))
 
 
@@ -216,15 +193,12 @@ def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
   return src_slots, dst_slots
 
 
-def describe(plan: RequestPlan, scores, selected, kept, policy: ReusePolicy) -> PrefillPlan:
+def describe(plan: RequestPlan, scores, selected, policy: ReusePolicy) -> PrefillPlan:
   """The public account of one prefill: labels, scores and what was recomputed."""
   work = np.arange(plan.n_exact, plan.n)
   scores = np.asarray(scores)[:work.size]
   selected = np.asarray(selected)[:work.size]
-  kept = np.asarray(kept)[:work.size]
   reused = plan.labels[work] == REUSED
   return PrefillPlan(labels=plan.labels.copy(), sparse_q=plan.sparse_q,
                      reused_positions=work[reused], scores=scores[reused],
-                     selected_positions=work[selected],
-                     kept_positions=work[kept] if policy.rescore_layer is not None else None,
-                     layer_threshold=policy.layer_threshold)
+                     selected_positions=work[selected], layer_threshold=policy.layer_threshold)

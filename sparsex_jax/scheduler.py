@@ -23,7 +23,7 @@ from sparsex_jax.api import RequestError, RequestOutput
 from sparsex_jax.kv import KVStore, Leases, PoolExhausted
 from sparsex_jax.planner import largest_bucket_within
 from sparsex_jax.prompt import Prompt
-from sparsex_jax.policy import ReusePolicy
+from sparsex_jax.reuse import ReusePolicy
 from sparsex_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:

@@ -1,7 +1,9 @@
 """Pins the first-token logits and selections of every reuse policy to stored values.
 
 The values in tests/data/golden_logits.npz were computed by the engine as it stood before the
-architecture refactor (commit aaf8099); refactors must not move them. Two scenarios, each run on a
+first architecture refactor (commit aaf8099; the default rule's at 062ae45, before the second);
+refactors must not move them. Rejected options were deleted with their values (tag
+research-round9). Two scenarios, each run on a
 fresh engine per policy so that no policy sees another's cache entries:
 
 - tiny: the random tiny model, passages cached alone, a system prompt cached as an exact prefix,
@@ -26,29 +28,24 @@ import sparsex_jax as sx  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_logits.npz")
 
-# the rule the values were made with
-PAPER = dict(importance_signal="attention", segment_heads=0, importance_layers="last")
 POLICIES = {
-    "full": sx.ReuseConfig("full"),
-    "prefix": sx.ReuseConfig("prefix"),
-    "naive": sx.ReuseConfig("naive"),
-    "cacheblend": sx.ReuseConfig("cacheblend", recompute_ratio=0.3),
-    "epic": sx.ReuseConfig("epic", recompute_ratio=0.3),
-    "random": sx.ReuseConfig("random", recompute_ratio=0.3, seed=7),
-    "sparsex": sx.ReuseConfig("sparsex", recompute_ratio=0.3, **PAPER),
-    "sparsex_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1, **PAPER),
-    "sparsex_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0, **PAPER),
-    "sparsex_sum_max": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=2,
-                                      head_reduce="max", **(PAPER | dict(importance_layers="sum"))),
-    "sparsex_rescore": sx.ReuseConfig("sparsex", recompute_ratio=0.4, layer_threshold=1,
-                                      rescore_layer=2, rescore_ratio=0.1, **PAPER),
-    # The default rule (attention x |deviation|, segment heads, refresh), added at commit bf14796
+    "full": sx.Full(),
+    "prefix": sx.Prefix(),
+    "naive": sx.Naive(),
+    "cacheblend": sx.CacheBlend(recompute_ratio=0.3),
+    "epic": sx.Epic(recompute_ratio=0.3),
+    "random": sx.Random(recompute_ratio=0.3, seed=7),
+    # the paper's rule (stored under "sparsex*" since before the methods had their own classes)
+    "sparsex": sx.SparseXPaper(recompute_ratio=0.3),
+    "sparsex_t1": sx.SparseXPaper(recompute_ratio=0.3, layer_threshold=1),
+    "sparsex_t0": sx.SparseXPaper(recompute_ratio=0.3, layer_threshold=0),
+    # The default rule (attention x |deviation|, segment heads, refresh), added at commit 062ae45
     # before the second architecture pass: at T = 2 it reads layers T - 1 and T, at T <= 1 the
     # last full layer alone (the tiny model has 3 layers, so its own default T = 4 is full).
-    "default_t2": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=2),
-    "default_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1),
-    "default_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0),
-    "default": sx.ReuseConfig("sparsex"),
+    "default_t2": sx.SparseX(recompute_ratio=0.3, layer_threshold=2),
+    "default_t1": sx.SparseX(recompute_ratio=0.3, layer_threshold=1),
+    "default_t0": sx.SparseX(recompute_ratio=0.3, layer_threshold=0),
+    "default": sx.SparseX(),
 }
 # Kept only for the real model (30 layers): the tiny model's default T is its depth.
 TINY_POLICIES = [name for name in POLICIES if name != "default"]
@@ -96,7 +93,7 @@ def _record(run, policies, index=None) -> dict[str, np.ndarray]:
 
 
 REAL_POLICIES = ["full", "prefix", "naive", "cacheblend", "epic", "random", "sparsex",
-                 "sparsex_t0", "sparsex_rescore", "default", "default_t1"]
+                 "sparsex_t0", "default", "default_t1"]
 
 
 def _real_index(full_logits):
@@ -151,8 +148,7 @@ def test_dense_full_layers_match_golden(golden, monkeypatch):
   monkeypatch.setattr(planner, "full_attention_kind", lambda cfg, backend: "dense")
   # The policies with full layers after an exact prefix or before scoring (T = 0 has none; the
   # cache_segments prefills inside each run cover full layers without an exact prefix).
-  names = ["prefix", "cacheblend", "sparsex_t1", "sparsex_sum_max", "sparsex_rescore",
-           "default_t2", "default_t1"]
+  names = ["prefix", "cacheblend", "sparsex_t1", "default_t2", "default_t1"]
   _compare(_record(_tiny_case(), names), golden, "tiny", _tiny_config())
 
 
