@@ -42,15 +42,11 @@ POLICIES = [
     ("cacheblend", sx.ReuseConfig("cacheblend", **NO_UPDATE)),
     ("epic", sx.ReuseConfig("epic", **NO_UPDATE)),
     ("sparsex T=2", sx.ReuseConfig("sparsex", layer_threshold=2, **NO_UPDATE)),
-    # the paper's rule, max over heads (a pmax over the shards), summed over layers, re-scored
-    ("sparsex paper T=1 max rescore", sx.ReuseConfig(
-        "sparsex", layer_threshold=1, importance_signal="attention", segment_heads=0,
-        head_reduce="max", importance_layers="sum", rescore_layer=3, recompute_ratio=0.4,
-        **NO_UPDATE)),
-    # attention per kv head (split over the shards like the pool), fresh K/V kept at layer T
-    ("sparsex per-head fresh T=2", sx.ReuseConfig(
-        "sparsex", layer_threshold=2, importance_signal="attention_x_deviation_per_head",
-        refresh_threshold_kv=True, recompute_ratio=0.3, **NO_UPDATE)),
+    # the default at T = 1 (layer T - 1 alone), the paper's rule at T = 1 and T = 0 (the probe)
+    ("sparsex T=1", sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.4,
+                                   **NO_UPDATE)),
+    ("sparsex-paper T=1", sx.SparseXPaper(layer_threshold=1, recompute_ratio=0.4, **NO_UPDATE)),
+    ("sparsex-paper T=0", sx.SparseXPaper(layer_threshold=0, recompute_ratio=0.3, **NO_UPDATE)),
     ("prefix (fills)", sx.ReuseConfig("prefix")),
     ("prefix (hits)", sx.ReuseConfig("prefix")),
 ]

@@ -16,7 +16,7 @@ SEEDS = np.array([0, 7, 3, 123456789, 2**32 - 1, 0, 0, 0], np.uint32)
 
 def _prefilled(eng, lengths, seed=0):
   """Prefills prompts of `lengths` in one batch: (leases, first tokens, plans, prefill batch)."""
-  from sparsex_jax.policy import ReuseConfig
+  from sparsex_jax.reuse import ReuseConfig
   prompts = [Prompt((np.asarray(_ids(n, seed + n), np.int32),), (False,)) for n in lengths]
   policy = ReuseConfig("full").resolve(eng.config)
   leases = eng.store.acquire(prompts, policy, MAX_NEW[:len(prompts)])

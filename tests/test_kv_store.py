@@ -10,7 +10,7 @@ from models.config import get_config
 from sparsex_jax import planner
 from sparsex_jax.kv import KVStore, PoolExhausted, PoolLayout
 from sparsex_jax.prompt import Prompt
-from sparsex_jax.policy import ReuseConfig
+from sparsex_jax.reuse import ReuseConfig
 
 CFG = get_config("tiny")
 POLICIES = {m: ReuseConfig(m).resolve(CFG) for m in ("full", "prefix", "naive", "sparsex")}

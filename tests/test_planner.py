@@ -8,7 +8,7 @@ from sparsex_jax import planner
 from sparsex_jax.kv import KVStore, PoolLayout, slot_of
 from sparsex_jax.planner import EXACT, NEW, REUSED
 from sparsex_jax.prompt import Prompt
-from sparsex_jax.policy import ReuseConfig
+from sparsex_jax.reuse import ReuseConfig
 
 CFG = get_config("tiny")
 
@@ -68,16 +68,15 @@ def test_labels_from_cache_hits_and_selection_counts():
     np.testing.assert_array_equal(batch.slots[0, :m], slot_of(plan.page_table, np.arange(8, n), 4))
     np.testing.assert_array_equal(batch.delta[0, 9:22], np.arange(17, 30) - (40 + j))
     assert batch.reused[0].sum() == 13 and batch.last_index[0] == m - 1 and batch.kv_len[0] == n
-    assert (spec.layer_threshold, spec.score, spec.assemble) == (1, "attention", True)
+    assert (spec.layer_threshold, spec.scorer, spec.assemble) == (1, policy.scorer, True)
     assert spec.n_active == planner.bucket(int(plan.sparse_q[8:].sum()) + 7)
-    # at T = 1 the default reads the last full layer's attention in that layer's own pass: no
-    # probe; the sum with layer T's attention reads it through the Sparse-Q probe (lse recomputed)
-    assert spec.importance_layers == "last" and spec.n_probe == 0
-    both = ReuseConfig("sparsex", recompute_ratio=0.5, layer_threshold=1,
-                       importance_layers="last_and_threshold").resolve(CFG)
-    _, spec2 = planner.plan_batch([plan], both, CFG, layout)
-    assert spec2.importance_layers == "last_and_threshold"
-    assert spec2.n_probe == planner.bucket(int(plan.sparse_q.sum()))
+    # the default reads the Sparse-Q rows' attention through the probe (their lse recomputed)
+    assert spec.n_probe == planner.bucket(int(plan.sparse_q.sum()))
+    # CacheBlend reads the K/V deviation alone: no probe
+    blend = ReuseConfig("cacheblend", recompute_ratio=0.5).resolve(CFG)
+    plan.given_score, plan.forced = None, None
+    _, spec2 = planner.plan_batch([plan], blend, CFG, layout)
+    assert spec2.scorer == blend.scorer and spec2.n_probe == 0
   store.check_invariants()
   assert store.allocator.num_used == 2 + 4  # what the caches hold: 2 full blocks, 4 doc pages
 
@@ -90,7 +89,7 @@ def test_spec_without_reuse_runs_every_layer_and_probe_only_at_threshold_zero():
     with store.acquire([prompt], policy, 0) as leases:
       plan = planner.plan_request(prompt, leases[0], policy, store.layout)
       _, spec = planner.plan_batch([plan], policy, CFG, store.layout)
-    assert (spec.layer_threshold, spec.score, spec.n_active) == (want_t, "none", 0)
+    assert (spec.layer_threshold, spec.scorer, spec.n_active) == (want_t, None, 0)
   # a reused segment at T = 0: the Sparse-Q rows probe layer 0
   store.segment_cache.insert(np.arange(3, 20), store.allocator.allocate(5), np.arange(17))
   policy = ReuseConfig("sparsex", layer_threshold=0).resolve(CFG)
@@ -98,7 +97,8 @@ def test_spec_without_reuse_runs_every_layer_and_probe_only_at_threshold_zero():
   with store.acquire([prompt], policy, 0) as leases:
     plan = planner.plan_request(prompt, leases[0], policy, store.layout)
     _, spec = planner.plan_batch([plan], policy, CFG, store.layout)
-  assert (spec.layer_threshold, spec.score, spec.n_probe) == (0, "attention", 16)
+  assert (spec.layer_threshold, spec.scorer, spec.n_probe) == (0, policy.scorer, 16)
+  assert type(policy.scorer).__name__ == "AttentionMass"
 
 
 def test_pad_copies_and_describe():

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 import sparsex_jax as sx
 from models import loaders
-from sparsex_jax import cli, policy, programs
+from sparsex_jax import cli, programs
 from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids
 
 GREEDY = sx.SamplingParams(max_new_tokens=3, ignore_eos=True)
@@ -112,10 +112,10 @@ def test_3_bad_seed_is_refused_and_a_failing_scorer_leaks_nothing(monkeypatch):
   eng.cache_segments([doc])
   req = sx.Request([sx.Segment(_ids(5, 2), cache=False), sx.Segment(doc)])
 
-  def broken(self, plan, ratio):
+  def broken(self, plan, layer_threshold):
     raise RuntimeError("scorer failed")
 
-  monkeypatch.setattr(policy.RandomChoice, "host_scores", broken)
+  monkeypatch.setattr(sx.Random, "select", broken)
   for _ in range(3):
     with pytest.raises(sx.RequestError, match="scorer failed"):
       eng.generate([req], GREEDY, reuse=sx.ReuseConfig("random"))

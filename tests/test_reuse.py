@@ -1,0 +1,154 @@
+"""Reuse methods: each validates its own fields, resolves per model depth, and selects on the host."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import sparsex_jax as sx
+from models.config import get_config
+from sparsex_jax import reuse
+from sparsex_jax.labels import EXACT, NEW, REUSED
+from sparsex_jax.planner import RequestPlan
+from sparsex_jax.reuse import ReuseConfig
+from sparsex_jax.reuse.baselines import DeviationScore
+from sparsex_jax.reuse.sparsex import AttentionMass, AttentionTimesDeviation
+
+
+@pytest.mark.parametrize("ratio,n,want", [(0.15, 100, 15), (0.15, 101, 16), (0.0, 50, 0),
+                                          (1.0, 7, 7), (0.5, 3, 2)])
+def test_n_to_select_is_ceil_of_ratio(ratio, n, want):
+  assert reuse.n_to_select(ratio, n, n) == want
+  assert reuse.n_to_select(ratio, n, 1) == min(want, 1)  # capped by the candidates
+
+
+def _plan(labels, segment_ids):
+  n = len(labels)
+  return RequestPlan(token_ids=np.arange(n, dtype=np.int32), labels=np.array(labels, np.int8),
+                     src_slots=np.zeros(n, np.int32), old_positions=np.zeros(n, np.int32),
+                     segment_ids=np.array(segment_ids, np.int32),
+                     page_table=np.zeros(1, np.int32), n_exact=int(np.sum(np.array(labels) == 0)))
+
+
+def test_epic_takes_the_head_of_every_reused_segment_and_sparse_q_holds_last_token():
+  labels = [EXACT] * 4 + [REUSED] * 10 + [NEW] * 3 + [REUSED] * 5
+  segs = [0] * 4 + [1] * 10 + [2] * 3 + [3] * 5
+  plan = _plan(labels, segs)
+  assert plan.sparse_q[-1] and plan.sparse_q[14:17].all() and plan.sparse_q.sum() == 4
+  sel = sx.Epic(recompute_ratio=0.3).select(plan, 0)
+  # ceil(0.3 * 10) = 3 from segment 1, ceil(0.3 * 5) = 2 from segment 3
+  assert sel.n_select == 5 and list(np.flatnonzero(sel.given_score)) == [4, 5, 6, 17, 18]
+
+
+def test_sparsex_forces_the_first_tokens_of_every_reused_segment():
+  labels = [EXACT] * 4 + [REUSED] * 10 + [NEW] * 3 + [REUSED] * 5
+  plan = _plan(labels, [0] * 4 + [1] * 10 + [2] * 3 + [3] * 5)
+  sel = sx.SparseX(recompute_ratio=0.2, segment_heads=2).select(plan, 4)
+  assert sel.n_select == 3  # ceil(0.2 * 15)
+  assert list(np.flatnonzero(sel.forced)) == [4, 5, 17, 18]
+  assert sx.SparseX(segment_heads=0).select(plan, 4).forced is None
+  assert sx.SparseXPaper(recompute_ratio=0.2).select(plan, 4).forced is None
+  # The last prompt token is a Sparse-Q row: never forced, even at a segment's head.
+  tail = _plan([REUSED] * 6 + [NEW] * 2 + [REUSED], [0] * 6 + [1] * 2 + [2])
+  assert list(np.flatnonzero(sx.SparseX().select(tail, 4).forced)) == [0, 1]
+
+
+def test_default_thresholds_by_method_and_depth():
+  deep, shallow = get_config("smollm2-135m"), get_config("tiny")  # 30 and 3 layers
+  t = lambda method, cfg=deep: method.resolve(cfg).layer_threshold  # noqa: E731
+  assert t(sx.SparseX()) == t(sx.SparseXPaper()) == reuse.DEFAULT_LAYER_THRESHOLD == 4
+  assert t(sx.SparseX(), shallow) == 3  # capped for a shallow model
+  assert t(sx.Random()) == reuse.DEFAULT_LAYER_THRESHOLD
+  assert t(sx.CacheBlend(check_layer=3)) == 3
+  assert t(sx.Epic()) == t(sx.Naive()) == 0
+  assert t(sx.Full()) == t(sx.Prefix()) == 30
+  with pytest.raises(ValueError, match="layer_threshold"):
+    sx.SparseX(layer_threshold=5).resolve(shallow)  # an explicit value is not capped
+
+
+def test_each_method_resolves_to_its_scorer_and_caches():
+  cfg = get_config("smollm2-135m")
+  want = {"full": (None, False, False), "prefix": (None, True, False),
+          "naive": (None, True, True), "cacheblend": (DeviationScore(), True, True),
+          "epic": (None, True, True), "random": (None, True, True),
+          "sparsex": (AttentionTimesDeviation(read_layer_t=True), True, True),
+          "sparsex-paper": (AttentionMass(), True, True)}
+  assert set(want) == set(reuse.REUSE_MODES)
+  for mode, (scorer, prefix, segments) in want.items():
+    fields = {} if mode in ("full", "prefix", "naive") else {"recompute_ratio": 0.2}
+    p = ReuseConfig(mode, **fields).resolve(cfg)
+    assert p.scorer == scorer, mode
+    assert p.mode == mode and type(p.method) is reuse.METHODS[mode]
+    assert (p.reads_prefix_cache, p.reads_segment_cache) == (prefix, segments), mode
+    assert (p.writes_prefix_cache, p.writes_segment_cache) == (prefix, segments), mode
+  # The default's reading by T: attention alone at T = 0 (no deviation exists), layer T - 1
+  # alone at T = 1, layers T - 1 and T from T = 2.
+  scorer = lambda t: sx.SparseX(layer_threshold=t).resolve(cfg).scorer  # noqa: E731
+  assert scorer(0) == AttentionMass()
+  assert scorer(1) == AttentionTimesDeviation(read_layer_t=False)
+  assert scorer(2) == scorer(8) == AttentionTimesDeviation(read_layer_t=True)
+  assert scorer(30) is None  # T = L: every token in full, nothing to score
+  assert sx.Naive().resolve(cfg).recompute_ratio == 0.0
+  quiet = sx.SparseX(read_caches=False, update_caches=False).resolve(cfg)
+  assert not (quiet.reads_prefix_cache or quiet.reads_segment_cache
+              or quiet.writes_prefix_cache or quiet.writes_segment_cache)
+
+
+@pytest.mark.parametrize("mode,kw,match", [
+    ("random", dict(seed=-5), "seed"), ("random", dict(seed=2**32), "seed"),
+    ("random", dict(seed=1.5), "seed"),
+    ("sparsex", dict(recompute_ratio=float("nan")), "recompute_ratio"),
+    ("epic", dict(recompute_ratio="0.1"), "recompute_ratio"),
+    ("sparsex-paper", dict(layer_threshold=1.5), "layer_threshold"),
+    ("naive", dict(layer_threshold=-1), "layer_threshold"),
+    ("full", dict(update_caches="no"), "update_caches"),
+    ("cacheblend", dict(check_layer=0), "check_layer"),
+    ("sparsex", dict(segment_heads=-1), "segment_heads"),
+    # a field of another method is an error that names the method's own fields
+    ("epic", dict(layer_threshold=2), r"'epic' takes \['read_caches', 'recompute_ratio'"),
+    ("cacheblend", dict(segment_heads=2), "cacheblend"),
+    ("full", dict(recompute_ratio=0.1), "full"),
+    ("sparsex", dict(rescore_layer=2), "rescore_layer"),
+])
+def test_bad_config_values_are_named(mode, kw, match):
+  with pytest.raises(ValueError, match=match):
+    ReuseConfig(mode, **kw)
+
+
+def test_unknown_mode_names_the_modes():
+  with pytest.raises(ValueError, match="unknown reuse mode 'blend'.*sparsex-paper"):
+    ReuseConfig("blend")
+
+
+def test_methods_are_hashable_and_replaceable():
+  a = sx.SparseX(recompute_ratio=0.3)
+  assert hash(a) == hash(sx.SparseX(recompute_ratio=0.3)) and a != sx.SparseXPaper(0.3)
+  b = dataclasses.replace(a, layer_threshold=2, update_caches=False)
+  assert (b.recompute_ratio, b.layer_threshold, b.update_caches) == (0.3, 2, False)
+  assert a.as_record() == {"mode": "sparsex", "read_caches": True, "update_caches": True,
+                           "recompute_ratio": 0.3, "layer_threshold": None, "segment_heads": 2}
+  assert sx.Full().ratio == 0.0 and a.ratio == 0.3
+
+
+def test_random_scores_depend_on_seed_and_prompt_only():
+  labels = [REUSED] * 30 + [NEW] * 2
+  plan = _plan(labels, [0] * 30 + [1] * 2)
+  a = sx.Random(recompute_ratio=0.5, seed=3).select(plan, 2).given_score
+  assert np.array_equal(a, sx.Random(recompute_ratio=0.5, seed=3).select(
+      _plan(labels, [0] * 32), 2).given_score)
+  assert not np.array_equal(a, sx.Random(recompute_ratio=0.5, seed=4).select(plan, 2).given_score)
+  assert a.shape == (32,) and a.dtype == np.float32 and len(np.unique(a)) == 32
+  sel = ReuseConfig("random", recompute_ratio=0.5, seed=3).resolve(get_config("tiny")).select(plan)
+  assert sel.n_select == 15 and np.array_equal(sel.given_score, a)
+
+
+def test_selection_counts_per_method():
+  labels = [EXACT] * 4 + [REUSED] * 20 + [NEW] * 3
+  plan = _plan(labels, [0] * 4 + [1] * 20 + [2] * 3)
+  cfg = get_config("tiny")
+  for mode, want in (("sparsex", 5), ("sparsex-paper", 5), ("cacheblend", 5), ("random", 5),
+                     ("epic", 5), ("naive", 0), ("full", 0)):
+    fields = {} if mode in ("naive", "full") else {"recompute_ratio": 0.25}
+    sel = ReuseConfig(mode, **fields).resolve(cfg).select(plan)
+    assert sel.n_select == want, mode
+    assert (sel.given_score is not None) == (mode in ("epic", "random")), mode
