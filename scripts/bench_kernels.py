@@ -222,7 +222,7 @@ def cudnn_sparse_masked(p):
   """cuDNN on the same sparse queries: contiguous K/V, explicit [Tq, L] mask."""
   import jax
   import jax.numpy as jnp
-  from pallas_kernels.attention import gather_kv
+  from pallas_kernels._paged import gather_kv
   k = jnp.swapaxes(gather_kv(p["k"], p["table"]), 1, 2)  # [1, L, K, H]
   v = jnp.swapaxes(gather_kv(p["v"], p["table"]), 1, 2)
   ctx = k.shape[1]
@@ -478,7 +478,7 @@ def section_few(contexts, n_queries, results):
   bound. The kernel with key splits (the default, choose_key_splits) against none (key_splits=1),
   and the byte floor: every K/V byte read once at the measured copy bandwidth."""
   import jax
-  from pallas_kernels.attention import choose_key_splits, default_block_m
+  from pallas_kernels._paged import choose_key_splits, default_block_m
   from pallas_kernels import paged_attention
   scale = 1.0 / math.sqrt(HEAD_DIM)
   copy_gbps = (results.get("ceilings") or {}).get("copy_gbs")

@@ -12,11 +12,12 @@ import dataclasses
 import numpy as np
 
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels as ops
 from sparsex_jax.api import PrefillPlan
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.store import Lease
-from sparsex_jax.policy import EXACT, NEW, REUSED, ReusePolicy
+from sparsex_jax.labels import EXACT, NEW, REUSED
+from sparsex_jax.policy import ReusePolicy
 from sparsex_jax.programs.prefill import LAYER_T_READINGS, PrefillBatch, PrefillSpec
 from sparsex_jax.prompt import Prompt
 

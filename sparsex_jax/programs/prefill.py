@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from models import llama
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels as ops
 from sparsex_jax.kv.layout import page_and_offset
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers, write_kv
 from sparsex_jax.programs.options import COMPILER_OPTIONS
@@ -254,9 +254,11 @@ def _importance(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, sparse
       positions, rows = jnp.where(valid, _take(positions, idx), -1), valid
       _, lse = ops.attention(q, positions, pool["k"], pool["v"], batch.page_table, batch.kv_len,
                              sm_scale=cfg.sm_scale, layer=layer, backend=spec.backend)
+    if (head_reduce or spec.head_reduce) != "sum":  # the kernel sums over heads, nothing else
+      raise ValueError(f"head_reduce={head_reduce or spec.head_reduce!r} was removed with the "
+                       "importance kernel's max and per-kv-head paths (docs/quality.md)")
     return ops.importance(q, positions, rows, pool["k"], batch.page_table, batch.kv_len, lse,
-                          sm_scale=cfg.sm_scale, head_reduce=head_reduce or spec.head_reduce,
-                          layer=layer, backend=spec.backend)
+                          sm_scale=cfg.sm_scale, layer=layer, backend=spec.backend)
   return score
 
 
