@@ -1,10 +1,11 @@
 """sparsex-jax: SparseX segment-level KV-cache reuse in JAX/Pallas."""
 
 from sparsex_jax.api import (PrefillPlan, Request, RequestError, RequestOutput, RequestStats,
-                             ReuseConfig, Segment)
+                             Segment)
 from sparsex_jax.chat import chat_request, chat_segments, message_segments
 from sparsex_jax.engine import Engine
 from sparsex_jax.kv.persist import CacheError
+from sparsex_jax.policy import ReuseConfig
 from sparsex_jax.sampling import SamplingParams
 from sparsex_jax.sharding import make_mesh, mesh_for
 

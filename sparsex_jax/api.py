@@ -1,7 +1,8 @@
 """The public request/response types: Segment, Request, RequestOutput, RequestStats, PrefillPlan.
 
-ReuseConfig (how a prefill reuses cached KV) lives with the policies it resolves to
-(sparsex_jax/policy.py) and is re-exported here.
+How a prefill reuses cached KV (ReuseConfig) lives with the policies it resolves to
+(sparsex_jax/policy.py), exported by the package (sparsex_jax.ReuseConfig), not here: these types
+sit below the policies.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 
-from sparsex_jax.policy import ReuseConfig  # noqa: F401  (re-exported)
 from sparsex_jax.sampling import SamplingParams
 
 

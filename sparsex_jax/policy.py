@@ -70,7 +70,7 @@ def importance_layers_at(importance_layers: str, layer_threshold: int,
 
 _READS_LAYER_T = ("threshold", "last_and_threshold")
 # Labels of a prompt token (RequestPlan.labels): where its K/V comes from.
-EXACT, REUSED, NEW = 0, 1, 2
+from sparsex_jax.labels import EXACT, NEW, REUSED  # noqa: E402,F401  (re-exported)
 
 
 def n_to_select(ratio: float, n_reused: int, n_candidates: int) -> int:

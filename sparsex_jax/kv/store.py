@@ -18,7 +18,7 @@ from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.prefix_cache import PrefixCache
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
-from sparsex_jax.policy import REUSED
+from sparsex_jax.labels import REUSED
 from sparsex_jax.prompt import Prompt
 
 if TYPE_CHECKING:
