@@ -42,15 +42,14 @@ POLICIES = [
     ("cacheblend", sx.ReuseConfig("cacheblend", **NO_UPDATE)),
     ("epic", sx.ReuseConfig("epic", **NO_UPDATE)),
     ("sparsex T=2", sx.ReuseConfig("sparsex", layer_threshold=2, **NO_UPDATE)),
-    # the paper's rule, max over heads (a pmax over the shards), summed over layers, re-scored
-    ("sparsex paper T=1 max rescore", sx.ReuseConfig(
+    # the paper's rule (each shard sums its heads' importance, then a psum), re-scored
+    ("sparsex paper T=1 rescore", sx.ReuseConfig(
         "sparsex", layer_threshold=1, importance_signal="attention", segment_heads=0,
-        head_reduce="max", importance_layers="sum", rescore_layer=3, recompute_ratio=0.4,
-        **NO_UPDATE)),
-    # attention per kv head (split over the shards like the pool), fresh K/V kept at layer T
-    ("sparsex per-head fresh T=2", sx.ReuseConfig(
-        "sparsex", layer_threshold=2, importance_signal="attention_x_deviation_per_head",
-        refresh_threshold_kv=True, recompute_ratio=0.3, **NO_UPDATE)),
+        rescore_layer=3, recompute_ratio=0.4, **NO_UPDATE)),
+    # the paper's importance summed over the full layers (a psum on every one)
+    ("sparsex paper layer-sum T=2", sx.ReuseConfig(
+        "sparsex", layer_threshold=2, importance_signal="attention", segment_heads=0,
+        importance_layers="sum", recompute_ratio=0.3, **NO_UPDATE)),
     ("prefix (fills)", sx.ReuseConfig("prefix")),
     ("prefix (hits)", sx.ReuseConfig("prefix")),
 ]
