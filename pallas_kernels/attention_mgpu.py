@@ -342,6 +342,24 @@ def merge_key_splits(out, lse, axis=2):
   return merged, jnp.where(total > 0, jnp.squeeze(top, axis) + jnp.log(safe), -jnp.inf)
 
 
+def parse_configs(text):
+  """Kernel options as text, "block_kv:n_slots:key_splits:token_major,..." ("auto": the kernel's
+  own choice, None) -> ((block_kv, n_slots, key_splits, token_major), ...); what
+  scripts/bench_kernels.py --mgpu-configs times."""
+  flag = {"1": True, "0": False, "true": True, "false": False, "auto": None}
+  configs = []
+  for item in text.split(","):
+    fields = item.strip().split(":")
+    try:
+      block_kv, n_slots, splits, major = fields
+      configs.append((int(block_kv), int(n_slots), None if splits == "auto" else int(splits),
+                      flag[major.lower()]))
+    except (ValueError, KeyError):
+      raise ValueError(f"kernel config {item!r}: want block_kv:n_slots:key_splits:token_major, "
+                       "e.g. 128:2:auto:auto or 128:2:4:0") from None
+  return tuple(configs)
+
+
 def smem_bytes(head_dim, block_q, block_kv, n_slots, pt_rows, itemsize=2) -> int:
   """Shared memory the kernel allocates (the H100 gives a block at most 227 KiB)."""
   tiles = (_CONSUMERS * block_q + 2 * n_slots * block_kv) * head_dim * itemsize

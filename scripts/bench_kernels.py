@@ -360,23 +360,6 @@ def section_sparse(contexts, fracs, sweep, results):
 MGPU_CONFIGS = ((128, 2, None, None), (128, 2, 1, None), (128, 2, None, False), (64, 2, None, None))
 
 
-def parse_mgpu_configs(text):
-  """"block_kv:n_slots:key_splits:token_major,..." ("auto": the kernel's choice, None) ->
-  MGPU_CONFIGS' tuples."""
-  flag = {"1": True, "0": False, "true": True, "false": False, "auto": None}
-  configs = []
-  for item in text.split(","):
-    fields = item.strip().split(":")
-    try:
-      block_kv, n_slots, splits, major = fields
-      configs.append((int(block_kv), int(n_slots), None if splits == "auto" else int(splits),
-                      flag[major.lower()]))
-    except (ValueError, KeyError):
-      raise ValueError(f"--mgpu-configs entry {item!r}: want block_kv:n_slots:key_splits:"
-                       "token_major, e.g. 128:2:auto:auto or 128:2:4:0") from None
-  return tuple(configs)
-
-
 def rel_err(x, ref):
   x = np.asarray(x, np.float64)
   ref = np.asarray(ref, np.float64)
@@ -995,9 +978,10 @@ def main():
     section_pool(res)
     save()
   if "mgpu" in sections:
+    from pallas_kernels.attention_mgpu import parse_configs
     section_mgpu(ints(a.contexts), [float(x) for x in a.fracs.split(",")], res,
                  os.path.join(a.out, "traces") if a.mgpu_profile else None,
-                 parse_mgpu_configs(a.mgpu_configs) if a.mgpu_configs else MGPU_CONFIGS)
+                 parse_configs(a.mgpu_configs) if a.mgpu_configs else MGPU_CONFIGS)
     save()
   if "write" in sections:
     section_write(ints(a.write_tokens), res)
