@@ -38,8 +38,6 @@ POLICIES = {
     "sparsex": sx.ReuseConfig("sparsex", recompute_ratio=0.3, **PAPER),
     "sparsex_t1": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=1, **PAPER),
     "sparsex_t0": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=0, **PAPER),
-    "sparsex_sum_max": sx.ReuseConfig("sparsex", recompute_ratio=0.3, layer_threshold=2,
-                                      head_reduce="max", **(PAPER | dict(importance_layers="sum"))),
     "sparsex_rescore": sx.ReuseConfig("sparsex", recompute_ratio=0.4, layer_threshold=1,
                                       rescore_layer=2, rescore_ratio=0.1, **PAPER),
     # The default rule (attention x |deviation|, segment heads, refresh), added at commit bf14796
