@@ -13,7 +13,7 @@ way, the way jax's own dense attention_mgpu reaches cuDNN parity:
   each K/V tile loaded serves all G heads. Where G gives each head 8+ of a warpgroup's 64 rows
   (G = 1, 2, 4, 8) the rows are read from q's own [B, T, N, H] layout, one TMA copy per head
   (token-major); otherwise they are grouped around the kernel as in the Triton kernel
-  (attention.group_rows, a transpose of q and of the output).
+  (_paged.group_rows, a transpose of q and of the output).
 - One CUDA block takes 2 * block_q rows in two consumer warpgroups (block_q = 64, one wgmma M)
   and a producer warpgroup that streams K/V pages into a ring of shared-memory slots with TMA;
   the consumers alternate (a schedule barrier) so one warpgroup's softmax overlaps the other's
@@ -42,10 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import choose_key_splits, group_rows, ungroup_rows
+from pallas_kernels._paged import (LN2, LOG2E, choose_key_splits, group_rows, kernel_pool,
+                                   ungroup_rows)
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 # The running max starts finite so a row that sees nothing in a block never makes
 # exp2(-inf - -inf) = NaN; every real scaled logit is far above it.
 _M_INIT = -1e30
@@ -157,7 +156,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
             key_splits, split_blocks, group):
   """One (kv head, request, block of 2 * block_q rows) program; see the module docstring.
 
-  group: None when q comes grouped ([B, K, R_pad, H], attention.group_rows, row = token * G +
+  group: None when q comes grouped ([B, K, R_pad, H], _paged.group_rows, row = token * G +
   head); else G, and q, out keep their own [B, T_pad, N, H] layout: a warpgroup's 64 rows are
   block_q / G tokens of each of the G heads, head-major (row = head * (block_q / G) + token), one
   TMA copy per head in and out, so no transposes run around the kernel. lse is then [B, N, T_pad].
@@ -189,7 +188,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
                           first + split_blocks)
   split = () if key_splits == 1 else (lax.rem(lax.axis_index("tile"), key_splits),)
   tokens = None if group is None else block_q // group  # per head in a warpgroup's rows
-  qk_scale = sm_scale * _LOG2E
+  qk_scale = sm_scale * LOG2E
 
   def schedule_sync():
     plgpu.barrier_arrive(schedule)
@@ -281,7 +280,7 @@ def _kernel(layer_ref, tiles_ref, pt_ref, pos_ref, q_ref, k_ref, v_ref, out_ref,
     valid = (pos >= 0) & (l_i > 0)
     inv_l = jnp.where(valid, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
     q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
-    lse_smem[...] = jnp.where(valid, (m_i + jnp.log2(jnp.where(l_i > 0, l_i, 1.0))) * _LN2,
+    lse_smem[...] = jnp.where(valid, (m_i + jnp.log2(jnp.where(l_i > 0, l_i, 1.0))) * LN2,
                               -jnp.inf)
     plgpu.commit_smem()
     if group is None:
@@ -343,6 +342,24 @@ def merge_key_splits(out, lse, axis=2):
   return merged, jnp.where(total > 0, jnp.squeeze(top, axis) + jnp.log(safe), -jnp.inf)
 
 
+def parse_configs(text):
+  """Kernel options as text, "block_kv:n_slots:key_splits:token_major,..." ("auto": the kernel's
+  own choice, None) -> ((block_kv, n_slots, key_splits, token_major), ...); what
+  scripts/bench_kernels.py --mgpu-configs times."""
+  flag = {"1": True, "0": False, "true": True, "false": False, "auto": None}
+  configs = []
+  for item in text.split(","):
+    fields = item.strip().split(":")
+    try:
+      block_kv, n_slots, splits, major = fields
+      configs.append((int(block_kv), int(n_slots), None if splits == "auto" else int(splits),
+                      flag[major.lower()]))
+    except (ValueError, KeyError):
+      raise ValueError(f"kernel config {item!r}: want block_kv:n_slots:key_splits:token_major, "
+                       "e.g. 128:2:auto:auto or 128:2:4:0") from None
+  return tuple(configs)
+
+
 def smem_bytes(head_dim, block_q, block_kv, n_slots, pt_rows, itemsize=2) -> int:
   """Shared memory the kernel allocates (the H100 gives a block at most 227 KiB)."""
   tiles = (_CONSUMERS * block_q + 2 * n_slots * block_kv) * head_dim * itemsize
@@ -359,17 +376,15 @@ def paged_attention_mgpu(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_s
   block_q: rows per consumer warpgroup (64, one wgmma M). block_kv: keys per step, a multiple of
   the page size and of 64. n_slots: K/V shared-memory slots in flight (>= 2). layer: None (one
   layer [K, P, S, H]) or the layer of the whole pool [L, K, P, S, H], read inside the kernel.
-  key_splits: key ranges per row block, merged afterwards (None: attention.choose_key_splits,
+  key_splits: key ranges per row block, merged afterwards (None: _paged.choose_key_splits,
   which splits only when the row blocks alone leave the GPU's SMs idle; 1: never).
   token_major: read q and write out in their own [B, T, N, H] layout, one TMA copy per head
   (None: wherever the group G of query heads per kv head gives each head 8 or more of a
   warpgroup's 64 rows: G in 1, 2, 4, 8); else the rows are grouped around the kernel
-  (attention.group_rows: a transpose of q and one of the output).
+  (_paged.group_rows: a transpose of q and one of the output).
   """
   del interpret  # Mosaic GPU's interpret mode lacks wgmma in jax 0.10; see the module docstring
   import jax.experimental.pallas.mosaic_gpu as plgpu
-
-  from pallas_kernels.attention import kernel_pool
 
   batch, n_tok, n_heads, head_dim = q.shape
   n_kv, _, page_size, _ = k_pages.shape[-4:]

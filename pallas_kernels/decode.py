@@ -14,7 +14,6 @@ kernel's job is to stream the pages at full HBM bandwidth:
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import (gather_kv, kernel_pool, key_rows, layer_pages,
-                                      masked_softmax_stats, pool_row, pool_spec)
-
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
+from pallas_kernels._paged import (LOG2E, gather_kv, kernel_pool, key_rows, layer_pages,
+                                   masked_softmax_stats, merge_splits, pool_row, pool_spec)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
@@ -68,7 +64,7 @@ def _decode_kernel(layer_ref, kvlen_ref, pt_ref, q_ref, k_ref, v_ref, acc_ref,
   split = pl.program_id(2)
   kv_len = kvlen_ref[b]
   q = q_ref[...]
-  qk_scale = sm_scale * _LOG2E
+  qk_scale = sm_scale * LOG2E
   lo = split * split_len
   hi = jnp.minimum(lo + split_len, kv_len)
   n_blk = lax.div(jnp.maximum(hi - lo, 0) + block_k - 1, block_k)
@@ -108,24 +104,6 @@ def choose_splits(batch, n_kv, n_keys, block_k, target_programs=512):
   max_splits = max(1, _compat.cdiv(n_keys, block_k))
   want = _compat.next_pow2(_compat.cdiv(target_programs, batch * n_kv))
   return max(1, min(want, max_splits))
-
-
-def merge_splits(acc, m, l):
-  """Combine flash-decoding partials along NS -> (out, natural-log lse).
-
-  acc [..., NS, G, H] unnormalised, m [..., NS, G] running max in log2 units,
-  l [..., NS, G] running sums. Empty splits (m = -inf, l = 0) weigh 0.
-  """
-  m_all = jnp.max(m, axis=-2)  # [.., GP]
-  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-  w = jnp.exp2(m - m_safe[..., None, :])  # 0 for empty splits (m = -inf)
-  l_all = jnp.sum(l * w, axis=-2)
-  out = jnp.sum(acc * w[..., None], axis=-3)
-  ok = l_all > 0
-  l_safe = jnp.where(ok, l_all, 1.0)
-  out = jnp.where(ok[..., None], out / l_safe[..., None], 0.0)
-  lse = jnp.where(ok, (m_safe + jnp.log2(l_safe)) * _LN2, -jnp.inf)
-  return out, lse
 
 
 @functools.partial(

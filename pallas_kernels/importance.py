@@ -1,20 +1,21 @@
 """Sparse-Q importance: per-key attention mass of the Sparse-Q rows. Reference and kernel.
 
-importance[b, j] = reduce over query heads n (sum or max; or a sum per kv head) of
-    sum over rows t with q_is_sparse[b, t] of exp(s[b, t, n, j] - lse[b, t, n]),
+importance[b, j] = sum over query heads n and over rows t with q_is_sparse[b, t] of
+    exp(s[b, t, n, j] - lse[b, t, n]),
 where s are the scaled logits and lse comes from the attention pass (so the
 probabilities are exact, normalised over all visible keys). Masked keys
 (j > q_pos or j >= kv_len) contribute 0. k_pages is one layer [K, P, S, H] or,
 with `layer` given, the whole pool [L, K, P, S, H] (as in attention.py).
+Only the sum over heads: the max over heads and a sum per kv head were measured
+and not adopted (docs/quality.md), and went.
 
 Determinism: no float atomics, no scatter-add. The kernel owns one block of
 keys (for one kv head) per program and loops over the query rows itself, so
 every output element is written by exactly one program in a fixed order; the
-head reduction is a plain jnp reduce over a [B, N, L] array afterwards.
+head sum is a plain jnp reduce over a [B, N, L] array afterwards.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,35 +23,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import (map_query_chunks, default_block_m, gather_kv, group_rows,
-                                      kernel_pool, key_rows, layer_pages, pool_row, pool_spec,
-                                      visibility)
-
-_LOG2E = math.log2(math.e)
+from pallas_kernels._paged import (LOG2E, default_block_m, gather_kv, group_rows, kernel_pool,
+                                   key_rows, layer_pages, map_query_chunks, pool_row, pool_spec,
+                                   visibility)
 
 
-HEAD_REDUCTIONS = ("sum", "max", "per_kv_head")
-
-
-def _reduce_heads(per_head, head_reduce, n_kv):
-  """[B, N, L] per query head -> [B, L] ("sum", "max"), or [B, K, L] summed over the G query
-  heads of each kv head ("per_kv_head": to pair with per-kv-head K/V deviations)."""
-  if head_reduce == "sum":
-    return jnp.sum(per_head, axis=1)
-  if head_reduce == "max":
-    return jnp.max(per_head, axis=1)
-  if head_reduce == "per_kv_head":
-    batch, n_heads, n_keys = per_head.shape
-    return jnp.sum(per_head.reshape(batch, n_kv, n_heads // n_kv, n_keys), axis=2)
-  raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
-
-
-@functools.partial(jax.jit, static_argnames=("sm_scale", "head_reduce"))
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
 def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
-                                  kv_len, lse, *, sm_scale, head_reduce="sum",
-                                  layer=None):
-  """Pure-jnp Sparse-Q importance -> [B, MP*S] float32 ([B, K, MP*S] for "per_kv_head";
-  layer: as paged_attention)."""
+                                  kv_len, lse, *, sm_scale, layer=None):
+  """Pure-jnp Sparse-Q importance -> [B, MP*S] float32 (layer: as paged_attention)."""
   batch, _, n_heads, head_dim = q.shape
   k_pages = layer_pages(k_pages, layer)
   n_kv = k_pages.shape[0]
@@ -69,9 +50,9 @@ def sparse_q_importance_reference(q, q_pos, q_is_sparse, k_pages, page_table,
     p = jnp.where(keep[:, None, None], jnp.exp(s - lse_g[..., None]), 0.0)
     return jnp.sum(p, axis=3).reshape(batch, 1, n_heads, n_keys)
 
-  # Row chunks come back as [B, n_chunks, N, L]: sum them, then reduce over heads.
+  # Row chunks come back as [B, n_chunks, N, L]: sum them and the heads.
   per_head = map_query_chunks(per_head_mass, q, q_pos, q_is_sparse, lse, per_row=False)
-  return _reduce_heads(jnp.sum(per_head, axis=1), head_reduce, n_kv)
+  return jnp.sum(per_head, axis=(1, 2))
 
 
 def _importance_kernel(layer_ref, kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_ref,
@@ -94,7 +75,7 @@ def _importance_kernel(layer_ref, kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_r
   kpos, rows = key_rows(pt_ref, start, block_k, page_size, max_pages)
   k = k_ref[pool_row(layer_ref, n_kv), rows, :]
   key_ok = kpos < kv_len
-  qk_scale = sm_scale * _LOG2E
+  qk_scale = sm_scale * LOG2E
   heads_p = o_ref.shape[0]
 
   # Rows before rstart cannot see this key block (causal); rows from n_rows
@@ -103,7 +84,7 @@ def _importance_kernel(layer_ref, kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_r
   last = jnp.where(start < kv_len, lax.div(n_rows + block_m - 1, block_m), 0)
   # Per-head column sums as a [GP, BM] x [BM, BK] dot with a one-hot head
   # selector: a tensor-core product instead of a cross-warp reduction of p
-  # every step, and the per-head split that head_reduce="max" needs.
+  # every step.
   sel_dtype = jnp.bfloat16 if split_p else jnp.float32
   head_of = lax.broadcasted_iota(jnp.int32, (heads_p, block_m), 0)
   row_of = lax.broadcasted_iota(jnp.int32, (heads_p, block_m), 1)
@@ -113,7 +94,7 @@ def _importance_kernel(layer_ref, kvlen_ref, nrow_ref, rstart_ref, pt_ref, pos_r
     # Head of global row r0 + r (block_m need not be a multiple of G).
     sel = (head_of == lax.rem(r0 + row_of, group)).astype(sel_dtype)
     pos = pos_ref[pl.ds(r0, block_m)]
-    lse = lse_ref[pl.ds(r0, block_m)] * _LOG2E
+    lse = lse_ref[pl.ds(r0, block_m)] * LOG2E
     q = q_ref[pl.ds(r0, block_m), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * qk_scale
@@ -150,10 +131,10 @@ def compact_sparse_rows(q_pos, q_is_sparse):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "head_reduce", "block_m", "block_k",
+    static_argnames=("sm_scale", "block_m", "block_k",
                      "num_warps", "num_stages", "interpret"))
 def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
-                        *, sm_scale, head_reduce="sum", block_m=None,
+                        *, sm_scale, block_m=None,
                         block_k=128, num_warps=4, num_stages=2, interpret=False,
                         layer=None):
   """Pallas (Triton lowering) Sparse-Q importance -> [B, MP*S] float32.
@@ -161,7 +142,7 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
   Same contract as sparse_q_importance_reference. Grid: (request, kv head,
   key block); each program loops over only the Sparse-Q rows (tokens x the
   G heads of its kv head) that can see its keys, and writes per-head sums;
-  the head reduction is a jnp sum/max afterwards. Outside the kernel (plain
+  the head sum is a jnp reduce afterwards. Outside the kernel (plain
   jnp, O(T) work): compact the Sparse-Q rows to the front, and find per key
   block the first row that reaches it. Defaults (block_m 64, block_k 128,
   4 warps, 2 stages) are the H100 sweep's best (docs/BENCHMARKS.md). layer:
@@ -226,5 +207,4 @@ def sparse_q_importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
       name="sparsex_sparse_q_importance",
   )(layer_arr, kv_len.astype(jnp.int32), n_sp * group, rstart,
     page_table.astype(jnp.int32), pos_r, lse_r, qr, k_flat)
-  per_head = per_head[:, :, :group, :n_keys].reshape(batch, n_heads, n_keys)
-  return _reduce_heads(per_head, head_reduce, n_kv)
+  return jnp.sum(per_head[:, :, :group, :n_keys], axis=(1, 2))

@@ -20,10 +20,9 @@ layer: None (k_pages, v_pages are one layer [K, P, S, H]) or an int32 scalar
 whole pool with layer= inside a layer loop: slicing pool[layer] there would
 make XLA copy the layer's K/V for the kernel's custom call.
 
-Tensor parallelism: traced under a mesh (sparsex_jax/sharding.py), every op
-runs per shard under jax.shard_map over the "tensor" axis: each shard gets its
-own query heads and the KV heads of the pool it holds; importance reduces its
-heads locally, then over the shards. Without a mesh nothing changes.
+Tensor parallelism is not this module's business: it sees whole arrays or one
+shard's, and imports nothing outside jax and pallas_kernels.
+sparsex_jax/programs/kernels.py runs these ops per head shard under a mesh.
 """
 
 import jax
@@ -59,48 +58,13 @@ def compiled(backend: str) -> bool:
   return resolve_backend(backend) in COMPILED
 
 
-POOL = "pool"  # an argument whose head axis is the pool's KV-head axis
-
-
-def _call(kernel, reference, backend, args, kwargs, kernel_kwargs,
-          arg_heads=None, out_heads=None, reduce=None):
-  """arg_heads: each arg's head axis (None: replicated; POOL: the pool's),
-  out_heads: (ndim, head axis) of the output or of each output (None:
-  replicated), reduce: how a replicated output
-  combines over the shards ("sum"/"max"): the per-shard layout under a mesh."""
+def _call(kernel, reference, backend, args, kwargs, kernel_kwargs):
+  """reference(*args, **kwargs), or kernel(*args, **kwargs, **kernel_kwargs) compiled or
+  interpreted, as backend says."""
   backend = resolve_backend(backend)
-
-  def run(*args, layer):
-    kw = dict(kwargs) if layer is None else dict(kwargs, layer=layer)
-    if backend == "reference":
-      return reference(*args, **kw)
-    return kernel(*args, **kw, **kernel_kwargs,
-                  interpret=(backend == "pallas_interpret"))
-
-  from sparsex_jax import sharding  # the one room for sharding rules
-  layer = kwargs.get("layer")
-  if arg_heads is None or sharding.context_mesh() is None:
-    return run(*args, layer=layer)
-  pool_axis = 0 if layer is None else 1  # one layer [K,P,S,H] or the pool [L,K,P,S,H]
-  in_specs = tuple(
-      sharding.P() if a is None else
-      sharding.heads_spec(x.ndim, pool_axis if a == POOL else a)
-      for x, a in zip(args, arg_heads))
-  if out_heads is None:
-    out_specs = sharding.P()
-  elif isinstance(out_heads[0], tuple):  # several outputs: (ndim, head axis) each
-    out_specs = tuple(sharding.heads_spec(*a) for a in out_heads)
-  else:
-    out_specs = sharding.heads_spec(*out_heads)
-  if layer is None:
-    fn = lambda *xs: run(*xs, layer=None)  # noqa: E731
-  else:  # the (traced) layer index travels as a replicated argument
-    fn = lambda *xs: run(*xs[:-1], layer=xs[-1])  # noqa: E731
-    args, in_specs = (*args, layer), (*in_specs, sharding.P())
-  if reduce is not None:
-    inner = fn
-    fn = lambda *xs: sharding.reduce_over_shards(inner(*xs), reduce)  # noqa: E731
-  return sharding.per_head_shard(fn, in_specs, out_specs)(*args)
+  if backend == "reference":
+    return reference(*args, **kwargs)
+  return kernel(*args, **kwargs, **kernel_kwargs, interpret=(backend == "pallas_interpret"))
 
 
 def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
@@ -115,28 +79,20 @@ def attention(q, q_pos, k_pages, v_pages, page_table, kv_len, *, sm_scale,
     kernel = attention_mgpu.paged_attention_mgpu
   return _call(kernel, paged_attention_reference, backend,
                (q, q_pos, k_pages, v_pages, page_table, kv_len),
-               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs,
-               arg_heads=(2, None, POOL, POOL, None, None),
-               out_heads=((4, 2), (3, 2)))
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)
 
 
-def importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse, *,
-               sm_scale, head_reduce="sum", layer=None, backend="auto",
-               **kernel_kwargs):
-  """Sparse-Q importance -> [B, MP*S] f32 ([B, K, MP*S] for head_reduce="per_kv_head")."""
-  # Summed or maxed over heads, each shard reduces its own heads, then the shards combine; per
-  # kv head, the output is split over the shards as the pool's kv heads are.
-  per_kv = head_reduce == "per_kv_head"
+def importance(q, positions, rows, k_pool, page_table, kv_len, lse, *, sm_scale, layer=None,
+               backend="auto", **kernel_kwargs):
+  """Sparse-Q importance -> [B, MP*S] f32: the attention mass the rows marked in rows [B, T]
+  give each key, summed over the rows and the query heads."""
   return _call(sparse_q_importance, sparse_q_importance_reference, backend,
-               (q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse),
-               dict(sm_scale=sm_scale, head_reduce=head_reduce, layer=layer),
-               kernel_kwargs, arg_heads=(2, None, None, POOL, None, None, 2),
-               out_heads=(3, 1) if per_kv else None, reduce=None if per_kv else head_reduce)
+               (q, positions, rows, k_pool, page_table, kv_len, lse),
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)
 
 
 def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
-                              page_table, kv_len, *, sm_scale, head_reduce="sum",
-                              layer=None, backend="auto"):
+                              page_table, kv_len, *, sm_scale, layer=None, backend="auto"):
   """Attention plus the Sparse-Q importance of the same layer -> (out, lse, imp).
 
   Two passes by necessity: the probabilities need the final lse of each row,
@@ -146,8 +102,7 @@ def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
   out, lse = attention(q, q_pos, k_pages, v_pages, page_table, kv_len,
                        sm_scale=sm_scale, layer=layer, backend=backend)
   imp = importance(q, q_pos, q_is_sparse, k_pages, page_table, kv_len, lse,
-                   sm_scale=sm_scale, head_reduce=head_reduce, layer=layer,
-                   backend=backend)
+                   sm_scale=sm_scale, layer=layer, backend=backend)
   return out, lse, imp
 
 
@@ -158,20 +113,15 @@ def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto",
   half = k_pool.shape[-1] // 2
   if half & (half - 1):
     backend = "reference"
-  # Under a mesh each shard assembles its own KV heads (axis 1 of the [L, K, P, S, H] pools).
   return _call(_assemble_kv_kernel, assemble_kv_reference, backend,
-               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs,
-               arg_heads=(1, 1, None, None, None, None), out_heads=((5, 1), (5, 1)))
+               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs)
 
 
 def write_kv(k_pool, v_pool, slots, k, v, *, layer, backend="auto", **kernel_kwargs):
   """One layer's K/V k, v [..., K, H] written at flat slots [...] of the whole pool (sentinel
   slots dropped) -> (k_pool, v_pool); in place where the pool is donated."""
-  # Under a mesh each shard writes its own KV heads (axis 1 of the pool, axis -2 of k and v).
   return _call(_write_kv_kernel, write_kv_reference, backend, (k_pool, v_pool, slots, k, v),
-               dict(layer=layer), kernel_kwargs,
-               arg_heads=(POOL, POOL, None, k.ndim - 2, v.ndim - 2),
-               out_heads=((5, 1), (5, 1)))
+               dict(layer=layer), kernel_kwargs)
 
 
 def causal_attention(q, k, v, *, sm_scale, backend="auto"):
@@ -202,5 +152,4 @@ def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   """Paged decode attention, one query token per request -> [B, N, H]."""
   return _call(paged_decode_attention, paged_decode_attention_reference, backend,
                (q, k_pages, v_pages, page_table, kv_len),
-               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs,
-               arg_heads=(1, POOL, POOL, None, None), out_heads=(3, 1))
+               dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.attention import kernel_pool
+from pallas_kernels._paged import kernel_pool
 
 
 @jax.jit

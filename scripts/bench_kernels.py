@@ -222,7 +222,7 @@ def cudnn_sparse_masked(p):
   """cuDNN on the same sparse queries: contiguous K/V, explicit [Tq, L] mask."""
   import jax
   import jax.numpy as jnp
-  from pallas_kernels.attention import gather_kv
+  from pallas_kernels._paged import gather_kv
   k = jnp.swapaxes(gather_kv(p["k"], p["table"]), 1, 2)  # [1, L, K, H]
   v = jnp.swapaxes(gather_kv(p["v"], p["table"]), 1, 2)
   ctx = k.shape[1]
@@ -360,23 +360,6 @@ def section_sparse(contexts, fracs, sweep, results):
 MGPU_CONFIGS = ((128, 2, None, None), (128, 2, 1, None), (128, 2, None, False), (64, 2, None, None))
 
 
-def parse_mgpu_configs(text):
-  """"block_kv:n_slots:key_splits:token_major,..." ("auto": the kernel's choice, None) ->
-  MGPU_CONFIGS' tuples."""
-  flag = {"1": True, "0": False, "true": True, "false": False, "auto": None}
-  configs = []
-  for item in text.split(","):
-    fields = item.strip().split(":")
-    try:
-      block_kv, n_slots, splits, major = fields
-      configs.append((int(block_kv), int(n_slots), None if splits == "auto" else int(splits),
-                      flag[major.lower()]))
-    except (ValueError, KeyError):
-      raise ValueError(f"--mgpu-configs entry {item!r}: want block_kv:n_slots:key_splits:"
-                       "token_major, e.g. 128:2:auto:auto or 128:2:4:0") from None
-  return tuple(configs)
-
-
 def rel_err(x, ref):
   x = np.asarray(x, np.float64)
   ref = np.asarray(ref, np.float64)
@@ -478,7 +461,7 @@ def section_few(contexts, n_queries, results):
   bound. The kernel with key splits (the default, choose_key_splits) against none (key_splits=1),
   and the byte floor: every K/V byte read once at the measured copy bandwidth."""
   import jax
-  from pallas_kernels.attention import choose_key_splits, default_block_m
+  from pallas_kernels._paged import choose_key_splits, default_block_m
   from pallas_kernels import paged_attention
   scale = 1.0 / math.sqrt(HEAD_DIM)
   copy_gbps = (results.get("ceilings") or {}).get("copy_gbs")
@@ -995,9 +978,10 @@ def main():
     section_pool(res)
     save()
   if "mgpu" in sections:
+    from pallas_kernels.attention_mgpu import parse_configs
     section_mgpu(ints(a.contexts), [float(x) for x in a.fracs.split(",")], res,
                  os.path.join(a.out, "traces") if a.mgpu_profile else None,
-                 parse_mgpu_configs(a.mgpu_configs) if a.mgpu_configs else MGPU_CONFIGS)
+                 parse_configs(a.mgpu_configs) if a.mgpu_configs else MGPU_CONFIGS)
     save()
   if "write" in sections:
     section_write(ints(a.write_tokens), res)

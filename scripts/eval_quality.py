@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparsex_jax as sx  # noqa: E402
-from sparsex_jax.api import ReuseConfig  # noqa: E402
+from sparsex_jax import ReuseConfig  # noqa: E402
 
 INSTRUCTION = ("Answer the question using the passages. Give only the answer, in a few words.\n\n")
 

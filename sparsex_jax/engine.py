@@ -22,7 +22,7 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig, get_config
-from pallas_kernels.ops import resolve_backend
+from sparsex_jax.programs.kernels import resolve_backend
 from sparsex_jax import decoding, planner, scheduler, sharding
 from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels as ops
 from sparsex_jax.api import PrefillPlan
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.store import Lease

@@ -12,7 +12,8 @@ Megatron-style layout over "tensor":
 
 so every layer's attention runs on each device's own heads, and XLA inserts one all-reduce after
 o and one after down (the residual stream is constrained replicated: `constrain_replicated`).
-The attention kernels run per shard under `jax.shard_map` over "tensor" (`per_head_shard`):
+The attention kernels run per shard under `jax.shard_map` over "tensor" (`per_head_shard`, called
+by sparsex_jax/programs/kernels.py):
 each shard sees its local query heads and the KV heads they read (contiguous head blocks keep the
 GQA grouping: query head n reads KV head n // G on the same shard).
 
@@ -250,13 +251,9 @@ def _shard_map(fn, in_specs, out_specs):
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def reduce_over_shards(x, how: str):
-  """Inside per_head_shard: the sum or max of x over the tensor axis (heads split there)."""
-  if how == "sum":
-    return jax.lax.psum(x, TENSOR)
-  if how == "max":
-    return jax.lax.pmax(x, TENSOR)
-  raise ValueError(f"head_reduce must be 'sum' or 'max', got {how!r}")
+def sum_over_shards(x):
+  """Inside per_head_shard: the sum of x over the tensor axis (heads split there)."""
+  return jax.lax.psum(x, TENSOR)
 
 
 def memory_per_device(tree) -> dict:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from models import llama
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels
 from sparsex_jax.kv.layout import slot_of
 from sparsex_jax.programs.options import COMPILER_OPTIONS
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers
@@ -58,8 +58,8 @@ def _logits(pool, params, cfg: ModelConfig, tokens, positions, slots, page_table
   """One token per row through every layer: writes its K/V at slots -> (pool, logits [B, V])."""
 
   def attend(q, _, pool, layer):
-    out = ops.decode_attention(q[:, 0], pool["k"], pool["v"], page_table, kv_len,
-                               sm_scale=cfg.sm_scale, layer=layer, backend=backend)
+    out = kernels.decode_attention(q[:, 0], pool["k"], pool["v"], page_table, kv_len,
+                                   sm_scale=cfg.sm_scale, layer=layer, backend=backend)
     return out[:, None], None
 
   x, pool, _ = scan_layers(params["layers"], cfg, 0, llama.embed(params, tokens[:, None]),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from models import llama
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels
 from sparsex_jax.kv.layout import page_and_offset
 from sparsex_jax.sharding import constrain_replicated
 
@@ -30,11 +30,12 @@ def pool_sentinel(pool) -> int:
 def write_kv(pool, layer, slots, k, v, backend: str = "reference"):
   """Writes k, v [B, T, K, H] at flat slots [B, T] of one layer (sentinel slots are dropped).
 
-  backend: of ops.write_kv. The prefill passes its own ("auto": the in-place kernel on the GPU,
+  backend: of kernels.write_kv. The prefill passes its own ("auto": the in-place kernel on the GPU,
   925 against XLA's 421 GB/s for 32K tokens, docs/BENCHMARKS.md); the decode step's one token
   per row stays an XLA scatter ("reference"), measured at its byte floor (docs/throughput.md).
   """
-  k_pool, v_pool = ops.write_kv(pool["k"], pool["v"], slots, k, v, layer=layer, backend=backend)
+  k_pool, v_pool = kernels.write_kv(pool["k"], pool["v"], slots, k, v, layer=layer,
+                                    backend=backend)
   return {"k": k_pool, "v": v_pool}
 
 

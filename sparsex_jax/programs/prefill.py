@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from models import llama
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels as ops
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers
 from sparsex_jax.programs.options import COMPILER_OPTIONS
 from sparsex_jax.programs.scoring import DeviceScorer, ScoringInputs, compact, take

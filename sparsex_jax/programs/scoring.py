@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from models import llama
 from models.config import ModelConfig
-from pallas_kernels import ops
+from sparsex_jax.programs import kernels as ops
 from sparsex_jax.kv.layout import page_and_offset
 from sparsex_jax.programs.layers import pool_sentinel, scan_layers, write_kv
 

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import attention_mgpu
-from pallas_kernels.attention import group_rows as attention_group_rows
+from pallas_kernels import attention_mgpu, ops
+from pallas_kernels._paged import group_rows, ungroup_rows
 from pallas_kernels.attention import paged_attention_reference
-from pallas_kernels.attention import ungroup_rows as attention_ungroup_rows
-from pallas_kernels.attention_mgpu import merge_key_splits, paged_attention_mgpu, row_tiles
-from tests.test_kernels_gpu import assert_matches_reference, problem, rel_err
+from pallas_kernels.attention_mgpu import (merge_key_splits, paged_attention_mgpu, parse_configs,
+                                           row_tiles, split_steps, token_major_positions)
+from tests.kernels.problems import assert_matches_reference, gpu_problem, rel_err
 
 on_hopper = pytest.mark.skipif(not attention_mgpu.available(), reason="needs a Hopper GPU")
 
@@ -123,7 +123,6 @@ def test_rejects_unsupported_blocks():
 
 
 def test_dispatch_names():
-  from pallas_kernels import ops
   assert ops.compiled("pallas") and ops.compiled("pallas_triton")
   assert not ops.compiled("reference") and not ops.compiled("pallas_interpret")
   args = [jnp.zeros(a.shape, a.dtype) for a in _args(1, 32, 8, 128, 16)]
@@ -152,7 +151,7 @@ GPU_CASES = [
 @on_hopper
 @pytest.mark.parametrize("case,kw", GPU_CASES)
 def test_matches_reference_gpu(case, kw):
-  q, q_pos, k_pages, v_pages, table, kv = problem(0, *case)
+  q, q_pos, k_pages, v_pages, table, kv = gpu_problem(0, *case)
   scale = 1.0 / math.sqrt(q.shape[-1])
   out, lse = paged_attention_mgpu(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale, **kw)
   assert_matches_reference(out, lse, q, q_pos, k_pages, v_pages, table, kv, scale)
@@ -162,7 +161,7 @@ def test_matches_reference_gpu(case, kw):
 @on_hopper
 def test_layer_of_whole_pool_gpu():
   """layer= over the whole pool [L, K, P, S, H], traced inside a scan as in the engine."""
-  q, q_pos, k_all, v_all, table, kv = problem(4, *GPU_CASES[0][0], n_layers=3)
+  q, q_pos, k_all, v_all, table, kv = gpu_problem(4, *GPU_CASES[0][0], n_layers=3)
   scale = 1.0 / math.sqrt(q.shape[-1])
   _, scanned = jax.jit(lambda k, v: jax.lax.scan(
       lambda c, i: (c, paged_attention_mgpu(q, q_pos, k, v, table, kv, sm_scale=scale,
@@ -177,8 +176,7 @@ def test_layer_of_whole_pool_gpu():
 @on_hopper
 def test_ops_dispatch_gpu():
   """ops.attention under "pallas" runs this kernel; "pallas_triton" the Triton one; both agree."""
-  from pallas_kernels import ops
-  q, q_pos, k_pages, v_pages, table, kv = problem(6, *GPU_CASES[0][0])
+  q, q_pos, k_pages, v_pages, table, kv = gpu_problem(6, *GPU_CASES[0][0])
   scale = 1.0 / math.sqrt(q.shape[-1])
   got = {b: ops.attention(q, q_pos, k_pages, v_pages, table, kv, sm_scale=scale, backend=b)
          for b in ("pallas", "pallas_triton")}
@@ -216,7 +214,6 @@ def _attention64(q, q_pos, k, v, kv_len, scale):
 
 def _emulate(q, q_pos, k, v, kv_len, scale, block_kv, key_splits, token_major, block_q=64):
   """The kernel's arithmetic on the host: -> out [B, T, N, H], lse [B, T, N] (float64)."""
-  from pallas_kernels.attention_mgpu import split_steps, token_major_positions
   batch, n_tok, n_heads, head_dim = q.shape
   n_kv, n_keys = k.shape[1], k.shape[2]
   group = n_heads // n_kv
@@ -233,7 +230,7 @@ def _emulate(q, q_pos, k, v, kv_len, scale, block_kv, key_splits, token_major, b
     qpad = np.pad(q, ((0, 0), (0, t_pad - n_tok), (0, 0), (0, 0)))
     rows = np.stack([qpad[:, token, h * group + head_of] for h in range(n_kv)], axis=1)
   else:
-    qr, pos = attention_group_rows(jnp.asarray(q), jnp.asarray(eff, jnp.int32), n_kv,
+    qr, pos = group_rows(jnp.asarray(q), jnp.asarray(eff, jnp.int32), n_kv,
                                    2 * block_q)
     rows, pos = np.asarray(qr, np.float64), np.asarray(pos)
   tiles = np.asarray(row_tiles(jnp.asarray(pos, jnp.int32), block_q, block_kv))
@@ -275,8 +272,8 @@ def _emulate(q, q_pos, k, v, kv_len, scale, block_kv, key_splits, token_major, b
       out_t[:, token, h * group + head_of] = out[:, h]
       lse_t[:, token, h * group + head_of] = lse[:, h]
     return out_t[:, :n_tok], lse_t[:, :n_tok]
-  return (np.asarray(attention_ungroup_rows(jnp.asarray(out), n_tok, group)),
-          np.asarray(attention_ungroup_rows(jnp.asarray(lse), n_tok, group)))
+  return (np.asarray(ungroup_rows(jnp.asarray(out), n_tok, group)),
+          np.asarray(ungroup_rows(jnp.asarray(lse), n_tok, group)))
 
 
 @settings(max_examples=25, deadline=None)
@@ -311,17 +308,11 @@ def test_schedule_emulation_matches_attention(data):
   np.testing.assert_allclose(got_lse[real], want_lse[real], rtol=1e-10)
 
 
-def test_bench_kernels_parses_mgpu_configs():
-  """scripts/bench_kernels.py --mgpu-configs: the tuples section_mgpu times, and a bad entry
-  named in the error."""
-  import os
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-  import bench_kernels
-
-  assert bench_kernels.parse_mgpu_configs("128:2:auto:auto, 64:3:4:0") == (
-      (128, 2, None, None), (64, 3, 4, False))
+def test_parse_configs():
+  """The kernel options scripts/bench_kernels.py --mgpu-configs times, and a bad entry named in
+  the error."""
+  assert parse_configs("128:2:auto:auto, 64:3:4:0") == ((128, 2, None, None), (64, 3, 4, False))
   with pytest.raises(ValueError, match="'128:2:x:auto'"):
-    bench_kernels.parse_mgpu_configs("128:2:auto:auto,128:2:x:auto")
+    parse_configs("128:2:auto:auto,128:2:x:auto")
   with pytest.raises(ValueError, match="'128:2:4'"):
-    bench_kernels.parse_mgpu_configs("128:2:4")
+    parse_configs("128:2:4")
