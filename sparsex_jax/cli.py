@@ -2,12 +2,12 @@
 
   sparsex demo                                   the embedded default model on CPU: reuse vs full
   (demo, generate, cache warm and eval take --tp N: tensor parallelism over N devices)
-  sparsex generate --input F --output O ...      an offline batch job over JSONL (jobs.py)
+  sparsex generate --input F --output O ...      an offline batch job over JSONL (batch/)
   sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
   sparsex cache info D                           what a segment cache on disk holds
   sparsex eval [--quick] ...                     reuse quality of every method (docs/evaluation.md)
 
-Subcommands are thin: the work is in sparsex_jax/jobs.py, sparsex_jax/kv/persist.py and
+Subcommands are thin: the work is in sparsex_jax/batch/, sparsex_jax/kv/persist.py and
 sparsex_jax/evaluation/.
 """
 
@@ -21,7 +21,7 @@ import time
 from sparsex_jax.demo import PASSAGE as DEMO_PASSAGE
 from sparsex_jax.demo import QUESTION as DEMO_QUESTION
 from sparsex_jax.demo import QUESTION2 as DEMO_QUESTION2
-from sparsex_jax.jobs import SHARED
+from sparsex_jax.batch.plan import SHARED
 from sparsex_jax.policy import REUSE_MODES
 
 
@@ -206,22 +206,22 @@ def _generate(args) -> int:
   import json
 
   import sparsex_jax as sx
-  from sparsex_jax import jobs
+  from sparsex_jax import batch
   if not os.path.exists(args.input):
     raise FileNotFoundError(f"{args.input}: no such input file")
   reuse = sx.ReuseConfig(args.reuse, recompute_ratio=args.ratio, layer_threshold=args.threshold)
-  defaults = jobs.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+  defaults = batch.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed)
   sx.SamplingParams(defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed)
   _use_compile_cache(args)
   engine = _build_engine(args)
   if args.cache_dir:
     engine.use_cache_dir(args.cache_dir)
   try:
-    summary = jobs.run_job(engine, args.input, args.output, reuse=reuse, defaults=defaults,
-                           batch_size=args.batch_size, shared=args.shared,
-                           errors_path=args.errors, progress=not args.no_progress,
-                           model_name=args.model)
-  except jobs.JobError as e:
+    summary = batch.run_job(engine, args.input, args.output, reuse=reuse, defaults=defaults,
+                            batch_size=args.batch_size, shared=args.shared,
+                            errors_path=args.errors, progress=not args.no_progress,
+                            model_name=args.model)
+  except batch.JobError as e:
     print(f"sparsex: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   print(summary.text(), file=sys.stderr)
