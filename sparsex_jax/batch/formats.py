@@ -25,7 +25,7 @@ from sparsex_jax.validation import is_int
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids",
                  "ignore_eos")
-NATIVE_KEYS = ("id", "segments", "messages") + SAMPLING_KEYS
+NATIVE_KEYS = ("id", "segments", "messages", "namespace") + SAMPLING_KEYS
 OPENAI_KEYS = ("custom_id", "method", "url", "body")
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
 # Body fields we honour, and those we accept only at their no-op value (an existing batch file
@@ -34,6 +34,10 @@ OPENAI_BODY = ("model", "messages", "prompt", "max_tokens", "max_completion_toke
                "top_p", "seed", "stop", "user")
 OPENAI_NOOP = {"n": 1, "stream": False, "logprobs": False, "echo": False,
                "frequency_penalty": 0, "presence_penalty": 0}
+# Limits on one input line: a line over them is a bad line, never the job's end (a deep nesting
+# would otherwise exhaust Python's recursion in the JSON parser, a huge line the memory).
+MAX_LINE_BYTES = 64 * 2**20
+MAX_DEPTH = 32  # a request needs 5 levels (OpenAI chat: line, body, messages, message, part)
 
 
 class JobError(Exception):
@@ -75,6 +79,9 @@ class Defaults:
   temperature: float = 0.0
   top_p: float = 1.0
   seed: int = 0
+  # The last message of an OpenAI chat line (usually the question) is not cached unless this is
+  # set: it rarely recurs, and a request must not find its own question saved by a crashed run.
+  cache_final_message: bool = False
 
 
 def _unknown(obj: dict, allowed: Sequence[str], where: str) -> None:
@@ -167,12 +174,38 @@ def _openai_messages(messages) -> list[dict]:
   return out
 
 
-def parse_line(text: str, line: int, tokenizer, defaults: Defaults) -> JobLine:
-  """One input line as a JobLine; LineError (without the line number) when it cannot run."""
+def _depth(obj) -> int:
+  """Nesting depth of parsed JSON (iterative: no recursion to exhaust)."""
+  deepest, stack = 0, [(obj, 1)]
+  while stack:
+    item, d = stack.pop()
+    if isinstance(item, (dict, list)):
+      deepest = max(deepest, d)
+      stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+  return deepest
+
+
+def _load_json(text: str):
+  """json.loads with the line limits; LineError for anything a line can do wrong."""
+  if len(text) > MAX_LINE_BYTES:
+    raise LineError(f"line of {len(text)} characters is over the limit of {MAX_LINE_BYTES}")
   try:
     obj = json.loads(text)
   except ValueError as e:
-    raise LineError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    msg = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+    raise LineError(f"not valid JSON ({msg})") from None
+  except RecursionError:
+    raise LineError(f"JSON nested deeper than the limit of {MAX_DEPTH}") from None
+  except MemoryError:
+    raise LineError("line too large to parse in memory") from None
+  if _depth(obj) > MAX_DEPTH:
+    raise LineError(f"JSON nested deeper than the limit of {MAX_DEPTH}")
+  return obj
+
+
+def parse_line(text: str, line: int, tokenizer, defaults: Defaults) -> JobLine:
+  """One input line as a JobLine; LineError (without the line number) when it cannot run."""
+  obj = _load_json(text)
   if not isinstance(obj, dict):
     raise LineError(f"a request must be a JSON object, got {type(obj).__name__}")
   if "custom_id" in obj or "body" in obj:
@@ -186,6 +219,9 @@ def parse_line(text: str, line: int, tokenizer, defaults: Defaults) -> JobLine:
   if ("segments" in obj) == ("messages" in obj):
     raise LineError("a request needs exactly one of \"segments\" and \"messages\"")
   sampling = _sampling(obj, defaults, request_id, {})
+  namespace = obj.get("namespace")
+  if namespace is not None and not isinstance(namespace, str):
+    raise LineError(f"namespace must be a string, got {namespace!r}")
   try:
     if "segments" in obj:
       if not isinstance(obj["segments"], list) or not obj["segments"]:
@@ -193,7 +229,8 @@ def parse_line(text: str, line: int, tokenizer, defaults: Defaults) -> JobLine:
       segments = [_segment(s, i) for i, s in enumerate(obj["segments"])]
     else:
       segments = chat_segments(tokenizer, obj["messages"])
-    return JobLine(line, request_id, "ours", Request(segments, id=request_id, sampling=sampling),
+    return JobLine(line, request_id, "ours",
+                   Request(segments, id=request_id, sampling=sampling, namespace=namespace),
                    stop=_stop_strings(obj.get("stop")))
   except (TypeError, ValueError) as e:
     raise LineError(str(e)) from None
@@ -228,6 +265,8 @@ def _parse_openai(obj: dict, line: int, tokenizer, defaults: Defaults) -> JobLin
         raise LineError("a chat completion body needs \"messages\" (and no \"prompt\")")
       segments, form = chat_segments(tokenizer, _openai_messages(body["messages"])), \
           "chat.completion"
+      if not defaults.cache_final_message:
+        segments = _final_message_uncached(segments)
     else:
       if "messages" in body or "prompt" not in body:
         raise LineError("a completion body needs \"prompt\" (and no \"messages\")")
@@ -249,6 +288,16 @@ def _parse_openai(obj: dict, line: int, tokenizer, defaults: Defaults) -> JobLin
     raise LineError(str(e)) from None
 
 
+def _final_message_uncached(segments: list[Segment]) -> list[Segment]:
+  """The last message's segment (before the uncached generation prompt) marked cache=False."""
+  last = len(segments) - 2 if len(segments) >= 2 and not segments[-1].cache else len(segments) - 1
+  if last < 0 or not segments[last].cache:
+    return segments
+  out = list(segments)
+  out[last] = Segment(segments[last].content, cache=False)
+  return out
+
+
 @dataclasses.dataclass
 class FailedLine:
   line: int
@@ -268,6 +317,8 @@ def read_requests(path: str, tokenizer, defaults: Defaults = Defaults()
   except OSError as e:
     raise JobError(f"{path}: cannot read ({e.strerror})") from None
   lines, failed, seen = [], [], {}
+  if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+    raw = raw[3:]
   for n, data in enumerate(raw.split(b"\n"), start=1):
     try:
       text = data.decode("utf-8")
@@ -281,6 +332,10 @@ def read_requests(path: str, tokenizer, defaults: Defaults = Defaults()
     except LineError as e:
       failed.append(FailedLine(n, _guess_id(text), str(e)))
       continue
+    except (Exception, RecursionError, MemoryError) as e:  # pylint: disable=broad-except
+      # Whatever one line does (a tokenizer or template failure included) is that line's error.
+      failed.append(FailedLine(n, _guess_id(text), f"cannot parse ({type(e).__name__}: {e})"))
+      continue
     if job.key in seen:
       failed.append(FailedLine(n, job.id, f"duplicate id {job.id!r} (first on line "
                                           f"{seen[job.key]})"))
@@ -292,7 +347,9 @@ def read_requests(path: str, tokenizer, defaults: Defaults = Defaults()
 
 def _guess_id(text: str):
   """The id of a line that failed to parse, when it can still be read (for the errors file)."""
-  with contextlib.suppress(ValueError, AttributeError):
-    obj = json.loads(text)
-    return obj.get("custom_id", obj.get("id"))
+  with contextlib.suppress(LineError, AttributeError):
+    obj = _load_json(text)
+    request_id = obj.get("custom_id", obj.get("id"))
+    if isinstance(request_id, (str, int)):
+      return request_id
   return None

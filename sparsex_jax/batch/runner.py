@@ -11,9 +11,7 @@ The CLI (`sparsex generate`) is a thin layer over `run_job`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -23,7 +21,8 @@ import time
 from sparsex_jax.api import RequestOutput
 from sparsex_jax.batch.formats import Defaults, JobError, read_requests
 from sparsex_jax.batch.plan import SHARED, plan_job
-from sparsex_jax.batch.writer import Critical, ResultWriter, errors_path_for, result_record
+from sparsex_jax.batch.writer import (Critical, ErrorsFile, OutputLock, ResultWriter,
+                                      errors_path_for, result_record)
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.policy import ReuseConfig
 from sparsex_jax.sampling import SamplingParams
@@ -173,27 +172,22 @@ def run_job(engine, input_path: str, output_path: str, *,
   loaded0, saved0 = (disk.loaded, disk.saved) if disk is not None else (0, 0)
   lines, failed = read_requests(input_path, tok, defaults)
   summary.lines = len(lines) + len(failed)
-  writer = ResultWriter(output_path, critical)
-  summary.torn_line_redone = writer.torn
   errors_path = errors_path or errors_path_for(output_path)
-  with contextlib.suppress(FileNotFoundError):
-    os.unlink(errors_path)  # the errors file describes the latest run only
-  errors_file = None
+  lock = OutputLock([output_path, errors_path])  # one job per output, for the whole job
+  writer = errors_file = None
+  keep_off_disk0 = set(disk.keep_off_disk) if disk is not None else set()
 
   def fail(line: int, request_id, error: str) -> None:
-    nonlocal errors_file
     summary.failed += 1
     summary.errors_file = errors_path
     say(f"{input_path}:{line}: " + (f"id {request_id!r}: " if request_id is not None else "")
         + error)
-    if errors_file is None:
-      errors_file = open(errors_path, "a", encoding="utf-8")  # noqa: SIM115
-    with critical.section():
-      errors_file.write(json.dumps({"line": line, "id": request_id, "error": error},
-                                   ensure_ascii=False) + "\n")
-      errors_file.flush()
+    errors_file.write({"line": line, "id": request_id, "error": error})
 
   try:
+    writer = ResultWriter(output_path, critical)
+    summary.torn_line_redone = writer.torn
+    errors_file = ErrorsFile(errors_path, critical)
     for f in failed:
       fail(f.line, f.id, f.error)
     summary.skipped = sum(1 for j in lines if j.key in writer.done)
@@ -213,16 +207,21 @@ def run_job(engine, input_path: str, output_path: str, *,
       ks = []
       for ids, cacheable in zip(prompt.segments, prompt.cacheable):
         if cacheable:
-          k = segment_key(ids)
-          segments.setdefault(k, ids)
+          k = segment_key(ids, prompt.namespace)  # salted: namespaces never share a segment
+          segments.setdefault(k, (ids, prompt.namespace))
           ks.append(k)
       for k in set(ks):
         count[k] = count.get(k, 0) + 1
       if job.key not in writer.done:
         runnable.append(job)
         keys.append(ks)
+    if disk is not None:
+      # A segment only one request of the job has is never saved by the job: else a resumed (or
+      # rerun) request would find its own segment on disk and answer unlike an uninterrupted
+      # run. One already on disk (from `cache warm` or another job) is still read.
+      disk.keep_off_disk |= {k for k, c in count.items() if c == 1}
     def cached(k):
-      return engine.store.contains_segment(segments[k]) or (disk is not None and k in disk)
+      return engine.store.contains_segment(*segments[k]) or (disk is not None and k in disk)
 
     plan = plan_job(keys, batch_size, shared, policy.reads_segment_cache, cached, count)
 
@@ -243,8 +242,10 @@ def run_job(engine, input_path: str, output_path: str, *,
                                                      for k in keys[j])
                   if k in plan.warm and not cached(k)]
           if warm:
-            engine.cache_segments(warm, batch_size=batch_size)
-            n = int(sum(len(w) for w in warm))
+            for namespace in dict.fromkeys(ns for _, ns in warm):
+              engine.cache_segments([ids for ids, ns in warm if ns == namespace],
+                                    batch_size=batch_size, namespace=namespace)
+            n = int(sum(len(ids) for ids, _ in warm))
             summary.n_precomputed += n
             summary.token_layers += n * L
 
@@ -269,10 +270,13 @@ def run_job(engine, input_path: str, output_path: str, *,
   finally:
     if bar is not None:
       bar.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
     if errors_file is not None:
       errors_file.close()
+    lock.release()
     if disk is not None:
+      disk.keep_off_disk = keep_off_disk0
       summary.segments_loaded, summary.segments_saved = disk.loaded - loaded0, disk.saved - saved0
     summary.seconds = time.perf_counter() - start
   return summary
