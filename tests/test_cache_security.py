@@ -4,6 +4,7 @@ sha256s every file, temp files of a killed save are reported and cleaned, a corr
 dropped with a warning and recomputed (or stops the job with --strict), --repair survives a
 garbage index, and an unusable cache exits 2 naming the path. Tiny random model, in process."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -182,3 +183,32 @@ def test_a_cache_dir_that_cannot_be_created_exits_2_naming_it(tmp_path, monkeypa
   err = capsys.readouterr().err
   assert f"{cache}/segments: cannot create or write the cache dir (Read-only file system)" in err
   assert "Traceback" not in err
+
+
+def test_namespaces_neither_reuse_nor_see_each_others_segments(tmp_path):
+  eng = _engine()
+  eng.use_cache_dir(tmp_path / "cache")
+  eng.cache_segments(PASSAGES[:1], namespace="alice")
+  files = glob.glob(str(tmp_path / "cache" / "segments" / "*.safetensors"))
+  assert [os.path.basename(f) for f in files] == [
+      f"{segment_key(PASSAGES[0], 'alice')}.safetensors"]  # salted: not the plain token hash
+  assert segment_key(PASSAGES[0], "alice") != segment_key(PASSAGES[0])
+  request = sx.Request([sx.Segment(PASSAGES[0]), sx.Segment(_ids(4, 77), cache=False)],
+                       namespace="bob")
+  [out] = eng.generate([request], sx.SamplingParams(max_new_tokens=1), reuse=REUSE)
+  assert out.stats.n_reused == 0  # bob does not hit alice's passage
+  assert eng.stats(namespace="alice")["segment_cache"]["entries"] == 1
+  assert eng.stats(namespace="carol")["segment_cache"]["entries"] == 0
+  alice = dataclasses.replace(request, namespace="alice")
+  [out] = eng.generate([alice], sx.SamplingParams(max_new_tokens=1), reuse=REUSE)
+  assert out.stats.n_reused == len(PASSAGES[0])
+  # A fresh engine of namespace alice loads it from disk; one of the default namespace does not.
+  fresh = _engine(namespace="alice")
+  fresh.use_cache_dir(tmp_path / "cache")
+  plain = sx.Request(request.segments)
+  _, plan = fresh.prefill_logits(plain, REUSE, return_plan=True)
+  assert plan.reused_positions.size == len(PASSAGES[0])
+  other = _engine()
+  other.use_cache_dir(tmp_path / "cache")
+  _, plan = other.prefill_logits(plain, REUSE, return_plan=True)
+  assert plan.reused_positions.size == 0
