@@ -49,11 +49,14 @@ class Request:
   segments: Segments (a str item is a text Segment); a lone str or Segment is one segment.
   id: optional, named in errors and outputs (the batch runner's line id).
   sampling: optional per-request SamplingParams, overriding the ones passed to generate().
+  namespace: the segment-cache namespace (None: the engine's): segments cached under one
+    namespace are never reused, nor seen, by requests of another (docs/SECURITY.md).
   """
 
   segments: Sequence[Segment] | Segment | str
   id: str | int | None = None
   sampling: "SamplingParams | None" = None
+  namespace: str | None = None
 
   def __post_init__(self):
     raw = self.segments
@@ -72,6 +75,8 @@ class Request:
     if self.sampling is not None and not isinstance(self.sampling, SamplingParams):
       raise TypeError(f"Request.sampling must be SamplingParams, got "
                       f"{type(self.sampling).__name__}")
+    if self.namespace is not None and not isinstance(self.namespace, str):
+      raise TypeError(f"Request.namespace must be a str, got {type(self.namespace).__name__}")
     object.__setattr__(self, "segments", segments)
 
 

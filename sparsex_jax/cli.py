@@ -2,12 +2,12 @@
 
   sparsex demo                                   the embedded default model on CPU: reuse vs full
   (demo, generate, cache warm and eval take --tp N: tensor parallelism over N devices)
-  sparsex generate --input F --output O ...      an offline batch job over JSONL (jobs.py)
+  sparsex generate --input F --output O ...      an offline batch job over JSONL (batch/)
   sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
   sparsex cache info D                           what a segment cache on disk holds
   sparsex eval [--quick] ...                     reuse quality of every method (docs/evaluation.md)
 
-Subcommands are thin: the work is in sparsex_jax/jobs.py, sparsex_jax/kv/persist.py and
+Subcommands are thin: the work is in sparsex_jax/batch/, sparsex_jax/kv/persist.py and
 sparsex_jax/evaluation/.
 """
 
@@ -21,7 +21,7 @@ import time
 from sparsex_jax.demo import PASSAGE as DEMO_PASSAGE
 from sparsex_jax.demo import QUESTION as DEMO_QUESTION
 from sparsex_jax.demo import QUESTION2 as DEMO_QUESTION2
-from sparsex_jax.jobs import SHARED
+from sparsex_jax.batch.plan import SHARED
 from sparsex_jax.reuse import REUSE_MODES
 
 
@@ -62,11 +62,18 @@ def main(argv=None) -> int:
     if args.command == "demo" and not getattr(args, name).strip():
       print(f"sparsex: error: --{name} must not be empty", file=sys.stderr)
       return 2
+  from sparsex_jax.batch import JobError
   try:
     if args.command == "eval":
       return runner.run(args, argv[1:])
     return {"demo": _demo, "generate": _generate, "cache": _cache}[args.command](args)
-  except (ValueError, FileNotFoundError) as e:  # CacheError is a ValueError naming the file
+  except (ValueError, JobError, OSError) as e:  # CacheError is a ValueError naming the file
+    # An unusable argument, input, output or cache: one line naming it, exit 2 (1 means "some
+    # lines failed, the rest ran"). --debug shows the traceback.
+    if getattr(args, "debug", False):
+      raise
+    if isinstance(e, OSError) and e.filename is not None:
+      e = f"{e.filename}: {e.strerror}"
     print(f"sparsex: error: {e}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -79,6 +86,23 @@ EXIT_FAILED_LINES = 1  # the job ran, some lines failed (see the errors file)
 EXIT_USAGE = 2  # bad arguments, a model or cache that cannot be used
 
 
+def _add_cache_key_arg(p) -> None:
+  p.add_argument("--cache-key", metavar="SECRET",
+                 help="authenticate the cache dir's index with this key (HMAC-SHA256): a cache "
+                      "changed without it is refused (default: $SPARSEX_CACHE_KEY; "
+                      "docs/SECURITY.md)")
+
+
+def _add_namespace_arg(p) -> None:
+  p.add_argument("--namespace", default="",
+                 help="cache namespace: segments cached under one are neither reused nor seen "
+                      "under another (a line's own \"namespace\" wins; docs/SECURITY.md)")
+
+
+def _add_debug_arg(p) -> None:
+  p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
 def _add_engine_args(p) -> None:
   p.add_argument("--model", default="smollm2-135m",
                  help="smollm2-135m (embedded), a .gguf file, a Hugging Face folder, or "
@@ -86,6 +110,9 @@ def _add_engine_args(p) -> None:
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="auto: float32 on CPU, bfloat16 on GPU")
   p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (power of 2)")
+  _add_cache_key_arg(p)
+  _add_namespace_arg(p)
+  _add_debug_arg(p)
   p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
   _add_tp_arg(p)
   p.add_argument("--compile-cache", metavar="DIR",
@@ -121,6 +148,11 @@ def _add_generate_parser(sub) -> None:
                  help="segments shared by several requests: computed once alone at position 0 "
                       "before them (alone), in context by the first request (context), or as "
                       "they come (off)")
+  g.add_argument("--strict", action="store_true",
+                 help="a bad segment file in --cache-dir stops the job (default: it is dropped "
+                      "with a warning and its segment computed afresh)")
+  g.add_argument("--cache-final-message", action="store_true",
+                 help="cache the last message of OpenAI chat lines too (default: not cached)")
   g.add_argument("--errors", help="errors file (default: beside the output, NAME.errors.jsonl)")
   g.add_argument("--summary-json", help="also write the summary as JSON here")
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,6 +178,8 @@ def _add_cache_parser(sub) -> None:
   i.add_argument("--repair", action="store_true",
                  help="drop entries whose files are missing, truncated or corrupted")
   i.add_argument("--json", action="store_true", help="print JSON")
+  _add_cache_key_arg(i)
+  _add_debug_arg(i)
 
 
 def _free_device_bytes() -> int:
@@ -199,29 +233,31 @@ def _build_engine(args):
     # the pool is split over the tensor axis: each device gives its own free memory
     pool_bytes = int(args.pool_fraction * _free_device_bytes() * sharding.tp_size(mesh))
   return sx.Engine(config, params, tokenizer, page_size=args.page_size,
-                   kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size, mesh=mesh)
+                   kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size, mesh=mesh,
+                   namespace=args.namespace)
 
 
 def _generate(args) -> int:
   import json
 
   import sparsex_jax as sx
-  from sparsex_jax import jobs
+  from sparsex_jax import batch
   if not os.path.exists(args.input):
     raise FileNotFoundError(f"{args.input}: no such input file")
   reuse = sx.ReuseConfig(args.reuse, recompute_ratio=args.ratio, layer_threshold=args.threshold)
-  defaults = jobs.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+  defaults = batch.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                            cache_final_message=args.cache_final_message)
   sx.SamplingParams(defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed)
   _use_compile_cache(args)
   engine = _build_engine(args)
   if args.cache_dir:
-    engine.use_cache_dir(args.cache_dir)
+    engine.use_cache_dir(args.cache_dir, key=args.cache_key, strict=args.strict)
   try:
-    summary = jobs.run_job(engine, args.input, args.output, reuse=reuse, defaults=defaults,
-                           batch_size=args.batch_size, shared=args.shared,
-                           errors_path=args.errors, progress=not args.no_progress,
-                           model_name=args.model)
-  except jobs.JobError as e:
+    summary = batch.run_job(engine, args.input, args.output, reuse=reuse, defaults=defaults,
+                            batch_size=args.batch_size, shared=args.shared,
+                            errors_path=args.errors, progress=not args.no_progress,
+                            model_name=args.model)
+  except batch.JobError as e:
     print(f"sparsex: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   print(summary.text(), file=sys.stderr)
@@ -273,7 +309,7 @@ def _cache_warm(args) -> int:
   t0 = time.perf_counter()
   _use_compile_cache(args)
   engine = _build_engine(args)
-  disk = engine.use_cache_dir(args.cache_dir)
+  disk = engine.use_cache_dir(args.cache_dir, key=args.cache_key)
   if args.as_message:
     if engine.tokenizer is None or any(isinstance(p, list) for p in passages):
       raise ValueError("--as-message needs text passages and a model with a chat template")
@@ -282,7 +318,7 @@ def _cache_warm(args) -> int:
   else:
     segments = [sx.Segment(p) for p in passages]
   ids = [engine.tokenize(sx.Request([seg])).segments[0] for seg in segments]
-  todo = [seg for seg, i in zip(segments, ids) if segment_key(i) not in disk]
+  todo = [seg for seg, i in zip(segments, ids) if segment_key(i, args.namespace) not in disk]
   bar = None
   if not args.no_progress and todo:
     from tqdm import tqdm
@@ -311,11 +347,16 @@ def _cache_info(args) -> int:
   import json
 
   from sparsex_jax.kv import persist
+  if not os.path.isdir(args.cache_dir):
+    raise FileNotFoundError(f"{args.cache_dir}: no such cache dir")
   if args.repair:
-    for msg in persist.repair(args.cache_dir):
+    for msg in persist.repair(args.cache_dir, args.cache_key):
       print(msg, file=sys.stderr)
-  info = persist.read_info(args.cache_dir)
-  problems = persist.check_files(args.cache_dir) if (args.verify or args.repair) else []
+    if not os.path.exists(os.path.join(args.cache_dir, persist.INDEX)):
+      return 0  # the index was garbage: set aside, the cache starts empty
+  info = persist.read_info(args.cache_dir, args.cache_key)
+  problems = (persist.check_files(args.cache_dir, args.cache_key)
+              if (args.verify or args.repair) else [])
   files = info.pop("files")
   if args.json:
     print(json.dumps(info | {"problems": problems}, indent=1))
@@ -325,7 +366,7 @@ def _cache_info(args) -> int:
           f"{info['bytes'] / 2**20:.1f} MiB on disk ({info['computed_alone']} computed alone, "
           f"{info['segments'] - info['computed_alone']} in context)")
     print(f"model {fp.get('model')}, dtype {fp.get('dtype')}, page size {fp.get('page_size')}, "
-          f"weights {fp.get('weights')}, fingerprint {fp.get('digest')}")
+          f"weights {fp.get('weights')}, fingerprint {fp.get('digest')}; HMAC {info['hmac']}")
     if files:
       longest = max(files.values(), key=lambda r: r["n_tokens"])
       print(f"segments of {min(r['n_tokens'] for r in files.values())} to "

@@ -7,7 +7,7 @@ Batching (scheduler.py): "continuous" (default) keeps a running batch whose fini
 refilled between device decode loops; "static" runs batch after batch to the end.
 
 Host bookkeeping lives in sparsex_jax/kv (allocator, caches, store), planning in planner.py, reuse
-policies in policy.py, device programs in sparsex_jax/programs; this file only wires them.
+methods in reuse/, device programs in sparsex_jax/programs; this file only wires them.
 """
 
 from __future__ import annotations
@@ -52,13 +52,18 @@ class Engine:
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
                max_batch_size: int = 16, attention_backend: str = "auto",
                steps_per_visit: int = decoding.STEPS_PER_VISIT, decode_layer_loop: str = "scan",
-               mesh=None):
+               mesh=None, namespace: str = ""):
     """max_batch_size: requests per batch (static) or rows of the running batch (continuous).
     steps_per_visit: decode steps per device loop (per host visit). decode_layer_loop: "scan",
     "unrolled" or "per_layer" (the decode program's layer loop; programs/decode.py).
     mesh: None (one device) or a ("data", "tensor") jax Mesh (sharding.make_mesh(tp)): weights
     Megatron-style and the KV pool by KV heads over "tensor" (docs/SHARDING.md). num_pages and
-    kv_pool_bytes are the whole pool's, summed over the tensor axis."""
+    kv_pool_bytes are the whole pool's, summed over the tensor axis.
+    namespace: the segment-cache namespace of requests that name none (Request.namespace);
+    segments cached under one namespace are never reused or seen under another."""
+    if not isinstance(namespace, str):
+      raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+    self.namespace = namespace
     backend = resolve_backend(attention_backend)  # validates the name
     sharding.check_model(config, mesh)
     if not is_int(max_batch_size) or max_batch_size < 1:
@@ -154,7 +159,7 @@ class Engine:
     for i, request in enumerate(requests):
       try:
         sp = getattr(request, "sampling", None) or sampling
-        prompt = tokenize(request, self.tokenizer, self.config, sp.max_new_tokens)
+        prompt = tokenize(request, self.tokenizer, self.config, sp.max_new_tokens, self.namespace)
         jobs.append(scheduler.Job(i, request.id, prompt, sp))
       except (ValueError, TypeError) as e:
         outputs.fail(i, getattr(request, "id", None), e)
@@ -187,19 +192,23 @@ class Engine:
   def tokenize(self, request: Request, max_new_tokens: int = 0) -> Prompt:
     """`request` tokenized as generate() will see it (checked against the vocabulary and the
     context with room for max_new_tokens)."""
-    return tokenize(request, self.tokenizer, self.config, max_new_tokens)
+    return tokenize(request, self.tokenizer, self.config, max_new_tokens, self.namespace)
 
   # ------------------------------------------------------------------------------------------
   # the segment cache on disk (sparsex_jax/kv/persist.py)
   # ------------------------------------------------------------------------------------------
 
-  def use_cache_dir(self, path, save: bool = True) -> persist.SegmentDiskCache:
+  def use_cache_dir(self, path, save: bool = True, *, key: str | bytes | None = None,
+                    strict: bool = False) -> persist.SegmentDiskCache:
     """Ties this engine to a segment cache on disk: generate() loads the segments each batch needs
     from it (on demand, so the cache may be larger than the pool) and, with save=True, writes the
     segments it has and adds (now, then after every batch). Raises persist.CacheError (naming the
-    file) for a cache of another model, dtype or page size, or a truncated file."""
+    file) for a cache of another model, dtype or page size, or an index that fails its HMAC.
+    key: the index's HMAC key (default $SPARSEX_CACHE_KEY). A bad segment file is dropped with a
+    warning and its segment computed afresh; strict=True makes it a CacheError."""
     fp = persist.fingerprint(self.config, self.params, self.layout.page_size)
-    self._disk = persist.DiskLink(persist.SegmentDiskCache(path, fp), self.store, self.kv, save)
+    cache = persist.SegmentDiskCache(path, fp, key=key, strict=strict)
+    self._disk = persist.DiskLink(cache, self.store, self.kv, save)
     self._disk.autosave()  # what this engine cached before it had a cache dir
     return self._disk.cache
 
@@ -217,7 +226,7 @@ class Engine:
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
-    prompt = tokenize(request, self.tokenizer, self.config, 0)
+    prompt = tokenize(request, self.tokenizer, self.config, 0, self.namespace)
     if self._disk is not None and policy.reads_segment_cache:
       self._disk.load_for([prompt])
     with self.store.acquire([prompt], policy, 0) as leases, self._recovering():
@@ -230,8 +239,10 @@ class Engine:
     return logits, planner.describe(plans[0], out.scores[0], out.selected[0], policy)
 
   def cache_segments(self, segments: Iterable[str | Sequence[int] | Segment],
-                     batch_size: int = 8) -> int:
-    """Precomputes segments alone at position 0 (e.g. a RAG corpus); returns how many were new."""
+                     batch_size: int = 8, namespace: str | None = None) -> int:
+    """Precomputes segments alone at position 0 (e.g. a RAG corpus); returns how many were new.
+    namespace: where they are cached (default: the engine's)."""
+    namespace = self.namespace if namespace is None else namespace
     if isinstance(segments, (str, Segment)):
       segments = [segments]
     if not is_int(batch_size) or batch_size < 1:
@@ -241,12 +252,12 @@ class Engine:
       seg = s if isinstance(s, Segment) else Segment(s)
       ids = check_prompt(self.config, segment_ids(seg, self.tokenizer))
       key = ids.tobytes()
-      if key in seen or self.store.contains_segment(ids):
+      if key in seen or self.store.contains_segment(ids, namespace):
         continue
-      if self.disk_cache is not None and segment_key(ids) in self.disk_cache:
+      if self.disk_cache is not None and segment_key(ids, namespace) in self.disk_cache:
         continue  # on disk: loaded when a request needs it
       seen.add(key)
-      todo.append(Prompt((ids,), (True,)))
+      todo.append(Prompt((ids,), (True,), namespace))
     full = ReuseConfig("full").resolve(self.config)
     i = 0
     while i < len(todo):  # like generate: a batch the pool cannot hold is halved
@@ -268,7 +279,12 @@ class Engine:
     """Drops every cached prefix block and segment no live request holds; returns pages freed."""
     return self.store.clear()
 
-  def stats(self) -> dict:
+  def stats(self, namespace: str | None = None) -> dict:
+    """The engine's counters over every namespace (the operator's view); with a namespace, only
+    that namespace's segment-cache entries (what a caller of that namespace may be shown)."""
+    if namespace is not None:
+      return {"segment_cache": self.store.segment_cache.stats(self.layout.bytes_per_page,
+                                                              namespace)}
     return self.store.stats() | {"compilations": self.num_compilations}
 
   @contextlib.contextmanager

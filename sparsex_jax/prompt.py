@@ -21,6 +21,7 @@ class Prompt:
 
   segments: tuple[np.ndarray, ...]
   cacheable: tuple[bool, ...]
+  namespace: str = ""  # the segment-cache namespace its segments are looked up and stored in
 
   @functools.cached_property
   def token_ids(self) -> np.ndarray:
@@ -65,11 +66,14 @@ def segment_ids(segment: Segment, tokenizer) -> np.ndarray:
   return np.asarray(ids, np.int64)
 
 
-def tokenize(request: Request, tokenizer, cfg: ModelConfig, max_new_tokens: int) -> Prompt:
-  """A request's Prompt; vocabulary and context are checked once, on the whole prompt."""
+def tokenize(request: Request, tokenizer, cfg: ModelConfig, max_new_tokens: int,
+             namespace: str = "") -> Prompt:
+  """A request's Prompt; vocabulary and context are checked once, on the whole prompt.
+  namespace: the engine's, for a request that names none."""
   if not isinstance(request, Request):
     raise TypeError(f"expected a Request, got {type(request).__name__}")
   segments = [segment_ids(s, tokenizer) for s in request.segments]
   check_prompt(cfg, np.concatenate(segments), max_new_tokens)
   return Prompt(tuple(s.astype(np.int32) for s in segments),
-                tuple(s.cache for s in request.segments))
+                tuple(s.cache for s in request.segments),
+                request.namespace if request.namespace is not None else namespace)

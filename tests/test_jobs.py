@@ -1,4 +1,4 @@
-"""The batch job runner (sparsex_jax/jobs.py) and `sparsex generate`, on a tiny random model:
+"""The batch job runner (sparsex_jax/batch/) and `sparsex generate`, on a tiny random model:
 bad lines reported by number while every other line runs, resuming (skipped ids, a torn last
 line), the job plan (shared segments computed once), the OpenAI batch form, stop strings, and a
 SIGINT mid-job in a subprocess. Real-model end-to-end tests are in test_jobs_real.py."""
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax import cli, jobs
+from sparsex_jax import batch
+from sparsex_jax import cli
 from tests.test_engine import CFG, _engine, _ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def test_bad_lines_are_reported_by_number_and_every_other_line_runs(tmp_path, ca
            {"id": "vocab", "segments": [{"tokens": [CFG.vocab_size]}]},  # 8: not in vocabulary
            good[1]]
   inp, out = _write(tmp_path / "req.jsonl", lines), str(tmp_path / "res.jsonl")
-  summary = jobs.run_job(_engine(), inp, out, progress=False)
+  summary = batch.run_job(_engine(), inp, out, progress=False)
   assert summary.failed == 7 and summary.done == 2
   assert [r["id"] for r in _read(out)] == ["p0q0", "p0q1"]
   errors = _read(tmp_path / "res.errors.jsonl")
@@ -95,14 +96,14 @@ def test_cli_exit_status_and_summary(tmp_path, capsys, monkeypatch):
 def test_resume_skips_done_ids_and_redoes_a_torn_last_line(tmp_path):
   lines, _, _ = _shared_job(2, 2)
   inp, out = _write(tmp_path / "req.jsonl", lines), str(tmp_path / "res.jsonl")
-  first = jobs.run_job(_engine(), inp, out, progress=False, batch_size=2)
+  first = batch.run_job(_engine(), inp, out, progress=False, batch_size=2)
   assert first.done == 4
   want = {r["id"]: r["token_ids"] for r in _read(out)}
   with open(out, "rb") as f:
     data = f.read()
   with open(out, "wb") as f:  # a crash mid-write: the last line lost its tail
     f.write(data[:-25])
-  again = jobs.run_job(_engine(), inp, out, progress=False, batch_size=2)
+  again = batch.run_job(_engine(), inp, out, progress=False, batch_size=2)
   assert again.torn_line_redone and again.skipped == 3 and again.done == 1
   got = _read(out)
   assert sorted(r["id"] for r in got) == sorted(want)
@@ -111,15 +112,15 @@ def test_resume_skips_done_ids_and_redoes_a_torn_last_line(tmp_path):
   assert {r["id"]: r["token_ids"] for r in got} == want
   with open(out, "a") as f:
     f.write("garbage\n")  # a bad complete line is not ours to cut: a clear error, nothing run
-  with pytest.raises(jobs.JobError, match=r"res.jsonl:5: not a JSON result line"):
-    jobs.run_job(_engine(), inp, out, progress=False)
+  with pytest.raises(batch.JobError, match=r"res.jsonl:5: not a JSON result line"):
+    batch.run_job(_engine(), inp, out, progress=False)
 
 
 def test_shared_segments_are_computed_once_and_reported(tmp_path):
   lines, system, passages = _shared_job(2, 3)
   inp, out = _write(tmp_path / "req.jsonl", lines), str(tmp_path / "res.jsonl")
   reuse = sx.ReuseConfig("sparsex", layer_threshold=1)  # T = 1 of the tiny model's 3 layers
-  s = jobs.run_job(_engine(), inp, out, progress=False, batch_size=4, reuse=reuse)
+  s = batch.run_job(_engine(), inp, out, progress=False, batch_size=4, reuse=reuse)
   # The system prompt and both passages, computed alone once each, before their requests.
   assert s.n_precomputed == len(system) + sum(len(p) for p in passages)
   assert s.n_reused == 6 * (len(system) + 21)  # every request reuses both of its segments
@@ -132,7 +133,7 @@ def test_plan_groups_requests_that_share_segments():
   keys = [["s", "a", "x"], ["s", "b"], ["s", "a", "y"], ["c"], ["s", "b", "y"], ["s", "a"]]
 
   def plan(shared, batch_size=2):
-    return jobs.plan_job(keys, batch_size, shared, True, lambda k: False)
+    return batch.plan_job(keys, batch_size, shared, True, lambda k: False)
 
   # 0, 1, 2, 4, 5 are linked (s, a, b, y): one component; inside it, grouped by the most specific
   # shared segment (the one in the fewest requests; ties: the earlier), not by the system prompt
@@ -155,7 +156,7 @@ def test_openai_completion_form_gives_the_tokens_of_ours(tmp_path):
            {"custom_id": "many", "url": "/v1/completions", "body": {"prompt": prompt, "n": 2}},
            {"custom_id": "where", "url": "/v1/embeddings", "body": {"input": "x"}}]
   inp, out = _write(tmp_path / "req.jsonl", lines), str(tmp_path / "res.jsonl")
-  s = jobs.run_job(_engine(), inp, out, progress=False, reuse=sx.ReuseConfig("full"))
+  s = batch.run_job(_engine(), inp, out, progress=False, reuse=sx.ReuseConfig("full"))
   ours, theirs = _read(out)
   assert theirs["custom_id"] == "theirs" and theirs["error"] is None
   body = theirs["response"]["body"]
@@ -169,20 +170,20 @@ def test_openai_completion_form_gives_the_tokens_of_ours(tmp_path):
 
 def test_per_line_sampling_and_stop_strings():
   tok = _FakeTokenizer()
-  job = jobs.parse_line(json.dumps({"id": 3, "messages": [{"role": "user", "content": "hi"}],
-                                    "temperature": 0.5, "seed": 9, "stop": "c"}),
-                        1, tok, jobs.Defaults(max_new_tokens=7))
+  job = batch.parse_line(json.dumps({"id": 3, "messages": [{"role": "user", "content": "hi"}],
+                                     "temperature": 0.5, "seed": 9, "stop": "c"}),
+                         1, tok, batch.Defaults(max_new_tokens=7))
   assert job.request.sampling == sx.SamplingParams(max_new_tokens=7, temperature=0.5, seed=9)
   assert [s.content for s in job.request.segments] == ["<u>hi</u>", "<a>"]
   # No seed given: one derived from the job seed and the id, the same on every run.
-  a = jobs.parse_line('{"id": "x", "segments": ["a"]}', 1, tok, jobs.Defaults(seed=1))
-  b = jobs.parse_line('{"id": "x", "segments": ["a"]}', 9, tok, jobs.Defaults(seed=1))
-  c = jobs.parse_line('{"id": "y", "segments": ["a"]}', 1, tok, jobs.Defaults(seed=1))
+  a = batch.parse_line('{"id": "x", "segments": ["a"]}', 1, tok, batch.Defaults(seed=1))
+  b = batch.parse_line('{"id": "x", "segments": ["a"]}', 9, tok, batch.Defaults(seed=1))
+  c = batch.parse_line('{"id": "y", "segments": ["a"]}', 1, tok, batch.Defaults(seed=1))
   assert a.request.sampling.seed == b.request.sampling.seed != c.request.sampling.seed
-  text, tokens, stopped = jobs.apply_stop_strings("abcd", [1, 2, 3, 4], ["c"], tok.decode)
+  text, tokens, stopped = batch.apply_stop_strings("abcd", [1, 2, 3, 4], ["c"], tok.decode)
   assert (text, tokens, stopped) == ("ab", [1, 2, 3], True)
-  with pytest.raises(jobs.LineError, match="temperature"):
-    jobs.parse_line('{"id": 1, "segments": ["a"], "temperature": -1}', 1, tok, jobs.Defaults())
+  with pytest.raises(batch.LineError, match="temperature"):
+    batch.parse_line('{"id": 1, "segments": ["a"], "temperature": -1}', 1, tok, batch.Defaults())
 
 
 class _FakeTokenizer:

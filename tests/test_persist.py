@@ -95,7 +95,7 @@ def test_truncated_or_corrupted_files_are_reported_naming_the_file(tmp_path, cap
   with open(files[0], "r+b") as f:  # truncated: found when the cache is opened
     f.truncate(100)
   with pytest.raises(sx.CacheError, match="truncated") as e:
-    _engine().use_cache_dir(tmp_path)
+    _engine().use_cache_dir(tmp_path, strict=True)
   assert files[0] in str(e.value)
   assert cli.main(["cache", "info", str(tmp_path), "--verify"]) == 1
   assert files[0] in capsys.readouterr().err
@@ -103,7 +103,7 @@ def test_truncated_or_corrupted_files_are_reported_naming_the_file(tmp_path, cap
   assert f"{files[0]}: dropped" in capsys.readouterr().err
   assert cli.main(["cache", "info", str(tmp_path), "--verify"]) == 0
   fresh = _engine()
-  fresh.use_cache_dir(tmp_path)
+  fresh.use_cache_dir(tmp_path, strict=True)
   assert len(fresh.disk_cache) == len(PASSAGES) - 1
   # Corrupted in place (same size): found when the segment is read; nothing reaches the pool.
   key = os.path.basename(files[1]).split(".")[0]

@@ -20,16 +20,28 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 
 import numpy as np
 
 from sparsex_jax.kv.allocator import NULL_PAGE, PageAllocator, as_page_array
-from sparsex_jax.kv.prefix_cache import as_token_array, cache_counters, hash_tokens
+from sparsex_jax.kv.prefix_cache import ROOT_KEY, as_token_array, cache_counters, hash_tokens
 
 
-def segment_key(token_ids) -> str:
-  """Content key of a segment: hex blake2b-128 of its int32 token ids (stable across runs)."""
-  return hash_tokens(as_token_array(token_ids)).hex()
+def namespace_root(namespace: str = "") -> bytes:
+  """The hash chain's root for a namespace: the default one ("") keeps the plain content hash;
+  any other salts every key, so equal tokens under two namespaces never share an entry or a file
+  name."""
+  if not namespace:
+    return ROOT_KEY
+  return hashlib.blake2b(b"sparsex-namespace\0" + namespace.encode("utf-8"),
+                         digest_size=16).digest()
+
+
+def segment_key(token_ids, namespace: str = "") -> str:
+  """Content key of a segment: hex blake2b-128 of its int32 token ids (stable across runs),
+  salted by its namespace (namespace_root)."""
+  return hash_tokens(as_token_array(token_ids), namespace_root(namespace)).hex()
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:
@@ -47,6 +59,7 @@ class SegmentEntry:
   pages: np.ndarray  # int32 [ceil(n / page_size)]; token i at pages[i // S], offset i % S
   positions: np.ndarray  # int32 [n]: the absolute position token i's KV was computed at
   pin_count: int = 0
+  namespace: str = ""  # only requests of this namespace see the entry
 
   @property
   def num_tokens(self) -> int:
@@ -99,14 +112,14 @@ class SegmentCache:
   def _touch(self, entry: SegmentEntry) -> None:
     self._entries.move_to_end(entry.key)
 
-  def lookup(self, token_ids, pin: bool = False) -> SegmentEntry | None:
+  def lookup(self, token_ids, pin: bool = False, namespace: str = "") -> SegmentEntry | None:
     """The cached entry for exactly these tokens, or None. Counts a hit or miss; touches the LRU.
 
     pin=True pins a hit at once: do that (or pin() before the next allocate) when the entry must
     survive the allocation of the request's own pages, which may evict.
     """
     tokens = as_token_array(token_ids)
-    entry = self._entries.get(hash_tokens(tokens).hex())
+    entry = self._entries.get(segment_key(tokens, namespace))
     if entry is None or not np.array_equal(entry.token_ids, tokens):
       self.misses += 1
       return None
@@ -116,7 +129,7 @@ class SegmentCache:
       entry.pin_count += 1
     return entry
 
-  def insert(self, token_ids, pages, positions) -> SegmentEntry:
+  def insert(self, token_ids, pages, positions, namespace: str = "") -> SegmentEntry:
     """Caches a segment whose KV the caller wrote to `pages` (token i at pages[i//S], i % S).
 
     The cache takes one reference on each page; the caller keeps its own and usually decrefs
@@ -127,7 +140,7 @@ class SegmentCache:
     n = len(tokens)
     if n == 0:
       raise ValueError("cannot cache an empty segment")
-    key = hash_tokens(tokens).hex()
+    key = segment_key(tokens, namespace)
     existing = self._entries.get(key)
     if existing is not None:
       if not np.array_equal(existing.token_ids, tokens):
@@ -153,7 +166,7 @@ class SegmentCache:
 
     self.allocator.incref(pages)
     entry = SegmentEntry(key, _read_only(tokens), _read_only(pages.astype(np.int32)),
-                         _read_only(positions.astype(np.int32)))
+                         _read_only(positions.astype(np.int32)), namespace=namespace)
     self._entries[key] = entry
     self._num_pages += n_pages
     self._touch(entry)
@@ -229,7 +242,8 @@ class SegmentCache:
 
     total = 0
     for key, entry in self._entries.items():
-      check(entry.key == key == segment_key(entry.token_ids), "entry key is not its content hash")
+      check(entry.key == key == segment_key(entry.token_ids, entry.namespace),
+            "entry key is not its content hash")
       check(entry.pin_count >= 0, "negative pin count")
       check(len(entry.pages) == -(-entry.num_tokens // self.page_size), "wrong page count")
       check(len(entry.positions) == entry.num_tokens, "wrong number of positions")
@@ -237,8 +251,15 @@ class SegmentCache:
       total += len(entry.pages)
     check(total == self._num_pages, "page count is stale")
 
-  def stats(self, bytes_per_page: int = 0) -> dict:
-    """Counters and occupancy as a plain dict (hits and misses count lookups)."""
+  def stats(self, bytes_per_page: int = 0, namespace: str | None = None) -> dict:
+    """Counters and occupancy as a plain dict (hits and misses count lookups). With a namespace:
+    that namespace's entries only, and no counters (they mix every namespace's lookups)."""
+    if namespace is not None:
+      mine = [e for e in self._entries.values() if e.namespace == namespace]
+      n_pages = sum(len(e.pages) for e in mine)
+      return {"entries": len(mine), "pinned_entries": sum(1 for e in mine if e.pin_count),
+              "cached_pages": n_pages, "cached_tokens": sum(e.num_tokens for e in mine),
+              "cached_bytes": n_pages * bytes_per_page}
     return cache_counters(self) | {
         "entries": self.num_entries,
         "pinned_entries": sum(1 for e in self._entries.values() if e.pin_count),

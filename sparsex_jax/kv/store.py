@@ -123,7 +123,7 @@ class KVStore:
     lease = Lease(np.zeros(0, np.int32), np.zeros(0, np.int32), {}, layout.page_size)
     self._live[id(lease)] = lease
     try:
-      if policy.reads_prefix_cache:
+      if policy.reads_prefix_cache and not prompt.namespace:  # (not salted: default only)
         pages, _ = self.prefix_cache.match(ids)
         keep = min(pages.size, (n - 1) // layout.page_size)  # the last token is always computed
         self.allocator.decref(pages[keep:])
@@ -133,7 +133,7 @@ class KVStore:
           if not cacheable or end <= lease.n_exact:
             continue
           # Pinned at once: allocating the request's own pages below may evict.
-          entry = self.segment_cache.lookup(seg_ids, pin=True)
+          entry = self.segment_cache.lookup(seg_ids, pin=True, namespace=prompt.namespace)
           if entry is not None:
             lease.hits[i] = entry
       n_own = total_pages - lease.exact_pages.size
@@ -176,7 +176,7 @@ class KVStore:
     """
     n = prompt.token_ids.size
     self.segment_cache.insert(prompt.token_ids, lease.page_table[:self.layout.pages_for(n)],
-                              np.arange(n, dtype=np.int32))
+                              np.arange(n, dtype=np.int32), prompt.namespace)
 
   @contextlib.contextmanager
   def commit(self, prompts: Sequence[Prompt], plans: Sequence[LabelledPrompt],
@@ -193,7 +193,7 @@ class KVStore:
     copies, pending = SlotCopies(), []
     layout = self.layout
     for prompt, plan in zip(prompts, plans):
-      if policy.writes_prefix_cache:
+      if policy.writes_prefix_cache and not prompt.namespace:
         n = prompt.token_ids.size
         reused = np.flatnonzero(plan.labels == REUSED)
         n_blocks = min(int(reused[0]) if reused.size else n, n) // layout.page_size
@@ -205,30 +205,30 @@ class KVStore:
       for start, end, seg_ids, cacheable in prompt.spans:
         if not cacheable or np.any(plan.labels[start:end] == REUSED):
           continue
-        if segment_key(seg_ids) in self.segment_cache:
+        if segment_key(seg_ids, prompt.namespace) in self.segment_cache:
           continue
         try:
           pages = self.allocator.allocate(layout.pages_for(end - start))
         except PoolExhausted:  # caching is best effort
           continue
         positions = np.arange(start, end, dtype=np.int32)
-        pending.append((seg_ids, pages, positions))
+        pending.append((seg_ids, pages, positions, prompt.namespace))
         copies.src_slots.append(layout.slot_of(plan.page_table, positions))
         copies.dst_slots.append(layout.slot_of(pages, positions - start))
     try:
       yield copies
     except BaseException:
-      for _, pages, _ in pending:
+      for _, pages, _, _ in pending:
         self.allocator.decref(pages)
       raise
-    for seg_ids, pages, positions in pending:
-      self.segment_cache.insert(seg_ids, pages, positions)
+    for seg_ids, pages, positions, namespace in pending:
+      self.segment_cache.insert(seg_ids, pages, positions, namespace)
       self.allocator.decref(pages)
 
   # ---- maintenance ----
 
-  def contains_segment(self, token_ids) -> bool:
-    return segment_key(token_ids) in self.segment_cache
+  def contains_segment(self, token_ids, namespace: str = "") -> bool:
+    return segment_key(token_ids, namespace) in self.segment_cache
 
   def invalidate(self) -> None:
     """The device pool was lost: forget every cached block and segment (live requests keep their
