@@ -43,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import sparsex_jax as sx  # noqa: E402
-from bench_ttft import _ids  # noqa: E402  (random token ids, as the TTFT benchmark draws them)
+from sparsex_jax.research.ttft import random_ids as _ids  # noqa: E402  (random token ids, as the TTFT benchmark draws them)
 from models.config import get_config  # noqa: E402
 from sparsex_jax import compile_cache, scheduler  # noqa: E402
 from sparsex_jax.batching import RunningBatch  # noqa: E402

@@ -32,15 +32,12 @@ import sys
 import time
 import traceback
 
+import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-
-import sparsex_jax as sx  # noqa: E402
-from models.config import get_config  # noqa: E402
-from sparsex_jax import sharding  # noqa: E402
+import sparsex_jax as sx
+from models.config import get_config
+from sparsex_jax import sharding
 
 POLICIES = {
     "sparsex": sx.ReuseConfig("sparsex", update_caches=False),  # the default rule, r=0.15, T=4

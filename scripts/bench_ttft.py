@@ -5,17 +5,7 @@ with the plain dense prefill (one jitted lax.scan over the layers, cuDNN flash a
 no caches) timed in the same run as the anchor: speed-ups are against it and against the engine's
 own full prefill.
 
-Workloads (each context C is the prompt length, within a few tokens):
-- rag:   a 256-token system prompt, passages of about 1.3K tokens precomputed alone at position 0
-         (`cache_segments`, as a corpus would be), in another order on every run, and a 32-token
-         question. The prefix cache only ever hits the system prompt.
-- chat:  truncated chat history. The conversation's turns (512 tokens each) were computed in
-         context by earlier requests (other windows, another system prompt); each run sends a
-         system prompt, the last W turns of a window that slides by one turn per run (the oldest
-         turn dropped), and a new 64-token message.
-- agent: a 2K-token (C/4) tool-and-instructions prefix that is an exact prefix-cache hit, tool
-         results and sub-agent outputs (768 tokens each) computed in other agents' contexts, in
-         another order on every run, and a 64-token instruction.
+Workloads: rag, chat and agent (sparsex_jax/research/ttft.py says what each holds).
 
 Timing: each (workload, context, method) is compiled by a warm-up request, then timed over --runs
 requests (median and p90). `ttft` is the wall time of prefill_logits (tokenize, cache lookups,
@@ -38,83 +28,26 @@ tokens. Old flags still work: --only LABELS (= --methods), --repeats (= --runs),
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 import traceback
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sparsex_jax as sx
+from models import llama
+from models.config import get_config
+from sparsex_jax.research import methods as mth
+from sparsex_jax.research.ttft import (DEFAULT_METHODS, DENSE, POLICIES, WORKLOADS, Workload,
+                                       dense_prefill, make_engine, random_ids)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import sparsex_jax as sx  # noqa: E402
-from sparsex_jax.evaluation.methods import default_label  # noqa: E402
-from sparsex_jax.programs.options import COMPILER_OPTIONS  # noqa: E402
-from models import llama  # noqa: E402
-from models.config import get_config  # noqa: E402
-
-# the paper's selection rule
-PAPER = dict(importance_signal="attention", segment_heads=0, importance_layers="last")
-ATTN2 = "sparsex[axn+heads2+fresh+attn2]"  # `sparsex eval --variants axn+heads2+fresh+attn2`
-LAST = "sparsex[axn+heads2+fresh]"  # `sparsex eval --variants axn+heads2+fresh`
-ATTN_T = "sparsex[axn+heads2+fresh+attnT]"  # `sparsex eval --variants axn+heads2+fresh+attnT`
-DENSE = "dense prefill"  # the anchor: plain jitted prefill, cuDNN attention, no pages
-
-
-def _rule(family, options, cells):
-  """(label, config) of a sparsex rule at (r, T) cells, labelled as `sparsex eval` labels them."""
-  return [(f"{family} r={r:.2f} T={t}", sx.ReuseConfig("sparsex", recompute_ratio=r,
-                                                        layer_threshold=t, **options))
-          for r, t in cells]
-
-
-# Labels match `sparsex eval`'s, so quality and TTFT join by label.
-POLICIES = [
-    ("full", sx.ReuseConfig("full")),
-    ("naive", sx.ReuseConfig("naive")),
-    ("epic r=0.15", sx.ReuseConfig("epic", recompute_ratio=0.15)),
-    ("cacheblend r=0.15", sx.ReuseConfig("cacheblend", recompute_ratio=0.15)),
-    # The selection rule (attention x |K/V deviation|, 2 segment heads, every token's fresh K/V
-    # kept at layer T) reading the attention at layers T - 1 and T: the default at T >= 2
-    # (docs/quality.md, rounds 8 and 9) ...
-    *_rule(ATTN2, {"importance_layers": "last_and_threshold"},
-           ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
-    # ... and at layer T - 1 alone: the default at T <= 1, where r = 0.10 T = 1 is the
-    # configuration at EPIC r=0.15's TTFT (docs/quality.md).
-    *_rule(LAST, {"importance_layers": "last"}, ((0.15, 4), (0.15, 2), (0.10, 1), (0.15, 1))),
-    # ... reading layer T alone over its fresh K/V (importance_layers="threshold"; round 7).
-    *_rule(ATTN_T, {"importance_layers": "threshold"}, ((0.10, 1), (0.15, 1), (0.15, 4))),
-    # ... without keeping every token's fresh K/V at layer T (the default until round 4).
-    ("sparsex[axn+heads2] r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                      layer_threshold=4, importance_layers="last",
-                                                      refresh_threshold_kv=False)),
-    # The paper's rule (Sparse-Q attention mass).
-    ("sparsex r=0.15 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4,
-                                          **PAPER)),
-    ("sparsex r=0.15 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
-                                          **PAPER)),
-    ("sparsex r=0.05 T=4", sx.ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=4,
-                                          **PAPER)),
-    ("sparsex r=0.30 T=2", sx.ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2,
-                                          **PAPER)),
-    # Prefix mode caches every full block it computes: timed last within a workload.
-    ("prefix", sx.ReuseConfig("prefix")),
-]
-DEFAULT_METHODS = [DENSE, "full", "naive", "epic r=0.15", "cacheblend r=0.15",
-                   default_label(0.15, 4), default_label(0.15, 2), "sparsex r=0.15 T=4"]
-WORKLOADS = ("rag", "chat", "agent")
 # --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context; the
 # defaults are the grid of `sparsex eval` (issue 10), so that every cell of its heatmap has a TTFT.
 SWEEP_R, SWEEP_T = (0.05, 0.10, 0.15, 0.20, 0.30), (0, 1, 2, 4, 8)
-
-
-def _ids(rng, n, vocab):
-  return [int(i) for i in rng.integers(10, vocab, size=n)]
 
 
 def _percentile(xs, q):
@@ -133,8 +66,8 @@ def check_backends(results: dict, labels):
     params = llama.init_params(cfg, 0)
     params = jax.tree.map(lambda w: w * 3 if w.ndim == 3 else w, params)
     rng = np.random.default_rng(0)
-    docs = [_ids(rng, n, cfg.vocab_size) for n in (70, 131, 45)]
-    system, question = _ids(rng, 40, cfg.vocab_size), _ids(rng, 9, cfg.vocab_size)
+    docs = [random_ids(rng, n, cfg.vocab_size) for n in (70, 131, 45)]
+    system, question = random_ids(rng, 40, cfg.vocab_size), random_ids(rng, 9, cfg.vocab_size)
     req = sx.Request([sx.Segment(system), sx.Segment(docs[1]), sx.Segment(question, cache=False),
                       sx.Segment(docs[0]), sx.Segment(docs[2]), sx.Segment(question, cache=False)])
     engines = {b: sx.Engine(cfg, params, page_size=16, num_pages=256, attention_backend=b)
@@ -163,7 +96,7 @@ def check_backends(results: dict, labels):
       results["checks"].append({"dtype": dtype, "policy": f"full ({b}) vs plain forward",
                                 "rel_err": rel, "ok": rel < tol})
     sp = sx.SamplingParams(max_new_tokens=12, ignore_eos=True)
-    toks = {b: e.generate([req], sp, reuse=sx.ReuseConfig("sparsex"))[0].token_ids
+    toks = {b: e.generate([req], sp, reuse=sx.SparseX())[0].token_ids
             for b, e in engines.items()}
     results["checks"].append({"dtype": dtype, "policy": "decode tokens",
                               "ok": toks["pallas"] == toks["reference"] == toks["pallas_triton"],
@@ -237,7 +170,8 @@ def floors(cfg, n_prompt, positions_full, positions_sparse, n_reused, layer_thre
       t_flops, t_bytes), "bound": "flops" if t_flops >= t_bytes else "bytes"}
 
 
-def plan_floor(cfg, plan, policy_label, n_prompt, ceil):
+def plan_floor(cfg, plan, reuse, n_prompt, ceil):
+  """The floor of one prefill from its plan (None: every token computed in full)."""
   if plan is None:  # full prefill of every token
     pos = np.arange(n_prompt)
     return floors(cfg, n_prompt, pos, pos[:0], 0, cfg.n_layers, ceil)
@@ -246,7 +180,9 @@ def plan_floor(cfg, plan, policy_label, n_prompt, ceil):
   t = plan.layer_threshold if plan.reused_positions.size else cfg.n_layers
   t = min(t, cfg.n_layers)
   active = np.union1d(np.flatnonzero(plan.sparse_q), plan.selected_positions)
-  extra = plan.reused_positions.size if "axd" in policy_label or "cacheblend" in policy_label else 0
+  # CacheBlend and the default rule compute every reused token's K/V at layer T (the deviation)
+  deviation = reuse.mode in ("cacheblend", "sparsex") and t > 0
+  extra = plan.reused_positions.size if deviation else 0
   return floors(cfg, n_prompt, non_exact, active, plan.reused_positions.size, t, ceil,
                 extra_qkv_tokens=extra, sparse_q_positions=np.flatnonzero(plan.sparse_q))
 
@@ -255,28 +191,10 @@ def plan_floor(cfg, plan, policy_label, n_prompt, ceil):
 # The anchor: plain dense prefill
 # ----------------------------------------------------------------------------------------------
 
-# The anchor compiles with the engine's XLA options too: the same matmul library on both sides.
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), compiler_options=COMPILER_OPTIONS)
-def dense_prefill(params, tokens, *, cfg, impl):
-  """Plain causal prefill of tokens [1, n] from position 0: last-token logits and the K/V cache
-  (returned, so it is computed as the engine's is). No pages, no padding, no caches."""
-  n = tokens.shape[1]
-  positions = jnp.arange(n, dtype=jnp.int32)[None]
-
-  def one_layer(x, layer_params):
-    q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
-    attn = jax.nn.dot_product_attention(q, k, v, scale=cfg.sm_scale, is_causal=True,
-                                        implementation=impl)
-    return llama.layer_output(layer_params, cfg, x, attn), (k, v)
-
-  x, kv = jax.lax.scan(one_layer, llama.embed(params, tokens), params["layers"])
-  return llama.logits(params, cfg, x[:, -1]), kv
-
-
 def time_dense(engine, n_prompt, runs, rng):
   cfg = engine.config
   impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  toks = [np.asarray([_ids(rng, n_prompt, cfg.vocab_size)], np.int32) for _ in range(runs + 1)]
+  toks = [np.asarray([random_ids(rng, n_prompt, cfg.vocab_size)], np.int32) for _ in range(runs + 1)]
   t0 = time.perf_counter()
   jax.block_until_ready(dense_prefill(engine.params, toks[0], cfg=cfg, impl=impl))
   compile_s = time.perf_counter() - t0
@@ -288,79 +206,6 @@ def time_dense(engine, n_prompt, runs, rng):
     jax.block_until_ready(kv)
     times.append(time.perf_counter() - t0)
   return times, compile_s
-
-
-# ----------------------------------------------------------------------------------------------
-# Workloads
-# ----------------------------------------------------------------------------------------------
-
-class Workload:
-  """setup(engine) fills the caches; request(i) is run i's request (i = -1: the warm-up)."""
-
-  def __init__(self, name, cfg, context, runs):
-    self.name, self.context = name, context
-    rng = np.random.default_rng(hash((name, context)) % 2**32)
-    v = cfg.vocab_size
-    self.setup_requests, self.alone = [], []
-    sys_len, tail_len = min(256, context // 16), min(64, context // 16)
-    if name == "rag":
-      n_pass = max(3, round(context / 1365))
-      self.tail_len = min(32, context // 32)
-      plen = (context - sys_len - self.tail_len) // n_pass
-      self.system = _ids(rng, sys_len, v)
-      self.pieces = [_ids(rng, plen, v) for _ in range(n_pass)]
-      self.alone = self.pieces
-    elif name == "chat":
-      turn = min(512, context // 8)
-      self.window = max(2, (context - sys_len - tail_len) // turn)
-      self.system = _ids(rng, sys_len, v)
-      self.pieces = [_ids(rng, turn, v) for _ in range(self.window + runs + 1)]
-      other = _ids(rng, sys_len, v)  # the earlier requests' context differs from this one's
-      # Earlier requests computed the turns in context, W at a time, offset by half a window so
-      # that no timed window starts where an earlier one did.
-      step, start = self.window, -(self.window // 2)
-      while start < len(self.pieces):
-        chunk = self.pieces[max(0, start):start + step]
-        self.setup_requests.append(sx.Request([sx.Segment(other, cache=False)]
-                                              + [sx.Segment(p) for p in chunk]))
-        start += step
-      self.tail_len = tail_len
-    elif name == "agent":
-      self.system = _ids(rng, context // 4, v)
-      out_len = min(768, context // 8)
-      n_out = max(2, (context - len(self.system) - tail_len) // out_len)
-      self.pieces = [_ids(rng, out_len, v) for _ in range(n_out)]
-      for j in range(0, n_out, 3):  # other agents' runs, each with its own context
-        self.setup_requests.append(sx.Request(
-            [sx.Segment(_ids(rng, sys_len, v), cache=False)]
-            + [sx.Segment(p) for p in self.pieces[j:j + 3]]))
-      self.tail_len = tail_len
-    else:
-      raise ValueError(f"unknown workload {name!r}; known: {WORKLOADS}")
-    self.vocab = v
-
-  def setup(self, engine):
-    engine.clear_caches()
-    if self.alone:
-      engine.cache_segments(self.alone, batch_size=2)
-    for r in self.setup_requests:
-      engine.prefill_logits(r, reuse=sx.ReuseConfig("naive"))
-    if self.name == "agent":  # the tools prefix is a prefix-cache hit for every timed request
-      engine.prefill_logits(sx.Request([sx.Segment(self.system, cache=False),
-                                        sx.Segment(_ids(np.random.default_rng(9), 16,
-                                                        self.vocab), cache=False)]),
-                            reuse=sx.ReuseConfig("prefix"))
-
-  def request(self, i):
-    tail = sx.Segment(_ids(np.random.default_rng(1000 + i), self.tail_len, self.vocab),
-                      cache=False)
-    if self.name == "chat":
-      first = i + 1
-      body = self.pieces[first:first + self.window]
-    else:  # a rotation: every run starts with another piece
-      order = (np.arange(len(self.pieces)) + i) % len(self.pieces)
-      body = [self.pieces[j] for j in order]
-    return sx.Request([sx.Segment(self.system)] + [sx.Segment(p) for p in body] + [tail])
 
 
 def _n_tokens(req):
@@ -396,7 +241,7 @@ def bench_workload(results, engine, timer, preset, workload: Workload, methods, 
   rows = []
   if DENSE in methods:
     times, compile_s = time_dense(engine, n_prompt, runs, np.random.default_rng(3))
-    fl = plan_floor(cfg, None, DENSE, n_prompt, ceil)
+    fl = plan_floor(cfg, None, None, n_prompt, ceil)
     rows.append({"method": DENSE, "ttft": times, "device": times, "compile_s": compile_s,
                  "n_exact": 0, "n_reused": 0, "n_recomputed": 0, **fl})
   for label, reuse in POLICIES:
@@ -427,7 +272,7 @@ def bench_workload(results, engine, timer, preset, workload: Workload, methods, 
         timer.take()
       ttft.append(wall)
       device.append(timer.take())
-    fl = plan_floor(cfg, plan if label != "full" else None, label, n_prompt, ceil)
+    fl = plan_floor(cfg, plan if label != "full" else None, reuse, n_prompt, ceil)
     rows.append({"method": label, "ttft": ttft, "device": device, "compile_s": compile_s,
                  "n_exact": int(np.sum(plan.labels == 0)),
                  "n_reused": int(plan.reused_positions.size),
@@ -461,22 +306,6 @@ def bench_workload(results, engine, timer, preset, workload: Workload, methods, 
           flush=True)
 
 
-def make_engine(preset, contexts, smoke, attention_backend="auto"):
-  cfg = get_config(preset, dtype="float32" if smoke else "bfloat16")
-  if smoke:
-    cfg = cfg.replace(n_layers=5)  # room for T = 4
-  longest = max(contexts)
-  if cfg.max_seq_len < longest + 1024:
-    # Random weights: speed does not depend on them, so longer contexts than the model was
-    # trained for are fine here (reported in the JSON).
-    cfg = cfg.replace(max_seq_len=longest + 1024)
-  # The largest cache state: the chat turns (W + runs + 1 of them) plus a request.
-  pages = int(4 * (longest + 8192) / 16) + 64
-  params = llama.init_params(cfg, 0)
-  return sx.Engine(cfg, params, None, page_size=16, num_pages=pages,
-                   attention_backend=attention_backend)
-
-
 def bench(results, args, ceil):
   for preset in args.presets:
     contexts = args.contexts
@@ -500,10 +329,9 @@ def bench(results, args, ceil):
         for t in args.sweep_thresholds:
           if t >= engine.config.n_layers:
             continue
-          label = default_label(r, t)
+          label = mth.default_label(r, t)
           if label not in {lb for lb, _ in POLICIES}:
-            POLICIES.append((label, sx.ReuseConfig("sparsex", recompute_ratio=r,
-                                                   layer_threshold=t)))
+            POLICIES.append((label, sx.SparseX(recompute_ratio=r, layer_threshold=t)))
           labels.append(label)
       sweep_rows = len(results["ttft"])
       bench_workload(results, engine, timer, preset, wl, [DENSE, "full"] + labels, args.runs,
@@ -654,7 +482,7 @@ def bench_decode(results: dict, preset: str, batch: int, context: int, steps: in
   rng = np.random.default_rng(2)
   engine = sx.Engine.random(preset, dtype="bfloat16", page_size=16,
                             num_pages=batch * ((context + steps) // 16 + 2) + extra_pages)
-  reqs = [sx.Request([sx.Segment(_ids(rng, context, cfg.vocab_size))]) for _ in range(batch)]
+  reqs = [sx.Request([sx.Segment(random_ids(rng, context, cfg.vocab_size))]) for _ in range(batch)]
   sp = sx.SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
   engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))  # compile
   t0 = time.perf_counter()
@@ -717,6 +545,7 @@ def main():
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "command": " ".join(["scripts/bench_ttft.py"] + sys.argv[1:]),
+             "labels": mth.LABELS,
              "attention_backend": args.attention_backend,
              "checks": [], "ttft": [], "errors": []}
   if args.decode_only:

@@ -8,31 +8,27 @@ place. Runs anywhere (reference path on CPU, Pallas kernels on GPU).
   python scripts/check_pool_aliasing.py [--tp N]     (--tp: the tensor-parallel programs, per device)
 """
 
-import os
 import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import sparsex_jax as sx  # noqa: E402
-from models import llama  # noqa: E402
-from models.config import get_config  # noqa: E402
-from sparsex_jax import planner  # noqa: E402
-from sparsex_jax.prompt import Prompt  # noqa: E402
-from sparsex_jax.batching import RunningBatch  # noqa: E402
-from sparsex_jax.programs.decode import decode_loop, decode_step  # noqa: E402
-from sparsex_jax.programs.prefill import prefill  # noqa: E402
+import sparsex_jax as sx
+from models import llama
+from models.config import get_config
+from sparsex_jax import planner
+from sparsex_jax.batching import RunningBatch
+from sparsex_jax.programs.decode import decode_loop, decode_step
+from sparsex_jax.programs.prefill import prefill
+from sparsex_jax.prompt import Prompt
 
 
-NO_UPDATE = dict(update_caches=False)
-PREFILLS = [  # (label, reuse): full prefill, naive reuse, and the sparsex default at T = 1
-    ("full", sx.ReuseConfig("full")),
-    ("naive", sx.ReuseConfig("naive", **NO_UPDATE)),
-    ("sparsex T=1", sx.ReuseConfig("sparsex", layer_threshold=1, **NO_UPDATE)),
-    ("sparsex T=1 no-ref", sx.ReuseConfig("sparsex", layer_threshold=1, refresh_threshold_kv=False,
-                                          importance_layers="last", **NO_UPDATE)),
+PREFILLS = [  # (label, reuse): full prefill, naive reuse, and both SparseX rules at T = 1 (the
+    # default writes layer T's fresh K/V into the pool, the paper's rule does not)
+    ("full", sx.Full()),
+    ("naive", sx.Naive(update_caches=False)),
+    ("sparsex T=1", sx.SparseX(layer_threshold=1, update_caches=False)),
+    ("sparsex-paper T=1", sx.SparseXPaper(layer_threshold=1, update_caches=False)),
 ]
 
 

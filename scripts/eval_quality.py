@@ -18,47 +18,26 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import sparsex_jax as sx  # noqa: E402
-from sparsex_jax import ReuseConfig  # noqa: E402
+import sparsex_jax as sx
 
 INSTRUCTION = ("Answer the question using the passages. Give only the answer, in a few words.\n\n")
 
-# (label, ReuseConfig): baselines, the SparseX ratio sweep at T = 2, then one-at-a-time ablations
-# (threshold; importance at the last full layer or summed; sum or max over heads) at r = 0.15.
-# Thresholds are explicit so the table does not move when a default changes.
+# (label, reuse method): baselines, the default rule's ratio sweep at T = 2, its thresholds at
+# r = 0.15, and the paper's rule at T = 2 and 4. Thresholds are explicit so the table does not
+# move when a default changes. (Until round 9 this table also ablated the importance layers, the
+# reduction over heads and re-scoring: removed options, tag research-round9.)
 CONFIGS = [
-    ("naive", ReuseConfig("naive")),
-    ("cacheblend r=0.15", ReuseConfig("cacheblend", recompute_ratio=0.15)),
-    ("epic r=0.15", ReuseConfig("epic", recompute_ratio=0.15)),
-    ("random r=0.15", ReuseConfig("random", recompute_ratio=0.15, layer_threshold=2)),
-    ("sparsex r=0.05", ReuseConfig("sparsex", recompute_ratio=0.05, layer_threshold=2)),
-    ("sparsex r=0.15", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2)),
-    ("sparsex r=0.30", ReuseConfig("sparsex", recompute_ratio=0.30, layer_threshold=2)),
-    ("sparsex r=0.50", ReuseConfig("sparsex", recompute_ratio=0.50, layer_threshold=2)),
-    ("sparsex r=0.15 T=0", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=0)),
-    ("sparsex r=0.15 T=1", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=1)),
-    ("sparsex r=0.15 T=4", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=4)),
-    ("sparsex r=0.15 importance=sum", ReuseConfig("sparsex", recompute_ratio=0.15,
-                                                  layer_threshold=2, importance_layers="sum")),
-    ("sparsex r=0.15 heads=max", ReuseConfig("sparsex", recompute_ratio=0.15, layer_threshold=2,
-                                             head_reduce="max")),
-    # The importance options again at the better threshold.
-    ("sparsex r=0.15 T=4 importance=last", ReuseConfig(
-        "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="last")),
-    ("sparsex r=0.15 T=4 importance=sum", ReuseConfig(
-        "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="sum")),
-    ("sparsex r=0.15 T=4 heads=max", ReuseConfig(
-        "sparsex", recompute_ratio=0.15, layer_threshold=4, importance_layers="last",
-        head_reduce="max")),
-    # Shrink-only re-scoring: select at T = 4, keep half of the selection from layer R on.
-    ("sparsex r=0.15 T=4 rescore@12 keep 0.075", ReuseConfig(
-        "sparsex", recompute_ratio=0.15, layer_threshold=4, rescore_layer=12,
-        rescore_ratio=0.075)),
-    ("sparsex r=0.30 T=4 rescore@8 keep 0.15", ReuseConfig(
-        "sparsex", recompute_ratio=0.30, layer_threshold=4, rescore_layer=8, rescore_ratio=0.15)),
-    ("sparsex r=0.075 T=4", ReuseConfig("sparsex", recompute_ratio=0.075, layer_threshold=4)),
+    ("naive", sx.Naive()),
+    ("cacheblend r=0.15", sx.CacheBlend(recompute_ratio=0.15)),
+    ("epic r=0.15", sx.Epic(recompute_ratio=0.15)),
+    ("random r=0.15 T=2", sx.Random(recompute_ratio=0.15, layer_threshold=2)),
+    *((f"sparsex r={r:.2f} T=2", sx.SparseX(recompute_ratio=r, layer_threshold=2))
+      for r in (0.05, 0.15, 0.30, 0.50)),
+    *((f"sparsex r=0.15 T={t}", sx.SparseX(recompute_ratio=0.15, layer_threshold=t))
+      for t in (0, 1, 4)),
+    ("sparsex r=0.075 T=4", sx.SparseX(recompute_ratio=0.075, layer_threshold=4)),
+    ("sparsex-paper r=0.15 T=2", sx.SparseXPaper(recompute_ratio=0.15, layer_threshold=2)),
+    ("sparsex-paper r=0.15 T=4", sx.SparseXPaper(recompute_ratio=0.15, layer_threshold=4)),
 ]
 
 
@@ -98,12 +77,13 @@ def plot(rows: list[dict], path: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4))
-  sweep = [r for r in rows if r["label"].startswith("sparsex r=") and " " not in r["label"][10:]]
+  sweep = [r for r in rows if r["mode"] == "sparsex" and r["layer_threshold"] == 2]
   if not sweep:
     return
   xs = [r["recompute_ratio"] for r in sweep]
   ax.plot(xs, [r["kl_mean"] for r in sweep], "o-", label="sparsex (T=2)")
-  markers = {"naive": "x", "cacheblend r=0.15": "s", "epic r=0.15": "^", "random r=0.15": "v"}
+  markers = {"naive": "x", "cacheblend r=0.15": "s", "epic r=0.15": "^", "random r=0.15 T=2": "v",
+             "sparsex-paper r=0.15 T=2": "P"}
   for r in rows:
     if r["label"] in markers:
       x = 0.0 if r["label"] == "naive" else 0.15
@@ -142,7 +122,7 @@ def main(argv=None):
   for i, item in enumerate(items):
     req, passages = build_request(tok, item, args.passages)
     engine.cache_segments(passages)
-    full = engine.prefill_logits(req, reuse=ReuseConfig("full"))
+    full = engine.prefill_logits(req, reuse=sx.Full())
     for label, reuse in configs:
       t0 = time.perf_counter()
       logits, plan = engine.prefill_logits(req, reuse=reuse, return_plan=True)
@@ -157,8 +137,9 @@ def main(argv=None):
   rows = []
   for label, reuse in configs:
     d = per_config[label]
-    rows.append({"label": label, "mode": reuse.mode, "recompute_ratio": reuse.resolve(engine.config).recompute_ratio,
-                 "layer_threshold": reuse.resolve(engine.config).layer_threshold,
+    policy = reuse.resolve(engine.config)
+    rows.append({"label": label, "mode": reuse.mode, "recompute_ratio": policy.recompute_ratio,
+                 "layer_threshold": policy.layer_threshold,
                  "kl_mean": float(np.mean(d["kl"])), "kl_median": float(np.median(d["kl"])),
                  "top1": float(np.mean(d["top1"])), "recomputed_mean": float(np.mean(d["recomputed"])),
                  "kl": d["kl"]})

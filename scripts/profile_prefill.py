@@ -5,75 +5,24 @@ few prefills after the warm-up, and prints the kernels that take the most device
 over the traced runs, divided by the runs), with their share of the method's total. JSON under --out.
 
   python scripts/profile_prefill.py --preset llama3-8b --context 8192 --methods naive \
-      "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/profile
+      "sparsex r=0.15 T=4" --out $OUT/profile
   python scripts/profile_prefill.py --preset llama3-8b --context 32768 --methods "dense prefill" \
       full --out $OUT/profile32k          ("dense prefill": bench_ttft's anchor, same prompt length)
   python scripts/profile_prefill.py --preset llama3-8b --context 32768 --memory --methods \
-      "sparsex[axn+heads2] r=0.15 T=4" "sparsex[axn+heads2+fresh] r=0.15 T=4" --out $OUT/mem
+      "sparsex-paper r=0.15 T=4" "sparsex r=0.15 T=4" --out $OUT/mem
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_ttft as bt  # noqa: E402  (its workloads, engine and method table)
+import jax
 
-import jax  # noqa: E402
-
-
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, dict]]:
-  """Total duration (us) per event name on the GPU's streams, from the perfetto trace, and one
-  event's arguments per name (the HLO op behind a kernel)."""
-  root = glob.escape(trace_dir)
-  path = sorted(glob.glob(os.path.join(root, "**", "*.trace.json.gz"), recursive=True)
-                + glob.glob(os.path.join(root, "**", "perfetto_trace.json.gz"),
-                            recursive=True))[-1]
-  with gzip.open(path, "rt") as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu = {pid for pid, n in names.items() if "GPU" in n or "/device:" in n}
-  totals: dict[str, float] = collections.defaultdict(float)
-  counts: dict[str, int] = collections.defaultdict(int)
-  example: dict[str, dict] = {}
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-      name = e["name"]
-      if name.startswith("Memcpy"):  # copies apart by HLO op and size: a 4-byte copy is not a
-        a = e.get("args", {})        # copy of the pool
-        size = next((w for w in a.get("memcpy_details", "").split() if w.startswith("size:")),
-                    "")
-        name = f"{name} {a.get('hlo_op', '')} {size}"
-      e = dict(e, name=name)
-      totals[name] += float(e["dur"])
-      counts[e["name"]] += 1
-      example.setdefault(e["name"], {k: str(v)[:160] for k, v in e.get("args", {}).items()})
-  for name in example:
-    example[name]["count"] = counts[name]
-  return dict(totals), example
-
-
-def prefill_temp_gib(engine, wl, reuse) -> float:
-  """Temporary memory (GiB) of the compiled prefill of the workload's first request."""
-  from sparsex_jax import planner
-  from sparsex_jax.programs.prefill import prefill
-  from sparsex_jax.prompt import tokenize
-  wl.setup(engine)
-  policy = reuse.resolve(engine.config)
-  prompt = tokenize(wl.request(0), None, engine.config, 0)
-  with engine.store.acquire([prompt], policy, max_new_tokens=1) as leases:
-    plans = [planner.plan_request(prompt, leases[0], policy, engine.layout)]
-    batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout)
-    compiled = engine.kv.compile(prefill, engine.params, batch, cfg=engine.config, spec=spec)
-  return compiled.memory_analysis().temp_size_in_bytes / 2**30
+from sparsex_jax.research import ttft as bt  # bench_ttft's workloads, engine and method table
+from sparsex_jax.research.profiling import kernel_times, prefill_temp_gib
 
 
 def main():

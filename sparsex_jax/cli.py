@@ -8,7 +8,7 @@
   sparsex eval [--quick] ...                     reuse quality of every method (docs/evaluation.md)
 
 Subcommands are thin: the work is in sparsex_jax/batch/, sparsex_jax/kv/persist.py and
-sparsex_jax/evaluation/.
+sparsex_jax/research/.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
   _add_cache_parser(sub)
   ev = sub.add_parser("eval", help="reuse quality of every method on four workloads "
                       "(docs/evaluation.md)")
-  from sparsex_jax.evaluation import runner
+  from sparsex_jax.research import runner
   runner.add_arguments(ev)
   _add_tp_arg(ev)
   argv = list(sys.argv[1:] if argv is None else argv)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import sparsex_jax as sx
-from sparsex_jax.evaluation import text as txt
+from sparsex_jax.research import text as txt
 
 WORKLOADS = ("musique", "needle", "chat", "agent")
 _WORKLOAD_ID = {name: i for i, name in enumerate(WORKLOADS)}

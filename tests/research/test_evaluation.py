@@ -10,11 +10,11 @@ import pytest
 
 import sparsex_jax as sx
 from sparsex_jax import cli
-from sparsex_jax.evaluation import methods as mth
-from sparsex_jax.evaluation import metrics as mt
-from sparsex_jax.evaluation import report
-from sparsex_jax.evaluation import text as txt
-from sparsex_jax.evaluation import workloads as wl
+from sparsex_jax.research import methods as mth
+from sparsex_jax.research import metrics as mt
+from sparsex_jax.research import report
+from sparsex_jax.research import text as txt
+from sparsex_jax.research import workloads as wl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,51 +238,56 @@ def test_bad_inputs_fail_clearly(tmp_path, real_tokenizer):
 # Methods and report
 # ------------------------------------------------------------------------------------------------
 
-def test_method_grid_has_every_baseline_and_the_full_sparsex_grid():
+def test_method_grid_has_every_baseline_and_both_rules_grids():
   grid = mth.method_grid(mth.FAMILIES, 30)
   labels = [m.label for m in grid]
-  # baselines and the default rule's 5 x 5 grid (the default is one of its points)
-  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 25
+  # full, 5 baselines and each rule's 5 x 5 grid (each rule's default is one of its points)
+  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 2 * 25
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
-          "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4",
-          "sparsex[axn+heads2+fresh+attn2] r=0.30 T=8"} <= set(labels)
-  # at T <= 1 the default reads layer T - 1 alone (importance_layers="auto"), and its cells are
-  # labelled by that rule; at T = 0 it ranks by attention alone (no deviation at layer 0)
-  assert {"sparsex[axn+heads2+fresh] r=0.05 T=0", "sparsex[axn+heads2+fresh] r=0.10 T=1",
-          "sparsex[axn+heads2+fresh+attn2] r=0.10 T=2"} <= set(labels)
-  assert not any("auto" in label for label in labels)
+          "sparsex r=0.15 T=4", "sparsex r=0.30 T=8", "sparsex r=0.05 T=0",
+          "sparsex-paper r=0.15 T=4", "sparsex-paper r=0.10 T=1"} <= set(labels)
   by_label = {m.label: m for m in grid}
-  assert by_label["sparsex[axn+heads2+fresh] r=0.10 T=1"].config.importance_layers == "last"
-  # the default's cells and an explicit run of the same rule share labels (one method each)
-  both = mth.method_grid(["sparsex"], 30, [0.1], [1, 2],
-                         variants=[mth.DEFAULT_VARIANT, "axn+heads2+fresh"])
-  assert [m.label for m in both] == [
-      "full", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4", "sparsex[axn+heads2+fresh] r=0.10 T=1",
-      "sparsex[axn+heads2+fresh+attn2] r=0.10 T=2", "sparsex[axn+heads2+fresh] r=0.10 T=2"]
-  assert mth.default_label(0.1, 1) == "sparsex[axn+heads2+fresh] r=0.10 T=1"
-  paper = [m.label for m in mth.method_grid(["sparsex"], 30, [0.15], [4], variants=[""])]
-  assert paper == ["full", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4", "sparsex r=0.15 T=4"]
+  assert by_label["sparsex r=0.10 T=1"].config == sx.SparseX(
+      recompute_ratio=0.10, layer_threshold=1, update_caches=False)
+  assert by_label["sparsex-paper r=0.20 T=2"].config == sx.SparseXPaper(
+      recompute_ratio=0.20, layer_threshold=2, update_caches=False)
+  assert by_label["random r=0.15 T=4"].config == sx.Random(
+      recompute_ratio=0.15, layer_threshold=4, update_caches=False)
+  assert by_label["sparsex-paper r=0.05 T=8"].family == "sparsex-paper"
   assert all(not m.config.update_caches for m in grid)
-  assert mth.default_method(30).label == "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4"
+  # the default families leave the paper's rule out; each rule's default comes first
+  assert len(mth.method_grid(mth.DEFAULT_FAMILIES, 30)) == 6 + 25
+  assert [m.label for m in mth.method_grid(["sparsex-paper", "sparsex"], 30, [0.1], [1, 2])] == [
+      "full", "sparsex r=0.15 T=4", "sparsex r=0.10 T=1", "sparsex r=0.10 T=2",
+      "sparsex-paper r=0.15 T=4", "sparsex-paper r=0.10 T=1", "sparsex-paper r=0.10 T=2"]
+  assert mth.default_label(0.1, 1) == "sparsex r=0.10 T=1"
+  assert mth.default_method(30).label == "sparsex r=0.15 T=4"
+  assert mth.default_method(30).config == sx.SparseX(update_caches=False, layer_threshold=4)
   assert [m.label for m in mth.method_grid(["naive", "sparsex"], 3, [0.1], [2, 8])] == [
-      "full", "naive", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=3",
-      "sparsex[axn+heads2+fresh+attn2] r=0.10 T=2"]  # T=8 > depth: dropped
+      "full", "naive", "sparsex r=0.15 T=3", "sparsex r=0.10 T=2"]  # T=8 > depth: dropped
   with pytest.raises(ValueError, match="unknown method"):
     mth.method_grid(["magic"], 30)
+  with pytest.raises(ValueError, match="unknown method"):
+    mth.method_grid(["sparsex[axn+heads2]"], 30)
 
 
 def _fake_run(path, n=12, seed=0, max_new_tokens=32):
   """A raw eval JSON with made-up numbers: naive KL ~ 0.2, sparsex halves it, epic better."""
   rng = np.random.default_rng(seed)
-  methods = mth.method_grid(["naive", "epic", "sparsex"], 30, [0.15, 0.3], [2, 4], variants=[""])
+  methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-paper"], 30, [0.15, 0.3],
+                            [2, 4])
   meta = {"device": "cpu", "platform": "cpu", "jax": "x", "python": "3", "date": "d",
           "command": "sparsex eval --fake", "model": "m", "model_name": "m", "dtype": "float32",
           "split": "test", "workloads": ["needle", "chat"], "default_label": "sparsex r=0.15 T=4",
+          "labels": mth.LABELS,
           "max_new_tokens": max_new_tokens,
           "methods": [{"label": m.label, "family": m.family, "ratio": m.ratio,
                        "threshold": m.threshold} for m in methods], "complete": True,
           "elapsed_s": 1.0, "notes": []}
+  # the paper's rule a little worse than the default
   factor = {"full": 0.0, "naive": 1.0, "epic r=0.15": 0.3}
+  factor |= {m.label: (0.6 if m.threshold == 4 else 0.9) for m in methods
+             if m.family == "sparsex-paper"}
   prompts = []
   for w in ("needle", "chat"):
     for i in range(n):
@@ -305,7 +310,7 @@ def test_report_summaries_tables_and_plots(tmp_path):
   raw = str(tmp_path / "raw.json")
   _fake_run(raw)
   ttft = tmp_path / "ttft.json"
-  ttft.write_text(json.dumps({"device": "H100", "ttft": [
+  ttft.write_text(json.dumps({"device": "H100", "labels": mth.LABELS, "ttft": [
       {"policy": "full", "ttft_ms_median": 250.0, "preset": "llama3-8b", "n_prompt": 8000},
       {"policy": "naive", "ttft_ms_median": 45.0, "preset": "llama3-8b", "n_prompt": 8000},
       {"policy": "sparsex r=0.15 T=4", "ttft_ms_median": 95.0, "preset": "llama3-8b",
@@ -322,11 +327,19 @@ def test_report_summaries_tables_and_plots(tmp_path):
   verdicts = {(c["method"], c["vs"]): c["verdict"] for c in summary["comparisons"]}
   assert verdicts[("epic r=0.15", "sparsex r=0.15 T=4")] == "better"
   assert verdicts[("naive", "sparsex r=0.15 T=4")] == "worse"
+  assert verdicts[("sparsex-paper r=0.15 T=4", "sparsex r=0.15 T=4")] == "worse"
+  paper = summary["overall"]["sparsex-paper r=0.15 T=4"]["gap_recovered"]["mean"]
+  assert 0.3 < paper < 0.5
   assert "epic r=0.15" in summary["ttft_missing"] and "naive" not in summary["ttft_missing"]
+  assert summary["ttft"]["sparsex r=0.15 T=4"]["ttft_ms"] == 95.0
   for suffix in (".md", ".json", "_heatmap.png", "_ttft.png"):
     assert os.path.getsize(out + suffix) > 0
   md = open(out + ".md").read()
-  assert "sparsex eval --fake" in md and "| T \\ r |" in md and "left out of the plot" in md
+  assert "sparsex eval --fake" in md and "left out of the plot" in md
+  # one grid table per rule (rows T = 2, 4; columns r = 0.15, 0.30), the heatmap with the first
+  assert md.count("| T \\ r | 0.15 | 0.30 |") == 2 and md.count("_heatmap.png") == 1
+  assert md.index("## Grid of sparsex (") < md.index("_heatmap.png") < md.index(
+      "## Grid of sparsex-paper (")
   assert "| exact 32 | task | task - full |" in md and "KL-only" not in md
   # A KL-only run has no answers: its tables say so instead of showing task scores of 0.
   kl_only = str(tmp_path / "kl_only.json")
@@ -344,43 +357,85 @@ def test_report_summaries_tables_and_plots(tmp_path):
 
 
 def test_report_joins_runs_that_split_the_methods(tmp_path):
-  """Two runs on the same prompts with different sparsex rules join into one report: every
-  method of both, the shared ones (full, naive) from the later run, and a grid that shows the
-  default rule's cell where both rules ran there."""
+  """Two runs on the same prompts join into one report: every method of both, the shared ones
+  (full, naive, the default rule's cells both ran) from the later run; each rule keeps its grid."""
   old, new = str(tmp_path / "old.json"), str(tmp_path / "new.json")
   _fake_run(old, n=8, seed=2)
   _fake_run(new, n=8, seed=3)
-  rename = {"sparsex r=0.15 T=4": mth.default_label(0.15, 4),
-            "sparsex r=0.30 T=2": mth.default_label(0.30, 2)}
+  kept = {"sparsex r=0.15 T=4", "sparsex r=0.30 T=2"}
   data = json.load(open(new))  # the newer run: the default rule at two cells, plus the baselines
-  data["meta"]["methods"] = [dict(m, label=rename.get(m["label"], m["label"]))
-                            for m in data["meta"]["methods"]
-                             if m["label"] in rename or m["family"] != "sparsex"]
-  data["meta"]["default_label"] = rename["sparsex r=0.15 T=4"]
+  data["meta"]["methods"] = [m for m in data["meta"]["methods"]
+                             if m["label"] in kept or m["family"] not in mth.RULES]
   for p in data["prompts"]:
-    p["results"] = {rename.get(k, k): v for k, v in p["results"].items()
-                    if k in rename or not k.startswith("sparsex")}
+    p["results"] = {k: v for k, v in p["results"].items()
+                    if k in kept or not k.startswith("sparsex")}
   json.dump(data, open(new, "w"))
   metas, prompts = report.load_runs([old, new])
   assert len(prompts) == 16
   by_key = {p["key"]: p for p in prompts}
   old_prompt = json.load(open(old))["prompts"][0]
   joined = by_key[old_prompt["key"]]["results"]
-  assert joined["sparsex r=0.15 T=4"] == old_prompt["results"]["sparsex r=0.15 T=4"]
-  assert joined["naive"] == data["prompts"][0]["results"]["naive"]  # the later run's
-  assert joined[rename["sparsex r=0.30 T=2"]] == data["prompts"][0]["results"][
-      rename["sparsex r=0.30 T=2"]]
+  assert joined["sparsex-paper r=0.15 T=4"] == old_prompt["results"]["sparsex-paper r=0.15 T=4"]
+  assert joined["sparsex r=0.30 T=4"] == old_prompt["results"]["sparsex r=0.30 T=4"]
+  for label in ("naive", "sparsex r=0.15 T=4"):  # the later run's
+    assert joined[label] == data["prompts"][0]["results"][label]
+    assert joined[label] != old_prompt["results"][label]
   summary = report.render([old, new], str(tmp_path / "joined"), [], n_boot=100)
-  assert summary["default_label"] == rename["sparsex r=0.15 T=4"]
-  assert {"sparsex r=0.15 T=4", "sparsex r=0.30 T=4"} | set(rename.values()) <= set(
-      summary["overall"])
-  ts, rs, g = report._grid(report.merged_meta(metas), summary)
+  assert summary["default_label"] == "sparsex r=0.15 T=4"
+  meta = report.merged_meta(metas)
+  assert [m["label"] for m in meta["methods"]].count("sparsex r=0.15 T=4") == 1
   cell = lambda label: summary["overall"][label]["gap_recovered"]["mean"]  # noqa: E731
-  assert g[ts.index(4), rs.index(0.15)] == cell(rename["sparsex r=0.15 T=4"])
-  assert g[ts.index(2), rs.index(0.30)] == cell(rename["sparsex r=0.30 T=2"])
-  assert g[ts.index(4), rs.index(0.30)] == cell("sparsex r=0.30 T=4")  # only the old rule ran
-  assert cell(rename["sparsex r=0.15 T=4"]) != cell("sparsex r=0.15 T=4")
-  assert "the grid shows the default rule's" in open(str(tmp_path / "joined.md")).read()
+  for family in mth.RULES:
+    ts, rs, g = report._grid(meta, summary, family)
+    assert ts == [2, 4] and rs == [0.15, 0.30]
+    for t in ts:
+      for r in rs:
+        assert g[ts.index(t), rs.index(r)] == cell(mth.label(family, r, t))
+
+
+def test_result_files_of_the_old_labels_are_read_in_todays(tmp_path):
+  """Before "labels", "sparsex r=.." was the paper's rule and the default rule was named by its
+  options: eval JSON and bench_ttft JSON are read in today's labels, so they join the right
+  method (the removed rules keep their names, each its own family)."""
+  raw = str(tmp_path / "raw.json")
+  _fake_run(raw, n=6)
+  data = json.load(open(raw))
+  before = {"sparsex-paper r=0.15 T=4": "sparsex r=0.15 T=4",
+            "sparsex r=0.15 T=4": "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4",
+            "sparsex r=0.15 T=2": "sparsex[axn+heads2+fresh+attn2] r=0.15 T=2"}
+  keep = {"full", "naive", "epic r=0.15"} | set(before)
+  data["meta"] = {**{k: v for k, v in data["meta"].items() if k != "labels"},
+                  "default_label": before["sparsex r=0.15 T=4"], "methods": [
+                      {**m, "label": before.get(m["label"], m["label"]), "family": "sparsex"
+                       if m["label"] in before else m["family"]}
+                      for m in data["meta"]["methods"] if m["label"] in keep]}
+  data["meta"]["methods"].append({"label": "sparsex[axn+heads2] r=0.15 T=4", "family": "sparsex",
+                                  "ratio": 0.15, "threshold": 4})
+  for p in data["prompts"]:
+    res = {before.get(k, k): v for k, v in p["results"].items() if k in keep}
+    p["results"] = res | {"sparsex[axn+heads2] r=0.15 T=4": dict(res["naive"])}
+  json.dump(data, open(raw, "w"))
+  metas, prompts = report.load_runs([raw])
+  (meta,) = metas
+  assert meta["default_label"] == "sparsex r=0.15 T=4" and meta["labels"] == mth.LABELS
+  assert {m["label"]: m["family"] for m in meta["methods"]} == {
+      "full": "full", "naive": "naive", "epic r=0.15": "epic",
+      "sparsex-paper r=0.15 T=4": "sparsex-paper", "sparsex r=0.15 T=4": "sparsex",
+      "sparsex r=0.15 T=2": "sparsex", "sparsex[axn+heads2] r=0.15 T=4": "sparsex[axn+heads2]"}
+  original = json.load(open(raw))["prompts"][0]["results"]
+  assert prompts[0]["results"]["sparsex-paper r=0.15 T=4"] == original["sparsex r=0.15 T=4"]
+  summary = report.render([raw], str(tmp_path / "out"), [], n_boot=100)
+  ts, rs, g = report._grid(meta, summary, "sparsex")
+  assert (ts, rs) == ([2, 4], [0.15])  # the removed rule is no cell of the default's grid
+  assert mth.current_label("sparsex[axn+heads2+fresh] r=0.10 T=1") == "sparsex r=0.10 T=1"
+  assert mth.current_label("sparsex[axn+heads2+fresh] r=0.10 T=4") == (
+      "sparsex[axn+heads2+fresh] r=0.10 T=4")  # not the default at T >= 2
+  assert mth.current_label("epic r=0.15") == "epic r=0.15"
+  # the TTFT file `sparsex eval` joins by default was written before "labels"
+  ttft = report.load_ttft([os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "docs", "results", "ttft_h100_thresholds.json")])
+  assert {"sparsex-paper r=0.15 T=4", "sparsex-paper r=0.30 T=2", "naive"} <= set(ttft)
+  assert not any(k.startswith("sparsex ") for k in ttft)
 
 
 def test_report_refuses_to_merge_splits(tmp_path):
@@ -395,15 +450,15 @@ def test_report_refuses_to_merge_splits(tmp_path):
 
 
 def test_public_api_only():
-  """The suite must keep working while engine internals move: no private imports."""
-  import sparsex_jax.evaluation as ev
+  """The suite must keep working while engine internals move: no private imports (the studies
+  beside it, oracle.py and the rest, read the engine's pools on purpose)."""
+  import sparsex_jax.research as ev
   folder = os.path.dirname(ev.__file__)
-  for name in os.listdir(folder):
-    if name.endswith(".py"):
-      src = open(os.path.join(folder, name)).read()
-      for banned in ("sparsex_jax.engine", "sparsex_jax.planner", "sparsex_jax.prefill",
-                     "engine._", "from models"):
-        assert banned not in src, f"{name} uses {banned}"
+  for name in ("methods.py", "metrics.py", "report.py", "runner.py", "text.py", "workloads.py"):
+    src = open(os.path.join(folder, name)).read()
+    for banned in ("sparsex_jax.engine", "sparsex_jax.planner", "sparsex_jax.prefill",
+                   "engine._", "from models"):
+      assert banned not in src, f"{name} uses {banned}"
   assert sx.ReuseConfig(update_caches=False).update_caches is False
 
 
@@ -413,12 +468,12 @@ def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, essays_tes
   SmolLM2's shapes, 5 layers: the sparse path runs from T = 2)."""
   from models import llama
   from models.config import get_config
-  from sparsex_jax.evaluation import runner
+  from sparsex_jax.research import runner
   cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=5)
   engine = sx.Engine(cfg, llama.init_params(cfg, 3), real_tokenizer, num_pages=160)
   prompt = wl.chat_prompts(real_tokenizer, essays_test, "test", 1, wl.Sizes.quick())[0]
-  methods = mth.method_grid(["naive", "epic", "sparsex"], cfg.n_layers, ratios=(0.15,),
-                            thresholds=(2,))
+  methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-paper"], cfg.n_layers,
+                            ratios=(0.15,), thresholds=(2,))
   one = sx.SamplingParams(max_new_tokens=1, temperature=0.0)
   rec = runner.evaluate_prompt(engine, prompt, methods, one)
   naive = rec["results"]["naive"]

@@ -1,16 +1,11 @@
-"""scripts/study_deep_attention.py's parts against independent references (random inputs)."""
-
-import os
-import sys
+"""sparsex_jax/research/deep_attention.py's parts against independent references (random
+inputs)."""
 
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import study_deep_attention as sda  # noqa: E402
-from models import llama  # noqa: E402
+from models import llama
+from sparsex_jax.research import deep_attention as sda
 
 
 def test_attention_probs_reproduce_the_models_attention_output():

@@ -6,8 +6,8 @@ import os
 
 from sparsex_jax import cli
 
-_TTFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                     "results", "ttft_h100_thresholds.json")
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TTFT = os.path.join(_ROOT, "docs", "results", "ttft_h100_thresholds.json")
 
 
 def test_eval_quick_runs_end_to_end(tmp_path, capsys):
@@ -24,19 +24,19 @@ def test_eval_quick_runs_end_to_end(tmp_path, capsys):
   assert meta["command"].startswith("sparsex eval --quick") and meta["complete"]
   assert meta["workloads"] == ["needle", "chat", "agent"]
   labels = [m["label"] for m in meta["methods"]]
-  assert labels == ["full", "naive", "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4"]
+  assert labels == ["full", "naive", "sparsex r=0.15 T=4"]
   assert len(data["prompts"]) == 3
   for p in data["prompts"]:
     full = p["results"]["full"]
     assert full["kl"] == 0.0 and full["em"] and full["n_reused"] == 0
     naive = p["results"]["naive"]
     assert naive["n_reused"] > 0 and naive["n_recomputed"] == 0 and naive["kl"] >= 0
-    sparsex = p["results"]["sparsex[axn+heads2+fresh+attn2] r=0.15 T=4"]
+    sparsex = p["results"]["sparsex r=0.15 T=4"]
     assert sparsex["n_recomputed"] == -(-15 * sparsex["n_reused"] // 100)  # ceil(0.15 n)
     assert 0 < sparsex["frac_recomputed"] < 0.2
   summary = data["summary"]
   assert set(summary["workloads"]) == {"needle", "chat", "agent"}
-  assert "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4" in summary["overall"]
+  assert "sparsex r=0.15 T=4" in summary["overall"]
   for suffix in (".md", "_heatmap.png", "_ttft.png"):
     assert os.path.getsize(out + suffix) > 0
   assert "musique workload skipped" in open(out + ".md").read()

@@ -23,11 +23,11 @@ import traceback
 import numpy as np
 
 import sparsex_jax as sx
-from sparsex_jax.evaluation import methods as mth
-from sparsex_jax.evaluation import metrics as mt
-from sparsex_jax.evaluation import report
-from sparsex_jax.evaluation import text as txt
-from sparsex_jax.evaluation import workloads as wl
+from sparsex_jax.research import methods as mth
+from sparsex_jax.research import metrics as mt
+from sparsex_jax.research import report
+from sparsex_jax.research import text as txt
+from sparsex_jax.research import workloads as wl
 
 DEFAULT_TTFT = os.path.join("docs", "results", "ttft_h100_thresholds.json")
 QUICK = {"prompts": 2, "methods": "full,naive,epic,sparsex", "ratios": "0.15", "thresholds": "4",
@@ -49,16 +49,15 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="smollm2-135m (embedded), a .gguf file or a Hugging Face folder")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--methods", default=None,
-                 help=f"comma-separated subset of {','.join(mth.FAMILIES)} (default all); "
-                      "full always runs (the reference)")
-  p.add_argument("--ratios", default=None, help="sparsex recompute ratios (default "
-                 + ",".join(f"{r:g}" for r in mth.GRID_RATIOS) + ")")
-  p.add_argument("--thresholds", default=None, help="sparsex layer thresholds (default "
-                 + ",".join(str(t) for t in mth.GRID_THRESHOLDS) + ")")
-  p.add_argument("--variants", default=mth.DEFAULT_VARIANT,
-                 help="comma-separated sparsex selection rules to run at every (r, T), from "
-                      + ", ".join(repr(k) for k in mth.VARIANTS) + " ('' = the paper's rule; "
-                      f"default {mth.DEFAULT_VARIANT!r}, the default rule)")
+                 help=f"comma-separated subset of {','.join(mth.FAMILIES)} (default "
+                      f"{','.join(mth.DEFAULT_FAMILIES)}); full always runs (the reference); "
+                      "sparsex is the default rule, sparsex-paper the paper's")
+  p.add_argument("--ratios", default=None, help="recompute ratios of the sparsex and "
+                 "sparsex-paper grids (default " + ",".join(f"{r:g}" for r in mth.GRID_RATIOS)
+                 + ")")
+  p.add_argument("--thresholds", default=None, help="layer thresholds of the sparsex and "
+                 "sparsex-paper grids (default " + ",".join(str(t) for t in mth.GRID_THRESHOLDS)
+                 + ")")
   p.add_argument("--baseline-ratio", type=float, default=0.15,
                  help="recompute ratio of cacheblend, epic and random")
   p.add_argument("--max-new-tokens", type=int, default=None,
@@ -91,7 +90,7 @@ def _settings(args) -> dict:
   pick = lambda v, key, full: v if v is not None else (QUICK[key] if quick else full)  # noqa
   s = {
       "prompts": pick(args.prompts, "prompts", 50),
-      "methods": pick(args.methods, "methods", ",".join(mth.FAMILIES)),
+      "methods": pick(args.methods, "methods", ",".join(mth.DEFAULT_FAMILIES)),
       "ratios": pick(args.ratios, "ratios", ",".join(f"{r:g}" for r in mth.GRID_RATIOS)),
       "thresholds": pick(args.thresholds, "thresholds",
                          ",".join(str(t) for t in mth.GRID_THRESHOLDS)),
@@ -125,13 +124,13 @@ def apply_warm(engine, step: wl.WarmStep):
   if step.kind == "segments":
     engine.cache_segments(list(step.segments))
   elif step.kind == "prefix":
-    engine.prefill_logits(sx.Request(step.segments), reuse=sx.ReuseConfig("prefix"))
+    engine.prefill_logits(sx.Request(step.segments), reuse=sx.Prefix())
   else:
     # In context: every layer computed for every token (T = depth makes any reuse exact), and
     # the request's cacheable segments stored at their positions here.
     n_layers = engine.config.n_layers
     engine.prefill_logits(sx.Request(step.segments),
-                          reuse=sx.ReuseConfig("naive", layer_threshold=n_layers))
+                          reuse=sx.Naive(layer_threshold=n_layers))
 
 
 def evaluate_prompt(engine, prompt: wl.Prompt, methods: list[mth.Method],
@@ -248,9 +247,7 @@ def run(args, argv: list[str], engine=None) -> int:
   if tok is None:
     raise ValueError(f"{args.model}: the model has no tokenizer; the workloads need text")
   n_layers = engine.config.n_layers
-  variants = [v.strip() for v in args.variants.split(",")]
-  methods = mth.method_grid(families, n_layers, ratios, thresholds, args.baseline_ratio,
-                            variants)
+  methods = mth.method_grid(families, n_layers, ratios, thresholds, args.baseline_ratio)
   sizes = wl.Sizes.quick() if args.quick else wl.Sizes()
   if args.first < 0:
     raise ValueError(f"--first must be >= 0, got {args.first}")
@@ -279,7 +276,7 @@ def run(args, argv: list[str], engine=None) -> int:
       "data": os.path.basename(args.data) if args.data else None,
       "methods": [{"label": m.label, "family": m.family, "ratio": m.ratio,
                    "threshold": m.threshold} for m in methods],
-      "default_label": default.label, "notes": notes, "load_s": load_s,
+      "default_label": default.label, "labels": mth.LABELS, "notes": notes, "load_s": load_s,
       "time_budget_s": args.time_budget_s, "attention_backend": args.attention_backend,
       "complete": False,
   }

@@ -17,11 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from sparsex_jax.evaluation import methods as mth
-from sparsex_jax.evaluation import metrics as mt
+from sparsex_jax.research import methods as mth
+from sparsex_jax.research import metrics as mt
 
 PER_PROMPT = ("kl", "top1", "em", "task")
 COMPARE_WITH = ("epic r=0.15", "cacheblend r=0.15")
+RULE_NAMES = {"sparsex": "the default rule", "sparsex-paper": "the paper's rule"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +45,10 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
     if not isinstance(data, dict) or "meta" not in data or "prompts" not in data:
       raise ValueError(f"{path}: not a `sparsex eval` JSON (needs 'meta' and 'prompts')")
     # A merged report keeps every run's meta under "runs".
-    metas.extend(data["meta"].get("runs") or [data["meta"]])
+    runs = data["meta"].get("runs") or [data["meta"]]
+    if any(m.get("labels") != mth.LABELS for m in runs):
+      runs, data["prompts"] = _relabelled(runs, data["prompts"])
+    metas.extend(runs)
     for p in data["prompts"]:
       earlier = by_key.get(p["key"])
       by_key[p["key"]] = p if earlier is None else {
@@ -53,6 +57,20 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
   if len(splits) > 1:
     raise ValueError(f"refusing to merge runs of different splits: {sorted(splits)}")
   return metas, list(by_key.values())
+
+
+def _relabelled(metas: list[dict], prompts: list[dict]) -> tuple[list[dict], list[dict]]:
+  """Runs written before today's labels, in today's labels (methods.current_label)."""
+  new = mth.current_label
+
+  def method(m):  # a removed rule ("sparsex[axn+heads2] ...") becomes a family of its own
+    label = new(m["label"])
+    return {**m, "label": label,
+            "family": label.split(" ")[0] if m["family"] == "sparsex" else m["family"]}
+  metas = [{**m, "labels": mth.LABELS, "methods": [method(x) for x in m["methods"]],
+            "default_label": new(m["default_label"])} for m in metas]
+  prompts = [{**p, "results": {new(k): v for k, v in p["results"].items()}} for p in prompts]
+  return metas, prompts
 
 
 def merged_meta(metas: list[dict]) -> dict:
@@ -80,10 +98,11 @@ def load_ttft(paths: Sequence[str]) -> dict[str, dict]:
     rows = data.get("ttft") if isinstance(data, dict) else None
     if not isinstance(rows, list):
       raise ValueError(f"{path}: not a bench_ttft JSON (needs a 'ttft' list)")
+    relabel = mth.current_label if data.get("labels") != mth.LABELS else str
     for i, r in enumerate(rows):
       if "policy" not in r or "ttft_ms_median" not in r:
         raise ValueError(f"{path}: ttft[{i}] lacks policy or ttft_ms_median")
-      out[r["policy"]] = {"ttft_ms": float(r["ttft_ms_median"]), "preset": r.get("preset"),
+      out[relabel(r["policy"])] = {"ttft_ms": float(r["ttft_ms_median"]), "preset": r.get("preset"),
                           "n_prompt": r.get("n_prompt"), "device": data.get("device"),
                           "file": os.path.basename(path)}
   return out
@@ -268,19 +287,19 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
           f"{s['n_recomputed']:.0f} of {s['n_reused']:.0f} ({_pct(s['frac_recomputed'])}) | "
           f"{s['ttft_ms_here']:.1f} |")
 
-  grid = _grid(meta, summary)
-  if grid is not None:
+  for family in mth.RULES:
+    grid = _grid(meta, summary, family)
+    if grid is None:
+      continue
     ts, rs, g = grid
-    lines += ["", "## SparseX grid: gap recovered, mean over workloads (rows T, columns r)", "",
-              f"![heatmap]({out_name}_heatmap.png)", "",
-              "| T \\ r | " + " | ".join(f"{r:.2f}" for r in rs) + " |",
+    lines += ["", f"## Grid of {family} ({RULE_NAMES[family]}): gap recovered, mean over "
+              "workloads (rows T, columns r)", ""]
+    if family == _heatmap_family(meta):
+      lines += [f"![heatmap]({out_name}_heatmap.png)", ""]
+    lines += ["| T \\ r | " + " | ".join(f"{r:.2f}" for r in rs) + " |",
               "| --- | " + " | ".join("---" for _ in rs) + " |"]
     for i, t in enumerate(ts):
       lines.append(f"| {t} | " + " | ".join(_pct(v) for v in g[i]) + " |")
-    rules = sorted({m["label"].split(" r=")[0] for m in _grid_methods(meta)})
-    if len(rules) > 1:
-      lines += ["", "Where several rules ran at a cell, the grid shows the default rule's; its "
-                "cells come from " + ", ".join(f"`{r}`" for r in rules) + "."]
 
   lines += ["", "## Quality vs TTFT", ""]
   if ttft:
@@ -297,21 +316,18 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
   return "\n".join(lines) + "\n"
 
 
-def _grid_methods(meta: dict) -> list[dict]:
-  """The sparsex methods of the T x r grid, one per cell: where several rules ran at a cell, the
-  shipped default rule's, else the first listed."""
-  cells = {}
-  for m in meta["methods"]:
-    if m["family"] != "sparsex":
-      continue
-    cell = (m["threshold"], m["ratio"])
-    if cell not in cells or m["label"] == mth.default_label(m["ratio"], m["threshold"]):
-      cells[cell] = m
-  return list(cells.values())
+def _grid_methods(meta: dict, family: str) -> list[dict]:
+  """The methods of one rule's T x r grid (one label per cell)."""
+  return [m for m in meta["methods"] if m["family"] == family]
 
 
-def _grid(meta: dict, summary: dict):
-  sp = _grid_methods(meta)
+def _heatmap_family(meta: dict) -> str | None:
+  """The rule whose grid the heatmap shows: the default rule's if it ran, else the paper's."""
+  return next((f for f in mth.RULES if _grid_methods(meta, f)), None)
+
+
+def _grid(meta: dict, summary: dict, family: str):
+  sp = _grid_methods(meta, family)
   if not sp:
     return None
   ts = sorted({m["threshold"] for m in sp})
@@ -328,14 +344,14 @@ def heatmap(meta: dict, summary: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  grid = _grid(meta, summary)
-  if grid is None:
+  family = _heatmap_family(meta)
+  if family is None:
     return False
-  ts, rs, g = grid
+  ts, rs, g = _grid(meta, summary, family)
   panels = [("mean over workloads", g)]
   for w in summary["workloads"]:
     gw = np.full_like(g, np.nan)
-    for m in _grid_methods(meta):
+    for m in _grid_methods(meta, family):
       s = summary["workloads"][w]["methods"].get(m["label"], {}).get("gap_recovered")
       if s:
         gw[ts.index(m["threshold"]), rs.index(m["ratio"])] = s["mean"]
@@ -354,8 +370,8 @@ def heatmap(meta: dict, summary: dict, path: str):
         if np.isfinite(vals[i, j]):
           ax.text(j, i, f"{100 * vals[i, j]:.0f}", ha="center", va="center", fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="gap recovered")
-  fig.suptitle(f"SparseX gap recovered (%), {meta['split']} split, {meta['model_name']}, "
-               f"{meta['device']}", fontsize=9)
+  fig.suptitle(f"{family} ({RULE_NAMES[family]}) gap recovered (%), {meta['split']} split, "
+               f"{meta['model_name']}, {meta['device']}", fontsize=9)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return True
@@ -375,7 +391,7 @@ def ttft_plot(meta: dict, summary: dict, ttft: dict, path: str) -> list[str]:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
   markers = {"prefix": "D", "naive": "x", "cacheblend": "s", "epic": "^", "random": "v",
-             "sparsex": "o", "full": "*"}
+             "sparsex": "o", "sparsex-paper": "P", "full": "*"}
   for lab in pts:
     x = ttft[lab]["ttft_ms"]
     o = summary["overall"][lab]["gap_recovered"]
