@@ -212,3 +212,23 @@ def test_namespaces_neither_reuse_nor_see_each_others_segments(tmp_path):
   other.use_cache_dir(tmp_path / "cache")
   _, plan = other.prefill_logits(plain, REUSE, return_plan=True)
   assert plan.reused_positions.size == 0
+
+
+def test_namespaces_keep_exact_prefix_hits_to_themselves():
+  """The prefix cache is salted like the segment cache: a system prompt prefilled under one
+  namespace is an exact hit for that namespace's next request, and a miss for any other."""
+  eng = _engine()
+  system = _ids(16, 91)  # 4 full pages of 4 tokens
+  full = sx.ReuseConfig("prefix")
+
+  def n_exact(namespace, tail_seed):
+    req = sx.Request([sx.Segment(system), sx.Segment(_ids(3, tail_seed), cache=False)],
+                     namespace=namespace)
+    _, plan = eng.prefill_logits(req, full, return_plan=True)
+    return int(np.sum(plan.labels == 0))
+
+  assert n_exact("alice", 1) == 0  # fills alice's blocks
+  assert n_exact("alice", 2) == 16  # alice hits them
+  assert n_exact("bob", 3) == 0 and n_exact("", 4) == 0  # nobody else does
+  assert n_exact("bob", 5) == 16 and n_exact("", 6) == 16  # each namespace its own chain
+  eng.store.check_invariants()

@@ -42,6 +42,16 @@ def cache_counters(cache) -> dict:
           "pages_used": cache.allocator.num_used, "pages_free": cache.allocator.num_free}
 
 
+def namespace_root(namespace: str = "") -> bytes:
+  """The hash chain's root for a namespace (docs/SECURITY.md): the default one ("") keeps the
+  plain content hash; any other salts every key, so equal tokens under two namespaces never
+  share a prefix block, a segment entry or a file name."""
+  if not namespace:
+    return ROOT_KEY
+  return hashlib.blake2b(b"sparsex-namespace\0" + namespace.encode("utf-8"),
+                         digest_size=16).digest()
+
+
 def hash_tokens(token_ids: np.ndarray, parent: bytes = ROOT_KEY) -> bytes:
   """blake2b (16 bytes) of `parent` then the little-endian int32 bytes of the tokens.
 
@@ -56,7 +66,7 @@ def hash_tokens(token_ids: np.ndarray, parent: bytes = ROOT_KEY) -> bytes:
 @dataclasses.dataclass(eq=False)
 class _Block:
   key: bytes
-  parent: bytes  # ROOT_KEY for block 0
+  parent: bytes  # for block 0: its namespace's root (namespace_root)
   tokens: np.ndarray  # int32 [page_size], kept to rule out hash collisions on match
   page: int
   depth: int  # block index in its prompt
@@ -89,10 +99,10 @@ class PrefixCache:
     """The pages the cache holds a reference on (int32, one per cached block)."""
     return np.fromiter(self._page_to_key.keys(), np.int32, len(self._page_to_key))
 
-  def _block_keys(self, tokens: np.ndarray) -> Iterator[bytes]:
+  def _block_keys(self, tokens: np.ndarray, namespace: str) -> Iterator[bytes]:
     """The chained key of each full block, lazily: a lookup stops hashing at its first miss (an
     8K-token prompt is 512 blocks; a RAG prompt usually matches only its system prompt)."""
-    parent, size = ROOT_KEY, self.page_size
+    parent, size = namespace_root(namespace), self.page_size
     for i in range(len(tokens) // size):
       parent = hash_tokens(tokens[i * size:(i + 1) * size], parent)
       yield parent
@@ -102,8 +112,9 @@ class PrefixCache:
     for block in reversed(chain):
       self._blocks.move_to_end(block.key)
 
-  def match(self, token_ids) -> tuple[np.ndarray, int]:
-    """(pages int32 [m], m * page_size): the longest run of cached full blocks from position 0.
+  def match(self, token_ids, namespace: str = "") -> tuple[np.ndarray, int]:
+    """(pages int32 [m], m * page_size): the longest run of cached full blocks from position 0,
+    among the blocks cached under `namespace`.
 
     Takes one reference on each returned page for the caller, who decrefs them when the request
     ends. A caller that needs the last prompt token's logits should match token_ids[:-1], so that
@@ -112,7 +123,7 @@ class PrefixCache:
     tokens = as_token_array(token_ids)
     size = self.page_size
     chain = []
-    for i, key in enumerate(self._block_keys(tokens)):
+    for i, key in enumerate(self._block_keys(tokens, namespace)):
       block = self._blocks.get(key)
       if block is None or not np.array_equal(block.tokens, tokens[i * size:(i + 1) * size]):
         break
@@ -124,8 +135,9 @@ class PrefixCache:
     self._touch(chain)
     return pages, len(chain) * size
 
-  def insert(self, token_ids, pages) -> np.ndarray:
-    """Caches the full blocks of a sequence whose KV lives in `pages` (page i: tokens i*S..i*S+S-1).
+  def insert(self, token_ids, pages, namespace: str = "") -> np.ndarray:
+    """Caches the full blocks of a sequence whose KV lives in `pages` (page i: tokens i*S..i*S+S-1),
+    under `namespace`.
 
     Returns the indices (int32) of the blocks newly cached; the cache takes its own reference on
     each of their pages. A block already cached keeps its cached page (the caller's page for that
@@ -135,7 +147,7 @@ class PrefixCache:
     tokens = as_token_array(token_ids)
     pages = as_page_array(pages)
     size = self.page_size
-    keys = list(self._block_keys(tokens))
+    keys = list(self._block_keys(tokens, namespace))
     if len(pages) < len(keys):
       raise ValueError(f"{len(keys)} full blocks need {len(keys)} pages, got {len(pages)}")
     new = []
@@ -162,7 +174,7 @@ class PrefixCache:
     for i, key in enumerate(keys):
       block = self._blocks.get(key)
       if block is None:
-        parent = keys[i - 1] if i else ROOT_KEY
+        parent = keys[i - 1] if i else namespace_root(namespace)
         block = _Block(key, parent, tokens[i * size:(i + 1) * size].copy(), int(pages[i]), i)
         self._blocks[key] = block
         self._page_to_key[block.page] = key
@@ -175,7 +187,7 @@ class PrefixCache:
   def _remove(self, block: _Block) -> int:
     del self._blocks[block.key]
     del self._page_to_key[block.page]
-    if block.parent != ROOT_KEY:
+    if block.depth:
       self._blocks[block.parent].num_children -= 1
     self.evictions += 1
     return self.allocator.decref([block.page])
@@ -220,7 +232,7 @@ class PrefixCache:
     for block, rc in zip(self._blocks.values(), refcounts):
       if rc == 1 and kept_children[block.key] == 0:
         n += 1
-      elif block.parent != ROOT_KEY:
+      elif block.depth:
         kept_children[block.parent] += 1
     return n
 
@@ -240,7 +252,7 @@ class PrefixCache:
       check(block.key == key and self._page_to_key.get(block.page) == key, "page map is stale")
       check(self.allocator.refcount(block.page) >= 1, f"cached page {block.page} is free")
       check(block.page != NULL_PAGE, "the null page is cached")
-      if block.parent != ROOT_KEY:
+      if block.depth:
         check(block.parent in self._blocks, "a cached block's parent was evicted")
         check(order[block.parent] > order[key], "a parent is older than its child in LRU order")
         children[block.parent] += 1

@@ -20,22 +20,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 
 import numpy as np
 
 from sparsex_jax.kv.allocator import NULL_PAGE, PageAllocator, as_page_array
-from sparsex_jax.kv.prefix_cache import ROOT_KEY, as_token_array, cache_counters, hash_tokens
-
-
-def namespace_root(namespace: str = "") -> bytes:
-  """The hash chain's root for a namespace: the default one ("") keeps the plain content hash;
-  any other salts every key, so equal tokens under two namespaces never share an entry or a file
-  name."""
-  if not namespace:
-    return ROOT_KEY
-  return hashlib.blake2b(b"sparsex-namespace\0" + namespace.encode("utf-8"),
-                         digest_size=16).digest()
+from sparsex_jax.kv.prefix_cache import (as_token_array, cache_counters, hash_tokens,
+                                         namespace_root)
 
 
 def segment_key(token_ids, namespace: str = "") -> str:

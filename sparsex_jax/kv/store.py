@@ -123,8 +123,8 @@ class KVStore:
     lease = Lease(np.zeros(0, np.int32), np.zeros(0, np.int32), {}, layout.page_size)
     self._live[id(lease)] = lease
     try:
-      if policy.reads_prefix_cache and not prompt.namespace:  # (not salted: default only)
-        pages, _ = self.prefix_cache.match(ids)
+      if policy.reads_prefix_cache:
+        pages, _ = self.prefix_cache.match(ids, prompt.namespace)
         keep = min(pages.size, (n - 1) // layout.page_size)  # the last token is always computed
         self.allocator.decref(pages[keep:])
         lease.exact_pages = pages[:keep]
@@ -193,13 +193,13 @@ class KVStore:
     copies, pending = SlotCopies(), []
     layout = self.layout
     for prompt, plan in zip(prompts, plans):
-      if policy.writes_prefix_cache and not prompt.namespace:
+      if policy.writes_prefix_cache:
         n = prompt.token_ids.size
         reused = np.flatnonzero(plan.labels == REUSED)
         n_blocks = min(int(reused[0]) if reused.size else n, n) // layout.page_size
         if n_blocks:
           self.prefix_cache.insert(prompt.token_ids[:n_blocks * layout.page_size],
-                                   plan.page_table[:n_blocks])
+                                   plan.page_table[:n_blocks], prompt.namespace)
       if not policy.writes_segment_cache:
         continue
       for start, end, seg_ids, cacheable in prompt.spans:
