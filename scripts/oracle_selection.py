@@ -73,7 +73,7 @@ def _run(engine, request: sx.Request, policy: pol.ReusePolicy, capture: bool = F
   """One prefill under `policy`: float32 logits [V], the plan, and (capture) the deviation
   input: the K and V of every prompt position, every layer, [L, n, K*H] each."""
   prompt = tokenize(request, engine.tokenizer, engine.config, 0)
-  with engine.store.acquire([prompt], policy, 0) as leases, engine._recovering():
+  with engine.store.acquire([prompt], policy, 0) as leases, engine.kv.recovering():
     plans, out, _ = engine._prefill([prompt], leases, policy)
     plan = plans[0]
     logits = np.asarray(out.logits[0], np.float32)

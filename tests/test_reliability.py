@@ -294,7 +294,7 @@ def _inject_failure(patcher, module, name):
 steps = st.lists(st.tuples(
     st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=2), min_size=1, max_size=3),
     st.sampled_from(sorted(MODES)), st.sampled_from(["none", "none", "prefill", "decode"]),
-    st.booleans(), st.sampled_from(["continuous", "static"])), min_size=1, max_size=4)
+    st.booleans()), min_size=1, max_size=4)
 
 
 @settings(max_examples=12, deadline=None,
@@ -304,7 +304,7 @@ def test_random_jobs_with_failures_keep_the_books_and_the_outputs(monkeypatch, j
   eng = _engine(num_pages=20, max_batch_size=2, steps_per_visit=2)
   import sparsex_jax.decoding as decoding_module
   import sparsex_jax.engine as engine_module
-  for seg_lists, mode, failure, cache_first, batching in job:
+  for seg_lists, mode, failure, cache_first in job:
     if cache_first:
       eng.cache_segments(DOCS[:2])
     reqs = [sx.Request([sx.Segment(DOCS[i]) for i in segs] + [sx.Segment([7, 8], cache=False)])
@@ -314,7 +314,7 @@ def test_random_jobs_with_failures_keep_the_books_and_the_outputs(monkeypatch, j
         _inject_failure(m, engine_module, "prefill")
       elif failure == "decode":
         _inject_failure(m, decoding_module, "decode_loop")
-      outs = eng.generate(reqs, GREEDY, reuse=MODES[mode], on_error="return", batching=batching)
+      outs = eng.generate(reqs, GREEDY, reuse=MODES[mode], on_error="return")
     for req, out in zip(reqs, outs):
       if failure == "none":  # every request completes, with a clean engine's tokens
         assert out.finish_reason == "length", out.error
