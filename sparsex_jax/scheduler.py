@@ -149,6 +149,7 @@ class Scheduler:
     self._solo: set[int] = set()  # running indices that run alone
     self._drop: list[int] = []  # rows the engine empties at the next step
     self._known: set[int] = set()
+    self._in_flight: Step | None = None  # scheduled, not yet updated
 
   @property
   def has_work(self) -> bool:
@@ -162,6 +163,10 @@ class Scheduler:
     self.waiting.append((request, False))
 
   def schedule(self) -> Step:
+    """The next step; its admitted requests hold their leases from now on. Every step must be
+    given back to update() before the next is scheduled."""
+    if self._in_flight is not None:
+      raise RuntimeError("schedule() called again before update() of the last step")
     drop, self._drop = tuple(self._drop), []
     failed: list[Completion] = []
     group: list[ScheduledRequest] = []
@@ -193,12 +198,17 @@ class Scheduler:
         self._solo.add(request.index)
         break
     stop_after = refill_rows(self.n_rows) if self.waiting and not self._solo else 0
-    return Step(drop=drop, failed=tuple(failed), prefill=tuple(group),
-                leases=tuple(self._leases[r.index][0] for r in group),
-                decode_steps=self.steps_per_visit if self.running else 0, stop_after=stop_after)
+    self._in_flight = Step(drop=drop, failed=tuple(failed), prefill=tuple(group),
+                           leases=tuple(self._leases[r.index][0] for r in group),
+                           decode_steps=self.steps_per_visit if self.running else 0,
+                           stop_after=stop_after)
+    return self._in_flight
 
   def update(self, step: Step, result: StepResult) -> list[Completion]:
     """Takes a step's results; returns the requests that finished or failed in it, in order."""
+    if step is not self._in_flight:
+      raise ValueError("update() of a step that is not the one last scheduled")
+    self._in_flight = None
     done: list[Completion] = []
     if result.prefill_error is not None:
       for request in step.prefill:
@@ -231,6 +241,7 @@ class Scheduler:
     self._leases.clear()
     self.running.clear()
     self._solo.clear()
+    self._in_flight = None
 
   def _release(self, index: int) -> ScheduledRequest:
     self._leases.pop(index).release()
