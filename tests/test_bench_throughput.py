@@ -83,7 +83,7 @@ def test_static_batching_gives_the_engines_tokens_and_isolates_a_request_too_big
                                      on_output=lambda i, out: seen.append(i))
   assert [o.finish_reason for o in static] == ["length", "error", "length", "length"]
   assert "pool too small" in static[1].error
-  assert seen == [1, 0, 2, 3]  # the failure at once, then batch by batch
+  assert seen == [0, 1, 2, 3]  # [9] alone (9 + 60 does not fit), 60 fails, then [13, 7]
   continuous = eng.generate(reqs, reuse=sx.ReuseConfig("full"), on_error="return")
   for i in (0, 2, 3):
     assert static[i].token_ids == continuous[i].token_ids and len(static[i].token_ids) == \
