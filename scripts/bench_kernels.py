@@ -48,8 +48,6 @@ import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 N_HEADS, N_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
 # --smoke (CPU): kernels in interpret mode, tiny shapes, to check the script.
 KERNEL_KW = {}
@@ -369,7 +367,7 @@ def rel_err(x, ref):
 def device_kernels(fn, args, out_dir, calls=20):
   """Where fn's device time goes: {GPU kernel name: us per call}, from a jax.profiler trace."""
   import jax
-  from profile_prefill import kernel_times
+  from sparsex_jax.research.profiling import kernel_times
   _block(fn(*args))
   with jax.profiler.trace(out_dir):
     for _ in range(calls):

@@ -5,7 +5,7 @@ against its byte floor. Random weights at real shapes (speed does not depend on 
    drawn from a corpus of `--passages` (precomputed alone with engine.cache_segments, as a RAG
    corpus would be, so every request reuses them), and a new question; output lengths uniform in
    [--min-new, --max-new] (seeded), no stop tokens. Run by static batching and by continuous
-   batching on the same engine (caches cleared and the corpus recomputed before each, so both
+   batching on the same engine (static batching: sparsex_jax/research/baselines.py; caches cleared and the corpus recomputed before each, so both
    start alike), after a short warm-up job of the same shapes in each mode (compilations). Per
    mode: output tokens/s, job time, mean and p90 time to first token per request (from the job's
    start: queueing included), peak pool pages, programs compiled during the timed job.
@@ -35,19 +35,17 @@ import traceback
 
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))
-sys.path.insert(0, _HERE)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import sparsex_jax as sx  # noqa: E402
-from sparsex_jax.research.ttft import random_ids as _ids  # noqa: E402  (random token ids, as the TTFT benchmark draws them)
-from models.config import get_config  # noqa: E402
-from sparsex_jax import compile_cache, scheduler  # noqa: E402
-from sparsex_jax.batching import RunningBatch  # noqa: E402
-from sparsex_jax.programs.decode import decode_loop  # noqa: E402
+import sparsex_jax as sx
+from models.config import get_config
+from sparsex_jax import compile_cache, scheduler
+from sparsex_jax.batching import RunningBatch
+from sparsex_jax.programs.decode import decode_loop
+# static batching and the other layer loops: comparison only
+from sparsex_jax.research import baselines, profiling
+from sparsex_jax.research.ttft import random_ids as _ids  # as the TTFT benchmark draws them
 
 
 _OUT: list = []  # the --out path, for _save
@@ -98,20 +96,22 @@ def make_job(args, vocab: int, n: int, seed: int):
 
 
 class PhaseTimes:
-  """Where a job's wall time goes: the engine's prefills (admission: prefill and first token,
-  `Engine._start`) and its device decode loops (`decoding.visit`, which static batching's
-  `decoding.decode` runs too), timed around the calls (each ends with a device-to-host copy, so the time includes
-  the device work). The rest is host scheduling, leasing and output assembly."""
+  """Where a job's wall time goes: the prefills (admission: prefill and first token,
+  `StepRunner.start`, which static batching runs too) and the device decode loops
+  (`decoding.visit`, and `baselines.visit` for static batching), timed around the calls (each
+  ends with a device-to-host copy, so the time includes the device work). The rest is host
+  scheduling, leasing and output assembly."""
 
   def __init__(self, engine):
-    from sparsex_jax import decoding
-    self.engine, self.decoding = engine, decoding
+    from sparsex_jax import decoding, step_runner
+    self.engine, self.modules, self.runner = engine, (decoding, baselines), step_runner.StepRunner
     self.totals = {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]}  # seconds, calls, requests
     self.steps = self.tokens = self.row_steps = 0  # decode steps run, tokens they made, rows x steps
 
   def _visit(self, fn):
-    """decoding.visit, timed, with the steps it ran (the most tokens any row got in it: a running
-    row gets one per step) and the tokens it made: the batch's occupancy step by step."""
+    """A visit (decoding.visit or baselines.visit), timed, with the steps it ran (the most tokens
+    any row got in it: a running row gets one per step) and the tokens it made: the batch's
+    occupancy step by step."""
     timed = self._wrap(fn, "decode", lambda pool, params, cfg, batch, **k: batch.n_running)
 
     def visit(pool, params, cfg, batch, **kw):
@@ -137,14 +137,17 @@ class PhaseTimes:
     return timed
 
   def __enter__(self):
-    self.saved = self.decoding.visit  # static batching's decode() runs visit() too
-    self.engine._start = self._wrap(self.engine._start, "prefill", lambda jobs, *a, **k: len(jobs))
-    self.decoding.visit = self._visit(self.decoding.visit)
+    self.saved = [m.visit for m in self.modules] + [self.runner.start]
+    self.runner.start = self._wrap(self.runner.start, "prefill",
+                                   lambda runner, requests, *a, **k: len(requests))
+    for m in self.modules:
+      m.visit = self._visit(m.visit)
     return self
 
   def __exit__(self, *exc):
-    del self.engine._start  # back to the class's method
-    self.decoding.visit = self.saved
+    *visits, self.runner.start = self.saved
+    for m, visit in zip(self.modules, visits):
+      m.visit = visit
 
   def report(self, job_s: float) -> dict:
     out = {}
@@ -159,6 +162,18 @@ class PhaseTimes:
     return out
 
 
+BATCHING = ("static", "continuous")
+
+
+def generate(engine, requests, batching: str, **kw):
+  """The engine's generate (continuous batching), or static batching (sparsex_jax/research/baselines.py)."""
+  if batching not in BATCHING:
+    raise ValueError(f"--batching must be among {BATCHING}, got {batching!r}")
+  if batching == "static":
+    return baselines.generate_static(engine, requests, **kw)
+  return engine.generate(requests, **kw)
+
+
 def run_job(engine, requests, passages, batching: str, reuse) -> dict:
   engine.clear_caches()
   engine.cache_segments(passages, batch_size=4)
@@ -169,7 +184,7 @@ def run_job(engine, requests, passages, batching: str, reuse) -> dict:
   compile_time = compile_cache.stats()
   with PhaseTimes(engine) as phases:
     t0 = time.perf_counter()
-    outs = engine.generate(requests, reuse=reuse, batching=batching, on_error="return")
+    outs = generate(engine, requests, batching, reuse=reuse, on_error="return")
     seconds = time.perf_counter() - t0
   errors = [o.error for o in outs if o.error is not None]
   ttft = np.array([o.stats.first_token_s for o in outs if o.error is None])
@@ -273,13 +288,12 @@ def profile_prefill_group(results: dict, args, cfg, engine, requests, passages, 
   """One admission group of the job (`--profile-prefill` requests, prefill and first token):
   its time against the FLOP floor at the matmul rate measured here, and the GPU kernels that
   take its time (jax.profiler; scripts/profile_prefill.py reads the trace)."""
-  import profile_prefill
   n = args.profile_prefill
   group = [sx.Request(r.segments, id=r.id, sampling=sx.SamplingParams(
       max_new_tokens=1, ignore_eos=True, seed=i)) for i, r in enumerate(requests[:n])]
   engine.clear_caches()
   engine.cache_segments(passages, batch_size=4)
-  run = lambda: engine.generate(group, reuse=reuse, batching="static")  # noqa: E731
+  run = lambda: baselines.generate_static(engine, group, reuse=reuse)  # noqa: E731
   run()  # compile
   times = []
   for _ in range(3):
@@ -293,7 +307,7 @@ def profile_prefill_group(results: dict, args, cfg, engine, requests, passages, 
   trace_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "prefill_trace")
   with jax.profiler.trace(trace_dir):
     run()
-  totals, example = profile_prefill.kernel_times(trace_dir)
+  totals, example = profiling.kernel_times(trace_dir)
   kernel_ms = sum(totals.values()) / 1e3
   top = sorted(totals.items(), key=lambda kv: -kv[1])[:args.profile_top]
   results["prefill_profile"] = {
@@ -388,12 +402,10 @@ _PER_LAYER: dict = {}
 
 
 def per_layer_params(params):
-  """The stacked layers as a list of per-layer pytrees (a one-time copy, kept for the run)."""
-  if "layers" not in _PER_LAYER:
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    _PER_LAYER["layers"] = [jax.tree.map(lambda w, i=i: jnp.array(w[i]), params["layers"])
-                            for i in range(n)]
-  return _PER_LAYER["layers"]
+  """baselines.per_layer_params (a one-time copy of the layer weights, kept for the run)."""
+  if "params" not in _PER_LAYER:
+    _PER_LAYER["params"] = baselines.per_layer_params(params)
+  return _PER_LAYER["params"]
 
 
 def decode_rows(layout, batch: int, context: int, steps: int, pool_pages: int):
@@ -432,7 +444,7 @@ def bench_decode_step(results: dict, args, cfg):
         rows = decode_rows(layout, batch, context, steps, layout.num_pages)
         step_params, program_loop = params, loop
         if loop == "per_layer":  # layers as separate arrays: nothing to slice (a weight copy)
-          step_params, program_loop = dict(params, layers=per_layer_params(params)), "scan"
+          step_params, program_loop = per_layer_params(params), "scan"
         t0 = time.perf_counter()
         compiled = decode_loop.lower(engine.pool, step_params, rows, np.int32(1), cfg=cfg,
                                      steps=steps, layer_loop=program_loop).compile()

@@ -3,16 +3,14 @@
     request -> tokenize -> acquire (KV store) -> plan (planner) -> prefill (device) -> commit
             -> sample -> decode (device loops) -> release
 
-Batching (scheduler.py): "continuous" (default) keeps a running batch whose finished rows are
-refilled between device decode loops; "static" runs batch after batch to the end.
-
-Host bookkeeping lives in sparsex_jax/kv (allocator, caches, store), planning in planner.py, reuse
-methods in reuse/, device programs in sparsex_jax/programs; this file only wires them.
+generate() is continuous batching, a loop of schedule -> run -> update: the Scheduler
+(scheduler.py, host only) says who is prefilled, decoded and released, the StepRunner (step_runner.py)
+does each step's device work. Host bookkeeping lives in sparsex_jax/kv, planning in planner.py,
+reuse methods in reuse/, device programs in sparsex_jax/programs; this file only wires them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -22,23 +20,18 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig, get_config
-from sparsex_jax.programs.kernels import resolve_backend
 from sparsex_jax import decoding, planner, scheduler, sharding
-from sparsex_jax.api import Request, RequestOutput, RequestStats, Segment
-from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
-from sparsex_jax.kv import KVStore, Leases, PoolLayout, persist
+from sparsex_jax.api import Request, RequestOutput, Segment
+from sparsex_jax.kv import KVStore, PoolLayout, persist
 from sparsex_jax.kv.segment_cache import segment_key
-from sparsex_jax.planner import NEW, RequestPlan
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
-from sparsex_jax.validation import is_int
-from sparsex_jax.reuse import ReuseConfig, ReuseMethod, ReusePolicy
 from sparsex_jax.programs import KVPool
-from sparsex_jax.programs.copy import copy_slots
-from sparsex_jax.programs.decode import LAYER_LOOPS
-from sparsex_jax.programs.prefill import PrefillBatch, PrefillOutput, prefill
-from sparsex_jax.sampling import SamplingParams, resolve_stop_ids, sample_step
-
-BATCHING = ("continuous", "static")
+from sparsex_jax.programs.kernels import resolve_backend
+from sparsex_jax.reuse import ReuseConfig, ReuseMethod
+from sparsex_jax.sampling import SamplingParams
+from sparsex_jax.scheduler import ScheduledRequest
+from sparsex_jax.step_runner import StepRunner, prefill_alone, prefill_and_commit
+from sparsex_jax.validation import is_int
 
 
 class Engine:
@@ -51,16 +44,13 @@ class Engine:
   def __init__(self, config: ModelConfig, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
                max_batch_size: int = 16, attention_backend: str = "auto",
-               steps_per_visit: int = decoding.STEPS_PER_VISIT, decode_layer_loop: str = "scan",
-               mesh=None, namespace: str = ""):
-    """max_batch_size: requests per batch (static) or rows of the running batch (continuous).
-    steps_per_visit: decode steps per device loop (per host visit). decode_layer_loop: "scan",
-    "unrolled" or "per_layer" (the decode program's layer loop; programs/decode.py).
-    mesh: None (one device) or a ("data", "tensor") jax Mesh (sharding.make_mesh(tp)): weights
-    Megatron-style and the KV pool by KV heads over "tensor" (docs/SHARDING.md). num_pages and
-    kv_pool_bytes are the whole pool's, summed over the tensor axis.
-    namespace: the segment-cache namespace of requests that name none (Request.namespace);
-    segments cached under one namespace are never reused or seen under another."""
+               steps_per_visit: int = decoding.STEPS_PER_VISIT, mesh=None, namespace: str = ""):
+    """max_batch_size: rows of the running batch. steps_per_visit: decode steps per device loop
+    (per host visit). mesh: None (one device) or a ("data", "tensor") jax Mesh
+    (sharding.make_mesh(tp)): weights Megatron-style and the KV pool by KV heads over "tensor"
+    (docs/SHARDING.md). num_pages and kv_pool_bytes are the whole pool's, summed over the tensor
+    axis. namespace: the cache namespace of requests that name none (Request.namespace): what is
+    cached under one namespace is never reused or seen under another (docs/SECURITY.md)."""
     if not isinstance(namespace, str):
       raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
     self.namespace = namespace
@@ -70,20 +60,9 @@ class Engine:
       raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     if not is_int(steps_per_visit) or steps_per_visit < 1:
       raise ValueError(f"steps_per_visit must be an int >= 1, got {steps_per_visit!r}")
-    if decode_layer_loop not in LAYER_LOOPS:
-      raise ValueError(f"decode_layer_loop must be one of {LAYER_LOOPS}, got "
-                       f"{decode_layer_loop!r}")
-    self.steps_per_visit, self.decode_layer_loop = int(steps_per_visit), decode_layer_loop
+    self.steps_per_visit = int(steps_per_visit)
     if mesh is not None:
       params = sharding.shard_params(params, mesh)
-    # The decode programs' weights. "per_layer" keeps a second copy of the layers as separate
-    # arrays (twice the layer weights' memory): a scan's dynamic slice of the stack may be copied
-    # out before each matmul (scripts/bench_throughput.py counts such copies in the HLO).
-    self.decode_params = params
-    if decode_layer_loop == "per_layer":
-      n = jax.tree.leaves(params["layers"])[0].shape[0]
-      self.decode_params = dict(params, layers=[
-          jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n)])
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
@@ -125,20 +104,13 @@ class Engine:
     """Distinct device programs this engine has run (each compiles once per process)."""
     return len(self.kv.log)
 
-  # ------------------------------------------------------------------------------------------
-  # public API
-  # ------------------------------------------------------------------------------------------
-
   def generate(self, requests: Sequence[Request], sampling: SamplingParams = SamplingParams(),
                reuse: ReuseMethod = ReuseConfig(), *, on_error: str = "raise",
-               batching: str = "continuous",
                on_output: Callable[[int, RequestOutput], object] | None = None
                ) -> list[RequestOutput]:
-    """Prefills and decodes `requests`; outputs in request order.
-
-    batching="continuous" (default): a running batch of max_batch_size rows; a request joins as
-    soon as a row and the pages for its prompt and max_new_tokens are free, and leaves when it
-    stops. "static": batches of max_batch_size, each run to its last token before the next.
+    """Prefills and decodes `requests`; outputs in request order. Continuous batching: a running
+    batch of max_batch_size rows; a request joins as soon as a row and the pages for its prompt
+    and max_new_tokens are free, and leaves when it stops.
 
     The whole job is validated before any device work. A request that cannot run (bad input, too
     big for the pool, a failure while its batch runs) is isolated: with on_error="raise" a
@@ -149,36 +121,32 @@ class Engine:
     order they finish, before generate returns: a job can write results as they come. What it
     raises ends the job (everything held is released) and propagates.
     """
-    if batching not in BATCHING:
-      raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     t_job = time.perf_counter()
     policy = reuse.resolve(self.config)
     requests = list(requests)
     outputs = scheduler.Outputs(len(requests), on_error, on_output)
-    jobs = []
+    todo = []
     for i, request in enumerate(requests):
       try:
         sp = getattr(request, "sampling", None) or sampling
         prompt = tokenize(request, self.tokenizer, self.config, sp.max_new_tokens, self.namespace)
-        jobs.append(scheduler.Job(i, request.id, prompt, sp))
+        todo.append(ScheduledRequest(i, request.id, prompt, sp))
       except (ValueError, TypeError) as e:
         outputs.fail(i, getattr(request, "id", None), e)
-    prepare = None
-    if self._disk is not None and policy.reads_segment_cache:
-      prepare = lambda chunk: self._disk.load_for([j.prompt for j in chunk])  # noqa: E731
-
-    if batching == "continuous":
-      self._run_continuous(jobs, policy, outputs, prepare, t_job)
+    if not todo:
       return list(outputs)
-
-    def run_batch(chunk, leases):
-      done = self._generate_batch(chunk, leases, policy, t_job)
-      if self._disk is not None:  # per batch: a later batch may evict what this one added
-        self._disk.autosave()
-      return done
-
-    scheduler.run(self.store, jobs, policy, self.max_batch_size, outputs, run_batch,
-                  self.kv.recover, prepare)
+    runner = StepRunner(self, policy, todo, t_job)
+    sched = scheduler.Scheduler(self.store, policy, runner.batch.n_rows,
+                                steps_per_visit=self.steps_per_visit, prepare=runner.prepare)
+    for r in todo:
+      sched.add_request(r)
+    try:
+      while sched.has_work:
+        step = sched.schedule()
+        outputs.record(step.failed)
+        outputs.record(sched.update(step, runner.run(step)))
+    finally:  # on_error="raise" (or an interrupt) ends the job: give back whatever is held
+      sched.close()
     return list(outputs)
 
   def chat_request(self, messages, *, id=None, sampling: SamplingParams | None = None,  # noqa: A002
@@ -193,10 +161,6 @@ class Engine:
     """`request` tokenized as generate() will see it (checked against the vocabulary and the
     context with room for max_new_tokens)."""
     return tokenize(request, self.tokenizer, self.config, max_new_tokens, self.namespace)
-
-  # ------------------------------------------------------------------------------------------
-  # the segment cache on disk (sparsex_jax/kv/persist.py)
-  # ------------------------------------------------------------------------------------------
 
   def use_cache_dir(self, path, save: bool = True, *, key: str | bytes | None = None,
                     strict: bool = False) -> persist.SegmentDiskCache:
@@ -229,8 +193,8 @@ class Engine:
     prompt = tokenize(request, self.tokenizer, self.config, 0, self.namespace)
     if self._disk is not None and policy.reads_segment_cache:
       self._disk.load_for([prompt])
-    with self.store.acquire([prompt], policy, 0) as leases, self._recovering():
-      plans, out, _ = self._prefill([prompt], leases, policy)
+    with self.store.acquire([prompt], policy, 0) as leases, self.kv.recovering():
+      plans, out, _ = prefill_and_commit(self, [prompt], leases, policy)
       logits = np.asarray(out.logits[0], np.float32)
     if self._disk is not None:
       self._disk.autosave()
@@ -249,30 +213,14 @@ class Engine:
       raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     todo, seen = [], set()
     for s in segments:
-      seg = s if isinstance(s, Segment) else Segment(s)
-      ids = check_prompt(self.config, segment_ids(seg, self.tokenizer))
-      key = ids.tobytes()
-      if key in seen or self.store.contains_segment(ids, namespace):
-        continue
-      if self.disk_cache is not None and segment_key(ids, namespace) in self.disk_cache:
-        continue  # on disk: loaded when a request needs it
-      seen.add(key)
+      ids = check_prompt(self.config, segment_ids(s if isinstance(s, Segment) else Segment(s),
+                                                  self.tokenizer))
+      if ids.tobytes() in seen or self.store.contains_segment(ids, namespace) or (
+          self.disk_cache is not None and segment_key(ids, namespace) in self.disk_cache):
+        continue  # cached, or on disk (loaded when a request needs it)
+      seen.add(ids.tobytes())
       todo.append(Prompt((ids,), (True,), namespace))
-    full = ReuseConfig("full").resolve(self.config)
-    i = 0
-    while i < len(todo):  # like generate: a batch the pool cannot hold is halved
-      head = todo[i:i + batch_size]
-      size, leases, error = scheduler.lease_largest(self.store, head, full, [0] * len(head))
-      if leases is None:
-        raise error
-      chunk = todo[i:i + size]
-      with leases, self._recovering():
-        self._prefill(chunk, leases, full)
-        for prompt, lease in zip(chunk, leases):
-          self.store.keep_alone(prompt, lease)
-      i += size
-      if self._disk is not None:
-        self._disk.autosave()
+    prefill_alone(self, todo, ReuseConfig("full").resolve(self.config), batch_size)
     return len(todo)
 
   def clear_caches(self) -> int:
@@ -280,130 +228,10 @@ class Engine:
     return self.store.clear()
 
   def stats(self, namespace: str | None = None) -> dict:
-    """The engine's counters over every namespace (the operator's view); with a namespace, only
-    that namespace's segment-cache entries (what a caller of that namespace may be shown)."""
+    """KVStore.stats (every namespace, or only `namespace`'s entries) and the compilations."""
     if namespace is not None:
-      return {"segment_cache": self.store.segment_cache.stats(self.layout.bytes_per_page,
-                                                              namespace)}
+      return self.store.stats(namespace)
     return self.store.stats() | {"compilations": self.num_compilations}
-
-  @contextlib.contextmanager
-  def _recovering(self):
-    """On any failure, leaves a valid pool behind (and caches that match it)."""
-    try:
-      yield
-    except BaseException:
-      self.kv.recover()
-      raise
-
-  # ------------------------------------------------------------------------------------------
-  # the steps
-  # ------------------------------------------------------------------------------------------
-
-  def _prefill(self, prompts: list[Prompt], leases: Leases, policy: ReusePolicy
-               ) -> tuple[list[RequestPlan], PrefillOutput, PrefillBatch]:
-    """Plans, runs the prefill program and commits the caches."""
-    plans = [planner.plan_request(p, lease, policy, self.layout)
-             for p, lease in zip(prompts, leases)]
-    batch, spec = planner.plan_batch(plans, policy, self.config, self.layout,
-                                     self.attention_backend)
-    out = self.kv.run(prefill, self.params, batch, cfg=self.config, spec=spec)
-    with self.store.commit(prompts, plans, policy) as copies:
-      if copies:
-        src, dst = planner.pad_copies(copies.src_slots, copies.dst_slots, self.layout)
-        self.kv.run(copy_slots, src, dst)
-    return plans, out, batch
-
-  def _sampling_rows(self, jobs: list[scheduler.Job], b: int):
-    """temperature, top_p, seeds [b] of a padded batch. A request's seed is its own: never its
-    row or batch."""
-    temperature, top_p, seeds = (np.zeros(b, np.float32), np.ones(b, np.float32),
-                                 np.zeros(b, np.uint32))
-    for i, job in enumerate(jobs):
-      temperature[i], top_p[i], seeds[i] = (job.sampling.temperature, job.sampling.top_p,
-                                            job.sampling.seed)
-    return temperature, top_p, seeds
-
-  def _stops(self, job: scheduler.Job) -> frozenset[int]:
-    return resolve_stop_ids(job.sampling, getattr(self.tokenizer, "stop_ids", ()))
-
-  def _start(self, jobs: list[scheduler.Job], leases, policy: ReusePolicy, t_job: float
-             ) -> tuple[list[DecodingRequest], np.ndarray, tuple[np.ndarray, ...],
-                        list[RequestPlan], PrefillBatch]:
-    """Prefill and first token of a batch: (sequences, first tokens, sampling rows, plans,
-    prefill batch). Each sequence's payload holds its output's account."""
-    start = time.perf_counter()
-    plans, out, batch = self._prefill([j.prompt for j in jobs], leases, policy)
-    rows = self._sampling_rows(jobs, out.logits.shape[0])
-    first = np.asarray(sample_step(out.logits, *rows, 0))
-    now = time.perf_counter()
-    scores, selected = np.asarray(out.scores), np.asarray(out.selected)
-    seqs = []
-    for i, (job, plan) in enumerate(zip(jobs, plans)):
-      account = planner.describe(plan, scores[i], selected[i], policy)
-      seqs.append(DecodingRequest(job, [int(first[i])], self._stops(job),
-                                  job.sampling.max_new_tokens,
-                                  payload=(plan, account, now - start, now - t_job)))
-    return seqs, first, rows, plans, batch
-
-  def _output(self, seq: DecodingRequest, result: tuple[list[int], str] | None = None
-              ) -> RequestOutput:
-    """A finished sequence's output; `result`: its (tokens, finish reason) if not seq.result()."""
-    job, (plan, account, ttft, first_token_s) = seq.key, seq.payload
-    tokens, reason = result or seq.result()
-    stats = RequestStats(
-        ttft_s=ttft, first_token_s=first_token_s, n_prompt=plan.n, n_exact=plan.n_exact,
-        n_reused=plan.n_reused, n_new=int(np.sum(plan.labels == NEW)),
-        n_recomputed=account.selected_positions.size, n_generated=len(tokens),
-        compilations=self.num_compilations)
-    text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
-    return RequestOutput(text=text, token_ids=tokens, stats=stats, finish_reason=reason,
-                         request_id=job.request_id, prefill=account)
-
-  def _generate_batch(self, jobs: list[scheduler.Job], leases: Leases, policy: ReusePolicy,
-                      t_job: float) -> list[RequestOutput]:
-    """Static batching: one batch prefilled, then decoded until every row stops."""
-    seqs, first, (temperature, top_p, seeds), plans, batch = self._start(jobs, leases, policy,
-                                                                         t_job)
-    generated = decoding.decode(
-        self.kv, self.decode_params, self.config, self.layout, first, [p.n for p in plans],
-        batch.page_table, max_new_tokens=[j.sampling.max_new_tokens for j in jobs],
-        stops=[seq.stops for seq in seqs], temperature=temperature, top_p=top_p, seeds=seeds,
-        backend=self.attention_backend, steps_per_visit=self.steps_per_visit,
-        layer_loop=self.decode_layer_loop)
-    return [self._output(seq, result) for seq, result in zip(seqs, generated)]
-
-  def _run_continuous(self, jobs: list[scheduler.Job], policy: ReusePolicy,
-                      outputs: scheduler.Outputs, prepare, t_job: float) -> None:
-    """Continuous batching over one running batch, fixed for the job: rows (a bucket of
-    min(max_batch_size, requests)), page-table width and stop width, so its decode loop compiles
-    once per job."""
-    if not jobs:
-      return
-    rows = planner.bucket(min(self.max_batch_size, len(jobs)), minimum=1)
-    max_pages = planner.bucket(max(self.layout.pages_for(j.prompt.token_ids.size
-                                                         + max(j.sampling.max_new_tokens, 1))
-                                   for j in jobs), minimum=4)
-    batch = RunningBatch(rows, max_pages, stop_width([self._stops(j) for j in jobs]), self.layout)
-
-    def start(admitted, leases):
-      seqs, _, (temperature, top_p, seeds), plans, _ = self._start(admitted, leases, policy,
-                                                                   t_job)
-      if self._disk is not None:  # as static batching: saved before a later prefill can evict
-        self._disk.autosave()
-      for i, (seq, plan) in enumerate(zip(seqs, plans)):  # every device step is done: join
-        if not seq.done:
-          batch.join(seq, plan.n, plan.page_table, temperature=float(temperature[i]),
-                     top_p=float(top_p[i]), seed=int(seeds[i]))
-      return seqs
-
-    def visit(min_active):
-      decoding.visit(self.kv, self.decode_params, self.config, batch,
-                     steps_per_visit=self.steps_per_visit, min_active=min_active,
-                     backend=self.attention_backend, layer_loop=self.decode_layer_loop)
-
-    scheduler.run_continuous(self.store, jobs, policy, batch, outputs, start, self._output,
-                             visit, self.kv.recover, prepare)
 
 
 def _cpu_only() -> bool:

@@ -1,35 +1,43 @@
-"""Scheduling a job: validated requests in, outputs out, failures isolated. Two ways:
+"""The scheduler of continuous batching: who is prefilled, decoded and released at each step.
 
-- static (`run`): requests are taken in order; a batch is as large as `max_batch_size` allows and
-  halves until the KV store can lease it; it is prefilled and decoded to its last token before the
-  next batch starts. A request that fits nowhere fails alone. A batch that fails while it runs is
-  retried one request at a time, so an error is charged to the request that causes it and every
-  other request still runs.
-- continuous (`run_continuous`): a running batch of fixed rows; between two device decode loops,
-  finished requests leave (their pages are released) and waiting requests, in order, are
-  admitted into the free rows (leased, prefilled together, then decoded with the others; a group
-  stops at a padded size, `admission_limit`).
+Host side, no jax. The engine's loop is
 
-Host side, no jax: the device work is the caller's callbacks.
+    while scheduler.has_work:
+      step = scheduler.schedule()             # a typed Step: admissions with leases, decode
+      results = engine._run(step)             # the device work (prefill, sampling, decode loops)
+      scheduler.update(step, results)         # finished and failed requests, pages released
+
+The scheduler owns the requests (waiting, running, finished, failed) and their KV leases; the
+engine owns the running batch's rows on the device. Requests may be added between any two steps
+(`add_request`).
+
+Admission is by pages: a request is admitted when the KV store can lease its prompt and
+max_new_tokens pages (evicting cached pages nobody holds), so a running request never runs out of
+pages. Requests are admitted in order; one that cannot be leased waits for running requests to
+finish, and one that cannot be leased with nothing running (nothing left to free) fails alone. A
+group of admissions stops at a padded size (`admission_limit`).
+
+Failures are isolated per request: a prefill that fails charges its request, or, for a group,
+marks each of its requests "solo" (retried alone: admitted only into an empty batch, nothing joins
+it); a decode loop that fails charges its only request, or makes every running request solo. A lost
+pool restarts the running requests from their prompts (their K/V went with it; seeded sampling
+gives the same tokens again).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from sparsex_jax.api import RequestError, RequestOutput
-from sparsex_jax.kv import KVStore, Leases, PoolExhausted
+from sparsex_jax.kv import KVStore, Lease, Leases, PoolExhausted
 from sparsex_jax.planner import largest_bucket_within
 from sparsex_jax.prompt import Prompt
-from sparsex_jax.reuse import ReusePolicy
 from sparsex_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
-  from sparsex_jax.batching import RunningBatch
-  from sparsex_jax.batching import DecodingRequest
-  from sparsex_jax.kv.store import Lease
+  from sparsex_jax.reuse import ReusePolicy
 
 ON_ERROR = ("raise", "return")
 # Continuous batching ends a device loop early, to admit waiting requests, once this fraction of
@@ -60,13 +68,195 @@ def admission_limit(n_free: int, n_running: int, n_rows: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
-  """One validated request of a generate() call."""
+class ScheduledRequest:
+  """One validated request: what the scheduler admits, and the engine prefills and decodes."""
 
-  index: int  # position in the call's request list
+  index: int  # the caller's handle, unique per scheduler (generate(): position in its list)
   request_id: str | int | None
   prompt: Prompt
   sampling: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """A request that left the scheduler: its output, or the error that failed it."""
+
+  request: ScheduledRequest
+  output: RequestOutput | None = None
+  error: BaseException | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """What the engine does in one step, in this order.
+
+  drop: running requests whose rows the engine empties first (requeued or failed by the last
+    update; their leases are already released).
+  failed: requests that failed admission in this step (never leased): report them.
+  prefill, leases: requests to prefill together, one lease each; those not done at their first
+    token join the running rows.
+  decode_steps: then one device decode loop of at most this many steps over every running row
+    (0: none this step).
+  stop_after: end that loop early once this many of its rows have finished, so that waiting
+    requests get the rows (0: never early).
+  """
+
+  drop: tuple[int, ...] = ()
+  failed: tuple[Completion, ...] = ()
+  prefill: tuple[ScheduledRequest, ...] = ()
+  leases: tuple[Lease, ...] = ()
+  decode_steps: int = 0
+  stop_after: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  """What the engine reports of a step.
+
+  finished: (index, output) of the requests that stopped in the step (at their first token or in
+    the decode loop), in the order they stopped.
+  prefill_error: the prefill failed (nothing of it joined; no decode loop ran).
+  decode_error: the decode loop failed (no row advanced).
+  pool_lost: recovering from the error replaced the device pool: every running request's K/V is
+    gone.
+  """
+
+  finished: tuple[tuple[int, RequestOutput], ...] = ()
+  prefill_error: Exception | None = None
+  decode_error: Exception | None = None
+  pool_lost: bool = False
+
+
+class Scheduler:
+  """Continuous batching over `n_rows` rows of a running batch, leasing from `store`.
+
+  prepare(request), if given, runs before a request's cache lookups (the engine loads its
+  segments from a disk cache there); what it raises propagates.
+  """
+
+  def __init__(self, store: KVStore, policy: "ReusePolicy", n_rows: int, *,
+               steps_per_visit: int, prepare: Callable[[ScheduledRequest], object] | None = None):
+    if n_rows < 1 or steps_per_visit < 1:
+      raise ValueError(f"n_rows and steps_per_visit must be >= 1, got {n_rows}, "
+                       f"{steps_per_visit}")
+    self.store, self.policy, self.n_rows = store, policy, int(n_rows)
+    self.steps_per_visit, self.prepare = int(steps_per_visit), prepare
+    self.waiting: collections.deque[tuple[ScheduledRequest, bool]] = collections.deque()
+    self.running: dict[int, ScheduledRequest] = {}  # admitted, not yet finished or failed
+    self.finished: dict[int, RequestOutput] = {}
+    self.failed: dict[int, BaseException] = {}
+    self._leases: dict[int, Leases] = {}  # running index -> its leases
+    self._solo: set[int] = set()  # running indices that run alone
+    self._drop: list[int] = []  # rows the engine empties at the next step
+    self._known: set[int] = set()
+    self._in_flight: Step | None = None  # scheduled, not yet updated
+
+  @property
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running or self._drop)
+
+  def add_request(self, request: ScheduledRequest) -> None:
+    """Queues a request behind the waiting ones; callable between any two steps."""
+    if request.index in self._known:
+      raise ValueError(f"request index {request.index} was already added")
+    self._known.add(request.index)
+    self.waiting.append((request, False))
+
+  def schedule(self) -> Step:
+    """The next step; its admitted requests hold their leases from now on. Every step must be
+    given back to update() before the next is scheduled."""
+    if self._in_flight is not None:
+      raise RuntimeError("schedule() called again before update() of the last step")
+    drop, self._drop = tuple(self._drop), []
+    failed: list[Completion] = []
+    group: list[ScheduledRequest] = []
+    limit = admission_limit(self.n_rows - len(self.running), len(self.running), self.n_rows)
+    while self.waiting and len(group) < limit and not self._solo:
+      request, alone = self.waiting[0]
+      if alone and self.running:  # a solo request waits for an empty batch
+        break
+      if self.prepare is not None:
+        self.prepare(request)
+      try:
+        leases = self.store.acquire([request.prompt], self.policy,
+                                    [request.sampling.max_new_tokens])
+      except PoolExhausted as e:
+        if self.running:
+          break  # waits for running requests to give pages back
+        self.waiting.popleft()
+        failed.append(self._fail(request, e))  # nothing else holds pages: it can never fit
+        continue
+      except ValueError as e:  # larger than the whole pool
+        self.waiting.popleft()
+        failed.append(self._fail(request, e))
+        continue
+      self.waiting.popleft()
+      self.running[request.index] = request
+      self._leases[request.index] = leases
+      group.append(request)
+      if alone:
+        self._solo.add(request.index)
+        break
+    stop_after = refill_rows(self.n_rows) if self.waiting and not self._solo else 0
+    self._in_flight = Step(drop=drop, failed=tuple(failed), prefill=tuple(group),
+                           leases=tuple(self._leases[r.index][0] for r in group),
+                           decode_steps=self.steps_per_visit if self.running else 0,
+                           stop_after=stop_after)
+    return self._in_flight
+
+  def update(self, step: Step, result: StepResult) -> list[Completion]:
+    """Takes a step's results; returns the requests that finished or failed in it, in order."""
+    if step is not self._in_flight:
+      raise ValueError("update() of a step that is not the one last scheduled")
+    self._in_flight = None
+    done: list[Completion] = []
+    if result.prefill_error is not None:
+      for request in step.prefill:
+        self._release(request.index)
+      if result.pool_lost:
+        self._requeue_running(solo=False)
+      if len(step.prefill) == 1:
+        done.append(self._fail(step.prefill[0], result.prefill_error))
+      else:  # which of them failed is unknown: each is retried alone
+        for request in reversed(step.prefill):
+          self.waiting.appendleft((request, True))
+      return done
+    for index, output in result.finished:
+      request = self._release(index)
+      self.finished[index] = output
+      done.append(Completion(request, output=output))
+    if result.decode_error is not None:
+      if len(self.running) == 1:
+        index = next(iter(self.running))
+        self._drop.append(index)
+        done.append(self._fail(self._release(index), result.decode_error))
+      else:
+        self._requeue_running(solo=True)
+    return done
+
+  def close(self) -> None:
+    """Gives back every lease held (a job that ends early: an error raised, an interrupt)."""
+    for leases in self._leases.values():
+      leases.release()
+    self._leases.clear()
+    self.running.clear()
+    self._solo.clear()
+    self._in_flight = None
+
+  def _release(self, index: int) -> ScheduledRequest:
+    self._leases.pop(index).release()
+    self._solo.discard(index)
+    return self.running.pop(index)
+
+  def _fail(self, request: ScheduledRequest, error: BaseException) -> Completion:
+    self.failed[request.index] = error
+    return Completion(request, error=error)
+
+  def _requeue_running(self, solo: bool) -> None:
+    """Every running request back to the front of the queue, in index order."""
+    for index in sorted(self.running, reverse=True):
+      self._drop.append(index)
+      self.waiting.appendleft((self._release(index), solo))
 
 
 class Outputs(list):
@@ -87,6 +277,13 @@ class Outputs(list):
     if self.on_output is not None and output is not None:
       self.on_output(index, output)
 
+  def record(self, completions: Iterable[Completion]) -> None:
+    for c in completions:
+      if c.error is None:
+        self[c.request.index] = c.output
+      else:
+        self.fail(c.request.index, c.request.request_id, c.error)
+
   def fail(self, index: int, request_id, cause) -> None:
     """"raise": a RequestError carrying what finished so far; "return": an error output."""
     error = RequestError(index, request_id, cause, list(self))
@@ -95,7 +292,7 @@ class Outputs(list):
     self[index] = RequestOutput.failed(request_id, str(error))
 
 
-def lease_largest(store: KVStore, prompts: Sequence[Prompt], policy: ReusePolicy,
+def lease_largest(store: KVStore, prompts: Sequence[Prompt], policy: "ReusePolicy",
                   max_new_tokens: Sequence[int], before: Callable[[int], object] | None = None
                   ) -> tuple[int, Leases | None, Exception | None]:
   """Leases the first `size` prompts, halving size until the pool holds them:
@@ -111,164 +308,3 @@ def lease_largest(store: KVStore, prompts: Sequence[Prompt], policy: ReusePolicy
       if size == 1:
         return 1, None, e
       size //= 2
-
-
-def batches(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size: int,
-            outputs: Outputs, prepare: Callable[[list[Job]], object] | None = None
-            ) -> Iterator[tuple[list[Job], Leases]]:
-  """Batches that fit the pool, with their leases (release them with `with`). `prepare(chunk)`
-  runs before a chunk's lookups (the engine loads its segments from a disk cache there). A
-  request that fits nowhere fails alone."""
-  i = 0
-  while i < len(jobs):
-    head = list(jobs[i:i + max_batch_size])
-    size, leases, error = lease_largest(
-        store, [j.prompt for j in head], policy, [j.sampling.max_new_tokens for j in head],
-        None if prepare is None else lambda n: prepare(head[:n]))
-    if leases is None:
-      outputs.fail(head[0].index, head[0].request_id, error)
-    else:
-      yield head[:size], leases
-    i += size
-
-
-def run(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy, max_batch_size: int,
-        outputs: Outputs, run_batch: Callable[[list[Job], Leases], list[RequestOutput]],
-        recover: Callable[[], object], prepare: Callable[[list[Job]], object] | None = None
-        ) -> None:
-  """Runs every job; `recover` restores the device state after a failed batch."""
-  for chunk, leases in batches(store, jobs, policy, max_batch_size, outputs, prepare):
-    try:
-      with leases:
-        done = run_batch(chunk, leases)
-    except Exception as e:  # pylint: disable=broad-except
-      recover()
-      if len(chunk) == 1:
-        outputs.fail(chunk[0].index, chunk[0].request_id, e)
-      else:
-        for job in chunk:
-          run(store, [job], policy, 1, outputs, run_batch, recover, prepare)
-      continue
-    for job, out in zip(chunk, done):
-      outputs[job.index] = out
-
-
-def run_continuous(store: KVStore, jobs: Sequence[Job], policy: ReusePolicy,
-                   batch: "RunningBatch", outputs: Outputs,
-                   start: Callable[[list[Job], list["Lease"]], list["DecodingRequest"]],
-                   finish: Callable[["DecodingRequest"], RequestOutput],
-                   visit: Callable[[int], object], recover: Callable[[], bool],
-                   prepare: Callable[[list[Job]], object] | None = None) -> None:
-  """Runs every job through a running batch (continuous batching).
-
-  start(jobs, leases): prefills the admitted jobs and samples their first tokens; the sequences
-    that are not done join `batch` (start does every device step before the first join, so a
-    failure leaves the batch as it was). finish(seq): a done sequence's output.
-  visit(min_active): one device decode loop over `batch`; it may end early once fewer than
-    min_active rows still run, so that waiting requests get the rows.
-  recover(): restores the device state after a failure; True when the pool (and with it every
-    running request's K/V) was lost.
-
-  Admission is by pages: a request is admitted when the KV store can lease its prompt and
-  max_new_tokens pages (evicting cached pages nobody holds), so a running request never runs out
-  of pages. Requests are admitted in order; one that cannot be leased waits for running requests
-  to finish, and one that cannot be leased with nothing running (nothing left to free) fails alone.
-
-  Failures: a prefill that fails charges its request, or, for a group, marks each of its requests
-  "solo" (retried alone: admitted only into an empty batch, nothing joins it); a decode loop that
-  fails charges its only request, or makes every running request solo. A lost pool restarts the
-  running requests from their prompts (their K/V went with it; seeded sampling gives the same
-  tokens again).
-  """
-  waiting = collections.deque((job, False) for job in jobs)  # (job, solo)
-  held: dict[int, Leases] = {}  # job index -> its leases, from admission to release
-  solo: set[int] = set()  # indices of running jobs that run alone
-
-  def release(job: Job) -> None:
-    held.pop(job.index).release()
-    solo.discard(job.index)
-
-  def done(seq) -> None:
-    outputs[seq.key.index] = finish(seq)
-    release(seq.key)
-
-  def requeue_running(as_solo: bool) -> None:
-    seqs = [batch.leave(r) for r, s in enumerate(batch.requests) if s is not None]
-    for seq in sorted(seqs, key=lambda q: q.key.index, reverse=True):
-      release(seq.key)
-      waiting.appendleft((seq.key, as_solo))
-
-  def fail(job: Job, error) -> None:
-    outputs.fail(job.index, job.request_id, error)
-
-  try:
-    while waiting or batch.n_running:
-      group: list[tuple[Job, bool]] = []
-      limit = admission_limit(batch.n_free, batch.n_running, batch.n_rows)
-      while waiting and len(group) < limit and not solo:
-        job, alone = waiting[0]
-        if alone and (batch.n_running or group):
-          break
-        if prepare is not None:
-          prepare([job])
-        try:
-          leases = store.acquire([job.prompt], policy, [job.sampling.max_new_tokens])
-        except PoolExhausted as e:
-          if batch.n_running or group:
-            break  # waits for running requests to give pages back
-          waiting.popleft()
-          fail(job, e)  # nothing else holds pages: it can never be leased
-          continue
-        except ValueError as e:  # larger than the whole pool
-          waiting.popleft()
-          fail(job, e)
-          continue
-        waiting.popleft()
-        held[job.index] = leases
-        group.append((job, alone))
-        if alone:
-          solo.add(job.index)
-          break
-      if group:
-        admitted = [job for job, _ in group]
-        try:
-          seqs = start(admitted, [held[job.index][0] for job in admitted])
-        except Exception as e:  # pylint: disable=broad-except
-          for job in admitted:
-            release(job)
-          if recover():
-            requeue_running(as_solo=False)
-          if len(admitted) == 1:
-            fail(admitted[0], e)
-          else:
-            for job in reversed(admitted):
-              waiting.appendleft((job, True))
-          continue
-        for seq in seqs:
-          if seq.done:  # stopped at its first token: it never joins
-            done(seq)
-      if not batch.n_running:
-        continue
-      min_active = 1
-      if waiting and not solo:  # end the loop once REFILL_FRACTION of the rows are free
-        min_active = max(1, batch.n_running - refill_rows(batch.n_rows) + 1)
-      try:
-        visit(min_active)
-      except Exception as e:  # pylint: disable=broad-except
-        recover()
-        if batch.n_running == 1:
-          seq = batch.leave(next(r for r, s in enumerate(batch.requests) if s is not None))
-          release(seq.key)
-          fail(seq.key, e)
-        else:
-          requeue_running(as_solo=True)
-        continue
-      for seq in batch.finished():
-        done(seq)
-  finally:  # on_error="raise" (or an interrupt) ends the job: give back whatever is held
-    for r, seq in enumerate(batch.requests):
-      if seq is not None:
-        batch.leave(r)
-    for leases in held.values():
-      leases.release()
-    held.clear()

@@ -1,6 +1,6 @@
 """Tensor-parallel engine vs the unsharded engine on fake CPU devices (run by test_sharding.py).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharding_check.py [--tp 1 2 4]
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.sharding_check [--tp 1 2 4]
 
 XLA_FLAGS must be set before jax is imported, hence a script in its own process. For each tensor
 parallel degree: prefill logits of every reuse policy (at tp 1: the sparse and prefix ones) equal
@@ -21,7 +21,6 @@ import tempfile
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

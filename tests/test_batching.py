@@ -1,5 +1,5 @@
-"""Continuous batching (scheduler.run_continuous over batching.RunningBatch) against independent
-references: each request generated alone on a fresh engine. Requests arrive, finish and share
+"""Continuous batching (Engine.generate: the Scheduler's steps run over a batching.RunningBatch)
+against independent references: each request generated alone on a fresh engine. Requests arrive, finish and share
 segments at different times; seeded samples do not depend on the batch; the pool's books balance
 after any job (hypothesis)."""
 
@@ -56,11 +56,11 @@ def test_seeded_samples_do_not_depend_on_the_batch():
   alone = _engine(steps_per_visit=32).generate([target])[0].token_ids
   others = [sx.Request([sx.Segment(_ids(4 + i, 20 + i))], sampling=sx.SamplingParams(
       max_new_tokens=2 + 3 * i, temperature=0.7 * i, seed=i, ignore_eos=True)) for i in range(4)]
-  for position, rows, steps, batching in ((3, 2, 3, "continuous"), (4, 4, 1, "continuous"),
-                                          (2, 4, 4, "static")):
+  # 2 and 4 rows (refilled mid-job), and 8 rows (one group of 5 padded to 8)
+  for position, rows, steps in ((3, 2, 3), (4, 4, 1), (2, 8, 4)):
     reqs = others[:position] + [target] + others[position:]
-    outs = _engine(max_batch_size=rows, steps_per_visit=steps).generate(reqs, batching=batching)
-    assert outs[position].token_ids == alone, (position, rows, steps, batching)
+    outs = _engine(max_batch_size=rows, steps_per_visit=steps).generate(reqs)
+    assert outs[position].token_ids == alone, (position, rows, steps)
   assert len(set(map(tuple, [o.token_ids for o in outs]))) == len(outs)
 
 
@@ -79,25 +79,23 @@ def test_a_request_larger_than_the_pool_fails_alone_and_raise_releases_everythin
   assert eng.store.allocator.num_used == 0
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
-def test_on_output_sees_each_request_as_it_finishes_and_its_errors_end_the_job(batching):
+def test_on_output_sees_each_request_as_it_finishes_and_its_errors_end_the_job():
   eng = _engine(max_batch_size=2, steps_per_visit=2)
   lengths = [7, 1, 2, 6]  # through 2 rows: the short second request finishes first
   reqs = [sx.Request([sx.Segment(_ids(5 + i, 700 + i))], id=i, sampling=sx.SamplingParams(
       max_new_tokens=n, ignore_eos=True)) for i, n in enumerate(lengths)]
   seen = []
-  outs = eng.generate(reqs, reuse=sx.ReuseConfig("full"), batching=batching,
+  outs = eng.generate(reqs, reuse=sx.ReuseConfig("full"),
                       on_output=lambda i, out: seen.append((i, out)))
   assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
   assert all(outs[i] is out for i, out in seen)  # the same outputs, as they were set
   assert [len(o.token_ids) for o in outs] == lengths
-  if batching == "continuous":  # completion order, not request order
-    assert [i for i, _ in seen][:2] == [1, 2]
+  assert [i for i, _ in seen][:2] == [1, 2]  # completion order, not request order
 
   def broken(i, out):
     raise OSError("disk full")
   with pytest.raises(OSError, match="disk full"):
-    eng.generate(reqs, reuse=sx.ReuseConfig("full"), batching=batching, on_output=broken)
+    eng.generate(reqs, reuse=sx.ReuseConfig("full"), on_output=broken)
   _clean_pool(eng)  # nothing left pinned or leased
 
 

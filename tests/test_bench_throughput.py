@@ -1,16 +1,24 @@
 """scripts/bench_throughput.py runs end to end on CPU with --smoke, and its report renders."""
 
+import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import bench_throughput  # noqa: E402
+
+def _load_script(name: str):
+  """A script of scripts/ as a module, loaded from its path (sys.path untouched)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+bench_throughput = _load_script("bench_throughput")
 
 
 def test_smoke_run_writes_json_and_the_report_renders(tmp_path):
@@ -67,3 +75,25 @@ def test_output_lengths_stay_in_range_and_loguniform_favours_short_ones():
   assert abs(low - high) < 0.04 and abs(low - 0.25) < 0.03
   with pytest.raises(ValueError, match="--lengths"):
     bench_throughput.output_length(rng, 16, 256, "zipf")
+
+
+def test_static_batching_gives_the_engines_tokens_and_isolates_a_request_too_big():
+  import sparsex_jax as sx
+  from sparsex_jax.research import baselines
+  from tests.test_engine import _engine, _ids
+  eng = _engine(num_pages=12, max_batch_size=2, steps_per_visit=2)  # 11 pages of 4 tokens
+  lengths = [5, 1, 3, 2]
+  reqs = [sx.Request([sx.Segment(_ids(n, n))], id=n, sampling=sx.SamplingParams(
+      max_new_tokens=k, temperature=0.8, seed=n, ignore_eos=True))
+      for n, k in zip((9, 60, 13, 7), lengths)]
+  seen = []
+  static = baselines.generate_static(eng, reqs, reuse=sx.ReuseConfig("full"), on_error="return",
+                                     on_output=lambda i, out: seen.append(i))
+  assert [o.finish_reason for o in static] == ["length", "error", "length", "length"]
+  assert "pool too small" in static[1].error
+  assert seen == [0, 1, 2, 3]  # [9] alone (9 + 60 does not fit), 60 fails, then [13, 7]
+  continuous = eng.generate(reqs, reuse=sx.ReuseConfig("full"), on_error="return")
+  for i in (0, 2, 3):
+    assert static[i].token_ids == continuous[i].token_ids and len(static[i].token_ids) == \
+        lengths[i]
+  assert not eng.store._live and eng.store.allocator.num_used == 0

@@ -11,20 +11,17 @@ fresh engine per policy so that no policy sees another's cache entries:
 - real: SmolLM2-135M on three essay passages cached alone plus a new question (logits stored at
   the full prefill's top 32 ids and 96 fixed random ids, and each row's log-sum-exp).
 
-Regenerate (only when a change is meant to move them): python tests/test_golden_logits.py
+Regenerate (only when a change is meant to move them): python -m tests.test_golden_logits
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import sparsex_jax as sx  # noqa: E402
+import sparsex_jax as sx
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_logits.npz")
 

@@ -55,8 +55,8 @@ def test_1_bad_request_is_found_before_any_device_work_and_others_still_run():
 
 def _failing_after_donation(monkeypatch, program_name="prefill", fail_on=1):
   """Makes the engine's `program_name` run (consuming the donated pool) and then raise."""
-  import sparsex_jax.engine as engine_module
-  real = getattr(engine_module, program_name)
+  import sparsex_jax.step_runner as step_runner
+  real = getattr(step_runner, program_name)
   calls = {"n": 0}
 
   def failing(pool, *args, **kw):
@@ -68,7 +68,7 @@ def _failing_after_donation(monkeypatch, program_name="prefill", fail_on=1):
     return out
 
   failing.__name__ = real.__name__
-  monkeypatch.setattr(engine_module, program_name, failing)
+  monkeypatch.setattr(step_runner, program_name, failing)
   return calls
 
 
@@ -294,7 +294,7 @@ def _inject_failure(patcher, module, name):
 steps = st.lists(st.tuples(
     st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=2), min_size=1, max_size=3),
     st.sampled_from(sorted(MODES)), st.sampled_from(["none", "none", "prefill", "decode"]),
-    st.booleans(), st.sampled_from(["continuous", "static"])), min_size=1, max_size=4)
+    st.booleans()), min_size=1, max_size=4)
 
 
 @settings(max_examples=12, deadline=None,
@@ -303,18 +303,18 @@ steps = st.lists(st.tuples(
 def test_random_jobs_with_failures_keep_the_books_and_the_outputs(monkeypatch, job):
   eng = _engine(num_pages=20, max_batch_size=2, steps_per_visit=2)
   import sparsex_jax.decoding as decoding_module
-  import sparsex_jax.engine as engine_module
-  for seg_lists, mode, failure, cache_first, batching in job:
+  import sparsex_jax.step_runner as step_runner
+  for seg_lists, mode, failure, cache_first in job:
     if cache_first:
       eng.cache_segments(DOCS[:2])
     reqs = [sx.Request([sx.Segment(DOCS[i]) for i in segs] + [sx.Segment([7, 8], cache=False)])
             for segs in seg_lists]
     with monkeypatch.context() as m:
       if failure == "prefill":
-        _inject_failure(m, engine_module, "prefill")
+        _inject_failure(m, step_runner, "prefill")
       elif failure == "decode":
         _inject_failure(m, decoding_module, "decode_loop")
-      outs = eng.generate(reqs, GREEDY, reuse=MODES[mode], on_error="return", batching=batching)
+      outs = eng.generate(reqs, GREEDY, reuse=MODES[mode], on_error="return")
     for req, out in zip(reqs, outs):
       if failure == "none":  # every request completes, with a clean engine's tokens
         assert out.finish_reason == "length", out.error

@@ -21,7 +21,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
-  proc = _run("tests/sharding_check.py", "--tp", "1", "2", "4")
+  proc = _run("-m", "tests.sharding_check", "--tp", "1", "2", "4")
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   failed = [r for r in rows if not r.get("ok", True)]
   assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])

@@ -11,6 +11,7 @@ import pytest
 import sparsex_jax as sx
 from models import llama
 from sparsex_jax.prompt import tokenize
+from sparsex_jax.step_runner import prefill_and_commit
 from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
 
 DOC_A, DOC_B, DOC_C = _ids(13, 21), _ids(22, 22), _ids(9, 23)
@@ -212,7 +213,7 @@ def _pool_kv(eng, request, reuse, layer):
   policy = reuse.resolve(eng.config)
   prompt = tokenize(request, eng.tokenizer, eng.config, 0)
   with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
-    plans, _, _ = eng._prefill([prompt], leases, policy)
+    plans, _, _ = prefill_and_commit(eng, [prompt], leases, policy)
     slots = eng.layout.slot_of(plans[0].page_table, np.arange(plans[0].n))
     pages, offs = slots // eng.layout.page_size, slots % eng.layout.page_size
     return tuple(np.asarray(eng.pool[x][layer][:, pages, offs]).transpose(1, 0, 2)

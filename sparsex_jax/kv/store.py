@@ -240,8 +240,12 @@ class KVStore:
     """Drops every cached block and segment that no live request holds; returns pages freed."""
     return self.prefix_cache.clear() + self.segment_cache.clear()
 
-  def stats(self) -> dict:
+  def stats(self, namespace: str | None = None) -> dict:
+    """Counters over every namespace (the operator's view); with a namespace, only that
+    namespace's segment-cache entries (what a caller of that namespace may be shown)."""
     bpp = self.layout.bytes_per_page
+    if namespace is not None:
+      return {"segment_cache": self.segment_cache.stats(bpp, namespace)}
     return {"pool": self.allocator.stats(bpp), "prefix_cache": self.prefix_cache.stats(bpp),
             "segment_cache": self.segment_cache.stats(bpp)}
 

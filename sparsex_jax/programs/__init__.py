@@ -117,13 +117,19 @@ class KVPool:
   def run(self, program, *args, **static):
     """pool, out = program(pool, *args, **static); keeps the new pool, returns out."""
     self.log.note(program.__name__, tuple(sorted(static.items())), args)
-    try:
+    with self.recovering():
       pool, out = self._call(program, args, static)
+    self.arrays = pool
+    return out
+
+  @contextlib.contextmanager
+  def recovering(self):
+    """On any failure in the block, leaves a valid pool behind (and caches that match it)."""
+    try:
+      yield
     except BaseException:
       self.recover()
       raise
-    self.arrays = pool
-    return out
 
   def read_pages(self, pages) -> tuple[np.ndarray, np.ndarray]:
     """K, V [L, K, n, S, H] of whole pool pages, on the host (kv/persist.py's PageIO)."""

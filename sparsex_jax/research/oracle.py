@@ -47,6 +47,7 @@ import sparsex_jax as sx
 from sparsex_jax.labels import EXACT, NEW, REUSED
 from sparsex_jax.prompt import tokenize
 from sparsex_jax.reuse import DEFAULT_LAYER_THRESHOLD, Selection
+from sparsex_jax.step_runner import prefill_and_commit
 from sparsex_jax.research import methods as mth
 from sparsex_jax.research import metrics as mt
 from sparsex_jax.research import report
@@ -94,8 +95,8 @@ def _capture(engine, request: sx.Request, method: sx.ReuseMethod):
   position in every layer after it, [L, n, K*H] each (read from the engine's pool)."""
   policy = method.resolve(engine.config)
   prompt = tokenize(request, engine.tokenizer, engine.config, 0)
-  with engine.store.acquire([prompt], policy, 0) as leases, engine._recovering():
-    plans, out, _ = engine._prefill([prompt], leases, policy)
+  with engine.store.acquire([prompt], policy, 0) as leases, engine.kv.recovering():
+    plans, out, _ = prefill_and_commit(engine, [prompt], leases, policy)
     plan = plans[0]
     logits = np.asarray(out.logits[0], np.float32)
     s = engine.layout.page_size

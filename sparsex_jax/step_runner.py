@@ -1,0 +1,168 @@
+"""The device side of continuous batching: one job's running batch and the work of each step.
+
+Engine.generate's loop is schedule -> run -> update: the Scheduler (host only) says which requests
+to drop, prefill and decode; `StepRunner.run` does it (the engine's prefill program and commit,
+the first token, joins, one decode loop) and reports a StepResult. A failure is reported, never
+raised, with the pool left valid; the scheduler decides who is retried and who fails.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from sparsex_jax import decoding, planner, scheduler
+from sparsex_jax.api import RequestOutput, RequestStats
+from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
+from sparsex_jax.labels import NEW
+from sparsex_jax.sampling import resolve_stop_ids, sample_step
+from sparsex_jax.programs.copy import copy_slots
+from sparsex_jax.programs.prefill import prefill
+from sparsex_jax.scheduler import ScheduledRequest, Step, StepResult
+
+if TYPE_CHECKING:
+  from sparsex_jax.engine import Engine
+  from sparsex_jax.planner import RequestPlan
+  from sparsex_jax.programs.prefill import PrefillBatch, PrefillOutput
+  from sparsex_jax.prompt import Prompt
+
+
+def sampling_rows(requests: Sequence[ScheduledRequest], b: int):
+  """temperature, top_p, seeds [b] of a padded batch. A request's seed is its own: never its
+  row or batch."""
+  temperature, top_p, seeds = (np.zeros(b, np.float32), np.ones(b, np.float32),
+                               np.zeros(b, np.uint32))
+  for i, r in enumerate(requests):
+    temperature[i], top_p[i], seeds[i] = r.sampling.temperature, r.sampling.top_p, r.sampling.seed
+  return temperature, top_p, seeds
+
+
+class StepRunner:
+  """Runs the scheduler's steps of one job on `engine`'s device.
+
+  The running batch is fixed for the job: rows (a bucket of min(max_batch_size, requests)),
+  page-table width and stop width, so its decode loop compiles once per job."""
+
+  def __init__(self, engine: "Engine", policy, requests: Sequence[ScheduledRequest],
+               t_job: float):
+    self.engine, self.policy, self.t_job = engine, policy, t_job
+    layout = engine.layout
+    rows = planner.bucket(min(engine.max_batch_size, len(requests)), minimum=1)
+    max_pages = planner.bucket(max(layout.pages_for(r.prompt.token_ids.size
+                                                    + max(r.sampling.max_new_tokens, 1))
+                                   for r in requests), minimum=4)
+    self.batch = RunningBatch(rows, max_pages, stop_width([self.stops(r) for r in requests]),
+                              layout)
+
+  def prepare(self, request: ScheduledRequest) -> None:
+    """Before a request's cache lookups (the scheduler's hook): loads its segments from the
+    engine's disk cache, if it has one and the policy reads the segment cache."""
+    if self.engine._disk is not None and self.policy.reads_segment_cache:
+      self.engine._disk.load_for([request.prompt])
+
+  def stops(self, request: ScheduledRequest) -> frozenset[int]:
+    return resolve_stop_ids(request.sampling, getattr(self.engine.tokenizer, "stop_ids", ()))
+
+  def run(self, step: Step) -> StepResult:
+    """Empties the dropped rows, prefills the admitted group (its sequences that are not done join
+    the batch after every device step of the prefill: a failure leaves the batch as it was), then
+    runs one decode loop."""
+    engine, batch = self.engine, self.batch
+    for row, seq in enumerate(batch.requests):
+      if seq is not None and seq.key.index in step.drop:
+        batch.leave(row)
+    finished = []
+    if step.prefill:
+      try:
+        seqs, _ = self.start(step.prefill, step.leases)
+        if engine._disk is not None:  # saved before a later prefill can evict what this one added
+          engine._disk.autosave()
+      except Exception as e:  # pylint: disable=broad-except
+        return StepResult(prefill_error=e, pool_lost=engine.kv.recover())
+      for seq in seqs:
+        if seq.done:  # stopped at its first token: it never joins
+          finished.append((seq.key.index, self.output(seq)))
+        else:
+          plan, sp = seq.payload[0], seq.key.sampling
+          batch.join(seq, plan.n, plan.page_table, temperature=sp.temperature, top_p=sp.top_p,
+                     seed=sp.seed)
+    if step.decode_steps and batch.n_running:
+      min_active = max(1, batch.n_running - step.stop_after + 1) if step.stop_after else 1
+      try:
+        decoding.visit(engine.kv, engine.params, engine.config, batch,
+                       steps_per_visit=step.decode_steps, min_active=min_active,
+                       backend=engine.attention_backend)
+      except Exception as e:  # pylint: disable=broad-except
+        return StepResult(tuple(finished), decode_error=e, pool_lost=engine.kv.recover())
+      finished += [(seq.key.index, self.output(seq)) for seq in batch.finished()]
+    return StepResult(tuple(finished))
+
+  def start(self, requests: Sequence[ScheduledRequest], leases
+            ) -> tuple[list[DecodingRequest], "PrefillBatch"]:
+    """Prefill (with its commit) and first token of a group: its sequences (each payload holds
+    its output's account) and the prefill batch."""
+    start = time.perf_counter()
+    plans, out, batch = prefill_and_commit(self.engine, [r.prompt for r in requests], leases,
+                                          self.policy)
+    first = np.asarray(sample_step(out.logits, *sampling_rows(requests, out.logits.shape[0]), 0))
+    now = time.perf_counter()
+    scores, selected = np.asarray(out.scores), np.asarray(out.selected)
+    seqs = []
+    for i, (r, plan) in enumerate(zip(requests, plans)):
+      account = planner.describe(plan, scores[i], selected[i], self.policy)
+      seqs.append(DecodingRequest(r, [int(first[i])], self.stops(r), r.sampling.max_new_tokens,
+                                  payload=(plan, account, now - start, now - self.t_job)))
+    return seqs, batch
+
+  def output(self, seq: DecodingRequest, result: tuple[list[int], str] | None = None
+             ) -> RequestOutput:
+    """A finished sequence's output; `result`: its (tokens, finish reason) if not seq.result()."""
+    request, (plan, account, ttft, first_token_s) = seq.key, seq.payload
+    tokens, reason = result or seq.result()
+    stats = RequestStats(
+        ttft_s=ttft, first_token_s=first_token_s, n_prompt=plan.n, n_exact=plan.n_exact,
+        n_reused=plan.n_reused, n_new=int(np.sum(plan.labels == NEW)),
+        n_recomputed=account.selected_positions.size, n_generated=len(tokens),
+        compilations=self.engine.num_compilations)
+    tokenizer = self.engine.tokenizer
+    text = tokenizer.decode(tokens) if tokenizer is not None else ""
+    return RequestOutput(text=text, token_ids=tokens, stats=stats, finish_reason=reason,
+                         request_id=request.request_id, prefill=account)
+
+
+def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
+                       ) -> tuple[list["RequestPlan"], "PrefillOutput", "PrefillBatch"]:
+  """Plans a group, runs the prefill program and commits the caches (the pool donated to both
+  programs through engine.kv)."""
+  plans = [planner.plan_request(p, lease, policy, engine.layout)
+           for p, lease in zip(prompts, leases)]
+  batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,
+                                   engine.attention_backend)
+  out = engine.kv.run(prefill, engine.params, batch, cfg=engine.config, spec=spec)
+  with engine.store.commit(prompts, plans, policy) as copies:
+    if copies:
+      src, dst = planner.pad_copies(copies.src_slots, copies.dst_slots, engine.layout)
+      engine.kv.run(copy_slots, src, dst)
+  return plans, out, batch
+
+
+def prefill_alone(engine: "Engine", prompts: Sequence["Prompt"], full, batch_size: int) -> None:
+  """Prefills each prompt alone from position 0 (`full`: the "full" policy), in batches of up to
+  batch_size (halved until the pool holds one), and hands it to the segment cache
+  (Engine.cache_segments)."""
+  i = 0
+  while i < len(prompts):
+    head = prompts[i:i + batch_size]
+    size, leases, error = scheduler.lease_largest(engine.store, head, full, [0] * len(head))
+    if leases is None:
+      raise error
+    chunk = prompts[i:i + size]
+    with leases, engine.kv.recovering():
+      prefill_and_commit(engine, chunk, leases, full)
+      for prompt, lease in zip(chunk, leases):
+        engine.store.keep_alone(prompt, lease)
+    i += size
+    if engine._disk is not None:
+      engine._disk.autosave()
