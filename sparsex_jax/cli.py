@@ -135,8 +135,10 @@ def _add_generate_parser(sub) -> None:
                  help="results JSONL (appended to; the ids already in it are skipped)")
   _add_engine_args(g)
   g.add_argument("--reuse", default="sparsex", choices=REUSE_MODES, help="reuse mode")
-  g.add_argument("--ratio", type=float, default=0.15, help="recompute ratio r")
-  g.add_argument("--threshold", type=int, default=None, help="layer threshold T (mode default)")
+  g.add_argument("--ratio", type=float, default=None,
+                 help="recompute ratio r (the method's default: 0.15)")
+  g.add_argument("--threshold", type=int, default=None,
+                 help="layer threshold T (the method's default; CacheBlend's check layer)")
   g.add_argument("--max-new-tokens", type=int, default=64)
   g.add_argument("--temperature", type=float, default=0.0)
   g.add_argument("--top-p", type=float, default=1.0)
@@ -244,7 +246,11 @@ def _generate(args) -> int:
   from sparsex_jax import batch
   if not os.path.exists(args.input):
     raise FileNotFoundError(f"{args.input}: no such input file")
-  reuse = sx.ReuseConfig(args.reuse, recompute_ratio=args.ratio, layer_threshold=args.threshold)
+  # Only the flags given: a method that takes no r or T (full, prefix; epic's T) refuses them.
+  fields = {name: value for name, value in (("recompute_ratio", args.ratio),
+                                            ("layer_threshold", args.threshold))
+            if value is not None}
+  reuse = sx.ReuseConfig(args.reuse, **fields)
   defaults = batch.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed,
                             cache_final_message=args.cache_final_message)
   sx.SamplingParams(defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed)

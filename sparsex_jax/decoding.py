@@ -2,7 +2,8 @@
 
 `visit` runs one decode_loop (up to `steps_per_visit` tokens per row, stop tokens and lengths
 checked on the device) and hands its tokens to the batch. The per-token host loop it replaced,
-and static batching's decode to the end, are kept as references in scripts/baselines.py.
+and static batching's decode to the end, are kept as references in
+sparsex_jax/research/baselines.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import numpy as np
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.research import baselines
 from sparsex_jax.sampling import sample_step
+from sparsex_jax.step_runner import prefill_and_commit
 from tests.test_engine import CFG, _engine, _ids
 
 MAX_NEW = [1, 6, 11, 4, 9]
@@ -22,7 +23,7 @@ def _prefilled(eng, lengths, seed=0):
   prompts = [Prompt((np.asarray(_ids(n, seed + n), np.int32),), (False,)) for n in lengths]
   policy = ReuseConfig("full").resolve(eng.config)
   leases = eng.store.acquire(prompts, policy, MAX_NEW[:len(prompts)])
-  plans, out, batch = eng._prefill(prompts, leases, policy)
+  plans, out, batch = prefill_and_commit(eng, prompts, leases, policy)
   b = out.logits.shape[0]
   first = np.asarray(sample_step(out.logits, TEMPERATURE[:b], TOP_P[:b], SEEDS[:b], 0))
   return leases, first, plans, batch

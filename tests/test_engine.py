@@ -10,6 +10,7 @@ from models.config import get_config
 from sparsex_jax import dense
 from sparsex_jax.kv import PoolExhausted
 from sparsex_jax.prompt import tokenize
+from sparsex_jax.step_runner import prefill_and_commit
 
 CFG = get_config("tiny")
 
@@ -82,7 +83,7 @@ def _layer0_keys(eng, request, reuse):
   policy = reuse.resolve(eng.config)
   prompt = tokenize(request, eng.tokenizer, eng.config, 0)
   with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
-    plans, _, _ = eng._prefill([prompt], leases, policy)
+    plans, _, _ = prefill_and_commit(eng, [prompt], leases, policy)
     plan = plans[0]
     slots = eng.layout.slot_of(plan.page_table, np.arange(plan.n))
     pages, offs = slots // eng.layout.page_size, slots % eng.layout.page_size
@@ -206,7 +207,7 @@ def test_mixed_batch_prefill_logits_match_full_forward():
   prompts = [Prompt((np.asarray(_ids(n, 30 + n), np.int32),), (False,)) for n in (7, 33, 18)]
   policy = sx.ReuseConfig("full").resolve(CFG)
   with eng.store.acquire(prompts, policy, max_new_tokens=1) as leases:
-    _, out, _ = eng._prefill(prompts, leases, policy)
+    _, out, _ = prefill_and_commit(eng, prompts, leases, policy)
   logits = np.asarray(out.logits)
   for i, p in enumerate(prompts):
     assert _rel(logits[i], _full_logits(p.token_ids)) < 1e-4

@@ -59,7 +59,7 @@ def test_default_thresholds_by_method_and_depth():
   assert t(sx.SparseX()) == t(sx.SparseXPaper()) == reuse.DEFAULT_LAYER_THRESHOLD == 4
   assert t(sx.SparseX(), shallow) == 3  # capped for a shallow model
   assert t(sx.Random()) == reuse.DEFAULT_LAYER_THRESHOLD
-  assert t(sx.CacheBlend(check_layer=3)) == 3
+  assert t(sx.CacheBlend(layer_threshold=3)) == 3
   assert t(sx.Epic()) == t(sx.Naive()) == 0
   assert t(sx.Full()) == t(sx.Prefix()) == 30
   with pytest.raises(ValueError, match="layer_threshold"):
@@ -102,7 +102,7 @@ def test_each_method_resolves_to_its_scorer_and_caches():
     ("sparsex-paper", dict(layer_threshold=1.5), "layer_threshold"),
     ("naive", dict(layer_threshold=-1), "layer_threshold"),
     ("full", dict(update_caches="no"), "update_caches"),
-    ("cacheblend", dict(check_layer=0), "check_layer"),
+    ("cacheblend", dict(layer_threshold=0), "check layer"),
     ("sparsex", dict(segment_heads=-1), "segment_heads"),
     # a field of another method is an error that names the method's own fields
     ("epic", dict(layer_threshold=2), r"'epic' takes \['read_caches', 'recompute_ratio'"),

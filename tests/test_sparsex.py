@@ -285,7 +285,7 @@ def test_default_scores_attention_times_deviation_norm_at_t1(warm_engine):
   _, att = warm_engine.prefill_logits(_request(), reuse=sx.SparseXPaper(
       recompute_ratio=0.3, layer_threshold=1), return_plan=True)
   _, dev = warm_engine.prefill_logits(_request(), reuse=sx.CacheBlend(
-      recompute_ratio=0.3, check_layer=1), return_plan=True)
+      recompute_ratio=0.3, layer_threshold=1), return_plan=True)
   np.testing.assert_allclose(plan.scores, att.scores * np.sqrt(dev.scores), rtol=1e-5, atol=1e-9)
   # At T = 0 there is no deviation (layer-0 K/V depend only on token and position): attention
   # alone ranks, as the paper's rule does.

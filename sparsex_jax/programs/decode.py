@@ -26,8 +26,9 @@ from sparsex_jax.sampling import sample, step_keys
 
 # How the decode programs loop over layers (programs/layers.py: scan_layers): "scan" over the
 # stacked weights (the engine's); "unrolled" over static slices of them; "per_layer" over separate
-# per-layer arrays (the caller passes params whose "layers" is a list: scripts/baselines.py makes
-# such a copy). The other two are measured against "scan" by scripts/bench_throughput.py.
+# per-layer arrays (the caller passes params whose "layers" is a list, a copy that
+# sparsex_jax/research/baselines.py makes). The other two are measured against "scan" by
+# scripts/bench_throughput.py.
 LAYER_LOOPS = ("scan", "unrolled", "per_layer")
 
 

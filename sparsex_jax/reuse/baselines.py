@@ -77,20 +77,20 @@ class DeviationScore:
 
 @dataclasses.dataclass(frozen=True)
 class CacheBlend(TopK):
-  """CacheBlend: full layers [0, check_layer), then the tokens whose K/V deviate most at
-  check_layer are recomputed."""
+  """CacheBlend: full layers [0, T), then the tokens whose K/V deviate most at layer T
+  (CacheBlend's "check layer") are recomputed."""
 
   mode: ClassVar[str] = "cacheblend"
-  check_layer: int = 1
+  layer_threshold: int = 1  # T, the check layer
 
   def __post_init__(self):
     super().__post_init__()
-    if not is_int(self.check_layer) or self.check_layer < 1:
-      raise ValueError(f"check_layer must be an int >= 1 (layer 0 is always full), "
-                       f"got {self.check_layer!r}")
+    if not is_int(self.layer_threshold) or self.layer_threshold < 1:
+      raise ValueError(f"layer_threshold (CacheBlend's check layer) must be an int >= 1 (layer 0 "
+                       f"is always full), got {self.layer_threshold!r}")
 
   def layer_threshold_for(self, n_layers: int) -> int:
-    return self.check_layer
+    return self.layer_threshold
 
   def device_scorer(self, layer_threshold: int):
     return DeviationScore()
