@@ -40,7 +40,8 @@ import jax.numpy as jnp
 
 import sparsex_jax as sx
 from models.config import get_config
-from sparsex_jax import compile_cache, scheduler
+from sparsex_jax import scheduler
+from sparsex_jax.entrypoints import compile_cache
 from sparsex_jax.batching import RunningBatch
 from sparsex_jax.programs.decode import decode_loop
 # static batching and the other layer loops: comparison only

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-# The CLI keeps compiled programs on disk (sparsex_jax/compile_cache.py); tests, and the CLI
+# The CLI keeps compiled programs on disk (sparsex_jax/entrypoints/compile_cache.py); tests, and the CLI
 # processes they start, leave the home directory alone (test_compile_cache.py names its own dir).
 os.environ.setdefault("SPARSEX_COMPILE_CACHE", "off")
 

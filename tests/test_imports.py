@@ -9,6 +9,8 @@ alike; imports under `if TYPE_CHECKING:` are for annotations only and do not cou
     per head shard under a mesh, so a program calling pallas_kernels.ops directly would lose
     tensor parallelism silently; everything else (programs, planner, engine) imports the kernels
     from there;
+  - the library never imports the applications on top of it: sparsex_jax/entrypoints (the CLI,
+    the demo) and sparsex_jax/research (evaluation, studies, benchmark baselines);
   - no import cycle among the project's modules.
 An import of a package (`from sparsex_jax.kv import KVStore`) is an edge to its __init__; the
 implicit execution of parent packages' __init__ is not counted (every submodule would otherwise
@@ -144,6 +146,20 @@ def test_only_the_programs_kernel_door_imports_pallas_kernels():
          for t in GRAPH[m] if _top(t) == "pallas_kernels"]
   assert not bad, (f"only {KERNEL_DOOR} imports pallas_kernels (it wraps the ops per head shard; "
                    "import the kernels from there):\n" + "\n".join(bad))
+
+
+APPLICATIONS = ("sparsex_jax.entrypoints", "sparsex_jax.research")
+
+
+def _in(module: str, packages) -> bool:
+  return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_library_imports_no_application():
+  bad = [_where(m, t) for m in GRAPH if not _in(m, APPLICATIONS)
+         for t in GRAPH[m] if _in(t, APPLICATIONS)]
+  assert not bad, ("the library (sparsex_jax outside entrypoints/ and research/, models, "
+                   "pallas_kernels) must not import the applications:\n" + "\n".join(bad))
 
 
 def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax import cli
+from sparsex_jax.entrypoints import cli
 from sparsex_jax.research import methods as mth
 from sparsex_jax.research import metrics as mt
 from sparsex_jax.research import report

@@ -4,7 +4,7 @@ one prompt per essay workload (MuSiQue is skipped without --data), three methods
 import json
 import os
 
-from sparsex_jax import cli
+from sparsex_jax.entrypoints import cli
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TTFT = os.path.join(_ROOT, "docs", "results", "ttft_h100_thresholds.json")

@@ -1,6 +1,6 @@
 """The command line's error paths."""
 
-from sparsex_jax import cli
+from sparsex_jax.entrypoints import cli
 
 
 def test_cli_reports_bad_model_cleanly(capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax import cli
+from sparsex_jax.entrypoints import cli
 
 pytestmark = pytest.mark.slow
 

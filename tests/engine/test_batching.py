@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import sparsex_jax as sx
-from tests.test_engine import _engine, _ids
-from tests.test_reliability import _clean_pool
+from tests.engine.test_engine import _engine, _ids
+from tests.engine.test_reliability import _clean_pool
 
 DOCS = [_ids(n, 500 + n) for n in (9, 14, 6)]
 # r = 1 recomputes every reused token: the tokens equal a full prefill's, so a request's output

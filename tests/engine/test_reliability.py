@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 
 import sparsex_jax as sx
 from models import loaders
-from sparsex_jax import cli, programs
-from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids
+from sparsex_jax import programs
+from sparsex_jax.entrypoints import cli
+from tests.engine.test_engine import CFG, PARAMS, _engine, _full_logits, _ids
 
 GREEDY = sx.SamplingParams(max_new_tokens=3, ignore_eos=True)
 
@@ -145,7 +146,7 @@ def test_4_samples_depend_only_on_the_request_and_its_seed():
 # (5) ---------------------------------------------------------------------------------------------
 
 def _tiny_gguf(tmp_path):
-  from tests.test_gguf import write_tiny_llama
+  from tests.models.test_gguf import write_tiny_llama
   path = tmp_path / "tiny.gguf"
   write_tiny_llama(path, np.random.default_rng(0))
   return path

@@ -12,7 +12,7 @@ from sparsex_jax.programs import KVPool
 from sparsex_jax.programs.copy import copy_slots
 from sparsex_jax.programs.decode import decode_step
 from sparsex_jax.programs.prefill import assemble, prefill
-from tests.test_engine import CFG, PARAMS, _ids
+from tests.engine.test_engine import CFG, PARAMS, _ids
 
 LAYOUT = PoolLayout.for_model(CFG, page_size=4, num_pages=64)
 

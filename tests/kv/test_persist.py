@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax import cli
+from sparsex_jax.entrypoints import cli
 from sparsex_jax.kv import persist
 from sparsex_jax.kv.segment_cache import segment_key
-from tests.test_engine import CFG, PARAMS, _ids
-from tests.test_engine import _engine as _test_engine
+from tests.engine.test_engine import CFG, PARAMS, _ids
+from tests.engine.test_engine import _engine as _test_engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PASSAGES = [_ids(13 + 3 * i, 500 + i) for i in range(6)]
 
 
@@ -48,7 +48,7 @@ _CHILD = """
 import sys
 import numpy as np
 import sparsex_jax as sx
-from tests.test_persist import _engine, _request
+from tests.kv.test_persist import _engine, _request
 engine = _engine()
 engine.use_cache_dir(sys.argv[1], save=False)
 logits, plan = engine.prefill_logits(_request(2), sx.ReuseConfig("sparsex", layer_threshold=1),
@@ -173,7 +173,7 @@ def test_cache_warm_and_info(tmp_path, monkeypatch, capsys):
   assert "--as-message needs text passages" in capsys.readouterr().err
   # `cache info` needs no model: a plain subprocess.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  info = subprocess.run([sys.executable, "-m", "sparsex_jax.cli", "cache", "info",
+  info = subprocess.run([sys.executable, "-m", "sparsex_jax.entrypoints.cli", "cache", "info",
                          str(tmp_path / "c"), "--json"], env=env, capture_output=True, text=True,
                         timeout=60)
   doc = json.loads(info.stdout)

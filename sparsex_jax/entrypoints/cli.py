@@ -18,15 +18,15 @@ import os
 import sys
 import time
 
-from sparsex_jax.demo import PASSAGE as DEMO_PASSAGE
-from sparsex_jax.demo import QUESTION as DEMO_QUESTION
-from sparsex_jax.demo import QUESTION2 as DEMO_QUESTION2
 from sparsex_jax.batch.plan import SHARED
+from sparsex_jax.entrypoints.demo import PASSAGE as DEMO_PASSAGE
+from sparsex_jax.entrypoints.demo import QUESTION as DEMO_QUESTION
+from sparsex_jax.entrypoints.demo import QUESTION2 as DEMO_QUESTION2
 from sparsex_jax.reuse import REUSE_MODES
 
 
 def _demo(args) -> int:
-  from sparsex_jax import demo
+  from sparsex_jax.entrypoints import demo
   return demo.run(args.model, args.passage, args.question, args.question2, args.max_new_tokens,
                   tp=args.tp)
 
@@ -195,7 +195,7 @@ def _free_device_bytes() -> int:
 def _use_compile_cache(args) -> None:
   """Sets up the compile cache on disk (before the process's first compilation: before the
   engine); args.compile_stats then holds (cache dir or None, counters) for the job's last line."""
-  from sparsex_jax import compile_cache
+  from sparsex_jax.entrypoints import compile_cache
   args.compile_stats = compile_cache.enable(
       args.compile_cache, warn=lambda msg: print(f"sparsex: warning: {msg}", file=sys.stderr))
 
@@ -345,7 +345,7 @@ def _cache_warm(args) -> int:
 
 
 def _compile_line(args) -> str:
-  from sparsex_jax import compile_cache
+  from sparsex_jax.entrypoints import compile_cache
   return compile_cache.describe(*args.compile_stats)
 
 

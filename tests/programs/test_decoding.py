@@ -9,7 +9,7 @@ from sparsex_jax.prompt import Prompt
 from sparsex_jax.research import baselines
 from sparsex_jax.sampling import sample_step
 from sparsex_jax.step_runner import prefill_and_commit
-from tests.test_engine import CFG, _engine, _ids
+from tests.engine.test_engine import CFG, _engine, _ids
 
 MAX_NEW = [1, 6, 11, 4, 9]
 TEMPERATURE = np.array([0.0, 1.3, 0.0, 0.9, 1.1, 0, 0, 0], np.float32)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_script(name: str):
@@ -80,7 +80,7 @@ def test_output_lengths_stay_in_range_and_loguniform_favours_short_ones():
 def test_static_batching_gives_the_engines_tokens_and_isolates_a_request_too_big():
   import sparsex_jax as sx
   from sparsex_jax.research import baselines
-  from tests.test_engine import _engine, _ids
+  from tests.engine.test_engine import _engine, _ids
   eng = _engine(num_pages=12, max_batch_size=2, steps_per_visit=2)  # 11 pages of 4 tokens
   lengths = [5, 1, 3, 2]
   reqs = [sx.Request([sx.Segment(_ids(n, n))], id=n, sampling=sx.SamplingParams(

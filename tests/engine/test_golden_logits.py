@@ -1,6 +1,6 @@
 """Pins the first-token logits and selections of every reuse policy to stored values.
 
-The values in tests/data/golden_logits.npz were computed by the engine as it stood before the
+The values in tests/engine/data/golden_logits.npz were computed by the engine as it stood before the
 first architecture refactor (commit aaf8099; the default rule's at 062ae45, before the second);
 refactors must not move them. Rejected options were deleted with their values (tag
 research-round9). Two scenarios, each run on a
@@ -11,7 +11,7 @@ fresh engine per policy so that no policy sees another's cache entries:
 - real: SmolLM2-135M on three essay passages cached alone plus a new question (logits stored at
   the full prefill's top 32 ids and 96 fixed random ids, and each row's log-sum-exp).
 
-Regenerate (only when a change is meant to move them): python -m tests.test_golden_logits
+Regenerate (only when a change is meant to move them): python -m tests.engine.test_golden_logits
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ TINY_POLICIES = [name for name in POLICIES if name != "default"]
 
 
 def _tiny_case():
-  from tests.test_sparsex import DOC_A, DOC_B, DOC_C, SYSTEM, _request
-  from tests.test_engine import _engine, _ids
+  from tests.engine.test_sparsex import DOC_A, DOC_B, DOC_C, SYSTEM, _request
+  from tests.engine.test_engine import _engine, _ids
 
   def run(reuse):
     eng = _engine()
@@ -63,7 +63,7 @@ def _tiny_case():
 
 
 def _real_case(loaded):
-  from tests.test_real_model import _essay_passages
+  from tests.engine.test_real_model import _essay_passages
   passages = [p + "\n\n" for p in _essay_passages(3, words=50)]
   system = "You are a careful reader. Read the passages and answer briefly.\n\n"
   question = "Question: which passage talks about startups? Answer:"

@@ -15,10 +15,10 @@ import pytest
 
 import sparsex_jax as sx
 from sparsex_jax import batch
-from sparsex_jax import cli
-from tests.test_engine import CFG, _engine, _ids
+from sparsex_jax.entrypoints import cli
+from tests.engine.test_engine import CFG, _engine, _ids
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLING = {"max_new_tokens": 3, "ignore_eos": True}
 
 
@@ -201,7 +201,7 @@ def test_sigint_mid_job_loses_nothing_and_a_rerun_finishes_every_id_once(tmp_pat
   lines = [{"id": f"r{i}", "segments": [{"tokens": _ids(8 + i % 5, i)}],
             "max_new_tokens": 16, "ignore_eos": True} for i in range(80)]
   inp, out = _write(tmp_path / "req.jsonl", lines), str(tmp_path / "res.jsonl")
-  cmd = [sys.executable, "-m", "sparsex_jax.cli", "generate", "--model", "random:tiny",
+  cmd = [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "generate", "--model", "random:tiny",
          "--input", inp, "--output", out, "--batch-size", "1", "--page-size", "4",
          "--pool-gib", "0.002",
          "--no-progress", "--reuse", "full"]
@@ -249,7 +249,7 @@ def test_chat_segments_fall_back_to_one_segment_for_a_template_that_rewrites_his
 
 
 def test_demo_kl_from_full():
-  from sparsex_jax.demo import kl_from_full
+  from sparsex_jax.entrypoints.demo import kl_from_full
   x = np.array([2.0, 0.5, -1.0])
   assert kl_from_full(x, x + 3.0) == pytest.approx(0.0, abs=1e-12)  # a shift changes nothing
   assert kl_from_full(x, x[::-1]) > 0.5

@@ -1,6 +1,6 @@
 """Tensor-parallel engine vs the unsharded engine on fake CPU devices (run by test_sharding.py).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.sharding_check [--tp 1 2 4]
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.programs.sharding_check [--tp 1 2 4]
 
 XLA_FLAGS must be set before jax is imported, hence a script in its own process. For each tensor
 parallel degree: prefill logits of every reuse policy (at tp 1: the sparse and prefix ones) equal

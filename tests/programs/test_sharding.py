@@ -1,4 +1,4 @@
-"""Tensor parallelism on 4 fake CPU devices (tests/sharding_check.py, in its own process: the
+"""Tensor parallelism on 4 fake CPU devices (tests/programs/sharding_check.py, in its own process: the
 device count must be set before jax is imported). About 2 minutes on 2 CPU cores."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Fake devices, and a cheaper XLA CPU compile: the check compiles about 40 small programs.
 _XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
               "--xla_llvm_disable_expensive_passes=true")
@@ -21,7 +21,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
-  proc = _run("-m", "tests.sharding_check", "--tp", "1", "2", "4")
+  proc = _run("-m", "tests.programs.sharding_check", "--tp", "1", "2", "4")
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   failed = [r for r in rows if not r.get("ok", True)]
   assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
@@ -54,7 +54,7 @@ def test_cli_tp_flag(tmp_path):
   outs = {}
   for tp in ("2", "4"):  # tiny has 2 KV heads: tp 4 is refused, naming the degrees that work
     out = tmp_path / f"out{tp}.jsonl"
-    proc = _run("-m", "sparsex_jax.cli", "generate", "--model", "random:tiny", "--tp", tp,
+    proc = _run("-m", "sparsex_jax.entrypoints.cli", "generate", "--model", "random:tiny", "--tp", tp,
                 "--input", str(req), "--output", str(out), "--no-progress", "--pool-gib", "0.01")
     outs[tp] = (proc, out)
   proc, out = outs["2"]

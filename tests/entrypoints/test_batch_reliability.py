@@ -19,10 +19,10 @@ import sparsex_jax as sx
 from sparsex_jax import batch, cli
 from sparsex_jax.batch import formats, writer
 from sparsex_jax.kv import persist
-from tests.test_engine import _engine, _ids
-from tests.test_jobs import SAMPLING, _FakeTokenizer, _read, _write
+from tests.engine.test_engine import _engine, _ids
+from tests.entrypoints.test_jobs import SAMPLING, _FakeTokenizer, _read, _write
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Crash(BaseException):

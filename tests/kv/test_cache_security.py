@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax import cli
+from sparsex_jax.entrypoints import cli
 from sparsex_jax.kv import persist
 from sparsex_jax.kv.segment_cache import segment_key
-from tests.test_engine import _ids
-from tests.test_persist import PASSAGES, _engine, _request, _warm
+from tests.engine.test_engine import _ids
+from tests.kv.test_persist import PASSAGES, _engine, _request, _warm
 
 REUSE = sx.ReuseConfig("sparsex", layer_threshold=1)
 

@@ -12,7 +12,7 @@ import sparsex_jax as sx
 from models import llama
 from sparsex_jax.prompt import tokenize
 from sparsex_jax.step_runner import prefill_and_commit
-from tests.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
+from tests.engine.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
 
 DOC_A, DOC_B, DOC_C = _ids(13, 21), _ids(22, 22), _ids(9, 23)
 SYSTEM, QUESTION = _ids(12, 24), _ids(6, 25)

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from sparsex_jax import compile_cache
+from sparsex_jax.entrypoints import compile_cache
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_where_the_cache_goes():
@@ -40,7 +40,7 @@ def test_a_second_process_reads_the_programs_and_gives_the_same_outputs(tmp_path
   for n in range(2):
     out = tmp_path / f"out{n}.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "sparsex_jax.cli", "generate", "--model", "random:tiny",
+        [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "generate", "--model", "random:tiny",
          "--input", str(req), "--output", str(out), "--no-progress", "--pool-gib", "0.01",
          "--compile-cache", str(cache)], cwd=_ROOT, env=env, capture_output=True, text=True,
         timeout=300)
