@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import sparsex_jax as sx
-from sparsex_jax import batch, cli
+from sparsex_jax import batch
 from sparsex_jax.batch import formats, writer
+from sparsex_jax.entrypoints import cli
 from sparsex_jax.kv import persist
 from tests.engine.test_engine import _engine, _ids
 from tests.entrypoints.test_jobs import SAMPLING, _FakeTokenizer, _read, _write
