@@ -123,16 +123,7 @@ class Engine:
     """
     t_job = time.perf_counter()
     policy = reuse.resolve(self.config)
-    requests = list(requests)
-    outputs = scheduler.Outputs(len(requests), on_error, on_output)
-    todo = []
-    for i, request in enumerate(requests):
-      try:
-        sp = getattr(request, "sampling", None) or sampling
-        prompt = tokenize(request, self.tokenizer, self.config, sp.max_new_tokens, self.namespace)
-        todo.append(ScheduledRequest(i, request.id, prompt, sp))
-      except (ValueError, TypeError) as e:
-        outputs.fail(i, getattr(request, "id", None), e)
+    todo, outputs = self.schedulable(requests, sampling, on_error, on_output)
     if not todo:
       return list(outputs)
     runner = StepRunner(self, policy, todo, t_job)
@@ -148,6 +139,21 @@ class Engine:
     finally:  # on_error="raise" (or an interrupt) ends the job: give back whatever is held
       sched.close()
     return list(outputs)
+
+  def schedulable(self, requests: Sequence[Request], sampling: SamplingParams, on_error: str,
+                  on_output=None) -> tuple[list[ScheduledRequest], scheduler.Outputs]:
+    """generate()'s validation of a whole job before any device work: the requests that can be
+    scheduled, and the job's outputs with the others already failed (named by index and id)."""
+    requests = list(requests)
+    outputs = scheduler.Outputs(len(requests), on_error, on_output)
+    todo = []
+    for i, request in enumerate(requests):
+      try:
+        sp = getattr(request, "sampling", None) or sampling
+        todo.append(ScheduledRequest(i, request.id, self.tokenize(request, sp.max_new_tokens), sp))
+      except (ValueError, TypeError) as e:
+        outputs.fail(i, getattr(request, "id", None), e)
+    return todo, outputs
 
   def chat_request(self, messages, *, id=None, sampling: SamplingParams | None = None,  # noqa: A002
                    add_generation_prompt: bool = True) -> Request:

@@ -46,15 +46,7 @@ def generate_static(engine, requests: Sequence[Request],
   """As engine.generate (same validation, outputs, on_error and on_output), by static batching."""
   t_job = time.perf_counter()
   policy = reuse.resolve(engine.config)
-  requests = list(requests)
-  outputs = scheduler.Outputs(len(requests), on_error, on_output)
-  todo = []
-  for i, request in enumerate(requests):
-    try:
-      sp = getattr(request, "sampling", None) or sampling
-      todo.append(ScheduledRequest(i, request.id, engine.tokenize(request, sp.max_new_tokens), sp))
-    except (ValueError, TypeError) as e:
-      outputs.fail(i, getattr(request, "id", None), e)
+  todo, outputs = engine.schedulable(requests, sampling, on_error, on_output)
   if todo:  # the runner's prefill, first token and outputs; its running batch is not used
     _run(engine, StepRunner(engine, policy, todo, t_job), todo, engine.max_batch_size, outputs)
   return list(outputs)

@@ -15,7 +15,6 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-import sparsex_jax as sx
 from sparsex_jax import batch
 from sparsex_jax.batch import formats, writer
 from sparsex_jax.entrypoints import cli
