@@ -31,3 +31,43 @@ def test_interpreted_matches_reference(dtype):
   # Only the destination slots changed, and K there is the source rotated (not a copy).
   changed = np.any(np.asarray(got_k, np.float32) != np.asarray(k, np.float32), axis=(0, 1, 4))
   assert sorted(np.flatnonzero(changed.reshape(-1))) == [20, 21, 22, 23, 24, 30, 31, 32]
+
+
+def _assemble_float64(k, v, src, dst, delta, inv_freq):
+  """An independent float64 numpy assembly: each real token's cached K rotated by its delta
+  (RoPE on the two halves of the head dim, as models/llama.py applies it), V copied."""
+  k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+  n_layers, n_kv, n_pages, page, head_dim = k.shape
+  k_flat, v_flat = k.reshape(n_layers, n_kv, -1, head_dim), v.reshape(n_layers, n_kv, -1, head_dim)
+  want_k, want_v = k_flat.copy(), v_flat.copy()
+  for s, d, p in zip(src.ravel(), dst.ravel(), delta.ravel()):
+    if d >= n_pages * page:
+      continue
+    angle = p * np.asarray(inv_freq, np.float64)
+    a, b = np.split(k_flat[:, :, s], 2, axis=-1)
+    want_k[:, :, d] = np.concatenate([a * np.cos(angle) - b * np.sin(angle),
+                                      b * np.cos(angle) + a * np.sin(angle)], axis=-1)
+    want_v[:, :, d] = v_flat[:, :, s]
+  return want_k.reshape(k.shape), want_v.reshape(v.shape)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_assembly_rotates_by_delta_against_float64_numpy(backend):
+  rng = np.random.default_rng(11)
+  n_layers, n_kv, n_pages, page, head_dim = 2, 2, 10, 4, 16
+  k, v = random_pool(rng, (n_layers, n_kv, n_pages, page, head_dim), np.float32)
+  sentinel = n_pages * page
+  src = rng.choice(np.arange(page, sentinel), size=(2, 8), replace=False).astype(np.int32)
+  dst = rng.choice(np.setdiff1d(np.arange(page, sentinel), src), size=(2, 8),
+                   replace=False).astype(np.int32)
+  dst[1, -3:] = sentinel  # padding: written nowhere
+  delta = rng.integers(-50, 5000, size=(2, 8)).astype(np.int32)
+  inv_freq = (1.0 / (1e5 ** (np.arange(0, head_dim, 2) / head_dim))).astype(np.float32)
+  if backend == "reference":
+    got_k, got_v = assemble_kv_reference(k, v, src, dst, delta, inv_freq)
+  else:
+    got_k, got_v = assemble_kv(k, v, src, dst, delta, inv_freq, block_t=16, interpret=True)
+  want_k, want_v = _assemble_float64(k, v, src, dst, delta, inv_freq)
+  # float32 angles of up to 5000 radians: about 5000 * 2**-24 of absolute phase error
+  np.testing.assert_allclose(np.asarray(got_k, np.float64), want_k, atol=2e-3, rtol=0)
+  np.testing.assert_array_equal(np.asarray(got_v, np.float64), want_v)
