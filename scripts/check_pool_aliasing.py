@@ -28,7 +28,7 @@ PREFILLS = [  # (label, reuse): full prefill, naive reuse, and both SparseX rule
     ("full", sx.Full()),
     ("naive", sx.Naive(update_caches=False)),
     ("sparsex T=1", sx.SparseX(layer_threshold=1, update_caches=False)),
-    ("sparsex-paper T=1", sx.SparseXPaper(layer_threshold=1, update_caches=False)),
+    ("sparsex-attention T=1", sx.SparseXAttention(layer_threshold=1, update_caches=False)),
 ]
 
 

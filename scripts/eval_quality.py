@@ -36,8 +36,8 @@ CONFIGS = [
     *((f"sparsex r=0.15 T={t}", sx.SparseX(recompute_ratio=0.15, layer_threshold=t))
       for t in (0, 1, 4)),
     ("sparsex r=0.075 T=4", sx.SparseX(recompute_ratio=0.075, layer_threshold=4)),
-    ("sparsex-paper r=0.15 T=2", sx.SparseXPaper(recompute_ratio=0.15, layer_threshold=2)),
-    ("sparsex-paper r=0.15 T=4", sx.SparseXPaper(recompute_ratio=0.15, layer_threshold=4)),
+    ("sparsex-attention r=0.15 T=2", sx.SparseXAttention(recompute_ratio=0.15, layer_threshold=2)),
+    ("sparsex-attention r=0.15 T=4", sx.SparseXAttention(recompute_ratio=0.15, layer_threshold=4)),
 ]
 
 
@@ -83,7 +83,7 @@ def plot(rows: list[dict], path: str):
   xs = [r["recompute_ratio"] for r in sweep]
   ax.plot(xs, [r["kl_mean"] for r in sweep], "o-", label="sparsex (T=2)")
   markers = {"naive": "x", "cacheblend r=0.15": "s", "epic r=0.15": "^", "random r=0.15 T=2": "v",
-             "sparsex-paper r=0.15 T=2": "P"}
+             "sparsex-attention r=0.15 T=2": "P"}
   for r in rows:
     if r["label"] in markers:
       x = 0.0 if r["label"] == "naive" else 0.15

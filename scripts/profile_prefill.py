@@ -9,7 +9,7 @@ over the traced runs, divided by the runs), with their share of the method's tot
   python scripts/profile_prefill.py --preset llama3-8b --context 32768 --methods "dense prefill" \
       full --out $OUT/profile32k          ("dense prefill": bench_ttft's anchor, same prompt length)
   python scripts/profile_prefill.py --preset llama3-8b --context 32768 --memory --methods \
-      "sparsex-paper r=0.15 T=4" "sparsex r=0.15 T=4" --out $OUT/mem
+      "sparsex-attention r=0.15 T=4" "sparsex r=0.15 T=4" --out $OUT/mem
 """
 
 from __future__ import annotations

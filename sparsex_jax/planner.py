@@ -60,6 +60,7 @@ class RequestPlan:
   n_select: int = 0  # reused tokens to recompute in the sparse layers
   given_score: np.ndarray | None = None  # host scores (epic, random), [n] float32
   forced: np.ndarray | None = None  # [n] bool: selected first (segment heads)
+  score_rows: np.ndarray | None = None  # [n] bool: the scoring queries (None: the Sparse-Q set)
 
   @property
   def n(self) -> int:
@@ -71,6 +72,11 @@ class RequestPlan:
     q = self.labels == NEW
     q[-1] = True
     return q
+
+  @property
+  def scoring_rows(self) -> np.ndarray:
+    """The queries whose attention scores the reused tokens: the method's, else the Sparse-Q set."""
+    return self.sparse_q if self.score_rows is None else self.score_rows
 
   @property
   def n_reused(self) -> int:
@@ -104,6 +110,7 @@ def plan_request(prompt: Prompt, lease: Lease, policy: ReusePolicy,
   selection = policy.select(plan)
   plan.n_select = selection.n_select
   plan.given_score, plan.forced = selection.given_score, selection.forced
+  plan.score_rows = selection.score_rows
   return plan
 
 
@@ -123,6 +130,7 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   sparse_q = np.zeros((b, t), bool)
   given_score = np.zeros((b, t), np.float32)
   forced = np.zeros((b, t), bool)
+  score_rows = np.zeros((b, t), bool)
   n_select, last_index, kv_len = (np.zeros((b,), np.int32) for _ in range(3))
   page_table = np.zeros((b, max_pages), np.int32)
   for i, p in enumerate(plans):
@@ -137,6 +145,7 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
     src_slots[i, :m] = np.where(is_reused, p.src_slots[work], 0)
     delta[i, :m] = np.where(is_reused, pos - p.old_positions[work], 0)
     sparse_q[i, :m] = p.sparse_q[work]
+    score_rows[i, :m] = p.scoring_rows[work]
     if p.given_score is not None:
       given_score[i, :m] = p.given_score[work]
     if p.forced is not None:
@@ -145,7 +154,8 @@ def plan_batch(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
     page_table[i, :p.page_table.size] = p.page_table
   batch = PrefillBatch(tokens=tokens, positions=positions, slots=slots, src_slots=src_slots,
                        delta=delta, reused=reused, sparse_q=sparse_q, given_score=given_score,
-                       forced=forced, n_select=n_select, last_index=last_index,
+                       forced=forced, score_rows=score_rows, n_select=n_select,
+                       last_index=last_index,
                        page_table=page_table, kv_len=kv_len)
   return batch, _spec(plans, policy, cfg, backend)
 
@@ -162,7 +172,7 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   # No request selects anything: the host's (empty) choice is all there is.
   scorer = policy.scorer if any(p.n_select for p in plans) else None
   n_late_q = [int(p.sparse_q[p.n_exact:].sum()) for p in plans]
-  n_probe = bucket(max(int(p.sparse_q.sum()) for p in plans))
+  n_probe = bucket(max(int(p.scoring_rows.sum()) for p in plans))
   return PrefillSpec(
       layer_threshold=layer_threshold, scorer=scorer,
       n_active=bucket(max(q + p.n_select for q, p in zip(n_late_q, plans))),

@@ -40,7 +40,7 @@ class PrefillSpec:
   layer_threshold: int  # T (the model's depth: every token in full, nothing to select)
   scorer: DeviceScorer | None = None  # the method's ranking of the reused tokens (None: given)
   n_active: int = 0  # bucketed size of the active set (sparse layers)
-  n_probe: int = 0  # bucketed size of the Sparse-Q set, for scorers that read its attention
+  n_probe: int = 0  # bucketed size of the scoring rows, for scorers that read their attention
   assemble: bool = False  # any reused tokens in the batch
   backend: str = "auto"
   # Attention of the full layers [0, T): "paged" (the sparse-query kernel with every token a
@@ -52,8 +52,8 @@ class PrefillSpec:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["tokens", "positions", "slots", "src_slots", "delta", "reused",
-                                "sparse_q", "given_score", "forced", "n_select", "last_index",
-                                "page_table", "kv_len"],
+                                "sparse_q", "given_score", "forced", "score_rows", "n_select",
+                                "last_index", "page_table", "kv_len"],
                    meta_fields=[])
 @dataclasses.dataclass
 class PrefillBatch:
@@ -71,6 +71,8 @@ class PrefillBatch:
   sparse_q: jax.Array  # [B, T] bool: new tokens and the last prompt token
   given_score: jax.Array  # [B, T] float32 host scores (epic, random)
   forced: jax.Array  # [B, T] bool: selected before any scored token (segment heads)
+  score_rows: jax.Array  # [B, T] bool: the queries whose attention scores (the Sparse-Q set, or
+                         # the method's: e.g. the paper's tail fallback)
   n_select: jax.Array  # [B] int32 reused tokens to recompute
   last_index: jax.Array  # [B] int32 index of the last prompt token along T
   page_table: jax.Array  # [B, MP] int32

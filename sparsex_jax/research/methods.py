@@ -1,8 +1,9 @@
 """The methods compared: labels and their reuse methods.
 
 Labels follow scripts/bench_ttft.py's ("cacheblend r=0.15", "sparsex r=0.15 T=4"), so quality
-joins TTFT by label. "sparsex" is the default rule (sx.SparseX), "sparsex-paper" the paper's
-(sx.SparseXPaper). The layer threshold is spelled out for both rules and random (their default
+joins TTFT by label. "sparsex" is the default rule (sx.SparseX), "sparsex-paper" the paper's rule
+as published (sx.SparseXPaper: attention, overflow blocks, tail fallback), "sparsex-attention"
+its attention-only ranking (sx.SparseXAttention). The layer threshold is spelled out for both rules and random (their default
 moved once already); cacheblend and epic keep their fixed defaults (check layer 1, T = 0).
 Every method reads the caches and stores nothing (update_caches=False): all methods of a prompt
 see the same cache state.
@@ -17,10 +18,10 @@ from typing import Sequence
 import sparsex_jax as sx
 
 BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
-RULES = ("sparsex", "sparsex-paper")  # the SparseX rules, run over the r x T grid
+RULES = ("sparsex", "sparsex-paper", "sparsex-attention")  # run over the r x T grid
 FAMILIES = BASELINES + RULES
-# What `sparsex eval` runs without --methods: the paper's rule doubles the grid, so it is asked
-# for by name.
+# What `sparsex eval` runs without --methods: each other rule adds a grid, so it is asked for by
+# name.
 DEFAULT_FAMILIES = BASELINES + ("sparsex",)
 GRID_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30)
 GRID_THRESHOLDS = (0, 1, 2, 4, 8)
@@ -36,7 +37,7 @@ class Method:
 
 
 def label(family: str, ratio: float | None = None, threshold: int | None = None) -> str:
-  """The label of a method: "naive", "epic r=0.15", "sparsex-paper r=0.15 T=4"."""
+  """The label of a method: "naive", "epic r=0.15", "sparsex-attention r=0.15 T=4"."""
   if family in ("full", "prefix", "naive"):
     return family
   if family in ("cacheblend", "epic"):
@@ -50,7 +51,8 @@ def default_label(ratio: float, threshold: int) -> str:
 
 
 # Result files (eval JSON meta, bench_ttft JSON) carry "labels": LABELS. Before it, the rules were
-# labelled by their options: "sparsex r=.. T=.." was the paper's rule, and the default rule was
+# labelled by their options: "sparsex r=.. T=.." was the paper's attention-only rule, and the
+# default rule was
 # "sparsex[axn+heads2+fresh+attn2]" at T >= 2, "sparsex[axn+heads2+fresh]" at T <= 1 (rounds
 # 8-9; the other bracketed rules were removed, tag research-round9).
 LABELS = 2
@@ -65,7 +67,7 @@ def current_label(old: str) -> str:
     return old
   threshold = int(rest.split(" T=")[1])
   if rule == "sparsex":
-    return "sparsex-paper" + sep + rest
+    return "sparsex-attention" + sep + rest
   if rule in _DEFAULT_BEFORE and _DEFAULT_BEFORE[rule](threshold):
     return "sparsex" + sep + rest
   return old

@@ -22,7 +22,8 @@ from sparsex_jax.research import metrics as mt
 
 PER_PROMPT = ("kl", "top1", "em", "task")
 COMPARE_WITH = ("epic r=0.15", "cacheblend r=0.15")
-RULE_NAMES = {"sparsex": "the default rule", "sparsex-paper": "the paper's rule"}
+RULE_NAMES = {"sparsex": "the default rule", "sparsex-paper": "the paper's rule",
+              "sparsex-attention": "the paper's attention-only rule"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def ttft_plot(meta: dict, summary: dict, ttft: dict, path: str) -> list[str]:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
   markers = {"prefix": "D", "naive": "x", "cacheblend": "s", "epic": "^", "random": "v",
-             "sparsex": "o", "sparsex-paper": "P", "full": "*"}
+             "sparsex": "o", "sparsex-paper": "X", "sparsex-attention": "P", "full": "*"}
   for lab in pts:
     x = ttft[lab]["ttft_ms"]
     o = summary["overall"][lab]["gap_recovered"]

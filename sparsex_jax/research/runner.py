@@ -51,13 +51,12 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--methods", default=None,
                  help=f"comma-separated subset of {','.join(mth.FAMILIES)} (default "
                       f"{','.join(mth.DEFAULT_FAMILIES)}); full always runs (the reference); "
-                      "sparsex is the default rule, sparsex-paper the paper's")
-  p.add_argument("--ratios", default=None, help="recompute ratios of the sparsex and "
-                 "sparsex-paper grids (default " + ",".join(f"{r:g}" for r in mth.GRID_RATIOS)
-                 + ")")
-  p.add_argument("--thresholds", default=None, help="layer thresholds of the sparsex and "
-                 "sparsex-paper grids (default " + ",".join(str(t) for t in mth.GRID_THRESHOLDS)
-                 + ")")
+                      "sparsex is the default rule, sparsex-paper the paper's as published, "
+                      "sparsex-attention its attention-only ranking")
+  p.add_argument("--ratios", default=None, help="recompute ratios of the rules' grids (default "
+                 + ",".join(f"{r:g}" for r in mth.GRID_RATIOS) + ")")
+  p.add_argument("--thresholds", default=None, help="layer thresholds of the rules' grids "
+                 "(default " + ",".join(str(t) for t in mth.GRID_THRESHOLDS) + ")")
   p.add_argument("--baseline-ratio", type=float, default=0.15,
                  help="recompute ratio of cacheblend, epic and random")
   p.add_argument("--max-new-tokens", type=int, default=None,

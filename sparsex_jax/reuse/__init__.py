@@ -1,7 +1,8 @@
 """Reuse methods: how a prefill reuses cached KV, one small config and scorer per method.
 
     sx.SparseX(recompute_ratio=0.15, layer_threshold=4)     the default rule
-    sx.SparseXPaper(...)                                     the paper's attention-mass rule
+    sx.SparseXPaper(...)                                     the paper's rule as published
+    sx.SparseXAttention(...)                                 its attention-mass ranking alone
     sx.CacheBlend(...), sx.Epic(...), sx.Random(...), sx.Naive(), sx.Prefix(), sx.Full()
 
 `ReuseConfig(mode, **fields)` builds one by name (the CLI's --reuse). Adding a method: a frozen
@@ -16,10 +17,12 @@ import dataclasses
 from sparsex_jax.reuse.base import (DEFAULT_LAYER_THRESHOLD, DEFAULT_RECOMPUTE_RATIO, ReuseMethod,
                                     ReusePolicy, Selection, ceil_fraction, n_to_select)
 from sparsex_jax.reuse.baselines import CacheBlend, Epic, Full, Naive, Prefix, Random
-from sparsex_jax.reuse.sparsex import DEFAULT_SEGMENT_HEADS, SparseX, SparseXPaper
+from sparsex_jax.reuse.sparsex import (DEFAULT_SEGMENT_HEADS, SparseX, SparseXAttention,
+                                       SparseXPaper)
 
 METHODS: dict[str, type[ReuseMethod]] = {
-    m.mode: m for m in (Full, Prefix, Naive, CacheBlend, Epic, Random, SparseX, SparseXPaper)}
+    m.mode: m for m in (Full, Prefix, Naive, CacheBlend, Epic, Random, SparseX, SparseXPaper,
+                        SparseXAttention)}
 REUSE_MODES = tuple(METHODS)
 
 
@@ -39,4 +42,4 @@ def ReuseConfig(mode: str = "sparsex", **fields) -> ReuseMethod:  # noqa: N802 (
 __all__ = ["CacheBlend", "DEFAULT_LAYER_THRESHOLD", "DEFAULT_RECOMPUTE_RATIO",
            "DEFAULT_SEGMENT_HEADS", "Epic", "Full", "METHODS", "Naive", "Prefix", "REUSE_MODES",
            "Random", "ReuseConfig", "ReuseMethod", "ReusePolicy", "Selection", "SparseX",
-           "SparseXPaper", "ceil_fraction", "n_to_select"]
+           "SparseXAttention", "SparseXPaper", "ceil_fraction", "n_to_select"]

@@ -66,6 +66,8 @@ class Selection:
   n_select: int = 0  # reused tokens recomputed in the sparse layers
   given_score: np.ndarray | None = None  # [n] float32: the ranking itself (EPIC, random)
   forced: np.ndarray | None = None  # [n] bool: selected before any scored token
+  # [n] bool: the queries whose attention scores (None: the Sparse-Q set, plan.sparse_q)
+  score_rows: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,9 +33,9 @@ POLICIES = {
     "epic": sx.Epic(recompute_ratio=0.3),
     "random": sx.Random(recompute_ratio=0.3, seed=7),
     # the paper's rule (stored under "sparsex*" since before the methods had their own classes)
-    "sparsex": sx.SparseXPaper(recompute_ratio=0.3),
-    "sparsex_t1": sx.SparseXPaper(recompute_ratio=0.3, layer_threshold=1),
-    "sparsex_t0": sx.SparseXPaper(recompute_ratio=0.3, layer_threshold=0),
+    "sparsex": sx.SparseXAttention(recompute_ratio=0.3),
+    "sparsex_t1": sx.SparseXAttention(recompute_ratio=0.3, layer_threshold=1),
+    "sparsex_t0": sx.SparseXAttention(recompute_ratio=0.3, layer_threshold=0),
     # The default rule (attention x |deviation|, segment heads, refresh), added at commit 062ae45
     # before the second architecture pass: at T = 2 it reads layers T - 1 and T, at T <= 1 the
     # last full layer alone (the tiny model has 3 layers, so its own default T = 4 is full).

@@ -47,7 +47,7 @@ def test_sparsex_forces_the_first_tokens_of_every_reused_segment():
   assert sel.n_select == 3  # ceil(0.2 * 15)
   assert list(np.flatnonzero(sel.forced)) == [4, 5, 17, 18]
   assert sx.SparseX(segment_heads=0).select(plan, 4).forced is None
-  assert sx.SparseXPaper(recompute_ratio=0.2).select(plan, 4).forced is None
+  assert sx.SparseXAttention(recompute_ratio=0.2).select(plan, 4).forced is None
   # The last prompt token is a Sparse-Q row: never forced, even at a segment's head.
   tail = _plan([REUSED] * 6 + [NEW] * 2 + [REUSED], [0] * 6 + [1] * 2 + [2])
   assert list(np.flatnonzero(sx.SparseX().select(tail, 4).forced)) == [0, 1]
@@ -56,7 +56,7 @@ def test_sparsex_forces_the_first_tokens_of_every_reused_segment():
 def test_default_thresholds_by_method_and_depth():
   deep, shallow = get_config("smollm2-135m"), get_config("tiny")  # 30 and 3 layers
   t = lambda method, cfg=deep: method.resolve(cfg).layer_threshold  # noqa: E731
-  assert t(sx.SparseX()) == t(sx.SparseXPaper()) == reuse.DEFAULT_LAYER_THRESHOLD == 4
+  assert t(sx.SparseX()) == t(sx.SparseXAttention()) == reuse.DEFAULT_LAYER_THRESHOLD == 4
   assert t(sx.SparseX(), shallow) == 3  # capped for a shallow model
   assert t(sx.Random()) == reuse.DEFAULT_LAYER_THRESHOLD
   assert t(sx.CacheBlend(layer_threshold=3)) == 3
@@ -72,6 +72,7 @@ def test_each_method_resolves_to_its_scorer_and_caches():
           "naive": (None, True, True), "cacheblend": (DeviationScore(), True, True),
           "epic": (None, True, True), "random": (None, True, True),
           "sparsex": (AttentionTimesDeviation(read_layer_t=True), True, True),
+          "sparsex-attention": (AttentionMass(), True, True),
           "sparsex-paper": (AttentionMass(), True, True)}
   assert set(want) == set(reuse.REUSE_MODES)
   for mode, (scorer, prefix, segments) in want.items():
@@ -99,7 +100,7 @@ def test_each_method_resolves_to_its_scorer_and_caches():
     ("random", dict(seed=1.5), "seed"),
     ("sparsex", dict(recompute_ratio=float("nan")), "recompute_ratio"),
     ("epic", dict(recompute_ratio="0.1"), "recompute_ratio"),
-    ("sparsex-paper", dict(layer_threshold=1.5), "layer_threshold"),
+    ("sparsex-attention", dict(layer_threshold=1.5), "layer_threshold"),
     ("naive", dict(layer_threshold=-1), "layer_threshold"),
     ("full", dict(update_caches="no"), "update_caches"),
     ("cacheblend", dict(layer_threshold=0), "check layer"),
@@ -116,13 +117,13 @@ def test_bad_config_values_are_named(mode, kw, match):
 
 
 def test_unknown_mode_names_the_modes():
-  with pytest.raises(ValueError, match="unknown reuse mode 'blend'.*sparsex-paper"):
+  with pytest.raises(ValueError, match="unknown reuse mode 'blend'.*sparsex-attention"):
     ReuseConfig("blend")
 
 
 def test_methods_are_hashable_and_replaceable():
   a = sx.SparseX(recompute_ratio=0.3)
-  assert hash(a) == hash(sx.SparseX(recompute_ratio=0.3)) and a != sx.SparseXPaper(0.3)
+  assert hash(a) == hash(sx.SparseX(recompute_ratio=0.3)) and a != sx.SparseXAttention(0.3)
   b = dataclasses.replace(a, layer_threshold=2, update_caches=False)
   assert (b.recompute_ratio, b.layer_threshold, b.update_caches) == (0.3, 2, False)
   assert a.as_record() == {"mode": "sparsex", "read_caches": True, "update_caches": True,
@@ -146,9 +147,53 @@ def test_selection_counts_per_method():
   labels = [EXACT] * 4 + [REUSED] * 20 + [NEW] * 3
   plan = _plan(labels, [0] * 4 + [1] * 20 + [2] * 3)
   cfg = get_config("tiny")
-  for mode, want in (("sparsex", 5), ("sparsex-paper", 5), ("cacheblend", 5), ("random", 5),
+  for mode, want in (("sparsex", 5), ("sparsex-attention", 5), ("cacheblend", 5), ("random", 5),
+                     ("sparsex-paper", 5 + 2),  # k + the overflow block after the new interval
                      ("epic", 5), ("naive", 0), ("full", 0)):
     fields = {} if mode in ("naive", "full") else {"recompute_ratio": 0.25}
+    if mode == "sparsex-paper":
+      fields["overflow_block"] = 2
     sel = ReuseConfig(mode, **fields).resolve(cfg).select(plan)
     assert sel.n_select == want, mode
     assert (sel.given_score is not None) == (mode in ("epic", "random")), mode
+
+
+def test_paper_rule_overflow_blocks_hug_every_new_interval():
+  """S_ov: the reused tokens within one block before and after each run of new tokens (an exact
+  prefix starts none), whatever segment they belong to; forced on top of k."""
+  labels = [EXACT] * 4 + [REUSED] * 10 + [NEW] * 3 + [REUSED] * 6 + [NEW] * 2
+  plan = _plan(labels, [0] * 4 + [1] * 10 + [2] * 3 + [3] * 6 + [4] * 2)
+  sel = sx.SparseXPaper(recompute_ratio=0.1, overflow_block=3).select(plan, 1)
+  # before the first new run: 11, 12, 13; after it: 17, 18, 19; before the second: 20, 21, 22
+  assert list(np.flatnonzero(sel.forced)) == [11, 12, 13, 17, 18, 19, 20, 21, 22]
+  assert sel.n_select == 9 + 2  # + ceil(0.1 * 16)
+  assert np.array_equal(sel.score_rows, plan.sparse_q)  # the prompt ends in new tokens: no tail
+  off = sx.SparseXPaper(recompute_ratio=0.1, overflow_block=0).select(plan, 1)
+  assert not off.forced.any() and off.n_select == 2
+
+
+def test_paper_rule_tail_fallback_when_the_prompt_ends_in_a_reused_segment():
+  labels = [REUSED] * 6 + [NEW] * 2 + [REUSED] * 12
+  plan = _plan(labels, [0] * 6 + [1] * 2 + [2] * 12)
+  sel = sx.SparseXPaper(recompute_ratio=0.2, overflow_block=1, tail_queries=5).select(plan, 1)
+  tail = [15, 16, 17, 18, 19]  # the last 5 of the last reused segment
+  assert list(np.flatnonzero(sel.score_rows)) == [6, 7] + tail  # new tokens + the tail queries
+  # forced: the overflow (5 and 8) and the tail, but not the last token (a Sparse-Q row already)
+  assert list(np.flatnonzero(sel.forced)) == [5, 8, 15, 16, 17, 18]
+  assert sel.n_select == 6 + 4  # + ceil(0.2 * 18)
+  short = sx.SparseXPaper(tail_queries=64).select(plan, 1)  # longer than the segment: all of it
+  assert list(np.flatnonzero(short.score_rows)) == [6, 7] + list(range(8, 20))
+
+
+@pytest.mark.parametrize("n_layers,want", [(3, 1), (30, 5), (32, 5), (36, 5), (64, 10)])
+def test_paper_rule_threshold_is_a_fraction_of_the_depth(n_layers, want):
+  """round(0.15 L), at least 1 (Qwen3-8B's 36 layers: 5, the paper's 5-7)."""
+  cfg = get_config("tiny").replace(n_layers=n_layers)
+  assert sx.SparseXPaper().resolve(cfg).layer_threshold == want
+  assert sx.SparseXPaper(layer_fraction=0.2).resolve(cfg).layer_threshold == max(
+      1, int(np.floor(0.2 * n_layers + 0.5)))
+  assert sx.SparseXPaper(layer_threshold=2).resolve(cfg).layer_threshold == 2
+  with pytest.raises(ValueError, match="layer_fraction"):
+    sx.SparseXPaper(layer_fraction=0.0)
+  with pytest.raises(ValueError, match="tail_queries"):
+    sx.SparseXPaper(tail_queries=-1)

@@ -45,7 +45,8 @@ def warm_engine():
     sx.ReuseConfig("cacheblend", recompute_ratio=1.0),
     sx.ReuseConfig("epic", recompute_ratio=1.0),
     sx.ReuseConfig("random", recompute_ratio=1.0),
-], ids=["T=L", "r=1", "T=0,r=1", "cacheblend-r=1", "epic-r=1", "random-r=1"])
+    sx.SparseXPaper(recompute_ratio=1.0),
+], ids=["T=L", "r=1", "T=0,r=1", "cacheblend-r=1", "epic-r=1", "random-r=1", "paper-r=1"])
 def test_full_recompute_limits_equal_full_prefill(warm_engine, reuse):
   logits, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
   assert plan.reused_positions.size == len(DOC_A) + len(DOC_B) + len(DOC_C)
@@ -102,7 +103,7 @@ def _layer0_importance_reference(ids, n_exact, sparse_q):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5])
 def test_importance_matches_dense_reference_and_topk_count(warm_engine, ratio):
-  reuse = sx.SparseXPaper(layer_threshold=1, recompute_ratio=ratio)
+  reuse = sx.SparseXAttention(layer_threshold=1, recompute_ratio=ratio)
   _, plan = warm_engine.prefill_logits(_request(), reuse=reuse, return_plan=True)
   ids = np.asarray(_full_ids())
   want = _layer0_importance_reference(ids, 12, plan.sparse_q)
@@ -191,10 +192,10 @@ def _kv_deviation(layer):
   return dev.sum((1, 2)), (np.asarray(k_new[0]), np.asarray(v_new[0]))
 
 
-def _attention_reference(layer, sparse_q):
-  """[n] float64 attention mass the Sparse-Q rows pay every token at `layer`, over every
+def _attention_reference(layer, sparse_q, ids=None):
+  """[n] float64 attention mass the rows `sparse_q` pay every token at `layer`, over every
   token's fresh keys (the layers below computed in full), from the model functions' q and k."""
-  ids = _full_ids()
+  ids = _full_ids() if ids is None else ids
   positions = np.arange(len(ids))
   q, k, _ = (np.asarray(a[0], np.float64) for a in llama.layer_qkv(
       _layer(layer), CFG, _hidden_before(layer, ids, positions), positions[None]))
@@ -230,7 +231,7 @@ def test_sparse_prefill_reads_layers_out_of_the_whole_stack(warm_engine):
   eng = warm_engine
   for reuse in (sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3),
                 sx.ReuseConfig("sparsex", layer_threshold=2, recompute_ratio=0.3),
-                sx.SparseXPaper(layer_threshold=2, recompute_ratio=0.3)):
+                sx.SparseXAttention(layer_threshold=2, recompute_ratio=0.3)):
     policy = reuse.resolve(eng.config)
     prompt = tokenize(_request(), eng.tokenizer, eng.config, 0)
     with eng.store.acquire([prompt], policy, max_new_tokens=0) as leases:
@@ -282,7 +283,7 @@ def test_default_scores_attention_times_deviation_norm_at_t1(warm_engine):
   k = math.ceil(0.3 * plan.reused_positions.size)
   np.testing.assert_array_equal(plan.selected_positions, _top_k_with_forced(plan, k))
   # ... the product of the paper's signal and CacheBlend's, computed by the engine too
-  _, att = warm_engine.prefill_logits(_request(), reuse=sx.SparseXPaper(
+  _, att = warm_engine.prefill_logits(_request(), reuse=sx.SparseXAttention(
       recompute_ratio=0.3, layer_threshold=1), return_plan=True)
   _, dev = warm_engine.prefill_logits(_request(), reuse=sx.CacheBlend(
       recompute_ratio=0.3, layer_threshold=1), return_plan=True)
@@ -290,7 +291,7 @@ def test_default_scores_attention_times_deviation_norm_at_t1(warm_engine):
   # At T = 0 there is no deviation (layer-0 K/V depend only on token and position): attention
   # alone ranks, as the paper's rule does.
   at_zero = [warm_engine.prefill_logits(_request(), reuse=m(recompute_ratio=0.3, layer_threshold=0))
-             for m in (functools.partial(sx.SparseX, segment_heads=0), sx.SparseXPaper)]
+             for m in (functools.partial(sx.SparseX, segment_heads=0), sx.SparseXAttention)]
   np.testing.assert_array_equal(at_zero[0], at_zero[1])
 
 
@@ -323,14 +324,45 @@ def test_default_keeps_layer_t_exact_for_every_token(warm_engine):
   last = CFG.n_layers - 1
   fresh = warm_engine.prefill_logits(_request(), reuse=sx.SparseX(
       recompute_ratio=0.05, layer_threshold=last))
-  stale = warm_engine.prefill_logits(_request(), reuse=sx.SparseXPaper(
+  stale = warm_engine.prefill_logits(_request(), reuse=sx.SparseXAttention(
       recompute_ratio=0.05, layer_threshold=last))
   assert _rel(fresh, full) < 1e-4
   assert _rel(stale, full) > 1e-3
   # At T = 1 the pool's layer-1 K/V of every token are the fresh ones (the model functions').
   _, (k_fresh, v_fresh) = _kv_deviation(1)
-  for method in (sx.SparseX, sx.SparseXPaper):
+  for method in (sx.SparseX, sx.SparseXAttention):
     k, v = _pool_kv(warm_engine, _request(), method(recompute_ratio=0.05, layer_threshold=1), 1)
     exact = np.isclose(k, k_fresh, rtol=1e-3, atol=1e-4).all((1, 2)) & np.isclose(
         v, v_fresh, rtol=1e-3, atol=1e-4).all((1, 2))
     assert exact.all() if method is sx.SparseX else exact.mean() < 0.5, method
+
+
+def test_paper_rule_scores_with_the_tail_queries_and_recomputes_ov_and_tail(warm_engine):
+  """The paper's rule on a prompt that ends in a reused segment (DOC_C): the tail fallback's
+  queries (DOC_C's last 6 tokens) join the Sparse-Q rows; the scores are their summed attention
+  at the boundary layer T - 1 = 0 against float64; the overflow blocks around the new interval,
+  the tail and the top ceil(r n) by score are recomputed."""
+  ids = SYSTEM + DOC_B + _ids(5, 26) + DOC_A + DOC_C
+  req = sx.Request([sx.Segment(SYSTEM), sx.Segment(DOC_B), sx.Segment(_ids(5, 26), cache=False),
+                    sx.Segment(DOC_A), sx.Segment(DOC_C)])
+  method = sx.SparseXPaper(recompute_ratio=0.2, layer_threshold=1, overflow_block=2,
+                           tail_queries=6)
+  _, plan = warm_engine.prefill_logits(req, reuse=method, return_plan=True)
+  new = np.arange(12 + 22, 12 + 22 + 5)
+  tail = np.arange(len(ids) - 6, len(ids))
+  rows = np.zeros(len(ids), bool)
+  rows[new] = rows[tail] = True
+  assert np.array_equal(plan.sparse_q, np.isin(np.arange(len(ids)), np.append(new, len(ids) - 1)))
+  want = _attention_reference(0, rows, ids)
+  np.testing.assert_allclose(plan.scores, want[plan.reused_positions], rtol=2e-3, atol=1e-6)
+  # the attention-only form scores with the Sparse-Q rows alone: other scores
+  _, alone = warm_engine.prefill_logits(req, reuse=sx.SparseXAttention(
+      recompute_ratio=0.2, layer_threshold=1), return_plan=True)
+  np.testing.assert_allclose(alone.scores, _attention_reference(0, plan.sparse_q, ids)[
+      alone.reused_positions], rtol=2e-3, atol=1e-6)
+  forced = [32, 33, 39, 40] + list(tail[:-1])  # 2 before and after the new run; the tail
+  k = math.ceil(0.2 * plan.reused_positions.size)
+  score = dict(zip(plan.reused_positions.tolist(), plan.scores))
+  ranked = [p for p in sorted(score, key=lambda p: -score[p])
+            if p not in forced and p != len(ids) - 1][:k]
+  np.testing.assert_array_equal(plan.selected_positions, sorted(forced + ranked))

@@ -44,8 +44,8 @@ POLICIES = [
     # the default at T = 1 (layer T - 1 alone), the paper's rule at T = 1 and T = 0 (the probe)
     ("sparsex T=1", sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.4,
                                    **NO_UPDATE)),
-    ("sparsex-paper T=1", sx.SparseXPaper(layer_threshold=1, recompute_ratio=0.4, **NO_UPDATE)),
-    ("sparsex-paper T=0", sx.SparseXPaper(layer_threshold=0, recompute_ratio=0.3, **NO_UPDATE)),
+    ("sparsex-attention T=1", sx.SparseXAttention(layer_threshold=1, recompute_ratio=0.4, **NO_UPDATE)),
+    ("sparsex-attention T=0", sx.SparseXAttention(layer_threshold=0, recompute_ratio=0.3, **NO_UPDATE)),
     ("prefix (fills)", sx.ReuseConfig("prefix")),
     ("prefix (hits)", sx.ReuseConfig("prefix")),
 ]

@@ -238,28 +238,36 @@ def test_bad_inputs_fail_clearly(tmp_path, real_tokenizer):
 # Methods and report
 # ------------------------------------------------------------------------------------------------
 
-def test_method_grid_has_every_baseline_and_both_rules_grids():
+def by_label_of(grid, label):
+  return next(m for m in grid if m.label == label)
+
+
+def test_method_grid_has_every_baseline_and_every_rules_grid():
   grid = mth.method_grid(mth.FAMILIES, 30)
   labels = [m.label for m in grid]
-  # full, 5 baselines and each rule's 5 x 5 grid (each rule's default is one of its points)
-  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 2 * 25
+  # full, 5 baselines and each rule's 5 x 5 grid (each rule's default is one of its points, the
+  # paper's at T = round(0.15 * 30) = 5 besides)
+  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 3 * 25 + 1
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
           "sparsex r=0.15 T=4", "sparsex r=0.30 T=8", "sparsex r=0.05 T=0",
-          "sparsex-paper r=0.15 T=4", "sparsex-paper r=0.10 T=1"} <= set(labels)
+          "sparsex-attention r=0.15 T=4", "sparsex-attention r=0.10 T=1",
+          "sparsex-paper r=0.15 T=5", "sparsex-paper r=0.10 T=1"} <= set(labels)
+  assert by_label_of(grid, "sparsex-paper r=0.10 T=1").config == sx.SparseXPaper(
+      recompute_ratio=0.10, layer_threshold=1, update_caches=False)
   by_label = {m.label: m for m in grid}
   assert by_label["sparsex r=0.10 T=1"].config == sx.SparseX(
       recompute_ratio=0.10, layer_threshold=1, update_caches=False)
-  assert by_label["sparsex-paper r=0.20 T=2"].config == sx.SparseXPaper(
+  assert by_label["sparsex-attention r=0.20 T=2"].config == sx.SparseXAttention(
       recompute_ratio=0.20, layer_threshold=2, update_caches=False)
   assert by_label["random r=0.15 T=4"].config == sx.Random(
       recompute_ratio=0.15, layer_threshold=4, update_caches=False)
-  assert by_label["sparsex-paper r=0.05 T=8"].family == "sparsex-paper"
+  assert by_label["sparsex-attention r=0.05 T=8"].family == "sparsex-attention"
   assert all(not m.config.update_caches for m in grid)
   # the default families leave the paper's rule out; each rule's default comes first
   assert len(mth.method_grid(mth.DEFAULT_FAMILIES, 30)) == 6 + 25
-  assert [m.label for m in mth.method_grid(["sparsex-paper", "sparsex"], 30, [0.1], [1, 2])] == [
+  assert [m.label for m in mth.method_grid(["sparsex-attention", "sparsex"], 30, [0.1], [1, 2])] == [
       "full", "sparsex r=0.15 T=4", "sparsex r=0.10 T=1", "sparsex r=0.10 T=2",
-      "sparsex-paper r=0.15 T=4", "sparsex-paper r=0.10 T=1", "sparsex-paper r=0.10 T=2"]
+      "sparsex-attention r=0.15 T=4", "sparsex-attention r=0.10 T=1", "sparsex-attention r=0.10 T=2"]
   assert mth.default_label(0.1, 1) == "sparsex r=0.10 T=1"
   assert mth.default_method(30).label == "sparsex r=0.15 T=4"
   assert mth.default_method(30).config == sx.SparseX(update_caches=False, layer_threshold=4)
@@ -274,7 +282,7 @@ def test_method_grid_has_every_baseline_and_both_rules_grids():
 def _fake_run(path, n=12, seed=0, max_new_tokens=32):
   """A raw eval JSON with made-up numbers: naive KL ~ 0.2, sparsex halves it, epic better."""
   rng = np.random.default_rng(seed)
-  methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-paper"], 30, [0.15, 0.3],
+  methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-attention"], 30, [0.15, 0.3],
                             [2, 4])
   meta = {"device": "cpu", "platform": "cpu", "jax": "x", "python": "3", "date": "d",
           "command": "sparsex eval --fake", "model": "m", "model_name": "m", "dtype": "float32",
@@ -287,7 +295,7 @@ def _fake_run(path, n=12, seed=0, max_new_tokens=32):
   # the paper's rule a little worse than the default
   factor = {"full": 0.0, "naive": 1.0, "epic r=0.15": 0.3}
   factor |= {m.label: (0.6 if m.threshold == 4 else 0.9) for m in methods
-             if m.family == "sparsex-paper"}
+             if m.family == "sparsex-attention"}
   prompts = []
   for w in ("needle", "chat"):
     for i in range(n):
@@ -327,8 +335,8 @@ def test_report_summaries_tables_and_plots(tmp_path):
   verdicts = {(c["method"], c["vs"]): c["verdict"] for c in summary["comparisons"]}
   assert verdicts[("epic r=0.15", "sparsex r=0.15 T=4")] == "better"
   assert verdicts[("naive", "sparsex r=0.15 T=4")] == "worse"
-  assert verdicts[("sparsex-paper r=0.15 T=4", "sparsex r=0.15 T=4")] == "worse"
-  paper = summary["overall"]["sparsex-paper r=0.15 T=4"]["gap_recovered"]["mean"]
+  assert verdicts[("sparsex-attention r=0.15 T=4", "sparsex r=0.15 T=4")] == "worse"
+  paper = summary["overall"]["sparsex-attention r=0.15 T=4"]["gap_recovered"]["mean"]
   assert 0.3 < paper < 0.5
   assert "epic r=0.15" in summary["ttft_missing"] and "naive" not in summary["ttft_missing"]
   assert summary["ttft"]["sparsex r=0.15 T=4"]["ttft_ms"] == 95.0
@@ -339,7 +347,7 @@ def test_report_summaries_tables_and_plots(tmp_path):
   # one grid table per rule (rows T = 2, 4; columns r = 0.15, 0.30), the heatmap with the first
   assert md.count("| T \\ r | 0.15 | 0.30 |") == 2 and md.count("_heatmap.png") == 1
   assert md.index("## Grid of sparsex (") < md.index("_heatmap.png") < md.index(
-      "## Grid of sparsex-paper (")
+      "## Grid of sparsex-attention (")
   assert "| exact 32 | task | task - full |" in md and "KL-only" not in md
   # A KL-only run has no answers: its tables say so instead of showing task scores of 0.
   kl_only = str(tmp_path / "kl_only.json")
@@ -375,7 +383,7 @@ def test_report_joins_runs_that_split_the_methods(tmp_path):
   by_key = {p["key"]: p for p in prompts}
   old_prompt = json.load(open(old))["prompts"][0]
   joined = by_key[old_prompt["key"]]["results"]
-  assert joined["sparsex-paper r=0.15 T=4"] == old_prompt["results"]["sparsex-paper r=0.15 T=4"]
+  assert joined["sparsex-attention r=0.15 T=4"] == old_prompt["results"]["sparsex-attention r=0.15 T=4"]
   assert joined["sparsex r=0.30 T=4"] == old_prompt["results"]["sparsex r=0.30 T=4"]
   for label in ("naive", "sparsex r=0.15 T=4"):  # the later run's
     assert joined[label] == data["prompts"][0]["results"][label]
@@ -385,7 +393,7 @@ def test_report_joins_runs_that_split_the_methods(tmp_path):
   meta = report.merged_meta(metas)
   assert [m["label"] for m in meta["methods"]].count("sparsex r=0.15 T=4") == 1
   cell = lambda label: summary["overall"][label]["gap_recovered"]["mean"]  # noqa: E731
-  for family in mth.RULES:
+  for family in ("sparsex", "sparsex-attention"):  # the rules these runs have
     ts, rs, g = report._grid(meta, summary, family)
     assert ts == [2, 4] and rs == [0.15, 0.30]
     for t in ts:
@@ -400,7 +408,7 @@ def test_result_files_of_the_old_labels_are_read_in_todays(tmp_path):
   raw = str(tmp_path / "raw.json")
   _fake_run(raw, n=6)
   data = json.load(open(raw))
-  before = {"sparsex-paper r=0.15 T=4": "sparsex r=0.15 T=4",
+  before = {"sparsex-attention r=0.15 T=4": "sparsex r=0.15 T=4",
             "sparsex r=0.15 T=4": "sparsex[axn+heads2+fresh+attn2] r=0.15 T=4",
             "sparsex r=0.15 T=2": "sparsex[axn+heads2+fresh+attn2] r=0.15 T=2"}
   keep = {"full", "naive", "epic r=0.15"} | set(before)
@@ -420,10 +428,10 @@ def test_result_files_of_the_old_labels_are_read_in_todays(tmp_path):
   assert meta["default_label"] == "sparsex r=0.15 T=4" and meta["labels"] == mth.LABELS
   assert {m["label"]: m["family"] for m in meta["methods"]} == {
       "full": "full", "naive": "naive", "epic r=0.15": "epic",
-      "sparsex-paper r=0.15 T=4": "sparsex-paper", "sparsex r=0.15 T=4": "sparsex",
+      "sparsex-attention r=0.15 T=4": "sparsex-attention", "sparsex r=0.15 T=4": "sparsex",
       "sparsex r=0.15 T=2": "sparsex", "sparsex[axn+heads2] r=0.15 T=4": "sparsex[axn+heads2]"}
   original = json.load(open(raw))["prompts"][0]["results"]
-  assert prompts[0]["results"]["sparsex-paper r=0.15 T=4"] == original["sparsex r=0.15 T=4"]
+  assert prompts[0]["results"]["sparsex-attention r=0.15 T=4"] == original["sparsex r=0.15 T=4"]
   summary = report.render([raw], str(tmp_path / "out"), [], n_boot=100)
   ts, rs, g = report._grid(meta, summary, "sparsex")
   assert (ts, rs) == ([2, 4], [0.15])  # the removed rule is no cell of the default's grid
@@ -434,7 +442,7 @@ def test_result_files_of_the_old_labels_are_read_in_todays(tmp_path):
   # the TTFT file `sparsex eval` joins by default was written before "labels"
   ttft = report.load_ttft([os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), "docs", "results", "ttft_h100_thresholds.json")])
-  assert {"sparsex-paper r=0.15 T=4", "sparsex-paper r=0.30 T=2", "naive"} <= set(ttft)
+  assert {"sparsex-attention r=0.15 T=4", "sparsex-attention r=0.30 T=2", "naive"} <= set(ttft)
   assert not any(k.startswith("sparsex ") for k in ttft)
 
 
@@ -472,7 +480,7 @@ def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, essays_tes
   cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=5)
   engine = sx.Engine(cfg, llama.init_params(cfg, 3), real_tokenizer, num_pages=160)
   prompt = wl.chat_prompts(real_tokenizer, essays_test, "test", 1, wl.Sizes.quick())[0]
-  methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-paper"], cfg.n_layers,
+  methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-attention"], cfg.n_layers,
                             ratios=(0.15,), thresholds=(2,))
   one = sx.SamplingParams(max_new_tokens=1, temperature=0.0)
   rec = runner.evaluate_prompt(engine, prompt, methods, one)

@@ -23,7 +23,7 @@ def test_oracle_rebuilds_the_default_rule_from_the_pools(tmp_path):
   # On this one short prompt the default rule does not beat naive reuse (KL 0.0083 vs 0.0081
   # nats: both small), the paper's rule and the deep-deviation oracle do.
   assert res["naive"]["kl"] > 0 and runtime["kl"] > 0
-  assert res["sparsex-paper r=0.15 T=4"]["kl"] < res["naive"]["kl"]
+  assert res["sparsex-attention r=0.15 T=4"]["kl"] < res["naive"]["kl"]
   assert res["oracle dev>=T r=0.15 T=4"]["kl"] < 0.5 * res["naive"]["kl"]
   # Same tokens recomputed, same program: the same logits up to float32 summation order.
   assert abs(rebuilt["kl"] - runtime["kl"]) <= 1e-3 * res["naive"]["kl"]
