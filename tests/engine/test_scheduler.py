@@ -343,6 +343,32 @@ def test_close_gives_back_everything_held():
   _assert_clean(store, 39)
 
 
+def test_cancel_frees_a_waiting_or_running_request_between_steps():
+  store = _store(40)
+  sched = Scheduler(store, REUSE, 2, steps_per_visit=1)
+  for i in range(3):
+    sched.add_request(_request(i, 10, 8, docs=(i % 2,)))
+  runner = FakeRunner(store, REUSE, 2)
+  step = sched.schedule()
+  sched.update(step, runner.run(step))
+  assert list(sched.running) == [0, 1] and [r.index for r, _ in sched.waiting] == [2]
+  assert sched.cancel(2) and not sched.waiting  # waiting: leaves the queue, never leased
+  assert sched.cancel(0)  # running: its leases are back at once, its row dropped next step
+  assert list(sched.running) == [1] and len(store._live) == 1
+  step = sched.schedule()
+  assert step.drop == (0,)
+  sched.update(step, runner.run(step))
+  assert 0 not in runner.rows
+  assert not sched.cancel(0) and not sched.cancel(7)  # gone, or never known
+  step = sched.schedule()
+  with pytest.raises(RuntimeError, match="between schedule"):
+    sched.cancel(1)
+  sched.update(step, runner.run(step))
+  _run(sched, runner)
+  assert list(sched.finished) == [1] and 0 not in sched.failed
+  _assert_clean(store, 39)
+
+
 # ---- the books balance after any job -----------------------------------------------------------
 
 jobs = st.fixed_dictionaries({
