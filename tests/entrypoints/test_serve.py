@@ -275,3 +275,75 @@ def test_health_models_and_metrics(server):
                "sparsex_segment_cache_hit_rate", "sparsex_prefix_cache_hit_rate",
                "sparsex_recomputed_tokens_total", "sparsex_reused_tokens_total"):
     assert name in text, name
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_a_timeout_504(server):
+  headers = {"Authorization": "Bearer key-a"}
+  body = {"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 2}
+  capacity = server.loop.capacity
+  server.loop.capacity = 0  # as if rows and queue were taken
+  try:
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+  finally:
+    server.loop.capacity = capacity
+  assert r.status_code == 429 and r.headers["retry-after"] == "1"
+  assert "too many requests" in r.json()["error"]["message"]
+  server.config.request_timeout = 1e-4
+  try:
+    r = httpx.post(server.url + "/v1/completions", json=body | {"max_tokens": 50}, timeout=60,
+                   headers=headers)
+  finally:
+    server.config.request_timeout = None
+  assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+  _wait_idle(server)  # the timed-out request was cancelled in the engine
+  assert not server.engine.store._live
+  assert httpx.post(server.url + "/v1/completions", json=body, headers=headers,
+                    timeout=60).status_code == 200
+
+
+def test_sigterm_during_a_stream_finishes_it_exits_0_and_the_cache_dir_verifies(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port, cache = _free_port(), str(tmp_path / "cache")
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "serve", "--model", "random:tiny",
+       "--port", str(port), "--page-size", "4", "--pool-gib", "0.002", "--batch-size", "2",
+       "--cache-dir", cache], env=env, stderr=subprocess.PIPE, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+      assert proc.poll() is None, proc.stderr.read()
+      try:
+        if httpx.get(url + "/health").status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < deadline, "the server did not start"
+      time.sleep(0.1)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, CFG.vocab_size, 40)]
+    chunks = []
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": "random:tiny", "prompt": prompt, "max_tokens": 300,
+                            "temperature": 0, "stream": True}) as r:
+      for line in r.iter_lines():
+        if line.startswith("data: "):
+          chunks.append(line[6:])
+          if len(chunks) == 2:
+            proc.send_signal(signal.SIGTERM)
+    assert chunks[-1] == "[DONE]"
+    last = json.loads(chunks[-2])
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert len(last["x_sparsex"]["token_ids"]) == 300  # the stream ran to its end
+    assert proc.wait(60) == 0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  info = subprocess.run([sys.executable, "-m", "sparsex_jax.entrypoints.cli", "cache", "info",
+                         cache, "--verify", "--json"], env=env, capture_output=True, text=True)
+  assert info.returncode == 0, info.stderr
+  assert json.loads(info.stdout)["segments"] == 1  # the prompt, saved at shutdown

@@ -6,6 +6,7 @@ included) finish, then the engine loop ends and the segment cache is saved to --
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -58,6 +59,10 @@ def run(args, build_engine) -> int:
                        request_timeout=args.request_timeout,
                        namespace_per_key=args.namespace_per_key)
   server = Server(engine, config, on_shutdown=save)
+  # uvicorn catches SIGTERM/SIGINT to drain, then raises the signal again under the handlers it
+  # found: with these, a drained server returns and the process exits 0.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: None)
   uvicorn.Server(uvicorn.Config(server.app(), host=args.host, port=args.port,
                                 log_level="warning", timeout_graceful_shutdown=None)).run()
   return 0 if server.loop.error is None else 1
