@@ -34,7 +34,11 @@ def add_arguments(p, add_engine_args) -> None:
 
 
 def run(args, build_engine) -> int:
-  import uvicorn
+  try:
+    import uvicorn
+  except ImportError:
+    raise ValueError("sparsex serve needs the serve extra: pip install 'sparsex-jax[serve]'") \
+        from None
 
   import sparsex_jax as sx
   from sparsex_jax.entrypoints.serve.app import Server, ServeConfig
