@@ -347,3 +347,31 @@ def test_sigterm_during_a_stream_finishes_it_exits_0_and_the_cache_dir_verifies(
                          cache, "--verify", "--json"], env=env, capture_output=True, text=True)
   assert info.returncode == 0, info.stderr
   assert json.loads(info.stdout)["segments"] == 1  # the prompt, saved at shutdown
+
+
+def test_a_failing_prefill_is_that_request_s_error_and_the_server_keeps_serving(server,
+                                                                                monkeypatch):
+  from sparsex_jax import step_runner
+  poison = 499
+  real = step_runner.prefill_and_commit
+
+  def flaky(engine, prompts, leases, policy):
+    if any(poison in p.token_ids for p in prompts):
+      raise RuntimeError("device failure (injected)")
+    return real(engine, prompts, leases, policy)
+
+  monkeypatch.setattr(step_runner, "prefill_and_commit", flaky)
+  headers = {"Authorization": "Bearer key-d"}
+
+  async def main():
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=headers) as client:
+      return await asyncio.gather(*(
+          client.post("/v1/completions", json={"model": MODEL, "max_tokens": 3,
+                                               "prompt": [11 + i, 12, poison if i == 2 else 13]})
+          for i in range(4)))
+
+  answers = asyncio.run(main())
+  assert [r.status_code for r in answers] == [200, 200, 500, 200]
+  assert "device failure (injected)" in answers[2].json()["error"]["message"]
+  _wait_idle(server)
+  assert not server.engine.store._live
