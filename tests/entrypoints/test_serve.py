@@ -375,3 +375,20 @@ def test_a_failing_prefill_is_that_request_s_error_and_the_server_keeps_serving(
   assert "device failure (injected)" in answers[2].json()["error"]["message"]
   _wait_idle(server)
   assert not server.engine.store._live
+
+
+def test_a_client_that_goes_away_cancels_its_request_in_the_engine(server):
+  headers = {"Authorization": "Bearer key-e"}
+  body = {"model": MODEL, "prompt": [21, 22, 23], "max_tokens": 1000, "temperature": 0}
+  finished = server.metrics.generation_tokens._value.get()
+  with httpx.stream("POST", server.url + "/v1/completions", json=body | {"stream": True},
+                    headers=headers, timeout=60) as r:
+    for line in r.iter_lines():
+      if line.startswith("data: "):
+        break  # the first chunk: the request is running; the client leaves
+  with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+    httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.5)
+  _wait_idle(server, timeout=20)
+  # neither ran to its 1000 tokens: both were taken out of the engine, their pages given back
+  assert server.metrics.generation_tokens._value.get() == finished
+  assert not server.engine.store._live
