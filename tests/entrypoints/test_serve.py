@@ -62,8 +62,13 @@ def _free_port():
 @pytest.fixture(scope="module")
 def server():
   engine = _engine(tokenizer=TOK, num_pages=512, max_batch_size=8)
-  srv = Server(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"), default_max_tokens=8,
-                                   max_waiting=64, namespace_per_key=True))
+  yield from serving(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"), default_max_tokens=8,
+                                         max_waiting=64, namespace_per_key=True))
+
+
+def serving(engine, config):
+  """A Server for `engine` on a free loopback port, in a thread (a fixture's body)."""
+  srv = Server(engine, config)
   port = _free_port()
   uv = uvicorn.Server(uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning"))
   thread = threading.Thread(target=uv.run, daemon=True)
