@@ -273,7 +273,18 @@ def test_health_models_and_metrics(server):
   assert httpx.get(server.url + "/health").json() == {"status": "ok"}
   models = _client(server).models.list()
   assert [m.id for m in models.data] == [MODEL]
+  r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [31, 32],
+                                                        "max_tokens": 3},
+                 headers={"Authorization": "Bearer key-a"}, timeout=60)
+  assert r.status_code == 200
   text = httpx.get(server.url + "/metrics").text
+  values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+  assert values["sparsex_time_to_first_token_seconds_count"] >= 1
+  assert values["sparsex_time_per_output_token_seconds_count"] >= 1
+  assert values["sparsex_generation_tokens_total"] >= 3
+  assert values['sparsex_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+  assert values["sparsex_pool_pages_capacity"] == server.engine.layout.num_pages - 1
   for name in ("sparsex_requests_total", "sparsex_time_to_first_token_seconds_bucket",
                "sparsex_time_per_output_token_seconds_bucket", "sparsex_requests_running",
                "sparsex_requests_waiting", "sparsex_pool_pages_used",

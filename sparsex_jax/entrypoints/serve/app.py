@@ -57,22 +57,14 @@ class Server:
     self.loop = EngineLoop(engine, config.reuse, max_waiting=config.max_waiting,
                            on_first_token=self._first_token, on_finished=self._finished)
     self.draining = False
-    self._t_first: dict[int, float] = {}
-    self._t_arrival: dict[int, float] = {}
 
   # ---- metrics hooks (engine thread) ---------------------------------------------------------
 
   def _first_token(self, handle: Handle) -> None:
-    now = time.perf_counter()
-    self._t_first[handle.index] = now
-    t0 = self._t_arrival.get(handle.index)
-    if t0 is not None:
-      self.metrics.ttft.observe(now - t0)
+    self.metrics.ttft.observe(handle.t_first - handle.t_arrival)
 
   def _finished(self, handle: Handle, output: RequestOutput) -> None:
-    now = time.perf_counter()
-    self._t_arrival.pop(handle.index, None)
-    t1 = self._t_first.pop(handle.index, None)
+    now, t1 = time.perf_counter(), handle.t_first
     if output.error is not None:
       return
     s = output.stats
@@ -184,11 +176,10 @@ class Server:
     try:
       handle = self.loop.submit(dict(prompt=prompt, sampling=sp, reuse=reuse,
                                      loop=asyncio.get_running_loop(), events=asyncio.Queue(),
-                                     request_id=req.id))
+                                     request_id=req.id, t_arrival=time.perf_counter()))
     except Full as e:
       raise ApiError(429, f"too many requests: {e}; retry later", None, "rate_limit_error",
                      headers={"Retry-After": str(self.config.retry_after)}) from None
-    self._t_arrival[handle.index] = time.perf_counter()
     return parsed, handle
 
   async def _complete(self, request: HttpRequest, kind: str, endpoint: str):

@@ -55,6 +55,8 @@ class Handle:
   loop: asyncio.AbstractEventLoop
   events: asyncio.Queue
   request_id: str = ""
+  t_arrival: float = 0.0  # time.perf_counter() when it arrived
+  t_first: float | None = None  # when its first token was pushed
   sent: int = 0  # tokens pushed so far (engine thread only)
   done: bool = False
 
@@ -218,8 +220,10 @@ class EngineLoop:
   def _push_tokens(self, handle: Handle, tokens) -> None:
     if not tokens:
       return
-    if handle.sent == 0 and self.on_first_token is not None:
-      self.on_first_token(handle)
+    if handle.sent == 0:
+      handle.t_first = time.perf_counter()
+      if self.on_first_token is not None:
+        self.on_first_token(handle)
     handle.sent += len(tokens)
     handle.push(Tokens(tuple(int(t) for t in tokens)))
 
