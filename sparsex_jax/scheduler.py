@@ -234,6 +234,23 @@ class Scheduler:
         self._requeue_running(solo=True)
     return done
 
+  def cancel(self, index: int) -> bool:
+    """Takes a request out between two steps (its client went away): a waiting one leaves the
+    queue; a running one gives its leases back now and its row is emptied at the next step (its
+    K/V pages may be leased again in that same step: the row is dropped before any prefill).
+    Returns False for a request that is not waiting or running (finished, failed, unknown)."""
+    if self._in_flight is not None:
+      raise RuntimeError("cancel() between schedule() and update()")
+    for i, (request, _) in enumerate(self.waiting):
+      if request.index == index:
+        del self.waiting[i]
+        return True
+    if index in self.running:
+      self._release(index)
+      self._drop.append(index)
+      return True
+    return False
+
   def close(self) -> None:
     """Gives back every lease held (a job that ends early: an error raised, an interrupt)."""
     for leases in self._leases.values():

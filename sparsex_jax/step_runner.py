@@ -46,8 +46,13 @@ class StepRunner:
   page-table width and stop width, so its decode loop compiles once per job."""
 
   def __init__(self, engine: "Engine", policy, requests: Sequence[ScheduledRequest],
-               t_job: float):
+               t_job: float, *, batch: RunningBatch | None = None):
+    """batch: the running batch to use (a server's, sized for any request it admits: see
+    `serving_batch`); by default one sized for `requests`."""
     self.engine, self.policy, self.t_job = engine, policy, t_job
+    if batch is not None:
+      self.batch = batch
+      return
     layout = engine.layout
     rows = planner.bucket(min(engine.max_batch_size, len(requests)), minimum=1)
     max_pages = planner.bucket(max(layout.pages_for(r.prompt.token_ids.size
@@ -55,6 +60,16 @@ class StepRunner:
                                    for r in requests), minimum=4)
     self.batch = RunningBatch(rows, max_pages, stop_width([self.stops(r) for r in requests]),
                               layout)
+
+  @staticmethod
+  def serving_batch(engine: "Engine", max_stops: int = 1) -> RunningBatch:
+    """A running batch for requests not known in advance (a server): max_batch_size rows (a
+    bucket) and a page table wide enough for the model's whole context, so its decode loop
+    compiles once for the server's life."""
+    layout = engine.layout
+    rows = planner.bucket(engine.max_batch_size, minimum=1)
+    max_pages = planner.bucket(layout.pages_for(engine.config.max_seq_len), minimum=4)
+    return RunningBatch(rows, max_pages, stop_width([range(max(max_stops, 1))]), layout)
 
   def prepare(self, request: ScheduledRequest) -> None:
     """Before a request's cache lookups (the scheduler's hook): loads its segments from the

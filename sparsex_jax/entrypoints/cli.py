@@ -5,6 +5,7 @@
   sparsex generate --input F --output O ...      an offline batch job over JSONL (batch/)
   sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
   sparsex cache info D                           what a segment cache on disk holds
+  sparsex serve --model M [--port P]             an OpenAI-compatible server (docs/SERVING.md)
   sparsex eval [--quick] ...                     reuse quality of every method (docs/evaluation.md)
 
 Subcommands are thin: the work is in sparsex_jax/batch/, sparsex_jax/kv/persist.py and
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
   _add_tp_arg(demo)
   _add_generate_parser(sub)
   _add_cache_parser(sub)
+  serve = sub.add_parser("serve", help="an OpenAI-compatible server (docs/SERVING.md)")
+  from sparsex_jax.entrypoints.serve import server as serve_server
+  serve_server.add_arguments(serve, _add_engine_args)
   ev = sub.add_parser("eval", help="reuse quality of every method on four workloads "
                       "(docs/evaluation.md)")
   from sparsex_jax.research import runner
@@ -66,6 +70,9 @@ def main(argv=None) -> int:
   try:
     if args.command == "eval":
       return runner.run(args, argv[1:])
+    if args.command == "serve":
+      _use_compile_cache(args)
+      return serve_server.run(args, _build_engine)
     return {"demo": _demo, "generate": _generate, "cache": _cache}[args.command](args)
   except (ValueError, JobError, OSError) as e:  # CacheError is a ValueError naming the file
     # An unusable argument, input, output or cache: one line naming it, exit 2 (1 means "some

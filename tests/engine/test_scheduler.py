@@ -5,7 +5,8 @@ by the Step's rules; the store's commit after a prefill, so later requests hit t
 segment caches and pin them) and fails where a test says: a "poisoned" request fails every
 prefill it is part of, or every decode loop it runs in. Checked: admission by free pages and
 rows, the padded admission limit, refill, failure isolation, requests added while a job runs,
-and, as a property over random jobs, that the pool's books balance after any of them.
+and, as a property over random jobs (with cancellations), that the pool's books balance after any of
+them.
 """
 
 import types
@@ -113,14 +114,18 @@ def _output(request, n):
                        finish_reason="length", request_id=request.request_id)
 
 
-def _run(sched, runner, arrivals=None, max_steps=10_000):
-  """The engine's loop; `arrivals`: {step number: requests added before that step}. Returns the
-  completions in order."""
-  arrivals = dict(arrivals or {})
+def _run(sched, runner, arrivals=None, max_steps=10_000, cancels=None, cancelled=None):
+  """The engine's loop; `arrivals`: {step number: requests added before that step}; `cancels`:
+  {step number: indices cancelled before that step} (those cancel() took out go in the set
+  `cancelled`). Returns the completions in order."""
+  arrivals, cancels = dict(arrivals or {}), dict(cancels or {})
   done, n = [], 0
   while sched.has_work or arrivals:
     for r in arrivals.pop(n, []):
       sched.add_request(r)
+    for index in cancels.pop(n, []):
+      if sched.cancel(index):
+        cancelled.add(index)
     step = sched.schedule()
     done += step.failed
     done += sched.update(step, runner.run(step))
@@ -343,6 +348,32 @@ def test_close_gives_back_everything_held():
   _assert_clean(store, 39)
 
 
+def test_cancel_frees_a_waiting_or_running_request_between_steps():
+  store = _store(40)
+  sched = Scheduler(store, REUSE, 2, steps_per_visit=1)
+  for i in range(3):
+    sched.add_request(_request(i, 10, 8, docs=(i % 2,)))
+  runner = FakeRunner(store, REUSE, 2)
+  step = sched.schedule()
+  sched.update(step, runner.run(step))
+  assert list(sched.running) == [0, 1] and [r.index for r, _ in sched.waiting] == [2]
+  assert sched.cancel(2) and not sched.waiting  # waiting: leaves the queue, never leased
+  assert sched.cancel(0)  # running: its leases are back at once, its row dropped next step
+  assert list(sched.running) == [1] and len(store._live) == 1
+  step = sched.schedule()
+  assert step.drop == (0,)
+  sched.update(step, runner.run(step))
+  assert 0 not in runner.rows
+  assert not sched.cancel(0) and not sched.cancel(7)  # gone, or never known
+  step = sched.schedule()
+  with pytest.raises(RuntimeError, match="between schedule"):
+    sched.cancel(1)
+  sched.update(step, runner.run(step))
+  _run(sched, runner)
+  assert list(sched.finished) == [1] and 0 not in sched.failed
+  _assert_clean(store, 39)
+
+
 # ---- the books balance after any job -----------------------------------------------------------
 
 jobs = st.fixed_dictionaries({
@@ -351,7 +382,8 @@ jobs = st.fixed_dictionaries({
         st.integers(1, 12),  # question tokens
         st.integers(1, 8),  # max_new_tokens
         st.integers(0, 6),  # arrival step
-        st.sampled_from(["ok", "ok", "ok", "prefill", "decode"])), min_size=1, max_size=12),
+        st.sampled_from(["ok", "ok", "ok", "prefill", "decode", "cancel"])),
+        min_size=1, max_size=12),
     "pages": st.integers(6, 40), "rows": st.integers(1, 6), "steps": st.integers(1, 4),
     "reuse": st.booleans(), "lose_pool": st.booleans()})
 
@@ -363,22 +395,29 @@ def test_every_request_ends_once_and_the_pool_balances(job):
   capacity = store.allocator.capacity
   policy = REUSE if job["reuse"] else NO_REUSE
   arrivals, reqs, poison = {}, [], {"prefill": set(), "decode": set()}
+  cancels, cancelled = {}, set()
   for i, (docs, n_question, max_new, arrival, fate) in enumerate(job["requests"]):
     n_docs = sum(DOCS[d].size for d in docs)
     r = _request(i, n_docs + n_question, max_new, docs=docs)
     reqs.append(r)
     arrivals.setdefault(arrival, []).append(r)
-    if fate != "ok":
+    if fate == "cancel":  # the client goes away a few steps after it came
+      cancels.setdefault(arrival + i % 4, []).append(i)
+    elif fate != "ok":
       poison[fate].add(i)
   sched = Scheduler(store, policy, job["rows"], steps_per_visit=job["steps"])
   runner = FakeRunner(store, policy, job["rows"], poison["prefill"], poison["decode"],
                       job["lose_pool"])
-  done = _run(sched, runner, arrivals)
-  # every request ended exactly once, finished or failed, and was reported as it ended
-  assert sorted(c.request.index for c in done) == list(range(len(reqs)))
+  done = _run(sched, runner, arrivals, cancels=cancels, cancelled=cancelled)
+  # every request ended exactly once, finished, failed or cancelled, and was reported as it ended
+  # (a cancelled one never is)
+  assert sorted(c.request.index for c in done) == sorted(set(range(len(reqs))) - cancelled)
   assert not set(sched.finished) & set(sched.failed)
-  assert len(sched.finished) + len(sched.failed) == len(reqs)
+  assert not (set(sched.finished) | set(sched.failed)) & cancelled
+  assert len(sched.finished) + len(sched.failed) + len(cancelled) == len(reqs)
   for r in reqs:
+    if r.index in cancelled:
+      continue
     too_big = -(-(r.prompt.token_ids.size + r.sampling.max_new_tokens) // PAGE) > capacity
     fails = (too_big or r.index in poison["prefill"]
              or (r.index in poison["decode"] and r.sampling.max_new_tokens > 1))

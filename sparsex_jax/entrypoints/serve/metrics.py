@@ -1,0 +1,53 @@
+"""The server's Prometheus metrics (`/metrics`), in a registry of its own per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+  """Counters the handlers and the engine loop update; gauges refreshed at each scrape."""
+
+  def __init__(self):
+    r = self.registry = CollectorRegistry()
+    self.requests = Counter("sparsex_requests", "HTTP completion requests answered",
+                            ["endpoint", "status"], registry=r)
+    self.prompt_tokens = Counter("sparsex_prompt_tokens", "prompt tokens of finished requests",
+                                 registry=r)
+    self.generation_tokens = Counter("sparsex_generation_tokens", "tokens generated",
+                                     registry=r)
+    self.reused_tokens = Counter("sparsex_reused_tokens",
+                                 "prompt tokens whose KV came from the segment cache", registry=r)
+    self.exact_tokens = Counter("sparsex_exact_tokens", "prompt tokens hit in the prefix cache",
+                                registry=r)
+    self.recomputed_tokens = Counter("sparsex_recomputed_tokens",
+                                     "reused tokens recomputed in the sparse layers", registry=r)
+    self.ttft = Histogram("sparsex_time_to_first_token_seconds",
+                          "arrival to first token", buckets=LATENCY_BUCKETS, registry=r)
+    self.tpot = Histogram("sparsex_time_per_output_token_seconds",
+                          "first to last token, per token after the first",
+                          buckets=LATENCY_BUCKETS, registry=r)
+    self.running = Gauge("sparsex_requests_running", "requests admitted to a running batch",
+                         registry=r)
+    self.waiting = Gauge("sparsex_requests_waiting", "requests queued for admission",
+                         registry=r)
+    self.pool_used = Gauge("sparsex_pool_pages_used", "KV pool pages in use", registry=r)
+    self.pool_capacity = Gauge("sparsex_pool_pages_capacity", "KV pool pages", registry=r)
+    self.segment_hit_rate = Gauge("sparsex_segment_cache_hit_rate",
+                                  "segment-cache lookups that hit (every namespace)", registry=r)
+    self.prefix_hit_rate = Gauge("sparsex_prefix_cache_hit_rate",
+                                 "prefix-cache block lookups that hit (every namespace)",
+                                 registry=r)
+
+  def refresh(self, loop, engine) -> None:
+    """The gauges, read at scrape time (host counters; approximate while a step runs)."""
+    running, waiting = loop.counts()
+    self.running.set(running)
+    self.waiting.set(waiting)
+    stats = engine.store.stats()
+    self.pool_used.set(stats["pool"]["pages_used"])
+    self.pool_capacity.set(stats["pool"]["capacity_pages"])
+    self.segment_hit_rate.set(stats["segment_cache"]["hit_rate"])
+    self.prefix_hit_rate.set(stats["prefix_cache"]["hit_rate"])

@@ -1,0 +1,410 @@
+"""`sparsex serve` (sparsex_jax/entrypoints/serve/): the OpenAI-compatible server on a loopback port,
+driven by the official `openai` client and httpx, over the tiny random model with a test tokenizer
+(one token per byte in, one character per token out, so text and tokens map one to one).
+
+Checked: the client's chat and completion calls, streaming and not, give Engine.generate's tokens
+for the same request and seed; a second chat turn reports the tokens it reused (x_sparsex, the
+x-sparsex-* headers) as the engine does, and another API key's namespace never reuses them; bad
+requests get a 4xx naming the field and the server answers the next one; concurrent requests
+with random cancellations are each whole and right, and afterwards every page is free or held by
+a cache; /health, /v1/models, /metrics.
+"""
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+import sparsex_jax as sx
+from sparsex_jax.entrypoints.serve.app import Server, ServeConfig
+from tests.engine.test_engine import CFG, _engine
+
+MODEL = "tiny-test"
+
+
+class CharTokenizer:
+  """Bytes in (ids 3..258), one character per id out; a plain chat template; no stop ids."""
+
+  stop_ids = ()
+
+  def encode(self, text, add_special_tokens=False):
+    return [b + 3 for b in text.encode()]
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(chr(0x4E00 + int(i)) for i in ids)
+
+  def apply_chat_template(self, messages, add_generation_prompt=False):
+    text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+    return text + ("<assistant>" if add_generation_prompt else "")
+
+
+TOK = CharTokenizer()
+
+
+def _text(tokens):
+  return TOK.decode(tokens)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+  engine = _engine(tokenizer=TOK, num_pages=512, max_batch_size=8)
+  yield from serving(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"), default_max_tokens=8,
+                                         max_waiting=64, namespace_per_key=True))
+
+
+def serving(engine, config):
+  """A Server for `engine` on a free loopback port, in a thread (a fixture's body)."""
+  srv = Server(engine, config)
+  port = _free_port()
+  uv = uvicorn.Server(uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  deadline = time.time() + 30
+  while not uv.started:
+    assert time.time() < deadline and thread.is_alive(), "the server did not start"
+    time.sleep(0.02)
+  srv.url = f"http://127.0.0.1:{port}"
+  yield srv
+  uv.should_exit = True
+  thread.join(30)
+
+
+def _client(server, key="key-a"):
+  return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def _reference(requests, reuse="sparsex"):
+  """Engine.generate on a fresh engine (no caches) of the same weights."""
+  eng = _engine(tokenizer=TOK, num_pages=512)
+  return eng.generate(requests, reuse=sx.ReuseConfig(reuse))
+
+
+def _chat(messages, **sampling):
+  return sx.chat_request(TOK, messages, sampling=sx.SamplingParams(**sampling))
+
+
+def _wait_idle(server, timeout=30):
+  deadline = time.time() + timeout
+  while server.loop.pending:
+    assert time.time() < deadline, f"{server.loop.pending} requests still pending"
+    time.sleep(0.02)
+  time.sleep(0.2)  # the engine thread back at its queue
+
+
+def test_openai_client_chat_and_completions_match_engine_generate(server):
+  client = _client(server)
+  messages = [{"role": "system", "content": "You are terse."},
+              {"role": "user", "content": "Name three colours."}]
+  prompt = [int(t) for t in np.random.default_rng(7).integers(3, CFG.vocab_size, 23)]
+  want_chat, want_sampled, want_cmpl = _reference([
+      _chat(messages, max_new_tokens=6),
+      _chat(messages, max_new_tokens=6, temperature=0.9, top_p=0.8, seed=11),
+      sx.Request([sx.Segment(prompt)], sampling=sx.SamplingParams(max_new_tokens=7, seed=3))])
+  r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                     temperature=0)
+  assert r.choices[0].message.content == _text(want_chat.token_ids)
+  assert r.choices[0].finish_reason == "length"
+  assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == want_chat.stats.n_prompt
+  assert r.model_extra["x_sparsex"]["token_ids"] == want_chat.token_ids
+  r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                     temperature=0.9, top_p=0.8, seed=11)
+  assert r.choices[0].message.content == _text(want_sampled.token_ids)
+  chunks = list(client.chat.completions.create(
+      model=MODEL, messages=messages, max_tokens=6, temperature=0.9, top_p=0.8, seed=11,
+      stream=True, stream_options={"include_usage": True}))
+  text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert text == _text(want_sampled.token_ids)
+  assert chunks[-1].usage.completion_tokens == 6
+  r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0)
+  assert r.choices[0].text == _text(want_cmpl.token_ids)
+  chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=7,
+                                          temperature=0, stream=True))
+  assert "".join(c.choices[0].text for c in chunks) == _text(want_cmpl.token_ids)
+  assert chunks[-1].choices[0].finish_reason == "length"
+  # a stop string ends the text before it, and the request with it
+  stop = _text(want_cmpl.token_ids[3:5])
+  r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0,
+                                stop=[stop])
+  assert r.choices[0].finish_reason == "stop"
+  assert r.choices[0].text == _text(want_cmpl.token_ids)[:_text(want_cmpl.token_ids).find(stop)]
+
+
+def test_second_turn_reuses_the_first_and_another_namespace_does_not(server):
+  turn1 = [{"role": "system", "content": "You answer questions about the passage."},
+           {"role": "user", "content": "Passage: the lighthouse keeper counted ships. " * 3}]
+  ref = _engine(tokenizer=TOK, num_pages=512)
+  first = ref.generate([_chat(turn1, max_new_tokens=5)])[0]
+  turn2 = turn1 + [{"role": "assistant", "content": first.text},
+                   {"role": "user", "content": "How many ships?"}]
+  want = ref.generate([_chat(turn2, max_new_tokens=5)])[0]
+  assert want.stats.n_reused + want.stats.n_exact > 0
+
+  client = _client(server, "key-a")
+  r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=5, temperature=0)
+  assert r1.choices[0].message.content == first.text
+  raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2,
+                                                         max_tokens=5, temperature=0)
+  r2 = raw.parse()
+  x = r2.model_extra["x_sparsex"]
+  assert x["token_ids"] == want.token_ids  # the engine's tokens with the same reuse
+  assert (x["reused_tokens"], x["exact_tokens"], x["recomputed_tokens"]) == (
+      want.stats.n_reused, want.stats.n_exact, want.stats.n_recomputed)
+  assert raw.headers["x-sparsex-reused-tokens"] == str(want.stats.n_reused)
+  assert raw.headers["x-sparsex-reuse"] == "sparsex"
+  # the same conversation under another API key: its own namespace, nothing reused
+  other = _client(server, "key-b").chat.completions.create(model=MODEL, messages=turn2,
+                                                          max_tokens=5, temperature=0)
+  x = other.model_extra["x_sparsex"]
+  assert x["reused_tokens"] == 0 and x["exact_tokens"] == 0
+  # a request may choose its reuse method ("reuse", an extra_body field)
+  full = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=5,
+                                        temperature=0, extra_body={"reuse": "full"})
+  assert full.model_extra["x_sparsex"]["reuse"] == "full"
+  assert full.model_extra["x_sparsex"]["reused_tokens"] == 0
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ("{not json", 400, None),
+    ({"model": "gpt-4", "prompt": [5, 6]}, 404, "model"),
+    ({"model": MODEL, "prompt": [5, 6], "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [5] * (CFG.max_seq_len + 1)}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [5] * 1000, "max_tokens": 100}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [5, 6], "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": [5, 6], "logprobs": 3}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": MODEL, "prompt": [5, 6], "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": [5, 6], "reuse": {"mode": "sparsex", "colour": 1}}, 400, "reuse"),
+    ({"model": MODEL, "prompt": [CFG.vocab_size]}, 400, "prompt"),
+])
+def test_bad_requests_get_4xx_naming_the_field_and_the_next_request_runs(server, body, status,
+                                                                         field):
+  url = server.url + ("/v1/chat/completions" if isinstance(body, dict) and "messages" in body
+                      else "/v1/completions")
+  data = body if isinstance(body, str) else json.dumps(body)
+  r = httpx.post(url, content=data, headers={"Authorization": "Bearer key-a",
+                                             "Content-Type": "application/json"})
+  assert r.status_code == status, r.text
+  err = r.json()["error"]
+  assert err["param"] == field
+  if field is not None:
+    assert field in err["message"]
+  ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9],
+                                                          "max_tokens": 2},
+                  headers={"Authorization": "Bearer key-a"})
+  assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_namespace_per_key_server_refuses_requests_without_a_key(server):
+  r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [7, 8]})
+  assert r.status_code == 401
+
+
+def test_concurrent_requests_with_cancellations_are_whole_and_leave_no_page_held(server):
+  rng = np.random.default_rng(5)
+  system = [int(t) for t in rng.integers(3, CFG.vocab_size, 9)]
+  prompts = [system + [int(t) for t in rng.integers(3, CFG.vocab_size, int(rng.integers(3, 30)))]
+             for _ in range(50)]
+  want = _reference([sx.Request([sx.Segment(p)], sampling=sx.SamplingParams(max_new_tokens=12, temperature=0.7,
+                                                                             seed=i))
+                     for i, p in enumerate(prompts)], reuse="full")
+  chooser = random.Random(0)
+  plan = [chooser.choice(["whole", "whole", "stream", "cancel-stream", "cancel"])
+          for _ in prompts]
+
+  async def one(client, i):
+    body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 12, "temperature": 0.7,
+            "seed": i, "reuse": "full"}
+    if plan[i] == "whole":
+      r = await client.post("/v1/completions", json=body)
+      assert r.status_code == 200, r.text
+      return r.json()["x_sparsex"]["token_ids"]
+    if plan[i] == "cancel":  # the client gives up before the answer: a disconnect
+      with pytest.raises(httpx.TimeoutException):
+        await client.post("/v1/completions", json=body, timeout=0.05)
+      return None
+    async with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+      text = ""
+      async for line in r.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+          continue
+        chunk = json.loads(line[6:])
+        text += chunk["choices"][0]["text"]
+        if plan[i] == "cancel-stream" and text:
+          return None  # closes the stream mid-way
+        if "x_sparsex" in chunk:
+          assert _text(chunk["x_sparsex"]["token_ids"]) == text
+          return chunk["x_sparsex"]["token_ids"]
+    raise AssertionError("the stream ended without its last chunk")
+
+  async def main():
+    async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                 headers={"Authorization": "Bearer key-c"}) as client:
+      return await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+
+  got = asyncio.run(main())
+  for i, tokens in enumerate(got):
+    if tokens is not None:
+      assert tokens == want[i].token_ids, i
+  assert sum(t is not None for t in got) >= 20
+  _wait_idle(server)
+  store = server.engine.store
+  store.check_invariants()
+  assert not store._live  # no lease left: every page is free or held by a cache
+  assert server.engine.stats()["pool"]["pages_used"] == (
+      store.prefix_cache.num_cached_blocks + store.segment_cache.num_pages)
+
+
+def test_health_models_and_metrics(server):
+  assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+  models = _client(server).models.list()
+  assert [m.id for m in models.data] == [MODEL]
+  r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [31, 32],
+                                                        "max_tokens": 3},
+                 headers={"Authorization": "Bearer key-a"}, timeout=60)
+  assert r.status_code == 200
+  text = httpx.get(server.url + "/metrics").text
+  values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+  assert values["sparsex_time_to_first_token_seconds_count"] >= 1
+  assert values["sparsex_time_per_output_token_seconds_count"] >= 1
+  assert values["sparsex_generation_tokens_total"] >= 3
+  assert values['sparsex_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+  assert values["sparsex_pool_pages_capacity"] == server.engine.layout.num_pages - 1
+  for name in ("sparsex_requests_total", "sparsex_time_to_first_token_seconds_bucket",
+               "sparsex_time_per_output_token_seconds_bucket", "sparsex_requests_running",
+               "sparsex_requests_waiting", "sparsex_pool_pages_used",
+               "sparsex_segment_cache_hit_rate", "sparsex_prefix_cache_hit_rate",
+               "sparsex_recomputed_tokens_total", "sparsex_reused_tokens_total"):
+    assert name in text, name
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_a_timeout_504(server):
+  headers = {"Authorization": "Bearer key-a"}
+  body = {"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 2}
+  capacity = server.loop.capacity
+  server.loop.capacity = 0  # as if rows and queue were taken
+  try:
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+  finally:
+    server.loop.capacity = capacity
+  assert r.status_code == 429 and r.headers["retry-after"] == "1"
+  assert "too many requests" in r.json()["error"]["message"]
+  server.config.request_timeout = 1e-4
+  try:
+    r = httpx.post(server.url + "/v1/completions", json=body | {"max_tokens": 50}, timeout=60,
+                   headers=headers)
+  finally:
+    server.config.request_timeout = None
+  assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+  _wait_idle(server)  # the timed-out request was cancelled in the engine
+  assert not server.engine.store._live
+  assert httpx.post(server.url + "/v1/completions", json=body, headers=headers,
+                    timeout=60).status_code == 200
+
+
+def test_sigterm_during_a_stream_finishes_it_exits_0_and_the_cache_dir_verifies(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port, cache = _free_port(), str(tmp_path / "cache")
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "serve", "--model", "random:tiny",
+       "--port", str(port), "--page-size", "4", "--pool-gib", "0.002", "--batch-size", "2",
+       "--cache-dir", cache], env=env, stderr=subprocess.PIPE, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+      assert proc.poll() is None, proc.stderr.read()
+      try:
+        if httpx.get(url + "/health").status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < deadline, "the server did not start"
+      time.sleep(0.1)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, CFG.vocab_size, 40)]
+    chunks = []
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": "random:tiny", "prompt": prompt, "max_tokens": 300,
+                            "temperature": 0, "stream": True}) as r:
+      for line in r.iter_lines():
+        if line.startswith("data: "):
+          chunks.append(line[6:])
+          if len(chunks) == 2:
+            proc.send_signal(signal.SIGTERM)
+    assert chunks[-1] == "[DONE]"
+    last = json.loads(chunks[-2])
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert len(last["x_sparsex"]["token_ids"]) == 300  # the stream ran to its end
+    assert proc.wait(60) == 0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  info = subprocess.run([sys.executable, "-m", "sparsex_jax.entrypoints.cli", "cache", "info",
+                         cache, "--verify", "--json"], env=env, capture_output=True, text=True)
+  assert info.returncode == 0, info.stderr
+  assert json.loads(info.stdout)["segments"] == 1  # the prompt, saved at shutdown
+
+
+def test_a_failing_prefill_is_that_request_s_error_and_the_server_keeps_serving(server,
+                                                                                monkeypatch):
+  from sparsex_jax import step_runner
+  poison = 499
+  real = step_runner.prefill_and_commit
+
+  def flaky(engine, prompts, leases, policy):
+    if any(poison in p.token_ids for p in prompts):
+      raise RuntimeError("device failure (injected)")
+    return real(engine, prompts, leases, policy)
+
+  monkeypatch.setattr(step_runner, "prefill_and_commit", flaky)
+  headers = {"Authorization": "Bearer key-d"}
+
+  async def main():
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=headers) as client:
+      return await asyncio.gather(*(
+          client.post("/v1/completions", json={"model": MODEL, "max_tokens": 3,
+                                               "prompt": [11 + i, 12, poison if i == 2 else 13]})
+          for i in range(4)))
+
+  answers = asyncio.run(main())
+  assert [r.status_code for r in answers] == [200, 200, 500, 200]
+  assert "device failure (injected)" in answers[2].json()["error"]["message"]
+  _wait_idle(server)
+  assert not server.engine.store._live
+
+
+def test_a_client_that_goes_away_cancels_its_request_in_the_engine(server):
+  headers = {"Authorization": "Bearer key-e"}
+  body = {"model": MODEL, "prompt": [21, 22, 23], "max_tokens": 1000, "temperature": 0}
+  finished = server.metrics.generation_tokens._value.get()
+  with httpx.stream("POST", server.url + "/v1/completions", json=body | {"stream": True},
+                    headers=headers, timeout=60) as r:
+    for line in r.iter_lines():
+      if line.startswith("data: "):
+        break  # the first chunk: the request is running; the client leaves
+  with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+    httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.5)
+  _wait_idle(server, timeout=20)
+  # neither ran to its 1000 tokens: both were taken out of the engine, their pages given back
+  assert server.metrics.generation_tokens._value.get() == finished
+  assert not server.engine.store._live
