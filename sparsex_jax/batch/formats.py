@@ -97,7 +97,8 @@ def _seed_for(request_id, seed: int) -> int:
   return int.from_bytes(h.digest(), "little")
 
 
-def _stop_strings(value) -> tuple[str, ...]:
+def stop_strings(value) -> tuple[str, ...]:
+  """An OpenAI `stop` field (a string, a list of strings or null) as a tuple of strings."""
   if value is None:
     return ()
   if isinstance(value, str):
@@ -153,7 +154,7 @@ def _segment(item, i: int) -> Segment:
   return Segment(content, cache=cache)
 
 
-def _openai_messages(messages) -> list[dict]:
+def openai_messages(messages) -> list[dict]:
   """OpenAI chat messages with content parts ([{"type": "text", "text": ...}]) joined to text."""
   if not isinstance(messages, list):
     raise LineError("body.messages must be a list")
@@ -174,7 +175,7 @@ def _openai_messages(messages) -> list[dict]:
   return out
 
 
-def _depth(obj) -> int:
+def json_depth(obj) -> int:
   """Nesting depth of parsed JSON (iterative: no recursion to exhaust)."""
   deepest, stack = 0, [(obj, 1)]
   while stack:
@@ -198,7 +199,7 @@ def _load_json(text: str):
     raise LineError(f"JSON nested deeper than the limit of {MAX_DEPTH}") from None
   except MemoryError:
     raise LineError("line too large to parse in memory") from None
-  if _depth(obj) > MAX_DEPTH:
+  if json_depth(obj) > MAX_DEPTH:
     raise LineError(f"JSON nested deeper than the limit of {MAX_DEPTH}")
   return obj
 
@@ -231,7 +232,7 @@ def parse_line(text: str, line: int, tokenizer, defaults: Defaults) -> JobLine:
       segments = chat_segments(tokenizer, obj["messages"])
     return JobLine(line, request_id, "ours",
                    Request(segments, id=request_id, sampling=sampling, namespace=namespace),
-                   stop=_stop_strings(obj.get("stop")))
+                   stop=stop_strings(obj.get("stop")))
   except (TypeError, ValueError) as e:
     raise LineError(str(e)) from None
 
@@ -263,7 +264,7 @@ def _parse_openai(obj: dict, line: int, tokenizer, defaults: Defaults) -> JobLin
     if url == "/v1/chat/completions":
       if "prompt" in body or "messages" not in body:
         raise LineError("a chat completion body needs \"messages\" (and no \"prompt\")")
-      segments, form = chat_segments(tokenizer, _openai_messages(body["messages"])), \
+      segments, form = chat_segments(tokenizer, openai_messages(body["messages"])), \
           "chat.completion"
       if not defaults.cache_final_message:
         segments = _final_message_uncached(segments)
@@ -282,7 +283,7 @@ def _parse_openai(obj: dict, line: int, tokenizer, defaults: Defaults) -> JobLin
       form = "text_completion"
     model = body.get("model")
     return JobLine(line, request_id, form, Request(segments, id=request_id, sampling=sampling),
-                   stop=_stop_strings(body.get("stop")),
+                   stop=stop_strings(body.get("stop")),
                    model=model if isinstance(model, str) else None)
   except (TypeError, ValueError) as e:
     raise LineError(str(e)) from None

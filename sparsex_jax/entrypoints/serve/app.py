@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sparsex_jax.api import RequestOutput
-from sparsex_jax.batch.formats import MAX_DEPTH, _depth
+from sparsex_jax.batch.formats import MAX_DEPTH, json_depth
 from sparsex_jax.entrypoints.serve.engine_loop import EngineLoop, Finished, Full, Handle, Tokens
 from sparsex_jax.entrypoints.serve.metrics import Metrics
 from sparsex_jax.entrypoints.serve.protocol import ApiError, ParsedRequest, bad, parse_body
@@ -142,7 +142,7 @@ class Server:
       body = json.loads(raw)
     except (ValueError, RecursionError) as e:
       raise bad(None, f"malformed JSON body ({e})") from None
-    if _depth(body) > MAX_DEPTH:
+    if json_depth(body) > MAX_DEPTH:
       raise bad(None, f"JSON nested deeper than {MAX_DEPTH}")
     namespace = self.namespace(request)
     parsed = parse_body(body, kind, self.engine.tokenizer,

@@ -13,7 +13,7 @@ import secrets
 from typing import Any
 
 from sparsex_jax.api import Request, Segment
-from sparsex_jax.batch.formats import LineError, _openai_messages, _stop_strings
+from sparsex_jax.batch.formats import LineError, openai_messages, stop_strings
 from sparsex_jax.chat import chat_segments
 from sparsex_jax.reuse import ReuseConfig, ReuseMethod
 from sparsex_jax.sampling import SamplingParams
@@ -120,7 +120,7 @@ def parse_body(body: Any, kind: str, tokenizer, *, default_max_tokens: int) -> P
   if "user" in body and not isinstance(body["user"], str):
     raise bad("user", "user must be a string")
   try:
-    stop = _stop_strings(body.get("stop"))
+    stop = stop_strings(body.get("stop"))
   except LineError as e:
     raise bad("stop", str(e)) from None
   reuse = parse_reuse(body["reuse"]) if "reuse" in body else None
@@ -134,7 +134,7 @@ def parse_body(body: Any, kind: str, tokenizer, *, default_max_tokens: int) -> P
     if "messages" not in body:
       raise bad("messages", "a chat completion needs messages")
     try:
-      messages = _openai_messages(body["messages"])
+      messages = openai_messages(body["messages"])
       segments = chat_segments(tokenizer, messages)
     except (LineError, ValueError, TypeError) as e:
       raise bad("messages", str(e).replace("body.", "")) from None
