@@ -22,8 +22,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from sparsex_jax.programs.scoring import ScoringInputs
 from sparsex_jax.labels import NEW, REUSED
+from sparsex_jax.programs.scoring import ScoringInputs
 from sparsex_jax.reuse.base import (DEFAULT_LAYER_THRESHOLD, Selection, ceil_fraction,
                                     check_threshold, reused_segments)
 from sparsex_jax.reuse.baselines import TopK
@@ -36,8 +36,9 @@ DEFAULT_SEGMENT_HEADS = 2
 
 @dataclasses.dataclass(frozen=True)
 class AttentionMass:
-  """The paper's scorer: the attention the Sparse-Q rows pay each token at the last full layer
-  T - 1 (at T = 0, layer 0's, probed)."""
+  """The paper's scorer: the attention the scoring rows (the Sparse-Q set, and the tail
+  fallback's queries where the method adds them) pay each token at the last full layer T - 1
+  (at T = 0, layer 0's, probed)."""
 
   uses_probe: ClassVar[bool] = True
 
