@@ -5,8 +5,8 @@ against its byte floor. Random weights at real shapes (speed does not depend on 
    drawn from a corpus of `--passages` (precomputed alone with engine.cache_segments, as a RAG
    corpus would be, so every request reuses them), and a new question; output lengths uniform in
    [--min-new, --max-new] (seeded), no stop tokens. Run by static batching and by continuous
-   batching on the same engine (static batching: sparsex_jax/research/baselines.py; caches cleared and the corpus recomputed before each, so both
-   start alike), after a short warm-up job of the same shapes in each mode (compilations). Per
+   batching on the same engine (static batching: sparsex_jax/research/baselines.py; caches
+   cleared and the corpus recomputed before each, so both start alike), after a short warm-up job of the same shapes in each mode (compilations). Per
    mode: output tokens/s, job time, mean and p90 time to first token per request (from the job's
    start: queueing included), peak pool pages, programs compiled during the timed job.
 2. The decode step: decode_loop (the engine's program) at batch x context (--micro-batches x

@@ -12,5 +12,6 @@ from sparsex_jax.sharding import make_mesh, mesh_for
 
 __all__ = ["CacheBlend", "CacheError", "Engine", "Epic", "Full", "Naive", "Prefix", "PrefillPlan",
            "Random", "Request", "RequestError", "RequestOutput", "RequestStats", "ReuseConfig",
-           "ReuseMethod", "SamplingParams", "Segment", "SparseX", "SparseXAttention", "SparseXPaper",
-           "chat_request", "chat_segments", "make_mesh", "mesh_for", "message_segments"]
+           "ReuseMethod", "SamplingParams", "Segment", "SparseX", "SparseXAttention",
+           "SparseXPaper", "chat_request", "chat_segments", "make_mesh", "mesh_for",
+           "message_segments"]

@@ -4,8 +4,8 @@
             -> sample -> decode (device loops) -> release
 
 generate() is continuous batching, a loop of schedule -> run -> update: the Scheduler
-(scheduler.py, host only) says who is prefilled, decoded and released, the StepRunner (step_runner.py)
-does each step's device work. Host bookkeeping lives in sparsex_jax/kv, planning in planner.py,
+(scheduler.py, host only) says who is prefilled, decoded and released, the StepRunner
+(step_runner.py) does each step's device work. Host bookkeeping lives in sparsex_jax/kv, planning in planner.py,
 reuse methods in reuse/, device programs in sparsex_jax/programs; this file only wires them.
 """
 

@@ -1,10 +1,10 @@
 """Pins the first-token logits and selections of every reuse policy to stored values.
 
-The values in tests/engine/data/golden_logits.npz were computed by the engine as it stood before the
-first architecture refactor (commit aaf8099; the default rule's at 062ae45, before the second);
-refactors must not move them. Rejected options were deleted with their values (tag
-research-round9). Two scenarios, each run on a
-fresh engine per policy so that no policy sees another's cache entries:
+The values in tests/engine/data/golden_logits.npz were computed by the engine as it stood before
+the first architecture refactor (commit aaf8099; the default rule's at 062ae45, before the
+second); refactors must not move them. Rejected options were deleted with their values (tag
+research-round9). Two scenarios, each run on a fresh engine per policy so that no policy sees
+another's cache entries:
 
 - tiny: the random tiny model, passages cached alone, a system prompt cached as an exact prefix,
   then a request interleaving reused passages with new text (full logits stored);
