@@ -251,6 +251,13 @@ class Scheduler:
       return True
     return False
 
+  def forget(self, index: int) -> None:
+    """Drops an ended request's record (its output in `finished`, its error in `failed`). A
+    long-lived caller (the server) forgets each request as it reports it, so that the scheduler
+    holds nothing of the requests it is done with; a batch job keeps them to the end."""
+    self.finished.pop(index, None)
+    self.failed.pop(index, None)
+
   def close(self) -> None:
     """Gives back every lease held (a job that ends early: an error raised, an interrupt)."""
     for leases in self._leases.values():

@@ -426,3 +426,20 @@ def test_every_request_ends_once_and_the_pool_balances(job):
       assert len(sched.finished[r.index].token_ids) == r.sampling.max_new_tokens
   assert not sched.running and not sched._leases and not sched._solo
   _assert_clean(store, capacity)
+
+
+def test_forget_drops_an_ended_request_s_record():
+  """A long-lived caller forgets each request it has reported: nothing of it stays."""
+  store = _store(40)
+  sched = Scheduler(store, NO_REUSE, 2, steps_per_visit=4)
+  sched.add_request(_request(0, 6, 2))
+  sched.add_request(_request(1, 500, 2))  # too large for the pool: fails at admission
+  runner = FakeRunner(store, NO_REUSE, 2)
+  step = sched.schedule()
+  done = list(step.failed) + sched.update(step, runner.run(step)) + _run(sched, runner)
+  assert sorted(c.request.index for c in done) == [0, 1]
+  assert list(sched.finished) == [0] and list(sched.failed) == [1]
+  for c in done:
+    sched.forget(c.request.index)
+  assert not sched.finished and not sched.failed
+  _assert_clean(store, 39)

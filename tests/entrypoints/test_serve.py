@@ -313,6 +313,9 @@ def test_a_full_queue_gets_429_with_retry_after_and_a_timeout_504(server):
   assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
   _wait_idle(server)  # the timed-out request was cancelled in the engine
   assert not server.engine.store._live
+  # the schedulers keep nothing of the requests the server has answered (bounded memory)
+  assert all(not g.scheduler.finished and not g.scheduler.failed
+             for g in server.loop._groups.values())
   assert httpx.post(server.url + "/v1/completions", json=body, headers=headers,
                     timeout=60).status_code == 200
 

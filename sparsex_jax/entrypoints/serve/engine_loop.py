@@ -198,7 +198,7 @@ class EngineLoop:
     sched, runner = group.scheduler, group.runner
     try:
       step = sched.schedule()
-      self._complete(step.failed)
+      self._complete(sched, step.failed)
       result = runner.run(step)
       done = sched.update(step, result)
     except Exception as e:  # pylint: disable=broad-except
@@ -215,7 +215,7 @@ class EngineLoop:
       handle = self._handles.get(seq.key.index)
       if handle is not None and len(seq.tokens) > handle.sent:
         self._push_tokens(handle, seq.tokens[handle.sent:])
-    self._complete(done)
+    self._complete(sched, done)
 
   def _push_tokens(self, handle: Handle, tokens) -> None:
     if not tokens:
@@ -227,8 +227,10 @@ class EngineLoop:
     handle.sent += len(tokens)
     handle.push(Tokens(tuple(int(t) for t in tokens)))
 
-  def _complete(self, completions: tuple[Completion, ...] | list[Completion]) -> None:
+  def _complete(self, sched: Scheduler,
+                completions: tuple[Completion, ...] | list[Completion]) -> None:
     for c in completions:
+      sched.forget(c.request.index)  # reported here: the scheduler keeps nothing of it
       handle = self._handles.get(c.request.index)
       if handle is None:
         continue
