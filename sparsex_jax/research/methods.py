@@ -16,9 +16,13 @@ import types
 from typing import Sequence
 
 import sparsex_jax as sx
+from sparsex_jax.research import candidates
+from sparsex_jax.reuse import METHODS
 
 BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
-RULES = ("sparsex", "sparsex-paper", "sparsex-attention")  # run over the r x T grid
+# Run over the r x T grid: the shipped rules, then this round's candidates (research/candidates.py).
+RULES = ("sparsex", "sparsex-paper", "sparsex-attention", *candidates.CANDIDATES)
+_RULE_CLASSES = {**METHODS, **candidates.CANDIDATES}
 FAMILIES = BASELINES + RULES
 # What `sparsex eval` runs without --methods: each other rule adds a grid, so it is asked for by
 # name.
@@ -80,15 +84,26 @@ def _threshold(config: sx.ReuseMethod, n_layers: int) -> int:
 
 def rule_method(family: str, ratio: float, threshold: int) -> Method:
   """A SparseX rule at (r, T), storing nothing."""
-  config = sx.ReuseConfig(family, recompute_ratio=ratio, layer_threshold=threshold,
-                          update_caches=False)
+  config = _RULE_CLASSES[family](recompute_ratio=ratio, layer_threshold=threshold,
+                                 update_caches=False)
   return Method(label(family, ratio, threshold), family, config, ratio, threshold)
+
+
+def config_of(text: str, **fields) -> sx.ReuseMethod:
+  """The method a rule's label names ("sparsex-split r=0.15 T=4"), with extra fields."""
+  family, sep, rest = text.partition(" r=")
+  ratio, sep2, threshold = rest.partition(" T=")
+  if not sep or not sep2 or family not in RULES + ("random",):
+    raise ValueError(f"{text!r} is not a rule's label (FAMILY r=R T=T, FAMILY one of "
+                     f"{', '.join(RULES)}, random)")
+  cls = sx.Random if family == "random" else _RULE_CLASSES[family]
+  return cls(recompute_ratio=float(ratio), layer_threshold=int(threshold), **fields)
 
 
 def default_method(n_layers: int, family: str = "sparsex") -> Method:
   """A rule at its shipped defaults (r = 0.15, T = 4 capped at the depth): for "sparsex", the
   default of sx.ReuseConfig()."""
-  base = sx.ReuseConfig(family)
+  base = _RULE_CLASSES[family]()
   return rule_method(family, base.recompute_ratio, _threshold(base, n_layers))
 
 

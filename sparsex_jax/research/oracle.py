@@ -263,7 +263,7 @@ def main(argv=None):
           "model": args.model, "model_name": engine.config.name, "n_layers": n_layers,
           "dtype": "float32", "split": args.split, "seed": 0, "quick": args.quick,
           "prompts_per_workload": args.prompts, "first_prompt": 0, "workloads": workloads,
-          "sizes": dict(vars(sizes)), "max_new_tokens": 1, "probe_layers": probe,
+          "sizes": dataclasses.asdict(sizes), "max_new_tokens": 1, "probe_layers": probe,
           "methods": methods, "default_label": rules[0].label, "labels": mth.LABELS,
           "notes": [], "complete": False}
   data = {"meta": meta, "prompts": []}

@@ -12,6 +12,7 @@ prompt: a run stopped by --time-budget-s (or killed) still leaves balanced, usab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -271,7 +272,7 @@ def run(args, argv: list[str], engine=None) -> int:
       "model": args.model, "model_name": engine.config.name, "n_layers": n_layers,
       "dtype": args.dtype, "split": args.split, "seed": args.seed, "quick": args.quick,
       "prompts_per_workload": s["prompts"], "first_prompt": args.first, "workloads": workloads,
-      "sizes": {k: v for k, v in vars(sizes).items()}, "max_new_tokens": s["max_new_tokens"],
+      "sizes": json.loads(json.dumps(dataclasses.asdict(sizes))), "max_new_tokens": s["max_new_tokens"],
       "data": os.path.basename(args.data) if args.data else None,
       "methods": [{"label": m.label, "family": m.family, "ratio": m.ratio,
                    "threshold": m.threshold} for m in methods],

