@@ -85,8 +85,10 @@ def leave_one_family_out(summary: dict, candidates: list[str], reference: str,
       d = draws[f][chosen] - draws[f][other]
       ci = list(mt.percentile_ci(d))
       vs[other] = {"diff": gap(f, chosen) - gap(f, other), "ci": ci, "verdict": _verdict(ci)}
-    words = {"loses": "loses to", "ties": "only ties", "same": "is", "n/a": "has no interval vs"}
-    fails = [f"{words[v['verdict']]} {other}" for other, v in vs.items()
+    words = {"loses": "loses to", "ties": "only ties", "same": "is the reference",
+             "n/a": "has no interval vs"}
+    fails = [words[v["verdict"]] + ("" if v["verdict"] == "same" else f" {other}")
+             for other, v in vs.items()
              if v["verdict"] != "wins" and (other == reference
                                             or v["verdict"] not in ("ties", "same"))]
     folds.append({"family": f, "chosen": chosen, "score_others": scores[chosen],
