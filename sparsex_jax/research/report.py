@@ -732,15 +732,15 @@ def render(paths: Sequence[str], out: str, ttft_files: Sequence[str], n_boot: in
   metas, prompts = load_runs(paths)
   if not prompts:
     raise ValueError(f"{', '.join(paths)}: no evaluated prompts to report")
-  summary = summarize(metas, prompts, n_boot)
-  ttft = load_ttft(ttft_files)
-  name = os.path.basename(out)
   meta = merged_meta(metas)
   known = [m["label"] for m in meta["methods"]]
   candidates = selection.parse_labels(candidates)
   for label in candidates + list(highlight) + ([reference] if reference else []):
     if label not in known:
       raise ValueError(f"{label!r} is no method of these runs; they have: " + ", ".join(known))
+  summary = summarize(metas, prompts, n_boot)
+  ttft = load_ttft(ttft_files)
+  name = os.path.basename(out)
   if candidates:
     baselines = lofo_baselines(meta, summary)
     summary["lofo"] = selection.leave_one_family_out(
