@@ -434,7 +434,7 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
     if grid is None:
       continue
     ts, rs, g = grid
-    lines += ["", f"## Grid of {family} ({RULE_NAMES[family]}): gap recovered, mean over "
+    lines += ["", f"## Grid of {family} ({RULE_NAMES.get(family, 'a candidate rule')}): gap recovered, mean over "
               "workloads (rows T, columns r)", ""]
     if family == _heatmap_family(meta):
       lines += [f"![heatmap]({out_name}_heatmap.png)", ""]
@@ -512,7 +512,7 @@ def heatmap(meta: dict, summary: dict, path: str):
         if np.isfinite(vals[i, j]):
           ax.text(j, i, f"{100 * vals[i, j]:.0f}", ha="center", va="center", fontsize=7)
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="gap recovered")
-  fig.suptitle(f"{family} ({RULE_NAMES[family]}) gap recovered (%), {meta['split']} split, "
+  fig.suptitle(f"{family} ({RULE_NAMES.get(family, 'a candidate rule')}) gap recovered (%), {meta['split']} split, "
                f"{meta['model_name']}, {meta['device']}", fontsize=9)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)

@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser):
                  "8 decode tokens")
   p.add_argument("--report", nargs="+", metavar="JSON", default=None,
                  help="no model: re-render (and merge) raw JSON from earlier runs into --out")
+  p.add_argument("--candidates", default=None,
+                 help='"LABEL1;LABEL2": leave-one-family-out selection over these labels')
+  p.add_argument("--reference", default=None,
+                 help="with --candidates: the label to beat (default: the run's default)")
 
 
 def _settings(args) -> dict:
@@ -216,7 +220,8 @@ def run(args, argv: list[str], engine=None) -> int:
   shapes to warm a persistent compilation cache."""
   if args.report:
     out = args.out or os.path.join("docs", "results", f"eval_{args.split}")
-    report.render(args.report, out, _ttft_files(args), n_boot=args.bootstrap)
+    report.render(args.report, out, _ttft_files(args), n_boot=args.bootstrap,
+                  candidates=args.candidates, reference=args.reference)
     return 0
   s = _settings(args)
   out = args.out or (os.path.join(".out", "eval_quick") if args.quick
@@ -325,7 +330,8 @@ def run(args, argv: list[str], engine=None) -> int:
   meta["complete"] = not stopped
   meta["elapsed_s"] = time.perf_counter() - t_start
   _write_json(raw_path, data)
-  report.render([raw_path], out, _ttft_files(args), n_boot=args.bootstrap)
+  report.render([raw_path], out, _ttft_files(args), n_boot=args.bootstrap,
+                  candidates=args.candidates, reference=args.reference)
   return 0
 
 
