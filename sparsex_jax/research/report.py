@@ -12,6 +12,7 @@ contains 0.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from typing import Sequence
@@ -32,6 +33,11 @@ RULE_NAMES = {"sparsex": "the default rule", "sparsex-paper": "the paper's rule"
 # Loading
 # ------------------------------------------------------------------------------------------------
 
+def _open_text(path: str):
+  """A result file, plain or gzip-compressed (.gz: the archived rounds in docs/results)."""
+  return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+
+
 def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
   """(metas, prompts) of raw JSON files. Runs that split the methods of the same prompts join:
   a prompt seen in several files gets every file's methods, and a method measured twice keeps
@@ -41,7 +47,7 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path}: no such eval JSON")
     try:
-      with open(path) as f:
+      with _open_text(path) as f:
         data = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
@@ -96,7 +102,7 @@ def load_ttft(paths: Sequence[str]) -> dict[str, dict]:
   for path in paths:
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path}: no such TTFT JSON (scripts/bench_ttft.py output)")
-    with open(path) as f:
+    with _open_text(path) as f:
       data = json.load(f)
     rows = data.get("ttft") if isinstance(data, dict) else None
     if not isinstance(rows, list):
