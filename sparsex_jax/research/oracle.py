@@ -46,7 +46,9 @@ import numpy as np
 import sparsex_jax as sx
 from sparsex_jax.labels import EXACT, NEW, REUSED
 from sparsex_jax.prompt import tokenize
-from sparsex_jax.reuse import DEFAULT_LAYER_THRESHOLD, Selection
+from sparsex_jax.reuse import DEFAULT_LAYER_THRESHOLD, Selection, ceil_fraction
+from sparsex_jax.reuse.base import reused_segments
+from sparsex_jax.reuse.sparsex import overflow_tokens
 from sparsex_jax.step_runner import prefill_and_commit
 from sparsex_jax.research import methods as mth
 from sparsex_jax.research import metrics as mt
@@ -55,8 +57,8 @@ from sparsex_jax.research import runner
 from sparsex_jax.research import text as txt
 from sparsex_jax.research import workloads as wl
 
-RANKINGS = ("oracle dev@T", "oracle attn x dev@T", "oracle dev>=T", "oracle attn x dev>=T",
-            "oracle attn_l x dev_l")
+ORACLES = ("oracle dev@T", "oracle attn x dev@T", "oracle dev>=T", "oracle attn x dev>=T",
+           "oracle attn_l x dev_l")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +92,66 @@ class GivenRanking(sx.SparseX):
     return RefreshThenGiven()
 
 
+@dataclasses.dataclass(frozen=True)
+class ForcedSet(sx.SparseX):
+  """Exactly the tokens of `chosen` recomputed (in the default rule's program: layer T's fresh
+  K/V written for every token), whatever the budget: the greedy oracle's probe."""
+
+  mode: ClassVar[str] = "oracle-set"
+  segment_heads: int = 0
+  chosen: np.ndarray | None = dataclasses.field(default=None, compare=False, hash=False)
+
+  def select(self, plan, layer_threshold: int) -> Selection:
+    if self.chosen is None or self.chosen.shape != (plan.n,):
+      raise ValueError(f"chosen of shape {getattr(self.chosen, 'shape', None)}, the plan has "
+                       f"{plan.n} tokens")
+    forced = self.chosen & (plan.labels == REUSED) & ~plan.sparse_q
+    return Selection(n_select=int(forced.sum()), forced=forced,
+                     given_score=np.zeros(plan.n, np.float32))
+
+  def device_scorer(self, layer_threshold: int):
+    return RefreshThenGiven()
+
+
+def greedy_blocks(plan, n_blocks: int = 48) -> list[np.ndarray]:
+  """The reused tokens cut into blocks of b = ceil(n_reused / n_blocks) (at least 8) consecutive
+  tokens, never across a segment boundary: the greedy oracle's units."""
+  n_reused = int(np.sum(plan.labels == REUSED))
+  b = max(8, -(-n_reused // n_blocks))
+  out = []
+  for members in reused_segments(plan):
+    members = members[~plan.sparse_q[members]]
+    out.extend(members[i:i + b] for i in range(0, members.size, b))
+  return out
+
+
+def greedy_oracle(engine, request, plan, full_logits, ratio: float, threshold: int):
+  """The true oracle at a budget of ceil(r * n_reused) tokens: blocks added one at a time,
+  each round the block whose recomputation lowers the first-token KL from full prefill most
+  (every candidate measured by a prefill). Returns (KL after each round, the chosen mask)."""
+  blocks = greedy_blocks(plan)
+  budget = ceil_fraction(ratio, int(np.sum(plan.labels == REUSED)))
+  chosen = np.zeros(plan.n, bool)
+  curve, left = [], list(range(len(blocks)))
+  while left and chosen.sum() < budget:
+    best = None
+    for i in left:
+      trial = chosen.copy()
+      trial[blocks[i]] = True
+      logits = engine.prefill_logits(request, reuse=ForcedSet(
+          recompute_ratio=ratio, layer_threshold=threshold, chosen=trial, update_caches=False))
+      kl = mt.kl_divergence(full_logits, np.asarray(logits, np.float32))
+      if best is None or kl < best[0]:
+        best = (kl, i)
+    chosen[blocks[best[1]]] = True
+    left.remove(best[1])
+    curve.append(best[0])
+  return curve, chosen
+
+
 # The rules the oracle rankings are compared with: the ones that recompute exactly ceil(r n)
 # ranked tokens (the paper's published rule recomputes its overflow and tail blocks besides).
-RANKINGS = ("sparsex", "sparsex-attention")
+RULES_COMPARED = ("sparsex", "sparsex-attention")
 
 def _capture(engine, request: sx.Request, method: sx.ReuseMethod):
   """One prefill under `method`: float32 logits [V], the plan, and the K and V of every prompt
@@ -147,7 +206,8 @@ def probe_layers(n_layers: int, threshold: int, asked: str = "") -> list[int]:
   return sorted(rule | extra)
 
 
-def evaluate(engine, prompt: wl.Prompt, ratio: float, threshold: int, probe: list[int]):
+def evaluate(engine, prompt: wl.Prompt, ratio: float, threshold: int, probe: list[int],
+             greedy: bool = False):
   """Every method and ranking on one prompt: (its `sparsex eval` record, per-token features)."""
   engine.clear_caches()
   for step in prompt.warm:
@@ -176,7 +236,7 @@ def evaluate(engine, prompt: wl.Prompt, ratio: float, threshold: int, probe: lis
 
   record("full", full_logits, 0, time.perf_counter())
   record("naive", naive_logits, 0, time.perf_counter())
-  for family in RANKINGS:
+  for family in RULES_COMPARED:
     m = mth.rule_method(family, ratio, threshold)
     run(m.label, m.config)
 
@@ -194,8 +254,18 @@ def evaluate(engine, prompt: wl.Prompt, ratio: float, threshold: int, probe: lis
     run(f"{name} r={ratio:.2f} T={threshold}",
         GivenRanking(recompute_ratio=ratio, layer_threshold=threshold,
                      given=np.where(reused, score, 0.0), update_caches=False))
+  if greedy:
+    t0 = time.perf_counter()
+    curve, chosen = greedy_oracle(engine, prompt.request, plan, full_logits, ratio, threshold)
+    logits = engine.prefill_logits(prompt.request, reuse=ForcedSet(
+        recompute_ratio=ratio, layer_threshold=threshold, chosen=chosen, update_caches=False))
+    record(f"oracle greedy-KL r={ratio:.2f} T={threshold}", np.asarray(logits, np.float32),
+           int(chosen.sum()), t0)
   seg = plan.segment_ids[reused]
   starts = {g: int(np.flatnonzero(plan.segment_ids == g)[0]) for g in np.unique(seg)}
+  alone = {s.content for step in prompt.warm if step.kind == "segments" for s in step.segments}
+  seg_alone = np.array([prompt.request.segments[int(g)].content in alone for g in seg])
+  seg_len = {g: int(np.sum(plan.segment_ids[reused] == g)) for g in np.unique(seg)}
   features = {  # per reused token, for offline analysis of runtime proxies
       "deviation": dev[:, reused].astype(np.float16),  # [L, n_reused]
       "attention": np.stack([attn[l][reused] for l in probe]).astype(np.float16),
@@ -203,7 +273,13 @@ def evaluate(engine, prompt: wl.Prompt, ratio: float, threshold: int, probe: lis
       "in_segment": (np.flatnonzero(reused) - np.array([starts[g] for g in seg])).astype(np.int32),
       "segment": seg.astype(np.int32),
       "token": plan.token_ids[reused].astype(np.int32),
+      "segment_length": np.array([seg_len[g] for g in seg], np.int32),
+      "cached_alone": seg_alone,
+      "next_to_new": overflow_tokens(plan, 16)[reused],
   }
+  if greedy:
+    features["greedy_chosen"] = chosen[reused]
+    features["greedy_curve"] = np.asarray(curve, np.float32)
   return {"key": prompt.key, "workload": prompt.workload, "split": prompt.split,
           "index": prompt.index, "item": prompt.item, "n_prompt": int(plan.n),
           "task_metric": prompt.task_metric, "answers": list(prompt.answers),
@@ -224,6 +300,9 @@ def main(argv=None):
                   "reads, beside the default rule's T-1 and T (default: five spread over the "
                   "sparse layers)")
   ap.add_argument("--quick", action="store_true", help="short prompts (CPU smoke run)")
+  ap.add_argument("--greedy-prompts", type=int, default=0, help="prompts per workload (the "
+                  "first ones) that also run the greedy KL oracle (a prefill per block per "
+                  "round: about 400 prefills a prompt)")
   ap.add_argument("--time-budget-s", type=float, default=None)
   ap.add_argument("--out", default=os.path.join("docs", "results", "oracle_dev"))
   args = ap.parse_args(argv)
@@ -249,12 +328,13 @@ def main(argv=None):
   probe = probe_layers(n_layers, t, args.probe_layers)
   if probe[0] < 0 or probe[-1] > n_layers - 2:
     raise SystemExit(f"--probe-layers must be in [0, {n_layers - 2}], got {probe}")
-  rules = [mth.rule_method(f, r, t) for f in RANKINGS]
+  rules = [mth.rule_method(f, r, t) for f in RULES_COMPARED]
   methods = ([{"label": lb, "family": lb, "ratio": None, "threshold": None}
               for lb in ("full", "naive")]
              + [{"label": m.label, "family": m.family, "ratio": r, "threshold": t} for m in rules]
              + [{"label": f"{n} r={r:.2f} T={t}", "family": "oracle", "ratio": r,
-                 "threshold": t} for n in RANKINGS])
+                 "threshold": t} for n in ORACLES + (("oracle greedy-KL",)
+                                                      if args.greedy_prompts else ())])
   meta = {**runner._device_info(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "command": "python scripts/oracle_selection.py " + shlex.join(sys.argv[1:]
@@ -276,7 +356,7 @@ def main(argv=None):
       if args.time_budget_s and time.perf_counter() - t_start > args.time_budget_s:
         stopped = True
         break
-      rec, feats = evaluate(engine, prompts[w][i], r, t, probe)
+      rec, feats = evaluate(engine, prompts[w][i], r, t, probe, greedy=i < args.greedy_prompts)
       data["prompts"].append(rec)
       features.update({f"{rec['key']}/{k}": v for k, v in feats.items()})
       res = rec["results"]

@@ -109,23 +109,35 @@ def _ntok(tok, seg):
 
 
 @pytest.fixture(scope="module")
-def essays_test(real_tokenizer):
-  return wl.EssayText(real_tokenizer, "test")
+def texts_test(real_tokenizer):
+  return wl.Texts(real_tokenizer, "test")
 
 
-def test_essay_split_is_disjoint_and_musique_split_by_parity(real_tokenizer, essays_test):
-  dev = wl.EssayText(real_tokenizer, "dev")
-  assert dev.names and essays_test.names and not set(dev.names) & set(essays_test.names)
+def test_every_genre_loads_from_its_pip_package_and_splits_disjoint(real_tokenizer, texts_test):
+  for genre in txt.GENRES:
+    docs = txt.load_documents(genre)
+    assert len(docs) >= 40 and all(text.strip() for _, text in docs)
+    assert sum(len(text) for _, text in docs) > 200_000
+    dev = wl.TextCorpus(real_tokenizer, genre, "dev")
+    test = texts_test.corpus(genre)
+    assert dev.names and test.names and not set(dev.names) & set(test.names)
+  # the reference genre is prose: no grammar rules or code lines survive
+  assert not any("::=" in s for s in texts_test.corpus("reference").sentences)
   assert [i for i in range(6) if txt.split_of(i, "dev")] == [0, 2, 4]
   with pytest.raises(ValueError, match="split"):
     txt.split_of(0, "train")
+  with pytest.raises(ValueError, match="unknown genre"):
+    txt.load_documents("poetry")
 
 
-def test_needle_fact_is_inside_one_cached_passage_at_its_depth(real_tokenizer, essays_test):
+def test_needle_fact_is_inside_one_cached_passage_at_its_depth(real_tokenizer, texts_test):
   tok = real_tokenizer
   sizes = wl.Sizes(needle_contexts=(2048,), needle_depths=(0.1, 0.5, 0.9))
-  prompts = wl.needle_prompts(tok, essays_test, "test", 3, sizes, seed=0)
-  for p, depth in zip(prompts, (0.1, 0.5, 0.9)):
+  prompts = wl.needle_prompts(tok, texts_test, "test", 9, sizes, seed=0)
+  # prompt i: genre i % 3, depth i // 3
+  assert [p.info["genre"] for p in prompts[:3]] == list(txt.GENRES)
+  for i, p in enumerate(prompts):
+    depth = sizes.needle_depths[i // 3]
     segs = p.request.segments
     passages = segs[1:-1]
     holding = [s for s in passages if p.info["fact"] in s.content]
@@ -137,25 +149,35 @@ def test_needle_fact_is_inside_one_cached_passage_at_its_depth(real_tokenizer, e
     assert p.answers[0] in p.info["fact"]
     assert abs(sum(_ntok(tok, s) for s in passages) - 2048) < 200
     assert abs(p.info["fact_token_depth"] - depth) < 0.1
-    assert all(_ntok(tok, s) <= sizes.needle_passage_tokens + 400 for s in passages)
+    assert p.info["passage_tokens"] in sizes.needle_passage_tokens
+    assert all(_ntok(tok, s) <= p.info["passage_tokens"] + 400 for s in passages)
 
 
-def test_chat_dropped_turns_move_the_kept_turns(real_tokenizer, essays_test):
+def test_chat_shapes_drop_or_cut_turns_and_move_the_kept_ones(real_tokenizer, texts_test):
   tok = real_tokenizer
-  for p in wl.chat_prompts(tok, essays_test, "test", 3, wl.Sizes(), seed=0):
-    (warm,) = p.warm
-    assert warm.kind == "context"
-    earlier = [s.content for s in warm.segments]
+  n = 3 * len(wl.CHAT_SHAPES)
+  prompts = wl.chat_prompts(tok, texts_test, "test", n, wl.Sizes(), seed=0)
+  assert {(p.info["genre"], p.info["shape"]) for p in prompts} == {
+      (g, s.name) for g in txt.GENRES for s in wl.CHAT_SHAPES}
+  for p in prompts:
+    shape = next(s for s in wl.CHAT_SHAPES if s.name == p.info["shape"])
+    earlier = [s.content for st in p.warm for s in st.segments]
+    if shape.warm == "context":
+      assert [st.kind for st in p.warm] == ["context"]
+    else:  # the system prompt is a prefix hit; every other message was cached alone
+      assert [st.kind for st in p.warm] == ["prefix", "segments"]
     now = [s.content for s in p.request.segments]
-    d = p.info["dropped_turns"]
+    d, cut = p.info["dropped_turns"], p.info["cut"]
+    assert shape.drop[0] <= d <= shape.drop[1]
     assert now[0] == earlier[0]  # the system prompt stays first
-    assert now[1:-1] == earlier[1 + 2 * d:]  # the kept turns, unchanged text, in order
-    assert not any(t in now for t in earlier[1:1 + 2 * d])  # the dropped turns are gone
-    # Every kept turn starts earlier than it did when it was computed (in context).
+    gone = earlier[1 + 2 * cut:1 + 2 * (cut + d)]
+    assert now[1:-1] == earlier[1:1 + 2 * cut] + earlier[1 + 2 * (cut + d):]
+    assert not any(t in now for t in gone)  # the dropped turns are gone
+    # The turns after the cut start earlier than when they were computed, by the dropped text.
     shift = [o - n for o, n in zip(p.info["kept_old_starts"], p.info["kept_new_starts"])]
-    assert all(s > 0 for s in shift) and len(set(shift)) == 1
-    dropped_tokens = sum(_ntok(tok, s) for s in warm.segments[1:1 + 2 * d])
-    assert shift[0] == dropped_tokens
+    dropped_tokens = sum(len(tok.encode(t)) for t in gone)
+    assert shift == [0] * (2 * cut) + [dropped_tokens] * (len(shift) - 2 * cut)
+    assert (cut == 0) == (shape.edit == "oldest")
     # The fact is in a kept user turn; the question is new; one Segment per message.
     assert any(p.info["fact"] in t for t in now[1:-1])
     assert not p.request.segments[-1].cache and p.info["question"] in now[-1]
@@ -163,27 +185,42 @@ def test_chat_dropped_turns_move_the_kept_turns(real_tokenizer, essays_test):
     assert 1060 <= sum(_ntok(tok, s) for s in p.request.segments) <= 1280  # the token band
 
 
-def test_agents_share_messages_at_other_positions(real_tokenizer, essays_test):
+def test_agent_shapes_share_messages_at_other_positions(real_tokenizer, texts_test):
   tok = real_tokenizer
-  for p in wl.agent_prompts(tok, essays_test, "test", 3, wl.Sizes(), seed=0):
-    planner, researcher = p.warm
-    assert planner.kind == researcher.kind == "context"
+  n = 3 * len(wl.AGENT_SHAPES)
+  prompts = wl.agent_prompts(tok, texts_test, "test", n, wl.Sizes(), seed=0)
+  assert {(p.info["genre"], p.info["shape"]) for p in prompts} == {
+      (g, s.name) for g in txt.GENRES for s in wl.AGENT_SHAPES}
+  for p in prompts:
+    contexts = [st for st in p.warm if st.kind == "context"]
+    alone = {s.content for st in p.warm if st.kind == "segments" for s in st.segments}
+    assert len(contexts) == 2
     now = p.request.segments
-    systems = {planner.segments[0].content, researcher.segments[0].content, now[0].content}
+    systems = {contexts[0].segments[0].content, contexts[1].segments[0].content, now[0].content}
     assert len(systems) == 3  # three agents, three system prompts
     starts_now = dict(zip((s.content for s in now), wl.segment_starts(tok, now)))
     seen_before = {}
-    for step in p.warm:
+    for step in contexts:
       for s, start in zip(step.segments, wl.segment_starts(tok, step.segments)):
         seen_before.setdefault(s.content, start)
     shared = [s.content for s in now[1:-1]]
-    assert len(shared) == 3 + p.info["tools"]  # task, notes, tools, plan
+    tools = [t for t in shared if t.startswith("<|im_start|>tool")]
+    assert len(tools) == p.info["tools"] and sum(p.info["fact"] in t for t in tools) == 1
+    if p.info["shape"] == "tool-cache":
+      assert alone == set(tools)  # the results come from the tool cache, computed alone
+      assert not set(tools) & set(seen_before)
+    else:
+      assert not alone
     for text in shared:
+      if text in alone:
+        continue
       assert text in seen_before, "a shared message was never computed before"
       assert starts_now[text] != seen_before[text], "a shared message did not move"
-    tools = [t for t in shared if t.startswith("<|im_start|>tool")]
-    assert sum(p.info["fact"] in t for t in tools) == 1
+    if p.info["shape"] == "debate":  # the debaters quote each other and the results
+      a, b = [t for t in shared if "[debater" in t]
+      assert "[debater A]" in a and a.split('"')[1] in b
     assert not now[-1].cache
+    assert 1300 <= sum(_ntok(tok, s) for s in now) <= 1520  # the token band
 
 
 def test_musique_prompts_without_the_data_file(real_tokenizer):
@@ -471,7 +508,7 @@ def test_public_api_only():
   assert sx.ReuseConfig(update_caches=False).update_caches is False
 
 
-def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, essays_test):
+def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, texts_test):
   """A KL-only run (--max-new-tokens 1) takes its token from the prefill's logits instead of a
   second prefill: it must be the token `generate` gives, method by method (random weights at
   SmolLM2's shapes, 5 layers: the sparse path runs from T = 2)."""
@@ -480,7 +517,7 @@ def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, essays_tes
   from sparsex_jax.research import runner
   cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=5)
   engine = sx.Engine(cfg, llama.init_params(cfg, 3), real_tokenizer, num_pages=160)
-  prompt = wl.chat_prompts(real_tokenizer, essays_test, "test", 1, wl.Sizes.quick())[0]
+  prompt = wl.chat_prompts(real_tokenizer, texts_test, "test", 1, wl.Sizes.quick())[0]
   methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-attention"], cfg.n_layers,
                             ratios=(0.15,), thresholds=(2,))
   one = sx.SamplingParams(max_new_tokens=1, temperature=0.0)
