@@ -286,16 +286,15 @@ def _ci_num(s: dict, fmt: str = ".3f") -> str:
 
 def key_methods(meta: dict, summary: dict, highlight: Sequence[str] = ()) -> list[str]:
   """The methods the compact tables show: every method outside the rules' grids (full, naive,
-  the baselines), each rule's default cell (r = 0.15, T = 4, else the first cell of its grid as
-  method_grid orders it), the run's default and the highlighted labels, in the run's order."""
+  the baselines), each rule's default cell (the first of its grid as method_grid orders it:
+  the rule at its shipped defaults, e.g. T = 0.15 L for the paper's), the run's default and the
+  highlighted labels, in the run's order."""
   labels = [m["label"] for m in meta["methods"]]
   keep = {m["label"] for m in meta["methods"] if m["family"] in mth.BASELINES}
   for family in dict.fromkeys(m["family"] for m in meta["methods"]):
     if family in mth.BASELINES:
       continue
-    cells = [m["label"] for m in meta["methods"] if m["family"] == family]
-    cell = mth.label(family, 0.15, 4)
-    keep.add(cell if cell in cells else cells[0])
+    keep.add(next(m["label"] for m in meta["methods"] if m["family"] == family))
   keep |= {summary["default_label"]} | set(highlight)
   return [lab for lab in labels if lab in keep]
 
