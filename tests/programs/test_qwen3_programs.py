@@ -48,8 +48,8 @@ def test_engine_prefill_reuse_and_decode_match_the_plain_forward(cfg):
   # doc reused at another position (after `other`): every reused token recomputed from layer 1
   # gives the full prefill (the sparse layers run the active tokens alone through attention and
   # the experts); the default rule (T = 4, r = 0.15) recomputes ceil(0.15 n) of them in its
-  # sparse layers, an approximation. (Re-rotation of normed keys: tests/models/test_qwen3.py; the engine's assembly
-  # does not depend on the architecture.)
+  # sparse layers, an approximation. (Re-rotation of normed keys: tests/models/test_qwen3.py;
+  # the engine's assembly does not depend on the architecture.)
   moved = sx.Request([sx.Segment(other, cache=False), sx.Segment(doc),
                       sx.Segment(question, cache=False)])
   want = np.asarray(forward(params, cfg, np.asarray(other + doc + question)[None]))[0, -1]
