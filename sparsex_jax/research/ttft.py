@@ -157,6 +157,36 @@ class Workload:
     return sx.Request([sx.Segment(self.system)] + [sx.Segment(p) for p in body] + [tail])
 
 
+def random_weights(cfg, seed: int = 0):
+  """Random params at the config's shapes (normal, std 0.02; norms ones) made one layer at a time
+  on the device: init_params would hold whole [L, ...] stacks of float32 random values at once
+  (for Qwen3-30B-A3B's experts, 19 GB per stack), this holds one layer's. Speed does not depend
+  on the values (the router's choices are as spread as under init_params')."""
+  shapes = jax.eval_shape(lambda: llama.init_params(cfg, 0))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+
+  def make(path, leaf, key):
+    if "norm" in jax.tree_util.keystr(path):
+      return jnp.ones(leaf.shape, leaf.dtype)
+
+    def draw(key, shape):
+      return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(leaf.dtype)
+
+    if len(leaf.shape) < 3:  # embedding, head, per-layer vectors: small
+      return jax.jit(draw, static_argnums=1)(key, leaf.shape)
+
+    def fill(key):
+      def one_layer(i, stack):
+        return jax.lax.dynamic_update_index_in_dim(
+            stack, draw(jax.random.fold_in(key, i), leaf.shape[1:]), i, 0)
+      return jax.lax.fori_loop(0, leaf.shape[0], one_layer, jnp.zeros(leaf.shape, leaf.dtype))
+    return jax.jit(fill)(key)
+
+  return jax.tree_util.tree_unflatten(
+      treedef, [make(path, leaf, key) for (path, leaf), key in zip(leaves, keys)])
+
+
 def make_engine(preset, contexts, smoke, attention_backend="auto"):
   cfg = get_config(preset, dtype="float32" if smoke else "bfloat16")
   if smoke:
