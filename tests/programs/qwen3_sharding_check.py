@@ -19,7 +19,6 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sparsex_jax as sx  # noqa: E402
