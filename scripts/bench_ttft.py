@@ -35,23 +35,19 @@ import time
 import traceback
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import sparsex_jax as sx
 from models import llama
 from models.config import get_config
 from sparsex_jax.research import methods as mth
-from sparsex_jax.research.ttft import (DEFAULT_METHODS, DENSE, POLICIES, WORKLOADS, Workload,
-                                       dense_prefill, make_engine, random_ids)
+from sparsex_jax.research.ttft import (DEFAULT_METHODS, DENSE, POLICIES, WORKLOADS, DeviceTimer,
+                                       Workload, bench_workload, ceilings, make_engine,
+                                       random_ids, time_decode)
 
 # --sweep: the default rule at these r x T (speed-up vs r and T), one workload and context; the
 # defaults are the grid of `sparsex eval` (issue 10), so that every cell of its heatmap has a TTFT.
 SWEEP_R, SWEEP_T = (0.05, 0.10, 0.15, 0.20, 0.30), (0, 1, 2, 4, 8)
-
-
-def _percentile(xs, q):
-  return float(np.percentile(np.asarray(xs, np.float64), q))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,212 +100,6 @@ def check_backends(results: dict, labels):
                               "reference": toks["reference"]})
     print(dtype, [(c["policy"], round(c.get("rel_err", 0), 5), c["ok"])
                   for c in results["checks"] if c["dtype"] == dtype], flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Ceilings and floors
-# ----------------------------------------------------------------------------------------------
-
-def ceilings(smoke: bool) -> dict:
-  """Measured bf16 matmul TFLOP/s and copy GB/s (read + write) of this device."""
-  n = 512 if smoke else 8192
-  a = jnp.ones((n, n), jnp.bfloat16)
-  mm = jax.jit(lambda x: x @ x)
-  big = jnp.ones((1 << (20 if smoke else 28),), jnp.float32)  # 1 GB on the GPU
-  cp = jax.jit(lambda x: x + 1)
-  out = {}
-  for name, fn, arg, work in (("matmul_tflops", mm, a, 2 * n ** 3 / 1e12),
-                              ("copy_gbps", cp, big, 2 * big.nbytes / 1e9)):
-    fn(arg).block_until_ready()
-    times = []
-    for _ in range(5):
-      t0 = time.perf_counter()
-      for _ in range(10):
-        r = fn(arg)
-      r.block_until_ready()
-      times.append((time.perf_counter() - t0) / 10)
-    out[name] = work / float(np.median(times))
-  print(f"ceilings: {out['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {out['copy_gbps']:.0f} GB/s "
-        f"copy", flush=True)
-  return out
-
-
-def layer_params(cfg) -> int:
-  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-  return d * (n + 2 * k) * h + n * h * d + 3 * d * f
-
-
-def floors(cfg, n_prompt, positions_full, positions_sparse, n_reused, layer_threshold,
-           ceil: dict, extra_qkv_tokens=0, sparse_q_positions=None) -> dict:
-  """FLOPs and bytes a prefill cannot avoid, from what it computes.
-
-  positions_full: positions computed in layers [0, T); positions_sparse: in [T, L) (the active
-  set). Attention counts causally visible keys only (4 N H (p + 1) per query and layer);
-  importance Q K^T of the Sparse-Q rows (2 N H (p + 1)); the linear layers 2 x params per token.
-  Bytes: every layer's weights once, every layer's K/V of the prompt read once, computed K/V
-  written, reused K/V read and written once (assembly).
-  """
-  L, itemsize = cfg.n_layers, 2
-  nh = cfg.n_heads * cfg.head_dim
-  kv_row = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize  # K and V of one token, one layer
-  lp = layer_params(cfg)
-  pf, ps = np.asarray(positions_full, np.float64), np.asarray(positions_sparse, np.float64)
-  n_full, n_sparse = layer_threshold, L - layer_threshold
-  flops = (n_full * (2 * lp * pf.size + 4 * nh * np.sum(pf + 1))
-           + n_sparse * (2 * lp * ps.size + 4 * nh * np.sum(ps + 1))
-           + 2 * cfg.d_model * cfg.vocab_size
-           + 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.head_dim * extra_qkv_tokens)
-  if sparse_q_positions is not None and layer_threshold > 0:
-    flops += 2 * nh * np.sum(np.asarray(sparse_q_positions, np.float64) + 1)
-  weights = (L * lp + cfg.d_model * cfg.vocab_size) * itemsize
-  kv = (L * kv_row * n_prompt + kv_row * (n_full * pf.size + n_sparse * ps.size)
-        + 2 * L * kv_row * n_reused)
-  t_flops = flops / (ceil["matmul_tflops"] * 1e12)
-  t_bytes = (weights + kv) / (ceil["copy_gbps"] * 1e9)
-  return {"flops": float(flops), "bytes": float(weights + kv), "floor_ms": 1e3 * max(
-      t_flops, t_bytes), "bound": "flops" if t_flops >= t_bytes else "bytes"}
-
-
-def plan_floor(cfg, plan, reuse, n_prompt, ceil):
-  """The floor of one prefill from its plan (None: every token computed in full)."""
-  if plan is None:  # full prefill of every token
-    pos = np.arange(n_prompt)
-    return floors(cfg, n_prompt, pos, pos[:0], 0, cfg.n_layers, ceil)
-  exact = plan.labels == 0
-  non_exact = np.flatnonzero(~exact)
-  t = plan.layer_threshold if plan.reused_positions.size else cfg.n_layers
-  t = min(t, cfg.n_layers)
-  active = np.union1d(np.flatnonzero(plan.sparse_q), plan.selected_positions)
-  # CacheBlend and the default rule compute every reused token's K/V at layer T (the deviation)
-  deviation = reuse.mode in ("cacheblend", "sparsex") and t > 0
-  extra = plan.reused_positions.size if deviation else 0
-  return floors(cfg, n_prompt, non_exact, active, plan.reused_positions.size, t, ceil,
-                extra_qkv_tokens=extra, sparse_q_positions=np.flatnonzero(plan.sparse_q))
-
-
-# ----------------------------------------------------------------------------------------------
-# The anchor: plain dense prefill
-# ----------------------------------------------------------------------------------------------
-
-def time_dense(engine, n_prompt, runs, rng):
-  cfg = engine.config
-  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  toks = [np.asarray([random_ids(rng, n_prompt, cfg.vocab_size)], np.int32) for _ in range(runs + 1)]
-  t0 = time.perf_counter()
-  jax.block_until_ready(dense_prefill(engine.params, toks[0], cfg=cfg, impl=impl))
-  compile_s = time.perf_counter() - t0
-  times = []
-  for tk in toks[1:]:
-    t0 = time.perf_counter()
-    logits, kv = dense_prefill(engine.params, tk, cfg=cfg, impl=impl)
-    np.asarray(logits)
-    jax.block_until_ready(kv)
-    times.append(time.perf_counter() - t0)
-  return times, compile_s
-
-
-def _n_tokens(req):
-  return sum(len(s.content) for s in req.segments)
-
-
-# ----------------------------------------------------------------------------------------------
-# The timed runs
-# ----------------------------------------------------------------------------------------------
-
-class DeviceTimer:
-  """Wraps the engine's pool runner: times each device program from dispatch to ready."""
-
-  def __init__(self, engine):
-    self.kv, self.orig, self.total = engine.kv, engine.kv.run, 0.0
-
-    def run(program, *args, **static):
-      t0 = time.perf_counter()
-      out = self.orig(program, *args, **static)
-      jax.block_until_ready((out, self.kv.arrays))
-      self.total += time.perf_counter() - t0
-      return out
-    engine.kv.run = run
-
-  def take(self) -> float:
-    t, self.total = self.total, 0.0
-    return t
-
-
-def bench_workload(results, engine, timer, preset, workload: Workload, methods, runs, ceil):
-  cfg = engine.config
-  n_prompt = _n_tokens(workload.request(0))
-  rows = []
-  if DENSE in methods:
-    times, compile_s = time_dense(engine, n_prompt, runs, np.random.default_rng(3))
-    fl = plan_floor(cfg, None, None, n_prompt, ceil)
-    rows.append({"method": DENSE, "ttft": times, "device": times, "compile_s": compile_s,
-                 "n_exact": 0, "n_reused": 0, "n_recomputed": 0, **fl})
-  known = dict(POLICIES)
-  # Any rule's label names its configuration ("sparsex-split r=0.10 T=1"): timed in the order
-  # asked, after the fixed policies (prefix last, as it writes the cache).
-  extra = [(lb, mth.config_of(lb)) for lb in methods if lb not in known and lb != DENSE]
-  policies = [p for p in POLICIES if p[0] != "prefix"] + extra + [p for p in POLICIES
-                                                                 if p[0] == "prefix"]
-  for label, reuse in policies:
-    if label not in methods:
-      continue
-    try:
-      reuse.resolve(cfg)
-    except ValueError as e:  # e.g. T beyond this model's depth
-      print(f"  {label}: skipped ({e})", flush=True)
-      continue
-    workload.setup(engine)  # a fresh cache state per method: none sees another's entries
-    timer.take()
-    t0 = time.perf_counter()
-    engine.prefill_logits(workload.request(-1), reuse=reuse)  # compile and warm up
-    compile_s = time.perf_counter() - t0
-    timer.take()
-    ttft, device, plan, recompiled = [], [], None, 0
-    for i in range(runs):
-      req = workload.request(i)  # built outside the timing (Segment() converts the ids)
-      for _ in range(3):  # a run that compiled a new shape bucket is run again, compiled
-        n_programs = engine.num_compilations
-        t0 = time.perf_counter()
-        _, plan = engine.prefill_logits(req, reuse=reuse, return_plan=True)
-        wall = time.perf_counter() - t0
-        if engine.num_compilations == n_programs:
-          break
-        recompiled += 1
-        timer.take()
-      ttft.append(wall)
-      device.append(timer.take())
-    fl = plan_floor(cfg, plan if label != "full" else None, reuse, n_prompt, ceil)
-    rows.append({"method": label, "ttft": ttft, "device": device, "compile_s": compile_s,
-                 "n_exact": int(np.sum(plan.labels == 0)),
-                 "n_reused": int(plan.reused_positions.size),
-                 "n_recomputed": int(plan.selected_positions.size), "recompiled": recompiled,
-                 **fl})
-    # one line as each method finishes: a run stopped mid-workload still leaves its numbers
-    print(f"  {label}: ttft {1e3 * float(np.median(ttft)):.1f} ms, device "
-          f"{1e3 * float(np.median(device)):.1f} ms, compile {compile_s:.0f} s", flush=True)
-  anchor = next((r for r in rows if r["method"] == DENSE), None)
-  for r in rows:
-    med = 1e3 * float(np.median(r["ttft"]))
-    dev = 1e3 * float(np.median(r["device"]))
-    row = {"preset": preset, "workload": workload.name, "context": workload.context,
-           "policy": r["method"], "n_prompt": n_prompt, "n_exact": r["n_exact"],
-           "n_reused": r["n_reused"], "n_recomputed": r["n_recomputed"],
-           "ttft_ms_median": med, "ttft_ms_p90": 1e3 * _percentile(r["ttft"], 90),
-           "device_ms_median": dev, "device_ms_p90": 1e3 * _percentile(r["device"], 90),
-           "host_ms_median": 1e3 * float(np.median(np.subtract(r["ttft"], r["device"]))),
-           "ttft_ms_all": [1e3 * t for t in r["ttft"]], "compile_s": r["compile_s"],
-           "flops": r["flops"], "bytes": r["bytes"], "floor_ms": r["floor_ms"],
-           "bound": r["bound"], "floor_frac": r["floor_ms"] / dev,
-           "recompiled_runs": r.get("recompiled", 0),
-           "speedup_vs_dense": (1e3 * float(np.median(anchor["ttft"])) / med) if anchor
-           else None, "runs": len(r["ttft"])}
-    results["ttft"].append(row)
-    print(f"  {preset} {workload.name:5s} {workload.context:6d} {row['policy']:32s} "
-          f"ttft {med:8.1f} ms (p90 {row['ttft_ms_p90']:7.1f}; device {dev:7.1f}, host "
-          f"{row['host_ms_median']:5.1f}) floor {row['floor_ms']:6.1f} ms "
-          f"({100 * row['floor_frac']:3.0f}%, {row['bound']}) "
-          f"x{row['speedup_vs_dense'] or 0:.2f} vs dense; compile {r['compile_s']:.0f} s",
-          flush=True)
 
 
 def bench(results, args, ceil):
@@ -484,25 +274,14 @@ def bench_decode(results: dict, preset: str, batch: int, context: int, steps: in
   extra_pages grows the pool beyond what the batch needs: if a step's time grows with it, some
   step copies pool memory it does not use.
   """
-  cfg = get_config(preset, dtype="bfloat16")
-  rng = np.random.default_rng(2)
   engine = sx.Engine.random(preset, dtype="bfloat16", page_size=16,
                             num_pages=batch * ((context + steps) // 16 + 2) + extra_pages)
-  reqs = [sx.Request([sx.Segment(random_ids(rng, context, cfg.vocab_size))]) for _ in range(batch)]
-  sp = sx.SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
-  engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))  # compile
-  t0 = time.perf_counter()
-  outs = engine.generate(reqs, sp, reuse=sx.ReuseConfig("full"))
-  wall = time.perf_counter() - t0
-  step_ms = 1e3 * (wall - outs[0].stats.ttft_s) / steps
-  kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * batch * (context + steps / 2)
-  row = {"preset": preset, "batch": batch, "context": context, "steps": steps,
-         "pool_gb": engine.layout.num_pages * engine.layout.bytes_per_page / 1e9,
-         "decode_ms_per_step": step_ms, "kv_gb_per_s": kv_bytes / (step_ms * 1e-3) / 1e9}
+  row = time_decode(engine, batch, context, steps)
+  row["preset"] = preset
   results.setdefault("decode_runs", []).append(row)
   results["decode"] = row
   print(f"decode {preset} batch {batch} x {context}, pool {row['pool_gb']:.1f} GB: "
-        f"{step_ms:.2f} ms/step "
+        f"{row['decode_ms_per_step']:.2f} ms/step "
         f"({row['kv_gb_per_s']:.0f} GB/s of KV, weights not counted)", flush=True)
 
 
@@ -546,12 +325,6 @@ def main():
   known = {label for label, _ in POLICIES} | {DENSE}
   args.methods = args.methods or DEFAULT_METHODS
   unknown = set(args.methods) - known
-  for lb in sorted(unknown):
-    try:
-      mth.config_of(lb)  # a rule's label at any (r, T)
-      unknown.discard(lb)
-    except ValueError:
-      pass
   if unknown:
     raise SystemExit(f"--methods: unknown labels {sorted(unknown)}; known: {sorted(known)}")
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,

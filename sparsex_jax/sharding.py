@@ -5,13 +5,17 @@ Megatron-style layout over "tensor":
 
   q/k/v projections (and their biases), gate/up   split by output columns (heads, ffn)
   o, down                                          split by input rows (heads, ffn)
+  experts [E, D, F] / [E, F, D] (MoE)              split by experts (expert parallel)
   embedding [V, D]                                 split by D; untied lm_head [D, V] by V
-  norms                                            replicated
+  norms (q/k norms too), MoE router                replicated
   KV pool [L, K, P, S, H]                          split by KV heads
   plans, page tables, tokens, positions, logits    replicated
 
 so every layer's attention runs on each device's own heads, and XLA inserts one all-reduce after
 o and one after down (the residual stream is constrained replicated: `constrain_replicated`).
+A mixture-of-experts FFN runs per shard under `jax.shard_map` (`expert_parallel_ffn`): every shard
+routes every token (the router is replicated), computes its own experts' share and the shares are
+summed (one all-reduce, where the dense FFN has the one after down).
 The attention kernels run per shard under `jax.shard_map` over "tensor" (`per_head_shard`, called
 by sparsex_jax/programs/kernels.py):
 each shard sees its local query heads and the KV heads they read (contiguous head blocks keep the
@@ -36,6 +40,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models import moe
+
 DATA, TENSOR = "data", "tensor"
 AXES = (DATA, TENSOR)
 
@@ -59,9 +65,20 @@ LOGICAL_AXES = {
     "w_gate": ("layers", "embed", "ffn"),
     "w_up": ("layers", "embed", "ffn"),
     "w_down": ("layers", "ffn", "embed"),
+    # Qwen3: per-head q/k norms
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    # Qwen3 MoE: the router (every shard routes every token) and the experts
+    "router": ("layers", "embed", "router_experts"),
+    "expert_gate": ("layers", "experts", "embed", "expert_ffn"),
+    "expert_up": ("layers", "experts", "embed", "expert_ffn"),
+    "expert_down": ("layers", "experts", "expert_ffn", "embed"),
 }
 RULES = {"heads": TENSOR, "kv_heads": TENSOR, "ffn": TENSOR, "embed_tp": TENSOR,
-         "vocab_tp": TENSOR}
+         "vocab_tp": TENSOR, "experts": TENSOR}
+# One layer's expert weights inside expert_parallel_ffn (the layer axis indexed away).
+_EXPERT_SPECS = {"router": P(), "expert_gate": P(TENSOR), "expert_up": P(TENSOR),
+                 "expert_down": P(TENSOR)}
 
 # The KV pool [L, K, P, S, H]: KV heads over the tensor axis.
 POOL = P(None, TENSOR, None, None, None)
@@ -104,12 +121,15 @@ def tp_size(mesh: Mesh | None) -> int:
 
 
 def valid_tp(cfg) -> list[int]:
-  """Tensor-parallel degrees this model supports: the divisors of n_kv_heads."""
-  return [d for d in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % d == 0]
+  """Tensor-parallel degrees this model supports: the divisors of n_kv_heads (and of
+  n_experts)."""
+  return [d for d in range(1, cfg.n_kv_heads + 1)
+          if cfg.n_kv_heads % d == 0 and cfg.n_experts % d == 0]
 
 
 def check_model(cfg, mesh: Mesh | None) -> None:
-  """Raises a ValueError unless the model's KV heads split evenly over the mesh's tensor axis."""
+  """Raises a ValueError unless the model's KV heads (and experts) split evenly over the mesh's
+  tensor axis."""
   if mesh is None:
     return
   if tuple(mesh.axis_names) != AXES:
@@ -119,6 +139,10 @@ def check_model(cfg, mesh: Mesh | None) -> None:
     raise ValueError(
         f"tensor parallelism tp={tp} does not divide {cfg.name}'s n_kv_heads={cfg.n_kv_heads}: "
         f"the KV pool is split by KV heads; degrees that work: {valid_tp(cfg)}")
+  if cfg.n_experts % tp:
+    raise ValueError(
+        f"tensor parallelism tp={tp} does not divide {cfg.name}'s n_experts={cfg.n_experts}: "
+        f"the experts are split over the tensor axis")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,6 +273,20 @@ def _shard_map(fn, in_specs, out_specs):
   # jax.shard_map (jax >= 0.7; 0.10 on CPU and 0.11 on GPU here) takes the mesh from the context.
   # check_vma=False: the Pallas calls inside carry no varying-axes annotations.
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def expert_parallel_ffn(hx, params, cfg):
+  """The mixture-of-experts FFN (models.moe.moe_ffn) with the experts split over the tensor axis:
+  each shard routes every token, runs its own E / tp experts on the tokens routed to them, and the
+  shares are summed over the shards. Without a mesh: moe_ffn itself. hx: replicated."""
+  if context_mesh() is None:
+    return moe.moe_ffn(hx, params, cfg)
+
+  def local(hx, params):
+    first = jax.lax.axis_index(TENSOR) * params["expert_gate"].shape[0]
+    return jax.lax.psum(moe.moe_ffn(hx, params, cfg, first_expert=first), TENSOR)
+
+  return _shard_map(local, in_specs=(P(), _EXPERT_SPECS), out_specs=P())(hx, params)
 
 
 def sum_over_shards(x):

@@ -12,7 +12,7 @@ from models import llama
 from models.config import ModelConfig
 from sparsex_jax.programs import kernels
 from sparsex_jax.kv.layout import page_and_offset
-from sparsex_jax.sharding import constrain_replicated
+from sparsex_jax.sharding import constrain_replicated, expert_parallel_ffn
 
 # attend(q [B,T,N,H], positions [B,T], pool, layer) -> (out [B,T,N,H], lse [B,T,N] or None);
 # with scan_layers(..., pass_kv=True) also attend(..., k=k, v=v): the layer's fresh K/V [B,T,K,H]
@@ -85,7 +85,8 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
                 else attend(q, positions, pool, layer))
     if score is not None:
       acc = acc + score(q, positions, lse, pool, layer)
-    return (constrain_replicated(llama.layer_output(layer_params, cfg, x, out)), pool, acc), None
+    x = llama.layer_output(layer_params, cfg, x, out, moe_ffn=expert_parallel_ffn)
+    return (constrain_replicated(x), pool, acc), None
 
   if isinstance(layers, (list, tuple)):
     stop_layer = first_layer + len(layers) if stop_layer is None else stop_layer

@@ -116,6 +116,9 @@ def qkv_from(params, cfg, layer, x, positions):
 
 def study(engine, prompt, threshold: int) -> dict:
   params, cfg = engine.params, engine.config
+  if cfg.qk_norm:  # "carry linear" writes K as linear in the layer input; a k norm is not
+    raise NotImplementedError(f"the residual-carry study assumes K linear in the normed input; "
+                              f"{cfg.name} norms K per head (qk_norm)")
   segs, tokens, starts, reused, n_ctx = segment_layout(engine, prompt)
   x_full, k_full, v_full, logits_full = record(params, cfg, tokens, np.arange(tokens.size))
   # Each reused segment alone at position 0, its K re-rotated to its place here.

@@ -1,5 +1,6 @@
 """Tensor parallelism on 4 fake CPU devices (tests/programs/sharding_check.py, in its own process: the
-device count must be set before jax is imported). About 2 minutes on 2 CPU cores."""
+device count must be set before jax is imported). About 2 minutes on 2 CPU cores. Expert
+parallelism of Qwen3 MoE on 2 (tests/programs/qwen3_sharding_check.py, about 25 s)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ _XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimizati
               "--xla_llvm_disable_expensive_passes=true")
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=_XLA_FLAGS, JAX_PLATFORMS="cpu")
+def _run(*args: str, timeout: int = 600, devices: int = 4) -> subprocess.CompletedProcess:
+  flags = _XLA_FLAGS.replace("device_count=4", f"device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, *args], cwd=_ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -31,6 +33,18 @@ def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
   policies = {tp: sum(r.get("check") == "logits" and r["tp"] == tp for r in rows)
               for tp in (1, 2, 4)}
   assert policies == {1: 3, 2: 10, 4: 10}, policies  # every policy at 2 and 4, three at 1
+
+
+def test_qwen3_moe_experts_split_over_2_devices_match_one_device():
+  """Expert parallelism (tests/programs/qwen3_sharding_check.py, about 25 s)."""
+  proc = _run("-m", "tests.programs.qwen3_sharding_check", devices=2)
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  failed = [r for r in rows if not r.get("ok", True)]
+  assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
+  checks = [r.get("check") for r in rows]
+  assert checks.count("logits") == 2 and {
+      "greedy tokens", "expert_gate split by experts", "router replicated",
+      "decode all-reduces of the residual stream per layer"} <= set(checks)
 
 
 def test_bench_tp_smoke_on_2_fake_devices(tmp_path):
