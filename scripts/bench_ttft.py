@@ -325,6 +325,12 @@ def main():
   known = {label for label, _ in POLICIES} | {DENSE}
   args.methods = args.methods or DEFAULT_METHODS
   unknown = set(args.methods) - known
+  for lb in sorted(unknown):
+    try:
+      mth.config_of(lb)  # a rule's label at any (r, T)
+      unknown.discard(lb)
+    except ValueError:
+      pass
   if unknown:
     raise SystemExit(f"--methods: unknown labels {sorted(unknown)}; known: {sorted(known)}")
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,

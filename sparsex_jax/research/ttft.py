@@ -361,7 +361,13 @@ def bench_workload(results, engine, timer, preset, workload: Workload, methods, 
     fl = plan_floor(cfg, None, None, n_prompt, ceil)
     rows.append({"method": DENSE, "ttft": times, "device": times, "compile_s": compile_s,
                  "n_exact": 0, "n_reused": 0, "n_recomputed": 0, **fl})
-  for label, reuse in POLICIES:
+  known = dict(POLICIES)
+  # Any rule's label names its configuration ("sparsex r=0.10 T=1"): timed in the order asked,
+  # after the fixed policies (prefix last, as it writes the cache).
+  extra = [(lb, mth.config_of(lb)) for lb in methods if lb not in known and lb != DENSE]
+  policies = [p for p in POLICIES if p[0] != "prefix"] + extra + [p for p in POLICIES
+                                                                 if p[0] == "prefix"]
+  for label, reuse in policies:
     if label not in methods:
       continue
     try:
