@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from sparsex_jax.research import oracle
+from sparsex_jax.research import diagnosis, oracle
 
 
 def test_oracle_rebuilds_the_default_rule_from_the_pools(tmp_path):
@@ -42,6 +42,14 @@ def test_oracle_rebuilds_the_default_rule_from_the_pools(tmp_path):
   # V never depends on position, so the deviation grows from ~0 at layer 0.
   assert float(dev[0].astype(np.float64).mean()) < 0.05 * float(dev[-1].astype(np.float64).mean())
   assert os.path.getsize(out + ".md") > 0
+  # the token-class features, and the diagnosis over them: each measure's shares sum to 1
+  assert features[f"{key}/segment_length"].shape == (runtime["n_reused"],)
+  assert not features[f"{key}/cached_alone"].any()  # chat turns were computed in context
+  result = diagnosis.analyse(out, 4)
+  (state,) = result  # one family, one cache state
+  assert state == ("chat", "in context")
+  for measure, shares in result[state].items():
+    assert abs(sum(shares) - 1) < 1e-6 and min(shares) >= 0, measure
 
 
 def test_probe_layers_and_the_rules_attention():
