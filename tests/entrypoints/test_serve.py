@@ -411,3 +411,49 @@ def test_a_client_that_goes_away_cancels_its_request_in_the_engine(server):
   # neither ran to its 1000 tokens: both were taken out of the engine, their pages given back
   assert server.metrics.generation_tokens._value.get() == finished
   assert not server.engine.store._live
+
+
+def test_mixed_reuse_methods_under_pool_pressure_wait_for_pages_and_all_complete():
+  """Requests overriding the server's reuse method run beside its own over one small pool: a
+  request that finds no pages waits for the running ones (of any method) instead of failing."""
+  engine = _engine(tokenizer=TOK, num_pages=40, max_batch_size=4)
+  rng = np.random.default_rng(17)
+  methods = ["sparsex", "full", "sparsex", "sparsex", "full", "sparsex", "full", "sparsex"]
+  prompts = [[int(t) for t in rng.integers(3, CFG.vocab_size, 24)] for _ in methods]
+  max_new = 40  # more than a decode loop's steps: requests stay running across rounds
+  pages = sum(engine.layout.pages_for(len(p) + max_new) for p in prompts)
+  assert pages > 2 * (engine.layout.num_pages - 1)  # far from all at once
+  want = {}
+  for method in set(methods):
+    idx = [i for i, m in enumerate(methods) if m == method]
+    outs = _reference([sx.Request([sx.Segment(prompts[i])],
+                                  sampling=sx.SamplingParams(max_new_tokens=max_new,
+                                                             temperature=0.8, seed=i))
+                       for i in idx], reuse=method)
+    want |= {i: o.token_ids for i, o in zip(idx, outs)}
+
+  for server in serving(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"), max_waiting=64)):
+    async def one(client, i):
+      body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_new, "temperature": 0.8,
+              "seed": i}
+      if methods[i] != "sparsex":
+        body["reuse"] = methods[i]
+      r = await client.post("/v1/completions", json=body)
+      assert r.status_code == 200, r.text  # never a 500: it waited for pages
+      x = r.json()["x_sparsex"]
+      assert x["reuse"] == methods[i]
+      return x["token_ids"]
+
+    async def main():
+      async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(len(methods))))
+
+    got = asyncio.run(main())
+    assert got == [want[i] for i in range(len(methods))]
+    assert len(server.loop._groups) == 2  # two batches shared the pool
+    _wait_idle(server)
+    store = engine.store
+    store.check_invariants()
+    assert not store._live  # every page is free or held by a cache
+    assert engine.stats()["pool"]["pages_used"] == (
+        store.prefix_cache.num_cached_blocks + store.segment_cache.num_pages)

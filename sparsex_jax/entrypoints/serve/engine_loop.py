@@ -8,6 +8,13 @@ joins the running batch between decode chunks. After every step, the tokens each
 made are pushed to its asyncio queue (thread-safely, on the server's event loop), so decoding
 streams to each client as it goes.
 
+The groups share the engine's KV pool and admit from it through one rule: a request that finds no
+free pages waits while any group has running requests (they give pages back as they finish), and
+fails only when nothing at all is running; at each round the group whose oldest waiting request
+arrived first schedules first, and while a request waits for pages no younger request of another
+group is admitted, so the pages finished requests give back go to the oldest waiter, whatever its
+method.
+
 Each request's failure (a lease that can never fit, a failed prefill or decode loop) is reported
 to that request alone; an unexpected error in a step fails the requests of that reuse method's
 batch, which is rebuilt; the loop keeps serving.
@@ -152,7 +159,7 @@ class EngineLoop:
           if self._stopping.is_set() and self._inbox.empty():
             return
           continue
-        for group in list(self._groups.values()):
+        for group in self._in_arrival_order():
           if group.scheduler.has_work:
             self._step(group)
         if self.on_step is not None:
@@ -162,6 +169,25 @@ class EngineLoop:
       traceback.print_exc()
       for handle in list(self._handles.values()):
         self._finish(handle, RequestOutput.failed(handle.request_id, f"engine loop died: {e}"))
+
+  def _in_arrival_order(self) -> list[_Group]:
+    """The groups, the one whose oldest waiting request arrived first first (groups with none
+    waiting last): pages freed by one step go to the oldest waiter at the next admission."""
+    def head(group: _Group) -> float:
+      waiting = group.scheduler.waiting
+      return waiting[0][0].index if waiting else float("inf")
+    return sorted(self._groups.values(), key=head)
+
+  def _others_running(self, method: ReuseMethod) -> bool:
+    return any(g.scheduler.running for m, g in self._groups.items() if m != method)
+
+  def _may_admit(self, method: ReuseMethod, request: ScheduledRequest) -> bool:
+    """False while an older request of another group waits for pages."""
+    for m, g in self._groups.items():
+      waiting = g.scheduler.waiting
+      if m != method and g.scheduler.blocked and waiting and waiting[0][0].index < request.index:
+        return False
+    return True
 
   def _take(self, block: bool) -> None:
     """Everything in the inbox (waiting up to 0.1 s for the first item when `block`)."""
@@ -190,7 +216,9 @@ class EngineLoop:
       runner = StepRunner(engine, policy, (), time.perf_counter(),
                           batch=StepRunner.serving_batch(engine, self._batch_stops))
       sched = Scheduler(engine.store, policy, runner.batch.n_rows,
-                        steps_per_visit=engine.steps_per_visit, prepare=runner.prepare)
+                        steps_per_visit=engine.steps_per_visit, prepare=runner.prepare,
+                        others_running=lambda: self._others_running(method),
+                        may_admit=lambda request: self._may_admit(method, request))
       group = self._groups[method] = _Group(method, sched, runner)
     return group
 
