@@ -150,15 +150,31 @@ def test_second_turn_reuses_the_first_and_another_namespace_does_not(server):
   first = ref.generate([_chat(turn1, max_new_tokens=5)])[0]
   turn2 = turn1 + [{"role": "assistant", "content": first.text},
                    {"role": "user", "content": "How many ships?"}]
+  # the first-token logits of turn 2 with turn 1 cached (another engine at the same state)
+  at_turn2 = _engine(tokenizer=TOK, num_pages=512)
+  at_turn2.generate([_chat(turn1, max_new_tokens=5)])
+  want_logits, want_plan = at_turn2.prefill_logits(_chat(turn2, max_new_tokens=5),
+                                                   sx.ReuseConfig("sparsex"), return_plan=True)
   want = ref.generate([_chat(turn2, max_new_tokens=5)])[0]
   assert want.stats.n_reused + want.stats.n_exact > 0
+  assert want.stats.n_recomputed == want_plan.selected_positions.size
 
   client = _client(server, "key-a")
   r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=5, temperature=0)
   assert r1.choices[0].message.content == first.text
-  raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2,
-                                                         max_tokens=5, temperature=0)
+  seen = {}
+  server.loop.on_first_logits = lambda handle, logits: seen.setdefault(handle.request_id, logits)
+  try:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2,
+                                                           max_tokens=5, temperature=0)
+  finally:
+    server.loop.on_first_logits = None
   r2 = raw.parse()
+  [got_logits] = seen.values()
+  assert got_logits.shape == want_logits.shape
+  # the served prefill's logits are the engine's with the same reuse and cache state
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * np.abs(
+      want_logits).max())
   x = r2.model_extra["x_sparsex"]
   assert x["token_ids"] == want.token_ids  # the engine's tokens with the same reuse
   assert (x["reused_tokens"], x["exact_tokens"], x["recomputed_tokens"]) == (

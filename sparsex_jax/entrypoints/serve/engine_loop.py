@@ -31,6 +31,8 @@ import time
 import traceback
 from typing import Callable
 
+import numpy as np
+
 from sparsex_jax.api import RequestOutput
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.reuse import ReuseMethod
@@ -100,6 +102,9 @@ class EngineLoop:
     self._stopping = threading.Event()
     self._thread = threading.Thread(target=self._run, name="sparsex-engine", daemon=True)
     self.error: BaseException | None = None  # what ended the thread, if it died
+    # A test hook: called (engine thread) with each request's first-token logits [V] float32.
+    # Set it before the requests it should see; it copies every prefill's logits to the host.
+    self.on_first_logits: Callable[[Handle, np.ndarray], object] | None = None
     stops = getattr(engine.tokenizer, "stop_ids", ()) or ()
     self._batch_stops = max(len(stops), 1)
     # Requests held at once: a running batch's rows, and max_waiting more queued.
@@ -189,6 +194,11 @@ class EngineLoop:
         return False
     return True
 
+  def _first_logits(self, request: ScheduledRequest, logits: np.ndarray) -> None:
+    handle = self._handles.get(request.index)
+    if handle is not None and self.on_first_logits is not None:
+      self.on_first_logits(handle, logits)
+
   def _take(self, block: bool) -> None:
     """Everything in the inbox (waiting up to 0.1 s for the first item when `block`)."""
     while True:
@@ -200,6 +210,8 @@ class EngineLoop:
       if kind == "submit":
         self._handles[handle.index] = handle
         group = self._group(handle.reuse)
+        if self.on_first_logits is not None:  # set after the group was made
+          group.runner.on_first_logits = self._first_logits
         group.scheduler.add_request(
             ScheduledRequest(handle.index, handle.request_id, handle.prompt, handle.sampling))
       elif kind == "cancel" and not handle.done:
@@ -215,6 +227,7 @@ class EngineLoop:
       policy = method.resolve(engine.config)
       runner = StepRunner(engine, policy, (), time.perf_counter(),
                           batch=StepRunner.serving_batch(engine, self._batch_stops))
+      runner.on_first_logits = self._first_logits if self.on_first_logits is not None else None
       sched = Scheduler(engine.store, policy, runner.batch.n_rows,
                         steps_per_visit=engine.steps_per_visit, prepare=runner.prepare,
                         others_running=lambda: self._others_running(method),
