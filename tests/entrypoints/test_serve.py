@@ -473,3 +473,49 @@ def test_mixed_reuse_methods_under_pool_pressure_wait_for_pages_and_all_complete
     assert not store._live  # every page is free or held by a cache
     assert engine.stats()["pool"]["pages_used"] == (
         store.prefix_cache.num_cached_blocks + store.segment_cache.num_pages)
+
+
+def test_tp2_server_on_two_fake_devices_answers_a_chat_as_the_unsharded_engine():
+  """`sparsex serve --tp 2` in a process with two fake CPU devices: a chat completion (the
+  synthetic byte tokenizer of random:PRESET) gives the tokens of Engine.generate at tp 1."""
+  import os
+  import subprocess
+  import sys
+  from models import llama
+  from models.config import get_config
+  from models.tokenizer import ByteTokenizer
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "serve", "--model", "random:tiny",
+       "--tokenizer", "bytes", "--tp", "2", "--port", str(port), "--page-size", "4",
+       "--pool-gib", "0.002", "--batch-size", "2"], env=env, stderr=subprocess.PIPE, text=True)
+  messages = [{"role": "system", "content": "Sharded answers."},
+              {"role": "user", "content": "Count the ships in the harbour, twice."}]
+  cfg = get_config("tiny")
+  tok = ByteTokenizer(cfg.vocab_size)
+  engine = sx.Engine(cfg, llama.init_params(cfg, 0), tok, page_size=4, num_pages=128)
+  want = engine.generate([sx.chat_request(tok, messages, sampling=sx.SamplingParams(
+      max_new_tokens=12, temperature=0.9, seed=4))])[0]
+  try:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+      assert proc.poll() is None, proc.stderr.read()
+      try:
+        if httpx.get(url + "/health").status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < deadline, "the server did not start"
+      time.sleep(0.1)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="random:tiny", messages=messages, max_tokens=12,
+                                       temperature=0.9, seed=4)
+    assert r.model_extra["x_sparsex"]["token_ids"] == want.token_ids
+    assert r.choices[0].message.content == tok.decode(want.token_ids)
+  finally:
+    proc.terminate()
+    proc.wait(60)
