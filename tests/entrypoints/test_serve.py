@@ -213,7 +213,7 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_next_request_runs(server,
                       else "/v1/completions")
   data = body if isinstance(body, str) else json.dumps(body)
   r = httpx.post(url, content=data, headers={"Authorization": "Bearer key-a",
-                                             "Content-Type": "application/json"})
+                                             "Content-Type": "application/json"}, timeout=60)
   assert r.status_code == status, r.text
   err = r.json()["error"]
   assert err["param"] == field
@@ -221,7 +221,7 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_next_request_runs(server,
     assert field in err["message"]
   ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9],
                                                           "max_tokens": 2},
-                  headers={"Authorization": "Bearer key-a"})
+                  headers={"Authorization": "Bearer key-a"}, timeout=60)
   assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
