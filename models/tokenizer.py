@@ -278,3 +278,40 @@ class Tokenizer:
   def __repr__(self):
     return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
             f"stop_ids={self.stop_ids})")
+
+
+class ByteTokenizer:
+  """A synthetic tokenizer for random-weight models (benchmarks, tests): text in is one id per
+  UTF-8 byte (ids 3..258), and every id out is one character (chr(0x10000 + id)), which encodes
+  back to that id, so a model's answer resent in a later turn is the same tokens. A plain chat
+  template (`<role>content\\n`, `<assistant>` to generate); no stop ids: a request runs to its
+  max_tokens."""
+
+  OFFSET = 3
+  CHAR_BASE = 0x10000
+
+  def __init__(self, vocab_size: int):
+    if vocab_size < self.OFFSET + 256:
+      raise ValueError(f"a byte tokenizer needs a vocabulary of at least {self.OFFSET + 256} "
+                       f"ids, got {vocab_size}")
+    self.vocab_size = vocab_size
+    self.bos_id = self.eos_id = None
+    self.stop_ids: tuple[int, ...] = ()
+    self.chat_template = "<role>content\\n"
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    ids: list[int] = []
+    for ch in text:
+      code = ord(ch) - self.CHAR_BASE
+      if 0 <= code < self.vocab_size:
+        ids.append(code)
+      else:
+        ids.extend(b + self.OFFSET for b in ch.encode())
+    return ids
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return "".join(chr(self.CHAR_BASE + int(i)) for i in ids)
+
+  def apply_chat_template(self, messages, add_generation_prompt: bool = False, **_) -> str:
+    text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+    return text + ("<assistant>" if add_generation_prompt else "")

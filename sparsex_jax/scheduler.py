@@ -15,7 +15,10 @@ Admission is by pages: a request is admitted when the KV store can lease its pro
 max_new_tokens pages (evicting cached pages nobody holds), so a running request never runs out of
 pages. Requests are admitted in order; one that cannot be leased waits for running requests to
 finish, and one that cannot be leased with nothing running (nothing left to free) fails alone. A
-group of admissions stops at a padded size (`admission_limit`).
+store shared by several schedulers (a server's, one per reuse method) says so with
+`others_running`: a request then waits while any of them holds leases, since their requests give
+pages back as they finish; with `may_admit` they keep one order across schedulers (a request
+waits while an older one of another scheduler waits for pages: `blocked`). A group of admissions stops at a padded size (`admission_limit`).
 
 Failures are isolated per request: a prefill that fails charges its request, or, for a group,
 marks each of its requests "solo" (retried alone: admitted only into an empty batch, nothing joins
@@ -132,15 +135,25 @@ class Scheduler:
 
   prepare(request), if given, runs before a request's cache lookups (the engine loads its
   segments from a disk cache there); what it raises propagates.
+  others_running(), if given, says whether another scheduler leasing from the same store has
+  running requests: a request that finds no pages then waits for them instead of failing.
+  may_admit(request), if given, is asked before the waiting request at the head is leased: False
+  and it waits (admissions stop at it for this step).
+  blocked: whether the last step's head request waited for pages (another scheduler's
+  may_admit reads it, so that a younger request does not take the pages an older one waits for).
   """
 
   def __init__(self, store: KVStore, policy: "ReusePolicy", n_rows: int, *,
-               steps_per_visit: int, prepare: Callable[[ScheduledRequest], object] | None = None):
+               steps_per_visit: int, prepare: Callable[[ScheduledRequest], object] | None = None,
+               others_running: Callable[[], bool] | None = None,
+               may_admit: Callable[[ScheduledRequest], bool] | None = None):
     if n_rows < 1 or steps_per_visit < 1:
       raise ValueError(f"n_rows and steps_per_visit must be >= 1, got {n_rows}, "
                        f"{steps_per_visit}")
     self.store, self.policy, self.n_rows = store, policy, int(n_rows)
     self.steps_per_visit, self.prepare = int(steps_per_visit), prepare
+    self.others_running, self.may_admit = others_running, may_admit
+    self.blocked = False
     self.waiting: collections.deque[tuple[ScheduledRequest, bool]] = collections.deque()
     self.running: dict[int, ScheduledRequest] = {}  # admitted, not yet finished or failed
     self.finished: dict[int, RequestOutput] = {}
@@ -171,9 +184,12 @@ class Scheduler:
     failed: list[Completion] = []
     group: list[ScheduledRequest] = []
     limit = admission_limit(self.n_rows - len(self.running), len(self.running), self.n_rows)
+    self.blocked = False
     while self.waiting and len(group) < limit and not self._solo:
       request, alone = self.waiting[0]
       if alone and self.running:  # a solo request waits for an empty batch
+        break
+      if self.may_admit is not None and not self.may_admit(request):
         break
       if self.prepare is not None:
         self.prepare(request)
@@ -181,8 +197,9 @@ class Scheduler:
         leases = self.store.acquire([request.prompt], self.policy,
                                     [request.sampling.max_new_tokens])
       except PoolExhausted as e:
-        if self.running:
-          break  # waits for running requests to give pages back
+        if self.running or (self.others_running is not None and self.others_running()):
+          self.blocked = True
+          break  # waits for running requests (its own or another scheduler's) to give pages back
         self.waiting.popleft()
         failed.append(self._fail(request, e))  # nothing else holds pages: it can never fit
         continue

@@ -9,7 +9,7 @@ raised, with the pool left valid; the scheduler decides who is retried and who f
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -43,7 +43,13 @@ class StepRunner:
   """Runs the scheduler's steps of one job on `engine`'s device.
 
   The running batch is fixed for the job: rows (a bucket of min(max_batch_size, requests)),
-  page-table width and stop width, so its decode loop compiles once per job."""
+  page-table width and stop width, so its decode loop compiles once per job.
+
+  on_first_logits(request, logits [V] float32), if set, is called with each prefilled request's
+  first-token logits (a test's view of what a server computed; off by default: it copies the
+  logits to the host)."""
+
+  on_first_logits: Callable[[ScheduledRequest, np.ndarray], object] | None = None
 
   def __init__(self, engine: "Engine", policy, requests: Sequence[ScheduledRequest],
                t_job: float, *, batch: RunningBatch | None = None):
@@ -123,6 +129,10 @@ class StepRunner:
                                           self.policy)
     first = np.asarray(sample_step(out.logits, *sampling_rows(requests, out.logits.shape[0]), 0))
     now = time.perf_counter()
+    if self.on_first_logits is not None:
+      logits = np.asarray(out.logits, np.float32)
+      for i, r in enumerate(requests):
+        self.on_first_logits(r, logits[i])
     scores, selected = np.asarray(out.scores), np.asarray(out.selected)
     seqs = []
     for i, (r, plan) in enumerate(zip(requests, plans)):

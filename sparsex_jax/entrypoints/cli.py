@@ -114,6 +114,9 @@ def _add_engine_args(p) -> None:
   p.add_argument("--model", default="smollm2-135m",
                  help="smollm2-135m (embedded), a .gguf file, a Hugging Face folder, or "
                       "random:PRESET (random weights at a preset's shapes, token ids only)")
+  p.add_argument("--tokenizer", choices=("bytes",), default=None,
+                 help="with random:PRESET: bytes gives a synthetic byte-level tokenizer with a "
+                      "plain chat template, so text and chat requests work (benchmarks)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="auto: float32 on CPU, bfloat16 on GPU")
   p.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (power of 2)")
@@ -229,7 +232,12 @@ def _build_engine(args):
     sharding.check_model(cfg, mesh)
     params = llama.init_params(cfg, 0) if mesh is None else sharding.init_params_sharded(cfg, mesh)
     config, tokenizer = cfg, None
+    if getattr(args, "tokenizer", None) == "bytes":
+      from models.tokenizer import ByteTokenizer
+      tokenizer = ByteTokenizer(cfg.vocab_size)
   else:
+    if getattr(args, "tokenizer", None) is not None:
+      raise ValueError("--tokenizer is for random:PRESET models (a model brings its own)")
     config, params, tokenizer = load_model(args.model, dtype=dtype)
   pool_bytes = None
   if args.pool_gib is not None:

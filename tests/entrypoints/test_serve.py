@@ -150,15 +150,31 @@ def test_second_turn_reuses_the_first_and_another_namespace_does_not(server):
   first = ref.generate([_chat(turn1, max_new_tokens=5)])[0]
   turn2 = turn1 + [{"role": "assistant", "content": first.text},
                    {"role": "user", "content": "How many ships?"}]
+  # the first-token logits of turn 2 with turn 1 cached (another engine at the same state)
+  at_turn2 = _engine(tokenizer=TOK, num_pages=512)
+  at_turn2.generate([_chat(turn1, max_new_tokens=5)])
+  want_logits, want_plan = at_turn2.prefill_logits(_chat(turn2, max_new_tokens=5),
+                                                   sx.ReuseConfig("sparsex"), return_plan=True)
   want = ref.generate([_chat(turn2, max_new_tokens=5)])[0]
   assert want.stats.n_reused + want.stats.n_exact > 0
+  assert want.stats.n_recomputed == want_plan.selected_positions.size
 
   client = _client(server, "key-a")
   r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=5, temperature=0)
   assert r1.choices[0].message.content == first.text
-  raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2,
-                                                         max_tokens=5, temperature=0)
+  seen = {}
+  server.loop.on_first_logits = lambda handle, logits: seen.setdefault(handle.request_id, logits)
+  try:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2,
+                                                           max_tokens=5, temperature=0)
+  finally:
+    server.loop.on_first_logits = None
   r2 = raw.parse()
+  [got_logits] = seen.values()
+  assert got_logits.shape == want_logits.shape
+  # the served prefill's logits are the engine's with the same reuse and cache state
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * np.abs(
+      want_logits).max())
   x = r2.model_extra["x_sparsex"]
   assert x["token_ids"] == want.token_ids  # the engine's tokens with the same reuse
   assert (x["reused_tokens"], x["exact_tokens"], x["recomputed_tokens"]) == (
@@ -197,7 +213,7 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_next_request_runs(server,
                       else "/v1/completions")
   data = body if isinstance(body, str) else json.dumps(body)
   r = httpx.post(url, content=data, headers={"Authorization": "Bearer key-a",
-                                             "Content-Type": "application/json"})
+                                             "Content-Type": "application/json"}, timeout=60)
   assert r.status_code == status, r.text
   err = r.json()["error"]
   assert err["param"] == field
@@ -205,7 +221,7 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_next_request_runs(server,
     assert field in err["message"]
   ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9],
                                                           "max_tokens": 2},
-                  headers={"Authorization": "Bearer key-a"})
+                  headers={"Authorization": "Bearer key-a"}, timeout=60)
   assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
@@ -411,3 +427,95 @@ def test_a_client_that_goes_away_cancels_its_request_in_the_engine(server):
   # neither ran to its 1000 tokens: both were taken out of the engine, their pages given back
   assert server.metrics.generation_tokens._value.get() == finished
   assert not server.engine.store._live
+
+
+def test_mixed_reuse_methods_under_pool_pressure_wait_for_pages_and_all_complete():
+  """Requests overriding the server's reuse method run beside its own over one small pool: a
+  request that finds no pages waits for the running ones (of any method) instead of failing."""
+  engine = _engine(tokenizer=TOK, num_pages=40, max_batch_size=4)
+  rng = np.random.default_rng(17)
+  methods = ["sparsex", "full", "sparsex", "sparsex", "full", "sparsex", "full", "sparsex"]
+  prompts = [[int(t) for t in rng.integers(3, CFG.vocab_size, 24)] for _ in methods]
+  max_new = 40  # more than a decode loop's steps: requests stay running across rounds
+  pages = sum(engine.layout.pages_for(len(p) + max_new) for p in prompts)
+  assert pages > 2 * (engine.layout.num_pages - 1)  # far from all at once
+  want = {}
+  for method in set(methods):
+    idx = [i for i, m in enumerate(methods) if m == method]
+    outs = _reference([sx.Request([sx.Segment(prompts[i])],
+                                  sampling=sx.SamplingParams(max_new_tokens=max_new,
+                                                             temperature=0.8, seed=i))
+                       for i in idx], reuse=method)
+    want |= {i: o.token_ids for i, o in zip(idx, outs)}
+
+  for server in serving(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"), max_waiting=64)):
+    async def one(client, i):
+      body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_new, "temperature": 0.8,
+              "seed": i}
+      if methods[i] != "sparsex":
+        body["reuse"] = methods[i]
+      r = await client.post("/v1/completions", json=body)
+      assert r.status_code == 200, r.text  # never a 500: it waited for pages
+      x = r.json()["x_sparsex"]
+      assert x["reuse"] == methods[i]
+      return x["token_ids"]
+
+    async def main():
+      async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(len(methods))))
+
+    got = asyncio.run(main())
+    assert got == [want[i] for i in range(len(methods))]
+    assert len(server.loop._groups) == 2  # two batches shared the pool
+    _wait_idle(server)
+    store = engine.store
+    store.check_invariants()
+    assert not store._live  # every page is free or held by a cache
+    assert engine.stats()["pool"]["pages_used"] == (
+        store.prefix_cache.num_cached_blocks + store.segment_cache.num_pages)
+
+
+def test_tp2_server_on_two_fake_devices_answers_a_chat_as_the_unsharded_engine():
+  """`sparsex serve --tp 2` in a process with two fake CPU devices: a chat completion (the
+  synthetic byte tokenizer of random:PRESET) gives the tokens of Engine.generate at tp 1."""
+  import os
+  import subprocess
+  import sys
+  from models import llama
+  from models.config import get_config
+  from models.tokenizer import ByteTokenizer
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "serve", "--model", "random:tiny",
+       "--tokenizer", "bytes", "--tp", "2", "--port", str(port), "--page-size", "4",
+       "--pool-gib", "0.002", "--batch-size", "2"], env=env, stderr=subprocess.PIPE, text=True)
+  messages = [{"role": "system", "content": "Sharded answers."},
+              {"role": "user", "content": "Count the ships in the harbour, twice."}]
+  cfg = get_config("tiny")
+  tok = ByteTokenizer(cfg.vocab_size)
+  engine = sx.Engine(cfg, llama.init_params(cfg, 0), tok, page_size=4, num_pages=128)
+  want = engine.generate([sx.chat_request(tok, messages, sampling=sx.SamplingParams(
+      max_new_tokens=12, temperature=0.9, seed=4))])[0]
+  try:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+      assert proc.poll() is None, proc.stderr.read()
+      try:
+        if httpx.get(url + "/health").status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < deadline, "the server did not start"
+      time.sleep(0.1)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="random:tiny", messages=messages, max_tokens=12,
+                                       temperature=0.9, seed=4)
+    assert r.model_extra["x_sparsex"]["token_ids"] == want.token_ids
+    assert r.choices[0].message.content == tok.decode(want.token_ids)
+  finally:
+    proc.terminate()
+    proc.wait(60)

@@ -8,6 +8,13 @@ joins the running batch between decode chunks. After every step, the tokens each
 made are pushed to its asyncio queue (thread-safely, on the server's event loop), so decoding
 streams to each client as it goes.
 
+The groups share the engine's KV pool and admit from it through one rule: a request that finds no
+free pages waits while any group has running requests (they give pages back as they finish), and
+fails only when nothing at all is running; at each round the group whose oldest waiting request
+arrived first schedules first, and while a request waits for pages no younger request of another
+group is admitted, so the pages finished requests give back go to the oldest waiter, whatever its
+method.
+
 Each request's failure (a lease that can never fit, a failed prefill or decode loop) is reported
 to that request alone; an unexpected error in a step fails the requests of that reuse method's
 batch, which is rebuilt; the loop keeps serving.
@@ -23,6 +30,8 @@ import threading
 import time
 import traceback
 from typing import Callable
+
+import numpy as np
 
 from sparsex_jax.api import RequestOutput
 from sparsex_jax.prompt import Prompt
@@ -93,6 +102,9 @@ class EngineLoop:
     self._stopping = threading.Event()
     self._thread = threading.Thread(target=self._run, name="sparsex-engine", daemon=True)
     self.error: BaseException | None = None  # what ended the thread, if it died
+    # A test hook: called (engine thread) with each request's first-token logits [V] float32.
+    # Set it before the requests it should see; it copies every prefill's logits to the host.
+    self.on_first_logits: Callable[[Handle, np.ndarray], object] | None = None
     stops = getattr(engine.tokenizer, "stop_ids", ()) or ()
     self._batch_stops = max(len(stops), 1)
     # Requests held at once: a running batch's rows, and max_waiting more queued.
@@ -152,7 +164,7 @@ class EngineLoop:
           if self._stopping.is_set() and self._inbox.empty():
             return
           continue
-        for group in list(self._groups.values()):
+        for group in self._in_arrival_order():
           if group.scheduler.has_work:
             self._step(group)
         if self.on_step is not None:
@@ -162,6 +174,30 @@ class EngineLoop:
       traceback.print_exc()
       for handle in list(self._handles.values()):
         self._finish(handle, RequestOutput.failed(handle.request_id, f"engine loop died: {e}"))
+
+  def _in_arrival_order(self) -> list[_Group]:
+    """The groups, the one whose oldest waiting request arrived first first (groups with none
+    waiting last): pages freed by one step go to the oldest waiter at the next admission."""
+    def head(group: _Group) -> float:
+      waiting = group.scheduler.waiting
+      return waiting[0][0].index if waiting else float("inf")
+    return sorted(self._groups.values(), key=head)
+
+  def _others_running(self, method: ReuseMethod) -> bool:
+    return any(g.scheduler.running for m, g in self._groups.items() if m != method)
+
+  def _may_admit(self, method: ReuseMethod, request: ScheduledRequest) -> bool:
+    """False while an older request of another group waits for pages."""
+    for m, g in self._groups.items():
+      waiting = g.scheduler.waiting
+      if m != method and g.scheduler.blocked and waiting and waiting[0][0].index < request.index:
+        return False
+    return True
+
+  def _first_logits(self, request: ScheduledRequest, logits: np.ndarray) -> None:
+    handle = self._handles.get(request.index)
+    if handle is not None and self.on_first_logits is not None:
+      self.on_first_logits(handle, logits)
 
   def _take(self, block: bool) -> None:
     """Everything in the inbox (waiting up to 0.1 s for the first item when `block`)."""
@@ -174,6 +210,8 @@ class EngineLoop:
       if kind == "submit":
         self._handles[handle.index] = handle
         group = self._group(handle.reuse)
+        if self.on_first_logits is not None:  # set after the group was made
+          group.runner.on_first_logits = self._first_logits
         group.scheduler.add_request(
             ScheduledRequest(handle.index, handle.request_id, handle.prompt, handle.sampling))
       elif kind == "cancel" and not handle.done:
@@ -189,8 +227,11 @@ class EngineLoop:
       policy = method.resolve(engine.config)
       runner = StepRunner(engine, policy, (), time.perf_counter(),
                           batch=StepRunner.serving_batch(engine, self._batch_stops))
+      runner.on_first_logits = self._first_logits if self.on_first_logits is not None else None
       sched = Scheduler(engine.store, policy, runner.batch.n_rows,
-                        steps_per_visit=engine.steps_per_visit, prepare=runner.prepare)
+                        steps_per_visit=engine.steps_per_visit, prepare=runner.prepare,
+                        others_running=lambda: self._others_running(method),
+                        may_admit=lambda request: self._may_admit(method, request))
       group = self._groups[method] = _Group(method, sched, runner)
     return group
 

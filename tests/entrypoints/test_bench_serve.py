@@ -1,0 +1,38 @@
+"""scripts/bench_serve.py --smoke: the load benchmark end to end on CPU (the tiny random model, two
+`sparsex serve` subprocesses, the official openai client): its JSON has the percentiles,
+throughput and hit rates of both configurations, and only sparsex reuse hits segments."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_serve_smoke_writes_both_configurations_and_only_sparsex_hits_segments(tmp_path):
+  out = tmp_path / "bench"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serve.py"),
+                         "--smoke", "--rate", "8", "--out", str(out)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((out / "bench_serve.json").read_text())
+  assert (out / "bench_serve.png").stat().st_size > 0
+  for key in ("command", "date", "device", "jax", "config", "workload", "comparison"):
+    assert key in report, key
+  n = report["workload"]["requests"]
+  for reuse in ("sparsex", "prefix"):
+    res = report["results"][reuse]
+    assert res["reuse"] == reuse and res["requests"] == n and not res["errors"]
+    for metric in ("ttft_s", "tpot_s", "e2e_s"):
+      p = res[metric]
+      assert 0 < p["p50"] <= p["p90"] <= p["p99"], (reuse, metric, p)
+    assert res["throughput"]["output_tokens_per_s"] > 0
+    assert res["server_metrics"]["generation_tokens_total"] == sum(
+        r["output_tokens"] for r in res["records"])
+  sparsex, prefix = (report["results"][r]["server_metrics"] for r in ("sparsex", "prefix"))
+  assert sparsex["segment_cache_hit_rate"] > 0 and sparsex["reused_tokens_total"] > 0
+  assert prefix["segment_cache_hit_rate"] == 0 and prefix["reused_tokens_total"] == 0
+  assert prefix["exact_tokens_total"] > 0  # later turns resend earlier ones: prefix hits
+  assert set(report["comparison"]) >= {"p50_ttft_cut", "p50_tpot_ratio", "target_met"}
