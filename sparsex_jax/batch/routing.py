@@ -13,10 +13,11 @@ replica loads it).
 Policies:
 - "affinity" (the default; the trade-off DualMap makes between cache affinity and load): groups
   in decreasing order of cost, each to the replica that holds the most of its shared segments'
-  tokens (ties: the one it would leave least loaded), unless that would leave that replica more
-  than `slack` x the mean load above the replica that would end least loaded with it: then to
-  that one, which computes the segments again (counted in `Routing.duplicated`). Bound: no
-  replica's load exceeds another's by more than the slack plus the largest group's cost.
+  tokens (ties: the most of its segments, then the one it would leave least loaded), unless that
+  would leave that replica more than `slack` x the mean load above the replica that would end
+  least loaded with it: then to that one, which computes the segments again (counted in
+  `Routing.duplicated`). Bound: no replica's load exceeds another's by more than the slack plus
+  the largest group's cost.
 - "round_robin": group i to replica i % n, blind to segments and load (the baseline; given one
   group per request, it is what a cache-blind data-parallel router does).
 """
@@ -130,9 +131,11 @@ def route(groups: Sequence[Group], segment_tokens: Mapping[str, int], n_replicas
     segs = groups[g].segments
     after = [out.loads[r] + group_cost(groups[g], segment_tokens, out.segments[r])
              for r in range(n_replicas)]
-    overlap = [sum(segment_tokens[k] for k in segs & out.segments[r])
+    # Most shared tokens, then most shared segments (one on disk costs no tokens, but a replica
+    # that has it loaded need not load it again).
+    overlap = [(sum(segment_tokens[k] for k in segs & out.segments[r]), len(segs & out.segments[r]))
                for r in range(n_replicas)]
-    best = min(range(n_replicas), key=lambda r: (-overlap[r], after[r], r))
+    best = min(range(n_replicas), key=lambda r: (-overlap[r][0], -overlap[r][1], after[r], r))
     least = min(range(n_replicas), key=lambda r: (after[r], r))
     place(g, best if after[best] <= after[least] + allowance else least)
   for gs in out.replicas:

@@ -119,7 +119,7 @@ class Summary:
     return "\n".join(lines)
 
 
-class _Signals:
+class Signals:
   """First SIGINT/SIGTERM: stop after the current batch. Second: stop now (after the line being
   written, if any). Installed only in the main thread."""
 
@@ -351,7 +351,7 @@ def run_job(engine, input_path: str, output_path: str, *,
       plan = plan_job(job.keys, batch_size, shared, job.policy.reads_segment_cache, cached,
                       job.count)
       window = batch_size * WINDOW_BATCHES
-      with _Signals(job.critical, job.say) as signals:
+      with Signals(job.critical, job.say) as signals:
         for step in plan.steps:
           for i in range(0, len(step), window):
             if signals.stop:
