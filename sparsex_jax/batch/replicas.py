@@ -501,7 +501,7 @@ def _actor_options(ray, replicas: int, gpus: float | None, cpus: float, tp: int,
   total = ray.cluster_resources()
   if gpus is None:
     gpus = float(tp) if total.get("GPU", 0) > 0 else 0.0
-  if gpus and gpus < tp:
+  if gpus and tp > 1 and gpus < tp:  # a share of a GPU is for one-device engines
     raise ValueError(f"a replica spans tp={tp} GPUs: gpus_per_replica {gpus:g} is too few")
   for name, each in (("GPU", gpus), ("CPU", cpus)):
     if each and replicas * each > total.get(name, 0):

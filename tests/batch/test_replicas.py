@@ -242,3 +242,27 @@ def test_two_smollm2_replicas_answer_as_one_engine(ray_cluster, real_model, tmp_
     two = pool.run_job(str(inp), str(tmp_path / "two.jsonl"), progress=False, batch_size=4)
   assert two.done == 4 and [r["requests"] for r in two.replicas] == [2, 2]
   assert _results(tmp_path / "two.jsonl") == _results(tmp_path / "one.jsonl")
+
+
+def test_replicas_take_a_gpu_each_or_share_one_with_a_memory_limit():
+  class Cluster:  # what _actor_options asks of ray
+    def __init__(self, resources):
+      self.resources = resources
+
+    def cluster_resources(self):
+      return self.resources
+
+  gpus, cpus = Cluster({"CPU": 16, "GPU": 2}), Cluster({"CPU": 2})
+  each = replicas._actor_options(gpus, 2, None, 1, 1, None)
+  assert each == {"num_cpus": 1, "num_gpus": 1.0, "max_restarts": 0, "max_task_retries": 0}
+  assert replicas._actor_options(gpus, 1, None, 1, 2, None)["num_gpus"] == 2.0  # --tp 2
+  half = replicas._actor_options(gpus, 4, 0.5, 1, 1, {"A": "b"})
+  assert half["num_gpus"] == 0.5
+  assert half["runtime_env"]["env_vars"] == {"A": "b", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}
+  assert replicas._actor_options(cpus, 2, None, 1, 1, None)["num_gpus"] == 0.0  # no GPU: CPUs
+  with pytest.raises(ValueError, match="3 replicas x 1 GPU need 3 GPU; the Ray cluster has"):
+    replicas._actor_options(gpus, 3, None, 1, 1, None)
+  with pytest.raises(ValueError, match="tp=2"):
+    replicas._actor_options(gpus, 1, 0.5, 1, 2, None)
+  with pytest.raises(ValueError, match="replicas must be"):
+    replicas.ReplicaPool(TINY, 0)
