@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import time
 from typing import Any, Callable, Mapping
@@ -42,6 +43,7 @@ from sparsex_jax.batch.plan import plan_groups, plan_job
 from sparsex_jax.batch.routing import ROUTING, SLACK, Group, route
 from sparsex_jax.batch.runner import (WINDOW_BATCHES, Job, Signals, Summary, account, check_job,
                                       compute_shared)
+from sparsex_jax.engine import Engine
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.reuse import ReuseConfig, ReuseMethod
 from sparsex_jax.validation import is_int, is_real
@@ -91,7 +93,6 @@ class Replica:
   then runs windows of a job's requests, yielding each result as it finishes."""
 
   def __init__(self, make_engine: Callable[[], Any]):
-    from sparsex_jax.engine import Engine
     self.engine = make_engine()
     if not isinstance(self.engine, Engine):
       raise TypeError(f"make_engine must return an Engine, got {type(self.engine).__name__}")
@@ -481,13 +482,18 @@ def _count_in(summary: Summary, out: RequestOutput, n_layers: int) -> None:
 
 
 def _cause(error: BaseException) -> str:
-  """One line for a Ray error: its first line, without Ray's traceback."""
-  text = str(error).strip()
-  for line in text.splitlines():
-    line = line.strip()
-    if line and not line.startswith(("Traceback", "File ", "ray::")):
-      return line[:300]
-  return type(error).__name__
+  """One line for a Ray error: the exception that ended a replica's traceback ("FileNotFoundError:
+  GGUF file not found: ..."), else Ray's first line ("The actor is dead because ...")."""
+  lines = [line for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if _EXCEPTION_LINE.match(lines[-1]):
+    return lines[-1].strip()[:300]
+  return lines[0].strip()[:300]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its task names
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*: ")
 
 
 def _resources(ray) -> str:
