@@ -269,11 +269,12 @@ def test_replicas_take_a_gpu_each_or_share_one_with_a_memory_limit():
 
 
 def test_a_replica_error_is_told_in_one_line():
-  died = ("The actor died because of an error raised in its creation task, \x1b[36mray::Replica."
-          "__init__()\x1b[39m (pid=1, ip=10.0.0.1)\n  File \"/x/loaders.py\", line 255, in open_gguf"
-          "\n    raise FileNotFoundError(f\"GGUF file not found: {path}\")\nFileNotFoundError: GGUF "
-          "file not found: /nowhere/m.gguf")
-  assert replicas._cause(Exception(died)) == "FileNotFoundError: GGUF file not found: /nowhere/m.gguf"
-  assert replicas._cause(Exception("The actor is dead because it was killed by `ray.kill`.\n"
-                                   "  (more)")) == \
+  died = ("The actor died because of an error raised in its creation task, \x1b[36mray::"
+          "Replica.__init__()\x1b[39m (pid=1, ip=10.0.0.1)\n  File \"/x/loaders.py\", line "
+          "255, in open_gguf\n    raise FileNotFoundError(f\"GGUF file not found: {path}\")\n"
+          "FileNotFoundError: GGUF file not found: /nowhere/m.gguf")
+  assert replicas._cause(Exception(died)) == \
+      "FileNotFoundError: GGUF file not found: /nowhere/m.gguf"
+  killed = "The actor is dead because it was killed by `ray.kill`.\n  (more)"
+  assert replicas._cause(Exception(killed)) == \
       "The actor is dead because it was killed by `ray.kill`."
