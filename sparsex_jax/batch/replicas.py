@@ -368,7 +368,10 @@ class _Driver:
     indices = self.queues[r].popleft()
     shared = [job.segments[k] for k in dict.fromkeys(k for i in indices for k in job.keys[i])
               if k in self.warm]
-    results = self.pool.actors[r].run.remote([job.runnable[i].request for i in indices], shared)
+    # A streaming generator: each result comes back as the replica yields it (the default for
+    # generator methods in recent Ray; named for older ones).
+    results = self.pool.actors[r].run.options(num_returns="streaming").remote(
+        [job.runnable[i].request for i in indices], shared)
     self.inflight[r].append(_Window(r, indices, set(indices), results))
 
   def run(self) -> None:
