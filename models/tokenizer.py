@@ -88,6 +88,11 @@ class Tokenizer:
     stops.extend(int(i) for i in extra_stop_ids)
     self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))  # ordered, unique
 
+  def __getstate__(self) -> dict:
+    # A tokenizer crosses processes (engine replicas send theirs to the job's driver); the
+    # compiled chat template (a jinja2 object) does not pickle: it is rebuilt on first use.
+    return self.__dict__ | {"_compiled_template": None}
+
   # ----------------------------------------------------------------------------------------------
   # Construction
   # ----------------------------------------------------------------------------------------------

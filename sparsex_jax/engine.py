@@ -11,9 +11,11 @@ reuse methods in reuse/, device programs in sparsex_jax/programs; this file only
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import time
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -121,6 +123,28 @@ class Engine:
     order they finish, before generate returns: a job can write results as they come. What it
     raises ends the job (everything held is released) and propagates.
     """
+    return _drive(self._run(requests, sampling, reuse, on_error, on_output))
+
+  def stream(self, requests: Sequence[Request], sampling: SamplingParams = SamplingParams(),
+             reuse: ReuseMethod = ReuseConfig(), *, on_error: str = "raise"
+             ) -> Iterator[tuple[int, RequestOutput]]:
+    """generate() as an iterator: (index into `requests`, output) as each request finishes, in
+    the order they finish. The work is done as it is consumed (a caller in another process can
+    send each result on as it comes, batch/replicas.py); closing the iterator early ends the job
+    and releases everything it holds."""
+    finished: collections.deque[tuple[int, RequestOutput]] = collections.deque()
+    run = self._run(requests, sampling, reuse, on_error, lambda i, out: finished.append((i, out)))
+    with contextlib.closing(run):
+      for _ in run:
+        while finished:
+          yield finished.popleft()
+    while finished:  # failed in validation, with nothing to schedule
+      yield finished.popleft()
+
+  def _run(self, requests, sampling, reuse, on_error, on_output
+           ) -> Generator[None, None, list[RequestOutput]]:
+    """The continuous-batching loop, pausing after each step (outputs go to on_output); returns
+    the outputs in request order."""
     t_job = time.perf_counter()
     policy = reuse.resolve(self.config)
     todo, outputs = self.schedulable(requests, sampling, on_error, on_output)
@@ -136,7 +160,8 @@ class Engine:
         step = sched.schedule()
         outputs.record(step.failed)
         outputs.record(sched.update(step, runner.run(step)))
-    finally:  # on_error="raise" (or an interrupt) ends the job: give back whatever is held
+        yield
+    finally:  # on_error="raise", an interrupt or a closed stream ends the job: give back all held
       sched.close()
     return list(outputs)
 
@@ -238,6 +263,15 @@ class Engine:
     if namespace is not None:
       return self.store.stats(namespace)
     return self.store.stats() | {"compilations": self.num_compilations}
+
+
+def _drive(run: Generator[None, None, list[RequestOutput]]) -> list[RequestOutput]:
+  """Runs Engine._run to its end; its outputs."""
+  while True:
+    try:
+      next(run)
+    except StopIteration as done:
+      return done.value
 
 
 def _cpu_only() -> bool:

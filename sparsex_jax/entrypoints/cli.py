@@ -2,7 +2,8 @@
 
   sparsex demo                                   the embedded default model on CPU: reuse vs full
   (demo, generate, cache warm and eval take --tp N: tensor parallelism over N devices)
-  sparsex generate --input F --output O ...      an offline batch job over JSONL (batch/)
+  sparsex generate --input F --output O ...      an offline batch job over JSONL (batch/);
+                                                 --replicas N: over N engine replicas on Ray
   sparsex cache warm --corpus F --cache-dir D    precompute a corpus into a segment cache on disk
   sparsex cache info D                           what a segment cache on disk holds
   sparsex serve --model M [--port P]             an OpenAI-compatible server (docs/SERVING.md)
@@ -15,11 +16,13 @@ sparsex_jax/research/.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
 
 from sparsex_jax.batch.plan import SHARED
+from sparsex_jax.batch.routing import ROUTING
 from sparsex_jax.entrypoints.demo import PASSAGE as DEMO_PASSAGE
 from sparsex_jax.entrypoints.demo import QUESTION as DEMO_QUESTION
 from sparsex_jax.entrypoints.demo import QUESTION2 as DEMO_QUESTION2
@@ -165,6 +168,20 @@ def _add_generate_parser(sub) -> None:
                       "with a warning and its segment computed afresh)")
   g.add_argument("--cache-final-message", action="store_true",
                  help="cache the last message of OpenAI chat lines too (default: not cached)")
+  rep = g.add_argument_group("engine replicas on Ray (data parallel; docs/BATCH.md)")
+  rep.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="run the job on N engine replicas, Ray actors of one GPU each (--tp GPUs "
+                        "with --tp), one output written here; default 1: this process, no Ray")
+  rep.add_argument("--ray-address", metavar="ADDR",
+                   help="run the replicas on this Ray cluster ('auto': the one `ray start` made "
+                        "on this machine; ray://HOST:10001); default: a Ray started here")
+  rep.add_argument("--routing", default="affinity", choices=ROUTING,
+                   help="requests that share segments go to the replica that holds them, within "
+                        "a load slack (affinity), or are dealt out blind to the cache "
+                        "(round_robin)")
+  rep.add_argument("--gpus-per-replica", type=float, metavar="G",
+                   help="GPUs per replica (default: --tp, or 1, where the cluster has GPUs; 0.5: "
+                        "two replicas per GPU, each limited to a share of its memory)")
   g.add_argument("--errors", help="errors file (default: beside the output, NAME.errors.jsonl)")
   g.add_argument("--summary-json", help="also write the summary as JSON here")
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -269,26 +286,48 @@ def _generate(args) -> int:
   defaults = batch.Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed,
                             cache_final_message=args.cache_final_message)
   sx.SamplingParams(defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.seed)
-  _use_compile_cache(args)
-  engine = _build_engine(args)
-  if args.cache_dir:
-    engine.use_cache_dir(args.cache_dir, key=args.cache_key, strict=args.strict)
+  job = dict(reuse=reuse, defaults=defaults, batch_size=args.batch_size, shared=args.shared,
+             errors_path=args.errors, progress=not args.no_progress, model_name=args.model)
+  replicated = args.replicas != 1 or args.ray_address is not None
   try:
-    summary = batch.run_job(engine, args.input, args.output, reuse=reuse, defaults=defaults,
-                            batch_size=args.batch_size, shared=args.shared,
-                            errors_path=args.errors, progress=not args.no_progress,
-                            model_name=args.model)
+    if replicated:
+      from sparsex_jax.batch import replicas
+      if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+      try:
+        replicas.import_ray()
+      except ImportError as e:
+        raise batch.JobError(str(e)) from None
+      # Each replica builds its engine from these flags, in its own process (_replica_engine).
+      summary = replicas.run_replicated_job(
+          functools.partial(_replica_engine, args), args.input, args.output,
+          replicas=args.replicas, ray_address=args.ray_address,
+          gpus_per_replica=args.gpus_per_replica, tp=args.tp or 1, routing=args.routing, **job)
+    else:
+      engine = _replica_engine(args)
+      summary = batch.run_job(engine, args.input, args.output, **job)
   except batch.JobError as e:
     print(f"sparsex: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   print(summary.text(), file=sys.stderr)
-  print(_compile_line(args), file=sys.stderr)
+  if not replicated:  # the replicas' compilations happen in their own processes
+    print(_compile_line(args), file=sys.stderr)
   if args.summary_json:
     with open(args.summary_json, "w", encoding="utf-8") as f:
       json.dump(summary.as_dict(), f, indent=1)
   if summary.interrupted:
     return 130
   return EXIT_FAILED_LINES if summary.failed else 0
+
+
+def _replica_engine(args):
+  """The engine of `sparsex generate`, with its compile cache and cache dir: built in this
+  process, or in each replica's (the flags travel to it pickled)."""
+  _use_compile_cache(args)
+  engine = _build_engine(args)
+  if args.cache_dir:
+    engine.use_cache_dir(args.cache_dir, key=args.cache_key, strict=args.strict)
+  return engine
 
 
 def _read_corpus(path: str) -> tuple[list, list[str]]:

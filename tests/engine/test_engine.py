@@ -225,3 +225,25 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
   greedy = eng.generate([req], sx.SamplingParams(max_new_tokens=12, ignore_eos=True),
                         reuse=sx.ReuseConfig("full"))[0].token_ids
   assert draw(1) != greedy
+
+
+def test_stream_yields_what_generate_returns_as_each_request_finishes():
+  eng = _engine(max_batch_size=2)
+  reqs = [sx.Request([sx.Segment(_ids(9 + 3 * i, i))], id=i,
+                     sampling=sx.SamplingParams(max_new_tokens=2 + 3 * i, ignore_eos=True))
+          for i in range(3)] + [sx.Request([sx.Segment([CFG.vocab_size])], id="bad")]
+  order = []
+  want = eng.generate(reqs, reuse=sx.ReuseConfig("full"), on_error="return",
+                      on_output=lambda i, out: order.append(i))
+  got = list(eng.stream(reqs, reuse=sx.ReuseConfig("full"), on_error="return"))
+  # The bad request first (failed in validation), then in the order they finish.
+  assert [i for i, _ in got] == order and order[0] == 3 and sorted(order) == [0, 1, 2, 3]
+  assert [out.token_ids for _, out in sorted(got, key=lambda x: x[0])] == \
+      [out.token_ids for out in want]
+  assert got[0][1].finish_reason == "error" and "vocabulary" in got[0][1].error
+  # Closing the stream early ends the job and releases what it held.
+  results = eng.stream(reqs[:3], reuse=sx.ReuseConfig("full"))
+  next(results)
+  results.close()
+  assert not eng.store._live
+  eng.store.check_invariants()

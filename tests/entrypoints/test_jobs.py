@@ -253,3 +253,49 @@ def test_demo_kl_from_full():
   x = np.array([2.0, 0.5, -1.0])
   assert kl_from_full(x, x + 3.0) == pytest.approx(0.0, abs=1e-12)  # a shift changes nothing
   assert kl_from_full(x, x[::-1]) > 0.5
+
+
+def test_cli_replicas_flags_reach_the_replicated_job_and_ray_is_needed(tmp_path, capsys,
+                                                                       monkeypatch):
+  """--replicas N hands the job to batch/replicas.py (run on Ray in tests/batch/); here only the
+  wiring: the flags it passes, the engine each replica builds from them, and the error without
+  Ray. The Ray runs themselves are in tests/batch/test_replicas.py."""
+  import pickle
+
+  from sparsex_jax.batch import replicas
+  lines, _, _ = _shared_job(1, 2)
+  inp, out = _write(tmp_path / "req.jsonl", lines), str(tmp_path / "res.jsonl")
+  base = ["generate", "--model", "random:tiny", "--input", inp, "--output", out, "--page-size",
+          "4", "--pool-gib", "0.002", "--no-progress"]
+  args = base + ["--replicas", "3", "--routing", "round_robin", "--gpus-per-replica", "0.5",
+                 "--ray-address", "auto"]
+  calls = {}
+
+  def fake(make_engine, input_path, output_path, **kw):
+    calls.update(kw, make_engine=make_engine, paths=(input_path, output_path))
+    return batch.Summary(lines=2, done=2, routing=kw["routing"])
+
+  monkeypatch.setattr(replicas, "import_ray", lambda: None)
+  monkeypatch.setattr(replicas, "run_replicated_job", fake)
+  assert cli.main(args) == 0
+  assert calls["paths"] == (inp, out) and calls["replicas"] == 3
+  assert calls["routing"] == "round_robin" and calls["gpus_per_replica"] == 0.5
+  assert calls["ray_address"] == "auto" and calls["tp"] == 1 and calls["batch_size"] == 16
+  assert "routing round_robin" in capsys.readouterr().err
+  # Each replica builds its engine from the flags, in its own process: the factory pickles.
+  make_engine = pickle.loads(pickle.dumps(calls["make_engine"]))
+  monkeypatch.setattr(cli, "_build_engine", lambda a: _engine(page_size=a.page_size))
+  assert make_engine().layout.page_size == 4
+  monkeypatch.setattr(replicas, "import_ray", lambda: (_ for _ in ()).throw(
+      ImportError('engine replicas run on Ray: pip install -e ".[ray]"')))
+  assert cli.main(args) == 2
+  assert 'pip install -e ".[ray]"' in capsys.readouterr().err
+  assert cli.main(base + ["--replicas", "0"]) == 2
+  assert "--replicas must be >= 1" in capsys.readouterr().err
+
+
+def test_without_ray_the_replicas_say_how_to_install_it(monkeypatch):
+  from sparsex_jax.batch import replicas
+  monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+  with pytest.raises(ImportError, match=r'pip install -e "\.\[ray\]"'):
+    replicas.import_ray()
