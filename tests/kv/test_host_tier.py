@@ -167,3 +167,28 @@ def test_device_dequantise_matches_host():
   np.testing.assert_allclose(np.asarray(pool["k"])[1:, :, [1, 3]], want[1:], rtol=1e-6)
   assert not np.any(np.asarray(pool["k"])[0])  # layer 0 untouched
   assert isinstance(part, StoredKV)
+
+
+def test_cache_warm_fills_the_host_tier(tmp_path, monkeypatch, capsys):
+  import json
+
+  from sparsex_jax.entrypoints import cli
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in PASSAGES))
+  built = []
+
+  def build(args):
+    assert args.host_cache_bytes == 2**20 and args.host_cache_dtype == "int8"
+    built.append(_engine(page_size=args.page_size, host_cache_bytes=args.host_cache_bytes,
+                         host_cache_dtype=args.host_cache_dtype))
+    return built[-1]
+
+  monkeypatch.setattr(cli, "_build_engine", build)
+  args = ["cache", "warm", "--model", "random:tiny", "--corpus", str(corpus), "--cache-dir",
+          str(tmp_path / "c"), "--page-size", "4", "--no-progress", "--host-cache-bytes", "1M",
+          "--host-cache-dtype", "int8"]
+  assert cli.main(args) == 0
+  assert cli.main(args + ["--fill-host-tier"]) == 0  # a fresh engine: pool empty, cache on disk
+  assert "host tier: 3 segments" in capsys.readouterr().err
+  assert len(built[-1].host_tier) == 3 and built[-1].stats()["host_tier"]["dtype"] == "int8"
+  built[-1].store.check_invariants()
