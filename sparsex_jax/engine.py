@@ -287,7 +287,8 @@ class Engine:
     out = self.store.stats() | {"compilations": self.num_compilations}
     if self._disk is not None:
       out["disk_cache"] = {"segments": len(self._disk.cache), "loaded": self._disk.cache.loaded,
-                           "saved": self._disk.cache.saved}
+                           "saved": self._disk.cache.saved,
+                           "load_s": round(self._disk.load_s, 6)}
     return out
 
 

@@ -640,12 +640,17 @@ class DiskLink:
 
   def __init__(self, cache: SegmentDiskCache, store, io: PageIO, autosave: bool = True):
     self.cache, self.store, self.io, self.autosave_enabled = cache, store, io, bool(autosave)
+    self.load_s = 0.0  # host time spent loading segments into the pool (the request waits on it)
 
   def load_for(self, prompts) -> int:
     """Loads the cacheable segments of `prompts` that are on disk but not in memory."""
     keys = [(segment_key(ids, p.namespace), p.namespace)
             for p in prompts for _, _, ids, cacheable in p.spans if cacheable]
-    return load_segments(self.cache, self.store, self.io, keys)
+    t0 = time.perf_counter()
+    n = load_segments(self.cache, self.store, self.io, keys)
+    if n:  # a synchronous read, verify and write before the request's prefill: all exposed
+      self.load_s += time.perf_counter() - t0
+    return n
 
   def save(self) -> int:
     return save_segments(self.cache, self.store, self.io)

@@ -176,6 +176,8 @@ class KVStore:
   def _plan_loads(self, lease: Lease, from_host: dict[int, HostSegment], policy) -> None:
     """Pages for each host-tier hit, and the copy that fills layers [T, L) of them (every layer
     when T = 0). Best effort: a hit that finds no pages is computed afresh, as on a miss."""
+    if not from_host:
+      return
     first_layer = int(policy.layer_threshold)
     for i, seg in from_host.items():
       try:
