@@ -25,6 +25,7 @@ from models.config import ModelConfig, get_config
 from sparsex_jax import decoding, planner, scheduler, sharding
 from sparsex_jax.api import Request, RequestOutput, Segment
 from sparsex_jax.kv import KVStore, PoolLayout, persist
+from sparsex_jax.kv.host_tier import HOST_DTYPES, HostSegment, HostTier
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
 from sparsex_jax.programs import KVPool
@@ -46,13 +47,17 @@ class Engine:
   def __init__(self, config: ModelConfig, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
                max_batch_size: int = 16, attention_backend: str = "auto",
-               steps_per_visit: int = decoding.STEPS_PER_VISIT, mesh=None, namespace: str = ""):
+               steps_per_visit: int = decoding.STEPS_PER_VISIT, mesh=None, namespace: str = "",
+               host_cache_bytes: int | None = None, host_cache_dtype: str = "native"):
     """max_batch_size: rows of the running batch. steps_per_visit: decode steps per device loop
     (per host visit). mesh: None (one device) or a ("data", "tensor") jax Mesh
     (sharding.make_mesh(tp)): weights Megatron-style and the KV pool by KV heads over "tensor"
     (docs/SHARDING.md). num_pages and kv_pool_bytes are the whole pool's, summed over the tensor
     axis. namespace: the cache namespace of requests that name none (Request.namespace): what is
-    cached under one namespace is never reused or seen under another (docs/SECURITY.md)."""
+    cached under one namespace is never reused or seen under another (docs/SECURITY.md).
+    host_cache_bytes: the host-memory tier's budget (None or 0: no host tier): segments the pool
+    evicts go there, and down to the cache dir (use_cache_dir) when it is full (docs/TIERS.md).
+    host_cache_dtype: how it keeps them: "native" (the pool's dtype), "int8" or "fp8"."""
     if not isinstance(namespace, str):
       raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
     self.namespace = namespace
@@ -68,8 +73,18 @@ class Engine:
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.layout = PoolLayout.for_model(config, page_size=page_size, num_pages=num_pages,
                                        kv_pool_bytes=kv_pool_bytes)
-    self.store = KVStore(self.layout)
+    host_tier = None
+    if host_cache_bytes:
+      if mesh is not None:
+        raise ValueError("host_cache_bytes: the host tier does not run under a mesh yet")
+      if not is_int(host_cache_bytes) or host_cache_bytes < 0:
+        raise ValueError(f"host_cache_bytes must be an int >= 0, got {host_cache_bytes!r}")
+      host_tier = HostTier(int(host_cache_bytes), host_cache_dtype, spill=self._spill_to_disk)
+    elif host_cache_dtype not in HOST_DTYPES:
+      raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_cache_dtype!r}")
+    self.store = KVStore(self.layout, host_tier)
     self.kv = KVPool(config, self.layout, on_lost=self.store.invalidate, mesh=mesh)
+    self.store.page_io = self.kv
     self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
     self._disk: persist.DiskLink | None = None  # use_cache_dir()
@@ -207,6 +222,38 @@ class Engine:
     self._disk.autosave()  # what this engine cached before it had a cache dir
     return self._disk.cache
 
+  def _spill_to_disk(self, seg: HostSegment) -> bool:
+    """The host tier's overflow: to the cache dir if there is one (True if it is there now)."""
+    if self._disk is None:
+      return False
+    k, v = seg.restored(np.dtype(self.config.jnp_dtype))
+    return self._disk.keep(seg.token_ids, seg.positions, k, v, seg.namespace)
+
+  @property
+  def host_tier(self) -> HostTier | None:
+    return self.store.host_tier
+
+  def fill_host_tier(self, namespace: str | None = None) -> int:
+    """Reads segments of the cache dir (those in neither the pool nor the host tier) into the host
+    tier while its budget has room; returns how many (`sparsex cache warm --fill-host-tier`)."""
+    tier = self.store.host_tier
+    if tier is None or self._disk is None:
+      raise ValueError("fill_host_tier needs host_cache_bytes and a cache dir (use_cache_dir)")
+    namespace = self.namespace if namespace is None else namespace
+    n = 0
+    for key in list(self._disk.cache.entries):
+      if key in self.store.segment_cache or key in tier:
+        continue
+      try:
+        seg = self._disk.cache.read(key, namespace)
+      except persist.CacheError:
+        continue  # another namespace's, or a bad file (found again when a request needs it)
+      if tier.bytes_used + 2 * tier.stored_nbytes(seg.k) > tier.budget_bytes:
+        break  # full: filling must not push out what it filled
+      tier.put(seg.token_ids, seg.positions, seg.k, seg.v, namespace)
+      n += 1
+    return n
+
   @property
   def disk_cache(self) -> persist.SegmentDiskCache | None:
     return self._disk.cache if self._disk is not None else None
@@ -262,7 +309,12 @@ class Engine:
     """KVStore.stats (every namespace, or only `namespace`'s entries) and the compilations."""
     if namespace is not None:
       return self.store.stats(namespace)
-    return self.store.stats() | {"compilations": self.num_compilations}
+    out = self.store.stats() | {"compilations": self.num_compilations}
+    if self._disk is not None:
+      out["disk_cache"] = {"segments": len(self._disk.cache), "loaded": self._disk.cache.loaded,
+                           "saved": self._disk.cache.saved,
+                           "load_s": round(self._disk.load_s, 6)}
+    return out
 
 
 def _drive(run: Generator[None, None, list[RequestOutput]]) -> list[RequestOutput]:

@@ -16,6 +16,7 @@ import numpy as np
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import RequestOutput, RequestStats
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
+from sparsex_jax.kv.host_tier import issue_loads
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
 from sparsex_jax.programs.copy import copy_slots
@@ -160,7 +161,13 @@ class StepRunner:
 def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
                        ) -> tuple[list["RequestPlan"], "PrefillOutput", "PrefillBatch"]:
   """Plans a group, runs the prefill program and commits the caches (the pool donated to both
-  programs through engine.kv)."""
+  programs through engine.kv). Copies from the host tier that the leases planned are issued
+  first, before the planning, so that their host-to-device transfers run while the host plans;
+  nothing here waits for them (the prefill is ordered after them on the device through the pool).
+  """
+  if engine.store.host_tier is not None:
+    issue_loads(engine.store.host_tier, [load for lease in leases for load in lease.loads],
+                engine.kv)
   plans = [planner.plan_request(p, lease, policy, engine.layout)
            for p, lease in zip(prompts, leases)]
   batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,

@@ -136,6 +136,28 @@ def _add_engine_args(p) -> None:
   pool.add_argument("--pool-gib", type=float, help="KV pool size in GiB (default 1)")
   pool.add_argument("--pool-fraction", type=float,
                     help="KV pool as a fraction of the device memory free after loading the model")
+  p.add_argument("--host-cache-bytes", type=_byte_count, default=None, metavar="N",
+                 help="host-memory tier under the KV pool: segments the pool evicts are kept in "
+                      "N bytes of host memory (suffixes K, M, G: 8G), then go to --cache-dir if "
+                      "given (docs/TIERS.md); default: none")
+  p.add_argument("--host-cache-dtype", default="native", choices=("native", "int8", "fp8"),
+                 help="how the host tier keeps K/V: the pool's dtype (native), or 8 bits with a "
+                      "scale per token and kv head")
+
+
+def _byte_count(text: str) -> int:
+  """'8G', '512M', '1048576' -> bytes (argparse type)."""
+  units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+  text = text.strip().upper().removesuffix("B").removesuffix("I")
+  scale = units.get(text[-1:], 1)
+  number = text[:-1] if text[-1:] in units else text
+  try:
+    value = int(float(number) * scale)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 8G, 512M)") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"a byte count must be >= 0, got {text!r}")
+  return value
 
 
 def _add_generate_parser(sub) -> None:
@@ -200,6 +222,9 @@ def _add_cache_parser(sub) -> None:
                       "user): what requests that send passages as messages will look up; default: "
                       "the text verbatim")
   _add_engine_args(w)
+  w.add_argument("--fill-host-tier", action="store_true",
+                 help="then read the cache into the host tier (--host-cache-bytes) up to its "
+                      "budget, and report how many segments it holds")
   w.add_argument("--no-progress", action="store_true")
   i = csub.add_parser("info", help="what a cache dir holds")
   i.add_argument("cache_dir")
@@ -268,7 +293,9 @@ def _build_engine(args):
     pool_bytes = int(args.pool_fraction * _free_device_bytes() * sharding.tp_size(mesh))
   return sx.Engine(config, params, tokenizer, page_size=args.page_size,
                    kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size, mesh=mesh,
-                   namespace=args.namespace)
+                   namespace=args.namespace,
+                   host_cache_bytes=getattr(args, "host_cache_bytes", None),
+                   host_cache_dtype=getattr(args, "host_cache_dtype", "native"))
 
 
 def _generate(args) -> int:
@@ -390,6 +417,10 @@ def _cache_warm(args) -> int:
   if bar is not None:
     bar.close()
   info = disk.info()
+  if args.fill_host_tier:
+    n_host = engine.fill_host_tier()
+    print(f"host tier: {n_host} segments, {engine.host_tier.bytes_used / 2**20:.1f} MiB of "
+          f"{engine.host_tier.budget_bytes / 2**20:.1f} MiB", file=sys.stderr)
   print(f"{args.cache_dir}: {len(todo)} passages computed and saved, "
         f"{len(passages) - len(todo)} already cached, {len(bad)} bad lines; the cache now holds "
         f"{info['segments']} segments, {info['tokens']} tokens, {info['bytes'] / 2**20:.1f} MiB "

@@ -598,6 +598,8 @@ def load_segments(disk: SegmentDiskCache, store, io: PageIO,
     key, namespace = (item, "") if isinstance(item, str) else item
     if key in store.segment_cache or key not in disk:
       continue
+    if store.host_tier is not None and key in store.host_tier:
+      continue  # the host tier serves it (only the layers a request reads)
     try:
       seg = disk.read(key, namespace)  # verified before anything reaches the pool
     except CacheError as e:
@@ -638,15 +640,35 @@ class DiskLink:
 
   def __init__(self, cache: SegmentDiskCache, store, io: PageIO, autosave: bool = True):
     self.cache, self.store, self.io, self.autosave_enabled = cache, store, io, bool(autosave)
+    self.load_s = 0.0  # host time spent loading segments into the pool (the request waits on it)
 
   def load_for(self, prompts) -> int:
     """Loads the cacheable segments of `prompts` that are on disk but not in memory."""
     keys = [(segment_key(ids, p.namespace), p.namespace)
             for p in prompts for _, _, ids, cacheable in p.spans if cacheable]
-    return load_segments(self.cache, self.store, self.io, keys)
+    t0 = time.perf_counter()
+    n = load_segments(self.cache, self.store, self.io, keys)
+    if n:  # a synchronous read, verify and write before the request's prefill: all exposed
+      self.load_s += time.perf_counter() - t0
+    return n
 
   def save(self) -> int:
     return save_segments(self.cache, self.store, self.io)
+
+  def keep(self, token_ids, positions, k, v, namespace: str = "") -> bool:
+    """The host tier's overflow: writes one segment (when this link saves); True if it is on disk
+    now. A failed write warns and counts as dropped, never fails the request that evicted it."""
+    key = segment_key(token_ids, namespace)
+    if key in self.cache:
+      return True
+    if not self.autosave_enabled:
+      return False
+    try:
+      self.cache.save([(token_ids, positions, k, v, namespace)])
+    except Exception as e:  # pylint: disable=broad-except
+      warnings.warn(f"segment {key[:12]} not saved to {self.cache.path}: {e}", stacklevel=3)
+      return False
+    return key in self.cache
 
   def autosave(self) -> None:
     if not self.autosave_enabled:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -68,6 +69,9 @@ class SegmentCache:
     self.hits = 0  # lookups that found the segment
     self.misses = 0  # lookups that did not
     self.evictions = 0  # entries evicted (remove() does not count)
+    # Called with each entry evict() is about to drop, while its pages still hold its K/V: the
+    # KV store moves it down to the host tier (kv/host_tier.py). None: evicted entries are gone.
+    self.on_evict: Callable[[SegmentEntry], None] | None = None
     allocator.add_evictor(self.evict, self.num_reclaimable)
 
   @property
@@ -174,6 +178,8 @@ class SegmentCache:
     entry.pin_count -= 1
 
   def _drop(self, entry: SegmentEntry) -> int:
+    if self._entries.get(entry.key) is not entry:  # dropped meanwhile (the pool was lost)
+      return 0
     del self._entries[entry.key]
     self._num_pages -= len(entry.pages)
     return self.allocator.decref(entry.pages)
@@ -201,6 +207,8 @@ class SegmentCache:
       if freed >= n_pages:
         break
       if self._evictable(entry):
+        if self.on_evict is not None:
+          self.on_evict(entry)
         freed += self._drop(entry)
         self.evictions += 1
     return freed

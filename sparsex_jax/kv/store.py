@@ -1,20 +1,26 @@
 """The KV store: the one owner of the page allocator, the prefix cache and the segment cache.
 
 Host side, plain numpy. A batch of requests `acquire`s what its prefill needs (exact prefix pages,
-pinned segment-cache entries, pages of its own) as `Leases`, a context manager that always gives
-everything back; after the prefill, `commit` registers what the caches should keep. The device
-pool's values are never touched here: a commit only says which slots to copy where.
+pinned segment-cache entries, pages of its own, and copies planned from the host tier) as
+`Leases`, a context manager that always gives everything back; after the prefill, `commit`
+registers what the caches should keep. The device pool's values are never touched here: a commit
+only says which slots to copy where, a lease which host segments to copy into which pages. The one
+exception is the host tier's spill: a segment the pool evicts is read off the device through
+`page_io` (the engine's KVPool) before its pages are freed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
+import warnings
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
+from sparsex_jax.kv.host_tier import HostLoad, HostSegment, HostTier
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.prefix_cache import PrefixCache
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
@@ -38,8 +44,10 @@ class Lease:
 
   exact_pages: np.ndarray  # prefix-cache pages (one reference each), a prefix of page_table
   own_pages: np.ndarray  # pages allocated for the request (one reference each)
-  hits: dict[int, SegmentEntry]  # segment index -> segment-cache entry (pinned)
+  hits: dict[int, SegmentEntry]  # segment index -> segment-cache entry (pinned), or a host load's
   page_size: int
+  host_pins: list[HostSegment] = dataclasses.field(default_factory=list)  # pinned in the host tier
+  loads: list[HostLoad] = dataclasses.field(default_factory=list)  # host -> pool copies (own pages)
 
   @property
   def n_exact(self) -> int:
@@ -82,12 +90,18 @@ class SlotCopies:
 class KVStore:
   """Allocator + prefix cache + segment cache of one pool."""
 
-  def __init__(self, layout: PoolLayout):
+  def __init__(self, layout: PoolLayout, host_tier: HostTier | None = None):
+    """host_tier: where segments the pool evicts go (kv/host_tier.py); then `page_io` (the
+    engine's KVPool) must be set before the first eviction."""
     self.layout = layout
     self.allocator = PageAllocator(layout.num_pages, layout.page_size)
     # Registration order is eviction order: prefix blocks go before segments.
     self.prefix_cache = PrefixCache(self.allocator)
     self.segment_cache = SegmentCache(self.allocator)
+    self.host_tier = host_tier
+    self.page_io = None
+    if host_tier is not None:
+      self.segment_cache.on_evict = self._spill_to_host
     self._live: dict[int, Lease] = {}
 
   # ---- acquire / release ----
@@ -121,6 +135,7 @@ class KVStore:
           f"of {layout.page_size} tokens, the pool has {self.allocator.capacity}; pass a larger "
           f"num_pages or kv_pool_bytes to Engine")
     lease = Lease(np.zeros(0, np.int32), np.zeros(0, np.int32), {}, layout.page_size)
+    from_host: dict[int, HostSegment] = {}
     self._live[id(lease)] = lease
     try:
       if policy.reads_prefix_cache:
@@ -136,25 +151,91 @@ class KVStore:
           entry = self.segment_cache.lookup(seg_ids, pin=True, namespace=prompt.namespace)
           if entry is not None:
             lease.hits[i] = entry
+          elif self.host_tier is not None:  # pinned too: the allocations below may spill
+            seg = self.host_tier.lookup(seg_ids, prompt.namespace, pin=True)
+            if seg is not None:
+              lease.host_pins.append(seg)
+              from_host[i] = seg
       n_own = total_pages - lease.exact_pages.size
       try:
         lease.own_pages = self.allocator.allocate(n_own)
       except PoolExhausted:
-        if not lease.hits:
+        if not lease.hits and not from_host:
           raise
         # Reuse holds the hits' pages and needs the request's own besides; under pressure give the
         # hits back (evictable again) and compute those segments afresh, as mode "full" would.
         self._unpin(lease)
+        from_host = {}
         lease.own_pages = self.allocator.allocate(n_own)
+      self._plan_loads(lease, from_host, policy)
     except BaseException:
       self.release(lease)
       raise
     return lease
 
+  def _plan_loads(self, lease: Lease, from_host: dict[int, HostSegment], policy) -> None:
+    """Pages for each host-tier hit, and the copy that fills layers [T, L) of them (every layer
+    when T = 0). Best effort: a hit that finds no pages is computed afresh, as on a miss."""
+    if not from_host:
+      return
+    first_layer = int(policy.layer_threshold)
+    for i, seg in from_host.items():
+      try:
+        pages = self.allocator.allocate(seg.n_pages)
+      except PoolExhausted:
+        continue
+      # The lease's own entry, never in the segment cache: a partial copy (layers [T, L)) must
+      # not serve a request of another threshold. The lease pins it once (released in _unpin).
+      entry = SegmentEntry(seg.key, seg.token_ids, pages, seg.positions, pin_count=1,
+                           namespace=seg.namespace)
+      lease.loads.append(HostLoad(entry, seg, first_layer))
+      lease.hits[i] = entry
+
   def _unpin(self, lease: Lease) -> None:
+    loaded = {id(load.entry) for load in lease.loads}
     for entry in lease.hits.values():
-      self.segment_cache.unpin(entry)
+      if id(entry) in loaded:
+        entry.pin_count -= 1
+      else:
+        self.segment_cache.unpin(entry)
     lease.hits = {}
+    for load in lease.loads:
+      if self._promotable(load):
+        # Every layer is in the pool now: the segment moves up (the pool holds it, the host no
+        # longer does), so its next request needs no copy.
+        self.segment_cache.insert(load.entry.token_ids, load.entry.pages, load.entry.positions,
+                                  load.entry.namespace)
+        if self.host_tier.get(load.source.key) is load.source:
+          self.host_tier.remove(load.source.key)
+      self.allocator.decref(load.entry.pages)
+    lease.loads = []
+    for seg in lease.host_pins:
+      self.host_tier.unpin(seg)
+    lease.host_pins = []
+
+  def _leave_host(self, key: str) -> None:
+    """A segment now cached whole in the pool leaves the host tier (one copy, nearest first); a
+    lease loading it keeps its pinned object."""
+    if self.host_tier is not None and key in self.host_tier:
+      self.host_tier.remove(key)
+
+  def _promotable(self, load: HostLoad) -> bool:
+    return (load.written and load.first_layer == 0
+            and load.source.key not in self.segment_cache)
+
+  def _spill_to_host(self, entry: SegmentEntry) -> None:
+    """The segment cache's on_evict: reads the entry's K/V off the device into the host tier
+    (a blocking device-to-host copy, inside the allocation that evicts)."""
+    t0 = time.perf_counter()
+    try:
+      k, v = self.page_io.read_pages(entry.pages)
+    except Exception as e:  # pylint: disable=broad-except
+      warnings.warn(f"segment {entry.key[:12]} evicted but not read to the host tier: {e}",
+                    stacklevel=2)
+      self.host_tier.dropped.add(entry.key)
+      return
+    self.host_tier.spill_read_s += time.perf_counter() - t0
+    self.host_tier.put(entry.token_ids, entry.positions, k, v, entry.namespace)
 
   def release(self, lease: Lease) -> None:
     """Drops a lease's page references and pins (idempotent)."""
@@ -175,8 +256,10 @@ class KVStore:
     caches could never be evicted (eviction frees pages only one holder references).
     """
     n = prompt.token_ids.size
-    self.segment_cache.insert(prompt.token_ids, lease.page_table[:self.layout.pages_for(n)],
-                              np.arange(n, dtype=np.int32), prompt.namespace)
+    entry = self.segment_cache.insert(prompt.token_ids,
+                                      lease.page_table[:self.layout.pages_for(n)],
+                                      np.arange(n, dtype=np.int32), prompt.namespace)
+    self._leave_host(entry.key)
 
   @contextlib.contextmanager
   def commit(self, prompts: Sequence[Prompt], plans: Sequence[LabelledPrompt],
@@ -222,22 +305,29 @@ class KVStore:
         self.allocator.decref(pages)
       raise
     for seg_ids, pages, positions, namespace in pending:
-      self.segment_cache.insert(seg_ids, pages, positions, namespace)
+      self._leave_host(self.segment_cache.insert(seg_ids, pages, positions, namespace).key)
       self.allocator.decref(pages)
 
   # ---- maintenance ----
 
   def contains_segment(self, token_ids, namespace: str = "") -> bool:
-    return segment_key(token_ids, namespace) in self.segment_cache
+    """In the pool or in the host tier."""
+    key = segment_key(token_ids, namespace)
+    return key in self.segment_cache or (self.host_tier is not None and key in self.host_tier)
 
   def invalidate(self) -> None:
     """The device pool was lost: forget every cached block and segment (live requests keep their
     own references and release them as usual)."""
     self.prefix_cache.drop_all()
     self.segment_cache.drop_all()
+    for lease in self._live.values():  # their copies went with the pool: never promote them
+      for load in lease.loads:
+        load.written = False
 
   def clear(self) -> int:
     """Drops every cached block and segment that no live request holds; returns pages freed."""
+    if self.host_tier is not None:
+      self.host_tier.clear()
     return self.prefix_cache.clear() + self.segment_cache.clear()
 
   def stats(self, namespace: str | None = None) -> dict:
@@ -246,8 +336,11 @@ class KVStore:
     bpp = self.layout.bytes_per_page
     if namespace is not None:
       return {"segment_cache": self.segment_cache.stats(bpp, namespace)}
-    return {"pool": self.allocator.stats(bpp), "prefix_cache": self.prefix_cache.stats(bpp),
-            "segment_cache": self.segment_cache.stats(bpp)}
+    out = {"pool": self.allocator.stats(bpp), "prefix_cache": self.prefix_cache.stats(bpp),
+           "segment_cache": self.segment_cache.stats(bpp)}
+    if self.host_tier is not None:
+      out["host_tier"] = self.host_tier.stats()
+    return out
 
   def check_invariants(self) -> None:
     """Every page's refcount equals the references the caches and the live leases hold."""
@@ -261,8 +354,11 @@ class KVStore:
     for lease in self._live.values():
       np.add.at(held, lease.exact_pages.astype(np.int64), 1)
       np.add.at(held, lease.own_pages.astype(np.int64), 1)
+      for load in lease.loads:
+        np.add.at(held, load.entry.pages.astype(np.int64), 1)
       for entry in lease.hits.values():
-        pins[entry.key] = pins.get(entry.key, 0) + 1
+        if self.segment_cache.get(entry.key) is entry:  # not a host load's own entry
+          pins[entry.key] = pins.get(entry.key, 0) + 1
     refcounts = self.allocator.refcounts(np.arange(self.layout.num_pages))
     bad = np.flatnonzero(held != refcounts)
     if bad.size:
@@ -273,3 +369,16 @@ class KVStore:
       if entry.pin_count != pins.get(key, 0):
         raise AssertionError(f"segment {key[:12]} has {entry.pin_count} pins, live requests "
                              f"hold {pins.get(key, 0)}")
+    if self.host_tier is not None:
+      self.host_tier.check_invariants()
+      host_pins: dict[int, int] = {}
+      for lease in self._live.values():
+        for seg in lease.host_pins:
+          host_pins[id(seg)] = host_pins.get(id(seg), 0) + 1
+      for key in self.host_tier.keys():
+        seg = self.host_tier.get(key)
+        if key in self.segment_cache:
+          raise AssertionError(f"segment {key[:12]} is in the pool and the host tier")
+        if seg.pin_count != host_pins.get(id(seg), 0):
+          raise AssertionError(f"host segment {key[:12]} has {seg.pin_count} pins, live "
+                               f"requests hold {host_pins.get(id(seg), 0)}")

@@ -1,0 +1,189 @@
+"""TTFT with the reused segments in each KV tier: the GPU pool, the host-memory tier, the disk cache,
+beside full prefill, in one run; and the bytes each host-tier request moves against (L - T) / L of
+the segments' K/V (docs/TIERS.md).
+
+A RAG request at each context: a new head, passages of --segment-tokens (cached alone at position
+0), a new question (heads and questions are not cached: every request differs only there). For
+each context and method:
+
+  full         ReuseConfig("full"): every token computed, no cache read.
+  pool         the passages in the pool (the segment cache).
+  host         the passages in the host tier before every request (evicted there first, untimed);
+               the request copies layers [T, L) of them into pool pages before its prefill.
+  host-int8    the same with --host-cache-dtype int8 (8-bit values + per-row scales move).
+  disk         the passages only in the cache dir (evicted from the pool and no host tier): the
+               request reads, verifies and writes them whole before its prefill.
+
+TTFT is the wall time of Engine.prefill_logits (tokenize, loads, planning, the prefill program,
+the commit, the logits on the host), median of --runs after a warm-up request (compiles).
+
+  python scripts/bench_tiers.py --out $OUT                              (llama3-8b, 8K and 32K)
+  python scripts/bench_tiers.py --out $OUT --contexts 8192 16384 32768 --runs 5
+  python scripts/bench_tiers.py --smoke --out /tmp/tiers               (CPU self-check: tiny)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import sparsex_jax as sx
+from models import llama
+from models.config import get_config
+
+SCENARIOS = ("full", "pool", "host", "host-int8", "disk")
+
+
+def _ids(n, rng, vocab):
+  return [int(i) for i in rng.integers(3, vocab, size=n)]
+
+
+def _passages(cfg, context, segment_tokens, seed=0):
+  rng = np.random.default_rng(seed)
+  n = max(1, (context - 96) // segment_tokens)
+  return [_ids(segment_tokens, rng, cfg.vocab_size) for _ in range(n)]
+
+
+def _request(cfg, passages, run):
+  """A fresh head and question (not cached) around the cached passages."""
+  rng = np.random.default_rng(10_000 + run)
+  return sx.Request([sx.Segment(_ids(64, rng, cfg.vocab_size), cache=False)]
+                    + [sx.Segment(p) for p in passages]
+                    + [sx.Segment(_ids(32, rng, cfg.vocab_size), cache=False)])
+
+
+def _engine(cfg, params, context, n_passages, segment_tokens, **kw):
+  # Room for the request and every passage cached beside it, twice over (a pool that never
+  # evicts on its own: the scenario decides where the passages are).
+  page = 16
+  pages = 2 * (context + n_passages * (segment_tokens + page)) // page + 64
+  return sx.Engine(cfg, params, None, page_size=page, num_pages=pages, **kw)
+
+
+def _time(engine, cfg, passages, reuse, runs, before=None):
+  """Median and all TTFTs (ms) over `runs` requests after one warm-up; host-tier bytes per run."""
+  times, moved, all_layers = [], [], []
+  for run in range(runs + 1):
+    if before is not None:
+      before()
+    tier = engine.host_tier
+    b0 = (tier.bytes_moved, tier.bytes_all_layers) if tier is not None else (0, 0)
+    t0 = time.perf_counter()
+    engine.prefill_logits(_request(cfg, passages, run), reuse)
+    dt = time.perf_counter() - t0
+    if run == 0:
+      continue  # warm-up: compiles
+    times.append(dt * 1e3)
+    if tier is not None:
+      moved.append(tier.bytes_moved - b0[0])
+      all_layers.append(tier.bytes_all_layers - b0[1])
+  out = {"ttft_ms": statistics.median(times), "runs_ms": [round(t, 3) for t in times]}
+  if moved:
+    out["bytes_moved"] = int(statistics.median(moved))
+    out["bytes_all_layers"] = int(statistics.median(all_layers))
+  return out
+
+
+def bench_context(cfg, params, context, args, reuse, cache_root):
+  passages = _passages(cfg, context, args.segment_tokens)
+  policy = reuse.resolve(cfg)
+  row = {"context": context, "n_passages": len(passages), "segment_tokens": args.segment_tokens,
+         "layer_threshold": policy.layer_threshold, "n_layers": cfg.n_layers}
+  mk = lambda **kw: _engine(cfg, params, context, len(passages), args.segment_tokens, **kw)
+
+  eng = mk()
+  row["full"] = _time(eng, cfg, passages, sx.ReuseConfig("full"), args.runs)
+  eng.cache_segments(passages, batch_size=args.batch_size)
+  row["pool"] = _time(eng, cfg, passages, reuse, args.runs)
+  del eng
+
+  for name, dtype in (("host", "native"), ("host-int8", "int8")):
+    if name not in args.scenarios:
+      continue
+    eng = mk(host_cache_bytes=args.host_bytes, host_cache_dtype=dtype)
+    eng.cache_segments(passages, batch_size=args.batch_size)
+    evict = lambda e=eng: e.store.segment_cache.evict(1 << 40)  # noqa: E731
+    row[name] = _time(eng, cfg, passages, reuse, args.runs, before=evict)
+    row[name]["tier_stats"] = eng.stats()["host_tier"]
+    del eng
+
+  if "disk" in args.scenarios:
+    eng = mk()
+    eng.use_cache_dir(os.path.join(cache_root, f"ctx{context}"))
+    eng.cache_segments(passages, batch_size=args.batch_size)
+    evict = lambda e=eng: e.store.segment_cache.evict(1 << 40)  # noqa: E731
+    row["disk"] = _time(eng, cfg, passages, reuse, args.runs, before=evict)
+    del eng
+
+  ratio = (cfg.n_layers - policy.layer_threshold) / cfg.n_layers
+  row["expected_moved_fraction"] = ratio
+  for name in ("host", "host-int8"):
+    if name in row and row[name].get("bytes_all_layers"):
+      row[name]["moved_fraction"] = row[name]["bytes_moved"] / row[name]["bytes_all_layers"]
+  for name in ("host", "host-int8", "disk"):
+    if name in row:
+      row[name]["vs_pool"] = row[name]["ttft_ms"] / row["pool"]["ttft_ms"]
+  return row
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--out", required=True, help="output folder (tiers.json)")
+  p.add_argument("--preset", default="llama3-8b")
+  p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+  p.add_argument("--segment-tokens", type=int, default=512)
+  p.add_argument("--runs", type=int, default=5)
+  p.add_argument("--threshold", type=int, default=None, help="sparsex T (default: its own)")
+  p.add_argument("--ratio", type=float, default=None, help="sparsex r (default: its own)")
+  p.add_argument("--host-bytes", type=int, default=None,
+                 help="host tier budget (default: 64 GiB, 64 MiB with --smoke)")
+  p.add_argument("--batch-size", type=int, default=8, help="passages per caching prefill")
+  p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+  p.add_argument("--smoke", action="store_true", help="CPU self-check: tiny model, short contexts")
+  args = p.parse_args(argv)
+  if args.smoke:
+    cfg = get_config("tiny", dtype="float32").replace(n_layers=5)
+    args.contexts = [c for c in args.contexts if c <= 512] or [256]
+    args.segment_tokens = min(args.segment_tokens, 64)
+    args.runs = min(args.runs, 2)
+    args.host_bytes = args.host_bytes or 64 << 20
+  else:
+    cfg = get_config(args.preset, dtype="bfloat16")
+    args.host_bytes = args.host_bytes or 64 << 30
+  if cfg.max_seq_len < max(args.contexts) + 256:  # random weights: any length runs
+    cfg = cfg.replace(max_seq_len=max(args.contexts) + 256)
+  fields = {k: v for k, v in (("layer_threshold", args.threshold), ("recompute_ratio", args.ratio))
+            if v is not None}
+  if args.smoke and "layer_threshold" not in fields:
+    fields["layer_threshold"] = 2
+  reuse = sx.ReuseConfig("sparsex", **fields)
+  params = llama.init_params(cfg, 0)
+  os.makedirs(args.out, exist_ok=True)
+  result = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
+            "jax": jax.__version__, "preset": cfg.name, "dtype": cfg.dtype,
+            "reuse": repr(reuse), "command": " ".join(sys.argv), "rows": []}
+  with tempfile.TemporaryDirectory() as cache_root:
+    for context in args.contexts:
+      row = bench_context(cfg, params, context, args, reuse, cache_root)
+      result["rows"].append(row)
+      summary = "  ".join(f"{s} {row[s]['ttft_ms']:.1f} ms" for s in SCENARIOS if s in row)
+      moved = row.get("host", {}).get("moved_fraction")
+      print(f"{context}: {summary}; host moved {moved} of the K/V "
+            f"(expected {row['expected_moved_fraction']:.3f})", file=sys.stderr)
+  path = os.path.join(args.out, "tiers.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

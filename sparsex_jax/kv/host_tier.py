@@ -1,0 +1,335 @@
+"""The host-memory tier: segments evicted from the GPU pool, kept in host memory under a byte budget.
+
+Host side, plain numpy (never traced). Three tiers hold a segment's K/V, nearest first:
+
+    pool (device pages, segment_cache.py)  ->  host (this module)  ->  disk (persist.py)
+
+- Down: when the segment cache evicts an entry to free pages, the KV store reads its pages to the
+  host (KVStore._spill_to_host) and `put`s it here. When the host budget is full, the least
+  recently used unpinned segments go down to the disk tier (the `spill` callback, when a cache dir
+  is configured) or are dropped and counted (`dropped`): a segment is never lost unreported.
+- Up: a request whose segment misses the pool but hits here gets it copied into fresh pool pages
+  before its prefill (KVStore._lease plans the copy as a `HostLoad`; the step runner issues it).
+  Only layers [T, L) are copied for a policy with layer threshold T: the full layers [0, T)
+  recompute every reused token and write their fresh K/V before any attention reads it, so the
+  cached K/V of those layers is never read (docs/TIERS.md).
+
+Pins: a segment a lease is loading is pinned (never evicted or spilled) until the lease is
+released. A segment is in the pool or here, never both (the KV store moves it).
+
+Compact storage: host_dtype "int8" or "fp8" (float8_e4m3fn) keeps K and V in 8 bits with one
+float32 scale per token row and kv head (max |x| over the head dimension / the format's max);
+the copy to the device carries the 8-bit values and the scales and dequantises on the device
+(programs/copy.write_page_layers), so it moves about half the bytes of a 16-bit tier.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+from sparsex_jax.kv.prefix_cache import as_token_array
+from sparsex_jax.kv.segment_cache import segment_key
+
+# "native": the pool's own dtype (exact round trip); "int8"/"fp8": 8 bits with per-row scales.
+HOST_DTYPES = ("native", "int8", "fp8")
+_INT8_MAX = 127.0
+_FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def host_memory_kind(backend: str) -> str:
+  """Where host-tier arrays live: the one place this is decided.
+
+  "pinned_host" (page-locked, so the host-to-device copy is a DMA the runtime can run while the
+  device computes) would be the choice on GPUs; for now every backend keeps plain numpy arrays
+  ("numpy"), which jax stages through its own pinned buffer on each copy. On CPU there is no copy
+  to speed up. Keeping pinned_host arrays per layer (so that layers [T, L) can be moved without
+  touching [0, T)) is the GPU follow-up (docs/TIERS.md)."""
+  del backend
+  return "numpy"
+
+
+# ------------------------------------------------------------------------------------------------
+# 8-bit storage
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StoredKV:
+  """K or V of one segment as the host tier keeps it: [L, K, n_pages, S, H] values, and, when
+  they are 8-bit, float32 scales [L, K, n_pages, S, 1] (one per token row and kv head)."""
+
+  values: np.ndarray
+  scale: np.ndarray | None = None
+
+  @property
+  def nbytes(self) -> int:
+    return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+  def layers(self, first: int) -> "StoredKV":
+    """Layers [first, L): numpy views, no copy."""
+    return StoredKV(self.values[first:], None if self.scale is None else self.scale[first:])
+
+
+def _fp8():
+  import ml_dtypes  # ships with jax
+  return ml_dtypes.float8_e4m3fn
+
+
+def quantize(x: np.ndarray, host_dtype: str) -> StoredKV:
+  """x [..., H] in host_dtype ("native": kept as it is)."""
+  if host_dtype == "native":
+    return StoredKV(np.ascontiguousarray(x))
+  if host_dtype not in HOST_DTYPES:
+    raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_dtype!r}")
+  x = np.asarray(x, np.float32)
+  top = _INT8_MAX if host_dtype == "int8" else _FP8_MAX
+  scale = (np.max(np.abs(x), axis=-1, keepdims=True) / top).astype(np.float32)
+  # A row of zeros has scale 0: divide by 1 there (its values are 0 whatever the scale).
+  scaled = x / np.where(scale > 0, scale, np.float32(1))
+  if host_dtype == "int8":
+    values = np.clip(np.rint(scaled), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+  else:
+    values = np.clip(scaled, -_FP8_MAX, _FP8_MAX).astype(_fp8())
+  return StoredKV(values, scale)
+
+
+def dequantize(stored: StoredKV, dtype=np.float32) -> np.ndarray:
+  """The values back in `dtype` (the host-side twin of write_page_layers' device dequantise)."""
+  if stored.scale is None:
+    return stored.values.astype(dtype, copy=False)
+  return (stored.values.astype(np.float32) * stored.scale).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tier
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class HostSegment:
+  """One segment in host memory (arrays read-only; pin_count is the tier's)."""
+
+  key: str
+  token_ids: np.ndarray  # int32 [n]
+  positions: np.ndarray  # int32 [n]: where each token's K/V was computed
+  namespace: str
+  k: StoredKV
+  v: StoredKV
+  pin_count: int = 0
+
+  @property
+  def nbytes(self) -> int:
+    return self.k.nbytes + self.v.nbytes
+
+  @property
+  def n_pages(self) -> int:
+    return int(self.k.values.shape[2])
+
+  def restored(self, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """K, V [L, K, n_pages, S, H] in `dtype` (for the disk tier, which stores the pool dtype)."""
+    return dequantize(self.k, dtype), dequantize(self.v, dtype)
+
+
+@dataclasses.dataclass(eq=False)
+class HostLoad:
+  """A copy from the host tier into pool pages that a lease holds (KVStore._lease plans it, the
+  step runner issues it before the prefill). `entry` is a SegmentEntry owned by the lease (not in
+  the segment cache) whose pages receive layers [first_layer, L) of `source`."""
+
+  entry: object  # SegmentEntry (pages: the lease's own reference)
+  source: HostSegment  # pinned until the lease is released
+  first_layer: int
+  written: bool = False  # the device copy was issued on a pool that is still valid
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes this load moves to the device (layers [first_layer, L), K and V, with scales)."""
+    return self.source.k.layers(self.first_layer).nbytes + \
+        self.source.v.layers(self.first_layer).nbytes
+
+
+# spill(segment) -> True if the segment is now in the tier below (disk), False if it was dropped.
+Spill = Callable[[HostSegment], bool]
+
+
+class HostTier:
+  """key -> HostSegment, LRU under a byte budget, with pins; overflow goes to `spill`."""
+
+  def __init__(self, budget_bytes: int, host_dtype: str = "native", spill: Spill | None = None):
+    if int(budget_bytes) < 0:
+      raise ValueError(f"host_cache_bytes must be >= 0, got {budget_bytes}")
+    if host_dtype not in HOST_DTYPES:
+      raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_dtype!r}")
+    self.budget_bytes = int(budget_bytes)
+    self.host_dtype = host_dtype
+    self.spill = spill
+    self._entries: collections.OrderedDict[str, HostSegment] = collections.OrderedDict()
+    self.bytes_used = 0
+    self.hits = 0  # lookups that found the segment here
+    self.misses = 0
+    self.received = 0  # segments put here (evicted from the pool)
+    self.bytes_in = 0  # bytes those segments took here
+    self.spilled = 0  # segments sent down to the disk tier
+    self.dropped: set[str] = set()  # keys dropped for want of room and of a disk tier
+    self.loads = 0  # host -> pool copies issued
+    self.bytes_moved = 0  # bytes of those copies (only layers [T, L))
+    self.bytes_all_layers = 0  # what the same copies would have moved with every layer
+    self.load_issue_s = 0.0  # host time to issue the copies (they complete on the device)
+    self.spill_read_s = 0.0  # host time reading evicted pages off the device (a blocking read)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._entries
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def keys(self) -> list[str]:
+    """Least recently used first."""
+    return list(self._entries)
+
+  def get(self, key: str) -> HostSegment | None:
+    return self._entries.get(key)
+
+  def lookup(self, token_ids, namespace: str = "", pin: bool = False) -> HostSegment | None:
+    """The segment for exactly these tokens, or None; counts a hit or miss, touches the LRU."""
+    tokens = as_token_array(token_ids)
+    seg = self._entries.get(segment_key(tokens, namespace))
+    if seg is None or not np.array_equal(seg.token_ids, tokens):
+      self.misses += 1
+      return None
+    self.hits += 1
+    self._entries.move_to_end(seg.key)
+    if pin:
+      seg.pin_count += 1
+    return seg
+
+  def unpin(self, seg: HostSegment) -> None:
+    if seg.pin_count <= 0:
+      raise ValueError(f"unpin of host segment {seg.key[:12]} that is not pinned")
+    seg.pin_count -= 1
+
+  def put(self, token_ids, positions, k: np.ndarray, v: np.ndarray, namespace: str = "") -> bool:
+    """Keeps a segment's K/V [L, K, n_pages, S, H] (stored in host_dtype); evicts least recently
+    used unpinned segments down a tier to make room. Returns True if it is here; a segment that
+    cannot fit (bigger than the budget, or everything else pinned) goes down itself."""
+    tokens = as_token_array(token_ids)
+    key = segment_key(tokens, namespace)
+    if key in self._entries:
+      self._entries.move_to_end(key)
+      return True
+    seg = HostSegment(key, _read_only(tokens), _read_only(np.asarray(positions, np.int32)),
+                      namespace, quantize(k, self.host_dtype), quantize(v, self.host_dtype))
+    self.received += 1
+    self.dropped.discard(key)
+    if seg.nbytes > self.budget_bytes or not self._make_room(seg.nbytes):
+      self._send_down(seg)
+      return False
+    self._entries[key] = seg
+    self.bytes_used += seg.nbytes
+    self.bytes_in += seg.nbytes
+    return True
+
+  def _make_room(self, n_bytes: int) -> bool:
+    free = self.budget_bytes - self.bytes_used
+    if free >= n_bytes:
+      return True
+    victims = []
+    for seg in self._entries.values():
+      if seg.pin_count:
+        continue
+      victims.append(seg)
+      free += seg.nbytes
+      if free >= n_bytes:
+        break
+    if free < n_bytes:  # evicting would not make room: evict nothing
+      return False
+    for seg in victims:
+      self._remove(seg)
+      self._send_down(seg)
+    return True
+
+  def _send_down(self, seg: HostSegment) -> None:
+    kept = False
+    if self.spill is not None:
+      kept = bool(self.spill(seg))
+    if kept:
+      self.spilled += 1
+    else:
+      self.dropped.add(seg.key)
+
+  def _remove(self, seg: HostSegment) -> None:
+    del self._entries[seg.key]
+    self.bytes_used -= seg.nbytes
+
+  def remove(self, key: str) -> HostSegment:
+    """Takes a segment out (it moved up to the pool). A lease that pinned it keeps its object."""
+    seg = self._entries[key]
+    self._remove(seg)
+    return seg
+
+  def clear(self) -> int:
+    """Drops every unpinned segment (not sent down: an explicit clear); returns how many."""
+    gone = [s for s in self._entries.values() if not s.pin_count]
+    for seg in gone:
+      self._remove(seg)
+    return len(gone)
+
+  def stored_nbytes(self, x: np.ndarray) -> int:
+    """Bytes K (or V) of this shape takes here."""
+    if self.host_dtype == "native":
+      return int(x.nbytes)
+    return int(x.size + 4 * (x.size // x.shape[-1]))  # 1-byte values, a float32 scale per row
+
+  def note_load(self, load: HostLoad, issue_s: float) -> None:
+    self.loads += 1
+    self.bytes_moved += load.nbytes
+    self.bytes_all_layers += load.source.nbytes
+    self.load_issue_s += issue_s
+
+  def check_invariants(self) -> None:
+    total = 0
+    for key, seg in self._entries.items():
+      if seg.key != key or key != segment_key(seg.token_ids, seg.namespace):
+        raise AssertionError("host segment key is not its content hash")
+      if seg.pin_count < 0:
+        raise AssertionError("negative host pin count")
+      total += seg.nbytes
+    if total != self.bytes_used:
+      raise AssertionError(f"host tier bytes are stale ({self.bytes_used}, entries hold {total})")
+    if self.bytes_used > self.budget_bytes:
+      raise AssertionError(f"host tier over budget ({self.bytes_used} > {self.budget_bytes})")
+
+  def stats(self) -> dict:
+    return {
+        "budget_bytes": self.budget_bytes, "dtype": self.host_dtype,
+        "entries": len(self._entries),
+        "pinned_entries": sum(1 for s in self._entries.values() if s.pin_count),
+        "bytes_used": self.bytes_used, "hits": self.hits, "misses": self.misses,
+        "received": self.received, "bytes_in": self.bytes_in, "spilled_to_disk": self.spilled,
+        "dropped": len(self.dropped), "loads": self.loads, "bytes_moved": self.bytes_moved,
+        "bytes_all_layers": self.bytes_all_layers,
+        "load_issue_s": round(self.load_issue_s, 6), "spill_read_s": round(self.spill_read_s, 6),
+    }
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+  arr = np.array(arr, copy=True)
+  arr.flags.writeable = False
+  return arr
+
+
+def issue_loads(tier: HostTier, loads, io) -> None:
+  """Issues each load's copy into its pool pages through `io.write_page_layers` (the engine's
+  KVPool: asynchronous, nothing waits for the device here) and marks it written."""
+  for load in loads:
+    if load.written:
+      continue
+    t0 = time.perf_counter()
+    if load.first_layer < load.source.k.values.shape[0]:
+      io.write_page_layers(load.entry.pages, load.source.k.layers(load.first_layer),
+                           load.source.v.layers(load.first_layer), load.first_layer)
+    load.written = True
+    tier.note_load(load, time.perf_counter() - t0)

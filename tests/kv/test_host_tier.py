@@ -1,0 +1,194 @@
+"""The host-memory tier (sparsex_jax/kv/host_tier.py) on the tiny random model: a segment evicted
+to the host tier and copied back gives the logits of one that never left the pool, for every
+reuse method (with the pages it lands in poisoned first, so that a read of the layers [0, T) it
+does not copy would show); only layers [T, L) are moved; and the 8-bit tier's error bounds."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import sparsex_jax as sx
+from sparsex_jax.kv.host_tier import StoredKV, dequantize, quantize
+from sparsex_jax.reuse import METHODS
+from tests.engine.test_engine import CFG, _ids
+from tests.engine.test_engine import _engine as _test_engine
+
+PASSAGES = [_ids(9 + 2 * i, 800 + i) for i in range(3)]
+HOST_BYTES = 1 << 22
+
+
+def _engine(**kw):
+  kw.setdefault("num_pages", 64)  # one pool shape for the file: shared compiled programs
+  return _test_engine(**kw)
+
+
+def _request(q=0):
+  return sx.Request([sx.Segment(_ids(5, 900 + q)), sx.Segment(PASSAGES[0]),
+                     sx.Segment(_ids(3, 910 + q), cache=False), sx.Segment(PASSAGES[1]),
+                     sx.Segment(_ids(4, 920 + q), cache=False)])
+
+
+def _method(mode):
+  cls = METHODS[mode]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  # T = 1 of the tiny model's 3 layers where the method takes one (its default caps at 3 = L:
+  # every layer full, nothing read), so that a load moves layers [1, 3) only.
+  if "layer_threshold" in fields and mode not in ("naive",):
+    return sx.ReuseConfig(mode, layer_threshold=1)
+  return sx.ReuseConfig(mode)
+
+
+def _poison_free_pages(eng, seed):
+  """Large random K/V in every free page: whatever a load does not write stays garbage."""
+  free = np.asarray(eng.store.allocator._free, np.int64)
+  rng = np.random.default_rng(seed)
+  pool = eng.kv.arrays
+  shape = (CFG.n_layers, CFG.n_kv_heads, free.size, eng.layout.page_size, CFG.head_dim)
+  eng.kv.arrays = {name: pool[name].at[:, :, free].set(
+      (100 * rng.standard_normal(shape)).astype(np.float32)) for name in ("k", "v")}
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_evicted_to_host_and_back_gives_identical_logits(mode):
+  reuse = _method(mode)
+  in_pool = _engine()
+  in_pool.cache_segments(PASSAGES)
+  want = in_pool.prefill_logits(_request(), reuse)
+
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.cache_segments(PASSAGES)
+  n_segments = eng.store.segment_cache.num_entries
+  eng.store.segment_cache.evict(10**6)  # every segment down to the host tier
+  assert eng.store.segment_cache.num_entries == 0 and len(eng.host_tier) == n_segments
+  _poison_free_pages(eng, 1)
+  got = eng.prefill_logits(_request(), reuse)
+  np.testing.assert_array_equal(got, want)
+  eng.store.check_invariants()
+  assert eng.store.allocator.num_used == eng.store.segment_cache.num_pages + \
+      eng.store.prefix_cache.cached_pages().size  # no page or pin left behind
+  stats = eng.stats()["host_tier"]
+  policy = reuse.resolve(CFG)
+  if policy.reads_segment_cache:
+    assert stats["hits"] == 2 and stats["loads"] == 2
+    t, n_layers = policy.layer_threshold, CFG.n_layers
+    assert stats["bytes_moved"] * n_layers == stats["bytes_all_layers"] * (n_layers - t)
+    # every layer moved: the segments are back in the pool; a partial copy leaves them on the host
+    assert len(eng.host_tier) == (n_segments - 2 if t == 0 else n_segments)
+  else:
+    assert stats["loads"] == 0
+
+
+def test_sparsex_moves_only_layers_from_t():
+  """The bytes the host tier reports for a T = 1 request: exactly layers [1, L) of K and V of
+  the two segments' pages."""
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.cache_segments(PASSAGES)
+  eng.store.segment_cache.evict(10**6)
+  t = 1
+  eng.prefill_logits(_request(), sx.ReuseConfig("sparsex", layer_threshold=t))
+  itemsize = np.dtype(CFG.jnp_dtype).itemsize
+  tokens = sum(eng.layout.pages_for(len(p)) for p in PASSAGES[:2]) * eng.layout.page_size
+  per_layer = 2 * CFG.n_kv_heads * tokens * CFG.head_dim * itemsize
+  assert eng.stats()["host_tier"]["bytes_moved"] == (CFG.n_layers - t) * per_layer
+  eng.store.check_invariants()
+
+
+def test_host_budget_overflow_spills_to_disk_or_drops(tmp_path):
+  eng = _engine(host_cache_bytes=1)  # nothing fits: straight down a tier
+  eng.cache_segments(PASSAGES)
+  eng.store.segment_cache.evict(10**6)
+  assert len(eng.host_tier) == 0 and eng.stats()["host_tier"]["dropped"] == 3
+  disk = _engine(host_cache_bytes=1)
+  disk.use_cache_dir(tmp_path, save=False)  # a cache dir that this engine does not autosave to
+  disk.cache_segments(PASSAGES)
+  disk.store.segment_cache.evict(10**6)
+  disk._disk.autosave_enabled = True  # the spill writes (the write path of a saving engine)
+  disk.store.segment_cache.evict(10**6)
+  assert disk.disk_cache.verify() == []
+
+
+# ---- 8-bit storage -------------------------------------------------------------------------------
+
+def test_int8_round_trip_within_half_a_scale():
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((3, 2, 5, 4, 16)) * rng.uniform(0.01, 10, (3, 2, 5, 4, 1))
+       ).astype(np.float32)
+  x[0, 0, 0, 0] = 0  # a row of zeros
+  stored = quantize(x, "int8")
+  ref = x.astype(np.float64)
+  scale = np.max(np.abs(ref), axis=-1, keepdims=True) / 127
+  err = np.abs(dequantize(stored, np.float64) - ref)
+  assert np.all(err <= scale / 2 * (1 + 1e-5) + 1e-12)
+  assert stored.values.dtype == np.int8 and stored.scale.shape == x.shape[:-1] + (1,)
+  assert stored.nbytes < x.nbytes / 2
+
+
+def test_fp8_round_trip_within_its_precision():
+  rng = np.random.default_rng(1)
+  x = (rng.standard_normal((2, 2, 3, 4, 16)) * 5).astype(np.float32)
+  stored = quantize(x, "fp8")
+  ref = x.astype(np.float64)
+  scale = np.max(np.abs(ref), axis=-1, keepdims=True) / 448
+  # e4m3: 3 mantissa bits (half an ulp is 2^-4 of the value), subnormals spaced 2^-9 (times scale)
+  err = np.abs(dequantize(stored, np.float64) - ref)
+  assert np.all(err <= np.abs(ref) * 2.0**-4 + scale * 2.0**-10 + 1e-12)
+
+
+@pytest.mark.parametrize("host_dtype", ["int8", "fp8"])
+def test_8bit_tier_logits_close_to_16bit(host_dtype):
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1)
+  logits = {}
+  for dtype in ("native", host_dtype):
+    eng = _engine(host_cache_bytes=HOST_BYTES, host_cache_dtype=dtype)
+    eng.cache_segments(PASSAGES)
+    eng.store.segment_cache.evict(10**6)
+    logits[dtype] = eng.prefill_logits(_request(), reuse)
+    stats = eng.stats()["host_tier"]
+    assert stats["loads"] == 2
+    eng.store.check_invariants()
+  p = jax.nn.log_softmax(logits["native"])
+  q = jax.nn.log_softmax(logits[host_dtype])
+  kl = float(np.sum(np.exp(p) * (p - q)))
+  assert kl < (1e-3 if host_dtype == "int8" else 1e-2), kl
+
+
+def test_device_dequantise_matches_host():
+  from sparsex_jax.programs.copy import write_page_layers
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((3, 2, 2, 4, 16)).astype(np.float32)
+  stored = quantize(x, "int8")
+  pool = {"k": np.zeros((3, 2, 4, 4, 16), np.float32), "v": np.zeros((3, 2, 4, 4, 16), np.float32)}
+  part = stored.layers(1)
+  pool, _ = write_page_layers(pool, np.array([1, 3], np.int32), part.values, part.values,
+                              part.scale, part.scale, first_layer=1)
+  want = dequantize(stored)
+  np.testing.assert_allclose(np.asarray(pool["k"])[1:, :, [1, 3]], want[1:], rtol=1e-6)
+  assert not np.any(np.asarray(pool["k"])[0])  # layer 0 untouched
+  assert isinstance(part, StoredKV)
+
+
+def test_cache_warm_fills_the_host_tier(tmp_path, monkeypatch, capsys):
+  import json
+
+  from sparsex_jax.entrypoints import cli
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in PASSAGES))
+  built = []
+
+  def build(args):
+    assert args.host_cache_bytes == 2**20 and args.host_cache_dtype == "int8"
+    built.append(_engine(page_size=args.page_size, host_cache_bytes=args.host_cache_bytes,
+                         host_cache_dtype=args.host_cache_dtype))
+    return built[-1]
+
+  monkeypatch.setattr(cli, "_build_engine", build)
+  args = ["cache", "warm", "--model", "random:tiny", "--corpus", str(corpus), "--cache-dir",
+          str(tmp_path / "c"), "--page-size", "4", "--no-progress", "--host-cache-bytes", "1M",
+          "--host-cache-dtype", "int8"]
+  assert cli.main(args) == 0
+  assert cli.main(args + ["--fill-host-tier"]) == 0  # a fresh engine: pool empty, cache on disk
+  assert "host tier: 3 segments" in capsys.readouterr().err
+  assert len(built[-1].host_tier) == 3 and built[-1].stats()["host_tier"]["dtype"] == "int8"
+  built[-1].store.check_invariants()
