@@ -83,6 +83,20 @@ def serving(engine, config):
   thread.join(30)
 
 
+def _wait_healthy(proc, url, timeout):
+  """Until a `sparsex serve` subprocess answers /health (fails if it exits first)."""
+  deadline = time.time() + timeout
+  while True:
+    assert proc.poll() is None, proc.stderr.read()
+    try:
+      if httpx.get(url + "/health").status_code == 200:
+        return
+    except httpx.TransportError:
+      pass
+    assert time.time() < deadline, "the server did not start"
+    time.sleep(0.1)
+
+
 def _client(server, key="key-a"):
   return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
@@ -350,16 +364,7 @@ def test_sigterm_during_a_stream_finishes_it_exits_0_and_the_cache_dir_verifies(
        "--cache-dir", cache], env=env, stderr=subprocess.PIPE, text=True)
   try:
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-      assert proc.poll() is None, proc.stderr.read()
-      try:
-        if httpx.get(url + "/health").status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      assert time.time() < deadline, "the server did not start"
-      time.sleep(0.1)
+    _wait_healthy(proc, url, 60)
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, CFG.vocab_size, 40)]
     chunks = []
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
@@ -501,16 +506,7 @@ def test_tp2_server_on_two_fake_devices_answers_a_chat_as_the_unsharded_engine()
       max_new_tokens=12, temperature=0.9, seed=4))])[0]
   try:
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-      assert proc.poll() is None, proc.stderr.read()
-      try:
-        if httpx.get(url + "/health").status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      assert time.time() < deadline, "the server did not start"
-      time.sleep(0.1)
+    _wait_healthy(proc, url, 90)
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120)
     r = client.chat.completions.create(model="random:tiny", messages=messages, max_tokens=12,
                                        temperature=0.9, seed=4)

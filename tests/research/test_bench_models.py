@@ -1,21 +1,11 @@
 """scripts/bench_models.py runs end to end on CPU with --smoke (a Qwen3 MoE at tiny shapes), and the
 floors count a mixture of experts' weights as a token and a batch read them."""
 
-import importlib.util
 import json
-import os
 
 from models.config import get_config
 from sparsex_jax.research import ttft
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load_script(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests.research.scripts import load_script
 
 
 def test_moe_floors_count_the_experts_tokens_reach():
@@ -35,7 +25,7 @@ def test_moe_floors_count_the_experts_tokens_reach():
 
 
 def test_smoke_run_writes_json(tmp_path):
-  bench = _load_script("bench_models")
+  bench = load_script("bench_models")
   assert bench.main(["--smoke", "--presets", "qwen3-30b-a3b", "--out", str(tmp_path)]) == 0
   res = json.loads((tmp_path / "bench_models.json").read_text())
   assert res["errors"] == [] and res["ragged_dot"] == "xla"

@@ -1,24 +1,13 @@
 """scripts/bench_throughput.py runs end to end on CPU with --smoke, and its report renders."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.research.scripts import load_script
 
-
-def _load_script(name: str):
-  """A script of scripts/ as a module, loaded from its path (sys.path untouched)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench_throughput = _load_script("bench_throughput")
+bench_throughput = load_script("bench_throughput")
 
 
 def test_smoke_run_writes_json_and_the_report_renders(tmp_path):
