@@ -356,6 +356,10 @@ def markdown(metas: list[dict], summary: dict, ttft: dict, ttft_missing: list[st
   lines.append(f"Model {meta['model_name']} ({meta['model']}, {meta['dtype']}), device "
                f"{meta['device']} ({meta['platform']}), jax {meta['jax']}, python "
                f"{meta['python']}, code {meta.get('code_rev') or 'unknown'}.")
+  tiers = sorted({m.get("far_tier", "native") for m in metas})
+  if tiers != ["native"]:
+    lines.append(f"Cached segments reused as a far tier in {', '.join(tiers)} gives them back "
+                 "(`--far-tier`: quantised, then dequantised).")
   for m in metas:
     for r in m.get("runs_before", []):  # earlier runs this one resumed
       lines.append(f"- {r['date']}: `{r['command']}` ({r.get('elapsed_s') or 0:.0f} s, "

@@ -24,6 +24,7 @@ import traceback
 import numpy as np
 
 import sparsex_jax as sx
+from sparsex_jax.kv.host_tier import HOST_DTYPES, dequantize, quantize
 from sparsex_jax.research import methods as mth
 from sparsex_jax.research import metrics as mt
 from sparsex_jax.research import report
@@ -75,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--resume", action="store_true",
                  help="continue PREFIX.json of an earlier run with the same settings: its prompts "
                  "are kept and skipped")
+  p.add_argument("--far-tier", default="native", choices=HOST_DTYPES,
+                 help="reuse every cached segment as a host or disk tier in this format gives it "
+                 "back (int8, fp8: quantised with per-head scales, then dequantised; issue 31's "
+                 "8-bit tier quality)")
   p.add_argument("--attention-backend", default="auto",
                  choices=("auto", "pallas", "pallas_triton", "reference"),
                  help="the engine's attention backend (auto: Pallas kernels on GPU)")
@@ -137,12 +142,32 @@ def apply_warm(engine, step: wl.WarmStep):
                           reuse=sx.Naive(layer_threshold=n_layers))
 
 
+def round_trip_segments(engine, host_dtype: str) -> int:
+  """Replaces every cached segment's K/V by what a far tier keeping them in `host_dtype` gives
+  back: quantised as kv/host_tier.py stores them, dequantised as a load writes them. The methods
+  then reuse exactly what they would read after the segment came back from that tier (every
+  layer: the baselines read all of them, sparsex those from T). Returns the segments changed."""
+  if host_dtype == "native":
+    return 0
+  store = engine.store
+  n = 0
+  for key in store.segment_cache.keys():
+    entry = store.segment_cache.get(key)
+    k, v = store.page_io.read_pages(entry.pages)
+    k, v = (dequantize(quantize(x, host_dtype), x.dtype) for x in (k, v))
+    store.page_io.write_pages(entry.pages, k, v)
+    n += 1
+  return n
+
+
 def evaluate_prompt(engine, prompt: wl.Prompt, methods: list[mth.Method],
-                    sampling: sx.SamplingParams) -> dict:
-  """Every method on one prompt, from one warm-up; the full-prefill reference comes first."""
+                    sampling: sx.SamplingParams, far_tier: str = "native") -> dict:
+  """Every method on one prompt, from one warm-up; the full-prefill reference comes first.
+  far_tier: the format the cached segments come back in (round_trip_segments)."""
   engine.clear_caches()
   for step in prompt.warm:
     apply_warm(engine, step)
+  round_trip_segments(engine, far_tier)
   before = _cache_fingerprint(engine)
   results, ref_logits, ref_tokens = {}, None, None
   # A KL-only run (--max-new-tokens 1, greedy) halves its device calls: the one token is the
@@ -283,6 +308,7 @@ def run(args, argv: list[str], engine=None) -> int:
                    "threshold": m.threshold} for m in methods],
       "default_label": default.label, "labels": mth.LABELS, "notes": notes, "load_s": load_s,
       "time_budget_s": args.time_budget_s, "attention_backend": args.attention_backend,
+      "far_tier": args.far_tier,
       "complete": False,
   }
   data = {"meta": meta, "prompts": []}
@@ -308,7 +334,7 @@ def run(args, argv: list[str], engine=None) -> int:
         stopped = True
         break
       t_prompt = time.perf_counter()
-      rec = evaluate_prompt(engine, prompts[w][i], methods, sampling)
+      rec = evaluate_prompt(engine, prompts[w][i], methods, sampling, args.far_tier)
       last[w] = time.perf_counter() - t_prompt
       data["prompts"].append(rec)
       meta["elapsed_s"] = time.perf_counter() - t_start
@@ -344,7 +370,8 @@ def _resumable(path: str, meta: dict) -> list[dict]:
     raise ValueError(f"{path}:{e.lineno}: cannot resume from invalid JSON ({e.msg})") from None
   om = old.get("meta", {})
   same = lambda x: json.loads(json.dumps(x))  # noqa: E731  (tuples came back as lists)
-  for key in ("split", "seed", "model_name", "sizes", "max_new_tokens", "dtype"):
+  om.setdefault("far_tier", "native")  # runs from before the option
+  for key in ("split", "seed", "model_name", "sizes", "max_new_tokens", "dtype", "far_tier"):
     if same(om.get(key)) != same(meta.get(key)):
       raise ValueError(f"{path}: cannot resume: {key} was {om.get(key)!r}, now {meta.get(key)!r}")
   if [m["label"] for m in om.get("methods", [])] != [m["label"] for m in meta["methods"]]:

@@ -531,3 +531,37 @@ def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, texts_test
     out = engine.generate([prompt.request], one, reuse=m.config)[0]
     got = rec["results"][m.label]
     assert (got["text"], got["n_generated"]) == (out.text, len(out.token_ids)), m.label
+
+
+def test_far_tier_round_trip_gives_back_what_an_int8_tier_holds(real_tokenizer, texts_test):
+  """--far-tier int8: every cached segment's K/V become an integer multiple of s = max|x| / 127 per
+  token and head, the nearest one to x (numpy here, independently of kv/host_tier.py; ties may
+  round either way in float32); the reuse then reads them, so naive reuse's KL moves, but by
+  little against what reuse itself costs."""
+  from models import llama
+  from models.config import get_config
+  from sparsex_jax.research import runner
+  cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=3)
+  engine = sx.Engine(cfg, llama.init_params(cfg, 5), real_tokenizer, num_pages=160)
+  prompt = wl.chat_prompts(real_tokenizer, texts_test, "test", 1, wl.Sizes.quick())[0]
+  engine.clear_caches()
+  for step in prompt.warm:
+    runner.apply_warm(engine, step)
+  store = engine.store
+  keys = store.segment_cache.keys()
+  before = {key: store.page_io.read_pages(store.segment_cache.get(key).pages) for key in keys}
+  assert runner.round_trip_segments(engine, "int8") == len(keys) > 0
+  for key in keys:
+    after = store.page_io.read_pages(store.segment_cache.get(key).pages)
+    for x, y in zip(before[key], after):
+      x = x.astype(np.float64)
+      s = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+      q = y / np.where(s > 0, s, 1.0)
+      np.testing.assert_allclose(q, np.rint(q), atol=1e-3)  # on the grid of s
+      assert np.all(np.abs(y - x) <= s * (0.5 + 1e-3) + 1e-7)  # the nearest point of it
+      assert np.mean(np.abs(y - x)) > 0.1 * np.mean(s)  # it did change the values
+  naive = mth.method_grid(["naive"], cfg.n_layers, ratios=(0.15,), thresholds=(1,))
+  one = sx.SamplingParams(max_new_tokens=1, temperature=0.0)
+  native = runner.evaluate_prompt(engine, prompt, naive, one)["results"]["naive"]["kl"]
+  int8 = runner.evaluate_prompt(engine, prompt, naive, one, "int8")["results"]["naive"]["kl"]
+  assert native > 0 and int8 != native and abs(int8 - native) < 0.2 * native
