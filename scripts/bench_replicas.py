@@ -148,7 +148,7 @@ def main(argv=None) -> int:
   ap.add_argument("--smoke", action="store_true", help="a few requests on the CPU")
   ap.add_argument("--model", default="smollm2-135m")
   ap.add_argument("--requests", type=int, default=2000)
-  ap.add_argument("--passages", type=int, default=200)
+  ap.add_argument("--passages", type=int, default=150)
   ap.add_argument("--passage-words", type=int, default=300)
   ap.add_argument("--max-new-tokens", type=int, default=32)
   ap.add_argument("--batch-size", type=int, default=64)

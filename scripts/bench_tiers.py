@@ -25,6 +25,7 @@ the commit, the logits on the host), median of --runs after a warm-up request (c
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -104,6 +105,7 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
   eng.cache_segments(passages, batch_size=args.batch_size)
   row["pool"] = _time(eng, cfg, passages, reuse, args.runs)
   del eng
+  gc.collect()
 
   for name, dtype in (("host", "native"), ("host-int8", "int8")):
     if name not in args.scenarios:
@@ -113,7 +115,8 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
     evict = lambda e=eng: e.store.segment_cache.evict(1 << 40)  # noqa: E731
     row[name] = _time(eng, cfg, passages, reuse, args.runs, before=evict)
     row[name]["tier_stats"] = eng.stats()["host_tier"]
-    del eng
+    del eng, evict  # the closure held the engine (and its pool) alive: 32K ran out of memory
+    gc.collect()
 
   if "disk" in args.scenarios:
     eng = mk()
@@ -121,7 +124,8 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
     eng.cache_segments(passages, batch_size=args.batch_size)
     evict = lambda e=eng: e.store.segment_cache.evict(1 << 40)  # noqa: E731
     row["disk"] = _time(eng, cfg, passages, reuse, args.runs, before=evict)
-    del eng
+    del eng, evict
+    gc.collect()
 
   ratio = (cfg.n_layers - policy.layer_threshold) / cfg.n_layers
   row["expected_moved_fraction"] = ratio
@@ -132,6 +136,29 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
     if name in row:
       row[name]["vs_pool"] = row[name]["ttft_ms"] / row["pool"]["ttft_ms"]
   return row
+
+
+def plot(result: dict, path: str) -> None:
+  """TTFT per scenario against the context (one line each), the pool and full prefill marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = result["rows"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in SCENARIOS:
+    pts = [(r["context"], r[name]["ttft_ms"]) for r in rows if name in r]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("prompt tokens")
+  ax.set_ylabel("TTFT (ms)")
+  ax.set_title(f"sparsex TTFT by where the reused segments are ({result['preset']})", fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -148,7 +175,14 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=8, help="passages per caching prefill")
   p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
   p.add_argument("--smoke", action="store_true", help="CPU self-check: tiny model, short contexts")
+  p.add_argument("--plot-only", metavar="JSON", help="draw OUT/tiers.png from an earlier tiers.json")
   args = p.parse_args(argv)
+  if args.plot_only:
+    with open(args.plot_only) as f:
+      result = json.load(f)
+    os.makedirs(args.out, exist_ok=True)
+    plot(result, os.path.join(args.out, "tiers.png"))
+    return 0
   if args.smoke:
     cfg = get_config("tiny", dtype="float32").replace(n_layers=5)
     args.contexts = [c for c in args.contexts if c <= 512] or [256]
@@ -181,6 +215,7 @@ def main(argv=None) -> int:
   path = os.path.join(args.out, "tiers.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
+  plot(result, os.path.join(args.out, "tiers.png"))
   print(path)
   return 0
 

@@ -48,7 +48,8 @@ class Engine:
                num_pages: int | None = None, kv_pool_bytes: int | None = None,
                max_batch_size: int = 16, attention_backend: str = "auto",
                steps_per_visit: int = decoding.STEPS_PER_VISIT, mesh=None, namespace: str = "",
-               host_cache_bytes: int | None = None, host_cache_dtype: str = "native"):
+               host_cache_bytes: int | None = None, host_cache_dtype: str = "native",
+               max_prefill_tokens: int | None = scheduler.DEFAULT_MAX_PREFILL_TOKENS):
     """max_batch_size: rows of the running batch. steps_per_visit: decode steps per device loop
     (per host visit). mesh: None (one device) or a ("data", "tensor") jax Mesh
     (sharding.make_mesh(tp)): weights Megatron-style and the KV pool by KV heads over "tensor"
@@ -57,7 +58,10 @@ class Engine:
     cached under one namespace is never reused or seen under another (docs/SECURITY.md).
     host_cache_bytes: the host-memory tier's budget (None or 0: no host tier): segments the pool
     evicts go there, and down to the cache dir (use_cache_dir) when it is full (docs/TIERS.md).
-    host_cache_dtype: how it keeps them: "native" (the pool's dtype), "int8" or "fp8"."""
+    host_cache_dtype: how it keeps them: "native" (the pool's dtype), "int8" or "fp8".
+    max_prefill_tokens: the padded tokens one prefill may compute (requests x longest prompt,
+    each a bucket; a longer prompt runs alone): what bounds a prefill's activation memory
+    (scheduler.py). None: no bound."""
     if not isinstance(namespace, str):
       raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
     self.namespace = namespace
@@ -68,6 +72,11 @@ class Engine:
     if not is_int(steps_per_visit) or steps_per_visit < 1:
       raise ValueError(f"steps_per_visit must be an int >= 1, got {steps_per_visit!r}")
     self.steps_per_visit = int(steps_per_visit)
+    if max_prefill_tokens is not None and (not is_int(max_prefill_tokens)
+                                           or max_prefill_tokens < 1):
+      raise ValueError(f"max_prefill_tokens must be an int >= 1 or None, got "
+                       f"{max_prefill_tokens!r}")
+    self.max_prefill_tokens = None if max_prefill_tokens is None else int(max_prefill_tokens)
     if mesh is not None:
       params = sharding.shard_params(params, mesh)
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
@@ -167,7 +176,8 @@ class Engine:
       return list(outputs)
     runner = StepRunner(self, policy, todo, t_job)
     sched = scheduler.Scheduler(self.store, policy, runner.batch.n_rows,
-                                steps_per_visit=self.steps_per_visit, prepare=runner.prepare)
+                                steps_per_visit=self.steps_per_visit, prepare=runner.prepare,
+                                max_prefill_tokens=self.max_prefill_tokens)
     for r in todo:
       sched.add_request(r)
     try:

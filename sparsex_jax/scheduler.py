@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from sparsex_jax.api import RequestError, RequestOutput
 from sparsex_jax.kv import KVStore, Lease, Leases, PoolExhausted
-from sparsex_jax.planner import largest_bucket_within
+from sparsex_jax.planner import bucket, largest_bucket_within
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.sampling import SamplingParams
 
@@ -47,6 +47,11 @@ ON_ERROR = ("raise", "return")
 # the rows is free. Refilling sooner keeps more rows busy but admits smaller groups, each padded
 # to a power of two; 0.25 and 0.5 measured within 3% of each other (docs/throughput.md).
 REFILL_FRACTION = 0.25
+# The padded tokens one prefill may compute (its batch bucket x its length bucket), like vLLM's
+# max_num_batched_tokens: a prefill's activations grow with them, and 32 long prompts padded
+# together (32 x 8K tokens at Llama-3-8B shapes) asked for over 100 GB on an 80 GB H100 (the
+# serving benchmark, docs/SERVING.md). 32K keeps a short-prompt job's groups whole (64 x 512).
+DEFAULT_MAX_PREFILL_TOKENS = 32768
 
 
 def refill_rows(n_rows: int) -> int:
@@ -68,6 +73,13 @@ def admission_limit(n_free: int, n_running: int, n_rows: int) -> int:
     return n_free
   within = largest_bucket_within(n_free, minimum=1)
   return within if within >= refill_rows(n_rows) else n_free
+
+
+def prefill_tokens(n_requests: int, longest: int) -> int:
+  """The padded tokens of a prefill of n_requests prompts whose longest has `longest` tokens
+  (planner.plan_batch pads both dimensions to a bucket; exact-prefix tokens counted too: an
+  upper bound, known before the cache lookups)."""
+  return bucket(n_requests, minimum=1) * bucket(longest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +151,8 @@ class Scheduler:
   running requests: a request that finds no pages then waits for them instead of failing.
   may_admit(request), if given, is asked before the waiting request at the head is leased: False
   and it waits (admissions stop at it for this step).
+  max_prefill_tokens: a prefill group stops before the request that would take its padded size
+  (prefill_tokens) past this; a request over it alone still runs, alone. None: no limit.
   blocked: whether the last step's head request waited for pages (another scheduler's
   may_admit reads it, so that a younger request does not take the pages an older one waits for).
   """
@@ -146,7 +160,13 @@ class Scheduler:
   def __init__(self, store: KVStore, policy: "ReusePolicy", n_rows: int, *,
                steps_per_visit: int, prepare: Callable[[ScheduledRequest], object] | None = None,
                others_running: Callable[[], bool] | None = None,
-               may_admit: Callable[[ScheduledRequest], bool] | None = None):
+               may_admit: Callable[[ScheduledRequest], bool] | None = None,
+               max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS):
+    if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                           or max_prefill_tokens < 1):
+      raise ValueError(f"max_prefill_tokens must be an int >= 1 or None, got "
+                       f"{max_prefill_tokens!r}")
+    self.max_prefill_tokens = max_prefill_tokens
     if n_rows < 1 or steps_per_visit < 1:
       raise ValueError(f"n_rows and steps_per_visit must be >= 1, got {n_rows}, "
                        f"{steps_per_visit}")
@@ -185,10 +205,15 @@ class Scheduler:
     group: list[ScheduledRequest] = []
     limit = admission_limit(self.n_rows - len(self.running), len(self.running), self.n_rows)
     self.blocked = False
+    longest = 0
     while self.waiting and len(group) < limit and not self._solo:
       request, alone = self.waiting[0]
       if alone and self.running:  # a solo request waits for an empty batch
         break
+      n = int(request.prompt.token_ids.size)
+      if (group and self.max_prefill_tokens is not None
+          and prefill_tokens(len(group) + 1, max(longest, n)) > self.max_prefill_tokens):
+        break  # the next prefill takes it
       if self.may_admit is not None and not self.may_admit(request):
         break
       if self.prepare is not None:
@@ -211,6 +236,7 @@ class Scheduler:
       self.running[request.index] = request
       self._leases[request.index] = leases
       group.append(request)
+      longest = max(longest, n)
       if alone:
         self._solo.add(request.index)
         break

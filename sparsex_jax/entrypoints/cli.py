@@ -25,6 +25,7 @@ from sparsex_jax.batch.plan import SHARED
 from sparsex_jax.batch.routing import ROUTING
 from sparsex_jax.entrypoints.demo import PASSAGE as DEMO_PASSAGE
 from sparsex_jax.entrypoints.demo import QUESTION as DEMO_QUESTION
+from sparsex_jax.scheduler import DEFAULT_MAX_PREFILL_TOKENS
 from sparsex_jax.entrypoints.demo import QUESTION2 as DEMO_QUESTION2
 from sparsex_jax.reuse import REUSE_MODES
 
@@ -127,6 +128,10 @@ def _add_engine_args(p) -> None:
   _add_namespace_arg(p)
   _add_debug_arg(p)
   p.add_argument("--batch-size", type=int, default=16, help="requests per batch")
+  p.add_argument("--max-prefill-tokens", type=int, default=DEFAULT_MAX_PREFILL_TOKENS,
+                 help="padded tokens one prefill may compute (requests x longest prompt; a "
+                      "longer prompt runs alone): bounds a prefill's activation memory "
+                      f"(default {DEFAULT_MAX_PREFILL_TOKENS}; 0: no bound)")
   _add_tp_arg(p)
   p.add_argument("--compile-cache", metavar="DIR",
                  help="keep compiled programs here for later runs; 'off' for none (default: "
@@ -295,7 +300,9 @@ def _build_engine(args):
                    kv_pool_bytes=pool_bytes, max_batch_size=args.batch_size, mesh=mesh,
                    namespace=args.namespace,
                    host_cache_bytes=getattr(args, "host_cache_bytes", None),
-                   host_cache_dtype=getattr(args, "host_cache_dtype", "native"))
+                   host_cache_dtype=getattr(args, "host_cache_dtype", "native"),
+                   max_prefill_tokens=getattr(args, "max_prefill_tokens",
+                                              DEFAULT_MAX_PREFILL_TOKENS) or None)
 
 
 def _generate(args) -> int:

@@ -22,7 +22,7 @@ from sparsex_jax.planner import NEW
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.sampling import SamplingParams
 from sparsex_jax.scheduler import (Scheduler, ScheduledRequest, Step, StepResult,
-                                   admission_limit, refill_rows)
+                                   admission_limit, prefill_tokens, refill_rows)
 
 PAGE = 4
 # What the store reads of a reuse policy: every cache read and written (pins and prefix pages
@@ -237,6 +237,29 @@ def test_admission_stops_at_a_padded_size_and_refills_when_a_quarter_is_free():
   _assert_clean(store, store.allocator.capacity)
 
 
+def test_a_prefill_group_stops_at_its_token_budget():
+  """max_prefill_tokens bounds a group's padded tokens (bucket(requests) x bucket(longest)):
+  64-token prompts, a 256-token budget: groups of 4; a 300-token prompt over the budget runs
+  alone; None lets the rows alone limit a group."""
+  assert prefill_tokens(3, 50) == 4 * 64 and prefill_tokens(1, 300) == 320
+  store = _store(400)
+  reqs = [_request(i, 64, 2) for i in range(10)] + [_request(10, 300, 2)]
+  sched = Scheduler(store, NO_REUSE, 16, steps_per_visit=4, max_prefill_tokens=256)
+  for r in reqs:
+    sched.add_request(r)
+  runner = FakeRunner(store, NO_REUSE, 16)
+  _run(sched, runner)
+  assert runner.prefills[:3] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+  assert (10,) in runner.prefills and sorted(sched.finished) == list(range(11))
+  _assert_clean(store, store.allocator.capacity)
+  unbounded = Scheduler(_store(400), NO_REUSE, 16, steps_per_visit=4, max_prefill_tokens=None)
+  for r in reqs:
+    unbounded.add_request(r)
+  assert len(unbounded.schedule().prefill) == 11
+  with pytest.raises(ValueError, match="max_prefill_tokens"):
+    Scheduler(store, NO_REUSE, 16, steps_per_visit=4, max_prefill_tokens=0)
+
+
 # ---- requests that arrive while the job runs ---------------------------------------------------
 
 def test_add_request_between_steps_joins_the_running_batch():
@@ -385,7 +408,8 @@ jobs = st.fixed_dictionaries({
         st.sampled_from(["ok", "ok", "ok", "prefill", "decode", "cancel"])),
         min_size=1, max_size=12),
     "pages": st.integers(6, 40), "rows": st.integers(1, 6), "steps": st.integers(1, 4),
-    "reuse": st.booleans(), "lose_pool": st.booleans()})
+    "reuse": st.booleans(), "lose_pool": st.booleans(),
+    "max_prefill_tokens": st.sampled_from([None, 16, 32, 64, 200])})
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -405,10 +429,16 @@ def test_every_request_ends_once_and_the_pool_balances(job):
       cancels.setdefault(arrival + i % 4, []).append(i)
     elif fate != "ok":
       poison[fate].add(i)
-  sched = Scheduler(store, policy, job["rows"], steps_per_visit=job["steps"])
+  budget = job["max_prefill_tokens"]
+  sched = Scheduler(store, policy, job["rows"], steps_per_visit=job["steps"],
+                    max_prefill_tokens=budget)
   runner = FakeRunner(store, policy, job["rows"], poison["prefill"], poison["decode"],
                       job["lose_pool"])
   done = _run(sched, runner, arrivals, cancels=cancels, cancelled=cancelled)
+  if budget is not None:  # a group of several prompts stays within the token budget
+    for group in runner.prefills:
+      longest = max(reqs[i].prompt.token_ids.size for i in group)
+      assert len(group) == 1 or prefill_tokens(len(group), longest) <= budget, group
   # every request ended exactly once, finished, failed or cancelled, and was reported as it ended
   # (a cancelled one never is)
   assert sorted(c.request.index for c in done) == sorted(set(range(len(reqs))) - cancelled)

@@ -231,7 +231,8 @@ class EngineLoop:
       sched = Scheduler(engine.store, policy, runner.batch.n_rows,
                         steps_per_visit=engine.steps_per_visit, prepare=runner.prepare,
                         others_running=lambda: self._others_running(method),
-                        may_admit=lambda request: self._may_admit(method, request))
+                        may_admit=lambda request: self._may_admit(method, request),
+                        max_prefill_tokens=engine.max_prefill_tokens)
       group = self._groups[method] = _Group(method, sched, runner)
     return group
 
