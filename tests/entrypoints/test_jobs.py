@@ -17,6 +17,7 @@ import sparsex_jax as sx
 from sparsex_jax import batch
 from sparsex_jax.entrypoints import cli
 from tests.engine.test_engine import CFG, _engine, _ids
+from tests.research.scripts import CHEAP_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLING = {"max_new_tokens": 3, "ignore_eos": True}
@@ -206,7 +207,7 @@ def test_sigint_mid_job_loses_nothing_and_a_rerun_finishes_every_id_once(tmp_pat
          "--pool-gib", "0.002",
          "--no-progress", "--reuse", "full"]
   # The rerun compiles nothing: both processes share a persistent compilation cache.
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_XLA_FLAGS,
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

@@ -26,6 +26,7 @@ import uvicorn
 import sparsex_jax as sx
 from sparsex_jax.entrypoints.serve.app import Server, ServeConfig
 from tests.engine.test_engine import CFG, _engine
+from tests.research.scripts import CHEAP_XLA_FLAGS
 
 MODEL = "tiny-test"
 
@@ -357,7 +358,7 @@ def test_sigterm_during_a_stream_finishes_it_exits_0_and_the_cache_dir_verifies(
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   port, cache = _free_port(), str(tmp_path / "cache")
-  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_XLA_FLAGS)
   proc = subprocess.Popen(
       [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "serve", "--model", "random:tiny",
        "--port", str(port), "--page-size", "4", "--pool-gib", "0.002", "--batch-size", "2",
@@ -492,7 +493,7 @@ def test_tp2_server_on_two_fake_devices_answers_a_chat_as_the_unsharded_engine()
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 " + CHEAP_XLA_FLAGS)
   proc = subprocess.Popen(
       [sys.executable, "-m", "sparsex_jax.entrypoints.cli", "serve", "--model", "random:tiny",
        "--tokenizer", "bytes", "--tp", "2", "--port", str(port), "--page-size", "4",

@@ -1,9 +1,14 @@
-"""Loads a script of scripts/ as a module (scripts are not a package)."""
+"""Loads a script of scripts/ as a module (scripts are not a package), or runs one in a process of
+its own with a cheaper XLA CPU compile (a smoke run's tiny programs: compiling them is most of
+its time; the flags only lower LLVM's effort, the HLO is the same)."""
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHEAP_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def load_script(name: str):
@@ -11,3 +16,17 @@ def load_script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def script_env(**extra: str) -> dict:
+  """The environment of a script's process: this checkout first, the CPU, the cheap compile."""
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_XLA_FLAGS,
+              **extra)
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+  """`python scripts/NAME.py ARGS` in its own process (see script_env)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{name}.py"), *args],
+                        cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                        timeout=timeout)
