@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import dataclasses
 import datetime
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -216,6 +218,18 @@ def child_env(args) -> dict:
   return env
 
 
+# Servers still running: closed at exit, also when the benchmark is stopped with SIGTERM (main
+# turns it into SystemExit). A server orphaned by a killed benchmark kept the GPU's memory, and
+# the next server aborted at start (the first H100 run, docs/SERVING.md).
+_RUNNING: set["ServerProcess"] = set()
+
+
+@atexit.register
+def _close_servers() -> None:
+  for server in list(_RUNNING):
+    server.close()
+
+
 class ServerProcess:
   def __init__(self, args, reuse: str):
     import httpx
@@ -225,6 +239,7 @@ class ServerProcess:
                 "--port", str(self.port), "--reuse", reuse, "--served-model-name", "bench",
                 "--max-tokens", str(shape_for(args).max_tokens), "--max-waiting", "4096"]
     self.proc = subprocess.Popen(self.cmd, env=child_env(args), cwd=ROOT)
+    _RUNNING.add(self)
     deadline = time.time() + args.start_timeout
     while True:
       if self.proc.poll() is not None:
@@ -249,12 +264,14 @@ class ServerProcess:
     return values
 
   def close(self) -> None:
+    _RUNNING.discard(self)
     if self.proc.poll() is None:
       self.proc.terminate()
       try:
         self.proc.wait(120)
       except subprocess.TimeoutExpired:
         self.proc.kill()
+        self.proc.wait()
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -453,6 +470,10 @@ def main(argv=None) -> int:
   p.add_argument("--_engine-ttft", dest="engine_ttft", help=argparse.SUPPRESS)
   p.add_argument("engine_args", nargs="*", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  try:  # SIGTERM (a timeout) exits through atexit, which closes the servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+  except ValueError:  # not the main thread: whoever runs us handles signals
+    pass
   if args.engine_ttft:  # the --overhead reference process
     print(json.dumps(engine_ttft(args.engine_args, args.reuse, args.engine_ttft,
                                  args.max_tokens)))
