@@ -3,7 +3,8 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.programs.sharding_check [--tp 1 2 4]
 
 XLA_FLAGS must be set before jax is imported, hence a script in its own process. For each tensor
-parallel degree: prefill logits of every reuse policy (at tp 1: the sparse and prefix ones) equal
+parallel degree: prefill logits of every reuse policy (at the smallest degree above 1; at the
+others, tp 1 and 4: the sparse and prefix ones, see labels_at) equal
 the unsharded engine's (float32, rel. error < 1e-5), greedy tokens are equal, every device holds 1/tp of the layer weights and of the KV
 pool, the compiled decode step all-reduces exactly twice per layer (after o and after down), and
 a segment cache saved from the sharded pool loads into a pool of another degree. Prints one JSON
@@ -79,10 +80,17 @@ def make_engine(params, mesh):
   return sx.Engine(CFG, params, page_size=8, num_pages=96, max_batch_size=2, mesh=mesh)
 
 
-# At tp 1 every collective is over one device: the mesh code path is what is checked there, and
-# the sparse prefill (with its selection) and the prefix cache (filled, then hit) cover it; each
-# policy's program compiles once per degree, the larger part of this script's time.
-AT_TP_1 = ("sparsex T=2", "prefix (fills)", "prefix (hits)")
+# Every policy runs at the smallest degree above 1 (tp 2: two KV heads per device). At tp 1
+# every collective is over one device: the mesh code path is what is checked there; at tp 4
+# (one KV head per device) what changes is the head split, not the policy. At both, the sparse
+# prefill (with its selection) and the prefix cache (filled, then hit) cover it: each policy's
+# program compiles once per degree, the larger part of this script's time.
+SUBSET = ("sparsex T=2", "prefix (fills)", "prefix (hits)")
+
+
+def labels_at(tp, tps):
+  """The policies run at degree tp: all of them at the smallest degree above 1, else SUBSET."""
+  return None if tp == min([t for t in tps if t > 1], default=None) else SUBSET
 
 
 def run_policies(engine, docs, req, labels=None):
@@ -187,7 +195,7 @@ def main():
   ref_logits, ref_tokens = run_policies(make_engine(params, None), docs, req)
   for tp in args.tp:
     engine = make_engine(params, sharding.make_mesh(tp))
-    logits, tokens = run_policies(engine, docs, req, AT_TP_1 if tp == 1 else None)
+    logits, tokens = run_policies(engine, docs, req, labels_at(tp, args.tp))
     for label in logits:
       rel = float(np.linalg.norm(logits[label] - ref_logits[label])
                   / np.linalg.norm(ref_logits[label]))
