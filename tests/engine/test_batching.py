@@ -107,7 +107,7 @@ jobs = st.tuples(
     st.sampled_from([1, 2, 4]), st.sampled_from([1, 3]))
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=7, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(jobs)
 def test_after_any_job_every_page_is_free_or_cached(job):
   requests, mode, pages, rows, steps = job

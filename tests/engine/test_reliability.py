@@ -298,7 +298,7 @@ steps = st.lists(st.tuples(
     st.booleans()), min_size=1, max_size=4)
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(steps)
 def test_random_jobs_with_failures_keep_the_books_and_the_outputs(monkeypatch, job):

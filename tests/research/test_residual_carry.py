@@ -10,7 +10,7 @@ from sparsex_jax.research import workloads as wl
 
 
 def test_rows_over_exact_kv_reproduce_full_prefill(real_tokenizer):
-  cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=6)
+  cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=5)
   engine = sx.Engine(cfg, llama.init_params(cfg, 1), real_tokenizer, num_pages=64)
   prompt = wl.build(real_tokenizer, ["needle"], "dev", 1, wl.Sizes.quick())["needle"][0]
   r = residual_carry.study(engine, prompt, threshold=2)
