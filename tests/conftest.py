@@ -22,6 +22,34 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 
+# The heaviest test files first (seconds each took in one CI run, 2026-12-06): pytest-xdist's
+# --dist loadfile hands whole files to the two workers in collection order, so a heavy file
+# collected last (alphabetically, tests/research/ comes last) kept one worker busy for a minute
+# and more while the other had nothing left.
+HEAVY_FIRST = (
+    "tests/batch/test_replicas.py",  # 209 s
+    "tests/programs/test_sharding.py",  # 164
+    "tests/engine/test_reliability.py",  # 108
+    "tests/research/test_evaluation_quick.py",  # 93
+    "tests/entrypoints/test_serve.py",  # 84
+    "tests/engine/test_sparsex.py",  # 76
+    "tests/engine/test_real_model.py",  # 65
+    "tests/research/test_oracle.py",  # 65
+    "tests/engine/test_golden_logits.py",  # 62
+    "tests/research/test_residual_carry.py",  # 58
+    "tests/engine/test_batching.py",  # 49
+    "tests/research/test_evaluation.py",  # 43
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+  def key(item):
+    path = os.path.relpath(str(item.fspath), _ROOT).replace(os.sep, "/")
+    return rank.get(path, len(rank))
+  items.sort(key=key)  # stable: every file keeps its tests' order, the rest their files' order
+
+
 @pytest.fixture(scope="session")
 def real_model():
   """`models.loaders.LoadedModel` of the default model (float32), loaded once (about 7 s)."""
