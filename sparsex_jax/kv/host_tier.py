@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from sparsex_jax.kv.prefix_cache import as_token_array
-from sparsex_jax.kv.segment_cache import segment_key
+from sparsex_jax.kv.segment_cache import find_exact, segment_key
 
 # "native": the pool's own dtype (exact round trip); "int8"/"fp8": 8 bits with per-row scales.
 HOST_DTYPES = ("native", "int8", "fp8")
@@ -195,9 +195,8 @@ class HostTier:
 
   def lookup(self, token_ids, namespace: str = "", pin: bool = False) -> HostSegment | None:
     """The segment for exactly these tokens, or None; counts a hit or miss, touches the LRU."""
-    tokens = as_token_array(token_ids)
-    seg = self._entries.get(segment_key(tokens, namespace))
-    if seg is None or not np.array_equal(seg.token_ids, tokens):
+    seg = find_exact(self._entries, token_ids, namespace)
+    if seg is None:
       self.misses += 1
       return None
     self.hits += 1

@@ -57,6 +57,17 @@ class SegmentEntry:
     return len(self.token_ids)
 
 
+def find_exact(entries, token_ids, namespace: str = ""):
+  """The entry of `entries` (key -> an object with .token_ids) for exactly these tokens, or None.
+  A key is a content hash: an entry whose tokens differ (a collision) is not theirs. Shared by
+  the pool's segment cache and the host tier."""
+  tokens = as_token_array(token_ids)
+  entry = entries.get(segment_key(tokens, namespace))
+  if entry is None or not np.array_equal(entry.token_ids, tokens):
+    return None
+  return entry
+
+
 class SegmentCache:
   """Content-hash -> SegmentEntry, with pinning and LRU eviction of cache-only entries."""
 
@@ -112,9 +123,8 @@ class SegmentCache:
     pin=True pins a hit at once: do that (or pin() before the next allocate) when the entry must
     survive the allocation of the request's own pages, which may evict.
     """
-    tokens = as_token_array(token_ids)
-    entry = self._entries.get(segment_key(tokens, namespace))
-    if entry is None or not np.array_equal(entry.token_ids, tokens):
+    entry = find_exact(self._entries, token_ids, namespace)
+    if entry is None:
       self.misses += 1
       return None
     self.hits += 1
