@@ -25,7 +25,7 @@ from models.config import ModelConfig, get_config
 from sparsex_jax import decoding, planner, scheduler, sharding
 from sparsex_jax.api import Request, RequestOutput, Segment
 from sparsex_jax.kv import KVStore, PoolLayout, persist
-from sparsex_jax.kv.host_tier import HOST_DTYPES, HostSegment, HostTier
+from sparsex_jax.kv.host_tier import HOST_DTYPES, HostSegment, HostTier, host_memory
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
 from sparsex_jax.programs import KVPool
@@ -88,7 +88,8 @@ class Engine:
         raise ValueError("host_cache_bytes: the host tier does not run under a mesh yet")
       if not is_int(host_cache_bytes) or host_cache_bytes < 0:
         raise ValueError(f"host_cache_bytes must be an int >= 0, got {host_cache_bytes!r}")
-      host_tier = HostTier(int(host_cache_bytes), host_cache_dtype, spill=self._spill_to_disk)
+      host_tier = HostTier(int(host_cache_bytes), host_cache_dtype, spill=self._spill_to_disk,
+                           memory=host_memory(jax.devices()[0]))
     elif host_cache_dtype not in HOST_DTYPES:
       raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_cache_dtype!r}")
     self.store = KVStore(self.layout, host_tier)

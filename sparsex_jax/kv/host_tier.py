@@ -17,6 +17,14 @@ Host side, plain numpy (never traced). Three tiers hold a segment's K/V, nearest
 Pins: a segment a lease is loading is pinned (never evicted or spilled) until the lease is
 released. A segment is in the pool or here, never both (the KV store moves it).
 
+Layout: each segment's K and V are kept one array per layer ([K, n, S, H]), so a load moves
+layers [T, L) without touching [0, T), and with n padded once, when the segment arrives, to the
+page bucket the copy program compiles for (`stored_pages`), so a load copies nothing on the host.
+On a GPU the arrays live in page-locked host memory (`host_memory`): the copy to the device
+is then a DMA that runs while the host goes on, at the bus's speed, instead of jax staging
+pageable numpy through its own buffer (which took 8 ms per 59 MB segment on the H100, about
+7 GB/s, on the host thread: docs/TIERS.md).
+
 Compact storage: host_dtype "int8" or "fp8" (float8_e4m3fn) keeps K and V in 8 bits with one
 float32 scale per token row and kv head (max |x| over the head dimension / the format's max);
 the copy to the device carries the 8-bit values and the scales and dequantises on the device
@@ -41,16 +49,26 @@ _INT8_MAX = 127.0
 _FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def host_memory_kind(backend: str) -> str:
-  """Where host-tier arrays live: the one place this is decided.
+def host_memory(device):
+  """Where host-tier arrays live, the one place this is decided: a jax sharding in "pinned_host"
+  memory of `device` (page-locked, so that the host-to-device copy is a DMA the runtime runs while
+  the host and the device go on) on a GPU that has such memory; None, plain numpy (pageable, which
+  jax stages through a buffer of its own on each copy), elsewhere: on the CPU there is no bus to
+  cross, and pinning would only take memory from the OS."""
+  if device is None or device.platform != "gpu":
+    return None
+  if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
+    return None
+  import jax
+  return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
-  "pinned_host" (page-locked, so the host-to-device copy is a DMA the runtime can run while the
-  device computes) would be the choice on GPUs; for now every backend keeps plain numpy arrays
-  ("numpy"), which jax stages through its own pinned buffer on each copy. On CPU there is no copy
-  to speed up. Keeping pinned_host arrays per layer (so that layers [T, L) can be moved without
-  touching [0, T)) is the GPU follow-up (docs/TIERS.md)."""
-  del backend
-  return "numpy"
+
+def stored_pages(n_pages: int) -> int:
+  """Pages a segment of n_pages is padded to in the host tier: the copy program compiles once per
+  padded size, and a bucket of a quarter octave wastes at most 25% (a power of two, up to 100%)."""
+  n = max(1, int(n_pages))
+  step = max(1, (1 << (n.bit_length() - 1)) // 4)
+  return -(-n // step) * step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,19 +77,31 @@ def host_memory_kind(backend: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StoredKV:
-  """K or V of one segment as the host tier keeps it: [L, K, n_pages, S, H] values, and, when
-  they are 8-bit, float32 scales [L, K, n_pages, S, 1] (one per token row and kv head)."""
+  """K or V of one segment as the host tier keeps it, one array per layer: values [K, n, S, H]
+  and, when they are 8-bit, float32 scales [K, n, S, 1] (one per token row and kv head). The
+  arrays are numpy or jax arrays in pinned host memory (`staged`, `host_memory`)."""
 
-  values: np.ndarray
-  scale: np.ndarray | None = None
+  values: tuple
+  scale: tuple | None = None
 
   @property
   def nbytes(self) -> int:
-    return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
+    return sum(int(x.nbytes) for x in self.values + (self.scale or ()))
+
+  @property
+  def n_layers(self) -> int:
+    return len(self.values)
 
   def layers(self, first: int) -> "StoredKV":
-    """Layers [first, L): numpy views, no copy."""
+    """Layers [first, L): the same arrays, no copy."""
     return StoredKV(self.values[first:], None if self.scale is None else self.scale[first:])
+
+  def staged(self, memory) -> "StoredKV":
+    """The same K or V in `memory` (a jax sharding: pinned host memory); one batched copy."""
+    import jax  # the host tier itself is numpy; only staging needs jax
+    leaves = jax.device_put(list(self.values + (self.scale or ())), memory)
+    n = len(self.values)
+    return StoredKV(tuple(leaves[:n]), None if self.scale is None else tuple(leaves[n:]))
 
 
 def _fp8():
@@ -80,9 +110,9 @@ def _fp8():
 
 
 def quantize(x: np.ndarray, host_dtype: str) -> StoredKV:
-  """x [..., H] in host_dtype ("native": kept as it is)."""
+  """x [L, ..., H] in host_dtype ("native": kept as it is), one array per layer."""
   if host_dtype == "native":
-    return StoredKV(np.ascontiguousarray(x))
+    return StoredKV(tuple(np.ascontiguousarray(layer) for layer in x))
   if host_dtype not in HOST_DTYPES:
     raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_dtype!r}")
   x = np.asarray(x, np.float32)
@@ -94,14 +124,17 @@ def quantize(x: np.ndarray, host_dtype: str) -> StoredKV:
     values = np.clip(np.rint(scaled), -_INT8_MAX, _INT8_MAX).astype(np.int8)
   else:
     values = np.clip(scaled, -_FP8_MAX, _FP8_MAX).astype(_fp8())
-  return StoredKV(values, scale)
+  return StoredKV(tuple(values), tuple(scale))
 
 
 def dequantize(stored: StoredKV, dtype=np.float32) -> np.ndarray:
-  """The values back in `dtype` (the host-side twin of write_page_layers' device dequantise)."""
+  """The values back in `dtype`, [L, ...] (the host-side twin of write_page_layers' device
+  dequantise)."""
+  values = np.stack([np.asarray(x) for x in stored.values])
   if stored.scale is None:
-    return stored.values.astype(dtype, copy=False)
-  return (stored.values.astype(np.float32) * stored.scale).astype(dtype)
+    return values.astype(dtype, copy=False)
+  scale = np.stack([np.asarray(x) for x in stored.scale])
+  return (values.astype(np.float32) * scale).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,21 +149,19 @@ class HostSegment:
   token_ids: np.ndarray  # int32 [n]
   positions: np.ndarray  # int32 [n]: where each token's K/V was computed
   namespace: str
-  k: StoredKV
+  k: StoredKV  # pages padded to stored_pages(n_pages)
   v: StoredKV
+  n_pages: int  # the segment's own pages (the rest of the stored ones are zeros)
   pin_count: int = 0
 
   @property
   def nbytes(self) -> int:
     return self.k.nbytes + self.v.nbytes
 
-  @property
-  def n_pages(self) -> int:
-    return int(self.k.values.shape[2])
-
   def restored(self, dtype) -> tuple[np.ndarray, np.ndarray]:
     """K, V [L, K, n_pages, S, H] in `dtype` (for the disk tier, which stores the pool dtype)."""
-    return dequantize(self.k, dtype), dequantize(self.v, dtype)
+    return (dequantize(self.k, dtype)[:, :, :self.n_pages],
+            dequantize(self.v, dtype)[:, :, :self.n_pages])
 
 
 @dataclasses.dataclass(eq=False)
@@ -158,7 +189,9 @@ Spill = Callable[[HostSegment], bool]
 class HostTier:
   """key -> HostSegment, LRU under a byte budget, with pins; overflow goes to `spill`."""
 
-  def __init__(self, budget_bytes: int, host_dtype: str = "native", spill: Spill | None = None):
+  def __init__(self, budget_bytes: int, host_dtype: str = "native", spill: Spill | None = None,
+               memory=None):
+    """memory: a jax sharding in pinned host memory to keep the arrays in (None: numpy)."""
     if int(budget_bytes) < 0:
       raise ValueError(f"host_cache_bytes must be >= 0, got {budget_bytes}")
     if host_dtype not in HOST_DTYPES:
@@ -166,6 +199,7 @@ class HostTier:
     self.budget_bytes = int(budget_bytes)
     self.host_dtype = host_dtype
     self.spill = spill
+    self.memory = memory
     self._entries: collections.OrderedDict[str, HostSegment] = collections.OrderedDict()
     self.bytes_used = 0
     self.hits = 0  # lookups that found the segment here
@@ -219,8 +253,13 @@ class HostTier:
     if key in self._entries:
       self._entries.move_to_end(key)
       return True
+    n_pages = int(k.shape[2])
+    k, v = _pad_pages(k, stored_pages(n_pages)), _pad_pages(v, stored_pages(n_pages))
+    k, v = quantize(k, self.host_dtype), quantize(v, self.host_dtype)
+    if self.memory is not None:
+      k, v = k.staged(self.memory), v.staged(self.memory)
     seg = HostSegment(key, _read_only(tokens), _read_only(np.asarray(positions, np.int32)),
-                      namespace, quantize(k, self.host_dtype), quantize(v, self.host_dtype))
+                      namespace, k, v, n_pages)
     self.received += 1
     self.dropped.discard(key)
     if seg.nbytes > self.budget_bytes or not self._make_room(seg.nbytes):
@@ -277,10 +316,11 @@ class HostTier:
     return len(gone)
 
   def stored_nbytes(self, x: np.ndarray) -> int:
-    """Bytes K (or V) of this shape takes here."""
+    """Bytes K (or V) [L, K, n_pages, S, H] takes here (pages padded as `put` pads them)."""
+    size = x.size // x.shape[2] * stored_pages(x.shape[2])
     if self.host_dtype == "native":
-      return int(x.nbytes)
-    return int(x.size + 4 * (x.size // x.shape[-1]))  # 1-byte values, a float32 scale per row
+      return int(size * x.itemsize)
+    return int(size + 4 * (size // x.shape[-1]))  # 1-byte values, a float32 scale per row
 
   def note_load(self, load: HostLoad, issue_s: float) -> None:
     self.loads += 1
@@ -304,6 +344,7 @@ class HostTier:
   def stats(self) -> dict:
     return {
         "budget_bytes": self.budget_bytes, "dtype": self.host_dtype,
+        "memory": "numpy" if self.memory is None else self.memory.memory_kind,
         "entries": len(self._entries),
         "pinned_entries": sum(1 for s in self._entries.values() if s.pin_count),
         "bytes_used": self.bytes_used, "hits": self.hits, "misses": self.misses,
@@ -312,6 +353,14 @@ class HostTier:
         "bytes_all_layers": self.bytes_all_layers,
         "load_issue_s": round(self.load_issue_s, 6), "spill_read_s": round(self.spill_read_s, 6),
     }
+
+
+def _pad_pages(x: np.ndarray, n: int) -> np.ndarray:
+  """x [L, K, n_pages, S, H] with zero pages up to n (once, when a segment arrives)."""
+  x = np.asarray(x)
+  if x.shape[2] == n:
+    return x
+  return np.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2]), (0, 0), (0, 0)])
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:
@@ -327,7 +376,7 @@ def issue_loads(tier: HostTier, loads, io) -> None:
     if load.written:
       continue
     t0 = time.perf_counter()
-    if load.first_layer < load.source.k.values.shape[0]:
+    if load.first_layer < load.source.k.n_layers:
       io.write_page_layers(load.entry.pages, load.source.k.layers(load.first_layer),
                            load.source.v.layers(load.first_layer), load.first_layer)
     load.written = True

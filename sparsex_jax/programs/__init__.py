@@ -156,27 +156,24 @@ class KVPool:
 
   def write_page_layers(self, pages, k, v, first_layer: int) -> None:
     """Writes layers [first_layer, L) of whole pool pages from the host tier: k, v are its
-    StoredKV (values [L - first_layer, K, n, S, H], 8-bit ones with scales). Nothing here waits
-    for the device: the arrays are handed to jax.device_put (an asynchronous host-to-device copy)
-    and the write program is dispatched; programs dispatched after it (the prefill) run after it.
-    """
+    StoredKV (one array per layer, [K, n, S, H] with n >= len(pages): the tier pads each segment
+    once to its page bucket; 8-bit ones with scales). Nothing here waits for the device: one
+    batched jax.device_put starts the host-to-device copies (DMAs from pinned host memory on a
+    GPU) and the write program is dispatched; programs dispatched after it (the prefill) run
+    after it."""
     from sparsex_jax.programs.copy import write_page_layers
     if self.mesh is not None:
       raise NotImplementedError("the host tier does not run under a mesh yet")
     pages = np.asarray(pages, np.int32)
-    n = _pow2(pages.size)
+    n = int(k.values[0].shape[1])
+    if n < pages.size:
+      raise ValueError(f"host copy holds {n} pages, the lease has {pages.size}")
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
     padded[:pages.size] = pages
-
-    def put(x):
-      if x is None:
-        return None
-      if n != pages.size:
-        x = np.pad(x, [(0, 0), (0, 0), (0, n - pages.size), (0, 0), (0, 0)])
-      return jax.device_put(x)
-
-    self.run(write_page_layers, padded, put(k.values), put(v.values), put(k.scale),
-             put(v.scale), first_layer=int(first_layer))
+    leaves = [k.values, v.values, k.scale or (), v.scale or ()]
+    k_values, v_values, k_scale, v_scale = (tuple(x) for x in jax.device_put(leaves, self.arrays["k"].sharding))
+    self.run(write_page_layers, padded, k_values, v_values, k_scale or None, v_scale or None,
+             first_layer=int(first_layer))
 
   def is_valid(self) -> bool:
     """False when the pool was donated to a program that failed, or holds a failed result."""

@@ -44,15 +44,16 @@ def write_pages(pool, pages, k, v):
 def write_page_layers(pool, pages, k, v, k_scale, v_scale, *, first_layer):
   """Writes layers [first_layer, L) of whole pages [n] -> (pool, None) (the host tier's load).
 
-  k, v [L - first_layer, K, n, S, H]: the pool's dtype, or 8-bit with float32 scales
-  [L - first_layer, K, n, S, 1] (None for no scale), dequantised here on the device so that only
-  the 8-bit values cross to it. Layers [0, first_layer) of those pages are left as they are.
-  Pad `pages` with num_pages (out of range): those writes are dropped.
+  k, v: one array per layer [K, n, S, H] (a sequence of L - first_layer), in the pool's dtype or
+  8-bit with float32 scales [K, n, S, 1] (None for no scale), dequantised here on the device so
+  that only the 8-bit values cross to it. Layers [0, first_layer) of those pages are left as they
+  are. Pad `pages` with num_pages (out of range): those writes are dropped.
   """
-  def restore(x, scale, dtype):
-    if scale is None:
+  def restore(xs, scales, dtype):
+    x = jax.numpy.stack(xs)
+    if scales is None:
       return x.astype(dtype)
-    return (x.astype(jax.numpy.float32) * scale).astype(dtype)
+    return (x.astype(jax.numpy.float32) * jax.numpy.stack(scales)).astype(dtype)
 
   return {"k": pool["k"].at[first_layer:, :, pages].set(
               restore(k, k_scale, pool["k"].dtype), mode="drop"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax.kv.host_tier import StoredKV, dequantize, quantize
+from sparsex_jax.kv.host_tier import StoredKV, dequantize, quantize, stored_pages
 from sparsex_jax.reuse import METHODS
 from tests.engine.test_engine import CFG, _ids
 from tests.engine.test_engine import _engine as _test_engine
@@ -109,6 +109,49 @@ def test_host_budget_overflow_spills_to_disk_or_drops(tmp_path):
   assert disk.disk_cache.verify() == []
 
 
+def test_pinned_host_copies_of_padded_segments_give_identical_logits():
+  """The GPU layout, run on the CPU's own pinned_host memory: one jax array per layer in pinned
+  host memory, pages padded to the tier's bucket (a 9-page passage is kept as 10). The load
+  gives the logits of a pool that never evicted; the disk tier gets the unpadded pages back."""
+  long_passages = [_ids(4 * 9 - 1, 830), _ids(4 * 6, 831)]  # 9 and 6 pages of 4 tokens
+  request = sx.Request([sx.Segment(_ids(5, 930)), sx.Segment(long_passages[0]),
+                        sx.Segment(_ids(3, 931), cache=False), sx.Segment(long_passages[1])])
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1)
+  in_pool = _engine()
+  in_pool.cache_segments(long_passages)
+  want = in_pool.prefill_logits(request, reuse)
+
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.host_tier.memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                                           memory_kind="pinned_host")
+  eng.cache_segments(long_passages)
+  entries = {e.key: e for e in eng.store.segment_cache._entries.values()}
+  before = {key: eng.kv.read_pages(e.pages) for key, e in entries.items()}
+  eng.store.segment_cache.evict(10**6)
+  for key, (k, v) in before.items():
+    seg = eng.host_tier.get(key)
+    assert seg.k.values[0].sharding.memory_kind == "pinned_host"
+    assert seg.k.values[0].shape[1] == stored_pages(k.shape[2]) >= k.shape[2]
+    got_k, got_v = seg.restored(np.float32)
+    np.testing.assert_array_equal(got_k, k)
+    np.testing.assert_array_equal(got_v, v)
+  assert stored_pages(9) == 10
+  _poison_free_pages(eng, 3)
+  np.testing.assert_array_equal(eng.prefill_logits(request, reuse), want)
+  assert eng.stats()["host_tier"]["memory"] == "pinned_host"
+  eng.store.check_invariants()
+
+
+def test_stored_pages_bucket_wastes_at_most_a_quarter_and_is_bounded():
+  sizes = [stored_pages(n) for n in range(1, 4097)]
+  for n, m in enumerate(sizes, start=1):
+    assert n <= m <= 1.25 * n
+    assert stored_pages(m) == m  # a bucket is its own bucket
+  # at most 4 compiled shapes per octave beyond the first few
+  for k in range(3, 12):
+    assert len({stored_pages(n) for n in range(2**k + 1, 2**(k + 1) + 1)}) <= 4
+
+
 # ---- 8-bit storage -------------------------------------------------------------------------------
 
 def test_int8_round_trip_within_half_a_scale():
@@ -121,7 +164,8 @@ def test_int8_round_trip_within_half_a_scale():
   scale = np.max(np.abs(ref), axis=-1, keepdims=True) / 127
   err = np.abs(dequantize(stored, np.float64) - ref)
   assert np.all(err <= scale / 2 * (1 + 1e-5) + 1e-12)
-  assert stored.values.dtype == np.int8 and stored.scale.shape == x.shape[:-1] + (1,)
+  assert len(stored.values) == x.shape[0] and stored.values[0].dtype == np.int8
+  assert stored.scale[0].shape == x.shape[1:-1] + (1,)
   assert stored.nbytes < x.nbytes / 2
 
 
