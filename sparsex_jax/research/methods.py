@@ -12,6 +12,7 @@ see the same cache state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Sequence
 
@@ -21,8 +22,13 @@ from sparsex_jax.reuse import METHODS
 BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
 # Run over the r x T grid. A round's candidate rules join RULES and _RULE_CLASSES while they
 # are measured (round 10's split rules: tag research-round10, docs/quality.md).
-RULES = ("sparsex", "sparsex-paper", "sparsex-attention")
-_RULE_CLASSES = {family: METHODS[family] for family in RULES}
+# Round 12's candidates: the default with more tokens forced at the head of every reused segment
+# (a chat message's template header and first words; docs/quality_log.md, round 11 CPU probe).
+CANDIDATE_RULES = {f"sparsex-heads{n}": functools.partial(METHODS["sparsex"], segment_heads=n)
+                   for n in (4, 8)}
+RULES = ("sparsex", "sparsex-paper", "sparsex-attention") + tuple(CANDIDATE_RULES)
+_RULE_CLASSES = {**{family: METHODS[family] for family in RULES if family in METHODS},
+                 **CANDIDATE_RULES}
 FAMILIES = BASELINES + RULES
 # What `sparsex eval` runs without --methods: each other rule adds a grid, so it is asked for by
 # name.
