@@ -17,6 +17,7 @@ import types
 from typing import Sequence
 
 import sparsex_jax as sx
+from sparsex_jax.research.candidates import SparseXContextHeads
 from sparsex_jax.reuse import METHODS
 
 BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
@@ -24,8 +25,10 @@ BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
 # are measured (round 10's split rules: tag research-round10, docs/quality.md).
 # Round 12's candidates: the default with more tokens forced at the head of every reused segment
 # (a chat message's template header and first words; docs/quality_log.md, round 11 CPU probe).
-CANDIDATE_RULES = {f"sparsex-heads{n}": functools.partial(METHODS["sparsex"], segment_heads=n)
-                   for n in (4, 8)}
+# And the same where only segments computed in context get the 8 (research/candidates.py).
+CANDIDATE_RULES = {**{f"sparsex-heads{n}": functools.partial(METHODS["sparsex"], segment_heads=n)
+                      for n in (4, 8)},
+                   "sparsex-context-heads": SparseXContextHeads}
 RULES = ("sparsex", "sparsex-paper", "sparsex-attention") + tuple(CANDIDATE_RULES)
 _RULE_CLASSES = {**{family: METHODS[family] for family in RULES if family in METHODS},
                  **CANDIDATE_RULES}
