@@ -212,9 +212,9 @@ def main(argv=None) -> int:
       moved = row.get("host", {}).get("moved_fraction")
       print(f"{context}: {summary}; host moved {moved} of the K/V "
             f"(expected {row['expected_moved_fraction']:.3f})", file=sys.stderr)
-  path = os.path.join(args.out, "tiers.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
+      path = os.path.join(args.out, "tiers.json")
+      with open(path, "w") as f:  # after every context: a run cut short keeps what it measured
+        json.dump(result, f, indent=1)
   plot(result, os.path.join(args.out, "tiers.png"))
   print(path)
   return 0
