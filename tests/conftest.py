@@ -41,29 +41,32 @@ def pytest_unconfigure(config):
   if _OWN_CACHE is not None:  # only the process that made it (the workers inherited it)
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
+
 # Make `import models` / `import sparsex_jax` work without installing the package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 
-# The heaviest test files first (seconds each took in one CI run, 2026-12-06): pytest-xdist's
-# --dist loadfile hands whole files to the two workers in collection order, so a heavy file
-# collected last (alphabetically, tests/research/ comes last) kept one worker busy for a minute
-# and more while the other had nothing left.
+# The heaviest test files first (seconds each took in one run with -n 2, 2026-12-06, with the
+# compile cache above): pytest-xdist's --dist loadfile hands whole files to the two workers in
+# collection order, so a heavy file collected last (alphabetically, tests/research/ comes last)
+# kept one worker busy for a minute and more while the other had nothing left.
 HEAVY_FIRST = (
-    "tests/batch/test_replicas.py",  # 209 s
-    "tests/programs/test_sharding.py",  # 164
-    "tests/engine/test_reliability.py",  # 108
-    "tests/research/test_evaluation_quick.py",  # 93
-    "tests/entrypoints/test_serve.py",  # 84
-    "tests/engine/test_sparsex.py",  # 76
-    "tests/engine/test_real_model.py",  # 65
-    "tests/research/test_oracle.py",  # 65
-    "tests/engine/test_golden_logits.py",  # 62
-    "tests/research/test_residual_carry.py",  # 58
-    "tests/engine/test_batching.py",  # 49
-    "tests/research/test_evaluation.py",  # 43
+    "tests/batch/test_replicas.py",  # 194 s
+    "tests/programs/test_sharding.py",  # 150
+    "tests/entrypoints/test_serve.py",  # 110
+    "tests/engine/test_reliability.py",  # 105
+    "tests/engine/test_sparsex.py",  # 103
+    "tests/research/test_evaluation_quick.py",  # 88
+    "tests/engine/test_real_model.py",  # 79
+    "tests/research/test_evaluation.py",  # 67
+    "tests/engine/test_golden_logits.py",  # 65
+    "tests/research/test_oracle.py",  # 60 (before it probed fewer layers)
+    "tests/engine/test_engine.py",  # 49
+    "tests/research/test_residual_carry.py",  # 49
+    "tests/engine/test_batching.py",  # 47
+    "tests/entrypoints/test_jobs_real.py",  # 46
 )
 
 
