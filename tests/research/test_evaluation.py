@@ -511,11 +511,11 @@ def test_public_api_only():
 def test_one_greedy_token_is_the_token_generate_gives(real_tokenizer, texts_test):
   """A KL-only run (--max-new-tokens 1) takes its token from the prefill's logits instead of a
   second prefill: it must be the token `generate` gives, method by method (random weights at
-  SmolLM2's shapes, 5 layers: the sparse path runs from T = 2)."""
+  SmolLM2's shapes, 4 layers: the sparse path runs from T = 2, over two layers)."""
   from models import llama
   from models.config import get_config
   from sparsex_jax.research import runner
-  cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=5)
+  cfg = get_config("smollm2-135m", dtype="float32").replace(n_layers=4)
   engine = sx.Engine(cfg, llama.init_params(cfg, 3), real_tokenizer, num_pages=160)
   prompt = wl.chat_prompts(real_tokenizer, texts_test, "test", 1, wl.Sizes.quick())[0]
   methods = mth.method_grid(["naive", "epic", "sparsex", "sparsex-attention"], cfg.n_layers,
