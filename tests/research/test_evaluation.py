@@ -284,7 +284,7 @@ def test_method_grid_has_every_baseline_and_every_rules_grid():
   labels = [m.label for m in grid]
   # full, 5 baselines and each rule's 5 x 5 grid (each rule's default is one of its points, the
   # paper's at T = round(0.15 * 30) = 5 besides)
-  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + 3 * 25 + 1
+  assert labels[0] == "full" and len(labels) == len(set(labels)) == 6 + len(mth.RULES) * 25 + 1
   assert {"prefix", "naive", "cacheblend r=0.15", "epic r=0.15", "random r=0.15 T=4",
           "sparsex r=0.15 T=4", "sparsex r=0.30 T=8", "sparsex r=0.05 T=0",
           "sparsex-attention r=0.15 T=4", "sparsex-attention r=0.10 T=1",
