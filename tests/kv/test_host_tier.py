@@ -236,3 +236,22 @@ def test_cache_warm_fills_the_host_tier(tmp_path, monkeypatch, capsys):
   assert "host tier: 3 segments" in capsys.readouterr().err
   assert len(built[-1].host_tier) == 3 and built[-1].stats()["host_tier"]["dtype"] == "int8"
   built[-1].store.check_invariants()
+
+
+def test_host_memory_is_pinned_only_on_a_gpu_that_has_it():
+  from sparsex_jax.kv.host_tier import host_memory
+
+  class Memory:
+    def __init__(self, kind):
+      self.kind = kind
+
+  class Device:
+    def __init__(self, platform, kinds):
+      self.platform, self._kinds = platform, kinds
+
+    def addressable_memories(self):
+      return [Memory(k) for k in self._kinds]
+
+  assert host_memory(jax.devices()[0]) is None  # the CPU: no bus to cross, numpy it is
+  assert host_memory(Device("gpu", ["device", "unpinned_host"])) is None
+  assert host_memory(None) is None
