@@ -6,7 +6,8 @@ fold's choice; on F it is compared, paired, with the reference (today's default)
 baseline, using the bootstrap draws report.summarize keeps per (family, method) (every method of a
 family is resampled with the same prompt indices, so a difference of draws is a paired draw).
 Verdicts: "wins" when the 95% interval of (chosen - other) on F lies above 0, "ties" when it
-contains 0, "loses" when it lies below. A fold passes when its choice wins or ties against every
+contains 0, "loses" when it lies below, "identical" when the two give the same KL on every prompt
+of F (the candidate changes nothing there; still not a win over the reference). A fold passes when its choice wins or ties against every
 baseline and wins against the reference. The configuration to adopt is the one the same procedure
 picks on every family; it is adopted only if every fold passes (the procedure held up on each
 family it did not see).
@@ -84,13 +85,16 @@ def leave_one_family_out(summary: dict, candidates: list[str], reference: str,
         continue
       d = draws[f][chosen] - draws[f][other]
       ci = list(mt.percentile_ci(d))
-      vs[other] = {"diff": gap(f, chosen) - gap(f, other), "ci": ci, "verdict": _verdict(ci)}
+      # "identical": the same KL on every prompt of the family (a rule that by construction
+      # selects as the other does there), told apart from a tie within the noise.
+      verdict = "identical" if np.all(d == 0) else _verdict(ci)
+      vs[other] = {"diff": gap(f, chosen) - gap(f, other), "ci": ci, "verdict": verdict}
     words = {"loses": "loses to", "ties": "only ties", "same": "is the reference",
-             "n/a": "has no interval vs"}
+             "identical": "is identical to", "n/a": "has no interval vs"}
     fails = [words[v["verdict"]] + ("" if v["verdict"] == "same" else f" {other}")
              for other, v in vs.items()
              if v["verdict"] != "wins" and (other == reference
-                                            or v["verdict"] not in ("ties", "same"))]
+                                            or v["verdict"] not in ("ties", "same", "identical"))]
     folds.append({"family": f, "chosen": chosen, "score_others": scores[chosen],
                   "gap": _gap(summary, f, chosen), "reference": _gap(summary, f, reference),
                   "baselines": {b: _gap(summary, f, b) for b in baselines},

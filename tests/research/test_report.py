@@ -158,6 +158,16 @@ def test_leave_one_family_out_holds_the_choice_to_the_family_it_did_not_see(rend
   only_b = selection.leave_one_family_out(summary, [B], REFERENCE, lofo["baselines"])
   assert only_b["adopt"] == {"label": B, "yes": True, "reason": only_b["adopt"]["reason"]}
   assert all(f["passes"] for f in only_b["folds"])
+  # a candidate with the reference's KL on every prompt of a family is "identical" there, not a
+  # tie within the noise (and still not a win)
+  import copy
+  twin = copy.deepcopy(summary)
+  for w in FAMILIES:
+    twin["_draws"][w][B] = twin["_draws"][w][REFERENCE].copy()
+    twin["workloads"][w]["methods"][B] = twin["workloads"][w]["methods"][REFERENCE]
+  same = selection.leave_one_family_out(twin, [B], REFERENCE, [])
+  assert all(f["vs"][REFERENCE]["verdict"] == "identical" for f in same["folds"])
+  assert not same["adopt"]["yes"] and "is identical to" in same["adopt"]["reason"]
   # the reference as the only candidate is never adopted over itself
   assert not selection.leave_one_family_out(summary, [REFERENCE], REFERENCE, [])["adopt"]["yes"]
   assert selection.parse_labels(f" {A} ;{B};") == [A, B]
