@@ -235,7 +235,12 @@ class KVStore:
       self.host_tier.dropped.add(entry.key)
       return
     self.host_tier.spill_read_s += time.perf_counter() - t0
-    self.host_tier.put(entry.token_ids, entry.positions, k, v, entry.namespace)
+    try:  # staging into pinned host memory can fail (host memory exhausted): drop, counted
+      self.host_tier.put(entry.token_ids, entry.positions, k, v, entry.namespace)
+    except Exception as e:  # pylint: disable=broad-except
+      warnings.warn(f"segment {entry.key[:12]} evicted but not kept in the host tier: {e}",
+                    stacklevel=2)
+      self.host_tier.dropped.add(entry.key)
 
   def release(self, lease: Lease) -> None:
     """Drops a lease's page references and pins (idempotent)."""

@@ -255,3 +255,23 @@ def test_host_memory_is_pinned_only_on_a_gpu_that_has_it():
   assert host_memory(jax.devices()[0]) is None  # the CPU: no bus to cross, numpy it is
   assert host_memory(Device("gpu", ["device", "unpinned_host"])) is None
   assert host_memory(None) is None
+
+
+def test_a_failed_host_copy_drops_the_segment_counted_and_frees_its_pages(monkeypatch):
+  from sparsex_jax.kv import host_tier
+
+  def fail(self, memory):
+    raise MemoryError("pinned host memory exhausted")
+
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.host_tier.memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                                           memory_kind="pinned_host")
+  monkeypatch.setattr(host_tier.StoredKV, "staged", fail)
+  eng.cache_segments(PASSAGES)
+  with pytest.warns(UserWarning, match="not kept in the host tier"):
+    eng.store.segment_cache.evict(10**6)
+  assert len(eng.host_tier) == 0 and eng.stats()["host_tier"]["dropped"] == 3
+  assert eng.store.allocator.num_used == eng.store.prefix_cache.cached_pages().size
+  eng.store.check_invariants()
+  np.testing.assert_array_equal(eng.prefill_logits(_request(), _method("sparsex")),
+                                _engine().prefill_logits(_request(), _method("sparsex")))
