@@ -14,17 +14,17 @@ import tempfile
 
 import pytest
 
+from tests.research.scripts import CHEAP_XLA_FLAGS
+
 # The CLI keeps compiled programs on disk (sparsex_jax/entrypoints/compile_cache.py); tests, and the CLI
 # processes they start, leave the home directory alone (test_compile_cache.py names its own dir).
 os.environ.setdefault("SPARSEX_COMPILE_CACHE", "off")
 
-# Cheaper XLA compiles for every test process (the same flags the tests already give the CLI and
-# script processes they start): LLVM's backend optimisation off. The tiny and real models' programs
-# compile faster by more than their unoptimised loops cost (measured on the golden-logit, sparsex,
-# real-model and eval-quick files, 2 workers: 207 s -> 177 s), and every numeric test still holds
-# its tolerance. Set before any test imports jax; a caller's own XLA_FLAGS win.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# Cheaper XLA compiles for every test process, the same flags the tests give the CLI and script
+# processes they start (tests/research/scripts.py says what they do): the tiny and real models'
+# programs compile faster by more than their unoptimised code costs, and every numeric test still
+# holds its tolerance. Set before any test imports jax; a caller's own XLA_FLAGS win.
+os.environ.setdefault("XLA_FLAGS", CHEAP_XLA_FLAGS)
 
 # One jax compilation cache on disk for the run, in a fresh temporary directory: the many CLI and
 # script processes the tests start, and both xdist workers, compile the same programs of the tiny

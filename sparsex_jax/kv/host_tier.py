@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from sparsex_jax.kv import layout
 from sparsex_jax.kv.prefix_cache import as_token_array
 from sparsex_jax.kv.segment_cache import find_exact, segment_key
 
@@ -66,9 +67,7 @@ def host_memory(device):
 def stored_pages(n_pages: int) -> int:
   """Pages a segment of n_pages is padded to in the host tier: the copy program compiles once per
   padded size, and a bucket of a quarter octave wastes at most 25% (a power of two, up to 100%)."""
-  n = max(1, int(n_pages))
-  step = max(1, (1 << (n.bit_length() - 1)) // 4)
-  return -(-n // step) * step
+  return layout.page_bucket(n_pages, steps_per_octave=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ class HostTier:
       self._entries.move_to_end(key)
       return True
     n_pages = int(k.shape[2])
-    k, v = _pad_pages(k, stored_pages(n_pages)), _pad_pages(v, stored_pages(n_pages))
+    k, v = layout.pad_pages(k, stored_pages(n_pages)), layout.pad_pages(v, stored_pages(n_pages))
     k, v = quantize(k, self.host_dtype), quantize(v, self.host_dtype)
     if self.memory is not None:
       k, v = k.staged(self.memory), v.staged(self.memory)
@@ -353,14 +352,6 @@ class HostTier:
         "bytes_all_layers": self.bytes_all_layers,
         "load_issue_s": round(self.load_issue_s, 6), "spill_read_s": round(self.spill_read_s, 6),
     }
-
-
-def _pad_pages(x: np.ndarray, n: int) -> np.ndarray:
-  """x [L, K, n_pages, S, H] with zero pages up to n (once, when a segment arrives)."""
-  x = np.asarray(x)
-  if x.shape[2] == n:
-    return x
-  return np.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2]), (0, 0), (0, 0)])
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:

@@ -38,6 +38,23 @@ def page_and_offset(slots, page_size: int):
   return slots // page_size, slots % page_size
 
 
+def page_bucket(n_pages: int, steps_per_octave: int = 1) -> int:
+  """The page count a copy of n_pages is padded to, so that the copy programs compile once per
+  bucket: a power of two (steps_per_octave=1, up to 100% padding) or steps_per_octave sizes per
+  octave (4: at most 25% padding, for the host tier, whose copies are kept padded)."""
+  n = max(1, int(n_pages))
+  step = max(1, (1 << (n.bit_length() - 1)) // steps_per_octave)
+  return -(-n // step) * step
+
+
+def pad_pages(x, n: int) -> np.ndarray:
+  """K or V [L, K, n_pages, S, H] with zero pages up to n (a no-op when it has n)."""
+  x = np.asarray(x)
+  if x.shape[2] == n:
+    return x
+  return np.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2]), (0, 0), (0, 0)])
+
+
 @dataclasses.dataclass(frozen=True)
 class PoolLayout:
   """Pages, page size and per-page bytes of one engine's pool."""

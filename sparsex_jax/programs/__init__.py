@@ -23,13 +23,8 @@ import jax
 import numpy as np
 
 from models.config import ModelConfig
-from sparsex_jax.kv.layout import PoolLayout
+from sparsex_jax.kv.layout import PoolLayout, pad_pages, page_bucket
 from sparsex_jax.programs.options import COMPILER_OPTIONS
-
-
-def _pow2(n: int) -> int:
-  """Padded page counts: a bounded set of compiled shapes."""
-  return 1 << max(0, (n - 1).bit_length())
 
 
 class CompileLog:
@@ -135,7 +130,7 @@ class KVPool:
     """K, V [L, K, n, S, H] of whole pool pages, on the host (kv/persist.py's PageIO)."""
     from sparsex_jax.programs.copy import read_pages
     pages = np.asarray(pages, np.int32)
-    padded = np.zeros(_pow2(pages.size), np.int32)  # padding reads the null page, dropped below
+    padded = np.zeros(page_bucket(pages.size), np.int32)  # padding reads the null page, dropped below
     padded[:pages.size] = pages
     k, v = self.run(read_pages, padded)
     return np.asarray(k)[:, :, :pages.size], np.asarray(v)[:, :, :pages.size]
@@ -144,11 +139,10 @@ class KVPool:
     """Writes K, V [L, K, n, S, H] into whole pool pages (kv/persist.py's PageIO)."""
     from sparsex_jax.programs.copy import write_pages
     pages = np.asarray(pages, np.int32)
-    n = _pow2(pages.size)
+    n = page_bucket(pages.size)
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
     padded[:pages.size] = pages
-    pad = [(0, 0), (0, 0), (0, n - pages.size), (0, 0), (0, 0)]
-    k, v = np.pad(k, pad), np.pad(v, pad)
+    k, v = pad_pages(k, n), pad_pages(v, n)
     if self.mesh is not None:  # straight into the pool's layout: each device gets its heads
       from sparsex_jax import sharding
       k, v = (sharding.put(x, sharding.pool_sharding(self.mesh)) for x in (k, v))

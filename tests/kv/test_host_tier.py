@@ -11,6 +11,7 @@ import pytest
 
 import sparsex_jax as sx
 from sparsex_jax.kv.host_tier import StoredKV, dequantize, quantize, stored_pages
+from sparsex_jax.kv.layout import page_bucket
 from sparsex_jax.reuse import METHODS
 from tests.engine.test_engine import CFG, _ids
 from tests.engine.test_engine import _engine as _test_engine
@@ -142,7 +143,7 @@ def test_pinned_host_copies_of_padded_segments_give_identical_logits():
   eng.store.check_invariants()
 
 
-def test_stored_pages_bucket_wastes_at_most_a_quarter_and_is_bounded():
+def test_page_buckets_waste_at_most_a_quarter_on_the_host_tier_and_are_bounded():
   sizes = [stored_pages(n) for n in range(1, 4097)]
   for n, m in enumerate(sizes, start=1):
     assert n <= m <= 1.25 * n
@@ -150,6 +151,9 @@ def test_stored_pages_bucket_wastes_at_most_a_quarter_and_is_bounded():
   # at most 4 compiled shapes per octave beyond the first few
   for k in range(3, 12):
     assert len({stored_pages(n) for n in range(2**k + 1, 2**(k + 1) + 1)}) <= 4
+  # the pool's own copies (kv/persist.py) pad to the next power of two
+  want = [2 ** int(np.ceil(np.log2(n))) for n in range(1, 4097)]
+  assert [page_bucket(n) for n in range(1, 4097)] == want
 
 
 # ---- 8-bit storage -------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ import os
 import subprocess
 import sys
 
+from tests.research.scripts import CHEAP_XLA_FLAGS
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Fake devices, and a cheaper XLA CPU compile: the check compiles about 40 small programs.
-_XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-              "--xla_llvm_disable_expensive_passes=true")
+_XLA_FLAGS = "--xla_force_host_platform_device_count=4 " + CHEAP_XLA_FLAGS
 
 
 def _run(*args: str, timeout: int = 600, devices: int = 4) -> subprocess.CompletedProcess:
