@@ -7,7 +7,9 @@ in models.llama.apply_rope). A dst at or beyond P*S (the pool's sentinel) is a p
 nothing is written.
 
 Shapes: k_pool, v_pool [L, K, P, S, H] (the whole pool); src, dst, delta [B, T] int32;
-inv_freq [H/2] float32. Returns the updated (k_pool, v_pool).
+inv_freq [H/2] float32. Returns the updated (k_pool, v_pool). first_layer (static): only layers
+[first_layer, L) move; the others are left as they are (SparseX's full layers [0, T) recompute
+every reused token's K/V, so their cached values are never read).
 
 Why a kernel: XLA does this as a gather to [L, K, B, T, H], a transpose-rotate and a scatter,
 three passes with row gathers of H elements that reached about 360 GB/s on the H100 (5.7 ms for
@@ -35,27 +37,27 @@ def rotate_half(x, delta, inv_freq):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-@jax.jit
-def assemble_kv_reference(k_pool, v_pool, src, dst, delta, inv_freq):
+@functools.partial(jax.jit, static_argnames=("first_layer",))
+def assemble_kv_reference(k_pool, v_pool, src, dst, delta, inv_freq, first_layer=0):
   """Pure-jnp assembly (XLA gather, rotate, scatter). Same contract as assemble_kv."""
   page_size = k_pool.shape[3]
-  k = k_pool[:, :, src // page_size, src % page_size]  # [L, K, B, T, H]
-  v = v_pool[:, :, src // page_size, src % page_size]
+  k = k_pool[first_layer:, :, src // page_size, src % page_size]  # [L - first_layer, K, B, T, H]
+  v = v_pool[first_layer:, :, src // page_size, src % page_size]
   k = rotate_half(k, delta, jnp.asarray(inv_freq, jnp.float32))
   page, offset = dst // page_size, dst % page_size
   # dst = P*S has page P: out of range, dropped (a -1 would wrap).
-  return (k_pool.at[:, :, page, offset].set(k, mode="drop"),
-          v_pool.at[:, :, page, offset].set(v, mode="drop"))
+  return (k_pool.at[first_layer:, :, page, offset].set(k, mode="drop"),
+          v_pool.at[first_layer:, :, page, offset].set(v, mode="drop"))
 
 
 def _assemble_kernel(src_ref, dst_ref, delta_ref, inv_ref, k_in, v_in, k_out, v_out, *,
-                     n_slots, half):
-  """One (pool row = layer * K + kv head, block of BT tokens) program.
+                     n_slots, half, first_row):
+  """One (pool row = layer * K + kv head, block of BT tokens) program; rows from first_row.
 
   Refs: src, dst, delta [BT]; inv [H/2]; k_in, v_in (aliased to k_out, v_out) [L*K, P*S, H].
   """
   del k_in, v_in  # the same buffers as k_out, v_out (aliased): read and write through those
-  row = pl.program_id(0)
+  row = first_row + pl.program_id(0)
   dst = dst_ref[...]
   ok = dst < n_slots
   # A padding token copies slot 0 onto itself, bit for bit (no masked store: the interpreter
@@ -78,9 +80,10 @@ def _assemble_kernel(src_ref, dst_ref, delta_ref, inv_ref, k_in, v_in, k_out, v_
   v_out[row, dst, hi_idx] = v_hi
 
 
-@functools.partial(jax.jit, static_argnames=("block_t", "num_warps", "num_stages", "interpret"))
-def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, block_t=64, num_warps=8,
-                num_stages=1, interpret=False):
+@functools.partial(jax.jit, static_argnames=("first_layer", "block_t", "num_warps", "num_stages",
+                                             "interpret"))
+def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, first_layer=0, *, block_t=64,
+                num_warps=8, num_stages=1, interpret=False):
   """Pallas (Triton lowering) assembly, in place: same contract as assemble_kv_reference.
 
   block_t: tokens per program (a power of two >= 16); (64, 8 warps) and (32, 4 warps) ran at
@@ -103,8 +106,9 @@ def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, block_t=64, num_wa
   whole = pl.BlockSpec(k_rows.shape, lambda r, i: (0, 0, 0))
   tok = pl.BlockSpec((block_t,), lambda r, i: (i,))
   k_rows, v_rows = pl.pallas_call(
-      functools.partial(_assemble_kernel, n_slots=n_slots, half=head_dim // 2),
-      grid=(n_layers * n_kv, n_pad // block_t),
+      functools.partial(_assemble_kernel, n_slots=n_slots, half=head_dim // 2,
+                        first_row=first_layer * n_kv),
+      grid=((n_layers - first_layer) * n_kv, n_pad // block_t),
       in_specs=[tok, tok, tok, pl.BlockSpec((head_dim // 2,), lambda r, i: (0,)), whole, whole],
       out_specs=[whole, whole],
       out_shape=[jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),

@@ -106,15 +106,17 @@ def attention_with_importance(q, q_pos, q_is_sparse, k_pages, v_pages,
   return out, lse, imp
 
 
-def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto",
+def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, first_layer=0, *, backend="auto",
                 **kernel_kwargs):
-  """Reused K/V of every layer from slots src to dst [B, T], K re-rotated by delta, in one pass
-  -> (k_pool, v_pool). The kernel needs a power-of-two half head dim (else: the reference)."""
+  """Reused K/V of layers [first_layer, L) from slots src to dst [B, T], K re-rotated by delta,
+  in one pass -> (k_pool, v_pool). The kernel needs a power-of-two half head dim (else: the
+  reference)."""
   half = k_pool.shape[-1] // 2
   if half & (half - 1):
     backend = "reference"
   return _call(_assemble_kv_kernel, assemble_kv_reference, backend,
-               (k_pool, v_pool, src, dst, delta, inv_freq), {}, kernel_kwargs)
+               (k_pool, v_pool, src, dst, delta, inv_freq), dict(first_layer=first_layer),
+               kernel_kwargs)
 
 
 def write_kv(k_pool, v_pool, slots, k, v, *, layer, backend="auto", **kernel_kwargs):

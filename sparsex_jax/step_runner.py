@@ -16,11 +16,11 @@ import numpy as np
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import RequestOutput, RequestStats
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
-from sparsex_jax.kv.host_tier import issue_loads
+from sparsex_jax.kv.host_tier import finish_loads, start_loads
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
 from sparsex_jax.programs.copy import copy_slots
-from sparsex_jax.programs.prefill import prefill
+from sparsex_jax.programs.prefill import prefill, prefill_full_layers, prefill_rest
 from sparsex_jax.scheduler import ScheduledRequest, Step, StepResult
 
 if TYPE_CHECKING:
@@ -161,18 +161,28 @@ class StepRunner:
 def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
                        ) -> tuple[list["RequestPlan"], "PrefillOutput", "PrefillBatch"]:
   """Plans a group, runs the prefill program and commits the caches (the pool donated to both
-  programs through engine.kv). Copies from the host tier that the leases planned are issued
-  first, before the planning, so that their host-to-device transfers run while the host plans;
-  nothing here waits for them (the prefill is ordered after them on the device through the pool).
-  """
-  if engine.store.host_tier is not None:
-    issue_loads(engine.store.host_tier, [load for lease in leases for load in lease.loads],
-                engine.kv)
+  programs through engine.kv). Nothing here waits for the device.
+
+  Copies from the host tier that the leases planned (layers [T, L) of their segments) start
+  first, so that they run while the host plans and while the full layers [0, T) run: the prefill
+  is then dispatched in two halves with the copies' pool writes between them, since the full
+  layers read nothing cached above T (programs/prefill.py)."""
+  loads = [load for lease in leases for load in lease.loads if not load.written]
+  tier = engine.store.host_tier
+  if loads:
+    start_loads(loads, engine.kv)
   plans = [planner.plan_request(p, lease, policy, engine.layout)
            for p, lease in zip(prompts, leases)]
   batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,
                                    engine.attention_backend)
-  out = engine.kv.run(prefill, engine.params, batch, cfg=engine.config, spec=spec)
+  if loads and 0 < spec.layer_threshold < engine.config.n_layers:
+    full = engine.kv.run(prefill_full_layers, engine.params, batch, cfg=engine.config, spec=spec)
+    finish_loads(tier, loads, engine.kv)
+    out = engine.kv.run(prefill_rest, engine.params, batch, full, cfg=engine.config, spec=spec)
+  else:
+    if loads:
+      finish_loads(tier, loads, engine.kv)
+    out = engine.kv.run(prefill, engine.params, batch, cfg=engine.config, spec=spec)
   with engine.store.commit(prompts, plans, policy) as copies:
     if copies:
       src, dst = planner.pad_copies(copies.src_slots, copies.dst_slots, engine.layout)

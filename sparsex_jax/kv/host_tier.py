@@ -173,6 +173,8 @@ class HostLoad:
   source: HostSegment  # pinned until the lease is released
   first_layer: int
   written: bool = False  # the device copy was issued on a pool that is still valid
+  staged: object = None  # the device arrays whose copy start_loads started (until written)
+  issue_s: float = 0.0  # host time spent issuing it
 
   @property
   def nbytes(self) -> int:
@@ -360,15 +362,35 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
   return arr
 
 
-def issue_loads(tier: HostTier, loads, io) -> None:
-  """Issues each load's copy into its pool pages through `io.write_page_layers` (the engine's
-  KVPool: asynchronous, nothing waits for the device here) and marks it written."""
+def start_loads(loads, io) -> None:
+  """Starts each pending load's host-to-device copy (`io.stage_page_layers`: asynchronous,
+  nothing waits for the device here). The step runner starts them before it dispatches the
+  prefill's full layers, which never read layers [T, L) of a reused segment."""
+  for load in loads:
+    if load.written or load.staged is not None or load.first_layer >= load.source.k.n_layers:
+      continue
+    t0 = time.perf_counter()
+    load.staged = io.stage_page_layers(load.source.k.layers(load.first_layer),
+                                       load.source.v.layers(load.first_layer))
+    load.issue_s += time.perf_counter() - t0
+
+
+def finish_loads(tier: HostTier, loads, io) -> None:
+  """Dispatches each pending load's write into its pool pages (`io.write_page_layers`; starting
+  its copy first if start_loads did not) and marks it written."""
+  start_loads(loads, io)
   for load in loads:
     if load.written:
       continue
     t0 = time.perf_counter()
-    if load.first_layer < load.source.k.n_layers:
-      io.write_page_layers(load.entry.pages, load.source.k.layers(load.first_layer),
-                           load.source.v.layers(load.first_layer), load.first_layer)
-    load.written = True
-    tier.note_load(load, time.perf_counter() - t0)
+    if load.staged is not None:
+      io.write_page_layers(load.entry.pages, load.staged, load.first_layer)
+    load.staged, load.written = None, True
+    load.issue_s += time.perf_counter() - t0
+    tier.note_load(load, load.issue_s)
+
+
+def issue_loads(tier: HostTier, loads, io) -> None:
+  """start_loads and finish_loads back to back (a prefill that reads the loaded layers first)."""
+  start_loads(loads, io)
+  finish_loads(tier, loads, io)

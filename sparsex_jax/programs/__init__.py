@@ -44,6 +44,10 @@ class CompileLog:
   def __len__(self) -> int:
     return len(self._seen)
 
+  def programs(self) -> set[str]:
+    """The names of the programs run."""
+    return {key[0] for key in self._seen}
+
 
 # (program, static arguments, mesh) -> the program jitted with the pool's and outputs' layouts
 # (module-wide like jit's own cache: engines on the same mesh share compilations).
@@ -130,7 +134,8 @@ class KVPool:
     """K, V [L, K, n, S, H] of whole pool pages, on the host (kv/persist.py's PageIO)."""
     from sparsex_jax.programs.copy import read_pages
     pages = np.asarray(pages, np.int32)
-    padded = np.zeros(page_bucket(pages.size), np.int32)  # padding reads the null page, dropped below
+    # padding reads the null page, dropped below
+    padded = np.zeros(page_bucket(pages.size), np.int32)
     padded[:pages.size] = pages
     k, v = self.run(read_pages, padded)
     return np.asarray(k)[:, :, :pages.size], np.asarray(v)[:, :, :pages.size]
@@ -148,24 +153,30 @@ class KVPool:
       k, v = (sharding.put(x, sharding.pool_sharding(self.mesh)) for x in (k, v))
     self.run(write_pages, padded, k, v)
 
-  def write_page_layers(self, pages, k, v, first_layer: int) -> None:
-    """Writes layers [first_layer, L) of whole pool pages from the host tier: k, v are its
-    StoredKV (one array per layer, [K, n, S, H] with n >= len(pages): the tier pads each segment
-    once to its page bucket; 8-bit ones with scales). Nothing here waits for the device: one
-    batched jax.device_put starts the host-to-device copies (DMAs from pinned host memory on a
-    GPU) and the write program is dispatched; programs dispatched after it (the prefill) run
-    after it."""
-    from sparsex_jax.programs.copy import write_page_layers
+  def stage_page_layers(self, k, v) -> tuple:
+    """Starts the host-to-device copies of a host-tier segment's layers (its StoredKV k, v: one
+    array per layer, [K, n, S, H], 8-bit ones with scales) with one batched jax.device_put (DMAs
+    from pinned host memory on a GPU) -> the device arrays, for write_page_layers. Nothing here
+    waits: programs dispatched before write_page_layers (the prefill's full layers) run while
+    the copies do."""
     if self.mesh is not None:
       raise NotImplementedError("the host tier does not run under a mesh yet")
+    leaves = [k.values, v.values, k.scale or (), v.scale or ()]
+    return tuple(tuple(x) for x in jax.device_put(leaves, self.arrays["k"].sharding))
+
+  def write_page_layers(self, pages, staged, first_layer: int) -> None:
+    """Dispatches the program that writes staged layers [first_layer, L) (stage_page_layers)
+    into whole pool pages; the host tier pads each segment once to its page bucket, so the
+    staged arrays may hold more pages than `pages` (the rest are dropped). Programs dispatched
+    after it run after it."""
+    from sparsex_jax.programs.copy import write_page_layers
+    k_values, v_values, k_scale, v_scale = staged
     pages = np.asarray(pages, np.int32)
-    n = int(k.values[0].shape[1])
+    n = int(k_values[0].shape[1])
     if n < pages.size:
       raise ValueError(f"host copy holds {n} pages, the lease has {pages.size}")
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
     padded[:pages.size] = pages
-    leaves = [k.values, v.values, k.scale or (), v.scale or ()]
-    k_values, v_values, k_scale, v_scale = (tuple(x) for x in jax.device_put(leaves, self.arrays["k"].sharding))
     self.run(write_page_layers, padded, k_values, v_values, k_scale or None, v_scale or None,
              first_layer=int(first_layer))
 

@@ -85,12 +85,13 @@ def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale, layer
                     backend=backend, **kernel_kwargs)
 
 
-def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, *, backend="auto", **kernel_kwargs):
-  """Reused K/V of every layer moved from slots src to dst, K re-rotated by delta
+def assemble_kv(k_pool, v_pool, src, dst, delta, inv_freq, first_layer=0, *, backend="auto",
+                **kernel_kwargs):
+  """Reused K/V of layers [first_layer, L) moved from slots src to dst, K re-rotated by delta
   -> (k_pool, v_pool); each shard assembles its own KV heads (axis 1 of the whole pools)."""
   return _per_shard(ops.assemble_kv, (k_pool, v_pool, src, dst, delta, inv_freq),
                     (1, 1, None, None, None, None), ((5, 1), (5, 1)), backend=backend,
-                    **kernel_kwargs)
+                    first_layer=first_layer, **kernel_kwargs)
 
 
 def write_kv(k_pool, v_pool, slots, k, v, *, layer, backend="auto", **kernel_kwargs):

@@ -3,9 +3,12 @@
 A prefill batch holds, per request, its non-exact tokens (reused and new, in position order; exact
 prefix tokens are only referenced through the page table). In one program, stage by stage:
 
-  1. assemble   gather each reused token's cached K/V (all layers) into the request's own slots,
-                re-rotating K by delta = new_pos - old_pos.
-  2. full       layers [0, T): every non-exact token, as in a normal prefill; fresh K/V overwrite.
+  1. full       layers [0, T): every non-exact token, as in a normal prefill; fresh K/V written.
+  2. assemble   gather each reused token's cached K/V of layers [T, L) into the request's own
+                slots, re-rotating K by delta = new_pos - old_pos. Not before the full layers:
+                they recompute layers [0, T) of every reused token, and read nothing cached of
+                the layers above, so the segments' pages of layers [T, L) may still be arriving
+                from the host tier while they run (docs/TIERS.md).
   3. score      the method's device scorer ranks the reused tokens (spec.scorer; the pieces it
                 reads are in scoring.py; host-only rankings arrive as batch.given_score).
   4. select     the top n_select reused tokens per request (forced ones first); active = the
@@ -14,7 +17,9 @@ prefix tokens are only referenced through the page table). In one program, stage
                 overwrite their slots; queries attend over the whole request KV.
   6. logits     of the last prompt token.
 
-The pool is donated: its pages are updated in place.
+`prefill` is the whole program; `prefill_full_layers` (stage 1) and `prefill_rest` (2-6) are its
+two halves, for a batch whose reused pages of layers [T, L) are written between them (host-tier
+loads). The pool is donated: its pages are updated in place.
 """
 
 from __future__ import annotations
@@ -90,11 +95,11 @@ jax.tree_util.register_dataclass(PrefillOutput, data_fields=["logits", "scores",
                                  meta_fields=[])
 
 
-def assemble(pool, src_slots, dst_slots, delta, inv_freq, backend="auto"):
-  """Copies K/V of every layer from src_slots to dst_slots [B, T], rotating K by delta [B, T]
-  (sentinel dst: nothing written). One pass over the reused K/V with the kernel (GPU)."""
+def assemble(pool, src_slots, dst_slots, delta, inv_freq, first_layer=0, backend="auto"):
+  """Copies K/V of layers [first_layer, L) from src_slots to dst_slots [B, T], rotating K by
+  delta [B, T] (sentinel dst: nothing written). One pass over the reused K/V with the kernel."""
   k, v = ops.assemble_kv(pool["k"], pool["v"], src_slots, dst_slots, delta, inv_freq,
-                         backend=backend)
+                         first_layer, backend=backend)
   return {"k": k, "v": v}
 
 
@@ -161,27 +166,27 @@ def _dense_attention(cfg: ModelConfig, batch: PrefillBatch, spec: PrefillSpec, p
 
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("pool",),
-                   compiler_options=COMPILER_OPTIONS)
-def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: PrefillSpec):
-  """One prefill program -> (pool, PrefillOutput)."""
-  if spec.assemble:  # 1.
-    dst = jnp.where(batch.reused, batch.slots, pool_sentinel(pool))
-    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg),
-                    spec.backend)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "x_prev"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class FullLayersOutput:
+  x: jax.Array  # [B, T, D] the input of layer T
+  x_prev: jax.Array | None  # [B, T, D] the input of layer T - 1, for scorers that probe it
 
+
+def _full_layers(pool, params, batch: PrefillBatch, cfg: ModelConfig, spec: PrefillSpec):
+  """Stage 1 -> (pool, FullLayersOutput)."""
   t_full, n_layers = spec.layer_threshold, cfg.n_layers
   layers = params["layers"]
   positions, slots = batch.positions, batch.slots
-  b, t = positions.shape
   x = llama.embed(params, batch.tokens)
 
-  # 2. The full layers: every non-exact token is a query. Layer T - 1 runs on its own where the
-  # scorer reads its attention, so that its input stays (inside one scan with the scoring, XLA
-  # added 69 device copies per prefill, 8 ms at 8K on the H100: docs/quality.md, round 8).
-  paged = _paged_attention(cfg, batch, spec.backend)
+  # Every non-exact token is a query. Layer T - 1 runs on its own where the scorer reads its
+  # attention, so that its input stays (inside one scan with the scoring, XLA added 69 device
+  # copies per prefill, 8 ms at 8K on the H100: docs/quality.md, round 8).
   dense = spec.full_attention == "dense"
-  full_attend = _dense_attention(cfg, batch, spec, pool["k"].shape[3]) if dense else paged
+  full_attend = (_dense_attention(cfg, batch, spec, pool["k"].shape[3]) if dense
+                 else _paged_attention(cfg, batch, spec.backend))
 
   def full_layers(first, stop, x, pool):
     x, pool, _ = scan_layers(layers, cfg, first, x, positions, slots, pool, full_attend,
@@ -195,16 +200,33 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
     x, pool = full_layers(t_full - 1, t_full, x, pool)
   else:
     x, pool = full_layers(0, t_full, x, pool)
+  return pool, FullLayersOutput(x, x_prev)
+
+
+def _rest(pool, params, batch: PrefillBatch, full: FullLayersOutput, cfg: ModelConfig,
+          spec: PrefillSpec):
+  """Stages 2-6 -> (pool, PrefillOutput)."""
+  t_full, n_layers = spec.layer_threshold, cfg.n_layers
+  layers = params["layers"]
+  positions, slots = batch.positions, batch.slots
+  b, t = positions.shape
+  x = full.x
   scores = jnp.zeros((b, t), jnp.float32)
   selected = jnp.zeros((b, t), bool)
   if t_full == n_layers:
     x_last = take(x, batch.last_index[:, None])[:, 0]
     return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected)
 
+  # 2. assemble
+  if spec.assemble:
+    dst = jnp.where(batch.reused, batch.slots, pool_sentinel(pool))
+    pool = assemble(pool, batch.src_slots, dst, batch.delta, llama.rope_inv_freq(cfg),
+                    t_full, spec.backend)
+
   # 3. score
   if spec.scorer is not None:
     inputs = ScoringInputs(cfg=cfg, layers=layers, batch=batch, layer_threshold=t_full,
-                           x_prev=x_prev, x=x, n_probe=spec.n_probe, backend=spec.backend)
+                           x_prev=full.x_prev, x=x, n_probe=spec.n_probe, backend=spec.backend)
     scores, pool = spec.scorer(inputs, pool)
   else:
     scores = batch.given_score
@@ -214,6 +236,7 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   selected = select_top_k(jnp.where(batch.forced, jnp.inf, scores), candidates, batch.n_select)
 
   # 5. the sparse layers, on the active tokens only
+  paged = _paged_attention(cfg, batch, spec.backend)
   idx, valid = compact(batch.sparse_q | selected, spec.n_active)
   x, pool, _ = scan_layers(layers, cfg, t_full, take(x, idx),
                            jnp.where(valid, take(positions, idx), -1),
@@ -223,3 +246,28 @@ def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: Prefil
   last = jnp.sum(valid, axis=1) - 1
   x_last = take(x, last[:, None])[:, 0]
   return pool, PrefillOutput(llama.logits(params, cfg, x_last), scores, selected)
+
+
+_JIT = dict(static_argnames=("cfg", "spec"), donate_argnames=("pool",),
+            compiler_options=COMPILER_OPTIONS)
+
+
+@functools.partial(jax.jit, **_JIT)
+def prefill(pool, params, batch: PrefillBatch, *, cfg: ModelConfig, spec: PrefillSpec):
+  """One prefill program -> (pool, PrefillOutput)."""
+  pool, full = _full_layers(pool, params, batch, cfg, spec)
+  return _rest(pool, params, batch, full, cfg, spec)
+
+
+@functools.partial(jax.jit, **_JIT)
+def prefill_full_layers(pool, params, batch: PrefillBatch, *, cfg: ModelConfig,
+                        spec: PrefillSpec):
+  """The first half of `prefill` (stage 1) -> (pool, FullLayersOutput)."""
+  return _full_layers(pool, params, batch, cfg, spec)
+
+
+@functools.partial(jax.jit, **_JIT)
+def prefill_rest(pool, params, batch: PrefillBatch, full: FullLayersOutput, *,
+                 cfg: ModelConfig, spec: PrefillSpec):
+  """The second half of `prefill` (stages 2-6) -> (pool, PrefillOutput)."""
+  return _rest(pool, params, batch, full, cfg, spec)

@@ -41,6 +41,10 @@ def _method(mode):
   return sx.ReuseConfig(mode)
 
 
+def _programs(eng) -> set[str]:
+  return eng.kv.log.programs()
+
+
 def _poison_free_pages(eng, seed):
   """Large random K/V in every free page: whatever a load does not write stays garbage."""
   free = np.asarray(eng.store.allocator._free, np.int64)
@@ -67,6 +71,12 @@ def test_evicted_to_host_and_back_gives_identical_logits(mode):
   got = eng.prefill_logits(_request(), reuse)
   np.testing.assert_array_equal(got, want)
   eng.store.check_invariants()
+  # A load of layers [T, L) with 0 < T < L is written between the prefill's two halves, so that
+  # the copy runs behind the full layers; the pool-only engine ran the prefill whole.
+  halves = {"prefill_full_layers", "prefill_rest"}
+  policy = reuse.resolve(CFG)
+  split = policy.reads_segment_cache and 0 < policy.layer_threshold < CFG.n_layers
+  assert (halves <= _programs(eng)) == split and not halves & _programs(in_pool)
   assert eng.store.allocator.num_used == eng.store.segment_cache.num_pages + \
       eng.store.prefix_cache.cached_pages().size  # no page or pin left behind
   stats = eng.stats()["host_tier"]

@@ -38,10 +38,14 @@ class NumpyPool:
   def write_pages(self, pages, k, v):
     self.k[:, :, pages], self.v[:, :, pages] = k, v
 
-  def write_page_layers(self, pages, k, v, first_layer):
+  def stage_page_layers(self, k, v):
+    return k, v
+
+  def write_page_layers(self, pages, staged, first_layer):
     from sparsex_jax.kv.host_tier import dequantize
-    self.k[first_layer:, :, pages] = dequantize(k)
-    self.v[first_layer:, :, pages] = dequantize(v)
+    k, v = staged
+    self.k[first_layer:, :, pages] = dequantize(k)[:, :, :len(pages)]
+    self.v[first_layer:, :, pages] = dequantize(v)[:, :, :len(pages)]
 
 
 def _fingerprint():
