@@ -9,7 +9,10 @@ each context and method:
   full         ReuseConfig("full"): every token computed, no cache read.
   pool         the passages in the pool (the segment cache).
   host         the passages in the host tier before every request (evicted there first, untimed);
-               the request copies layers [T, L) of them into pool pages before its prefill.
+               the request copies layers [T, L) of them into pool pages while the prefill's
+               full layers run (the prefill in two halves, the copies' writes between them).
+  host-serial  the same with every copy written before the prefill's first half (round 12's
+               order): what the overlap with the full layers saves.
   host-int8    the same with --host-cache-dtype int8 (8-bit values + per-row scales move).
   disk         the passages only in the cache dir (evicted from the pool and no host tier): the
                request reads, verifies and writes them whole before its prefill.
@@ -25,6 +28,7 @@ the commit, the logits on the host), median of --runs after a warm-up request (c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,7 +44,7 @@ import sparsex_jax as sx
 from models import llama
 from models.config import get_config
 
-SCENARIOS = ("full", "pool", "host", "host-int8", "disk")
+SCENARIOS = ("full", "pool", "host", "host-serial", "host-int8", "disk")
 
 
 def _ids(n, rng, vocab):
@@ -93,6 +97,20 @@ def _time(engine, cfg, passages, reuse, runs, before=None):
   return out
 
 
+@contextlib.contextmanager
+def _serial_loads(engine):
+  """The host-serial scenario: each load is started and written at once, before the planning and
+  the prefill's first half, so nothing overlaps the copies (an ablation in this script only)."""
+  from sparsex_jax import step_runner
+  from sparsex_jax.kv.host_tier import finish_loads
+  start = step_runner.start_loads
+  step_runner.start_loads = lambda loads, io: finish_loads(engine.store.host_tier, loads, io)
+  try:
+    yield
+  finally:
+    step_runner.start_loads = start
+
+
 def bench_context(cfg, params, context, args, reuse, cache_root):
   passages = _passages(cfg, context, args.segment_tokens)
   policy = reuse.resolve(cfg)
@@ -107,14 +125,16 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
   del eng
   gc.collect()
 
-  for name, dtype in (("host", "native"), ("host-int8", "int8")):
+  for name, dtype in (("host", "native"), ("host-serial", "native"), ("host-int8", "int8")):
     if name not in args.scenarios:
       continue
     eng = mk(host_cache_bytes=args.host_bytes, host_cache_dtype=dtype)
     eng.cache_segments(passages, batch_size=args.batch_size)
     evict = lambda e=eng: e.store.segment_cache.evict(1 << 40)  # noqa: E731
-    row[name] = _time(eng, cfg, passages, reuse, args.runs, before=evict)
+    with _serial_loads(eng) if name == "host-serial" else contextlib.nullcontext():
+      row[name] = _time(eng, cfg, passages, reuse, args.runs, before=evict)
     row[name]["tier_stats"] = eng.stats()["host_tier"]
+    row[name]["programs"] = sorted(eng.kv.log.programs())
     del eng, evict  # the closure held the engine (and its pool) alive: 32K ran out of memory
     gc.collect()
 
@@ -129,10 +149,10 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
 
   ratio = (cfg.n_layers - policy.layer_threshold) / cfg.n_layers
   row["expected_moved_fraction"] = ratio
-  for name in ("host", "host-int8"):
+  for name in ("host", "host-serial", "host-int8"):
     if name in row and row[name].get("bytes_all_layers"):
       row[name]["moved_fraction"] = row[name]["bytes_moved"] / row[name]["bytes_all_layers"]
-  for name in ("host", "host-int8", "disk"):
+  for name in ("host", "host-serial", "host-int8", "disk"):
     if name in row:
       row[name]["vs_pool"] = row[name]["ttft_ms"] / row["pool"]["ttft_ms"]
   return row

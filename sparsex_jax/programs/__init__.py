@@ -70,13 +70,18 @@ class KVPool:
     self.times_lost = 0
 
   def _zeros(self):
+    """A zero pool, committed to its device (or mesh): jit keys its compiled programs on whether
+    each argument is committed, and a program given a committed argument (a host-tier copy)
+    returns a committed pool, so an uncommitted first pool had every program compiled twice."""
     import jax.numpy as jnp
     shape, dtype = self.layout.pool_shape(self.cfg), self.cfg.jnp_dtype
     if self.mesh is None:
-      return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    from sparsex_jax import sharding  # created in its shards: no device holds the whole pool
+      where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+      from sparsex_jax import sharding  # created in its shards: no device holds the whole pool
+      where = sharding.pool_sharding(self.mesh)
     zeros = jax.jit(lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
-                    out_shardings=sharding.pool_sharding(self.mesh))
+                    out_shardings=where)
     return zeros()
 
   def _jitted(self, program, args, static):
