@@ -388,9 +388,3 @@ def finish_loads(tier: HostTier, loads, io) -> None:
     load.staged, load.written = None, True
     load.issue_s += time.perf_counter() - t0
     tier.note_load(load, load.issue_s)
-
-
-def issue_loads(tier: HostTier, loads, io) -> None:
-  """start_loads and finish_loads back to back (a prefill that reads the loaded layers first)."""
-  start_loads(loads, io)
-  finish_loads(tier, loads, io)

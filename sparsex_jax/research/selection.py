@@ -7,10 +7,10 @@ baseline, using the bootstrap draws report.summarize keeps per (family, method) 
 family is resampled with the same prompt indices, so a difference of draws is a paired draw).
 Verdicts: "wins" when the 95% interval of (chosen - other) on F lies above 0, "ties" when it
 contains 0, "loses" when it lies below, "identical" when the two give the same KL on every prompt
-of F (the candidate changes nothing there; still not a win over the reference). A fold passes when its choice wins or ties against every
-baseline and wins against the reference. The configuration to adopt is the one the same procedure
-picks on every family; it is adopted only if every fold passes (the procedure held up on each
-family it did not see).
+of F (the candidate changes nothing there; still not a win over the reference). A fold passes
+when its choice wins or ties against every baseline and wins against the reference. The
+configuration to adopt is the one the same procedure picks on every family; it is adopted only if
+every fold passes (the procedure held up on each family it did not see).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 
 from models.config import get_config
 from sparsex_jax.kv import KVStore, PoolExhausted, PoolLayout, persist
-from sparsex_jax.kv.host_tier import HostTier, issue_loads
+from sparsex_jax.kv.host_tier import HostTier, finish_loads
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.reuse import ReuseConfig
@@ -114,7 +114,7 @@ def test_tiers_lose_nothing_and_leak_nothing(jobs, num_pages, host_pages, with_d
           store.check_invariants()
           continue
         with leases:
-          issue_loads(tier, leases[0].loads, io)
+          finish_loads(tier, leases[0].loads, io)
           from_host = {id(load.entry): load.first_layer for load in leases[0].loads}
           for span, entry in leases[0].hits.items():
             first = from_host.get(id(entry), 0)
