@@ -104,7 +104,7 @@ def _serial_loads(engine):
   from sparsex_jax import step_runner
   from sparsex_jax.kv.host_tier import finish_loads
   start = step_runner.start_loads
-  step_runner.start_loads = lambda loads, io: finish_loads(engine.store.host_tier, loads, io)
+  step_runner.start_loads = finish_loads
   try:
     yield
   finally:

@@ -170,7 +170,7 @@ def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, po
   loads = [load for lease in leases for load in lease.loads if not load.written]
   tier = engine.store.host_tier
   if loads:
-    start_loads(loads, engine.kv)
+    start_loads(tier, loads, engine.kv)
   plans = [planner.plan_request(p, lease, policy, engine.layout)
            for p, lease in zip(prompts, leases)]
   batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,

@@ -34,6 +34,7 @@ the copy to the device carries the 8-bit values and the scales and dequantises o
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Callable
@@ -210,6 +211,7 @@ class HostTier:
     self.spilled = 0  # segments sent down to the disk tier
     self.dropped: set[str] = set()  # keys dropped for want of room and of a disk tier
     self.loads = 0  # host -> pool copies issued
+    self.failed_loads = 0  # copies whose transfer or pool write failed (their request failed)
     self.bytes_moved = 0  # bytes of those copies (only layers [T, L))
     self.bytes_all_layers = 0  # what the same copies would have moved with every layer
     self.load_issue_s = 0.0  # host time to issue the copies (they complete on the device)
@@ -350,7 +352,8 @@ class HostTier:
         "pinned_entries": sum(1 for s in self._entries.values() if s.pin_count),
         "bytes_used": self.bytes_used, "hits": self.hits, "misses": self.misses,
         "received": self.received, "bytes_in": self.bytes_in, "spilled_to_disk": self.spilled,
-        "dropped": len(self.dropped), "loads": self.loads, "bytes_moved": self.bytes_moved,
+        "dropped": len(self.dropped), "loads": self.loads,
+        "failed_loads": self.failed_loads, "bytes_moved": self.bytes_moved,
         "bytes_all_layers": self.bytes_all_layers,
         "load_issue_s": round(self.load_issue_s, 6), "spill_read_s": round(self.spill_read_s, 6),
     }
@@ -362,29 +365,46 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
   return arr
 
 
-def start_loads(loads, io) -> None:
+def start_loads(tier: HostTier, loads, io) -> None:
   """Starts each pending load's host-to-device copy (`io.stage_page_layers`: asynchronous,
   nothing waits for the device here). The step runner starts them before it dispatches the
   prefill's full layers, which never read layers [T, L) of a reused segment."""
-  for load in loads:
-    if load.written or load.staged is not None or load.first_layer >= load.source.k.n_layers:
-      continue
-    t0 = time.perf_counter()
-    load.staged = io.stage_page_layers(load.source.k.layers(load.first_layer),
-                                       load.source.v.layers(load.first_layer))
-    load.issue_s += time.perf_counter() - t0
+  with _failing_loads(tier, loads):
+    for load in loads:
+      if load.written or load.staged is not None or load.first_layer >= load.source.k.n_layers:
+        continue
+      t0 = time.perf_counter()
+      load.staged = io.stage_page_layers(load.source.k.layers(load.first_layer),
+                                         load.source.v.layers(load.first_layer))
+      load.issue_s += time.perf_counter() - t0
 
 
 def finish_loads(tier: HostTier, loads, io) -> None:
   """Dispatches each pending load's write into its pool pages (`io.write_page_layers`; starting
   its copy first if start_loads did not) and marks it written."""
-  start_loads(loads, io)
-  for load in loads:
-    if load.written:
-      continue
-    t0 = time.perf_counter()
-    if load.staged is not None:
-      io.write_page_layers(load.entry.pages, load.staged, load.first_layer)
-    load.staged, load.written = None, True
-    load.issue_s += time.perf_counter() - t0
-    tier.note_load(load, load.issue_s)
+  start_loads(tier, loads, io)
+  with _failing_loads(tier, loads):
+    for load in loads:
+      if load.written:
+        continue
+      t0 = time.perf_counter()
+      if load.staged is not None:
+        io.write_page_layers(load.entry.pages, load.staged, load.first_layer)
+      load.staged, load.written = None, True
+      load.issue_s += time.perf_counter() - t0
+      tier.note_load(load, load.issue_s)
+
+
+@contextlib.contextmanager
+def _failing_loads(tier: HostTier, loads):
+  """On a failed copy or write: counts the loads left unwritten (stats' failed_loads) and drops
+  their device copies, so that nothing holds device memory for a request that is failing. The
+  host copies stay: the lease's release unpins them, and a retry loads them again."""
+  try:
+    yield
+  except BaseException:
+    pending = [load for load in loads if not load.written]
+    tier.failed_loads += len(pending)
+    for load in pending:
+      load.staged = None
+    raise

@@ -308,3 +308,49 @@ def test_a_failed_host_copy_drops_the_segment_counted_and_frees_its_pages(monkey
   eng.store.check_invariants()
   np.testing.assert_array_equal(eng.prefill_logits(_request(), _method("sparsex")),
                                 _engine().prefill_logits(_request(), _method("sparsex")))
+
+
+@pytest.mark.parametrize("pool_lost", [False, True], ids=["host-error", "pool-lost"])
+def test_a_failed_write_between_the_prefill_halves_loses_nothing(monkeypatch, pool_lost):
+  """The load's pool write fails after the full layers ran (T = 1): as a host-side error before
+  it is dispatched (the pool intact), or as a device failure that takes the donated pool with it.
+  The request raises; no page, pin or host block is left behind; the host tier keeps its copies
+  (nothing computed is lost); the retry loads them again and gives the logits of an engine whose
+  segments never left the pool."""
+  from sparsex_jax import programs
+  from sparsex_jax.programs.copy import write_page_layers
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1)
+  in_pool = _engine()
+  in_pool.cache_segments(PASSAGES)
+  want = in_pool.prefill_logits(_request(), reuse)
+
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.cache_segments(PASSAGES)
+  eng.store.segment_cache.evict(10**6)
+  n_host = len(eng.host_tier)
+  call, ran = programs.KVPool._call, []
+
+  def failing_call(self, program, args, static):
+    ran.append(program.__name__)
+    if program is write_page_layers and ran.count(program.__name__) == 1:
+      if pool_lost:
+        for a in self.arrays.values():
+          a.delete()
+      raise RuntimeError("injected: device copy failed")
+    return call(self, program, args, static)
+
+  monkeypatch.setattr(programs.KVPool, "_call", failing_call)
+  with pytest.raises(RuntimeError, match="injected"):
+    eng.prefill_logits(_request(), reuse)
+  assert ran[:2] == ["prefill_full_layers", "write_page_layers"]  # failed between the halves
+  assert eng.kv.times_lost == int(pool_lost) and eng.kv.is_valid()
+  eng.store.check_invariants()
+  eng.host_tier.check_invariants()
+  assert len(eng.host_tier) == n_host and not any(s.pin_count for s in eng.host_tier._entries.values())
+  assert eng.store.allocator.num_used == eng.store.segment_cache.num_pages + \
+      eng.store.prefix_cache.cached_pages().size
+  _poison_free_pages(eng, 2)
+  np.testing.assert_array_equal(eng.prefill_logits(_request(), reuse), want)
+  eng.store.check_invariants()
+  stats = eng.stats()["host_tier"]
+  assert stats["failed_loads"] == 2 and stats["loads"] == 2  # the retry's
