@@ -5,8 +5,9 @@
     the M * k (token, expert) assignments, sorted by expert ──grouped matmuls──> [M * k, D]
     ──x weight, back in token order, summed over k──> [M, D]
 
-The experts run as grouped matmuls (`jax.lax.ragged_dot`) over the assignments sorted by expert, so
-each expert multiplies only the tokens routed to it. The engine's sparse layers hand the FFN only
+The experts run as grouped matmuls over the assignments sorted by expert, so each expert multiplies
+only the tokens routed to it: `jax.lax.ragged_dot` by default, the engine's GPU kernel where it
+passes one (`grouped_matmul=`; pallas_kernels/grouped_matmul.py). The engine's sparse layers hand the FFN only
 their active tokens already, so routing needs nothing of the prefill.
 
 Expert parallelism: `moe_ffn(..., first_expert=f)` with the expert weights of experts
@@ -21,12 +22,17 @@ Params of one layer (inside "attn_out_mlp", docs/CONTRACTS.md): "router" [D, E],
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
 
 EXPERT_WEIGHTS = ("expert_gate", "expert_up", "expert_down")
+
+# grouped_matmul(rows [R, K] sorted by group, w [G, K, N], group_sizes [G]) -> [R, N]
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def route(hx: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -46,11 +52,14 @@ def route(hx: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
 
 
 def experts_ffn(hx: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
-                w_up: jax.Array, w_down: jax.Array, first_expert=0) -> jax.Array:
+                w_up: jax.Array, w_down: jax.Array, first_expert=0,
+                grouped_matmul: GroupedMatmul = jax.lax.ragged_dot) -> jax.Array:
   """sum_j weights[m, j] * SwiGLU_{experts[m, j]}(hx[m]) over the experts held here: [M, D].
 
   hx [M, D]; experts, weights [M, k]; w_gate, w_up [E_local, D, F], w_down [E_local, F, D] are
   experts [first_expert, first_expert + E_local). Assignments to other experts contribute 0.
+  grouped_matmul(rows, w, group_sizes): each group's rows times its expert's matrix (the engine
+  passes its GPU kernel, pallas_kernels/grouped_matmul.py; rows past the groups may be anything).
   """
   m, d = hx.shape
   k = experts.shape[1]
@@ -58,14 +67,14 @@ def experts_ffn(hx: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: j
   local = experts.reshape(-1) - first_expert  # [M * k]
   here = (local >= 0) & (local < n_local)
   # Sort the assignments by expert; those of other shards get group n_local and sort last, past
-  # the sum of the group sizes: ragged_dot leaves those rows out (zero).
+  # the sum of the group sizes: the grouped matmul leaves those rows out (masked below).
   group = jnp.where(here, local, n_local)
   order = jnp.argsort(group, stable=True)
   group_sizes = jnp.bincount(group, length=n_local + 1)[:n_local].astype(jnp.int32)
   rows = hx[order // k]  # [M * k, D]: the token of each sorted assignment
-  gate = jax.lax.ragged_dot(rows, w_gate, group_sizes)
-  up = jax.lax.ragged_dot(rows, w_up, group_sizes)
-  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M * k, D]
+  gate = grouped_matmul(rows, w_gate, group_sizes)
+  up = grouped_matmul(rows, w_up, group_sizes)
+  out = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M * k, D]
   scale = jnp.where(here, weights.reshape(-1), 0.0)[order]
   # where, not a product alone: rows outside every group are unspecified on some backends.
   out = jnp.where(here[order][:, None], out.astype(jnp.float32) * scale[:, None], 0.0)
@@ -73,15 +82,16 @@ def experts_ffn(hx: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: j
   return jnp.sum(out[unsort].reshape(m, k, d), axis=1)
 
 
-def moe_ffn(hx: jax.Array, params: dict, cfg: ModelConfig, first_expert=0) -> jax.Array:
+def moe_ffn(hx: jax.Array, params: dict, cfg: ModelConfig, first_expert=0,
+            grouped_matmul: GroupedMatmul = jax.lax.ragged_dot) -> jax.Array:
   """The MoE FFN of normed hidden states hx [..., D] -> [..., D] (hx's dtype).
 
   params: the layer's "router", "expert_gate", "expert_up", "expert_down" (the expert weights may
   be a contiguous block of experts starting at first_expert: see experts_ffn). Returns that block's
-  share of the output (all of it when the block is every expert).
+  share of the output (all of it when the block is every expert). grouped_matmul: as experts_ffn.
   """
   flat = hx.reshape(-1, hx.shape[-1])
   experts, weights = route(flat, params["router"], cfg)
   out = experts_ffn(flat, experts, weights, params["expert_gate"], params["expert_up"],
-                    params["expert_down"], first_expert)
+                    params["expert_down"], first_expert, grouped_matmul)
   return out.astype(hx.dtype).reshape(hx.shape)

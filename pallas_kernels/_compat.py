@@ -42,3 +42,17 @@ def next_pow2(x: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
+
+
+@functools.cache
+def mosaic_gpu_available() -> bool:
+  """Whether this process can run Mosaic GPU kernels: a Hopper GPU (compute capability 9.x) and
+  jax's plgpu module."""
+  try:
+    import jax.experimental.pallas.mosaic_gpu  # noqa: F401  (present in this jax?)
+  except ImportError:
+    return False
+  if not on_gpu():
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "")
+  return str(cc).startswith("9.")

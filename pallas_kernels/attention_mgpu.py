@@ -62,17 +62,9 @@ DEFAULT_BLOCK_KV = 128
 _TARGET_PROGRAMS = 512
 
 
-@functools.cache
 def available() -> bool:
-  """Whether this process can run the Mosaic GPU kernel (a Hopper GPU and the plgpu module)."""
-  try:
-    import jax.experimental.pallas.mosaic_gpu  # noqa: F401  (present in this jax?)
-  except ImportError:
-    return False
-  if not _compat.on_gpu():
-    return False
-  cc = getattr(jax.devices()[0], "compute_capability", "")
-  return str(cc).startswith("9.")
+  """Whether this process can run Mosaic GPU kernels (_compat.mosaic_gpu_available)."""
+  return _compat.mosaic_gpu_available()
 
 
 def supports(q, k_pages, page_table, block_kv=None) -> bool:

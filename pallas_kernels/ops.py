@@ -11,7 +11,8 @@ backend:
                       baseline the Mosaic GPU kernel is measured against).
   "pallas_interpret"  Pallas kernel in interpret mode (CPU; slow, for tests).
 (causal_attention, the full layers' dense attention, is cuDNN under "pallas" and
-XLA otherwise: it has no Pallas kernel of ours.)
+XLA otherwise: it has no Pallas kernel of ours. grouped_matmul, the experts of a mixture of
+experts, is jax's Mosaic GPU kernel under "pallas" where it runs and XLA's ragged_dot otherwise.)
 Extra keyword arguments (block sizes, num_warps, ...) go to the kernel and are
 ignored by the reference.
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _compat, attention_mgpu
+from pallas_kernels import grouped_matmul as _grouped
 from pallas_kernels.assemble import assemble_kv as _assemble_kv_kernel
 from pallas_kernels.assemble import assemble_kv_reference
 from pallas_kernels.attention import paged_attention, paged_attention_reference
@@ -155,3 +157,13 @@ def decode_attention(q, k_pages, v_pages, page_table, kv_len, *, sm_scale,
   return _call(paged_decode_attention, paged_decode_attention_reference, backend,
                (q, k_pages, v_pages, page_table, kv_len),
                dict(sm_scale=sm_scale, layer=layer), kernel_kwargs)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, backend="auto", **kernel_kwargs):
+  """lhs [M, K] with rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N]: each group's
+  rows times its matrix; rows past sum(group_sizes) unspecified (pallas_kernels/grouped_matmul.py).
+  The Mosaic GPU kernel under "pallas" where it runs (grouped_matmul.supports), XLA's ragged_dot
+  otherwise (the Triton backends included: this kernel has no Triton form)."""
+  if resolve_backend(backend) == "pallas" and _grouped.supports(lhs, rhs):
+    return _grouped.grouped_matmul(lhs, rhs, group_sizes, **kernel_kwargs)
+  return _grouped.grouped_matmul_reference(lhs, rhs, group_sizes)

@@ -13,18 +13,15 @@ written after every step.
 Memory: Qwen3-30B-A3B's weights are 61 GB in bf16; with the pool and a 32K prefill's activations
 it is tight on an 80 GB H100 (use an H200, or --contexts 8192).
 
-The experts are grouped matmuls (jax.lax.ragged_dot). --ragged-dot picks how the GPU lowers them:
-"xla" is XLA's default, which (per jax 0.10-0.11 reports) materialises each token's rows zero-padded
-over every expert: E = 128 times the FLOPs and a [tokens x k, E x D] buffer, far off the floor
-and out of memory at 32K; "pallas" sets jax_ragged_dot_use_gpu_pallas_triton_lowering (jax's
-Triton grouped matmul) where this jax ships it; "auto" (default) takes pallas where available.
-The choice is in the JSON.
+The experts are grouped matmuls (pallas_kernels/grouped_matmul.py): jax's Mosaic GPU kernel on a
+Hopper GPU, in the engine and in the dense anchor alike; XLA's ragged_dot elsewhere (on the GPU it
+zero-pads every row over all experts and ran out of memory at 8K, round 11). The JSON's
+"grouped_matmul" says which ran.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -35,6 +32,8 @@ import jax
 
 import sparsex_jax as sx
 from models.config import get_config
+from pallas_kernels import grouped_matmul as grouped
+from pallas_kernels.ops import resolve_backend
 from sparsex_jax.research import methods as mth
 from sparsex_jax.research.ttft import (DENSE, DeviceTimer, Workload, bench_workload, ceilings,
                                        random_weights, time_decode)
@@ -44,18 +43,18 @@ METHODS = [DENSE, "full", DEFAULT_LABEL]
 PAGE = 16
 
 
-def set_ragged_dot(choice: str) -> str:
-  """Sets the GPU lowering of ragged_dot; returns the one in use."""
-  flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
-  available = importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None
-  if choice == "auto":
-    choice = "pallas" if available and jax.default_backend() == "gpu" else "xla"
-  if choice == "pallas":
-    if not available:
-      raise SystemExit("--ragged-dot pallas: this jax does not ship its Pallas ragged_dot "
-                       "lowering (jax._src.lax.pallas_lowerings)")
-    jax.config.update(flag, True)
-  return choice
+def grouped_matmul_in_use(cfg, backend: str) -> str:
+  """Which grouped matmul the MoE experts of cfg run here under the attention backend
+  (pallas_kernels/ops.py: grouped_matmul)."""
+  if not cfg.is_moe:
+    return "none"
+  if resolve_backend(backend) != "pallas":
+    return "xla"
+  d, f = cfg.d_model, cfg.moe_ffn_dim
+  lhs = jax.ShapeDtypeStruct((1, d), cfg.jnp_dtype)
+  ok = all(grouped.supports(lhs, jax.ShapeDtypeStruct((cfg.n_experts, k, n), cfg.jnp_dtype))
+           for k, n in ((d, f), (f, d)))
+  return "mosaic" if ok else "xla"
 
 
 def model_config(preset: str, smoke: bool, longest: int):
@@ -95,6 +94,7 @@ def bench_preset(results, preset, args, ceil):
           "active_params_b": cfg.num_params(active=True) / 1e9,
           "weights_gb": sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9,
           "pool_gb": engine.layout.num_pages * engine.layout.bytes_per_page / 1e9,
+          "grouped_matmul": grouped_matmul_in_use(cfg, args.attention_backend),
           "init_s": time.perf_counter() - t0}
   results["presets"].append(info)
   print(f"{preset}: {info['params_b']:.1f}B params ({info['active_params_b']:.1f}B active), "
@@ -133,7 +133,6 @@ def main(argv=None):
   ap.add_argument("--decode-batch", type=int, default=16)
   ap.add_argument("--decode-context", type=int, default=4096)
   ap.add_argument("--decode-steps", type=int, default=32)
-  ap.add_argument("--ragged-dot", default="auto", choices=("auto", "xla", "pallas"))
   ap.add_argument("--attention-backend", default="auto")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU self-check: each preset's family at tiny shapes, tiny contexts")
@@ -148,7 +147,7 @@ def main(argv=None):
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "command": " ".join(["scripts/bench_models.py"] + (sys.argv[1:] if argv is None
                                                                  else list(argv))),
-             "ragged_dot": set_ragged_dot(args.ragged_dot), "labels": mth.LABELS,
+             "labels": mth.LABELS,
              "presets": [], "ttft": [], "decode": [], "errors": []}
   results["ceilings"] = ceilings(args.smoke)
   save(results, args.out)

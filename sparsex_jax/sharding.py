@@ -275,16 +275,18 @@ def _shard_map(fn, in_specs, out_specs):
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def expert_parallel_ffn(hx, params, cfg):
+def expert_parallel_ffn(hx, params, cfg, grouped_matmul=jax.lax.ragged_dot):
   """The mixture-of-experts FFN (models.moe.moe_ffn) with the experts split over the tensor axis:
   each shard routes every token, runs its own E / tp experts on the tokens routed to them, and the
-  shares are summed over the shards. Without a mesh: moe_ffn itself. hx: replicated."""
+  shares are summed over the shards. Without a mesh: moe_ffn itself. hx: replicated.
+  grouped_matmul: the experts' matmul (models.moe.experts_ffn), run on each shard's experts."""
   if context_mesh() is None:
-    return moe.moe_ffn(hx, params, cfg)
+    return moe.moe_ffn(hx, params, cfg, grouped_matmul=grouped_matmul)
 
   def local(hx, params):
     first = jax.lax.axis_index(TENSOR) * params["expert_gate"].shape[0]
-    return jax.lax.psum(moe.moe_ffn(hx, params, cfg, first_expert=first), TENSOR)
+    return jax.lax.psum(moe.moe_ffn(hx, params, cfg, first_expert=first,
+                                    grouped_matmul=grouped_matmul), TENSOR)
 
   return _shard_map(local, in_specs=(P(), _EXPERT_SPECS), out_specs=P())(hx, params)
 

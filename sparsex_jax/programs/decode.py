@@ -66,7 +66,7 @@ def _logits(pool, params, cfg: ModelConfig, tokens, positions, slots, page_table
 
   x, pool, _ = scan_layers(params["layers"], cfg, 0, llama.embed(params, tokens[:, None]),
                            positions[:, None], slots[:, None], pool, attend,
-                           unroll=layer_loop == "unrolled")
+                           unroll=layer_loop == "unrolled", ffn_backend=backend)
   return pool, llama.logits(params, cfg, x[:, 0])
 
 

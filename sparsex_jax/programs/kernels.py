@@ -19,7 +19,8 @@ from pallas_kernels.ops import BACKENDS, compiled, cudnn_can_run, resolve_backen
 from sparsex_jax import sharding
 
 __all__ = ["BACKENDS", "assemble_kv", "attention", "causal_attention", "compiled",
-           "cudnn_can_run", "decode_attention", "importance", "resolve_backend", "write_kv"]
+           "cudnn_can_run", "decode_attention", "grouped_matmul", "importance", "resolve_backend",
+           "write_kv"]
 
 POOL = "pool"  # an argument whose head axis is the pool's KV-head axis (0 for one layer, 1 whole)
 
@@ -108,3 +109,9 @@ def causal_attention(q, k, v, *, sm_scale, backend="auto"):
   Not wrapped per shard: it is jax.nn.dot_product_attention, which XLA partitions itself.
   """
   return ops.causal_attention(q, k, v, sm_scale=sm_scale, backend=backend)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, backend="auto"):
+  """The experts' grouped matmul (ops.grouped_matmul). Not wrapped per shard: it runs inside
+  sharding.expert_parallel_ffn's shard_map already, on each shard's own experts."""
+  return ops.grouped_matmul(lhs, rhs, group_sizes, backend=backend)

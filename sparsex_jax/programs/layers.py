@@ -3,6 +3,7 @@ scanned layer loop over the paged pool."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -55,7 +56,7 @@ def scatter_kv(pool, dst_slots, k, v):
 def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots, pool,
                 attend: Attend, score: Score | None = None, importance=None,
                 unroll: bool = False, pass_kv: bool = False, stop_layer: int | None = None,
-                write_backend: str = "reference"):
+                write_backend: str = "reference", ffn_backend: str = "auto"):
   """Runs layers [first_layer, stop_layer) of the stacked `layers` over tokens x [B, T, D].
 
   Each layer writes its K/V at `slots`, then attends with `attend`. With `score`, also adds each
@@ -74,7 +75,13 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
   pass_kv: hand `attend` the layer's fresh K/V too (k=, v=), for attention over contiguous K/V
   (the dense full layers) that need not read them back from the pages.
   write_backend: of each layer's K/V write (write_kv).
+  ffn_backend: of a mixture-of-experts FFN's grouped matmul (kernels.grouped_matmul: "auto" is
+  the Mosaic GPU kernel on a Hopper GPU; XLA's ragged_dot, out of memory there at long prompts,
+  otherwise).
   """
+  grouped_matmul = functools.partial(kernels.grouped_matmul, backend=ffn_backend)
+  moe_ffn = functools.partial(expert_parallel_ffn, grouped_matmul=grouped_matmul)
+
   def one_layer(carry, xs):
     x, pool, acc = carry
     layer_params, layer = xs
@@ -85,7 +92,7 @@ def scan_layers(layers, cfg: ModelConfig, first_layer: int, x, positions, slots,
                 else attend(q, positions, pool, layer))
     if score is not None:
       acc = acc + score(q, positions, lse, pool, layer)
-    x = llama.layer_output(layer_params, cfg, x, out, moe_ffn=expert_parallel_ffn)
+    x = llama.layer_output(layer_params, cfg, x, out, moe_ffn=moe_ffn)
     return (constrain_replicated(x), pool, acc), None
 
   if isinstance(layers, (list, tuple)):

@@ -190,7 +190,8 @@ def _full_layers(pool, params, batch: PrefillBatch, cfg: ModelConfig, spec: Pref
 
   def full_layers(first, stop, x, pool):
     x, pool, _ = scan_layers(layers, cfg, first, x, positions, slots, pool, full_attend,
-                             pass_kv=dense, stop_layer=stop, write_backend=spec.backend)
+                             pass_kv=dense, stop_layer=stop, write_backend=spec.backend,
+                             ffn_backend=spec.backend)
     return x, pool
 
   x_prev = None
@@ -241,7 +242,8 @@ def _rest(pool, params, batch: PrefillBatch, full: FullLayersOutput, cfg: ModelC
   x, pool, _ = scan_layers(layers, cfg, t_full, take(x, idx),
                            jnp.where(valid, take(positions, idx), -1),
                            jnp.where(valid, take(slots, idx), pool_sentinel(pool)), pool, paged,
-                           stop_layer=n_layers, write_backend=spec.backend)
+                           stop_layer=n_layers, write_backend=spec.backend,
+                           ffn_backend=spec.backend)
   # 6. The last prompt token is always active and has the highest position: the last valid row.
   last = jnp.sum(valid, axis=1) - 1
   x_last = take(x, last[:, None])[:, 0]

@@ -109,7 +109,7 @@ class ScoringInputs:
     importance = jnp.zeros((batch.positions.shape[0], n_keys), jnp.float32)
     _, pool, importance = scan_layers(self.layers, cfg, 0, take(self.x, idx), positions, slots,
                                       pool, attend, score, importance, stop_layer=1,
-                                      write_backend=self.backend)
+                                      write_backend=self.backend, ffn_backend=self.backend)
     return token_scores(importance, batch.positions), pool
 
   def deviation(self, pool, refresh: bool = False):

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparsex_jax as sx
-from models import llama
+from models import llama, moe
 from models.config import get_config
+from sparsex_jax.programs import kernels
 from sparsex_jax.programs.options import COMPILER_OPTIONS
 from sparsex_jax.research import methods as mth
 
@@ -77,12 +78,16 @@ def dense_prefill(params, tokens, *, cfg, impl):
   (returned, so it is computed as the engine's is). No pages, no padding, no caches."""
   n = tokens.shape[1]
   positions = jnp.arange(n, dtype=jnp.int32)[None]
+  # a mixture of experts: the engine's grouped matmul (the GPU kernel where cuDNN runs)
+  matmul = functools.partial(kernels.grouped_matmul,
+                             backend="pallas" if impl == "cudnn" else "reference")
+  moe_ffn = functools.partial(moe.moe_ffn, grouped_matmul=matmul)
 
   def one_layer(x, layer_params):
     q, k, v = llama.layer_qkv(layer_params, cfg, x, positions)
     attn = jax.nn.dot_product_attention(q, k, v, scale=cfg.sm_scale, is_causal=True,
                                         implementation=impl)
-    return llama.layer_output(layer_params, cfg, x, attn), (k, v)
+    return llama.layer_output(layer_params, cfg, x, attn, moe_ffn=moe_ffn), (k, v)
 
   x, kv = jax.lax.scan(one_layer, llama.embed(params, tokens), params["layers"])
   return llama.logits(params, cfg, x[:, -1]), kv
