@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import numpy as np
-
-from sparsex_jax.reuse.base import reused_segments
+from sparsex_jax.reuse.base import reused_segments, segment_heads
 from sparsex_jax.reuse.sparsex import SparseX
 from sparsex_jax.validation import is_int
 
@@ -39,8 +37,7 @@ class SparseXContextHeads(SparseX):
 
   def select(self, plan, layer_threshold: int):
     selection = super(SparseX, self).select(plan, layer_threshold)  # the ranking, no heads yet
-    forced = np.zeros(plan.n, bool)
-    for members in reused_segments(plan):
-      in_context = plan.old_positions[members[0]] > 0
-      forced[members[:self.context_heads if in_context else self.segment_heads]] = True
-    return dataclasses.replace(selection, forced=forced & ~plan.sparse_q)
+    heads = [self.context_heads if plan.old_positions[members[0]] > 0 else self.segment_heads
+             for members in reused_segments(plan)]  # in context: its first old position > 0
+    return dataclasses.replace(selection,
+                               forced=segment_heads(plan, heads, selection.n_select))

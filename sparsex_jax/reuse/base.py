@@ -49,6 +49,28 @@ def reused_segments(plan):
     yield np.flatnonzero(reused & (plan.segment_ids == seg))
 
 
+def segment_heads(plan, heads: list[int], budget: int) -> np.ndarray:
+  """[n] bool: the first heads[i] tokens of reused segment i (reused_segments order), Sparse-Q rows
+  left out, to be selected before any scored token. When they do not all fit the budget, every
+  segment keeps its first h tokens (at most heads[i]), h the largest that fits: the prefill's
+  top-k breaks ties among forced tokens by position, so an overflowing set would be cut at the
+  end, the earliest segments keeping every head and the latest, nearest the new tokens, none."""
+  segments = list(reused_segments(plan))
+
+  def first(h: int) -> np.ndarray:
+    forced = np.zeros(plan.n, bool)
+    for members, own in zip(segments, heads):
+      forced[members[:min(own, h)]] = True
+    return forced & ~plan.sparse_q
+
+  h = max(heads, default=0)
+  forced = first(h)
+  while h > 0 and forced.sum() > budget:
+    h -= 1
+    forced = first(h)
+  return forced
+
+
 def check_ratio(value) -> None:
   if not is_real(value) or not 0.0 <= value <= 1.0:
     raise ValueError(f"recompute_ratio must be in [0, 1], got {value!r}")

@@ -25,7 +25,7 @@ import numpy as np
 from sparsex_jax.labels import NEW, REUSED
 from sparsex_jax.programs.scoring import ScoringInputs
 from sparsex_jax.reuse.base import (DEFAULT_LAYER_THRESHOLD, Selection, ceil_fraction,
-                                    check_threshold, reused_segments)
+                                    check_threshold, reused_segments, segment_heads)
 from sparsex_jax.reuse.baselines import TopK
 from sparsex_jax.validation import is_int, is_real
 
@@ -103,7 +103,8 @@ class SparseXAttention(TopK):
 class SparseX(SparseXAttention):
   """The default rule (docs/quality.md): attention x |deviation| at layers T - 1 and T (T - 1
   alone at T = 1; attention alone at T = 0, where no deviation exists), the first
-  `segment_heads` tokens of every reused segment always selected within the budget.
+  `segment_heads` tokens of every reused segment always selected within the budget (fewer of
+  each, evenly, when the budget cannot hold them all: base.segment_heads).
 
   recompute_ratio: r. layer_threshold: T (None: 4, capped at the model's depth).
   segment_heads: tokens forced at the head of every reused segment.
@@ -121,10 +122,9 @@ class SparseX(SparseXAttention):
     selection = super().select(plan, layer_threshold)
     if not self.segment_heads:
       return selection
-    forced = np.zeros(plan.n, bool)
-    for members in reused_segments(plan):
-      forced[members[:self.segment_heads]] = True
-    return dataclasses.replace(selection, forced=forced & ~plan.sparse_q)
+    heads = [self.segment_heads for _ in reused_segments(plan)]
+    return dataclasses.replace(selection,
+                               forced=segment_heads(plan, heads, selection.n_select))
 
   def device_scorer(self, layer_threshold: int):
     # At T = 0 every reused K/V equals its fresh value at layer 0 (it depends only on the token

@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sparsex_jax as sx
 from models.config import get_config
@@ -43,14 +45,44 @@ def test_epic_takes_the_head_of_every_reused_segment_and_sparse_q_holds_last_tok
 def test_sparsex_forces_the_first_tokens_of_every_reused_segment():
   labels = [EXACT] * 4 + [REUSED] * 10 + [NEW] * 3 + [REUSED] * 5
   plan = _plan(labels, [0] * 4 + [1] * 10 + [2] * 3 + [3] * 5)
-  sel = sx.SparseX(recompute_ratio=0.2, segment_heads=2).select(plan, 4)
-  assert sel.n_select == 3  # ceil(0.2 * 15)
+  sel = sx.SparseX(recompute_ratio=0.3, segment_heads=2).select(plan, 4)
+  assert sel.n_select == 5  # ceil(0.3 * 15)
   assert list(np.flatnonzero(sel.forced)) == [4, 5, 17, 18]
+  # 4 heads in a budget of 3: each segment keeps its first token (not the first segment both and
+  # the last one, nearest the new tokens, one)
+  sel = sx.SparseX(recompute_ratio=0.2, segment_heads=2).select(plan, 4)
+  assert sel.n_select == 3 and list(np.flatnonzero(sel.forced)) == [4, 17]
   assert sx.SparseX(segment_heads=0).select(plan, 4).forced is None
   assert sx.SparseXAttention(recompute_ratio=0.2).select(plan, 4).forced is None
   # The last prompt token is a Sparse-Q row: never forced, even at a segment's head.
   tail = _plan([REUSED] * 6 + [NEW] * 2 + [REUSED], [0] * 6 + [1] * 2 + [2])
   assert list(np.flatnonzero(sx.SparseX().select(tail, 4).forced)) == [0, 1]
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.integers(0, 9),
+       st.floats(0.0, 1.0))
+def test_segment_heads_fit_the_budget_and_spread_over_the_segments(lengths, heads, ratio):
+  """Property: the forced set fits the budget; every segment keeps its first min(h, length)
+  tokens for one h <= segment_heads, the largest h that fits."""
+  labels, segs = [], []
+  for i, n in enumerate(lengths):
+    labels += [REUSED] * n + [NEW]
+    segs += [2 * i] * n + [2 * i + 1]
+  plan = _plan(labels, segs)
+  sel = sx.SparseX(recompute_ratio=ratio, segment_heads=heads).select(plan, 4)
+  if not heads:
+    assert sel.forced is None
+    return
+  kept = [int(sel.forced[plan.segment_ids == 2 * i].sum()) for i in range(len(lengths))]
+  h = max(kept)
+  assert sum(kept) <= sel.n_select and h <= heads
+  assert kept == [min(h, n) for n in lengths]
+  for i, n in enumerate(lengths):  # the first tokens of the segment
+    idx = np.flatnonzero(plan.segment_ids == 2 * i)
+    assert sel.forced[idx[:kept[i]]].all() and not sel.forced[idx[kept[i]:]].any()
+  more = sum(min(h + 1, n) for n in lengths)
+  if h < heads and more > sum(kept):  # one more head each (where a segment has one) would not fit
+    assert more > sel.n_select
 
 
 def test_default_thresholds_by_method_and_depth():
