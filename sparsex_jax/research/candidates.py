@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from sparsex_jax.reuse.base import reused_segments, segment_heads
+from sparsex_jax.reuse.base import segment_heads
 from sparsex_jax.reuse.sparsex import SparseX
 from sparsex_jax.validation import is_int
 
@@ -37,7 +37,8 @@ class SparseXContextHeads(SparseX):
 
   def select(self, plan, layer_threshold: int):
     selection = super(SparseX, self).select(plan, layer_threshold)  # the ranking, no heads yet
-    heads = [self.context_heads if plan.old_positions[members[0]] > 0 else self.segment_heads
-             for members in reused_segments(plan)]  # in context: its first old position > 0
-    return dataclasses.replace(selection,
-                               forced=segment_heads(plan, heads, selection.n_select))
+    def heads_of(members):  # computed in context: its first token's old position is > 0
+      return self.context_heads if plan.old_positions[members[0]] > 0 else self.segment_heads
+
+    forced = segment_heads(plan, heads_of, selection.n_select)
+    return dataclasses.replace(selection, forced=forced)

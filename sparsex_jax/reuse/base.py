@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
@@ -49,21 +49,22 @@ def reused_segments(plan):
     yield np.flatnonzero(reused & (plan.segment_ids == seg))
 
 
-def segment_heads(plan, heads: list[int], budget: int) -> np.ndarray:
-  """[n] bool: the first heads[i] tokens of reused segment i (reused_segments order), Sparse-Q rows
-  left out, to be selected before any scored token. When they do not all fit the budget, every
-  segment keeps its first h tokens (at most heads[i]), h the largest that fits: the prefill's
-  top-k breaks ties among forced tokens by position, so an overflowing set would be cut at the
-  end, the earliest segments keeping every head and the latest, nearest the new tokens, none."""
-  segments = list(reused_segments(plan))
+def segment_heads(plan, heads_of: Callable[[np.ndarray], int], budget: int) -> np.ndarray:
+  """[n] bool: the first heads_of(members) tokens of every reused segment (members: its token
+  indices), Sparse-Q rows left out, to be selected before any scored token. When they do not all
+  fit the budget, every segment keeps its first h tokens (at most its own count), h the largest
+  that fits: the prefill's top-k breaks ties among forced tokens by position, so an overflowing
+  set would be cut at the end, the earliest segments keeping every head and the latest, nearest
+  the new tokens, none."""
+  segments = [(members, heads_of(members)) for members in reused_segments(plan)]
 
   def first(h: int) -> np.ndarray:
     forced = np.zeros(plan.n, bool)
-    for members, own in zip(segments, heads):
+    for members, own in segments:
       forced[members[:min(own, h)]] = True
     return forced & ~plan.sparse_q
 
-  h = max(heads, default=0)
+  h = max((own for _, own in segments), default=0)
   forced = first(h)
   while h > 0 and forced.sum() > budget:
     h -= 1

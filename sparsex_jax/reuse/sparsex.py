@@ -25,7 +25,7 @@ import numpy as np
 from sparsex_jax.labels import NEW, REUSED
 from sparsex_jax.programs.scoring import ScoringInputs
 from sparsex_jax.reuse.base import (DEFAULT_LAYER_THRESHOLD, Selection, ceil_fraction,
-                                    check_threshold, reused_segments, segment_heads)
+                                    check_threshold, segment_heads)
 from sparsex_jax.reuse.baselines import TopK
 from sparsex_jax.validation import is_int, is_real
 
@@ -122,9 +122,8 @@ class SparseX(SparseXAttention):
     selection = super().select(plan, layer_threshold)
     if not self.segment_heads:
       return selection
-    heads = [self.segment_heads for _ in reused_segments(plan)]
-    return dataclasses.replace(selection,
-                               forced=segment_heads(plan, heads, selection.n_select))
+    forced = segment_heads(plan, lambda _: self.segment_heads, selection.n_select)
+    return dataclasses.replace(selection, forced=forced)
 
   def device_scorer(self, layer_threshold: int):
     # At T = 0 every reused K/V equals its fresh value at layer 0 (it depends only on the token
