@@ -12,23 +12,18 @@ see the same cache state.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 from typing import Sequence
 
 import sparsex_jax as sx
-from sparsex_jax.research.candidates import SparseXContextHeads
 from sparsex_jax.reuse import METHODS
 
 BASELINES = ("full", "prefix", "naive", "cacheblend", "epic", "random")
-# Run over the r x T grid. A round's candidate rules join RULES and _RULE_CLASSES while they
-# are measured (round 10's split rules: tag research-round10, docs/quality.md).
-# Round 12's candidates: the default with more tokens forced at the head of every reused segment
-# (a chat message's template header and first words; docs/quality_log.md, round 11 CPU probe).
-# And the same where only segments computed in context get the 8 (research/candidates.py).
-CANDIDATE_RULES = {**{f"sparsex-heads{n}": functools.partial(METHODS["sparsex"], segment_heads=n)
-                      for n in (4, 8)},
-                   "sparsex-context-heads": SparseXContextHeads}
+# Run over the r x T grid. A round's candidate rules join CANDIDATE_RULES (label -> method class)
+# while they are measured, then move into sparsex_jax/reuse/ or are deleted (round 10's split
+# rules: tag research-round10; round 12's head counts: tag research-round14-candidates, the
+# context heads adopted into the default in round 15; docs/quality.md).
+CANDIDATE_RULES: dict = {}
 RULES = ("sparsex", "sparsex-paper", "sparsex-attention") + tuple(CANDIDATE_RULES)
 _RULE_CLASSES = {**{family: METHODS[family] for family in RULES if family in METHODS},
                  **CANDIDATE_RULES}

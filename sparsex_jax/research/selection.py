@@ -7,10 +7,13 @@ baseline, using the bootstrap draws report.summarize keeps per (family, method) 
 family is resampled with the same prompt indices, so a difference of draws is a paired draw).
 Verdicts: "wins" when the 95% interval of (chosen - other) on F lies above 0, "ties" when it
 contains 0, "loses" when it lies below, "identical" when the two give the same KL on every prompt
-of F (the candidate changes nothing there; still not a win over the reference). A fold passes
-when its choice wins or ties against every baseline and wins against the reference. The
-configuration to adopt is the one the same procedure picks on every family; it is adopted only if
-every fold passes (the procedure held up on each family it did not see).
+of F. A fold passes when its choice wins or ties against every baseline and wins against the
+reference. A fold whose choice is identical to the reference on every prompt of F, and wins or
+ties every baseline, does not apply: the candidate does not act on that family (a rule that
+changes only segments computed in context selects exactly as the reference where every segment
+was cached alone), so the family can neither confirm nor refute it. The configuration to adopt is
+the one the same procedure picks on every family; it is adopted only if no fold fails and at
+least one passes (it won on a family it did not see, and lost nowhere).
 """
 
 from __future__ import annotations
@@ -95,13 +98,16 @@ def leave_one_family_out(summary: dict, candidates: list[str], reference: str,
              for other, v in vs.items()
              if v["verdict"] != "wins" and (other == reference
                                             or v["verdict"] not in ("ties", "same", "identical"))]
+    inert = [fail for fail in fails if fail == f"is identical to {reference}"]
+    status = "passes" if not fails else "does not apply" if fails == inert else "fails"
     folds.append({"family": f, "chosen": chosen, "score_others": scores[chosen],
                   "gap": _gap(summary, f, chosen), "reference": _gap(summary, f, reference),
                   "baselines": {b: _gap(summary, f, b) for b in baselines},
-                  "vs": vs, "passes": not fails, "fails": fails})
+                  "vs": vs, "status": status, "passes": status == "passes", "fails": fails})
 
   adopt, _ = best(families)
-  failed = [fo for fo in folds if not fo["passes"]]
+  failed = [fo for fo in folds if fo["status"] == "fails"]
+  inert = [fo["family"] for fo in folds if fo["status"] == "does not apply"]
   picks = [fo["chosen"] for fo in folds]
   stable = f"the folds chose it {picks.count(adopt)} of {len(folds)} times"
   if adopt == reference:
@@ -111,9 +117,14 @@ def leave_one_family_out(summary: dict, candidates: list[str], reference: str,
     reason = "; ".join(f"held out {fo['family']}: {fo['chosen']} " + ", ".join(fo["fails"])
                        for fo in failed) + f"; {stable}"
     yes = False
+  elif len(inert) == len(folds):
+    reason = f"every fold's choice is identical to {reference} on the family it did not see; {stable}"
+    yes = False
   else:
     reason = (f"every fold's choice beats {reference} and wins or ties every baseline on the "
-              f"family it did not see; {stable}")
+              f"family it did not see" + (f", except on {', '.join(inert)}, where it is identical "
+                                         f"to {reference} (it does not act there)" if inert else "")
+              + f"; {stable}")
     yes = True
   return {"reference": reference, "baselines": list(baselines), "candidates": usable,
           "skipped": skipped, "folds": folds,
@@ -147,11 +158,13 @@ def markdown(result: dict) -> list[str]:
         f"[{100 * g['ci'][0]:.0f}, {100 * g['ci'][1]:.0f}] | "
         f"{_cell(fo, ref, fo['reference'])} | "
         + " | ".join(_cell(fo, b, fo["baselines"][b]) for b in bases)
-        + f" | {'passes' if fo['passes'] else 'fails'} |")
+        + f" | {fo['status']} |")
   a = result["adopt"]
   lines += ["", f"Cells: the family's gap recovered, then the chosen one's paired difference "
             "(points, 95% CI) and its verdict. A fold passes when its choice wins or ties every "
-            "baseline and wins against the reference.", "",
+            "baseline and wins against the reference; it does not apply when its choice is "
+            "identical to the reference on every prompt of the family (and wins or ties every "
+            "baseline); a candidate is adopted when no fold fails and one passes.", "",
             f"**adopt {a['label']}: {'yes' if a['yes'] else 'no'}** ({a['reason']})."]
   if result["skipped"]:
     lines.append("Candidates not measured on every family, left out: "

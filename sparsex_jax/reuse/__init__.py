@@ -17,8 +17,8 @@ import dataclasses
 from sparsex_jax.reuse.base import (DEFAULT_LAYER_THRESHOLD, DEFAULT_RECOMPUTE_RATIO, ReuseMethod,
                                     ReusePolicy, Selection, ceil_fraction, n_to_select)
 from sparsex_jax.reuse.baselines import CacheBlend, Epic, Full, Naive, Prefix, Random
-from sparsex_jax.reuse.sparsex import (DEFAULT_SEGMENT_HEADS, SparseX, SparseXAttention,
-                                       SparseXPaper)
+from sparsex_jax.reuse.sparsex import (DEFAULT_CONTEXT_HEADS, DEFAULT_SEGMENT_HEADS, SparseX,
+                                       SparseXAttention, SparseXPaper)
 
 METHODS: dict[str, type[ReuseMethod]] = {
     m.mode: m for m in (Full, Prefix, Naive, CacheBlend, Epic, Random, SparseX, SparseXPaper,
@@ -39,7 +39,7 @@ def ReuseConfig(mode: str = "sparsex", **fields) -> ReuseMethod:  # noqa: N802 (
   return cls(**fields)
 
 
-__all__ = ["CacheBlend", "DEFAULT_LAYER_THRESHOLD", "DEFAULT_RECOMPUTE_RATIO",
-           "DEFAULT_SEGMENT_HEADS", "Epic", "Full", "METHODS", "Naive", "Prefix", "REUSE_MODES",
-           "Random", "ReuseConfig", "ReuseMethod", "ReusePolicy", "Selection", "SparseX",
+__all__ = ["CacheBlend", "DEFAULT_CONTEXT_HEADS", "DEFAULT_LAYER_THRESHOLD",
+           "DEFAULT_RECOMPUTE_RATIO", "DEFAULT_SEGMENT_HEADS", "Epic", "Full", "METHODS", "Naive",
+           "Prefix", "REUSE_MODES", "Random", "ReuseConfig", "ReuseMethod", "ReusePolicy", "Selection", "SparseX",
            "SparseXAttention", "SparseXPaper", "ceil_fraction", "n_to_select"]

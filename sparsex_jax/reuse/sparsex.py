@@ -4,8 +4,9 @@ tokens are recomputed in the sparse layers [T, L).
 Three rules, each a method:
   SparseX           the default: rank by attention x |K/V deviation| (to first order, the error a
                     reused token causes in the new tokens' outputs, not only how much it is
-                    read), and always recompute the first `segment_heads` tokens of every reused
-                    segment.
+                    read), and always recompute the first tokens of every reused segment:
+                    `segment_heads` of one cached alone, `context_heads` of one computed in
+                    context.
   SparseXPaper      the paper's rule as its second version publishes it (DESIGN.md section 2b):
                     Sparse-Q attention mass at the boundary layer, plus overflow blocks around
                     every new interval and the tail fallback, T a fraction of the depth.
@@ -30,8 +31,14 @@ from sparsex_jax.reuse.baselines import TopK
 from sparsex_jax.validation import is_int, is_real
 
 # A segment cached alone starts as a sequence does: its first tokens carry attention-sink K/V,
-# far from what they are in context (docs/quality.md, round 2).
+# far from what they are in context (docs/quality.md, round 2). The ranking sees that error at
+# layer T already; forcing 2 tokens covers the sink.
 DEFAULT_SEGMENT_HEADS = 2
+# A segment computed in context (a chat message, an agent's answer: its first token's old position
+# is > 0) carries the context it was computed after in its first tokens' deep-layer K/V. That
+# context has changed, and the error is not yet visible at layer T, so the ranking cannot find
+# it; forcing recomputes it (docs/quality.md, the diagnosis and round 15's test-split run).
+DEFAULT_CONTEXT_HEADS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,27 +109,37 @@ class SparseXAttention(TopK):
 @dataclasses.dataclass(frozen=True)
 class SparseX(SparseXAttention):
   """The default rule (docs/quality.md): attention x |deviation| at layers T - 1 and T (T - 1
-  alone at T = 1; attention alone at T = 0, where no deviation exists), the first
-  `segment_heads` tokens of every reused segment always selected within the budget (fewer of
-  each, evenly, when the budget cannot hold them all: base.segment_heads).
+  alone at T = 1; attention alone at T = 0, where no deviation exists), and the first tokens of
+  every reused segment always selected within the budget (fewer of each, evenly, when the
+  budget cannot hold them all: base.segment_heads). How many depends on where the segment's K/V
+  were computed, which the plan knows: from position 0 (cached alone) or after other tokens
+  (in context).
 
   recompute_ratio: r. layer_threshold: T (None: 4, capped at the model's depth).
-  segment_heads: tokens forced at the head of every reused segment.
+  segment_heads: tokens forced at the head of every reused segment cached alone.
+  context_heads: tokens forced at the head of every reused segment computed in context.
   """
 
   mode: ClassVar[str] = "sparsex"
   segment_heads: int = DEFAULT_SEGMENT_HEADS
+  context_heads: int = DEFAULT_CONTEXT_HEADS
 
   def __post_init__(self):
     super().__post_init__()
-    if not is_int(self.segment_heads) or self.segment_heads < 0:
-      raise ValueError(f"segment_heads must be an int >= 0, got {self.segment_heads!r}")
+    for name in ("segment_heads", "context_heads"):
+      value = getattr(self, name)
+      if not is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
   def select(self, plan, layer_threshold: int) -> Selection:
     selection = super().select(plan, layer_threshold)
-    if not self.segment_heads:
+    if not (self.segment_heads or self.context_heads):
       return selection
-    forced = segment_heads(plan, lambda _: self.segment_heads, selection.n_select)
+
+    def heads_of(members):  # computed in context: its first token's old position is > 0
+      return self.context_heads if plan.old_positions[members[0]] > 0 else self.segment_heads
+
+    forced = segment_heads(plan, heads_of, selection.n_select)
     return dataclasses.replace(selection, forced=forced)
 
   def device_scorer(self, layer_threshold: int):

@@ -52,7 +52,12 @@ def test_sparsex_forces_the_first_tokens_of_every_reused_segment():
   # the last one, nearest the new tokens, one)
   sel = sx.SparseX(recompute_ratio=0.2, segment_heads=2).select(plan, 4)
   assert sel.n_select == 3 and list(np.flatnonzero(sel.forced)) == [4, 17]
-  assert sx.SparseX(segment_heads=0).select(plan, 4).forced is None
+  assert sx.SparseX(segment_heads=0, context_heads=0).select(plan, 4).forced is None
+  # segments computed in context (old positions > 0) get context_heads, the others segment_heads
+  moved = dataclasses.replace(plan, old_positions=np.where(np.arange(plan.n) >= 17, 40, 0)
+                              .astype(np.int32))
+  sel = sx.SparseX(recompute_ratio=0.5, segment_heads=1, context_heads=3).select(moved, 4)
+  assert list(np.flatnonzero(sel.forced)) == [4, 17, 18, 19]
   assert sx.SparseXAttention(recompute_ratio=0.2).select(plan, 4).forced is None
   # The last prompt token is a Sparse-Q row: never forced, even at a segment's head.
   tail = _plan([REUSED] * 6 + [NEW] * 2 + [REUSED], [0] * 6 + [1] * 2 + [2])
@@ -69,7 +74,7 @@ def test_segment_heads_fit_the_budget_and_spread_over_the_segments(lengths, head
     labels += [REUSED] * n + [NEW]
     segs += [2 * i] * n + [2 * i + 1]
   plan = _plan(labels, segs)
-  sel = sx.SparseX(recompute_ratio=ratio, segment_heads=heads).select(plan, 4)
+  sel = sx.SparseX(recompute_ratio=ratio, segment_heads=heads, context_heads=heads).select(plan, 4)
   if not heads:
     assert sel.forced is None
     return
@@ -137,6 +142,7 @@ def test_each_method_resolves_to_its_scorer_and_caches():
     ("full", dict(update_caches="no"), "update_caches"),
     ("cacheblend", dict(layer_threshold=0), "check layer"),
     ("sparsex", dict(segment_heads=-1), "segment_heads"),
+    ("sparsex", dict(context_heads=2.5), "context_heads"),
     # a field of another method is an error that names the method's own fields
     ("epic", dict(layer_threshold=2), r"'epic' takes \['read_caches', 'recompute_ratio'"),
     ("cacheblend", dict(segment_heads=2), "cacheblend"),
@@ -159,7 +165,8 @@ def test_methods_are_hashable_and_replaceable():
   b = dataclasses.replace(a, layer_threshold=2, update_caches=False)
   assert (b.recompute_ratio, b.layer_threshold, b.update_caches) == (0.3, 2, False)
   assert a.as_record() == {"mode": "sparsex", "read_caches": True, "update_caches": True,
-                           "recompute_ratio": 0.3, "layer_threshold": None, "segment_heads": 2}
+                           "recompute_ratio": 0.3, "layer_threshold": None, "segment_heads": 2,
+                           "context_heads": 8}
   assert sx.Full().ratio == 0.0 and a.ratio == 0.3
 
 

@@ -275,7 +275,8 @@ def test_default_scores_attention_times_deviation_norm_at_t1(warm_engine):
   attention at layer 0 times the norm of its K/V deviation at layer 1, both against float64
   references from the model functions; the top ceil(r * n) are selected."""
   _, plan = warm_engine.prefill_logits(_request(), reuse=sx.SparseX(
-      recompute_ratio=0.3, layer_threshold=1, segment_heads=0), return_plan=True)
+      recompute_ratio=0.3, layer_threshold=1, segment_heads=0, context_heads=0),
+      return_plan=True)
   attention = _layer0_importance_reference(np.asarray(_full_ids()), 12, plan.sparse_q)
   deviation, _ = _kv_deviation(1)
   want = attention * np.sqrt(deviation)
@@ -291,7 +292,8 @@ def test_default_scores_attention_times_deviation_norm_at_t1(warm_engine):
   # At T = 0 there is no deviation (layer-0 K/V depend only on token and position): attention
   # alone ranks, as the paper's rule does.
   at_zero = [warm_engine.prefill_logits(_request(), reuse=m(recompute_ratio=0.3, layer_threshold=0))
-             for m in (functools.partial(sx.SparseX, segment_heads=0), sx.SparseXAttention)]
+             for m in (functools.partial(sx.SparseX, segment_heads=0, context_heads=0),
+                       sx.SparseXAttention)]
   np.testing.assert_array_equal(at_zero[0], at_zero[1])
 
 
@@ -366,3 +368,46 @@ def test_paper_rule_scores_with_the_tail_queries_and_recomputes_ov_and_tail(warm
   ranked = [p for p in sorted(score, key=lambda p: -score[p])
             if p not in forced and p != len(ids) - 1][:k]
   np.testing.assert_array_equal(plan.selected_positions, sorted(forced + ranked))
+
+
+def _alone_and_in_context(alone_first=True):
+  """A request reusing one segment cached alone (computed from position 0) and one computed in
+  context (after another segment), between new tokens."""
+  eng = _engine()
+  alone, head, in_context = _ids(11, 31), _ids(7, 32), _ids(12, 33)
+  eng.cache_segments([alone])
+  eng.prefill_logits(sx.Request([sx.Segment(head), sx.Segment(in_context)]), sx.SparseX())
+  new_a, new_b = _ids(4, 34), _ids(5, 35)
+  middle = [sx.Segment(alone), sx.Segment(in_context)]
+  request = sx.Request([sx.Segment(new_a, cache=False)] + middle[::1 if alone_first else -1]
+                       + [sx.Segment(new_b, cache=False)])
+  return eng, request, len(new_a), len(alone), len(in_context)
+
+
+def test_default_forces_more_heads_of_segments_computed_in_context():
+  """segment_heads tokens at the head of the segment cached alone, context_heads at the head of
+  the one computed in context, the rest of the budget by score."""
+  eng, request, n_new_a, n_alone, n_in_context = _alone_and_in_context()
+  rule = sx.SparseX(recompute_ratio=0.5, layer_threshold=1, segment_heads=2, context_heads=6)
+  _, plan = eng.prefill_logits(request, rule, return_plan=True)
+  start_alone, start_ctx = n_new_a, n_new_a + n_alone
+  forced = list(range(start_alone, start_alone + 2)) + list(range(start_ctx, start_ctx + 6))
+  reused = plan.reused_positions.tolist()
+  assert set(range(start_alone, start_ctx + n_in_context)) == set(reused)
+  k = math.ceil(0.5 * len(reused))
+  score = dict(zip(reused, plan.scores))
+  ranked = [p for p in sorted(score, key=lambda p: -score[p]) if p not in forced]
+  np.testing.assert_array_equal(plan.selected_positions, sorted(forced + ranked[:k - len(forced)]))
+
+
+def test_heads_that_overflow_the_budget_are_cut_evenly_in_the_engine():
+  """6 + 2 heads in a budget of 6 (r = 0.25 of 23 reused tokens), the segment computed in context
+  first: each segment keeps its first 4 at most (the one cached alone its 2), where a cut by
+  position would give the first segment its 6 and the second, nearer the new tokens, none."""
+  eng, request, n_new_a, _, n_in_context = _alone_and_in_context(alone_first=False)
+  rule = sx.SparseX(recompute_ratio=0.25, layer_threshold=1, segment_heads=2, context_heads=6)
+  _, plan = eng.prefill_logits(request, rule, return_plan=True)
+  assert math.ceil(0.25 * len(plan.reused_positions)) == 6
+  start_ctx, start_alone = n_new_a, n_new_a + n_in_context
+  want = list(range(start_ctx, start_ctx + 4)) + list(range(start_alone, start_alone + 2))
+  np.testing.assert_array_equal(plan.selected_positions, want)

@@ -14,20 +14,22 @@ def test_oracle_rebuilds_the_default_rule_from_the_pools(tmp_path):
   out = str(tmp_path / "oracle")
   # One probe layer beside the rule's: each probes a prefill program of its own (a compile of the
   # real model), and the default five (test_probe_layers_and_the_rules_attention) add no path.
+  # r = 0.40: the quick chat turns are short, and at 0.15 the default's forced heads (8 at the
+  # head of every turn computed in context) would take the whole budget, leaving nothing ranked.
   assert oracle.main(["--quick", "--prompts", "1", "--workloads", "chat", "--probe-layers", "10",
-                      "--out", out]) == 0
+                      "--ratio", "0.4", "--out", out]) == 0
   data = json.load(open(out + ".json"))
   # the default rule reads layers T - 1 and T; the asked one is read beside them
   assert data["meta"]["complete"] and data["meta"]["probe_layers"] == [3, 4, 10]
   (prompt,) = data["prompts"]
   res = prompt["results"]
-  runtime = res["sparsex r=0.15 T=4"]
-  rebuilt = res["oracle attn x dev@T r=0.15 T=4"]
-  # On this one short prompt the default rule does not beat naive reuse (KL 0.0083 vs 0.0081
-  # nats: both small), the paper's rule and the deep-deviation oracle do.
+  runtime = res["sparsex r=0.40 T=4"]
+  rebuilt = res["oracle attn x dev@T r=0.40 T=4"]
+  # On this one short prompt the default rule is not asserted against naive reuse (both KLs are
+  # small); the paper's rule and the deep-deviation oracle beat it.
   assert res["naive"]["kl"] > 0 and runtime["kl"] > 0
-  assert res["sparsex-attention r=0.15 T=4"]["kl"] < res["naive"]["kl"]
-  assert res["oracle dev>=T r=0.15 T=4"]["kl"] < 0.5 * res["naive"]["kl"]
+  assert res["sparsex-attention r=0.40 T=4"]["kl"] < res["naive"]["kl"]
+  assert res["oracle dev>=T r=0.40 T=4"]["kl"] < 0.5 * res["naive"]["kl"]
   # Same tokens recomputed, same program: the same logits up to float32 summation order.
   assert abs(rebuilt["kl"] - runtime["kl"]) <= 1e-3 * res["naive"]["kl"]
   for label, r in res.items():

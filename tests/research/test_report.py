@@ -167,7 +167,25 @@ def test_leave_one_family_out_holds_the_choice_to_the_family_it_did_not_see(rend
     twin["workloads"][w]["methods"][B] = twin["workloads"][w]["methods"][REFERENCE]
   same = selection.leave_one_family_out(twin, [B], REFERENCE, [])
   assert all(f["vs"][REFERENCE]["verdict"] == "identical" for f in same["folds"])
-  assert not same["adopt"]["yes"] and "is identical to" in same["adopt"]["reason"]
+  assert all(f["status"] == "does not apply" for f in same["folds"])
+  assert not same["adopt"]["yes"] and "identical to" in same["adopt"]["reason"]
+  # identical on two families (it does not act there), a win on the other two: the families it
+  # acts on confirm it and none refutes it, so it is adopted
+  local = copy.deepcopy(summary)
+  for w in ("musique", "needle"):
+    local["_draws"][w][B] = local["_draws"][w][REFERENCE].copy()
+    local["workloads"][w]["methods"][B] = local["workloads"][w]["methods"][REFERENCE]
+  part = selection.leave_one_family_out(local, [B], REFERENCE, [])
+  status = {f["family"]: f["status"] for f in part["folds"]}
+  assert status == {"musique": "does not apply", "needle": "does not apply",
+                    "chat": "passes", "agent": "passes"}, status
+  assert part["adopt"]["yes"] and "except on musique, needle" in part["adopt"]["reason"]
+  # ... but a fold where it is identical to the reference and loses to a baseline fails
+  local["_draws"]["needle"]["epic r=0.15"] = local["_draws"]["needle"][REFERENCE] + 0.3
+  worse = selection.leave_one_family_out(local, [B], REFERENCE, ["epic r=0.15"])
+  needle = next(f for f in worse["folds"] if f["family"] == "needle")
+  assert needle["status"] == "fails" and needle["vs"]["epic r=0.15"]["verdict"] == "loses"
+  assert not worse["adopt"]["yes"] and "held out needle" in worse["adopt"]["reason"]
   # the reference as the only candidate is never adopted over itself
   assert not selection.leave_one_family_out(summary, [REFERENCE], REFERENCE, [])["adopt"]["yes"]
   assert selection.parse_labels(f" {A} ;{B};") == [A, B]
