@@ -23,8 +23,18 @@ os.environ.setdefault("SPARSEX_COMPILE_CACHE", "off")
 # Cheaper XLA compiles for every test process, the same flags the tests give the CLI and script
 # processes they start (tests/research/scripts.py says what they do): the tiny and real models'
 # programs compile faster by more than their unoptimised code costs, and every numeric test still
-# holds its tolerance. Set before any test imports jax; a caller's own XLA_FLAGS win.
-os.environ.setdefault("XLA_FLAGS", CHEAP_XLA_FLAGS)
+# holds its tolerance. Set before any test imports jax; a caller's own XLA_FLAGS win. CPU runs
+# only: on the GPU machine (jax 0.11.2, CUDA) these flags made the test process exit with status 1
+# before printing anything (2026-12-07), and they only concern the CPU backend anyway.
+def _gpu_run() -> bool:
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() in ("cuda", "gpu", "rocm")
+  return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")
+
+
+if not _gpu_run():
+  os.environ.setdefault("XLA_FLAGS", CHEAP_XLA_FLAGS)
 
 # One jax compilation cache on disk for the run, in a fresh temporary directory: the many CLI and
 # script processes the tests start, and both xdist workers, compile the same programs of the tiny

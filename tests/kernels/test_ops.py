@@ -145,7 +145,10 @@ def test_compiled_layer_of_whole_pool_equals_per_layer():
   for i in range(n_layers):
     want = all_ops(None, k_all[i], v_all[i])
     for w, got in zip(want, scanned):
+      # bf16 outputs may round differently where XLA fuses the scan's epilogue (one bf16 ulp
+      # in 8192 elements on an H200, 2026-12-07): one ulp is 2^-7 relative
+      rtol = 2.0**-7 if w.dtype == jnp.bfloat16 else 1e-5
       w = np.asarray(jnp.asarray(w, jnp.float32))
       got = np.asarray(jnp.asarray(got[i], jnp.float32))
       assert not np.isnan(got).any()
-      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(got, w, rtol=rtol, atol=1e-5)
