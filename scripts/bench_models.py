@@ -43,16 +43,18 @@ METHODS = [DENSE, "full", DEFAULT_LABEL]
 PAGE = 16
 
 
-def grouped_matmul_in_use(cfg, backend: str) -> str:
-  """Which grouped matmul the MoE experts of cfg run here under the attention backend
-  (pallas_kernels/ops.py: grouped_matmul)."""
+def grouped_matmul_in_use(cfg, backend: str, dtype) -> str:
+  """Which grouped matmul the MoE experts of cfg run here under the attention backend, with
+  weights of `dtype` (pallas_kernels/ops.py: grouped_matmul). The weights' dtype, not the
+  config's: the presets' configs say float32 and the benchmark casts the weights to bf16 (round
+  15 recorded "xla" while the Mosaic kernel ran)."""
   if not cfg.is_moe:
     return "none"
   if resolve_backend(backend) != "pallas":
     return "xla"
   d, f = cfg.d_model, cfg.moe_ffn_dim
-  lhs = jax.ShapeDtypeStruct((1, d), cfg.jnp_dtype)
-  ok = all(grouped.supports(lhs, jax.ShapeDtypeStruct((cfg.n_experts, k, n), cfg.jnp_dtype))
+  lhs = jax.ShapeDtypeStruct((1, d), dtype)
+  ok = all(grouped.supports(lhs, jax.ShapeDtypeStruct((cfg.n_experts, k, n), dtype))
            for k, n in ((d, f), (f, d)))
   return "mosaic" if ok else "xla"
 
@@ -94,7 +96,8 @@ def bench_preset(results, preset, args, ceil):
           "active_params_b": cfg.num_params(active=True) / 1e9,
           "weights_gb": sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9,
           "pool_gb": engine.layout.num_pages * engine.layout.bytes_per_page / 1e9,
-          "grouped_matmul": grouped_matmul_in_use(cfg, args.attention_backend),
+          "grouped_matmul": grouped_matmul_in_use(cfg, args.attention_backend,
+                                                  jax.tree.leaves(params)[0].dtype),
           "init_s": time.perf_counter() - t0}
   results["presets"].append(info)
   print(f"{preset}: {info['params_b']:.1f}B params ({info['active_params_b']:.1f}B active), "
