@@ -289,7 +289,8 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
   keys = ("sparsex_segment_cache_hit_rate", "sparsex_prefix_cache_hit_rate",
           "sparsex_reused_tokens_total", "sparsex_exact_tokens_total",
           "sparsex_recomputed_tokens_total", "sparsex_prompt_tokens_total",
-          "sparsex_generation_tokens_total")
+          "sparsex_generation_tokens_total", "sparsex_compiled_programs",
+          "sparsex_compiling_steps", "sparsex_compile_stall_seconds")
   return {"requests": len(ok), "errors": [r["error"] for r in records if "error" in r],
           "elapsed_s": elapsed,
           "ttft_s": pcts(r["ttft_s"] for r in ok), "tpot_s": pcts(r["tpot_s"] for r in ok),
@@ -321,7 +322,10 @@ def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -
         f"TPOT p50 {fmt(out['tpot_s']['p50'])}, "
         f"{out['throughput']['output_tokens_per_s']:.1f} output tok/s, reused tokens "
         f"{out['server_metrics']['reused_tokens_total']:.0f}, segment hit rate "
-        f"{out['server_metrics']['segment_cache_hit_rate']}", flush=True)
+        f"{out['server_metrics']['segment_cache_hit_rate']}, compiled programs "
+        f"{out['server_metrics']['compiled_programs']} (steps stalled compiling: "
+        f"{out['server_metrics']['compiling_steps']}, "
+        f"{out['server_metrics']['compile_stall_seconds']} s)", flush=True)
   return out
 
 

@@ -102,6 +102,10 @@ class EngineLoop:
     self._stopping = threading.Event()
     self._thread = threading.Thread(target=self._run, name="sparsex-engine", daemon=True)
     self.error: BaseException | None = None  # what ended the thread, if it died
+    # Steps that ran a program this process had not compiled yet, and their wall time: every
+    # request waiting meanwhile waits for the compile (GET /metrics).
+    self.compiling_steps = 0
+    self.compile_stall_s = 0.0
     # A test hook: called (engine thread) with each request's first-token logits [V] float32.
     # Set it before the requests it should see; it copies every prefill's logits to the host.
     self.on_first_logits: Callable[[Handle, np.ndarray], object] | None = None
@@ -241,7 +245,11 @@ class EngineLoop:
     try:
       step = sched.schedule()
       self._complete(sched, step.failed)
+      programs, t0 = self.engine.num_compilations, time.perf_counter()
       result = runner.run(step)
+      if self.engine.num_compilations > programs:
+        self.compiling_steps += 1
+        self.compile_stall_s += time.perf_counter() - t0
       done = sched.update(step, result)
     except Exception as e:  # pylint: disable=broad-except
       # Not a request's failure (those are reported in the StepResult): this batch cannot go on.

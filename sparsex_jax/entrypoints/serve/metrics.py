@@ -41,6 +41,15 @@ class Metrics:
                                  "prefix-cache block lookups that hit (every namespace)",
                                  registry=r)
 
+    self.programs = Gauge("sparsex_compiled_programs",
+                          "distinct device programs the engine has run (each compiled once)",
+                          registry=r)
+    self.compiling_steps = Gauge("sparsex_compiling_steps",
+                                 "engine steps that compiled a new program first", registry=r)
+    self.compile_stall = Gauge("sparsex_compile_stall_seconds",
+                               "wall time of the steps that compiled a new program: every "
+                               "request waiting meanwhile waited for the compiler", registry=r)
+
   def refresh(self, loop, engine) -> None:
     """The gauges, read at scrape time (host counters; approximate while a step runs)."""
     running, waiting = loop.counts()
@@ -51,3 +60,6 @@ class Metrics:
     self.pool_capacity.set(stats["pool"]["capacity_pages"])
     self.segment_hit_rate.set(stats["segment_cache"]["hit_rate"])
     self.prefix_hit_rate.set(stats["prefix_cache"]["hit_rate"])
+    self.programs.set(engine.num_compilations)
+    self.compiling_steps.set(loop.compiling_steps)
+    self.compile_stall.set(loop.compile_stall_s)
