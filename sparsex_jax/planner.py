@@ -194,12 +194,20 @@ def full_attention_kind(cfg: ModelConfig, backend: str) -> str:
 
 def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
                layout: PoolLayout) -> tuple[np.ndarray, np.ndarray]:
-  """Pads slot copies to [n, bucket(longest)] arrays; padding copies slot 0 to the sentinel."""
-  width = bucket(max(s.size for s in src))
-  src_slots = np.zeros((len(src), width), np.int32)
-  dst_slots = np.full((len(src), width), layout.sentinel, np.int32)
-  for i, (s, d) in enumerate(zip(src, dst)):
-    src_slots[i, :s.size], dst_slots[i, :d.size] = s, d
+  """All slot copies in one row, [1, bucket(total)]; padding copies slot 0 to the sentinel
+  (dropped). A copy moves each slot on its own, so rows mean nothing to the program: one row
+  makes the copy's program depend on a single bucketed size. A server commits a different number
+  and length of new segments after almost every prefill, and [copies, longest] shapes compiled a
+  program for most of them while requests waited (round 15's load run)."""
+  total = sum(s.size for s in src)
+  if total != sum(d.size for d in dst):
+    raise ValueError(f"{total} source slots for {sum(d.size for d in dst)} destinations")
+  width = bucket(total)
+  src_slots = np.zeros((1, width), np.int32)
+  dst_slots = np.full((1, width), layout.sentinel, np.int32)
+  if total:
+    src_slots[0, :total] = np.concatenate(src)
+    dst_slots[0, :total] = np.concatenate(dst)
   return src_slots, dst_slots
 
 

@@ -2,6 +2,7 @@
 its static spec, slot copies."""
 
 import numpy as np
+import pytest
 
 from models.config import get_config
 from sparsex_jax import planner
@@ -105,7 +106,13 @@ def test_pad_copies_and_describe():
   layout = PoolLayout.for_model(CFG, page_size=4, num_pages=32)
   src, dst = planner.pad_copies([np.arange(5), np.arange(20, 40)], [np.arange(5) + 50,
                                                                     np.arange(60, 80)], layout)
-  assert src.shape == dst.shape == (2, 32)
-  assert np.all(dst[0, 5:] == layout.sentinel) and np.all(src[0, 5:] == 0)
-  np.testing.assert_array_equal(dst[1, :20], np.arange(60, 80))
+  assert src.shape == dst.shape == (1, 32)  # 25 slots in one row, bucketed
+  np.testing.assert_array_equal(src[0, :25], np.r_[np.arange(5), np.arange(20, 40)])
+  np.testing.assert_array_equal(dst[0, :25], np.r_[np.arange(5) + 50, np.arange(60, 80)])
+  assert np.all(dst[0, 25:] == layout.sentinel) and np.all(src[0, 25:] == 0)
+  # the shape depends on the total alone: 3 copies of 7 and 1 of 21 share a program
+  assert planner.pad_copies([np.arange(7)] * 3, [np.arange(7)] * 3, layout)[0].shape == \
+      planner.pad_copies([np.arange(21)], [np.arange(21)], layout)[0].shape
+  with pytest.raises(ValueError, match="source slots"):
+    planner.pad_copies([np.arange(3)], [np.arange(4)], layout)
 
