@@ -98,8 +98,11 @@ def leave_one_family_out(summary: dict, candidates: list[str], reference: str,
              for other, v in vs.items()
              if v["verdict"] != "wins" and (other == reference
                                             or v["verdict"] not in ("ties", "same", "identical"))]
-    inert = [fail for fail in fails if fail == f"is identical to {reference}"]
-    status = "passes" if not fails else "does not apply" if fails == inert else "fails"
+    baselines_held = all(v["verdict"] in ("wins", "ties", "same", "identical")
+                         for other, v in vs.items() if other != reference)
+    against_reference = vs[reference]["verdict"]
+    status = ("passes" if not fails else
+              "does not apply" if against_reference == "identical" and baselines_held else "fails")
     folds.append({"family": f, "chosen": chosen, "score_others": scores[chosen],
                   "gap": _gap(summary, f, chosen), "reference": _gap(summary, f, reference),
                   "baselines": {b: _gap(summary, f, b) for b in baselines},
@@ -118,7 +121,8 @@ def leave_one_family_out(summary: dict, candidates: list[str], reference: str,
                        for fo in failed) + f"; {stable}"
     yes = False
   elif len(inert) == len(folds):
-    reason = f"every fold's choice is identical to {reference} on the family it did not see; {stable}"
+    reason = (f"every fold's choice is identical to {reference} on the family it did not see; "
+              f"{stable}")
     yes = False
   else:
     reason = (f"every fold's choice beats {reference} and wins or ties every baseline on the "
