@@ -236,3 +236,32 @@ def test_paper_rule_threshold_is_a_fraction_of_the_depth(n_layers, want):
     sx.SparseXPaper(layer_fraction=0.0)
   with pytest.raises(ValueError, match="tail_queries"):
     sx.SparseXPaper(tail_queries=-1)
+
+
+@given(st.lists(st.tuples(st.integers(1, 12), st.booleans()), min_size=1, max_size=8),
+       st.integers(0, 4), st.integers(0, 9), st.floats(0.0, 1.0))
+def test_heads_follow_where_each_segment_was_computed(segments, alone_heads, context_heads, ratio):
+  """Property, segments cached alone and computed in context mixed: each keeps its first
+  min(own, h, length) tokens (own: segment_heads if cached alone, context_heads if its first
+  token's old position is > 0), h the largest cap that fits the budget."""
+  labels, segs, old = [], [], []
+  for i, (n, in_context) in enumerate(segments):
+    labels += [REUSED] * n + [NEW]
+    segs += [2 * i] * n + [2 * i + 1]
+    old += list(range(100 * in_context, 100 * in_context + n)) + [0]
+  plan = dataclasses.replace(_plan(labels, segs), old_positions=np.array(old, np.int32))
+  sel = sx.SparseX(recompute_ratio=ratio, segment_heads=alone_heads,
+                   context_heads=context_heads).select(plan, 4)
+  own = [context_heads if in_context else alone_heads for _, in_context in segments]
+  if not (alone_heads or context_heads):
+    assert sel.forced is None
+    return
+  kept = [int(sel.forced[plan.segment_ids == 2 * i].sum()) for i in range(len(segments))]
+  assert sum(kept) <= sel.n_select
+  fits = [h for h in range(max(own) + 1)
+          if sum(min(o, h, n) for o, (n, _) in zip(own, segments)) <= sel.n_select]
+  h = max(fits)
+  assert kept == [min(o, h, n) for o, (n, _) in zip(own, segments)]
+  for i, k in enumerate(kept):  # the first tokens of each segment
+    idx = np.flatnonzero(plan.segment_ids == 2 * i)
+    assert sel.forced[idx[:k]].all() and not sel.forced[idx[k:]].any()
