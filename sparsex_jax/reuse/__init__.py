@@ -41,5 +41,6 @@ def ReuseConfig(mode: str = "sparsex", **fields) -> ReuseMethod:  # noqa: N802 (
 
 __all__ = ["CacheBlend", "DEFAULT_CONTEXT_HEADS", "DEFAULT_LAYER_THRESHOLD",
            "DEFAULT_RECOMPUTE_RATIO", "DEFAULT_SEGMENT_HEADS", "Epic", "Full", "METHODS", "Naive",
-           "Prefix", "REUSE_MODES", "Random", "ReuseConfig", "ReuseMethod", "ReusePolicy", "Selection", "SparseX",
-           "SparseXAttention", "SparseXPaper", "ceil_fraction", "n_to_select"]
+           "Prefix", "REUSE_MODES", "Random", "ReuseConfig", "ReuseMethod", "ReusePolicy",
+           "Selection", "SparseX", "SparseXAttention", "SparseXPaper", "ceil_fraction",
+           "n_to_select"]
