@@ -132,7 +132,8 @@ async def one_request(client, model: str, messages: list[dict], max_tokens: int,
   record = {"ttft_s": t_first - t0, "e2e_s": t_end - t0, "output_tokens": n,
             "tpot_s": (t_end - t_first) / (n - 1) if n > 1 else None,
             "prompt_tokens": x.get("prompt_tokens"), "reused_tokens": x.get("reused_tokens"),
-            "exact_tokens": x.get("exact_tokens"), "t_sent": t0}
+            "exact_tokens": x.get("exact_tokens"),
+            "continued_tokens": x.get("continued_tokens"), "t_sent": t0}
   return record, answer
 
 
@@ -288,7 +289,7 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
   ok = [r for r in records if "error" not in r]
   keys = ("sparsex_segment_cache_hit_rate", "sparsex_prefix_cache_hit_rate",
           "sparsex_reused_tokens_total", "sparsex_exact_tokens_total",
-          "sparsex_recomputed_tokens_total", "sparsex_prompt_tokens_total",
+          "sparsex_continued_tokens_total", "sparsex_recomputed_tokens_total", "sparsex_prompt_tokens_total",
           "sparsex_generation_tokens_total", "sparsex_compiled_programs",
           "sparsex_compiling_steps", "sparsex_compile_stall_seconds")
   return {"requests": len(ok), "errors": [r["error"] for r in records if "error" in r],

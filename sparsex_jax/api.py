@@ -86,6 +86,8 @@ class RequestStats:
   first_token_s: float = 0.0  # the generate() call's start to this request's first token
   n_prompt: int = 0
   n_exact: int = 0  # prefix-cache hits: referenced, never recomputed or copied
+  n_continued: int = 0  # of those, an earlier prompt's K/V as its reuse computed it (a chat's
+                        # history): the continuation cache
   n_reused: int = 0  # tokens whose KV came from the segment cache
   n_new: int = 0  # computed from scratch at every layer
   n_recomputed: int = 0  # reused tokens selected for recomputation in the sparse layers

@@ -57,6 +57,7 @@ class RequestPlan:
   segment_ids: np.ndarray  # [n] int32 index of the segment each token belongs to
   page_table: np.ndarray  # [n_pages] int32: exact prefix pages, then the request's own pages
   n_exact: int
+  n_continued: int = 0  # the last of the n_exact tokens came from the continuation cache
   n_select: int = 0  # reused tokens to recompute in the sparse layers
   given_score: np.ndarray | None = None  # host scores (epic, random), [n] float32
   forced: np.ndarray | None = None  # [n] bool: selected first (segment heads)
@@ -97,7 +98,7 @@ def plan_request(prompt: Prompt, lease: Lease, policy: ReusePolicy,
       old_positions=np.full(n, -1, np.int32),
       segment_ids=np.concatenate([np.full(s.size, i, np.int32)
                                   for i, s in enumerate(prompt.segments)]),
-      page_table=lease.page_table, n_exact=n_exact)
+      page_table=lease.page_table, n_exact=n_exact, n_continued=lease.n_continued)
   plan.labels[:n_exact] = EXACT
   spans = prompt.spans
   for i, entry in lease.hits.items():

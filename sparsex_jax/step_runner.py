@@ -149,6 +149,7 @@ class StepRunner:
     tokens, reason = result or seq.result()
     stats = RequestStats(
         ttft_s=ttft, first_token_s=first_token_s, n_prompt=plan.n, n_exact=plan.n_exact,
+        n_continued=plan.n_continued,
         n_reused=plan.n_reused, n_new=int(np.sum(plan.labels == NEW)),
         n_recomputed=account.selected_positions.size, n_generated=len(tokens),
         compilations=self.engine.num_compilations)

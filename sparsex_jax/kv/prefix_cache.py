@@ -10,6 +10,14 @@ Reference counts live in the PageAllocator: the cache holds one reference on eac
 `match` takes one more for the caller. A page whose count is 1 is held by the cache alone and can
 be evicted. Eviction order is LRU, leaves first: a block is only evicted once it has no cached
 children, so the cache is always a forest of chains rooted at position 0.
+
+The same structure serves the KV store's continuation cache (`whole_prompts=True`): the blocks of
+earlier prompts from their first approximate block on (a reuse method's K/V), keyed by the same
+chain from position 0 but stored from `first_block` (the blocks before it are the exact cache's),
+and served only to a prompt that continues a whole earlier prompt (a chat's next turn): `match`
+stops at the deepest block that ended an inserted prompt and after which the new prompt goes on
+with that prompt's last tokens (those of its partial last page, never cached). There a block's parent may be absent
+(it is the exact cache's), so child counts are kept per parent key, present or not.
 """
 
 from __future__ import annotations
@@ -63,6 +71,12 @@ def hash_tokens(token_ids: np.ndarray, parent: bytes = ROOT_KEY) -> bytes:
   return h.digest()
 
 
+def _continues(tokens: np.ndarray, start: int, tail: bytes) -> bool:
+  """tokens[start:] begins with `tail` (int32 bytes)."""
+  want = np.frombuffer(tail, np.int32)
+  return tokens.size >= start + want.size and np.array_equal(tokens[start:start + want.size], want)
+
+
 @dataclasses.dataclass(eq=False)
 class _Block:
   key: bytes
@@ -70,19 +84,24 @@ class _Block:
   tokens: np.ndarray  # int32 [page_size], kept to rule out hash collisions on match
   page: int
   depth: int  # block index in its prompt
-  num_children: int = 0
+  # whole_prompts caches: the last tokens (int32 bytes, those of a partial last page) of each
+  # inserted prompt whose last full block this is.
+  tails: set[bytes] = dataclasses.field(default_factory=set)
 
 
 class PrefixCache:
   """Chained-hash cache of full KV pages from position 0, with LRU leaf-first eviction."""
 
-  def __init__(self, allocator: PageAllocator):
+  def __init__(self, allocator: PageAllocator, whole_prompts: bool = False):
+    """whole_prompts: `match` returns only runs that end where an inserted prompt ended."""
     self.allocator = allocator
+    self.whole_prompts = whole_prompts
     self.page_size = allocator.page_size
     # Ordered least recently used first. Invariant: every block comes before its parent (a touch
     # moves the whole chain to the end, parents last), so one forward scan evicts leaves first.
     self._blocks: collections.OrderedDict[bytes, _Block] = collections.OrderedDict()
     self._page_to_key: dict[int, bytes] = {}
+    self._children: collections.Counter[bytes] = collections.Counter()  # cached children per key
     self.hits = 0  # blocks served by match
     self.misses = 0  # full blocks asked for by match but not served
     self.evictions = 0  # blocks evicted
@@ -112,9 +131,9 @@ class PrefixCache:
     for block in reversed(chain):
       self._blocks.move_to_end(block.key)
 
-  def match(self, token_ids, namespace: str = "") -> tuple[np.ndarray, int]:
-    """(pages int32 [m], m * page_size): the longest run of cached full blocks from position 0,
-    among the blocks cached under `namespace`.
+  def match(self, token_ids, namespace: str = "", first_block: int = 0) -> tuple[np.ndarray, int]:
+    """(pages int32 [m], (first_block + m) * page_size): the longest run of cached full blocks
+    from block `first_block` on (0: from position 0), among the blocks cached under `namespace`.
 
     Takes one reference on each returned page for the caller, who decrefs them when the request
     ends. A caller that needs the last prompt token's logits should match token_ids[:-1], so that
@@ -124,20 +143,28 @@ class PrefixCache:
     size = self.page_size
     chain = []
     for i, key in enumerate(self._block_keys(tokens, namespace)):
+      if i < first_block:
+        continue
       block = self._blocks.get(key)
       if block is None or not np.array_equal(block.tokens, tokens[i * size:(i + 1) * size]):
         break
       chain.append(block)
+    if self.whole_prompts:  # back to the end of a whole earlier prompt that this one continues
+      while chain and not any(_continues(tokens, (chain[-1].depth + 1) * size, tail)
+                              for tail in chain[-1].tails):
+        chain.pop()
     self.hits += len(chain)
-    self.misses += len(tokens) // size - len(chain)
+    self.misses += max(len(tokens) // size - first_block, 0) - len(chain)
     pages = np.asarray([b.page for b in chain], np.int32)
     self.allocator.incref(pages)
     self._touch(chain)
-    return pages, len(chain) * size
+    return pages, (first_block + len(chain)) * size if chain else first_block * size
 
-  def insert(self, token_ids, pages, namespace: str = "") -> np.ndarray:
+  def insert(self, token_ids, pages, namespace: str = "", first_block: int = 0) -> np.ndarray:
     """Caches the full blocks of a sequence whose KV lives in `pages` (page i: tokens i*S..i*S+S-1),
-    under `namespace`.
+    under `namespace`; blocks before `first_block` are keyed (the chain runs from position 0)
+    but not stored, and their pages are not looked at. A whole_prompts cache keeps the tokens
+    after the last full block, which a continuing prompt must repeat.
 
     Returns the indices (int32) of the blocks newly cached; the cache takes its own reference on
     each of their pages. A block already cached keeps its cached page (the caller's page for that
@@ -150,8 +177,12 @@ class PrefixCache:
     keys = list(self._block_keys(tokens, namespace))
     if len(pages) < len(keys):
       raise ValueError(f"{len(keys)} full blocks need {len(keys)} pages, got {len(pages)}")
+    if first_block and not self.whole_prompts:
+      raise ValueError("an exact prefix cache stores every block from position 0")
     new = []
     for i, key in enumerate(keys):
+      if i < first_block:
+        continue
       block = self._blocks.get(key)
       if block is None:
         new.append(i)
@@ -172,23 +203,27 @@ class PrefixCache:
     self.allocator.incref(new_pages)
     chain = []
     for i, key in enumerate(keys):
+      if i < first_block:
+        continue
       block = self._blocks.get(key)
       if block is None:
         parent = keys[i - 1] if i else namespace_root(namespace)
         block = _Block(key, parent, tokens[i * size:(i + 1) * size].copy(), int(pages[i]), i)
         self._blocks[key] = block
         self._page_to_key[block.page] = key
-        if i:
-          self._blocks[parent].num_children += 1
+        self._children[parent] += 1
       chain.append(block)
+    if chain and self.whole_prompts:
+      chain[-1].tails.add(tokens[len(keys) * size:].tobytes())
     self._touch(chain)
     return np.asarray(new, np.int32)
 
   def _remove(self, block: _Block) -> int:
     del self._blocks[block.key]
     del self._page_to_key[block.page]
-    if block.depth:
-      self._blocks[block.parent].num_children -= 1
+    self._children[block.parent] -= 1
+    if not self._children[block.parent]:
+      del self._children[block.parent]
     self.evictions += 1
     return self.allocator.decref([block.page])
 
@@ -205,7 +240,7 @@ class PrefixCache:
       if freed >= n_pages:
         break
       block = self._blocks[key]
-      if block.num_children == 0 and self.allocator.refcount(block.page) == 1:
+      if not self._children[block.key] and self.allocator.refcount(block.page) == 1:
         freed += self._remove(block)
     return freed
 
@@ -215,6 +250,7 @@ class PrefixCache:
     pages = self.cached_pages()
     self._blocks.clear()
     self._page_to_key.clear()
+    self._children.clear()
     self.allocator.decref(pages)
 
   def clear(self) -> int:
@@ -247,18 +283,19 @@ class PrefixCache:
         raise AssertionError(msg)
 
     order = {key: i for i, key in enumerate(self._blocks)}
-    children: dict[bytes, int] = collections.defaultdict(int)
+    children: collections.Counter[bytes] = collections.Counter()
     for key, block in self._blocks.items():
       check(block.key == key and self._page_to_key.get(block.page) == key, "page map is stale")
       check(self.allocator.refcount(block.page) >= 1, f"cached page {block.page} is free")
       check(block.page != NULL_PAGE, "the null page is cached")
-      if block.depth:
+      children[block.parent] += 1
+      # A continuation's first stored block has its parent in the exact cache, and a match
+      # from a later block touches only what it returns: neither rule holds there.
+      if block.depth and not self.whole_prompts:
         check(block.parent in self._blocks, "a cached block's parent was evicted")
         check(order[block.parent] > order[key], "a parent is older than its child in LRU order")
-        children[block.parent] += 1
       check(block.key == hash_tokens(block.tokens, block.parent), "block key is not its hash")
-    for key, block in self._blocks.items():
-      check(block.num_children == children[key], "child count is stale")
+    check(children == +self._children, "child count is stale")
     check(len(self._page_to_key) == len(self._blocks), "page map size differs from block count")
 
   def stats(self, bytes_per_page: int = 0) -> dict:

@@ -36,6 +36,18 @@ class LabelledPrompt(Protocol):
 
   labels: np.ndarray  # [n] int8, EXACT / REUSED / NEW
   page_table: np.ndarray  # [n_pages] int32
+  n_exact: int  # prefix tokens referenced through the page table
+  n_continued: int  # the last of them, from the continuation cache (approximate)
+
+
+def continuation_namespace(namespace: str, policy: "ReusePolicy") -> str:
+  """The continuation cache's chains are salted apart from the exact cache's, by namespace (as
+  every cache is) and by the reuse policy that computed them: equal tokens never turn an
+  approximate block into an exact one, and an ablation of r or T never continues another
+  setting's K/V."""
+  fields = sorted((k, v) for k, v in policy.method.as_record().items()
+                  if k not in ("read_caches", "update_caches"))
+  return f"{namespace}\0continuation\0{fields!r}\0T={policy.layer_threshold}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,10 +60,17 @@ class Lease:
   page_size: int
   host_pins: list[HostSegment] = dataclasses.field(default_factory=list)  # pinned in the host tier
   loads: list[HostLoad] = dataclasses.field(default_factory=list)  # host -> pool copies (own pages)
+  # The last pages of exact_pages that came from the continuation cache: an earlier prompt's K/V
+  # as its reuse method computed it (approximate), continued by this prompt.
+  continued_pages: int = 0
 
   @property
   def n_exact(self) -> int:
     return int(self.exact_pages.size) * self.page_size
+
+  @property
+  def n_continued(self) -> int:
+    return self.continued_pages * self.page_size
 
   @property
   def page_table(self) -> np.ndarray:
@@ -97,6 +116,11 @@ class KVStore:
     self.allocator = PageAllocator(layout.num_pages, layout.page_size)
     # Registration order is eviction order: prefix blocks go before segments.
     self.prefix_cache = PrefixCache(self.allocator)
+    # Prompts prefilled with reuse, as computed, for the prompts that continue them (a chat's
+    # next turn): their K/V after the first reused token is approximate, so they never enter the
+    # exact prefix cache, but the next turn must not recompute or re-blend the history the model
+    # already answered from (docs/DESIGN.md, "Continuations").
+    self.continuation_cache = PrefixCache(self.allocator, whole_prompts=True)
     self.segment_cache = SegmentCache(self.allocator)
     self.host_tier = host_tier
     self.page_io = None
@@ -139,10 +163,18 @@ class KVStore:
     self._live[id(lease)] = lease
     try:
       if policy.reads_prefix_cache:
+        last = (n - 1) // layout.page_size  # the last token is always computed
         pages, _ = self.prefix_cache.match(ids, prompt.namespace)
-        keep = min(pages.size, (n - 1) // layout.page_size)  # the last token is always computed
+        keep = min(pages.size, last)
         self.allocator.decref(pages[keep:])
         lease.exact_pages = pages[:keep]
+        if policy.reads_segment_cache:  # a reuse method: continue an earlier prompt's K/V
+          more, _ = self.continuation_cache.match(ids, continuation_namespace(prompt.namespace, policy),
+                                                  first_block=keep)
+          take = min(more.size, last - keep)
+          self.allocator.decref(more[take:])
+          lease.exact_pages = np.concatenate([lease.exact_pages, more[:take]]).astype(np.int32)
+          lease.continued_pages = take
       if policy.reads_segment_cache:
         for i, (start, end, seg_ids, cacheable) in enumerate(prompt.spans):
           if not cacheable or end <= lease.n_exact:
@@ -274,9 +306,11 @@ class KVStore:
     When the `with` block ends cleanly the copied segments are cached; if it raises, their pages
     are freed and nothing is cached.
 
-    Only full blocks before the first reused token become prefix blocks: the K/V after it is
-    approximate and must never be served as an exact hit. Caching is best effort: a full pool
-    skips a segment instead of failing the request.
+    Only full blocks before the first approximate token (the first reused one, or the first of a
+    continuation) become prefix blocks: the K/V after it is approximate and must never be served
+    as an exact hit. A prompt with any approximate K/V goes whole into the continuation cache, for
+    the prompts that continue it. Caching is best effort: a full pool skips a segment instead of
+    failing the request.
     """
     copies, pending = SlotCopies(), []
     layout = self.layout
@@ -284,10 +318,18 @@ class KVStore:
       if policy.writes_prefix_cache:
         n = prompt.token_ids.size
         reused = np.flatnonzero(plan.labels == REUSED)
-        n_blocks = min(int(reused[0]) if reused.size else n, n) // layout.page_size
+        exact_until = int(reused[0]) if reused.size else n
+        if plan.n_continued:  # the continued history is approximate from where it began
+          exact_until = min(exact_until, plan.n_exact - plan.n_continued)
+        n_blocks = exact_until // layout.page_size
         if n_blocks:
           self.prefix_cache.insert(prompt.token_ids[:n_blocks * layout.page_size],
                                    plan.page_table[:n_blocks], prompt.namespace)
+        n_full = n // layout.page_size
+        if policy.reads_segment_cache and n_blocks < n_full:
+          self.continuation_cache.insert(prompt.token_ids, plan.page_table[:n_full],
+                                         continuation_namespace(prompt.namespace, policy),
+                                         first_block=n_blocks)
       if not policy.writes_segment_cache:
         continue
       for start, end, seg_ids, cacheable in prompt.spans:
@@ -324,6 +366,7 @@ class KVStore:
     """The device pool was lost: forget every cached block and segment (live requests keep their
     own references and release them as usual)."""
     self.prefix_cache.drop_all()
+    self.continuation_cache.drop_all()
     self.segment_cache.drop_all()
     for lease in self._live.values():  # their copies went with the pool: never promote them
       for load in lease.loads:
@@ -333,7 +376,14 @@ class KVStore:
     """Drops every cached block and segment that no live request holds; returns pages freed."""
     if self.host_tier is not None:
       self.host_tier.clear()
-    return self.prefix_cache.clear() + self.segment_cache.clear()
+    return (self.prefix_cache.clear() + self.continuation_cache.clear()
+            + self.segment_cache.clear())
+
+  @property
+  def num_cached_pages(self) -> int:
+    """Pages the caches hold (each holds its own pages; no page is in two)."""
+    return (self.prefix_cache.cached_pages().size + self.continuation_cache.cached_pages().size
+            + self.segment_cache.num_pages)
 
   def stats(self, namespace: str | None = None) -> dict:
     """Counters over every namespace (the operator's view); with a namespace, only that
@@ -342,6 +392,7 @@ class KVStore:
     if namespace is not None:
       return {"segment_cache": self.segment_cache.stats(bpp, namespace)}
     out = {"pool": self.allocator.stats(bpp), "prefix_cache": self.prefix_cache.stats(bpp),
+           "continuation_cache": self.continuation_cache.stats(bpp),
            "segment_cache": self.segment_cache.stats(bpp)}
     if self.host_tier is not None:
       out["host_tier"] = self.host_tier.stats()
@@ -351,9 +402,11 @@ class KVStore:
     """Every page's refcount equals the references the caches and the live leases hold."""
     self.allocator.check_invariants()
     self.prefix_cache.check_invariants()
+    self.continuation_cache.check_invariants()
     self.segment_cache.check_invariants()
     held = np.zeros(self.layout.num_pages, np.int64)
-    for pages in (self.prefix_cache.cached_pages(), self.segment_cache.cached_pages()):
+    for pages in (self.prefix_cache.cached_pages(), self.continuation_cache.cached_pages(),
+                  self.segment_cache.cached_pages()):
       np.add.at(held, pages.astype(np.int64), 1)
     pins: dict[str, int] = {}
     for lease in self._live.values():

@@ -27,8 +27,7 @@ def _clean_pool(eng):
   """Only the caches hold pages; nothing is pinned (no live request left anything behind)."""
   eng.store.check_invariants()
   assert not eng.store._live
-  cached = (eng.store.prefix_cache.cached_pages().size + eng.store.segment_cache.num_pages)
-  assert eng.store.allocator.num_used == cached
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages
   assert all(eng.store.segment_cache.get(k).pin_count == 0 for k in eng.store.segment_cache.keys())
 
 
@@ -223,6 +222,12 @@ def test_7_caches_can_be_cleared_or_bypassed_and_outputs_say_where_kv_came_from(
   assert eng.clear_caches() > 0 and eng.store.allocator.num_used == 0
   eng.cache_segments([doc])
   np.testing.assert_array_equal(eng.prefill_logits(req, reuse=sparsex), want)
+  # The same prompt again continues the one before (the continuation cache): its 16 approximate
+  # tokens after the 12 exact ones are referenced as they were computed, nothing is reused anew.
+  again = eng.generate([req], GREEDY, reuse=sparsex)[0]
+  assert (again.stats.n_exact, again.stats.n_continued, again.stats.n_reused) == (28, 16, 0)
+  assert eng.clear_caches() > 0 and eng.store.allocator.num_used == 0
+  eng.cache_segments([doc])
   out = eng.generate([req], GREEDY, reuse=sparsex)[0]
   labels = out.prefill.labels
   assert out.stats.n_reused == 14 and np.all(labels[12:26] == 1) and np.all(labels[26:] == 2)

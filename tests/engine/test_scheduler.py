@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+import sparsex_jax as sx
 from sparsex_jax.api import RequestOutput
 from sparsex_jax.kv import KVStore, PoolExhausted, PoolLayout
 from sparsex_jax.planner import NEW
@@ -28,7 +29,8 @@ PAGE = 4
 # What the store reads of a reuse policy: every cache read and written (pins and prefix pages
 # are part of the books), or none.
 REUSE = types.SimpleNamespace(reads_prefix_cache=True, reads_segment_cache=True,
-                              writes_prefix_cache=True, writes_segment_cache=True)
+                              writes_prefix_cache=True, writes_segment_cache=True,
+                              method=sx.Naive(), layer_threshold=0)
 NO_REUSE = types.SimpleNamespace(reads_prefix_cache=False, reads_segment_cache=False,
                                  writes_prefix_cache=False, writes_segment_cache=False)
 RNG = np.random.default_rng(0)
@@ -80,7 +82,8 @@ class FakeRunner:
         return StepResult(prefill_error=RuntimeError(f"prefill of {group}"),
                           pool_lost=self._lost())
       plans = [types.SimpleNamespace(labels=np.full(r.prompt.token_ids.size, NEW, np.int8),
-                                     page_table=lease.page_table)
+                                     page_table=lease.page_table, n_exact=lease.n_exact,
+                                     n_continued=lease.n_continued)
                for r, lease in zip(step.prefill, step.leases)]
       with self.store.commit([r.prompt for r in step.prefill], plans, self.policy):
         pass

@@ -134,7 +134,8 @@ def test_epic_selects_first_tokens_of_each_segment(warm_engine):
 
 
 def test_batch_of_mixed_requests_matches_one_by_one(warm_engine):
-  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+  # Nothing stored: each single run sees the caches the batch saw (and continues none of it).
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3, update_caches=False)
   reqs = [_request(), sx.Request([sx.Segment(DOC_C), sx.Segment(QUESTION, cache=False)]),
           sx.Request([sx.Segment(_ids(7, 3), cache=False), sx.Segment(DOC_A)])]
   sp = sx.SamplingParams(max_new_tokens=4, ignore_eos=True)
@@ -411,3 +412,26 @@ def test_heads_that_overflow_the_budget_are_cut_evenly_in_the_engine():
   start_ctx, start_alone = n_new_a, n_new_a + n_in_context
   want = list(range(start_ctx, start_ctx + 4)) + list(range(start_alone, start_alone + 2))
   np.testing.assert_array_equal(plan.selected_positions, want)
+
+
+def test_the_next_chat_turn_continues_the_last_one_as_its_decoding_saw_it(warm_engine):
+  """A prompt that starts with a whole earlier prompt of the same method continues that prompt's
+  K/V as it was computed (the continuation cache): the history is neither recomputed nor
+  re-blended, so the next turn sees exactly what the decoding of the last one saw. The turn's
+  prompt is the last one and all but the last of its answer's tokens: its first token must be
+  the answer's last, and nothing of the history may be reused anew."""
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
+  last = warm_engine.generate([_request()], sp, reuse=reuse)[0]
+  assert last.stats.n_reused > 0 and last.stats.n_continued == 0
+  turn = sx.Request(_request().segments + (sx.Segment(last.token_ids[:-1], cache=False),))
+  nxt = warm_engine.generate([turn], sx.SamplingParams(max_new_tokens=1), reuse=reuse)[0]
+  n_full = len(_full_ids()) // 4 * 4  # the last prompt's full pages; its partial one is computed
+  assert (nxt.stats.n_exact, nxt.stats.n_reused) == (n_full, 0)
+  assert nxt.stats.n_continued == n_full - len(SYSTEM)  # the system prompt's pages are exact
+  assert nxt.token_ids == last.token_ids[-1:]
+  # Another setting of the method does not continue it: the history is reused and blended anew.
+  other = warm_engine.generate([turn], sx.SamplingParams(max_new_tokens=1),
+                               reuse=sx.ReuseConfig("sparsex", layer_threshold=1,
+                                                    recompute_ratio=0.5))[0]
+  assert other.stats.n_continued == 0 and other.stats.n_reused > 0

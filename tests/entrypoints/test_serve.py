@@ -296,8 +296,7 @@ def test_concurrent_requests_with_cancellations_are_whole_and_leave_no_page_held
   store = server.engine.store
   store.check_invariants()
   assert not store._live  # no lease left: every page is free or held by a cache
-  assert server.engine.stats()["pool"]["pages_used"] == (
-      store.prefix_cache.num_cached_blocks + store.segment_cache.num_pages)
+  assert server.engine.stats()["pool"]["pages_used"] == store.num_cached_pages
 
 
 def test_health_models_and_metrics(server):
@@ -481,8 +480,7 @@ def test_mixed_reuse_methods_under_pool_pressure_wait_for_pages_and_all_complete
     store = engine.store
     store.check_invariants()
     assert not store._live  # every page is free or held by a cache
-    assert engine.stats()["pool"]["pages_used"] == (
-        store.prefix_cache.num_cached_blocks + store.segment_cache.num_pages)
+    assert engine.stats()["pool"]["pages_used"] == store.num_cached_pages
 
 
 def test_tp2_server_on_two_fake_devices_answers_a_chat_as_the_unsharded_engine():

@@ -87,17 +87,61 @@ def test_prefix_blocks_stop_at_the_first_reused_token():
   assert store.allocator.num_used == 0
 
 
+def _continued(prompt, *more, namespace=""):
+  """The prompt's next turn: its segments, then `more` (an answer, a question), not cacheable."""
+  extra = tuple(np.asarray(m, np.int32) for m in more)
+  return Prompt(prompt.segments + extra, prompt.cacheable + (False,) * len(extra),
+                namespace=namespace or prompt.namespace)
+
+
+def test_a_continuation_serves_a_whole_earlier_prompt_and_never_as_exact():
+  store = _store(num_pages=40)
+  sparsex = POLICIES["sparsex"]
+  _run(store, [_prompt([2])], sparsex)  # segment 2 cached in context
+  first = _prompt([3, 2])  # 18 tokens: 9 new, then 2 reused (approximate from token 9)
+  _run(store, [first], sparsex)
+  assert len(store.prefix_cache) == 2 + 2  # only the 2 blocks before the reuse are exact
+  assert len(store.continuation_cache) == 4 - 2  # the rest of its 4 full blocks, as computed
+  turn = _continued(first, [41, 42, 43], [7, 9])  # 23 tokens
+  (plan,) = _run(store, [turn], sparsex)
+  assert (plan.n_exact, plan.n_continued, plan.n_reused) == (16, 8, 0)
+  np.testing.assert_array_equal(plan.labels[:16], 0)
+  # Its own K/V builds on approximate history: none of it becomes exact, all of it continuable.
+  assert len(store.prefix_cache) == 4 and len(store.continuation_cache) == 3
+  assert _run(store, [_continued(turn, [5, 5, 5, 5, 5])], sparsex)[0].n_continued == 12
+  # Never served to: an exact-only method, another setting, another namespace, a prompt that
+  # shares only the start of the earlier one (its question differs), or one whose earlier
+  # prompt was stored under update_caches=False.
+  forked = _run(store, [_prompt([3, 2], question=(7, 5, 5, 5))], sparsex)[0]
+  assert forked.n_continued == 0 and forked.n_reused == 1 + 7  # seg 3's last token, seg 2
+  assert _run(store, [turn], POLICIES["prefix"])[0].n_exact == 8
+  other = ReuseConfig("sparsex", recompute_ratio=0.5).resolve(CFG)
+  assert _run(store, [turn], other)[0].n_continued == 0
+  assert _run(store, [_continued(turn, namespace="tenant-b")], sparsex)[0].n_continued == 0
+  quiet = ReuseConfig("sparsex", update_caches=False).resolve(CFG)
+  before = len(store.continuation_cache)
+  _run(store, [_continued(_prompt([4, 2]), [1, 2, 3])], quiet)
+  assert len(store.continuation_cache) == before
+  store.check_invariants()
+  assert store.clear() > 0 and store.allocator.num_used == 0
+
+
 jobs = st.lists(st.tuples(
     st.lists(st.lists(st.integers(0, 4), max_size=3, unique=True), min_size=1, max_size=3),
-    st.sampled_from(sorted(POLICIES)), st.booleans()), min_size=1, max_size=12)
+    st.sampled_from(sorted(POLICIES)), st.sampled_from([False, True, None])),
+    min_size=1, max_size=12)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(jobs)
 def test_random_jobs_keep_refcounts_equal_to_holders(job):
   store = _store(num_pages=20)
+  last = []
   for seg_lists, mode, fail in job:
     prompts = [_prompt(s) for s in seg_lists]
+    if fail is None:  # the next turn of the last step's prompts: the continuation cache
+      prompts, fail = [_continued(p, [9, 9, 9, 9, 9]) for p in last] or prompts, False
+    last = prompts
     try:
       _run(store, prompts, POLICIES[mode], fail_in_commit=fail)
     except (PoolExhausted, RuntimeError):

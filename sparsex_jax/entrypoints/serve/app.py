@@ -72,6 +72,7 @@ class Server:
     self.metrics.generation_tokens.inc(len(output.token_ids))
     self.metrics.reused_tokens.inc(s.n_reused)
     self.metrics.exact_tokens.inc(s.n_exact)
+    self.metrics.continued_tokens.inc(s.n_continued)
     self.metrics.recomputed_tokens.inc(s.n_recomputed)
     if t1 is not None and len(output.token_ids) > 1:
       self.metrics.tpot.observe((now - t1) / (len(output.token_ids) - 1))
@@ -283,7 +284,7 @@ class Answer:
     if self.output is not None and self.output.error is None:
       s = self.output.stats
       out |= {"prompt_tokens": s.n_prompt, "exact_tokens": s.n_exact,
-              "reused_tokens": s.n_reused, "recomputed_tokens": s.n_recomputed,
+              "continued_tokens": s.n_continued, "reused_tokens": s.n_reused, "recomputed_tokens": s.n_recomputed,
               "new_tokens": s.n_new}
     return out
 
@@ -296,7 +297,7 @@ class Answer:
     h = {"x-sparsex-reuse": self.handle.reuse.mode}
     if body is not None:
       x = body["x_sparsex"]
-      for name in ("exact_tokens", "reused_tokens", "recomputed_tokens"):
+      for name in ("exact_tokens", "continued_tokens", "reused_tokens", "recomputed_tokens"):
         if name in x:
           h[f"x-sparsex-{name.replace('_', '-')}"] = str(x[name])
     return h

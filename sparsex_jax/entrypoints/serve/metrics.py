@@ -20,8 +20,12 @@ class Metrics:
                                      registry=r)
     self.reused_tokens = Counter("sparsex_reused_tokens",
                                  "prompt tokens whose KV came from the segment cache", registry=r)
-    self.exact_tokens = Counter("sparsex_exact_tokens", "prompt tokens hit in the prefix cache",
-                                registry=r)
+    self.exact_tokens = Counter("sparsex_exact_tokens",
+                                "prompt tokens referenced from a prefix: the prefix cache's exact "
+                                "blocks and the continuation cache's", registry=r)
+    self.continued_tokens = Counter("sparsex_continued_tokens",
+                                    "of those, an earlier prompt's K/V as its reuse computed it "
+                                    "(the continuation cache: a chat's history)", registry=r)
     self.recomputed_tokens = Counter("sparsex_recomputed_tokens",
                                      "reused tokens recomputed in the sparse layers", registry=r)
     self.ttft = Histogram("sparsex_time_to_first_token_seconds",
