@@ -305,8 +305,12 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
 def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -> dict:
   server = ServerProcess(args, reuse)
   try:
-    warm = programs(dataclasses.replace(shape, sessions=1, pipelines=1, turns=1, agents=1),
-                    seed=args.seed + 99)  # compiles the programs before the clock runs
+    # Compiles the programs before the clock runs: two sessions of two turns and a pipeline of
+    # two agents, concurrently, so the shapes of first turns, of continued turns, of agents that
+    # reuse another's output and of batches of a few prefills are met once (the same for every
+    # configuration; a long-running server meets them once in its life).
+    warm = programs(dataclasses.replace(shape, sessions=2, pipelines=1, turns=2, agents=2),
+                    seed=args.seed + 99)
     asyncio.run(run_workload(server.url, "bench", warm, shape, 1e6, args.seed))
     before = server.metrics()
     records, elapsed = asyncio.run(run_workload(server.url, "bench", progs, shape, rate,

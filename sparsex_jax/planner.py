@@ -173,11 +173,16 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   # No request selects anything: the host's (empty) choice is all there is.
   scorer = policy.scorer if any(p.n_select for p in plans) else None
   n_late_q = [int(p.sparse_q[p.n_exact:].sum()) for p in plans]
-  n_probe = bucket(max(int(p.scoring_rows.sum()) for p in plans))
+  n_active = bucket(max(q + p.n_select for q, p in zip(n_late_q, plans)))
+  uses_probe = scorer is not None and scorer.uses_probe
+  if uses_probe:
+    # One bucket for both: the scoring rows' attention at two layers costs about 1% of the
+    # sparse layers it serves even at n_active rows, while each (n_active, n_probe) pair is a
+    # program a server compiles while its requests wait (round 15's load run).
+    n_active = max(n_active, bucket(max(int(p.scoring_rows.sum()) for p in plans)))
   return PrefillSpec(
-      layer_threshold=layer_threshold, scorer=scorer,
-      n_active=bucket(max(q + p.n_select for q, p in zip(n_late_q, plans))),
-      n_probe=n_probe if scorer is not None and scorer.uses_probe else 0,
+      layer_threshold=layer_threshold, scorer=scorer, n_active=n_active,
+      n_probe=n_active if uses_probe else 0,
       assemble=any_reused, backend=backend,
       full_attention=full_attention_kind(cfg, backend) if layer_threshold > 0 else "paged",
       prefix_keys=any(p.n_exact > 0 for p in plans))

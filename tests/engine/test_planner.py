@@ -70,9 +70,11 @@ def test_labels_from_cache_hits_and_selection_counts():
     np.testing.assert_array_equal(batch.delta[0, 9:22], np.arange(17, 30) - (40 + j))
     assert batch.reused[0].sum() == 13 and batch.last_index[0] == m - 1 and batch.kv_len[0] == n
     assert (spec.layer_threshold, spec.scorer, spec.assemble) == (1, policy.scorer, True)
-    assert spec.n_active == planner.bucket(int(plan.sparse_q[8:].sum()) + 7)
-    # the default reads the Sparse-Q rows' attention through the probe (their lse recomputed)
-    assert spec.n_probe == planner.bucket(int(plan.sparse_q.sum()))
+    # The default reads the Sparse-Q rows' attention through the probe (their lse recomputed),
+    # in the active set's bucket: one program per (tokens, active) pair, not per triple.
+    want = max(planner.bucket(int(plan.sparse_q[8:].sum()) + 7),
+               planner.bucket(int(plan.sparse_q.sum())))
+    assert spec.n_active == spec.n_probe == want
     # CacheBlend reads the K/V deviation alone: no probe
     blend = ReuseConfig("cacheblend", recompute_ratio=0.5).resolve(CFG)
     plan.given_score, plan.forced = None, None
