@@ -129,6 +129,9 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
     if name not in args.scenarios:
       continue
     eng = mk(host_cache_bytes=args.host_bytes, host_cache_dtype=dtype)
+    # The engine cuts host copies at its default threshold; cut them at the one measured (the
+    # smoke run's T = 2, or --threshold), so that a load stages layers [T, L) alone.
+    eng.host_tier.split_layer = policy.layer_threshold
     eng.cache_segments(passages, batch_size=args.batch_size)
     evict = lambda e=eng: e.store.segment_cache.evict(1 << 40)  # noqa: E731
     with _serial_loads(eng) if name == "host-serial" else contextlib.nullcontext():

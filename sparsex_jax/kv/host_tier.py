@@ -10,16 +10,23 @@ Host side, plain numpy (never traced). Three tiers hold a segment's K/V, nearest
   is configured) or are dropped and counted (`dropped`): a segment is never lost unreported.
 - Up: a request whose segment misses the pool but hits here gets it copied into fresh pool pages
   before its prefill (KVStore._lease plans the copy as a `HostLoad`; the step runner issues it).
-  Only layers [T, L) are copied for a policy with layer threshold T: the full layers [0, T)
+  Only layers [T, L) are needed for a policy with layer threshold T: the full layers [0, T)
   recompute every reused token and write their fresh K/V before any attention reads it, so the
-  cached K/V of those layers is never read (docs/TIERS.md).
+  cached K/V of those layers is never read (docs/TIERS.md). Only those are written to the pool;
+  what crosses the bus is the stored array(s) that hold them (Layout, below).
 
 Pins: a segment a lease is loading is pinned (never evicted or spilled) until the lease is
 released. A segment is in the pool or here, never both (the KV store moves it).
 
-Layout: each segment's K and V are kept one array per layer ([K, n, S, H]), so a load moves
-layers [T, L) without touching [0, T), and with n padded once, when the segment arrives, to the
-page bucket the copy program compiles for (`stored_pages`), so a load copies nothing on the host.
+Layout: each segment's K and V are kept as at most two arrays along the layers, [0, split) and
+[split, L) ([l, K, n, S, H] each), `split` the tier's split layer: the engine's default layer
+threshold T. A load for that T stages the [split, L) array alone: one transfer per K or V, not
+one per layer (round 15 kept one array per layer: issuing 56 per Llama-3-8B segment took about
+48 ms of host time per 8K request on the H200, about 57 us an array, docs/TIERS.md). A T above
+the split stages the [split, L) array and the write program drops layers [split, T) on the
+device (bytes_moved counts them); a T below it stages both arrays. n is padded once, when the
+segment arrives, to the page bucket the copy program compiles for (`stored_pages`), so a load
+copies nothing on the host.
 On a GPU the arrays live in page-locked host memory (`host_memory`): the copy to the device
 is then a DMA that runs while the host goes on, at the bus's speed, instead of jax staging
 pageable numpy through its own buffer (which took 8 ms per 59 MB segment on the H100, about
@@ -77,31 +84,48 @@ def stored_pages(n_pages: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StoredKV:
-  """K or V of one segment as the host tier keeps it, one array per layer: values [K, n, S, H]
-  and, when they are 8-bit, float32 scales [K, n, S, 1] (one per token row and kv head). The
+  """K or V of one segment as the host tier keeps it, or the part of it a load stages: values in
+  consecutive layer ranges from start_layer up to the segment's last layer, one array per range
+  ([l, K, n, S, H]; the tier keeps at most two, split at its split layer) and, when they are
+  8-bit, float32 scales split the same way ([l, K, n, S, 1], one per token row and kv head). The
   arrays are numpy or jax arrays in pinned host memory (`staged`, `host_memory`)."""
 
   values: tuple
   scale: tuple | None = None
+  start_layer: int = 0  # the layer values[0] begins with
 
   @property
   def nbytes(self) -> int:
     return sum(int(x.nbytes) for x in self.values + (self.scale or ()))
 
   @property
-  def n_layers(self) -> int:
-    return len(self.values)
+  def end_layer(self) -> int:
+    """One past the last layer held (L for a whole segment)."""
+    return self.start_layer + sum(int(x.shape[0]) for x in self.values)
 
-  def layers(self, first: int) -> "StoredKV":
-    """Layers [first, L): the same arrays, no copy."""
-    return StoredKV(self.values[first:], None if self.scale is None else self.scale[first:])
+  def covering(self, first: int) -> "StoredKV":
+    """The arrays that hold layers [first, L), whole (no copy): from the one holding layer
+    `first` on, so its start_layer may be below `first` (what a load stages and moves)."""
+    start, i = self.start_layer, 0
+    while i < len(self.values) and start + int(self.values[i].shape[0]) <= first:
+      start += int(self.values[i].shape[0])
+      i += 1
+    return StoredKV(self.values[i:], None if self.scale is None else self.scale[i:], start)
 
   def staged(self, memory) -> "StoredKV":
     """The same K or V in `memory` (a jax sharding: pinned host memory); one batched copy."""
     import jax  # the host tier itself is numpy; only staging needs jax
     leaves = jax.device_put(list(self.values + (self.scale or ())), memory)
     n = len(self.values)
-    return StoredKV(tuple(leaves[:n]), None if self.scale is None else tuple(leaves[n:]))
+    return StoredKV(tuple(leaves[:n]), None if self.scale is None else tuple(leaves[n:]),
+                    self.start_layer)
+
+
+def split_layers(x, split_layer: int) -> tuple:
+  """x [L, ...] as the tier keeps it: (x[:split], x[split:]) for 0 < split < L, else (x,)."""
+  if 0 < split_layer < x.shape[0]:
+    return (np.ascontiguousarray(x[:split_layer]), np.ascontiguousarray(x[split_layer:]))
+  return (np.ascontiguousarray(x),)
 
 
 def _fp8():
@@ -109,10 +133,10 @@ def _fp8():
   return ml_dtypes.float8_e4m3fn
 
 
-def quantize(x: np.ndarray, host_dtype: str) -> StoredKV:
-  """x [L, ..., H] in host_dtype ("native": kept as it is), one array per layer."""
+def quantize(x: np.ndarray, host_dtype: str, split_layer: int = 0) -> StoredKV:
+  """x [L, ..., H] in host_dtype ("native": kept as it is), in the arrays `split_layers` cuts."""
   if host_dtype == "native":
-    return StoredKV(tuple(np.ascontiguousarray(layer) for layer in x))
+    return StoredKV(split_layers(x, split_layer))
   if host_dtype not in HOST_DTYPES:
     raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_dtype!r}")
   x = np.asarray(x, np.float32)
@@ -124,16 +148,16 @@ def quantize(x: np.ndarray, host_dtype: str) -> StoredKV:
     values = np.clip(np.rint(scaled), -_INT8_MAX, _INT8_MAX).astype(np.int8)
   else:
     values = np.clip(scaled, -_FP8_MAX, _FP8_MAX).astype(_fp8())
-  return StoredKV(tuple(values), tuple(scale))
+  return StoredKV(split_layers(values, split_layer), split_layers(scale, split_layer))
 
 
 def dequantize(stored: StoredKV, dtype=np.float32) -> np.ndarray:
-  """The values back in `dtype`, [L, ...] (the host-side twin of write_page_layers' device
-  dequantise)."""
-  values = np.stack([np.asarray(x) for x in stored.values])
+  """The values back in `dtype`, layers [stored.start_layer, L) (the host-side twin of
+  write_page_layers' device dequantise)."""
+  values = np.concatenate([np.asarray(x) for x in stored.values])
   if stored.scale is None:
     return values.astype(dtype, copy=False)
-  scale = np.stack([np.asarray(x) for x in stored.scale])
+  scale = np.concatenate([np.asarray(x) for x in stored.scale])
   return (values.astype(np.float32) * scale).astype(dtype)
 
 
@@ -179,9 +203,11 @@ class HostLoad:
 
   @property
   def nbytes(self) -> int:
-    """Bytes this load moves to the device (layers [first_layer, L), K and V, with scales)."""
-    return self.source.k.layers(self.first_layer).nbytes + \
-        self.source.v.layers(self.first_layer).nbytes
+    """Bytes this load moves to the device: the arrays that hold layers [first_layer, L), K and V
+    with their scales (layers [first_layer, L) exactly when first_layer is the tier's split
+    layer; below first_layer too when the array it falls in begins lower)."""
+    return self.source.k.covering(self.first_layer).nbytes + \
+        self.source.v.covering(self.first_layer).nbytes
 
 
 # spill(segment) -> True if the segment is now in the tier below (disk), False if it was dropped.
@@ -192,8 +218,11 @@ class HostTier:
   """key -> HostSegment, LRU under a byte budget, with pins; overflow goes to `spill`."""
 
   def __init__(self, budget_bytes: int, host_dtype: str = "native", spill: Spill | None = None,
-               memory=None):
-    """memory: a jax sharding in pinned host memory to keep the arrays in (None: numpy)."""
+               memory=None, split_layer: int = 0):
+    """memory: a jax sharding in pinned host memory to keep the arrays in (None: numpy).
+    split_layer: where each segment's K and V are cut in two (the layer threshold most loads
+    use, so that they stage one array each; 0 or >= L: kept whole). Segments keep the cut they
+    were stored with, so changing it affects only those put afterwards."""
     if int(budget_bytes) < 0:
       raise ValueError(f"host_cache_bytes must be >= 0, got {budget_bytes}")
     if host_dtype not in HOST_DTYPES:
@@ -202,6 +231,7 @@ class HostTier:
     self.host_dtype = host_dtype
     self.spill = spill
     self.memory = memory
+    self.split_layer = int(split_layer)
     self._entries: collections.OrderedDict[str, HostSegment] = collections.OrderedDict()
     self.bytes_used = 0
     self.hits = 0  # lookups that found the segment here
@@ -212,7 +242,7 @@ class HostTier:
     self.dropped: set[str] = set()  # keys dropped for want of room and of a disk tier
     self.loads = 0  # host -> pool copies issued
     self.failed_loads = 0  # copies whose transfer or pool write failed (their request failed)
-    self.bytes_moved = 0  # bytes of those copies (only layers [T, L))
+    self.bytes_moved = 0  # bytes those copies staged (layers [T, L), from split_layer if T > it)
     self.bytes_all_layers = 0  # what the same copies would have moved with every layer
     self.load_issue_s = 0.0  # host time to issue the copies (they complete on the device)
     self.spill_read_s = 0.0  # host time reading evicted pages off the device (a blocking read)
@@ -258,7 +288,7 @@ class HostTier:
       return True
     n_pages = int(k.shape[2])
     k, v = layout.pad_pages(k, stored_pages(n_pages)), layout.pad_pages(v, stored_pages(n_pages))
-    k, v = quantize(k, self.host_dtype), quantize(v, self.host_dtype)
+    k, v = (quantize(x, self.host_dtype, self.split_layer) for x in (k, v))
     if self.memory is not None:
       k, v = k.staged(self.memory), v.staged(self.memory)
     seg = HostSegment(key, _read_only(tokens), _read_only(np.asarray(positions, np.int32)),
@@ -348,6 +378,7 @@ class HostTier:
     return {
         "budget_bytes": self.budget_bytes, "dtype": self.host_dtype,
         "memory": "numpy" if self.memory is None else self.memory.memory_kind,
+        "split_layer": self.split_layer,
         "entries": len(self._entries),
         "pinned_entries": sum(1 for s in self._entries.values() if s.pin_count),
         "bytes_used": self.bytes_used, "hits": self.hits, "misses": self.misses,
@@ -371,11 +402,11 @@ def start_loads(tier: HostTier, loads, io) -> None:
   prefill's full layers, which never read layers [T, L) of a reused segment."""
   with _failing_loads(tier, loads):
     for load in loads:
-      if load.written or load.staged is not None or load.first_layer >= load.source.k.n_layers:
+      if load.written or load.staged is not None or load.first_layer >= load.source.k.end_layer:
         continue
       t0 = time.perf_counter()
-      load.staged = io.stage_page_layers(load.source.k.layers(load.first_layer),
-                                         load.source.v.layers(load.first_layer))
+      load.staged = io.stage_page_layers(load.source.k.covering(load.first_layer),
+                                         load.source.v.covering(load.first_layer))
       load.issue_s += time.perf_counter() - t0
 
 

@@ -160,24 +160,24 @@ class KVPool:
 
   def stage_page_layers(self, k, v) -> tuple:
     """Starts the host-to-device copies of a host-tier segment's layers (its StoredKV k, v: one
-    array per layer, [K, n, S, H], 8-bit ones with scales) with one batched jax.device_put (DMAs
-    from pinned host memory on a GPU) -> the device arrays, for write_page_layers. Nothing here
-    waits: programs dispatched before write_page_layers (the prefill's full layers) run while
-    the copies do."""
+    or two arrays [l, K, n, S, H] of consecutive layers, 8-bit ones with scales) with one
+    batched jax.device_put (DMAs from pinned host memory on a GPU) -> the device arrays, for
+    write_page_layers. Nothing here waits: programs dispatched before write_page_layers (the
+    prefill's full layers) run while the copies do."""
     if self.mesh is not None:
       raise NotImplementedError("the host tier does not run under a mesh yet")
     leaves = [k.values, v.values, k.scale or (), v.scale or ()]
     return tuple(tuple(x) for x in jax.device_put(leaves, self.arrays["k"].sharding))
 
   def write_page_layers(self, pages, staged, first_layer: int) -> None:
-    """Dispatches the program that writes staged layers [first_layer, L) (stage_page_layers)
-    into whole pool pages; the host tier pads each segment once to its page bucket, so the
-    staged arrays may hold more pages than `pages` (the rest are dropped). Programs dispatched
-    after it run after it."""
+    """Dispatches the program that writes layers [first_layer, L) of the staged arrays
+    (stage_page_layers; they may begin below first_layer) into whole pool pages; the host tier
+    pads each segment once to its page bucket, so the staged arrays may hold more pages than
+    `pages` (the rest are dropped). Programs dispatched after it run after it."""
     from sparsex_jax.programs.copy import write_page_layers
     k_values, v_values, k_scale, v_scale = staged
     pages = np.asarray(pages, np.int32)
-    n = int(k_values[0].shape[1])
+    n = int(k_values[0].shape[2])
     if n < pages.size:
       raise ValueError(f"host copy holds {n} pages, the lease has {pages.size}")
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped

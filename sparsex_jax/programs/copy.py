@@ -44,18 +44,30 @@ def write_pages(pool, pages, k, v):
 def write_page_layers(pool, pages, k, v, k_scale, v_scale, *, first_layer):
   """Writes layers [first_layer, L) of whole pages [n] -> (pool, None) (the host tier's load).
 
-  k, v: one array per layer [K, n, S, H] (a sequence of L - first_layer), in the pool's dtype or
-  8-bit with float32 scales [K, n, S, 1] (None for no scale), dequantised here on the device so
-  that only the 8-bit values cross to it. Layers [0, first_layer) of those pages are left as they
-  are. Pad `pages` with num_pages (out of range): those writes are dropped.
+  k, v: what the load staged of a host-tier segment, one or two arrays [l, K, n, S, H] of
+  consecutive layers that end at layer L (the host tier keeps K and V cut at its split layer),
+  in the pool's dtype or 8-bit with float32 scales [l, K, n, S, 1] cut the same way (None for no
+  scale), dequantised here on the device so that only the 8-bit values cross to it. Staged
+  layers below first_layer (a threshold above the split) are sliced off here: jax has no view of
+  part of a host array, so a slice before the copy would be a host copy per load. Layers
+  [0, first_layer) of the pages are left as they are. Pad `pages` with num_pages (out of
+  range): those writes are dropped.
   """
-  def restore(xs, scales, dtype):
-    x = jax.numpy.stack(xs)
-    if scales is None:
-      return x.astype(dtype)
-    return (x.astype(jax.numpy.float32) * jax.numpy.stack(scales)).astype(dtype)
+  n_layers = pool["k"].shape[0]
 
-  return {"k": pool["k"].at[first_layer:, :, pages].set(
-              restore(k, k_scale, pool["k"].dtype), mode="drop"),
-          "v": pool["v"].at[first_layer:, :, pages].set(
-              restore(v, v_scale, pool["v"].dtype), mode="drop")}, None
+  def write(dst, parts, scales):
+    start = n_layers - sum(part.shape[0] for part in parts)  # the first staged layer
+    if start > first_layer:
+      raise ValueError(f"staged layers [{start}, {n_layers}) miss layers from {first_layer}")
+    for i, part in enumerate(parts):
+      end = start + part.shape[0]
+      lo = max(start, first_layer)
+      if lo < end:
+        x = part[lo - start:]
+        if scales is not None:
+          x = x.astype(jax.numpy.float32) * scales[i][lo - start:]
+        dst = dst.at[lo:end, :, pages].set(x.astype(dst.dtype), mode="drop")
+      start = end
+    return dst
+
+  return {"k": write(pool["k"], k, k_scale), "v": write(pool["v"], v, v_scale)}, None

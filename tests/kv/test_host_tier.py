@@ -1,7 +1,9 @@
 """The host-memory tier (sparsex_jax/kv/host_tier.py) on the tiny random model: a segment evicted
 to the host tier and copied back gives the logits of one that never left the pool, for every
-reuse method (with the pages it lands in poisoned first, so that a read of the layers [0, T) it
-does not copy would show); only layers [T, L) are moved; and the 8-bit tier's error bounds."""
+reuse method and for thresholds at, above and below the tier's split layer (with the pages it
+lands in poisoned first, so that a read of a layer the load did not write would show); only
+layers [T, L) are moved when T is the split layer, and the bytes reported are those staged
+otherwise; the split and stage arithmetic against numpy; and the 8-bit tier's error bounds."""
 
 import dataclasses
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax.kv.host_tier import StoredKV, dequantize, quantize, stored_pages
+from sparsex_jax.kv.host_tier import dequantize, quantize, stored_pages
 from sparsex_jax.kv.layout import page_bucket
 from sparsex_jax.reuse import METHODS
 from tests.engine.test_engine import CFG, _ids
@@ -20,9 +22,24 @@ PASSAGES = [_ids(9 + 2 * i, 800 + i) for i in range(3)]
 HOST_BYTES = 1 << 22
 
 
-def _engine(**kw):
+# The tiny model's default threshold is its depth (3 = L), where the engine keeps host copies
+# whole; the tests cut them at T = 1, the threshold most of them load with, as the engine cuts
+# Llama-3-8B's at its default T = 4.
+SPLIT = 1
+
+
+def _engine(split_layer=SPLIT, **kw):
   kw.setdefault("num_pages", 64)  # one pool shape for the file: shared compiled programs
-  return _test_engine(**kw)
+  eng = _test_engine(**kw)
+  if eng.host_tier is not None:
+    eng.host_tier.split_layer = split_layer  # before anything is put: every segment is cut here
+  return eng
+
+
+def _staged_from(t, split_layer, n_layers=CFG.n_layers):
+  """The first layer a load for threshold t stages: the split layer when the copy is cut there
+  and t is at or above it, else 0 (the reference for the bytes a load reports)."""
+  return split_layer if 0 < split_layer < n_layers and t >= split_layer else 0
 
 
 def _request(q=0):
@@ -77,14 +94,14 @@ def test_evicted_to_host_and_back_gives_identical_logits(mode):
   policy = reuse.resolve(CFG)
   split = policy.reads_segment_cache and 0 < policy.layer_threshold < CFG.n_layers
   assert (halves <= _programs(eng)) == split and not halves & _programs(in_pool)
-  assert eng.store.allocator.num_used == eng.store.segment_cache.num_pages + \
-      eng.store.prefix_cache.cached_pages().size  # no page or pin left behind
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages  # no page or pin left behind
   stats = eng.stats()["host_tier"]
   policy = reuse.resolve(CFG)
   if policy.reads_segment_cache:
     assert stats["hits"] == 2 and stats["loads"] == 2
     t, n_layers = policy.layer_threshold, CFG.n_layers
-    assert stats["bytes_moved"] * n_layers == stats["bytes_all_layers"] * (n_layers - t)
+    moved_layers = n_layers - _staged_from(t, SPLIT)
+    assert stats["bytes_moved"] * n_layers == stats["bytes_all_layers"] * moved_layers
     # every layer moved: the segments are back in the pool; a partial copy leaves them on the host
     assert len(eng.host_tier) == (n_segments - 2 if t == 0 else n_segments)
   else:
@@ -110,19 +127,45 @@ def test_the_second_load_of_a_shape_compiles_nothing():
   assert sizes[2] == sizes[1] == sizes[0] and min(sizes[0]) >= 1
 
 
-def test_sparsex_moves_only_layers_from_t():
-  """The bytes the host tier reports for a T = 1 request: exactly layers [1, L) of K and V of
-  the two segments' pages."""
-  eng = _engine(host_cache_bytes=HOST_BYTES)
+@pytest.mark.parametrize("split_layer,t", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 1)],
+                         ids=["T=split=1", "T=split=2", "T-above", "T-below", "whole"])
+def test_loads_move_layers_from_t_or_honestly_more(split_layer, t):
+  """The bytes the host tier reports for a request of threshold t: exactly layers [t, L) of K and
+  V of the two segments' pages when t is the split layer; layers [split, L) when t is above it;
+  every layer when it is below it or the copies are whole (split = L). In every case the logits
+  are those of segments that never left the pool, with the pages the loads land in poisoned."""
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=t)
+  in_pool = _engine()
+  in_pool.cache_segments(PASSAGES)
+  want = in_pool.prefill_logits(_request(), reuse)
+
+  eng = _engine(host_cache_bytes=HOST_BYTES, split_layer=split_layer)
   eng.cache_segments(PASSAGES)
   eng.store.segment_cache.evict(10**6)
-  t = 1
-  eng.prefill_logits(_request(), sx.ReuseConfig("sparsex", layer_threshold=t))
+  n_arrays = 2 if split_layer < CFG.n_layers else 1
+  assert all(len(eng.host_tier.get(key).k.values) == n_arrays for key in eng.host_tier.keys())
+  _poison_free_pages(eng, 4)
+  np.testing.assert_array_equal(eng.prefill_logits(_request(), reuse), want)
   itemsize = np.dtype(CFG.jnp_dtype).itemsize
   tokens = sum(eng.layout.pages_for(len(p)) for p in PASSAGES[:2]) * eng.layout.page_size
   per_layer = 2 * CFG.n_kv_heads * tokens * CFG.head_dim * itemsize
-  assert eng.stats()["host_tier"]["bytes_moved"] == (CFG.n_layers - t) * per_layer
+  stats = eng.stats()["host_tier"]
+  assert stats["loads"] == 2 and stats["split_layer"] == split_layer
+  if t == split_layer:
+    assert stats["bytes_moved"] == (CFG.n_layers - t) * per_layer
+  assert stats["bytes_moved"] == (CFG.n_layers - _staged_from(t, split_layer)) * per_layer
+  assert stats["bytes_all_layers"] == CFG.n_layers * per_layer
   eng.store.check_invariants()
+
+
+def test_the_engine_cuts_host_copies_at_its_default_threshold():
+  from models import llama
+  deep = dataclasses.replace(CFG, n_layers=6)  # the default T = 4 is then inside the model
+  eng = sx.Engine(deep, llama.init_params(deep, 0), page_size=4, num_pages=16,
+                  host_cache_bytes=HOST_BYTES)
+  assert eng.host_tier.split_layer == sx.ReuseConfig().resolve(deep).layer_threshold == 4
+  # the tiny model's default is every layer (T = 3 = L): its copies are kept whole
+  assert _test_engine(host_cache_bytes=HOST_BYTES).host_tier.split_layer == CFG.n_layers
 
 
 def test_host_budget_overflow_spills_to_disk_or_drops(tmp_path):
@@ -140,9 +183,10 @@ def test_host_budget_overflow_spills_to_disk_or_drops(tmp_path):
 
 
 def test_pinned_host_copies_of_padded_segments_give_identical_logits():
-  """The GPU layout, run on the CPU's own pinned_host memory: one jax array per layer in pinned
-  host memory, pages padded to the tier's bucket (a 9-page passage is kept as 10). The load
-  gives the logits of a pool that never evicted; the disk tier gets the unpadded pages back."""
+  """The GPU layout, run on the CPU's own pinned_host memory: K and V each as two jax arrays in
+  pinned host memory, layers [0, split) and [split, L), pages padded to the tier's bucket (a
+  9-page passage is kept as 10). The load gives the logits of a pool that never evicted; the
+  disk tier gets the unpadded pages back."""
   long_passages = [_ids(4 * 9 - 1, 830), _ids(4 * 6, 831)]  # 9 and 6 pages of 4 tokens
   request = sx.Request([sx.Segment(_ids(5, 930)), sx.Segment(long_passages[0]),
                         sx.Segment(_ids(3, 931), cache=False), sx.Segment(long_passages[1])])
@@ -160,8 +204,10 @@ def test_pinned_host_copies_of_padded_segments_give_identical_logits():
   eng.store.segment_cache.evict(10**6)
   for key, (k, v) in before.items():
     seg = eng.host_tier.get(key)
-    assert seg.k.values[0].sharding.memory_kind == "pinned_host"
-    assert seg.k.values[0].shape[1] == stored_pages(k.shape[2]) >= k.shape[2]
+    assert [x.shape[0] for x in seg.k.values] == [SPLIT, CFG.n_layers - SPLIT]
+    for x in seg.k.values + seg.v.values:
+      assert x.sharding.memory_kind == "pinned_host"
+      assert x.shape[2] == stored_pages(k.shape[2]) >= k.shape[2]
     got_k, got_v = seg.restored(np.float32)
     np.testing.assert_array_equal(got_k, k)
     np.testing.assert_array_equal(got_v, v)
@@ -192,13 +238,15 @@ def test_int8_round_trip_within_half_a_scale():
   x = (rng.standard_normal((3, 2, 5, 4, 16)) * rng.uniform(0.01, 10, (3, 2, 5, 4, 1))
        ).astype(np.float32)
   x[0, 0, 0, 0] = 0  # a row of zeros
-  stored = quantize(x, "int8")
+  stored = quantize(x, "int8", split_layer=1)
   ref = x.astype(np.float64)
   scale = np.max(np.abs(ref), axis=-1, keepdims=True) / 127
   err = np.abs(dequantize(stored, np.float64) - ref)
   assert np.all(err <= scale / 2 * (1 + 1e-5) + 1e-12)
-  assert len(stored.values) == x.shape[0] and stored.values[0].dtype == np.int8
-  assert stored.scale[0].shape == x.shape[1:-1] + (1,)
+  assert [v.shape for v in stored.values] == [(1,) + x.shape[1:], (2,) + x.shape[1:]]
+  assert stored.values[0].dtype == np.int8
+  rows = x.shape[1:-1] + (1,)  # a scale per token row and kv head
+  assert [s.shape for s in stored.scale] == [(1,) + rows, (2,) + rows]
   assert stored.nbytes < x.nbytes / 2
 
 
@@ -231,19 +279,41 @@ def test_8bit_tier_logits_close_to_16bit(host_dtype):
   assert kl < (1e-3 if host_dtype == "int8" else 1e-2), kl
 
 
-def test_device_dequantise_matches_host():
+@pytest.mark.parametrize("host_dtype", ["native", "int8"])
+@pytest.mark.parametrize("split_layer", [0, 1, 2, 3, 4])
+def test_split_and_stage_arithmetic_matches_numpy(host_dtype, split_layer):
+  """For every split layer and threshold of a 4-layer segment: the arrays the tier keeps, the
+  part a load stages (its first layer and bytes), and the write program's pool (layers
+  [T, L) of the pages written, dequantised on the device; every other layer and page as it was,
+  whatever was staged below T; a padding page dropped), each against a numpy reference."""
   from sparsex_jax.programs.copy import write_page_layers
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((3, 2, 2, 4, 16)).astype(np.float32)
-  stored = quantize(x, "int8")
-  pool = {"k": np.zeros((3, 2, 4, 4, 16), np.float32), "v": np.zeros((3, 2, 4, 4, 16), np.float32)}
-  part = stored.layers(1)
-  pool, _ = write_page_layers(pool, np.array([1, 3], np.int32), part.values, part.values,
-                              part.scale, part.scale, first_layer=1)
-  want = dequantize(stored)
-  np.testing.assert_allclose(np.asarray(pool["k"])[1:, :, [1, 3]], want[1:], rtol=1e-6)
-  assert not np.any(np.asarray(pool["k"])[0])  # layer 0 untouched
-  assert isinstance(part, StoredKV)
+  n_layers, n_pages, n_pool = 4, 3, 6
+  rng = np.random.default_rng(10 + split_layer)
+  k, v = (rng.standard_normal((n_layers, 2, n_pages, 4, 8)).astype(np.float32) for _ in "kv")
+  stored_k, stored_v = quantize(k, host_dtype, split_layer), quantize(v, host_dtype, split_layer)
+  cut = 0 < split_layer < n_layers
+  want_shapes = [split_layer, n_layers - split_layer] if cut else [n_layers]
+  assert [x.shape[0] for x in stored_k.values] == want_shapes
+  restored_k, restored_v = dequantize(stored_k), dequantize(stored_v)
+  if host_dtype == "native":
+    np.testing.assert_array_equal(restored_k, k)
+  pool0 = {name: rng.standard_normal((n_layers, 2, n_pool, 4, 8)).astype(np.float32)
+           for name in ("k", "v")}  # random, never zeros: an unwanted write shows
+  pages = np.array([4, 1, n_pool], np.int32)  # the last stored page is padding: dropped
+  for t in range(n_layers):
+    part_k, part_v = stored_k.covering(t), stored_v.covering(t)
+    start = split_layer if cut and t >= split_layer else 0
+    assert part_k.start_layer == start and part_k.end_layer == n_layers
+    per_layer = stored_k.nbytes // n_layers
+    assert part_k.nbytes == (n_layers - start) * per_layer
+    np.testing.assert_array_equal(dequantize(part_k), restored_k[start:])
+    pool, _ = write_page_layers({name: jax.numpy.asarray(x) for name, x in pool0.items()},
+                                pages, part_k.values, part_v.values, part_k.scale,
+                                part_v.scale, first_layer=t)
+    for name, restored in (("k", restored_k), ("v", restored_v)):
+      want = pool0[name].copy()
+      want[t:, :, pages[:2]] = restored[t:, :, :2]
+      np.testing.assert_allclose(np.asarray(pool[name]), want, rtol=1e-6, atol=0)
 
 
 def test_cache_warm_fills_the_host_tier(tmp_path, monkeypatch, capsys):
@@ -304,7 +374,7 @@ def test_a_failed_host_copy_drops_the_segment_counted_and_frees_its_pages(monkey
   with pytest.warns(UserWarning, match="not kept in the host tier"):
     eng.store.segment_cache.evict(10**6)
   assert len(eng.host_tier) == 0 and eng.stats()["host_tier"]["dropped"] == 3
-  assert eng.store.allocator.num_used == eng.store.prefix_cache.cached_pages().size
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages
   eng.store.check_invariants()
   np.testing.assert_array_equal(eng.prefill_logits(_request(), _method("sparsex")),
                                 _engine().prefill_logits(_request(), _method("sparsex")))
@@ -347,8 +417,7 @@ def test_a_failed_write_between_the_prefill_halves_loses_nothing(monkeypatch, po
   eng.store.check_invariants()
   eng.host_tier.check_invariants()
   assert len(eng.host_tier) == n_host and not any(s.pin_count for s in eng.host_tier._entries.values())
-  assert eng.store.allocator.num_used == eng.store.segment_cache.num_pages + \
-      eng.store.prefix_cache.cached_pages().size
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages
   _poison_free_pages(eng, 2)
   np.testing.assert_array_equal(eng.prefill_logits(_request(), reuse), want)
   eng.store.check_invariants()

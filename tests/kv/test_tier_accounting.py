@@ -44,8 +44,10 @@ class NumpyPool:
   def write_page_layers(self, pages, staged, first_layer):
     from sparsex_jax.kv.host_tier import dequantize
     k, v = staged
-    self.k[first_layer:, :, pages] = dequantize(k)[:, :, :len(pages)]
-    self.v[first_layer:, :, pages] = dequantize(v)[:, :, :len(pages)]
+    extra = first_layer - k.start_layer  # staged layers below first_layer: not written
+    assert extra >= 0 and k.end_layer == CFG.n_layers
+    self.k[first_layer:, :, pages] = dequantize(k)[extra:, :, :len(pages)]
+    self.v[first_layer:, :, pages] = dequantize(v)[extra:, :, :len(pages)]
 
 
 def _fingerprint():
@@ -62,13 +64,14 @@ def _values(i):
 
 JOB = st.tuples(st.sampled_from(["compute", "pressure", "reuse", "reuse"]),
                 st.lists(st.integers(0, len(SEGMENTS) - 1), min_size=1, max_size=2),
-                st.sampled_from([0, 1]))
+                st.sampled_from([0, 1, 2]))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(jobs=st.lists(JOB, min_size=8, max_size=40), num_pages=st.integers(8, 14),
-       host_pages=st.integers(0, 8), with_disk=st.booleans())
-def test_tiers_lose_nothing_and_leak_nothing(jobs, num_pages, host_pages, with_disk):
+       host_pages=st.integers(0, 8), with_disk=st.booleans(),
+       split_layer=st.integers(0, CFG.n_layers))
+def test_tiers_lose_nothing_and_leak_nothing(jobs, num_pages, host_pages, with_disk, split_layer):
   bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
   layout = PoolLayout(num_pages, S, bytes_per_page)
   io = NumpyPool(num_pages)
@@ -78,7 +81,7 @@ def test_tiers_lose_nothing_and_leak_nothing(jobs, num_pages, host_pages, with_d
     link = persist.DiskLink(disk, store, io) if disk is not None else None
     spill = (lambda seg: link.keep(seg.token_ids, seg.positions, *seg.restored(np.float32),
                                    seg.namespace)) if link is not None else None
-    tier = HostTier(host_pages * bytes_per_page // 2, spill=spill)
+    tier = HostTier(host_pages * bytes_per_page // 2, spill=spill, split_layer=split_layer)
     store = KVStore(layout, tier)
     store.page_io = io
     if link is not None:

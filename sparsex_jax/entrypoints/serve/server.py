@@ -56,7 +56,9 @@ def run(args, build_engine) -> int:
     raise ValueError(f"--steps-per-visit must be >= 1, got {args.steps_per_visit}")
   engine = build_engine(args)
   engine.steps_per_visit = args.steps_per_visit
-  reuse.resolve(engine.config)
+  policy = reuse.resolve(engine.config)
+  if engine.host_tier is not None:  # the server's loads stage one array per K and V
+    engine.host_tier.split_layer = policy.layer_threshold
   if args.cache_dir:
     engine.use_cache_dir(args.cache_dir, key=args.cache_key)
 
