@@ -208,6 +208,34 @@ def test_second_turn_reuses_the_first_and_another_namespace_does_not(server):
   assert full.model_extra["x_sparsex"]["reused_tokens"] == 0
 
 
+def test_a_conversation_continues_its_reused_history_as_the_engine_does(server):
+  """A turn whose passage was reused at a new position is approximate after it; the next turn
+  starts with that whole prompt, so it continues its K/V (x_sparsex.continued_tokens) instead of
+  reusing the passage again, and gives the engine's tokens for the same calls."""
+  passage = {"role": "user", "content": "Passage: the keeper logged storms and ships. " * 3}
+  earlier = [{"role": "system", "content": "Be brief."}, passage]
+  turn1 = [{"role": "system", "content": "You answer in one word, always."}, passage]
+  ref = _engine(tokenizer=TOK, num_pages=512)
+  ref.generate([_chat(earlier, max_new_tokens=3)])
+  want1 = ref.generate([_chat(turn1, max_new_tokens=4)])[0]
+  turn2 = turn1 + [{"role": "assistant", "content": want1.text},
+                   {"role": "user", "content": "Why?"}]
+  want2 = ref.generate([_chat(turn2, max_new_tokens=4)])[0]
+  assert want1.stats.n_reused > 0 and want2.stats.n_continued > 0 and want2.stats.n_reused == 0
+
+  client = _client(server, "key-continue")
+  client.chat.completions.create(model=MODEL, messages=earlier, max_tokens=3, temperature=0)
+  r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=4, temperature=0)
+  assert r1.model_extra["x_sparsex"]["token_ids"] == want1.token_ids
+  raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2,
+                                                         max_tokens=4, temperature=0)
+  x = raw.parse().model_extra["x_sparsex"]
+  assert x["token_ids"] == want2.token_ids
+  assert (x["continued_tokens"], x["exact_tokens"], x["reused_tokens"]) == (
+      want2.stats.n_continued, want2.stats.n_exact, 0)
+  assert raw.headers["x-sparsex-continued-tokens"] == str(want2.stats.n_continued)
+
+
 @pytest.mark.parametrize("body, status, field", [
     ("{not json", 400, None),
     ({"model": "gpt-4", "prompt": [5, 6]}, 404, "model"),
