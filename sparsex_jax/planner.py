@@ -167,7 +167,9 @@ def _spec(plans: list[RequestPlan], policy: ReusePolicy, cfg: ModelConfig,
   any_reused = any(p.n_reused for p in plans)
   layer_threshold = policy.layer_threshold if any_reused else n_layers
   if layer_threshold == n_layers:  # every token is computed in full: nothing to select
-    return PrefillSpec(layer_threshold=n_layers, assemble=any_reused, backend=backend,
+    # Every layer recomputes every token: no cached K/V is read, so nothing is assembled (and
+    # a reused segment does not make this a program of its own).
+    return PrefillSpec(layer_threshold=n_layers, assemble=False, backend=backend,
                        full_attention=full_attention_kind(cfg, backend),
                        prefix_keys=any(p.n_exact > 0 for p in plans))
   # No request selects anything: the host's (empty) choice is all there is.
