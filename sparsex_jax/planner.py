@@ -202,7 +202,7 @@ def full_attention_kind(cfg: ModelConfig, backend: str) -> str:
 
 def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
                layout: PoolLayout) -> tuple[np.ndarray, np.ndarray]:
-  """All slot copies in one row, [1, bucket(total)]; padding copies slot 0 to the sentinel
+  """All slot copies in one row, [1, a power of two >= total]; padding copies slot 0 to the sentinel
   (dropped). A copy moves each slot on its own, so rows mean nothing to the program: one row
   makes the copy's program depend on a single bucketed size. A server commits a different number
   and length of new segments after almost every prefill, and [copies, longest] shapes compiled a
@@ -210,7 +210,9 @@ def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
   total = sum(s.size for s in src)
   if total != sum(d.size for d in dst):
     raise ValueError(f"{total} source slots for {sum(d.size for d in dst)} destinations")
-  width = bucket(total)
+  # A power of two (not a quarter octave): a copy moves a few MB at most, while each width is a
+  # program a server compiles between its requests.
+  width = 1 << (max(total, 16) - 1).bit_length()
   src_slots = np.zeros((1, width), np.int32)
   dst_slots = np.full((1, width), layout.sentinel, np.int32)
   if total:

@@ -435,3 +435,24 @@ def test_the_next_chat_turn_continues_the_last_one_as_its_decoding_saw_it(warm_e
                                reuse=sx.ReuseConfig("sparsex", layer_threshold=1,
                                                     recompute_ratio=0.5))[0]
   assert other.stats.n_continued == 0 and other.stats.n_reused > 0
+
+
+def test_a_group_prefills_requests_without_hits_apart_from_those_with_hits(warm_engine):
+  """One request without segment hits (every token active) would pad every row of a reuse
+  batch to all its tokens in the sparse layers: the step runner prefills the two kinds apart,
+  and each gives what it gives alone."""
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3, update_caches=False)
+  reqs = [_request(), sx.Request([sx.Segment(_ids(30, 77), cache=False)]),
+          sx.Request([sx.Segment(_ids(4, 78), cache=False), sx.Segment(DOC_B)])]
+  sp = sx.SamplingParams(max_new_tokens=3, ignore_eos=True)
+  seen = set(warm_engine.kv.log._seen)
+  together = warm_engine.generate(reqs, sp, reuse=reuse)
+  ran = set(warm_engine.kv.log._seen) - seen
+  specs = [dict(static)["spec"] for name, static, _, _ in ran if name == "prefill"]
+  # The request without hits ran the full prefill (every layer, nothing selected); the two with
+  # hits ran one sparse prefill of two rows.
+  assert sorted(s.layer_threshold for s in specs) == [1, CFG.n_layers]
+  alone = [warm_engine.generate([r], sp, reuse=reuse)[0] for r in reqs]
+  assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+  assert [o.stats.n_recomputed for o in together] == [o.stats.n_recomputed for o in alone]
+  assert [o.stats.n_reused > 0 for o in together] == [True, False, True]
