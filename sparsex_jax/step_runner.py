@@ -51,6 +51,12 @@ class StepRunner:
   logits to the host)."""
 
   on_first_logits: Callable[[ScheduledRequest, np.ndarray], object] | None = None
+  # Called with a step's prefilled sequences (their first tokens) before its decode loop runs: a
+  # server sends each first token then, not a decode loop later.
+  on_prefilled: Callable[[list[DecodingRequest]], object] | None = None
+  # Prefill each admitted request on its own (a server): one program per request's own shape
+  # buckets, instead of one per mix of rows, lengths and active sets (see `start_split`).
+  prefill_alone: bool = False
 
   def __init__(self, engine: "Engine", policy, requests: Sequence[ScheduledRequest],
                t_job: float, *, batch: RunningBatch | None = None):
@@ -110,6 +116,8 @@ class StepRunner:
           plan, sp = seq.payload[0], seq.key.sampling
           batch.join(seq, plan.n, plan.page_table, temperature=sp.temperature, top_p=sp.top_p,
                      seed=sp.seed)
+      if self.on_prefilled is not None:
+        self.on_prefilled(seqs)
     if step.decode_steps and batch.n_running:
       min_active = max(1, batch.n_running - step.stop_after + 1) if step.stop_after else 1
       try:
@@ -127,10 +135,17 @@ class StepRunner:
     batch's largest active set, so one request without hits (every token active) would make
     every row of a reuse batch compute every token in the sparse layers, and each such mix is a
     program of its own; alone, requests without hits run the plain full prefill program (round
-    16's load run: 25 programs, 60 s stalled compiling, where prefix-only compiled 7)."""
+    16's load run: 25 programs, 60 s stalled compiling, where prefix-only compiled 7). With
+    `prefill_alone`, each request is its own prefill (those with hits first): a server's
+    programs then depend only on one request's buckets (24 programs and 79 s of stalls remained
+    with the split alone at 16 requests/s)."""
     seqs: dict[int, DecodingRequest] = {}
-    for hits in (True, False):
-      part = [i for i, lease in enumerate(leases) if bool(lease.hits) == hits]
+    if self.prefill_alone:
+      parts = [[i] for i, lease in sorted(enumerate(leases), key=lambda x: not x[1].hits)]
+    else:
+      parts = [[i for i, lease in enumerate(leases) if bool(lease.hits) == hits]
+               for hits in (True, False)]
+    for part in parts:
       if part:
         started, _ = self.start([requests[i] for i in part], [leases[i] for i in part])
         seqs.update(zip(part, started))

@@ -236,6 +236,49 @@ def test_a_conversation_continues_its_reused_history_as_the_engine_does(server):
   assert raw.headers["x-sparsex-continued-tokens"] == str(want2.stats.n_continued)
 
 
+def test_each_request_is_prefilled_alone_and_gets_its_first_token_before_the_decode_loop(
+    server, monkeypatch):
+  """Concurrent requests: every prefill program the server ran has one row (a server's programs
+  depend on one request's shape buckets, not on the mix), each answer is what Engine.generate
+  gives the request alone, and when a decode loop starts every running client already has its
+  first token."""
+  from sparsex_jax import decoding
+  late = []
+  visit = decoding.visit
+
+  def checked_visit(pool, params, cfg, batch, **kw):
+    for seq in batch.running():
+      handle = server.loop._handles.get(seq.key.index)
+      if handle is not None and handle.sent == 0:
+        late.append(handle.request_id)
+    return visit(pool, params, cfg, batch, **kw)
+
+  monkeypatch.setattr(decoding, "visit", checked_visit)
+  prompts = [[int(t) for t in np.random.default_rng(i).integers(3, 400, 20 + 9 * i)]
+             for i in range(4)]
+  want = _reference([sx.Request([sx.Segment(p)], sampling=sx.SamplingParams(max_new_tokens=6))
+                     for p in prompts])
+  seen = set(server.engine.kv.log._seen)
+  client = _client(server, "key-alone")
+
+  def complete(p):
+    return client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0)
+  threads, got = [], {}
+  for i, p in enumerate(prompts):
+    threads.append(threading.Thread(target=lambda i=i, p=p: got.__setitem__(i, complete(p))))
+    threads[-1].start()
+  for t in threads:
+    t.join(60)
+  assert [got[i].model_extra["x_sparsex"]["token_ids"] for i in range(4)] == \
+      [o.token_ids for o in want]
+  ran = [shapes for name, _, _, shapes in set(server.engine.kv.log._seen) - seen
+         if name == "prefill"]
+  # the batch's [rows, tokens] int32 arrays (tokens, positions, slots, ...) have one row
+  assert ran and {shape[0] for shapes in ran for shape, dtype in shapes
+                  if dtype == "int32" and len(shape) == 2} == {1}
+  assert not late, f"decode loops ran before {late} had their first token"
+
+
 @pytest.mark.parametrize("body, status, field", [
     ("{not json", 400, None),
     ({"model": "gpt-4", "prompt": [5, 6]}, 404, "model"),
