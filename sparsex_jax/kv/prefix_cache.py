@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -87,6 +87,9 @@ class _Block:
   # whole_prompts caches: the last tokens (int32 bytes, those of a partial last page) of each
   # inserted prompt whose last full block this is.
   tails: set[bytes] = dataclasses.field(default_factory=set)
+  # whole_prompts caches: the exact cache's block this one continues (its first stored block),
+  # held there until this block goes (`hold` / `release`).
+  anchor: bytes | None = None
 
 
 class PrefixCache:
@@ -102,6 +105,10 @@ class PrefixCache:
     self._blocks: collections.OrderedDict[bytes, _Block] = collections.OrderedDict()
     self._page_to_key: dict[int, bytes] = {}
     self._children: collections.Counter[bytes] = collections.Counter()  # cached children per key
+    # Blocks another cache's blocks continue (the continuation cache's anchors): never evicted
+    # while held, or the continuation would be unreachable (its match starts after them).
+    self._held: collections.Counter[bytes] = collections.Counter()
+    self.on_remove: Callable[[_Block], object] | None = None
     self.hits = 0  # blocks served by match
     self.misses = 0  # full blocks asked for by match but not served
     self.evictions = 0  # blocks evicted
@@ -160,11 +167,34 @@ class PrefixCache:
     self._touch(chain)
     return pages, (first_block + len(chain)) * size if chain else first_block * size
 
-  def insert(self, token_ids, pages, namespace: str = "", first_block: int = 0) -> np.ndarray:
+  def hold(self, key: bytes) -> None:
+    """Keeps a cached block (and so its ancestors) from eviction until `release`."""
+    if key not in self._blocks:
+      raise KeyError("hold: no such cached block")
+    self._held[key] += 1
+
+  def release(self, key: bytes) -> None:
+    if self._held[key] <= 1:
+      self._held.pop(key, None)
+    else:
+      self._held[key] -= 1
+
+  def block_key(self, token_ids, namespace: str, n_blocks: int) -> bytes:
+    """The chained key of block n_blocks - 1 of token_ids (n_blocks >= 1)."""
+    tokens = as_token_array(token_ids)
+    for i, key in enumerate(self._block_keys(tokens, namespace)):
+      if i == n_blocks - 1:
+        return key
+    raise ValueError(f"{tokens.size} tokens have fewer than {n_blocks} full blocks")
+
+  def insert(self, token_ids, pages, namespace: str = "", first_block: int = 0,
+             anchor: Callable[[], bytes] | None = None) -> np.ndarray:
     """Caches the full blocks of a sequence whose KV lives in `pages` (page i: tokens i*S..i*S+S-1),
     under `namespace`; blocks before `first_block` are keyed (the chain runs from position 0)
     but not stored, and their pages are not looked at. A whole_prompts cache keeps the tokens
-    after the last full block, which a continuing prompt must repeat.
+    after the last full block, which a continuing prompt must repeat. `anchor`: for a new first
+    stored block, returns the key of the block it continues in another cache, which that cache
+    holds (the caller's hold) until this block is removed (`on_remove` tells the caller).
 
     Returns the indices (int32) of the blocks newly cached; the cache takes its own reference on
     each of their pages. A block already cached keeps its cached page (the caller's page for that
@@ -209,6 +239,8 @@ class PrefixCache:
       if block is None:
         parent = keys[i - 1] if i else namespace_root(namespace)
         block = _Block(key, parent, tokens[i * size:(i + 1) * size].copy(), int(pages[i]), i)
+        if i == first_block and first_block and anchor is not None:
+          block.anchor = anchor()
         self._blocks[key] = block
         self._page_to_key[block.page] = key
         self._children[parent] += 1
@@ -225,6 +257,8 @@ class PrefixCache:
     if not self._children[block.parent]:
       del self._children[block.parent]
     self.evictions += 1
+    if self.on_remove is not None:
+      self.on_remove(block)
     return self.allocator.decref([block.page])
 
   def evict(self, n_pages: int) -> int:
@@ -240,7 +274,8 @@ class PrefixCache:
       if freed >= n_pages:
         break
       block = self._blocks[key]
-      if not self._children[block.key] and self.allocator.refcount(block.page) == 1:
+      if (not self._children[block.key] and key not in self._held
+          and self.allocator.refcount(block.page) == 1):
         freed += self._remove(block)
     return freed
 
@@ -251,6 +286,7 @@ class PrefixCache:
     self._blocks.clear()
     self._page_to_key.clear()
     self._children.clear()
+    self._held.clear()
     self.allocator.decref(pages)
 
   def clear(self) -> int:
@@ -266,7 +302,7 @@ class PrefixCache:
     refcounts = self.allocator.refcounts(self._pages_in_lru_order())
     n = 0
     for block, rc in zip(self._blocks.values(), refcounts):
-      if rc == 1 and kept_children[block.key] == 0:
+      if rc == 1 and kept_children[block.key] == 0 and block.key not in self._held:
         n += 1
       elif block.depth:
         kept_children[block.parent] += 1
@@ -296,6 +332,7 @@ class PrefixCache:
         check(order[block.parent] > order[key], "a parent is older than its child in LRU order")
       check(block.key == hash_tokens(block.tokens, block.parent), "block key is not its hash")
     check(children == +self._children, "child count is stale")
+    check(all(key in self._blocks for key in self._held), "a held block was removed")
     check(len(self._page_to_key) == len(self._blocks), "page map size differs from block count")
 
   def stats(self, bytes_per_page: int = 0) -> dict:

@@ -125,6 +125,9 @@ class KVStore:
     # of each of its messages (round 16's load run at 32 requests/s evicted the continuations
     # first and re-blended most histories).
     self.continuation_cache = PrefixCache(self.allocator, whole_prompts=True)
+    # A continuation's match starts after its prompt's exact blocks: the exact block it
+    # continues is held (never evicted) while the continuation's first block lives.
+    self.continuation_cache.on_remove = self._release_anchor
     self.host_tier = host_tier
     self.page_io = None
     if host_tier is not None:
@@ -330,9 +333,10 @@ class KVStore:
                                    plan.page_table[:n_blocks], prompt.namespace)
         n_full = n // layout.page_size
         if policy.reads_segment_cache and n_blocks < n_full:
-          self.continuation_cache.insert(prompt.token_ids, plan.page_table[:n_full],
-                                         continuation_namespace(prompt.namespace, policy),
-                                         first_block=n_blocks)
+          self.continuation_cache.insert(
+              prompt.token_ids, plan.page_table[:n_full],
+              continuation_namespace(prompt.namespace, policy), first_block=n_blocks,
+              anchor=lambda: self._hold_anchor(prompt, n_blocks))
       if not policy.writes_segment_cache:
         continue
       for start, end, seg_ids, cacheable in prompt.spans:
@@ -360,6 +364,15 @@ class KVStore:
 
   # ---- maintenance ----
 
+  def _hold_anchor(self, prompt: Prompt, n_blocks: int) -> bytes:
+    key = self.prefix_cache.block_key(prompt.token_ids, prompt.namespace, n_blocks)
+    self.prefix_cache.hold(key)
+    return key
+
+  def _release_anchor(self, block) -> None:
+    if block.anchor is not None:
+      self.prefix_cache.release(block.anchor)
+
   def contains_segment(self, token_ids, namespace: str = "") -> bool:
     """In the pool or in the host tier."""
     key = segment_key(token_ids, namespace)
@@ -379,8 +392,9 @@ class KVStore:
     """Drops every cached block and segment that no live request holds; returns pages freed."""
     if self.host_tier is not None:
       self.host_tier.clear()
-    return (self.prefix_cache.clear() + self.continuation_cache.clear()
-            + self.segment_cache.clear())
+    # Continuations first: they release the exact blocks they hold.
+    freed = self.continuation_cache.clear()
+    return freed + self.prefix_cache.clear() + self.segment_cache.clear()
 
   @property
   def num_cached_pages(self) -> int:

@@ -126,6 +126,28 @@ def test_a_continuation_serves_a_whole_earlier_prompt_and_never_as_exact():
   assert store.clear() > 0 and store.allocator.num_used == 0
 
 
+def test_a_continuation_holds_the_exact_block_it_continues_until_it_goes():
+  """A continuation's match starts after its prompt's exact blocks: were they evicted first (the
+  exact cache is evicted before the continuation cache), the continuation would be unreachable
+  (round 16's load run at 32 requests/s lost every one of them)."""
+  store = _store(num_pages=40)
+  sparsex = POLICIES["sparsex"]
+  _run(store, [_prompt([2])], sparsex)
+  first = _prompt([3, 2])
+  _run(store, [first], sparsex)
+  store.prefix_cache.evict(10**6)  # what pool pressure does first
+  assert len(store.prefix_cache) == 2  # the 2 exact blocks the continuation continues stay
+  turn = _continued(first, [41, 42, 43], [7, 9])
+  assert _run(store, [turn], sparsex)[0].n_continued == 8
+  store.check_invariants()
+  store.continuation_cache.evict(10**6)  # the continuation goes, and lets its anchor go
+  assert len(store.continuation_cache) == 0
+  store.prefix_cache.evict(10**6)
+  assert len(store.prefix_cache) == 0
+  store.check_invariants()
+  assert store.clear() >= 0 and store.allocator.num_used == 0
+
+
 jobs = st.lists(st.tuples(
     st.lists(st.lists(st.integers(0, 4), max_size=3, unique=True), min_size=1, max_size=3),
     st.sampled_from(sorted(POLICIES)), st.sampled_from([False, True, None])),
