@@ -589,3 +589,17 @@ def test_tp2_server_on_two_fake_devices_answers_a_chat_as_the_unsharded_engine()
   finally:
     proc.terminate()
     proc.wait(60)
+
+
+def test_serve_refuses_a_steps_per_visit_below_one_before_building_anything():
+  import argparse
+  from sparsex_jax.entrypoints import cli
+  from sparsex_jax.entrypoints.serve import server as serve_server
+  p = argparse.ArgumentParser()
+  serve_server.add_arguments(p, cli._add_engine_args)
+  args = p.parse_args(["--model", "random:tiny", "--steps-per-visit", "0"])
+  assert p.parse_args(["--model", "random:tiny"]).steps_per_visit == 8
+  built = []
+  with pytest.raises(ValueError, match="--steps-per-visit must be >= 1, got 0"):
+    serve_server.run(args, lambda a: built.append(a))
+  assert not built
