@@ -291,7 +291,8 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
           "sparsex_reused_tokens_total", "sparsex_exact_tokens_total",
           "sparsex_continued_tokens_total", "sparsex_recomputed_tokens_total", "sparsex_prompt_tokens_total",
           "sparsex_generation_tokens_total", "sparsex_compiled_programs",
-          "sparsex_compiling_steps", "sparsex_compile_stall_seconds")
+          "sparsex_compiling_steps", "sparsex_compile_stall_seconds",
+          "sparsex_programs_compiled_ahead", "sparsex_admissions_deferred")
   return {"requests": len(ok), "errors": [r["error"] for r in records if "error" in r],
           "elapsed_s": elapsed,
           "ttft_s": pcts(r["ttft_s"] for r in ok), "tpot_s": pcts(r["tpot_s"] for r in ok),
@@ -330,7 +331,8 @@ def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -
         f"{out['server_metrics']['segment_cache_hit_rate']}, compiled programs "
         f"{out['server_metrics']['compiled_programs']} (steps stalled compiling: "
         f"{out['server_metrics']['compiling_steps']}, "
-        f"{out['server_metrics']['compile_stall_seconds']} s)", flush=True)
+        f"{out['server_metrics']['compile_stall_seconds']} s; compiled ahead: "
+        f"{out['server_metrics']['programs_compiled_ahead']})", flush=True)
   return out
 
 

@@ -151,6 +151,9 @@ class Scheduler:
   running requests: a request that finds no pages then waits for them instead of failing.
   may_admit(request), if given, is asked before the waiting request at the head is leased: False
   and it waits (admissions stop at it for this step).
+  ready(request, lease), if given, is asked once the head request holds its lease: False and the
+  lease is given back and the request waits at the head (a server compiling its prefill program
+  on another thread meanwhile, while the running requests go on decoding).
   max_prefill_tokens: a prefill group stops before the request that would take its padded size
   (prefill_tokens) past this; a request over it alone still runs, alone. None: no limit.
   blocked: whether the last step's head request waited for pages (another scheduler's
@@ -161,6 +164,7 @@ class Scheduler:
                steps_per_visit: int, prepare: Callable[[ScheduledRequest], object] | None = None,
                others_running: Callable[[], bool] | None = None,
                may_admit: Callable[[ScheduledRequest], bool] | None = None,
+               ready: Callable[[ScheduledRequest, Lease], bool] | None = None,
                max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS):
     if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                            or max_prefill_tokens < 1):
@@ -172,7 +176,7 @@ class Scheduler:
                        f"{steps_per_visit}")
     self.store, self.policy, self.n_rows = store, policy, int(n_rows)
     self.steps_per_visit, self.prepare = int(steps_per_visit), prepare
-    self.others_running, self.may_admit = others_running, may_admit
+    self.others_running, self.may_admit, self.ready = others_running, may_admit, ready
     self.blocked = False
     self.waiting: collections.deque[tuple[ScheduledRequest, bool]] = collections.deque()
     self.running: dict[int, ScheduledRequest] = {}  # admitted, not yet finished or failed
@@ -232,6 +236,9 @@ class Scheduler:
         self.waiting.popleft()
         failed.append(self._fail(request, e))
         continue
+      if self.ready is not None and not self.ready(request, leases[0]):
+        leases.release()
+        break  # it waits at the head; the running requests go on
       self.waiting.popleft()
       self.running[request.index] = request
       self._leases[request.index] = leases

@@ -189,6 +189,18 @@ class StepRunner:
                          request_id=request.request_id, prefill=account)
 
 
+def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
+  """(program, args, static) of the prefill `prefill_and_commit` would run for this group, or
+  None where it would run the two halves around host-tier loads (not compiled ahead)."""
+  if any(load for lease in leases for load in lease.loads):
+    return None
+  plans = [planner.plan_request(p, lease, policy, engine.layout)
+           for p, lease in zip(prompts, leases)]
+  batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,
+                                   engine.attention_backend)
+  return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
+
+
 def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
                        ) -> tuple[list["RequestPlan"], "PrefillOutput", "PrefillBatch"]:
   """Plans a group, runs the prefill program and commits the caches (the pool donated to both

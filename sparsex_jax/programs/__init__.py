@@ -35,11 +35,18 @@ class CompileLog:
   def __init__(self):
     self._seen: set = set()
 
-  def note(self, name: str, static, args) -> None:
+  @staticmethod
+  def key(name: str, static, args) -> tuple:
     leaves, tree = jax.tree.flatten(args)
     shapes = tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)))
                    for x in leaves)
-    self._seen.add((name, static, tree, shapes))
+    return (name, static, tree, shapes)
+
+  def note(self, name: str, static, args) -> None:
+    self._seen.add(self.key(name, static, args))
+
+  def __contains__(self, key: tuple) -> bool:
+    return key in self._seen
 
   def __len__(self) -> int:
     return len(self._seen)
@@ -117,6 +124,16 @@ class KVPool:
     fn, args = self._jitted(program, args, static)
     with self._mesh_context():
       return fn.lower(self.arrays, *args).compile()
+
+  def compile_later(self, program, *args, **static) -> Callable[[], object]:
+    """A call that compiles what `run(program, *args, **static)` will run, for another thread:
+    the pool is taken as shapes and shardings now (the arrays themselves are donated to the
+    next program). jit keeps what it compiles, so that run then compiles nothing."""
+    if self.mesh is not None:
+      raise NotImplementedError("compiling ahead under a mesh")
+    pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        self.arrays)
+    return lambda: program.lower(pool, *args, **static).compile()
 
   def run(self, program, *args, **static):
     """pool, out = program(pool, *args, **static); keeps the new pool, returns out."""

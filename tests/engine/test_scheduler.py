@@ -9,6 +9,7 @@ and, as a property over random jobs (with cancellations), that the pool's books 
 them.
 """
 
+import collections
 import types
 
 import hypothesis.strategies as st
@@ -292,6 +293,37 @@ def test_add_request_between_steps_joins_the_running_batch():
   _assert_clean(store, 39)
 
 
+def test_a_request_whose_program_is_not_ready_waits_at_the_head_holding_nothing():
+  """`ready` False (a server compiling its prefill program on another thread): the lease is
+  given back, the request keeps its place, the running requests decode, and it is admitted once
+  ready, before the requests behind it."""
+  store = _store(40)
+  compiled = {0}
+  sched = Scheduler(store, REUSE, 4, steps_per_visit=2,
+                    ready=lambda request, lease: request.index in compiled)
+  runner = FakeRunner(store, REUSE, 4)
+  for r in (_request(0, 8, 9), _request(1, 12, 3, docs=(0,)), _request(2, 5, 3)):
+    sched.add_request(r)
+  step = sched.schedule()
+  assert [r.index for r in step.prefill] == [0]
+  sched.update(step, runner.run(step))
+  for _ in range(2):  # 1 is not ready: it waits at the head, 2 behind it, 0 decodes
+    step = sched.schedule()
+    assert not step.prefill and step.decode_steps == 2
+    assert [r.index for r, _ in sched.waiting] == [1, 2]
+    used = store.allocator.num_used
+    sched.update(step, runner.run(step))
+    assert len(store._live) == 1  # only 0's lease is held
+  assert store.allocator.num_used == used
+  compiled |= {1, 2}
+  step = sched.schedule()
+  assert [r.index for r in step.prefill] == [1, 2]
+  sched.update(step, runner.run(step))
+  _run(sched, runner)
+  assert sorted(sched.finished) == [0, 1, 2]
+  _assert_clean(store, 39)
+
+
 # ---- failures ----------------------------------------------------------------------------------
 
 def test_a_failing_prefill_in_a_group_is_retried_alone_and_charged_to_its_request():
@@ -412,7 +444,8 @@ jobs = st.fixed_dictionaries({
         min_size=1, max_size=12),
     "pages": st.integers(6, 40), "rows": st.integers(1, 6), "steps": st.integers(1, 4),
     "reuse": st.booleans(), "lose_pool": st.booleans(),
-    "max_prefill_tokens": st.sampled_from([None, 16, 32, 64, 200])})
+    "max_prefill_tokens": st.sampled_from([None, 16, 32, 64, 200]),
+    "compile_steps": st.integers(0, 3)})
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -433,8 +466,14 @@ def test_every_request_ends_once_and_the_pool_balances(job):
     elif fate != "ok":
       poison[fate].add(i)
   budget = job["max_prefill_tokens"]
+  asked = collections.Counter()
+
+  def ready(request, lease):  # each request's program "compiles" for its first few asks
+    asked[request.index] += 1
+    return asked[request.index] > job["compile_steps"]
+
   sched = Scheduler(store, policy, job["rows"], steps_per_visit=job["steps"],
-                    max_prefill_tokens=budget)
+                    max_prefill_tokens=budget, ready=ready)
   runner = FakeRunner(store, policy, job["rows"], poison["prefill"], poison["decode"],
                       job["lose_pool"])
   done = _run(sched, runner, arrivals, cancels=cancels, cancelled=cancelled)

@@ -603,3 +603,48 @@ def test_serve_refuses_a_steps_per_visit_below_one_before_building_anything():
   with pytest.raises(ValueError, match="--steps-per-visit must be >= 1, got 0"):
     serve_server.run(args, lambda a: built.append(a))
   assert not built
+
+
+def test_a_new_prefill_program_compiles_on_its_own_thread_while_the_running_requests_decode(
+    server, monkeypatch):
+  """The request at the head of the queue waits (lease given back) while its prefill program
+  compiles on the compile thread; the running request goes on decoding meanwhile, and the
+  waiting one then runs without compiling on the engine loop."""
+  kv, go = server.engine.kv, threading.Event()
+  compile_later = kv.compile_later
+
+  def held(*args, **static):
+    compile_now = compile_later(*args, **static)
+    return lambda: (go.wait(60), compile_now())[1]
+
+  monkeypatch.setattr(kv, "compile_later", held)
+  client = _client(server, "key-ahead")
+  full = {"reuse": "full"}
+  running = [int(t) for t in np.random.default_rng(5).integers(3, 400, 40)]
+  go.set()  # the running request's program compiles freely
+  client.completions.create(model=MODEL, prompt=running, max_tokens=80, temperature=0,
+                            extra_body=full)  # the same buckets (pages too) as below
+  _wait_idle(server)
+  go.clear()
+  waiting = [int(t) for t in np.random.default_rng(6).integers(3, 400, 500)]  # a new bucket
+  want = _reference([sx.Request([sx.Segment(waiting)], sampling=sx.SamplingParams(
+      max_new_tokens=2))], reuse="full")[0]
+  stalls, deferred = server.loop.compiling_steps, server.loop.admissions_deferred
+  got = {}
+  stream = client.completions.create(model=MODEL, prompt=running, max_tokens=80,
+                                     temperature=0, extra_body=full, stream=True)
+  chunks = iter(stream)
+  next(chunks)  # the running request has its first token
+  later = threading.Thread(target=lambda: got.setdefault("r", client.completions.create(
+      model=MODEL, prompt=waiting, max_tokens=2, temperature=0, extra_body=full)))
+  later.start()
+  deadline = time.time() + 30
+  while server.loop.admissions_deferred == deferred:  # it arrived, and waits for its program
+    assert time.time() < deadline, "the request was never deferred"
+    time.sleep(0.01)
+  n_after = sum(1 for _ in chunks)  # the running request decodes to its end meanwhile
+  assert n_after > 0 and later.is_alive()
+  go.set()
+  later.join(60)
+  assert got["r"].model_extra["x_sparsex"]["token_ids"] == want.token_ids
+  assert server.loop.compiling_steps == stalls  # nothing compiled on the engine loop

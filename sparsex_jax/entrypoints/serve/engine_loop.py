@@ -37,7 +37,8 @@ from sparsex_jax.api import RequestOutput
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.reuse import ReuseMethod
 from sparsex_jax.sampling import SamplingParams
-from sparsex_jax.scheduler import Completion, ScheduledRequest, Scheduler
+from sparsex_jax.entrypoints.serve.compiling import CompileAhead
+from sparsex_jax.scheduler import Completion, ScheduledRequest, Scheduler, StepResult
 from sparsex_jax.step_runner import StepRunner
 
 
@@ -82,6 +83,7 @@ class _Group:
   method: ReuseMethod
   scheduler: Scheduler
   runner: StepRunner
+  ahead: CompileAhead | None = None
 
 
 class EngineLoop:
@@ -122,6 +124,14 @@ class EngineLoop:
   @property
   def pending(self) -> int:
     return self._pending
+
+  @property
+  def programs_compiled_ahead(self) -> int:
+    return sum(len(g.ahead.keys) for g in list(self._groups.values()) if g.ahead is not None)
+
+  @property
+  def admissions_deferred(self) -> int:
+    return sum(g.ahead.deferred for g in list(self._groups.values()) if g.ahead is not None)
 
   def counts(self) -> tuple[int, int]:
     """(running, waiting) requests, read without the engine thread's help (approximate)."""
@@ -168,9 +178,12 @@ class EngineLoop:
           if self._stopping.is_set() and self._inbox.empty():
             return
           continue
+        progressed = False
         for group in self._in_arrival_order():
           if group.scheduler.has_work:
-            self._step(group)
+            progressed |= self._step(group)
+        if not progressed:  # only requests whose programs compile: wait for news, not spin
+          self._take(block=True)
         if self.on_step is not None:
           self.on_step(self)
     except BaseException as e:  # pylint: disable=broad-except
@@ -234,22 +247,32 @@ class EngineLoop:
       runner.on_first_logits = self._first_logits if self.on_first_logits is not None else None
       runner.on_prefilled = self._send_first_tokens
       runner.prefill_alone = True
+      ahead = CompileAhead(engine, policy) if engine.kv.mesh is None else None
       sched = Scheduler(engine.store, policy, runner.batch.n_rows,
                         steps_per_visit=engine.steps_per_visit, prepare=runner.prepare,
                         others_running=lambda: self._others_running(method),
                         may_admit=lambda request: self._may_admit(method, request),
+                        ready=None if ahead is None else ahead.ready,
                         max_prefill_tokens=engine.max_prefill_tokens)
-      group = self._groups[method] = _Group(method, sched, runner)
+      group = self._groups[method] = _Group(method, sched, runner, ahead)
     return group
 
-  def _step(self, group: _Group) -> None:
+  def _step(self, group: _Group) -> bool:
+    """One step of a group; False when it had nothing to do (its head request's program is
+    compiling and nothing runs)."""
     sched, runner = group.scheduler, group.runner
     try:
       step = sched.schedule()
+      if not (step.prefill or step.decode_steps or step.drop or step.failed):
+        sched.update(step, StepResult())
+        return False
       self._complete(sched, step.failed)
-      programs, t0 = self.engine.num_compilations, time.perf_counter()
+      seen, t0 = set(self.engine.kv.log._seen), time.perf_counter()
       result = runner.run(step)
-      if self.engine.num_compilations > programs:
+      new = self.engine.kv.log._seen - seen
+      if group.ahead is not None:
+        new -= group.ahead.keys  # compiled on the compile thread: nothing waited for them
+      if new:
         self.compiling_steps += 1
         self.compile_stall_s += time.perf_counter() - t0
       done = sched.update(step, result)
@@ -258,16 +281,19 @@ class EngineLoop:
       # Its requests fail, everything it held is given back, and the next request starts anew.
       traceback.print_exc()
       sched.close()
+      if group.ahead is not None:
+        group.ahead.close()
       del self._groups[group.method]
       for handle in list(self._handles.values()):
         if handle.reuse == group.method:
           self._finish(handle, RequestOutput.failed(handle.request_id, f"engine error: {e}"))
-      return
+      return True
     for seq in runner.batch.running():
       handle = self._handles.get(seq.key.index)
       if handle is not None and len(seq.tokens) > handle.sent:
         self._push_tokens(handle, seq.tokens[handle.sent:])
     self._complete(sched, done)
+    return True
 
   def _send_first_tokens(self, seqs) -> None:
     """Right after a prefill, before the step's decode loop: each client gets its first token

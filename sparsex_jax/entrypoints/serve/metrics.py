@@ -53,6 +53,12 @@ class Metrics:
     self.compile_stall = Gauge("sparsex_compile_stall_seconds",
                                "wall time of the steps that compiled a new program: every "
                                "request waiting meanwhile waited for the compiler", registry=r)
+    self.compiled_ahead = Gauge("sparsex_programs_compiled_ahead",
+                                "prefill programs compiled on the compile thread while the "
+                                "running requests went on", registry=r)
+    self.deferred = Gauge("sparsex_admissions_deferred",
+                          "times a request waited at the head of the queue for its prefill "
+                          "program to compile", registry=r)
 
   def refresh(self, loop, engine) -> None:
     """The gauges, read at scrape time (host counters; approximate while a step runs)."""
@@ -67,3 +73,5 @@ class Metrics:
     self.programs.set(engine.num_compilations)
     self.compiling_steps.set(loop.compiling_steps)
     self.compile_stall.set(loop.compile_stall_s)
+    self.compiled_ahead.set(loop.programs_compiled_ahead)
+    self.deferred.set(loop.admissions_deferred)
