@@ -151,9 +151,10 @@ class Scheduler:
   running requests: a request that finds no pages then waits for them instead of failing.
   may_admit(request), if given, is asked before the waiting request at the head is leased: False
   and it waits (admissions stop at it for this step).
-  ready(request, lease), if given, is asked once the head request holds its lease: False and the
-  lease is given back and the request waits at the head (a server compiling its prefill program
-  on another thread meanwhile, while the running requests go on decoding).
+  ready(request, lease), if given, is asked once a request holds its lease: False and the lease
+  is given back and the request keeps its place in the queue, while the requests behind it may
+  be admitted (a server compiling its prefill program on another thread meanwhile; the running
+  requests go on decoding).
   max_prefill_tokens: a prefill group stops before the request that would take its padded size
   (prefill_tokens) past this; a request over it alone still runs, alone. None: no limit.
   blocked: whether the last step's head request waited for pages (another scheduler's
@@ -210,8 +211,9 @@ class Scheduler:
     limit = admission_limit(self.n_rows - len(self.running), len(self.running), self.n_rows)
     self.blocked = False
     longest = 0
-    while self.waiting and len(group) < limit and not self._solo:
-      request, alone = self.waiting[0]
+    i = 0  # the first waiting request not deferred in this step
+    while i < len(self.waiting) and len(group) < limit and not self._solo:
+      request, alone = self.waiting[i]
       if alone and self.running:  # a solo request waits for an empty batch
         break
       n = int(request.prompt.token_ids.size)
@@ -229,17 +231,18 @@ class Scheduler:
         if self.running or (self.others_running is not None and self.others_running()):
           self.blocked = True
           break  # waits for running requests (its own or another scheduler's) to give pages back
-        self.waiting.popleft()
+        del self.waiting[i]
         failed.append(self._fail(request, e))  # nothing else holds pages: it can never fit
         continue
       except ValueError as e:  # larger than the whole pool
-        self.waiting.popleft()
+        del self.waiting[i]
         failed.append(self._fail(request, e))
         continue
       if self.ready is not None and not self.ready(request, leases[0]):
         leases.release()
-        break  # it waits at the head; the running requests go on
-      self.waiting.popleft()
+        i += 1  # it keeps its place; those behind it may go first meanwhile
+        continue
+      del self.waiting[i]
       self.running[request.index] = request
       self._leases[request.index] = leases
       group.append(request)

@@ -293,34 +293,36 @@ def test_add_request_between_steps_joins_the_running_batch():
   _assert_clean(store, 39)
 
 
-def test_a_request_whose_program_is_not_ready_waits_at_the_head_holding_nothing():
+def test_a_request_whose_program_is_not_ready_keeps_its_place_holding_nothing():
   """`ready` False (a server compiling its prefill program on another thread): the lease is
-  given back, the request keeps its place, the running requests decode, and it is admitted once
-  ready, before the requests behind it."""
+  given back, the request keeps its place, the running requests decode, a ready request behind
+  it goes first, and it is admitted once ready, before the requests that came after it."""
   store = _store(40)
-  compiled = {0}
+  compiled = {0, 2}
   sched = Scheduler(store, REUSE, 4, steps_per_visit=2,
                     ready=lambda request, lease: request.index in compiled)
   runner = FakeRunner(store, REUSE, 4)
-  for r in (_request(0, 8, 9), _request(1, 12, 3, docs=(0,)), _request(2, 5, 3)):
+  for r in (_request(0, 8, 9), _request(1, 12, 3, docs=(0,)), _request(2, 5, 9)):
     sched.add_request(r)
   step = sched.schedule()
-  assert [r.index for r in step.prefill] == [0]
+  assert [r.index for r in step.prefill] == [0, 2]  # 1 is compiling: 2 goes past it
+  assert [r.index for r, _ in sched.waiting] == [1]
   sched.update(step, runner.run(step))
-  for _ in range(2):  # 1 is not ready: it waits at the head, 2 behind it, 0 decodes
+  sched.add_request(_request(3, 6, 3))
+  for _ in range(2):  # 1 still compiling, 3 not either: both wait, 0 and 2 decode
     step = sched.schedule()
     assert not step.prefill and step.decode_steps == 2
-    assert [r.index for r, _ in sched.waiting] == [1, 2]
+    assert [r.index for r, _ in sched.waiting] == [1, 3]
     used = store.allocator.num_used
     sched.update(step, runner.run(step))
-    assert len(store._live) == 1  # only 0's lease is held
+    assert len(store._live) == 2  # only the leases of 0 and 2 are held
   assert store.allocator.num_used == used
-  compiled |= {1, 2}
+  compiled |= {1, 3}
   step = sched.schedule()
-  assert [r.index for r in step.prefill] == [1, 2]
+  assert [r.index for r in step.prefill] == [1, 3]
   sched.update(step, runner.run(step))
   _run(sched, runner)
-  assert sorted(sched.finished) == [0, 1, 2]
+  assert sorted(sched.finished) == [0, 1, 2, 3]
   _assert_clean(store, 39)
 
 

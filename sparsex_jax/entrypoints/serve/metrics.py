@@ -57,8 +57,8 @@ class Metrics:
                                 "prefill programs compiled on the compile thread while the "
                                 "running requests went on", registry=r)
     self.deferred = Gauge("sparsex_admissions_deferred",
-                          "times a request waited at the head of the queue for its prefill "
-                          "program to compile", registry=r)
+                          "times a waiting request was passed over while its prefill "
+                          "program compiled", registry=r)
 
   def refresh(self, loop, engine) -> None:
     """The gauges, read at scrape time (host counters; approximate while a step runs)."""
