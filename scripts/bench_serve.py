@@ -289,7 +289,8 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
   ok = [r for r in records if "error" not in r]
   keys = ("sparsex_segment_cache_hit_rate", "sparsex_prefix_cache_hit_rate",
           "sparsex_reused_tokens_total", "sparsex_exact_tokens_total",
-          "sparsex_continued_tokens_total", "sparsex_recomputed_tokens_total", "sparsex_prompt_tokens_total",
+          "sparsex_continued_tokens_total", "sparsex_recomputed_tokens_total",
+          "sparsex_prompt_tokens_total",
           "sparsex_generation_tokens_total", "sparsex_compiled_programs",
           "sparsex_compiling_steps", "sparsex_compile_stall_seconds",
           "sparsex_programs_compiled_ahead", "sparsex_admissions_deferred")

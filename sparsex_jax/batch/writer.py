@@ -219,7 +219,8 @@ def result_record(job: JobLine, out: RequestOutput, reuse: dict, decode, model: 
     reason = "stop" if stopped else reason
   s = out.stats
   stats = {"ttft_s": round(s.ttft_s, 6), "n_prompt": s.n_prompt, "n_exact": s.n_exact,
-           "n_continued": s.n_continued, "n_reused": s.n_reused, "n_new": s.n_new, "n_recomputed": s.n_recomputed,
+           "n_continued": s.n_continued, "n_reused": s.n_reused, "n_new": s.n_new,
+           "n_recomputed": s.n_recomputed,
            "n_generated": s.n_generated}
   if job.form == "ours":
     return {"id": job.id, "text": text, "token_ids": tokens, "finish_reason": reason,

@@ -16,8 +16,9 @@ earlier prompts from their first approximate block on (a reuse method's K/V), ke
 chain from position 0 but stored from `first_block` (the blocks before it are the exact cache's),
 and served only to a prompt that continues a whole earlier prompt (a chat's next turn): `match`
 stops at the deepest block that ended an inserted prompt and after which the new prompt goes on
-with that prompt's last tokens (those of its partial last page, never cached). There a block's parent may be absent
-(it is the exact cache's), so child counts are kept per parent key, present or not.
+with that prompt's last tokens (those of its partial last page, never cached). There a block's
+parent may be absent (it is the exact cache's), so child counts are kept per parent key,
+present or not.
 """
 
 from __future__ import annotations

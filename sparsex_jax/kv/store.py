@@ -175,8 +175,8 @@ class KVStore:
         self.allocator.decref(pages[keep:])
         lease.exact_pages = pages[:keep]
         if policy.reads_segment_cache:  # a reuse method: continue an earlier prompt's K/V
-          more, _ = self.continuation_cache.match(ids, continuation_namespace(prompt.namespace, policy),
-                                                  first_block=keep)
+          more, _ = self.continuation_cache.match(
+              ids, continuation_namespace(prompt.namespace, policy), first_block=keep)
           take = min(more.size, last - keep)
           self.allocator.decref(more[take:])
           lease.exact_pages = np.concatenate([lease.exact_pages, more[:take]]).astype(np.int32)

@@ -284,7 +284,8 @@ class Answer:
     if self.output is not None and self.output.error is None:
       s = self.output.stats
       out |= {"prompt_tokens": s.n_prompt, "exact_tokens": s.n_exact,
-              "continued_tokens": s.n_continued, "reused_tokens": s.n_reused, "recomputed_tokens": s.n_recomputed,
+              "continued_tokens": s.n_continued, "reused_tokens": s.n_reused,
+              "recomputed_tokens": s.n_recomputed,
               "new_tokens": s.n_new}
     return out
 

@@ -3,11 +3,12 @@
 A server meets prefill shapes it has not compiled (each request's token, active-set and page
 buckets), and a program of Llama-3-8B shapes takes 5-9 s to compile on the GPU. Compiled on the
 engine loop, it stalled every running and waiting request: 14-79 s of a 20-45 s load run in
-round 16 (docs/SERVING.md). Here the scheduler asks, once a waiting request holds its lease, whether its prefill program is compiled (`ready`): if not, the program is
-compiled on this module's thread from the request's planned batch (shapes only), the lease is
-given back, and the request keeps its place in the queue while the running requests go on
-decoding and the requests behind it whose programs exist are admitted. jit keeps what the
-thread compiled, so the prefill that follows compiles nothing.
+round 16 (docs/SERVING.md). Here the scheduler asks, once a waiting request holds its lease,
+whether its prefill program is compiled (`ready`). If not, the program is compiled on this
+module's thread from the request's planned batch (shapes only), the lease is given back, and
+the request keeps its place in the queue while the running requests go on decoding and the
+requests behind it whose programs exist are admitted. jit keeps what the thread compiled, so
+the prefill that follows compiles nothing.
 """
 
 from __future__ import annotations
