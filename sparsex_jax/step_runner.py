@@ -189,15 +189,27 @@ class StepRunner:
                          request_id=request.request_id, prefill=account)
 
 
-def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
-  """(program, args, static) of the prefill `prefill_and_commit` would run for this group, or
-  None where it would run the two halves around host-tier loads (not compiled ahead)."""
-  if any(load for lease in leases for load in lease.loads):
-    return None
+def _plan_group(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
+  """The group's plans, its padded batch and the static spec of its prefill."""
   plans = [planner.plan_request(p, lease, policy, engine.layout)
            for p, lease in zip(prompts, leases)]
   batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,
                                    engine.attention_backend)
+  return plans, batch, spec
+
+
+def _in_halves(engine: "Engine", loads, spec) -> bool:
+  """Host-tier loads run between the full layers and the rest (see prefill_and_commit)."""
+  return bool(loads) and 0 < spec.layer_threshold < engine.config.n_layers
+
+
+def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
+  """(program, args, static) of the prefill `prefill_and_commit` would run for this group, or
+  None where it would run the two halves around host-tier loads (not compiled ahead)."""
+  _, batch, spec = _plan_group(engine, prompts, leases, policy)
+  if _in_halves(engine, [load for lease in leases for load in lease.loads if not load.written],
+                spec):
+    return None
   return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
 
 
@@ -214,11 +226,8 @@ def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, po
   tier = engine.store.host_tier
   if loads:
     start_loads(tier, loads, engine.kv)
-  plans = [planner.plan_request(p, lease, policy, engine.layout)
-           for p, lease in zip(prompts, leases)]
-  batch, spec = planner.plan_batch(plans, policy, engine.config, engine.layout,
-                                   engine.attention_backend)
-  if loads and 0 < spec.layer_threshold < engine.config.n_layers:
+  plans, batch, spec = _plan_group(engine, prompts, leases, policy)
+  if _in_halves(engine, loads, spec):
     full = engine.kv.run(prefill_full_layers, engine.params, batch, cfg=engine.config, spec=spec)
     finish_loads(tier, loads, engine.kv)
     out = engine.kv.run(prefill_rest, engine.params, batch, full, cfg=engine.config, spec=spec)

@@ -114,17 +114,16 @@ class KVStore:
     engine's KVPool) must be set before the first eviction."""
     self.layout = layout
     self.allocator = PageAllocator(layout.num_pages, layout.page_size)
-    # Registration order is eviction order: prefix blocks, then segments, then continuations.
+    # Registration order is eviction order: prefix blocks, then continuations, then segments.
+    # (Continuations evicted after segments lost at 32 requests/s in round 16: the agents' shared
+    # outputs went instead; tag research-round16-continuations-evicted-last, docs/SERVING.md.)
     self.prefix_cache = PrefixCache(self.allocator)
-    self.segment_cache = SegmentCache(self.allocator)
     # Prompts prefilled with reuse, as computed, for the prompts that continue them (a chat's
     # next turn): their K/V after the first reused token is approximate, so they never enter the
     # exact prefix cache, but the next turn must not recompute or re-blend the history the model
-    # already answered from (docs/DESIGN.md, "Continuations"). Evicted last: a conversation's
-    # continuation spares its next turn every token, while the segment cache also holds a copy
-    # of each of its messages (round 16's load run at 32 requests/s evicted the continuations
-    # first and re-blended most histories).
+    # already answered from (docs/DESIGN.md, "Continuations").
     self.continuation_cache = PrefixCache(self.allocator, whole_prompts=True)
+    self.segment_cache = SegmentCache(self.allocator)
     # A continuation's match starts after its prompt's exact blocks: the exact block it
     # continues is held (never evicted) while the continuation's first block lives.
     self.continuation_cache.on_remove = self._release_anchor

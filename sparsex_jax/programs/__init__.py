@@ -34,6 +34,7 @@ class CompileLog:
 
   def __init__(self):
     self._seen: set = set()
+    self._order: list = []  # the keys in the order first run
 
   @staticmethod
   def key(name: str, static, args) -> tuple:
@@ -43,7 +44,14 @@ class CompileLog:
     return (name, static, tree, shapes)
 
   def note(self, name: str, static, args) -> None:
-    self._seen.add(self.key(name, static, args))
+    key = self.key(name, static, args)
+    if key not in self._seen:
+      self._seen.add(key)
+      self._order.append(key)
+
+  def since(self, n: int) -> list[tuple]:
+    """The keys first run after the first n (n: len(log) before some work)."""
+    return self._order[n:]
 
   def __contains__(self, key: tuple) -> bool:
     return key in self._seen

@@ -34,10 +34,10 @@ from typing import Callable
 import numpy as np
 
 from sparsex_jax.api import RequestOutput
+from sparsex_jax.entrypoints.serve.compiling import CompileAhead
 from sparsex_jax.prompt import Prompt
 from sparsex_jax.reuse import ReuseMethod
 from sparsex_jax.sampling import SamplingParams
-from sparsex_jax.entrypoints.serve.compiling import CompileAhead
 from sparsex_jax.scheduler import Completion, ScheduledRequest, Scheduler, StepResult
 from sparsex_jax.step_runner import StepRunner
 
@@ -176,6 +176,9 @@ class EngineLoop:
         self._take(block=not self._has_work())
         if not self._has_work():
           if self._stopping.is_set() and self._inbox.empty():
+            for group in self._groups.values():  # drained: no compile is waited for now
+              if group.ahead is not None:
+                group.ahead.close()
             return
           continue
         progressed = False
@@ -258,8 +261,8 @@ class EngineLoop:
     return group
 
   def _step(self, group: _Group) -> bool:
-    """One step of a group; False when it had nothing to do (its head request's program is
-    compiling and nothing runs)."""
+    """One step of a group; False when it had nothing to do (nothing runs, and every waiting
+    request's program is compiling)."""
     sched, runner = group.scheduler, group.runner
     try:
       step = sched.schedule()
@@ -267,9 +270,10 @@ class EngineLoop:
         sched.update(step, StepResult())
         return False
       self._complete(sched, step.failed)
-      seen, t0 = set(self.engine.kv.log._seen), time.perf_counter()
+      log = self.engine.kv.log
+      n_programs, t0 = len(log), time.perf_counter()
       result = runner.run(step)
-      new = self.engine.kv.log._seen - seen
+      new = set(log.since(n_programs))
       if group.ahead is not None:
         new -= group.ahead.keys  # compiled on the compile thread: nothing waited for them
       if new:
