@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import jax
 import numpy as np
 
 from sparsex_jax import decoding, planner, scheduler
@@ -213,20 +214,33 @@ def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
 
 
+def inputs_ahead_of_loads(batch: "PrefillBatch") -> "PrefillBatch":
+  """The batch's arrays sent to the device before the loads' copies are issued.
+
+  Host-to-device copies run in the order they are issued (one copy stream per device): a batch
+  passed to the first half as numpy arrays would be copied behind every load's segments, and the
+  full layers, which need nothing else from the host, would wait for all of them instead of
+  running beside them. Uncommitted (no target device), as numpy arguments are, so jit compiles
+  nothing new (it keys programs on whether each argument is committed).
+  """
+  return jax.device_put(batch)
+
+
 def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
                        ) -> tuple[list["RequestPlan"], "PrefillOutput", "PrefillBatch"]:
   """Plans a group, runs the prefill program and commits the caches (the pool donated to both
   programs through engine.kv). Nothing here waits for the device.
 
   Copies from the host tier that the leases planned (layers [T, L) of their segments) start
-  first, so that they run while the host plans and while the full layers [0, T) run: the prefill
-  is then dispatched in two halves with the copies' pool writes between them, since the full
-  layers read nothing cached above T (programs/prefill.py)."""
+  right after the batch's own inputs (inputs_ahead_of_loads), so that they run while the full
+  layers [0, T) do: the prefill is then dispatched in two halves with the copies' pool writes
+  between them, since the full layers read nothing cached above T (programs/prefill.py)."""
   loads = [load for lease in leases for load in lease.loads if not load.written]
   tier = engine.store.host_tier
-  if loads:
-    start_loads(tier, loads, engine.kv)
   plans, batch, spec = _plan_group(engine, prompts, leases, policy)
+  if loads:
+    batch = inputs_ahead_of_loads(batch)
+    start_loads(tier, loads, engine.kv)
   if _in_halves(engine, loads, spec):
     full = engine.kv.run(prefill_full_layers, engine.params, batch, cfg=engine.config, spec=spec)
     finish_loads(tier, loads, engine.kv)

@@ -127,6 +127,33 @@ def test_the_second_load_of_a_shape_compiles_nothing():
   assert sizes[2] == sizes[1] == sizes[0] and min(sizes[0]) >= 1
 
 
+def test_the_batch_crosses_to_the_device_before_the_copies(monkeypatch):
+  """Host-to-device copies run in the order issued: the prefill's inputs go before the loads'
+  segments (else the full layers wait for every copy instead of running beside them)."""
+  from sparsex_jax import step_runner
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.cache_segments(PASSAGES)
+  eng.store.segment_cache.evict(10**6)
+  events = []
+  ahead = step_runner.inputs_ahead_of_loads
+  monkeypatch.setattr(step_runner, "inputs_ahead_of_loads",
+                      lambda batch: events.append("inputs") or ahead(batch))
+  stage, run = eng.kv.stage_page_layers, eng.kv.run
+  monkeypatch.setattr(eng.kv, "stage_page_layers",
+                      lambda k, v: events.append("copy") or stage(k, v))
+
+  def spy_run(program, *args, **static):
+    if program.__name__ == "prefill_full_layers":
+      leaves = jax.tree.leaves(args[1])
+      events.append("full layers, batch on device" if all(isinstance(x, jax.Array) for x in leaves)
+                    else "full layers, batch on the host")
+    return run(program, *args, **static)
+
+  monkeypatch.setattr(eng.kv, "run", spy_run)
+  eng.prefill_logits(_request(), sx.ReuseConfig("sparsex", layer_threshold=1))
+  assert events == ["inputs", "copy", "copy", "full layers, batch on device"]
+
+
 @pytest.mark.parametrize("split_layer,t", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 1)],
                          ids=["T=split=1", "T=split=2", "T-above", "T-below", "whole"])
 def test_loads_move_layers_from_t_or_honestly_more(split_layer, t):

@@ -13,11 +13,11 @@ def test_smoke_run_times_every_tier_and_moves_layers_from_t(tmp_path):
   res = json.loads((tmp_path / "tiers.json").read_text())
   (row,) = res["rows"]
   assert res["preset"] == "tiny" and "bench_tiers.py --smoke" in res["command"]
-  for name in ("full", "pool", "host", "host-serial", "host-int8", "disk"):
+  for name in ("full", "pool", "host", "host-serial", "host-inputs-after", "host-int8", "disk"):
     assert row[name]["ttft_ms"] > 0 and len(row[name]["runs_ms"]) == 2
   t, n_layers = row["layer_threshold"], row["n_layers"]
   assert 0 < t < n_layers and row["expected_moved_fraction"] == (n_layers - t) / n_layers
-  for name in ("host", "host-serial", "host-int8"):
+  for name in ("host", "host-serial", "host-inputs-after", "host-int8"):
     assert row[name]["moved_fraction"] == row["expected_moved_fraction"]
     assert {"prefill_full_layers", "prefill_rest", "write_page_layers"} <= set(
         row[name]["programs"])
