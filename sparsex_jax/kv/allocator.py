@@ -172,13 +172,17 @@ class PageAllocator:
     if arr.size == 0:
       return 0
     self._check_ids(arr, "decref")
-    counts = np.bincount(arr, minlength=self.num_pages)
-    over = np.nonzero(counts > self._refcount)[0]
+    # Work in the listed pages only, never over the whole pool: an eviction decrefs a block at a
+    # time, and a pass over 24K refcounts per page was 40 us of every evicted page.
+    pages, counts = np.unique(arr, return_counts=True)
+    held = self._refcount[pages]
+    over = pages[counts > held]
     if over.size:
       raise ValueError(f"decref of free page(s) {over[:8].tolist()} (refcounts "
                        f"{self._refcount[over[:8]].tolist()}): double free")
-    self._refcount -= counts.astype(np.int32)
-    freed = np.nonzero((counts > 0) & (self._refcount == 0))[0]
+    left = held - counts.astype(np.int32)
+    self._refcount[pages] = left
+    freed = pages[left == 0]
     self._is_free[freed] = True
     self._free.extend(freed.tolist())
     return int(freed.size)

@@ -251,7 +251,8 @@ class PrefixCache:
     self._touch(chain)
     return np.asarray(new, np.int32)
 
-  def _remove(self, block: _Block) -> int:
+  def _forget(self, block: _Block) -> None:
+    """Drops the block from the tree; its page reference is the caller's to release."""
     del self._blocks[block.key]
     del self._page_to_key[block.page]
     self._children[block.parent] -= 1
@@ -260,7 +261,6 @@ class PrefixCache:
     self.evictions += 1
     if self.on_remove is not None:
       self.on_remove(block)
-    return self.allocator.decref([block.page])
 
   def evict(self, n_pages: int) -> int:
     """Frees up to n_pages (or a little more) LRU leaf blocks held by the cache alone.
@@ -268,17 +268,25 @@ class PrefixCache:
     A block whose page a live request still holds (refcount > 1) stays, and so do its ancestors.
     Returns the number of pages freed.
     """
-    freed = 0
-    # Children precede parents in the LRU order, so a parent is visited after all its children
-    # have had their chance to go, and becomes evictable in the same scan.
-    for key in list(self._blocks):
-      if freed >= n_pages:
-        break
-      block = self._blocks[key]
-      if (not self._children[block.key] and key not in self._held
-          and self.allocator.refcount(block.page) == 1):
-        freed += self._remove(block)
-    return freed
+    pages = []
+    # Children mostly precede parents in the LRU order, so a parent is visited after its children
+    # have had their chance to go and becomes evictable in the same scan. Not always: a
+    # continuation stored from block i on is touched from there, and its parent, an older block
+    # that another turn forked from, stays before it. So scan again while a scan frees something.
+    progress = True
+    while progress and len(pages) < n_pages:
+      progress = False
+      for key in list(self._blocks):
+        if len(pages) >= n_pages:
+          break
+        block = self._blocks[key]
+        if (not self._children[block.key] and key not in self._held
+            and self.allocator.refcount(block.page) == 1):  # the cache's is the last reference
+          self._forget(block)
+          pages.append(block.page)
+          progress = True
+    # One release for the scan (each page is in one block: the refcounts read above still hold).
+    return self.allocator.decref(pages)
 
   def drop_all(self) -> None:
     """Forgets every block, held by a live request or not (their K/V is gone: the pool was lost).
