@@ -95,12 +95,20 @@ def _time(engine, cfg, passages, reuse, runs, before=None):
     engine.prefill_logits(_request(cfg, passages, run), reuse)
     dt = time.perf_counter() - t0
     if run == 0:
+      clock0 = tier.load_times(wait=True) if tier is not None else None
       continue  # warm-up: compiles
     times.append(dt * 1e3)
     if tier is not None:
       moved.append(tier.bytes_moved - b0[0])
       all_layers.append(tier.bytes_all_layers - b0[1])
   out = {"ttft_ms": statistics.median(times), "runs_ms": [round(t, 3) for t in times]}
+  if tier is not None:  # the copies' time in flight per timed request, and the part exposed
+    clock = tier.load_times(wait=True)
+    n = clock["loads_timed"] - clock0["loads_timed"]
+    if n:
+      out["copy_ms_per_request"] = 1e3 * (clock["load_copy_s"] - clock0["load_copy_s"]) / n
+      out["exposed_ms_per_request"] = 1e3 * (clock["load_exposed_s"]
+                                             - clock0["load_exposed_s"]) / n
   if moved:
     out["bytes_moved"] = int(statistics.median(moved))
     out["bytes_all_layers"] = int(statistics.median(all_layers))
@@ -264,8 +272,13 @@ def main(argv=None) -> int:
       result["rows"].append(row)
       summary = "  ".join(f"{s} {row[s]['ttft_ms']:.1f} ms" for s in SCENARIOS if s in row)
       moved = row.get("host", {}).get("moved_fraction")
+      host = row.get("host", {})
+      copy = ""
+      if "copy_ms_per_request" in host:
+        copy = (f"; copy {host['copy_ms_per_request']:.1f} ms a request, "
+                f"{host['exposed_ms_per_request']:.1f} ms exposed")
       print(f"{context}: {summary}; host moved {moved} of the K/V "
-            f"(expected {row['expected_moved_fraction']:.3f})", file=sys.stderr)
+            f"(expected {row['expected_moved_fraction']:.3f}){copy}", file=sys.stderr)
       path = os.path.join(args.out, "tiers.json")
       with open(path, "w") as f:  # after every context: a run cut short keeps what it measured
         json.dump(result, f, indent=1)

@@ -214,6 +214,10 @@ def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
 
 
+def _staged(loads) -> list:
+  return [load.staged for load in loads if load.staged is not None]
+
+
 def inputs_ahead_of_loads(batch: "PrefillBatch") -> "PrefillBatch":
   """The batch's arrays sent to the device before the loads' copies are issued.
 
@@ -240,13 +244,16 @@ def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, po
   plans, batch, spec = _plan_group(engine, prompts, leases, policy)
   if loads:
     batch = inputs_ahead_of_loads(batch)
+    issued = time.perf_counter()
     start_loads(tier, loads, engine.kv)
   if _in_halves(engine, loads, spec):
     full = engine.kv.run(prefill_full_layers, engine.params, batch, cfg=engine.config, spec=spec)
+    tier.clock.time(_staged(loads), full, issued)
     finish_loads(tier, loads, engine.kv)
     out = engine.kv.run(prefill_rest, engine.params, batch, full, cfg=engine.config, spec=spec)
   else:
     if loads:
+      tier.clock.time(_staged(loads), None, issued)
       finish_loads(tier, loads, engine.kv)
     out = engine.kv.run(prefill, engine.params, batch, cfg=engine.config, spec=spec)
   with engine.store.commit(prompts, plans, policy) as copies:

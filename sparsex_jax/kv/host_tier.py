@@ -41,8 +41,10 @@ the copy to the device carries the 8-bit values and the scales and dequantises o
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import threading
 import time
 from typing import Callable
 
@@ -214,6 +216,68 @@ class HostLoad:
 Spill = Callable[[HostSegment], bool]
 
 
+class LoadClock:
+  """How long each request's host-tier copies were in flight, and how much of that the prefill's
+  full layers hid (docs/TIERS.md "What overlaps").
+
+  Nothing on the request's path waits: two waiter threads block (without the GIL) on the staged
+  copies and on the first half's output and note when each became ready. A copy still in flight
+  when the full layers are done holds the rest of the prefill up: that part is exposed, the rest
+  hidden. With no first half (T = 0: every layer copied, none computed first) all of it is
+  exposed. Failed copies are not timed (they are counted in failed_loads).
+  """
+
+  def __init__(self):
+    self._waiters = None  # a thread pool, started at the first timed request
+    # (issued, copies ready at, full layers ready at or None) per request not yet summed
+    self._pending: list[tuple[float, concurrent.futures.Future, object]] = []
+    self._lock = threading.Lock()
+    self.timed = 0  # requests whose copies were timed
+    self.copy_s = 0.0  # issue to copies ready, summed over those requests
+    self.exposed_s = 0.0  # of which after the full layers were done
+    self.hidden_s = 0.0  # of which while they ran
+
+  def time(self, staged, full_layers, issued: float) -> None:
+    """Times one request's copies (the staged device arrays), issued at `issued`
+    (time.perf_counter), against the full layers' output (None: no first half)."""
+    if not staged:
+      return
+    if self._waiters is None:
+      self._waiters = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="load-clock")
+    copies = self._waiters.submit(_ready_at, staged)
+    full = None if full_layers is None else self._waiters.submit(_ready_at, full_layers)
+    with self._lock:
+      self._pending.append((issued, copies, full))
+    self.collect()
+
+  def collect(self, wait: bool = False) -> None:
+    """Adds the requests whose copies are ready to the sums (all of them, waiting, with wait)."""
+    with self._lock:
+      pending, self._pending = self._pending, []
+    left = []
+    for issued, copies, full in pending:
+      if not wait and not (copies.done() and (full is None or full.done())):
+        left.append((issued, copies, full))
+        continue
+      if copies.exception() is not None or (full is not None and full.exception() is not None):
+        continue
+      ready = copies.result()
+      exposed = ready - issued if full is None else max(0.0, ready - full.result())
+      with self._lock:
+        self.timed += 1
+        self.copy_s += ready - issued
+        self.exposed_s += min(exposed, ready - issued)
+        self.hidden_s += ready - issued - min(exposed, ready - issued)
+    with self._lock:
+      self._pending = left + self._pending
+
+
+def _ready_at(tree) -> float:
+  import jax
+  jax.block_until_ready(tree)
+  return time.perf_counter()
+
+
 class HostTier:
   """key -> HostSegment, LRU under a byte budget, with pins; overflow goes to `spill`."""
 
@@ -246,6 +310,7 @@ class HostTier:
     self.bytes_all_layers = 0  # what the same copies would have moved with every layer
     self.load_issue_s = 0.0  # host time to issue the copies (they complete on the device)
     self.spill_read_s = 0.0  # host time reading evicted pages off the device (a blocking read)
+    self.clock = LoadClock()  # the copies' time in flight, hidden and exposed
 
   def __contains__(self, key: str) -> bool:
     return key in self._entries
@@ -387,7 +452,16 @@ class HostTier:
         "failed_loads": self.failed_loads, "bytes_moved": self.bytes_moved,
         "bytes_all_layers": self.bytes_all_layers,
         "load_issue_s": round(self.load_issue_s, 6), "spill_read_s": round(self.spill_read_s, 6),
+        **self.load_times(),
     }
+
+  def load_times(self, wait: bool = False) -> dict:
+    """The copies' time in flight per timed request: hidden behind the full layers or exposed
+    (LoadClock; with wait, after every copy issued so far is ready)."""
+    self.clock.collect(wait)
+    return {"loads_timed": self.clock.timed, "load_copy_s": round(self.clock.copy_s, 6),
+            "load_hidden_s": round(self.clock.hidden_s, 6),
+            "load_exposed_s": round(self.clock.exposed_s, 6)}
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:

@@ -154,6 +154,24 @@ def test_the_batch_crosses_to_the_device_before_the_copies(monkeypatch):
   assert events == ["inputs", "copy", "copy", "full layers, batch on device"]
 
 
+@pytest.mark.parametrize("t", [0, 1])
+def test_copy_time_is_split_into_hidden_and_exposed(t):
+  """Each request's copies are timed from issue to ready: the part after the full layers were
+  done is exposed, the rest hidden; with T = 0 there are no full layers to hide behind."""
+  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng.cache_segments(PASSAGES)
+  for q in range(2):
+    eng.store.segment_cache.evict(10**6)
+    eng.prefill_logits(_request(q), sx.ReuseConfig("sparsex", layer_threshold=t))
+  times = eng.host_tier.load_times(wait=True)
+  assert times["loads_timed"] == 2 and eng.stats()["host_tier"]["loads_timed"] == 2
+  assert times["load_copy_s"] > 0 and times["load_hidden_s"] >= 0 and times["load_exposed_s"] >= 0
+  assert times["load_hidden_s"] + times["load_exposed_s"] == pytest.approx(
+      times["load_copy_s"], abs=2e-6)
+  if t == 0:
+    assert times["load_hidden_s"] == 0 and times["load_exposed_s"] == times["load_copy_s"]
+
+
 @pytest.mark.parametrize("split_layer,t", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 1)],
                          ids=["T=split=1", "T=split=2", "T-above", "T-below", "whole"])
 def test_loads_move_layers_from_t_or_honestly_more(split_layer, t):

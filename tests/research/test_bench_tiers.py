@@ -22,6 +22,9 @@ def test_smoke_run_times_every_tier_and_moves_layers_from_t(tmp_path):
     assert {"prefill_full_layers", "prefill_rest", "write_page_layers"} <= set(
         row[name]["programs"])
     assert row[name]["tier_stats"]["loads"] == 3 * row["n_passages"]  # warm-up + 2 runs
+    if name != "host-serial":  # its copies are written before the prefill: not timed
+      assert row[name]["tier_stats"]["loads_timed"] == 3  # one per request, warm-up included
+      assert 0 <= row[name]["exposed_ms_per_request"] <= row[name]["copy_ms_per_request"]
   # 8-bit values and a float32 scale per row of head_dim values move instead of 32-bit ones
   assert row["host-int8"]["bytes_moved"] < row["host"]["bytes_moved"] / 2
   assert (tmp_path / "tiers.png").stat().st_size > 0
