@@ -65,7 +65,6 @@ class PageAllocator:
     # read naturally in logs and tests. Freed pages are reused first (LIFO).
     self._free: list[int] = list(range(self.num_pages - 1, NULL_PAGE, -1))
     self._evictors: list[tuple[Evictor, Reclaimable | None]] = []
-    self._clock = 0  # the caches' LRU clock (tick): one order over every cache of the pool
     self.peak_used = 0  # most pages in use at once since the last reset_peak (benchmarks)
 
   # ---- capacity ----
@@ -107,17 +106,6 @@ class PageAllocator:
     With `reclaimable` from every evictor, a failing `allocate` evicts nothing (it checks first).
     """
     self._evictors.append((evictor, reclaimable))
-
-  def use_evictor(self, evictor: Evictor, reclaimable: Reclaimable | None = None) -> None:
-    """Replaces every registered evictor with this one: a store that orders evictions across
-    its caches (KVStore: least recently used first, whatever the cache)."""
-    self._evictors = [(evictor, reclaimable)]
-
-  def tick(self) -> int:
-    """The next value of the pool's use clock: the caches stamp what they touch with it, so
-    that their entries compare by recency across caches."""
-    self._clock += 1
-    return self._clock
 
   def allocate(self, n: int) -> np.ndarray:
     """n fresh pages (int32 [n]), each with refcount 1; evicts cached pages first if needed.

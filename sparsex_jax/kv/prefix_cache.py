@@ -91,7 +91,6 @@ class _Block:
   # whole_prompts caches: the exact cache's block this one continues (its first stored block),
   # held there until this block goes (`hold` / `release`).
   anchor: bytes | None = None
-  used: int = 0  # the allocator's clock at its last touch (the LRU order across caches)
 
 
 class PrefixCache:
@@ -137,9 +136,7 @@ class PrefixCache:
 
   def _touch(self, chain: list[_Block]) -> None:
     # Deepest first, so each parent ends up more recent than its children.
-    now = self.allocator.tick()
     for block in reversed(chain):
-      block.used = now
       self._blocks.move_to_end(block.key)
 
   def match(self, token_ids, namespace: str = "", first_block: int = 0) -> tuple[np.ndarray, int]:
@@ -265,20 +262,8 @@ class PrefixCache:
     if self.on_remove is not None:
       self.on_remove(block)
 
-  def _evictable(self, block: _Block) -> bool:
-    return (not self._children[block.key] and block.key not in self._held
-            and self.allocator.refcount(block.page) == 1)  # the cache's is the last reference
-
-  def oldest_evictable(self) -> int | None:
-    """The use clock of the least recently used block evict() would free now (None: none)."""
-    for block in self._blocks.values():
-      if self._evictable(block):
-        return block.used
-    return None
-
-  def evict(self, n_pages: int, used_before: int | None = None) -> int:
-    """Frees up to n_pages (or a little more) LRU leaf blocks held by the cache alone, of those
-    last used before `used_before` (the allocator's clock; None: any).
+  def evict(self, n_pages: int) -> int:
+    """Frees up to n_pages (or a little more) LRU leaf blocks held by the cache alone.
 
     A block whose page a live request still holds (refcount > 1) stays, and so do its ancestors.
     Returns the number of pages freed.
@@ -295,7 +280,8 @@ class PrefixCache:
         if len(pages) >= n_pages:
           break
         block = self._blocks[key]
-        if (used_before is None or block.used < used_before) and self._evictable(block):
+        if (not self._children[block.key] and key not in self._held
+            and self.allocator.refcount(block.page) == 1):  # the cache's is the last reference
           self._forget(block)
           pages.append(block.page)
           progress = True

@@ -51,7 +51,6 @@ class SegmentEntry:
   positions: np.ndarray  # int32 [n]: the absolute position token i's KV was computed at
   pin_count: int = 0
   namespace: str = ""  # only requests of this namespace see the entry
-  used: int = 0  # the allocator's clock at its last touch (the LRU order across caches)
 
   @property
   def num_tokens(self) -> int:
@@ -116,7 +115,6 @@ class SegmentCache:
     return np.concatenate([e.pages for e in self._entries.values()]).astype(np.int32)
 
   def _touch(self, entry: SegmentEntry) -> None:
-    entry.used = self.allocator.tick()
     self._entries.move_to_end(entry.key)
 
   def lookup(self, token_ids, pin: bool = False, namespace: str = "") -> SegmentEntry | None:
@@ -209,23 +207,15 @@ class SegmentCache:
     # Refcount 1 on every page: only this cache holds them, so dropping the entry frees them all.
     return entry.pin_count == 0 and bool(np.all(self.allocator.refcounts(entry.pages) == 1))
 
-  def oldest_evictable(self) -> int | None:
-    """The use clock of the least recently used entry evict() would free now (None: none)."""
-    for entry in self._entries.values():
-      if self._evictable(entry):
-        return entry.used
-    return None
-
-  def evict(self, n_pages: int, used_before: int | None = None) -> int:
-    """Evicts least recently used unpinned, cache-only entries until n_pages are freed, of those
-    last used before `used_before` (the allocator's clock; None: any).
+  def evict(self, n_pages: int) -> int:
+    """Evicts least recently used unpinned, cache-only entries until n_pages are freed.
 
     Whole entries go, so it may free more than asked. Returns the number of pages freed.
     """
     freed = 0
     for entry in list(self._entries.values()):
-      if freed >= n_pages or (used_before is not None and entry.used >= used_before):
-        break  # least recently used first: the rest are newer
+      if freed >= n_pages:
+        break
       if self._evictable(entry):
         if self.on_evict is not None:
           self.on_evict(entry)

@@ -114,10 +114,9 @@ class KVStore:
     engine's KVPool) must be set before the first eviction."""
     self.layout = layout
     self.allocator = PageAllocator(layout.num_pages, layout.page_size)
-    # One LRU order over the three caches (_evict_lru): what was used least recently goes
-    # first, whichever cache holds it. (Round 16 ordered the caches instead: prefix blocks, then
-    # continuations, then segments, so every message copy outlived every continuation; with
-    # continuations last, the agents' shared outputs went. docs/SERVING.md, "Round 17".)
+    # Registration order is eviction order: prefix blocks, then continuations, then segments.
+    # (Continuations evicted after segments lost at 32 requests/s in round 16: the agents' shared
+    # outputs went instead; tag research-round16-continuations-evicted-last, docs/SERVING.md.)
     self.prefix_cache = PrefixCache(self.allocator)
     # Prompts prefilled with reuse, as computed, for the prompts that continue them (a chat's
     # next turn): their K/V after the first reused token is approximate, so they never enter the
@@ -128,8 +127,6 @@ class KVStore:
     # A continuation's match starts after its prompt's exact blocks: the exact block it
     # continues is held (never evicted) while the continuation's first block lives.
     self.continuation_cache.on_remove = self._release_anchor
-    self._caches = (self.prefix_cache, self.continuation_cache, self.segment_cache)
-    self.allocator.use_evictor(self._evict_lru, self._num_reclaimable)
     self.host_tier = host_tier
     self.page_io = None
     if host_tier is not None:
@@ -374,26 +371,6 @@ class KVStore:
   def _release_anchor(self, block) -> None:
     if block.anchor is not None:
       self.prefix_cache.release(block.anchor)
-
-  def _evict_lru(self, n_pages: int) -> int:
-    """Frees n_pages (or a little more) of cached pages, least recently used first across the
-    caches: the cache holding the oldest evictable entry evicts what it holds older than the
-    next cache's oldest, and so on. Returns the pages freed."""
-    freed = 0
-    while freed < n_pages:
-      ages = sorted((age, i) for i, cache in enumerate(self._caches)
-                    if (age := cache.oldest_evictable()) is not None)
-      if not ages:
-        break
-      before = ages[1][0] + 1 if len(ages) > 1 else None  # ties with the next cache go too
-      got = self._caches[ages[0][1]].evict(n_pages - freed, used_before=before)
-      if not got:
-        break
-      freed += got
-    return freed
-
-  def _num_reclaimable(self) -> int:
-    return sum(cache.num_reclaimable() for cache in self._caches)
 
   def contains_segment(self, token_ids, namespace: str = "") -> bool:
     """In the pool or in the host tier."""

@@ -176,34 +176,3 @@ def test_random_jobs_keep_refcounts_equal_to_holders(job):
     assert not store._live  # every lease was released
   store.clear()
   assert store.allocator.num_used == 0
-
-
-def _cache_alone(store, cache, n_pages, seed):
-  """n_pages pages held by `cache` only (the caller's own reference dropped), tokens random."""
-  pages = store.allocator.allocate(n_pages)
-  tokens = np.random.default_rng(seed).integers(1000, 2000, n_pages * 4).astype(np.int32)
-  if cache is store.segment_cache:
-    cache.insert(tokens, pages, np.arange(tokens.size))
-  else:
-    cache.insert(tokens, pages, namespace=f"n{seed}")
-  store.allocator.decref(pages)
-  return pages
-
-
-@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
-def test_eviction_takes_the_least_recently_used_whatever_the_cache(order):
-  """One LRU order over the prefix, continuation and segment caches: the entry used longest ago
-  goes first, whichever cache holds it (round 16 emptied the caches in a fixed order, so message
-  copies in the segment cache outlived every continuation)."""
-  store = _store(num_pages=13)  # 12 usable pages: three entries of 4
-  caches = (store.prefix_cache, store.continuation_cache, store.segment_cache)
-  held = {i: _cache_alone(store, caches[i], 4, seed=i) for i in order}  # oldest first
-  assert store.allocator.num_free == 0
-  for victim in order:
-    got = store.allocator.allocate(4)
-    assert sorted(got.tolist()) == sorted(held[victim].tolist())  # its pages, nobody else's
-    assert caches[victim].num_reclaimable() == 0
-    assert all(caches[i].num_reclaimable() == 4 for i in order[order.index(victim) + 1:])
-    store.allocator.decref(got)  # the "request" ends; its pages are free again
-    _cache_alone(store, caches[victim], 4, seed=10 + victim)  # now the most recently used
-  store.check_invariants()
