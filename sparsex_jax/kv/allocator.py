@@ -173,7 +173,7 @@ class PageAllocator:
       return 0
     self._check_ids(arr, "decref")
     # Work in the listed pages only, never over the whole pool: an eviction decrefs a block at a
-    # time, and a pass over 24K refcounts per page was 40 us of every evicted page.
+    # time, and a pass over 24K refcounts per page cost 33 us of every evicted page.
     pages, counts = np.unique(arr, return_counts=True)
     held = self._refcount[pages]
     over = pages[counts > held]
