@@ -172,8 +172,8 @@ class PageAllocator:
     if arr.size == 0:
       return 0
     self._check_ids(arr, "decref")
-    # Work in the listed pages only, never over the whole pool: an eviction decrefs a block at a
-    # time, and a pass over 24K refcounts per page cost 33 us of every evicted page.
+    # Work in the listed pages only, never over the whole pool: a pass over 24K refcounts cost
+    # 33 us per call, paid per page when evictions released one block at a time.
     pages, counts = np.unique(arr, return_counts=True)
     held = self._refcount[pages]
     over = pages[counts > held]
