@@ -67,12 +67,13 @@ def unhit_first(store):
 
 
 def simulate(policy: str, num_pages: int, sessions=24, turns=4, docs=4, doc_len=400,
-             pipelines=8, agents=4, seed=0) -> dict:
+             pipelines=8, agents=4, seed=0, live_pages=0) -> dict:
   rng = np.random.default_rng(seed)
   tok = lambda n: rng.integers(100, 30000, n).astype(np.int32)  # noqa: E731
   store = KVStore(PoolLayout.for_model(CFG, page_size=16, num_pages=num_pages))
   if policy == "unhit_first":
     unhit_first(store)
+  store.allocator.allocate(live_pages)  # what the running batch holds (never released here)
   shared = [tok(doc_len) for _ in range(docs)]
   chats = [[tok(20), shared[rng.integers(docs)], tok(5)] for _ in range(sessions)]
   pipes = [{"tool": tok(doc_len), "systems": [tok(20) for _ in range(agents)], "answers": []}
@@ -108,13 +109,21 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("out")
   p.add_argument("--pages", type=int, nargs="+", default=[1000, 1500, 2000, 2500])
+  p.add_argument("--gpu-shape", action="store_true",
+                 help="bench_serve's H100 run: 48 sessions, 16 pipelines, 4,000-token documents "
+                      "and tool outputs, 8 documents; pages of 16 tokens, 32 running requests' "
+                      "pages held (--pages: the whole pool)")
   args = p.parse_args(argv)
+  shape = {}
+  if args.gpu_shape:
+    shape = {"sessions": 48, "pipelines": 16, "docs": 8, "doc_len": 4000,
+             "live_pages": 32 * 4600 // 16}
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip()
   rows = []
   for pages in args.pages:
     for policy in ("store", "unhit_first"):
-      row = {"pages": pages, "policy": policy} | simulate(policy, pages)
+      row = {"pages": pages, "policy": policy} | shape | simulate(policy, pages, **shape)
       rows.append(row)
       print(json.dumps(row), flush=True)
   with open(args.out, "w") as f:
