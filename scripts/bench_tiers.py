@@ -6,6 +6,8 @@ A RAG request at each context: a new head, passages of --segment-tokens (cached 
 0), a new question (heads and questions are not cached: every request differs only there). For
 each context and method:
 
+  dense        the anchor: a plain jitted prefill of the same number of tokens, cuDNN attention
+               on a GPU, no pages (sparsex_jax.research.ttft.dense_prefill).
   full         ReuseConfig("full"): every token computed, no cache read.
   pool         the passages in the pool (the segment cache).
   host         the passages in the host tier before every request (evicted there first, untimed);
@@ -46,8 +48,9 @@ import numpy as np
 import sparsex_jax as sx
 from models import llama
 from models.config import get_config
+from sparsex_jax.research.ttft import time_dense
 
-SCENARIOS = ("full", "pool", "host", "host-serial", "host-inputs-after", "host-int8", "disk")
+SCENARIOS = ("dense", "full", "pool", "host", "host-serial", "host-inputs-after", "host-int8", "disk")
 HOST_SCENARIOS = (("host", "native"), ("host-serial", "native"), ("host-inputs-after", "native"),
                   ("host-int8", "int8"))
 
@@ -158,6 +161,11 @@ def bench_context(cfg, params, context, args, reuse, cache_root):
   mk = lambda **kw: _engine(cfg, params, context, len(passages), args.segment_tokens, **kw)
 
   eng = mk()
+  if "dense" in args.scenarios:
+    n_prompt = sum(len(s.content) for s in _request(cfg, passages, 0).segments)
+    times, _ = time_dense(eng, n_prompt, args.runs, np.random.default_rng(7))
+    row["dense"] = {"ttft_ms": 1e3 * statistics.median(times),
+                    "runs_ms": [round(1e3 * t, 3) for t in times]}
   row["full"] = _time(eng, cfg, passages, sx.ReuseConfig("full"), args.runs)
   eng.cache_segments(passages, batch_size=args.batch_size)
   row["pool"] = _time(eng, cfg, passages, reuse, args.runs)

@@ -13,7 +13,8 @@ def test_smoke_run_times_every_tier_and_moves_layers_from_t(tmp_path):
   res = json.loads((tmp_path / "tiers.json").read_text())
   (row,) = res["rows"]
   assert res["preset"] == "tiny" and "bench_tiers.py --smoke" in res["command"]
-  for name in ("full", "pool", "host", "host-serial", "host-inputs-after", "host-int8", "disk"):
+  for name in ("dense", "full", "pool", "host", "host-serial", "host-inputs-after", "host-int8",
+               "disk"):
     assert row[name]["ttft_ms"] > 0 and len(row[name]["runs_ms"]) == 2
   t, n_layers = row["layer_threshold"], row["n_layers"]
   assert 0 < t < n_layers and row["expected_moved_fraction"] == (n_layers - t) / n_layers
