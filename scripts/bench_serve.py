@@ -324,6 +324,7 @@ def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -
            for k in after}
   out = summarize(records, elapsed, delta) | {"reuse": reuse, "rate": rate,
                                                "server_command": shlex.join(server.cmd)}
+  out["prefill_work_tokens"] = prefill_work(out["server_metrics"], args, reuse)
   print(f"[{reuse} @ {rate:g} req/s] {out['requests']} requests, {len(out['errors'])} errors: "
         f"TTFT p50 {fmt(out['ttft_s']['p50'])} p90 {fmt(out['ttft_s']['p90'])}, "
         f"TPOT p50 {fmt(out['tpot_s']['p50'])}, "
@@ -335,6 +336,23 @@ def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -
         f"{out['server_metrics']['compile_stall_seconds']} s; compiled ahead: "
         f"{out['server_metrics']['programs_compiled_ahead']})", flush=True)
   return out
+
+
+def prefill_work(metrics: dict, args, reuse: str) -> float | None:
+  """The prefill work of a run in full-token units (computed tokens, plus each reused token's
+  full layers and each recomputed token's sparse layers): what the caches saved, whatever the
+  queueing. Needs the model's depth and the method's T: known for random:PRESET models only."""
+  if not args.model.startswith("random:"):
+    return None
+  import sparsex_jax as sx  # pylint: disable=import-outside-toplevel
+  from models.config import get_config  # pylint: disable=import-outside-toplevel
+  cfg = get_config(args.model.removeprefix("random:"))
+  t, n_layers = sx.ReuseConfig(reuse).resolve(cfg).layer_threshold, cfg.n_layers
+  m = {k: metrics.get(k) or 0.0 for k in ("prompt_tokens_total", "exact_tokens_total",
+                                         "reused_tokens_total", "recomputed_tokens_total")}
+  computed = m["prompt_tokens_total"] - m["exact_tokens_total"] - m["reused_tokens_total"]
+  return (computed + m["reused_tokens_total"] * t / n_layers
+          + m["recomputed_tokens_total"] * (n_layers - t) / n_layers)
 
 
 def fmt(seconds) -> str:
@@ -350,7 +368,10 @@ def compare(results: dict) -> dict:
   applies = p["ttft_s"]["p50"] is not None and p["ttft_s"]["p50"] > 1.0
   met = applies and ttft_cut is not None and ttft_cut >= 3 and tpot_ratio is not None and (
       tpot_ratio <= 1.10)
+  work = (p["prefill_work_tokens"] / s["prefill_work_tokens"]
+          if p.get("prefill_work_tokens") and s.get("prefill_work_tokens") else None)
   return {"prefix_p50_ttft_s": p["ttft_s"]["p50"], "p50_ttft_cut": ttft_cut,
+          "prefill_work_cut": work,
           "p50_tpot_ratio": tpot_ratio, "load_applies": applies, "target_met": bool(met),
           "target": "prefix-only p50 TTFT > 1 s; sparsex p50 TTFT cut >= 3x; TPOT within 10%"}
 
@@ -522,7 +543,8 @@ def main(argv=None) -> int:
     report["results"] = results
     report["comparison"] = c = compare(results)
     print(f"[compare @ {rate:g} req/s] prefix-only p50 TTFT {fmt(c['prefix_p50_ttft_s'])}; "
-          f"sparsex cuts it {c['p50_ttft_cut'] or float('nan'):.2f}x, TPOT ratio "
+          f"sparsex cuts it {c['p50_ttft_cut'] or float('nan'):.2f}x (prefill work "
+          f"{c['prefill_work_cut'] or float('nan'):.2f}x), TPOT ratio "
           f"{c['p50_tpot_ratio'] or float('nan'):.3f}; load target "
           f"{'applies' if c['load_applies'] else 'does not apply (prefix p50 TTFT <= 1 s)'}, "
           f"{'met' if c['target_met'] else 'not met'}", flush=True)

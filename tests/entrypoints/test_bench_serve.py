@@ -4,6 +4,8 @@ throughput and hit rates of both configurations, and only sparsex reuse hits seg
 
 import json
 
+import pytest
+
 from tests.research.scripts import run_script
 
 
@@ -31,3 +33,10 @@ def test_bench_serve_smoke_writes_both_configurations_and_only_sparsex_hits_segm
   assert prefix["segment_cache_hit_rate"] == 0 and prefix["reused_tokens_total"] == 0
   assert prefix["exact_tokens_total"] > 0  # later turns resend earlier ones: prefix hits
   assert set(report["comparison"]) >= {"p50_ttft_cut", "p50_tpot_ratio", "target_met"}
+  # prefill work in full-token units: prefix-only's is its tokens not served exact
+  res = report["results"]
+  assert res["prefix"]["prefill_work_tokens"] == (
+      prefix["prompt_tokens_total"] - prefix["exact_tokens_total"])
+  assert 0 < res["sparsex"]["prefill_work_tokens"] < sparsex["prompt_tokens_total"]
+  assert report["comparison"]["prefill_work_cut"] == pytest.approx(
+      res["prefix"]["prefill_work_tokens"] / res["sparsex"]["prefill_work_tokens"])
