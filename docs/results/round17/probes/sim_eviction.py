@@ -11,6 +11,10 @@ Per pool size and policy: tokens continued (no compute), exact, reused (approxim
 and r of the sparse layers) and computed; `effective` = computed + reused x (T/L + r (L-T)/L),
 the prefill work in full-token units.
 
+`from_host` (store policy only): tokens after each prompt's exact and continued ones whose
+continuation blocks were evicted earlier and would still be in a host tier of unbounded size:
+what spilling continuations to host memory could serve as continued instead.
+
 Policies:
   store        the KV store's own eviction (whatever the checked-out commit does)
   unhit_first  prefix blocks, then segment copies never hit, then continuations, then the rest
@@ -29,6 +33,7 @@ import sys
 import numpy as np
 
 from sparsex_jax.kv import KVStore, PoolExhausted, PoolLayout
+from sparsex_jax.kv.store import continuation_namespace
 from sparsex_jax.prompt import Prompt
 from tests.kv.test_kv_store import CFG, POLICIES, _run
 
@@ -74,11 +79,21 @@ def simulate(policy: str, num_pages: int, sessions=24, turns=4, docs=4, doc_len=
   if policy == "unhit_first":
     unhit_first(store)
   store.allocator.allocate(live_pages)  # what the running batch holds (never released here)
+  spilled: set[bytes] = set()  # continuation blocks evicted so far (an unbounded host tier)
+  cont = store.continuation_cache
+  on_remove = cont.on_remove
+
+  def note(block):
+    spilled.add(block.key)
+    on_remove(block)
+
+  cont.on_remove = note
+  namespace = continuation_namespace("", POLICIES["sparsex"])
   shared = [tok(doc_len) for _ in range(docs)]
   chats = [[tok(20), shared[rng.integers(docs)], tok(5)] for _ in range(sessions)]
   pipes = [{"tool": tok(doc_len), "systems": [tok(20) for _ in range(agents)], "answers": []}
            for _ in range(pipelines)]
-  out = {"continued": 0, "exact": 0, "reused": 0, "prompt": 0, "failed": 0}
+  out = {"continued": 0, "exact": 0, "reused": 0, "prompt": 0, "failed": 0, "from_host": 0}
   for k in range(turns):
     for kind, i in [("chat", s) for s in range(sessions)] + [("agent", p) for p in range(pipelines)]:
       if kind == "chat":
@@ -87,11 +102,21 @@ def simulate(policy: str, num_pages: int, sessions=24, turns=4, docs=4, doc_len=
         msgs = [pipes[i]["systems"][k], pipes[i]["tool"]] + pipes[i]["answers"] + [tok(60)]
       else:
         continue
+      prompt = Prompt(tuple(msgs), tuple([True] * len(msgs)))
       try:
-        (plan,) = _run(store, [Prompt(tuple(msgs), tuple([True] * len(msgs)))], POLICIES["sparsex"])
+        (plan,) = _run(store, [prompt], POLICIES["sparsex"])
       except PoolExhausted:
         out["failed"] += 1
         continue
+      size = store.layout.page_size
+      last = (plan.n - 1) // size  # the last token is always computed
+      keys = cont._block_keys(prompt.token_ids, namespace)  # pylint: disable=protected-access
+      for b, key in enumerate(keys):
+        if b < plan.n_exact // size:
+          continue
+        if b >= last or key not in spilled:
+          break
+        out["from_host"] += size
       out["prompt"] += plan.n
       out["continued"] += plan.n_continued
       out["exact"] += plan.n_exact - plan.n_continued
