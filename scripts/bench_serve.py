@@ -221,7 +221,7 @@ def child_env(args) -> dict:
 
 # Servers still running: closed at exit, also when the benchmark is stopped with SIGTERM (main
 # turns it into SystemExit). A server orphaned by a killed benchmark kept the GPU's memory, and
-# the next server aborted at start (the first H100 run, docs/SERVING.md).
+# the next server aborted at start (the first H100 run, docs/serving_log.md).
 _RUNNING: set["ServerProcess"] = set()
 
 

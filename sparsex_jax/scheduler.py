@@ -50,7 +50,7 @@ REFILL_FRACTION = 0.25
 # The padded tokens one prefill may compute (its batch bucket x its length bucket), like vLLM's
 # max_num_batched_tokens: a prefill's activations grow with them, and 32 long prompts padded
 # together (32 x 8K tokens at Llama-3-8B shapes) asked for over 100 GB on an 80 GB H100 (the
-# serving benchmark, docs/SERVING.md). 32K keeps a short-prompt job's groups whole (64 x 512).
+# serving benchmark, docs/serving_log.md). 32K keeps a short-prompt job's groups whole (64 x 512).
 DEFAULT_MAX_PREFILL_TOKENS = 32768
 
 

@@ -116,7 +116,9 @@ class KVStore:
     self.allocator = PageAllocator(layout.num_pages, layout.page_size)
     # Registration order is eviction order: prefix blocks, then continuations, then segments.
     # (Continuations evicted after segments lost at 32 requests/s in round 16: the agents' shared
-    # outputs went instead; tag research-round16-continuations-evicted-last, docs/SERVING.md.)
+    # outputs went instead; tag research-round16-continuations-evicted-last. One LRU over the
+    # three caches lost in round 17's simulation: sessions taking turns are a cyclic pattern,
+    # which LRU thrashes; tag research-round17-one-lru. docs/serving_log.md.)
     self.prefix_cache = PrefixCache(self.allocator)
     # Prompts prefilled with reuse, as computed, for the prompts that continue them (a chat's
     # next turn): their K/V after the first reused token is approximate, so they never enter the

@@ -3,7 +3,7 @@
 A server meets prefill shapes it has not compiled (each request's token, active-set and page
 buckets), and a program of Llama-3-8B shapes takes 5-9 s to compile on the GPU. Compiled on the
 engine loop, it stalled every running and waiting request: 14-79 s of a 20-45 s load run in
-round 16 (docs/SERVING.md). Here the scheduler asks, once a waiting request holds its lease,
+round 16 (docs/serving_log.md). Here the scheduler asks, once a waiting request holds its lease,
 whether its prefill program is compiled (`ready`). If not, the program is compiled on this
 module's thread from the request's planned batch (shapes only), the lease is given back, and
 the request keeps its place in the queue while the running requests go on decoding and the

@@ -95,7 +95,8 @@ def simulate(policy: str, num_pages: int, sessions=24, turns=4, docs=4, doc_len=
            for _ in range(pipelines)]
   out = {"continued": 0, "exact": 0, "reused": 0, "prompt": 0, "failed": 0, "from_host": 0}
   for k in range(turns):
-    for kind, i in [("chat", s) for s in range(sessions)] + [("agent", p) for p in range(pipelines)]:
+    order = [("chat", s) for s in range(sessions)] + [("agent", p) for p in range(pipelines)]
+    for kind, i in order:
       if kind == "chat":
         msgs = chats[i] + [tok(60)]
       elif k < agents:
