@@ -50,7 +50,8 @@ from models import llama
 from models.config import get_config
 from sparsex_jax.research.ttft import time_dense
 
-SCENARIOS = ("dense", "full", "pool", "host", "host-serial", "host-inputs-after", "host-int8", "disk")
+SCENARIOS = ("dense", "full", "pool", "host", "host-serial", "host-inputs-after", "host-int8",
+             "disk")
 HOST_SCENARIOS = (("host", "native"), ("host-serial", "native"), ("host-inputs-after", "native"),
                   ("host-int8", "int8"))
 
@@ -279,8 +280,8 @@ def main(argv=None) -> int:
       row = bench_context(cfg, params, context, args, reuse, cache_root)
       result["rows"].append(row)
       summary = "  ".join(f"{s} {row[s]['ttft_ms']:.1f} ms" for s in SCENARIOS if s in row)
-      moved = row.get("host", {}).get("moved_fraction")
       host = row.get("host", {})
+      moved = host.get("moved_fraction")
       copy = ""
       if "copy_ms_per_request" in host:
         copy = (f"; copy {host['copy_ms_per_request']:.1f} ms a request, "

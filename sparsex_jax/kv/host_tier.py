@@ -224,7 +224,9 @@ class LoadClock:
   copies and on the first half's output and note when each became ready. A copy still in flight
   when the full layers are done holds the rest of the prefill up: that part is exposed, the rest
   hidden. With no first half (T = 0: every layer copied, none computed first) all of it is
-  exposed. Failed copies are not timed (they are counted in failed_loads).
+  exposed. Failed copies are not timed (they are counted in failed_loads). A waiter notes a
+  time when it gets to its request, so with more requests' copies in flight than waiters the
+  later ones read late (the benchmark times one request at a time).
   """
 
   def __init__(self):
@@ -262,12 +264,13 @@ class LoadClock:
       if copies.exception() is not None or (full is not None and full.exception() is not None):
         continue
       ready = copies.result()
-      exposed = ready - issued if full is None else max(0.0, ready - full.result())
+      copy = ready - issued
+      exposed = copy if full is None else min(copy, max(0.0, ready - full.result()))
       with self._lock:
         self.timed += 1
-        self.copy_s += ready - issued
-        self.exposed_s += min(exposed, ready - issued)
-        self.hidden_s += ready - issued - min(exposed, ready - issued)
+        self.copy_s += copy
+        self.exposed_s += exposed
+        self.hidden_s += copy - exposed
     with self._lock:
       self._pending = left + self._pending
 
