@@ -207,6 +207,8 @@ def engine_argv(args) -> list[str]:
         "--pool-gib", str(args.pool_gib)]
   if args.tp:
     argv += ["--tp", str(args.tp)]
+  if args.host_cache_bytes:
+    argv += ["--host-cache-bytes", args.host_cache_bytes]
   return argv
 
 
@@ -292,8 +294,10 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
           "sparsex_continued_tokens_total", "sparsex_recomputed_tokens_total",
           "sparsex_prompt_tokens_total",
           "sparsex_generation_tokens_total", "sparsex_compiled_programs",
-          "sparsex_compiling_steps", "sparsex_compile_stall_seconds",
-          "sparsex_programs_compiled_ahead", "sparsex_admissions_deferred")
+          "sparsex_compiling_steps_total", "sparsex_compile_stall_seconds_total",
+          "sparsex_programs_compiled_ahead_total", "sparsex_admissions_deferred_total",
+          "sparsex_host_tier_bytes_used", "sparsex_host_tier_continued_tokens_total",
+          "sparsex_host_tier_segment_loads_total")
   return {"requests": len(ok), "errors": [r["error"] for r in records if "error" in r],
           "elapsed_s": elapsed,
           "ttft_s": pcts(r["ttft_s"] for r in ok), "tpot_s": pcts(r["tpot_s"] for r in ok),
@@ -337,9 +341,9 @@ def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -
         f"{out['server_metrics']['reused_tokens_total']:.0f}, segment hit rate "
         f"{out['server_metrics']['segment_cache_hit_rate']}, compiled programs "
         f"{out['server_metrics']['compiled_programs']} (steps stalled compiling: "
-        f"{out['server_metrics']['compiling_steps']}, "
-        f"{out['server_metrics']['compile_stall_seconds']} s; compiled ahead: "
-        f"{out['server_metrics']['programs_compiled_ahead']})", flush=True)
+        f"{out['server_metrics']['compiling_steps_total']}, "
+        f"{out['server_metrics']['compile_stall_seconds_total']} s; compiled ahead: "
+        f"{out['server_metrics']['programs_compiled_ahead_total']})", flush=True)
   return out
 
 
@@ -501,6 +505,9 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--pool-gib", type=float, default=None)
   p.add_argument("--pool-fraction", type=float, default=0.8)
+  p.add_argument("--host-cache-bytes", default=None, metavar="N",
+                 help="the servers' host-memory tier (e.g. 32G): evicted segments and chat "
+                      "histories are kept there and loaded back (prefix-only keeps neither)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--warmup", choices=("small", "full"), default="small",
                  help="before the timed run: two sessions and a pipeline (small), or the whole "

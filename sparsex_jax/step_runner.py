@@ -238,14 +238,20 @@ def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, po
   Copies from the host tier that the leases planned (layers [T, L) of their segments) start
   right after the batch's own inputs (inputs_ahead_of_loads), so that they run while the full
   layers [0, T) do: the prefill is then dispatched in two halves with the copies' pool writes
-  between them, since the full layers read nothing cached above T (programs/prefill.py)."""
+  between them, since the full layers read nothing cached above T (programs/prefill.py).
+  Continued history from the host tier (every layer: the full layers read it too) is copied
+  and written before the first program: that copy is exposed."""
   loads = [load for lease in leases for load in lease.loads if not load.written]
+  run_loads = [load for lease in leases for load in lease.run_loads if not load.written]
   tier = engine.store.host_tier
   plans, batch, spec = _plan_group(engine, prompts, leases, policy)
-  if loads:
+  if loads or run_loads:
     batch = inputs_ahead_of_loads(batch)
     issued = time.perf_counter()
+    # Continued history first: every layer of it is read from the first program on.
+    start_loads(tier, run_loads, engine.kv)
     start_loads(tier, loads, engine.kv)
+    finish_loads(tier, run_loads, engine.kv)
   if _in_halves(engine, loads, spec):
     full = engine.kv.run(prefill_full_layers, engine.params, batch, cfg=engine.config, spec=spec)
     tier.clock.time(_staged(loads), full, issued)

@@ -142,9 +142,9 @@ def _add_engine_args(p) -> None:
   pool.add_argument("--pool-fraction", type=float,
                     help="KV pool as a fraction of the device memory free after loading the model")
   p.add_argument("--host-cache-bytes", type=_byte_count, default=None, metavar="N",
-                 help="host-memory tier under the KV pool: segments the pool evicts are kept in "
-                      "N bytes of host memory (suffixes K, M, G: 8G), then go to --cache-dir if "
-                      "given (docs/TIERS.md); default: none")
+                 help="host-memory tier under the KV pool: segments and chat histories the pool "
+                      "evicts are kept in N bytes of host memory (suffixes K, M, G: 8G); "
+                      "segments then go to --cache-dir if given (docs/TIERS.md); default: none")
   p.add_argument("--host-cache-dtype", default="native", choices=("native", "int8", "fp8"),
                  help="how the host tier keeps K/V: the pool's dtype (native), or 8 bits with a "
                       "scale per token and kv head")

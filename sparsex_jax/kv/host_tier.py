@@ -32,6 +32,15 @@ is then a DMA that runs while the host goes on, at the bus's speed, instead of j
 pageable numpy through its own buffer (which took 8 ms per 59 MB segment on the H100, about
 7 GB/s, on the host thread: docs/TIERS.md).
 
+Continuations: the continuation cache's blocks (a chat's history as its reuse method computed it,
+kv/prefix_cache.py) that the pool evicts come here too, as *runs*: chains of consecutive blocks
+read off the device together, one array per K and V for the run (HostRun). A prompt that goes
+on with such a history gets those blocks copied into fresh pool pages before its prefill (every
+layer: a continued token is read as exact by the full layers too), instead of recomputing them.
+Runs share the segments' budget and LRU; below this tier they are dropped and counted (the disk
+format holds segments). A run's blocks stay here when they are loaded: their K/V never changes,
+so a block the pool evicts again needs no read.
+
 Compact storage: host_dtype "int8" or "fp8" (float8_e4m3fn) keeps K and V in 8 bits with one
 float32 scale per token row and kv head (max |x| over the head dimension / the format's max);
 the copy to the device carries the 8-bit values and the scales and dequantises on the device
@@ -191,6 +200,49 @@ class HostSegment:
 
 
 @dataclasses.dataclass(eq=False)
+class HostRun:
+  """Consecutive blocks of a continuation chain in host memory (arrays read-only; pin_count is
+  the tier's). Block j holds tokens[j] at block index first_depth + j of its prompts, keyed
+  block_keys[j] (the continuation cache's chained key); tails[j] are the last tokens of the
+  earlier prompts it ended (the whole-prompt rule, prefix_cache.whole_prompt_end)."""
+
+  key: str  # "run:" + the first block's key (hex)
+  block_keys: tuple[bytes, ...]
+  tokens: np.ndarray  # int32 [n_pages, page_size]
+  tails: tuple[frozenset[bytes], ...]
+  first_depth: int
+  k: StoredKV  # [L, K, stored_pages(n_pages), S, H]
+  v: StoredKV
+  n_pages: int
+  pin_count: int = 0
+
+  @property
+  def nbytes(self) -> int:
+    return self.k.nbytes + self.v.nbytes
+
+
+def run_key(first_block_key: bytes) -> str:
+  return "run:" + first_block_key.hex()
+
+
+@dataclasses.dataclass(eq=False)
+class RunLoad:
+  """A copy of every layer of some blocks of a host run into pool pages the lease holds (in its
+  page table, as continued history). pages[j] receives block j of the run; -1: not copied."""
+
+  pages: np.ndarray  # int32 [source.n_pages]
+  source: HostRun  # pinned until the lease is released
+  first_layer: int = 0
+  written: bool = False
+  staged: object = None
+  issue_s: float = 0.0
+
+  @property
+  def nbytes(self) -> int:
+    return self.source.nbytes
+
+
+@dataclasses.dataclass(eq=False)
 class HostLoad:
   """A copy from the host tier into pool pages that a lease holds (KVStore._lease plans it, the
   step runner issues it before the prefill). `entry` is a SegmentEntry owned by the lease (not in
@@ -202,6 +254,10 @@ class HostLoad:
   written: bool = False  # the device copy was issued on a pool that is still valid
   staged: object = None  # the device arrays whose copy start_loads started (until written)
   issue_s: float = 0.0  # host time spent issuing it
+
+  @property
+  def pages(self) -> np.ndarray:
+    return self.entry.pages
 
   @property
   def nbytes(self) -> int:
@@ -299,7 +355,9 @@ class HostTier:
     self.spill = spill
     self.memory = memory
     self.split_layer = int(split_layer)
-    self._entries: collections.OrderedDict[str, HostSegment] = collections.OrderedDict()
+    # Segments and continuation runs, least recently used first.
+    self._entries: collections.OrderedDict[str, HostSegment | HostRun] = collections.OrderedDict()
+    self._run_blocks: dict[bytes, tuple[HostRun, int]] = {}  # block key -> its run, its index
     self.bytes_used = 0
     self.hits = 0  # lookups that found the segment here
     self.misses = 0
@@ -312,6 +370,12 @@ class HostTier:
     self.bytes_moved = 0  # bytes those copies staged (layers [T, L), from split_layer if T > it)
     self.bytes_all_layers = 0  # what the same copies would have moved with every layer
     self.load_issue_s = 0.0  # host time to issue the copies (they complete on the device)
+    # Continuation runs (counted in blocks, one block = one pool page).
+    self.run_blocks_received = 0  # blocks the pool evicted that were kept here
+    self.run_blocks_dropped = 0  # blocks dropped for want of room (no tier below holds them)
+    self.run_hits = 0  # blocks found here by a prompt continuing them
+    self.run_loads = 0  # copies of (parts of) runs issued
+    self.run_bytes_moved = 0
     self.spill_read_s = 0.0  # host time reading evicted pages off the device (a blocking read)
     self.clock = LoadClock()  # the copies' time in flight, hidden and exposed
 
@@ -340,10 +404,57 @@ class HostTier:
       seg.pin_count += 1
     return seg
 
-  def unpin(self, seg: HostSegment) -> None:
+  def pin(self, seg: HostSegment | HostRun) -> None:
+    """Keeps an entry from eviction (until `unpin`); the caller found it here."""
+    seg.pin_count += 1
+
+  def unpin(self, seg: HostSegment | HostRun) -> None:
     if seg.pin_count <= 0:
       raise ValueError(f"unpin of host segment {seg.key[:12]} that is not pinned")
     seg.pin_count -= 1
+
+  def has_block(self, block_key: bytes) -> bool:
+    return block_key in self._run_blocks
+
+  def run_block(self, block_key: bytes, tokens: np.ndarray) -> tuple[HostRun, int] | None:
+    """The run holding this continuation block and its index there, if the block holds exactly
+    these tokens; touches the run in the LRU. Counted by the caller (`count_run_hits`), which
+    may not take every block it finds (the whole-prompt rule)."""
+    found = self._run_blocks.get(block_key)
+    if found is None:
+      return None
+    run, j = found
+    if not np.array_equal(run.tokens[j], tokens):
+      return None
+    self._entries.move_to_end(run.key)
+    return found
+
+  def put_run(self, block_keys, tokens: np.ndarray, tails, first_depth: int, k: np.ndarray,
+              v: np.ndarray) -> bool:
+    """Keeps consecutive continuation blocks (block_keys[j]: tokens[j], tails[j]) with their K/V
+    [L, K, n, S, H] (n = len(block_keys)), making room as `put` does. Blocks already here must
+    not be passed. Returns True if the run is here, False if it was dropped (counted)."""
+    n = len(block_keys)
+    if n == 0:
+      return True
+    if any(key in self._run_blocks for key in block_keys):
+      raise ValueError("put_run: a block of the run is already in the host tier")
+    k, v = layout.pad_pages(k, stored_pages(n)), layout.pad_pages(v, stored_pages(n))
+    k, v = (quantize(x, self.host_dtype, self.split_layer) for x in (k, v))
+    if self.memory is not None:
+      k, v = k.staged(self.memory), v.staged(self.memory)
+    run = HostRun(run_key(block_keys[0]), tuple(block_keys),
+                  _read_only(np.asarray(tokens, np.int32).reshape(n, -1)),
+                  tuple(frozenset(t) for t in tails), int(first_depth), k, v, n)
+    if run.nbytes > self.budget_bytes or not self._make_room(run.nbytes):
+      self._send_down(run)
+      return False
+    self._entries[run.key] = run
+    for j, key in enumerate(run.block_keys):
+      self._run_blocks[key] = (run, j)
+    self.bytes_used += run.nbytes
+    self.run_blocks_received += n
+    return True
 
   def put(self, token_ids, positions, k: np.ndarray, v: np.ndarray, namespace: str = "") -> bool:
     """Keeps a segment's K/V [L, K, n_pages, S, H] (stored in host_dtype); evicts least recently
@@ -390,7 +501,10 @@ class HostTier:
       self._send_down(seg)
     return True
 
-  def _send_down(self, seg: HostSegment) -> None:
+  def _send_down(self, seg: HostSegment | HostRun) -> None:
+    if isinstance(seg, HostRun):  # the disk tier holds segments only
+      self.run_blocks_dropped += seg.n_pages
+      return
     kept = False
     if self.spill is not None:
       kept = bool(self.spill(seg))
@@ -399,9 +513,12 @@ class HostTier:
     else:
       self.dropped.add(seg.key)
 
-  def _remove(self, seg: HostSegment) -> None:
+  def _remove(self, seg: HostSegment | HostRun) -> None:
     del self._entries[seg.key]
     self.bytes_used -= seg.nbytes
+    if isinstance(seg, HostRun):
+      for key in seg.block_keys:
+        del self._run_blocks[key]
 
   def remove(self, key: str) -> HostSegment:
     """Takes a segment out (it moved up to the pool). A lease that pinned it keeps its object."""
@@ -423,7 +540,12 @@ class HostTier:
       return int(size * x.itemsize)
     return int(size + 4 * (size // x.shape[-1]))  # 1-byte values, a float32 scale per row
 
-  def note_load(self, load: HostLoad, issue_s: float) -> None:
+  def note_load(self, load: HostLoad | RunLoad, issue_s: float) -> None:
+    if isinstance(load, RunLoad):
+      self.run_loads += 1
+      self.run_bytes_moved += load.nbytes
+      self.load_issue_s += issue_s
+      return
     self.loads += 1
     self.bytes_moved += load.nbytes
     self.bytes_all_layers += load.source.nbytes
@@ -431,12 +553,21 @@ class HostTier:
 
   def check_invariants(self) -> None:
     total = 0
+    n_blocks = 0
     for key, seg in self._entries.items():
-      if seg.key != key or key != segment_key(seg.token_ids, seg.namespace):
+      if isinstance(seg, HostRun):
+        if key != run_key(seg.block_keys[0]):
+          raise AssertionError("host run key is not its first block's")
+        if any(self._run_blocks.get(b) != (seg, j) for j, b in enumerate(seg.block_keys)):
+          raise AssertionError(f"host run {key[:16]}: block index is stale")
+        n_blocks += seg.n_pages
+      elif seg.key != key or key != segment_key(seg.token_ids, seg.namespace):
         raise AssertionError("host segment key is not its content hash")
       if seg.pin_count < 0:
         raise AssertionError("negative host pin count")
       total += seg.nbytes
+    if n_blocks != len(self._run_blocks):
+      raise AssertionError("the block index holds blocks of no run")
     if total != self.bytes_used:
       raise AssertionError(f"host tier bytes are stale ({self.bytes_used}, entries hold {total})")
     if self.bytes_used > self.budget_bytes:
@@ -448,6 +579,12 @@ class HostTier:
         "memory": "numpy" if self.memory is None else self.memory.memory_kind,
         "split_layer": self.split_layer,
         "entries": len(self._entries),
+        "continuation_runs": sum(isinstance(e, HostRun) for e in self._entries.values()),
+        "continuation_blocks": len(self._run_blocks),
+        "continuation_blocks_received": self.run_blocks_received,
+        "continuation_blocks_dropped": self.run_blocks_dropped,
+        "continuation_hits": self.run_hits, "continuation_loads": self.run_loads,
+        "continuation_bytes_moved": self.run_bytes_moved,
         "pinned_entries": sum(1 for s in self._entries.values() if s.pin_count),
         "bytes_used": self.bytes_used, "hits": self.hits, "misses": self.misses,
         "received": self.received, "bytes_in": self.bytes_in, "spilled_to_disk": self.spilled,
@@ -497,7 +634,7 @@ def finish_loads(tier: HostTier, loads, io) -> None:
         continue
       t0 = time.perf_counter()
       if load.staged is not None:
-        io.write_page_layers(load.entry.pages, load.staged, load.first_layer)
+        io.write_page_layers(load.pages, load.staged, load.first_layer)
       load.staged, load.written = None, True
       load.issue_s += time.perf_counter() - t0
       tier.note_load(load, load.issue_s)

@@ -78,6 +78,18 @@ def _continues(tokens: np.ndarray, start: int, tail: bytes) -> bool:
   return tokens.size >= start + want.size and np.array_equal(tokens[start:start + want.size], want)
 
 
+def whole_prompt_end(tokens: np.ndarray, first_block: int, tails: list[set[bytes]],
+                     page_size: int) -> int:
+  """How many of a matched run of blocks (from block first_block; `tails`: each block's) a
+  prompt may continue: up to the deepest block that ended an earlier prompt whose last tokens
+  (the block's tail) this prompt goes on with; 0 if none did."""
+  n = len(tails)
+  while n and not any(_continues(tokens, (first_block + n) * page_size, tail)
+                      for tail in tails[n - 1]):
+    n -= 1
+  return n
+
+
 @dataclasses.dataclass(eq=False)
 class _Block:
   key: bytes
@@ -91,6 +103,8 @@ class _Block:
   # whole_prompts caches: the exact cache's block this one continues (its first stored block),
   # held there until this block goes (`hold` / `release`).
   anchor: bytes | None = None
+  # The root of its namespace's chain (namespace_root), which the block's key descends from.
+  root: bytes = ROOT_KEY
 
 
 class PrefixCache:
@@ -110,6 +124,10 @@ class PrefixCache:
     # while held, or the continuation would be unreachable (its match starts after them).
     self._held: collections.Counter[bytes] = collections.Counter()
     self.on_remove: Callable[[_Block], object] | None = None
+    # Sees every block one `evict` removes, at once and before their pages are released (their
+    # K/V is still in the pool): the KV store spills continuations to the host tier with it.
+    # Not called by `clear` or `drop_all`.
+    self.on_evict: Callable[[list[_Block]], object] | None = None
     self.hits = 0  # blocks served by match
     self.misses = 0  # full blocks asked for by match but not served
     self.evictions = 0  # blocks evicted
@@ -126,7 +144,7 @@ class PrefixCache:
     """The pages the cache holds a reference on (int32, one per cached block)."""
     return np.fromiter(self._page_to_key.keys(), np.int32, len(self._page_to_key))
 
-  def _block_keys(self, tokens: np.ndarray, namespace: str) -> Iterator[bytes]:
+  def block_keys(self, tokens: np.ndarray, namespace: str) -> Iterator[bytes]:
     """The chained key of each full block, lazily: a lookup stops hashing at its first miss (an
     8K-token prompt is 512 blocks; a RAG prompt usually matches only its system prompt)."""
     parent, size = namespace_root(namespace), self.page_size
@@ -148,25 +166,46 @@ class PrefixCache:
     token is always computed (its query is needed and shared pages must not be written).
     """
     tokens = as_token_array(token_ids)
-    size = self.page_size
     chain = []
-    for i, key in enumerate(self._block_keys(tokens, namespace)):
+    for i, key in enumerate(self.block_keys(tokens, namespace)):
       if i < first_block:
         continue
-      block = self._blocks.get(key)
-      if block is None or not np.array_equal(block.tokens, tokens[i * size:(i + 1) * size]):
+      block = self.get(key, tokens[i * self.page_size:(i + 1) * self.page_size])
+      if block is None:
         break
       chain.append(block)
     if self.whole_prompts:  # back to the end of a whole earlier prompt that this one continues
-      while chain and not any(_continues(tokens, (chain[-1].depth + 1) * size, tail)
-                              for tail in chain[-1].tails):
-        chain.pop()
-    self.hits += len(chain)
-    self.misses += max(len(tokens) // size - first_block, 0) - len(chain)
+      chain = chain[:whole_prompt_end(tokens, first_block, [b.tails for b in chain],
+                                      self.page_size)]
+    self.take(chain, asked=max(len(tokens) // self.page_size - first_block, 0))
     pages = np.asarray([b.page for b in chain], np.int32)
-    self.allocator.incref(pages)
+    return pages, (first_block + len(chain)) * self.page_size
+
+  def get(self, key: bytes, tokens: np.ndarray) -> _Block | None:
+    """The cached block of this key if it holds exactly these tokens (a hash collision does not
+    match); no reference taken, nothing counted."""
+    block = self._blocks.get(key)
+    if block is None or not np.array_equal(block.tokens, tokens):
+      return None
+    return block
+
+  def take(self, chain: list[_Block], asked: int) -> None:
+    """Serves blocks `get` found (a chain, shallowest first): one reference on each page for the
+    caller, touched in the LRU; counts them as hits and the rest of `asked` as misses."""
+    self.hits += len(chain)
+    self.misses += asked - len(chain)
+    self.allocator.incref(np.asarray([b.page for b in chain], np.int32))
     self._touch(chain)
-    return pages, (first_block + len(chain)) * size if chain else first_block * size
+
+  def chain_to(self, key: bytes) -> list[_Block]:
+    """The cached blocks from the chain's root to the block `key`, root first (held blocks and
+    their ancestors are always all cached)."""
+    chain = []
+    block = self._blocks.get(key)
+    while block is not None:
+      chain.append(block)
+      block = self._blocks.get(block.parent) if block.depth else None
+    return chain[::-1]
 
   def hold(self, key: bytes) -> None:
     """Keeps a cached block (and so its ancestors) from eviction until `release`."""
@@ -183,7 +222,7 @@ class PrefixCache:
   def block_key(self, token_ids, namespace: str, n_blocks: int) -> bytes:
     """The chained key of block n_blocks - 1 of token_ids (n_blocks >= 1)."""
     tokens = as_token_array(token_ids)
-    for i, key in enumerate(self._block_keys(tokens, namespace)):
+    for i, key in enumerate(self.block_keys(tokens, namespace)):
       if i == n_blocks - 1:
         return key
     raise ValueError(f"{tokens.size} tokens have fewer than {n_blocks} full blocks")
@@ -205,7 +244,8 @@ class PrefixCache:
     tokens = as_token_array(token_ids)
     pages = as_page_array(pages)
     size = self.page_size
-    keys = list(self._block_keys(tokens, namespace))
+    keys = list(self.block_keys(tokens, namespace))
+    root = namespace_root(namespace)
     if len(pages) < len(keys):
       raise ValueError(f"{len(keys)} full blocks need {len(keys)} pages, got {len(pages)}")
     if first_block and not self.whole_prompts:
@@ -238,8 +278,9 @@ class PrefixCache:
         continue
       block = self._blocks.get(key)
       if block is None:
-        parent = keys[i - 1] if i else namespace_root(namespace)
-        block = _Block(key, parent, tokens[i * size:(i + 1) * size].copy(), int(pages[i]), i)
+        parent = keys[i - 1] if i else root
+        block = _Block(key, parent, tokens[i * size:(i + 1) * size].copy(), int(pages[i]), i,
+                       root=root)
         if i == first_block and first_block and anchor is not None:
           block.anchor = anchor()
         self._blocks[key] = block
@@ -266,27 +307,33 @@ class PrefixCache:
     """Frees up to n_pages (or a little more) LRU leaf blocks held by the cache alone.
 
     A block whose page a live request still holds (refcount > 1) stays, and so do its ancestors.
-    Returns the number of pages freed.
+    `on_evict` sees the blocks removed before their pages are released. Returns the number of
+    pages freed.
     """
-    pages = []
+    return self._evict(n_pages, notify=True)
+
+  def _evict(self, n_pages: int, notify: bool) -> int:
+    removed = []
     # Children mostly precede parents in the LRU order, so a parent is visited after its children
     # have had their chance to go and becomes evictable in the same scan. Not always: a
     # continuation stored from block i on is touched from there, and its parent, an older block
     # that another turn forked from, stays before it. So scan again while a scan frees something.
     progress = True
-    while progress and len(pages) < n_pages:
+    while progress and len(removed) < n_pages:
       progress = False
       for key in list(self._blocks):
-        if len(pages) >= n_pages:
+        if len(removed) >= n_pages:
           break
         block = self._blocks[key]
         if (not self._children[block.key] and key not in self._held
             and self.allocator.refcount(block.page) == 1):  # the cache's is the last reference
           self._forget(block)
-          pages.append(block.page)
+          removed.append(block)
           progress = True
+    if notify and removed and self.on_evict is not None:
+      self.on_evict(removed)
     # One release for the scan (each page is in one block: the refcounts read above still hold).
-    return self.allocator.decref(pages)
+    return self.allocator.decref([b.page for b in removed])
 
   def drop_all(self) -> None:
     """Forgets every block, held by a live request or not (their K/V is gone: the pool was lost).
@@ -301,7 +348,7 @@ class PrefixCache:
   def clear(self) -> int:
     """Drops every block no live request holds (not counted as evictions); returns pages freed."""
     evictions = self.evictions
-    freed = self.evict(self.allocator.num_pages)
+    freed = self._evict(self.allocator.num_pages, notify=False)
     self.evictions = evictions
     return freed
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 import numpy as np
 
 from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
-from sparsex_jax.kv.host_tier import HostLoad, HostSegment, HostTier
+from sparsex_jax.kv.host_tier import HostLoad, HostRun, HostSegment, HostTier, RunLoad
 from sparsex_jax.kv.layout import PoolLayout
-from sparsex_jax.kv.prefix_cache import PrefixCache
+from sparsex_jax.kv.prefix_cache import PrefixCache, hash_tokens, namespace_root, whole_prompt_end
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
 from sparsex_jax.labels import REUSED
 from sparsex_jax.prompt import Prompt
@@ -58,8 +58,12 @@ class Lease:
   own_pages: np.ndarray  # pages allocated for the request (one reference each)
   hits: dict[int, SegmentEntry]  # segment index -> segment-cache entry (pinned), or a host load's
   page_size: int
-  host_pins: list[HostSegment] = dataclasses.field(default_factory=list)  # pinned in the host tier
+  host_pins: list[HostSegment | HostRun] = dataclasses.field(default_factory=list)  # host pins
   loads: list[HostLoad] = dataclasses.field(default_factory=list)  # host -> pool copies (own pages)
+  # Continued history copied from the host tier into pages of exact_pages (every layer), written
+  # before the prefill's first program.
+  run_loads: list[RunLoad] = dataclasses.field(default_factory=list)
+  run_pins: list[HostRun] = dataclasses.field(default_factory=list)  # their runs, pinned
   # The last pages of exact_pages that came from the continuation cache: an earlier prompt's K/V
   # as its reuse method computed it (approximate), continued by this prompt.
   continued_pages: int = 0
@@ -133,6 +137,7 @@ class KVStore:
     self.page_io = None
     if host_tier is not None:
       self.segment_cache.on_evict = self._spill_to_host
+      self.continuation_cache.on_evict = self._spill_runs
     self._live: dict[int, Lease] = {}
 
   # ---- acquire / release ----
@@ -176,12 +181,7 @@ class KVStore:
         self.allocator.decref(pages[keep:])
         lease.exact_pages = pages[:keep]
         if policy.reads_segment_cache:  # a reuse method: continue an earlier prompt's K/V
-          more, _ = self.continuation_cache.match(
-              ids, continuation_namespace(prompt.namespace, policy), first_block=keep)
-          take = min(more.size, last - keep)
-          self.allocator.decref(more[take:])
-          lease.exact_pages = np.concatenate([lease.exact_pages, more[:take]]).astype(np.int32)
-          lease.continued_pages = take
+          self._continue(prompt, policy, lease, keep, last)
       if policy.reads_segment_cache:
         for i, (start, end, seg_ids, cacheable) in enumerate(prompt.spans):
           if not cacheable or end <= lease.n_exact:
@@ -196,6 +196,8 @@ class KVStore:
               lease.host_pins.append(seg)
               from_host[i] = seg
       n_own = total_pages - lease.exact_pages.size
+      if lease.run_loads:  # pages for the continued blocks found in the host tier
+        self._allocate_run_pages(lease)
       try:
         lease.own_pages = self.allocator.allocate(n_own)
       except PoolExhausted:
@@ -211,6 +213,132 @@ class KVStore:
       self.release(lease)
       raise
     return lease
+
+  def _continue(self, prompt: Prompt, policy, lease: Lease, keep: int, last: int) -> None:
+    """Continues an earlier prompt's K/V from block `keep` on (the exact blocks end there): its
+    blocks in the pool's continuation cache, then, where those end, its blocks in the host tier
+    (runs), up to the deepest block that ended a prompt this one goes on with; at most up to
+    block `last`. Pool blocks are referenced at once; host blocks are pinned and get pages and
+    a copy (RunLoad) in `_allocate_run_pages`."""
+    ids, size = prompt.token_ids, self.layout.page_size
+    cache, tier = self.continuation_cache, self.host_tier
+    namespace = continuation_namespace(prompt.namespace, policy)
+    found = []  # per block from `keep` on: a pool _Block, or (HostRun, index)
+    for i, key in enumerate(cache.block_keys(ids, namespace)):
+      if i < keep:
+        continue
+      tokens = ids[i * size:(i + 1) * size]
+      block = cache.get(key, tokens)
+      if block is None and tier is not None:
+        block = tier.run_block(key, tokens)
+      if block is None:
+        break
+      found.append(block)
+    tails = [b.tails if not isinstance(b, tuple) else b[0].tails[b[1]] for b in found]
+    found = found[:min(whole_prompt_end(ids, keep, tails, size), last - keep)]
+    in_pool = [b for b in found if not isinstance(b, tuple)]
+    cache.take(in_pool, asked=max(ids.size // size - keep, 0))
+    lease.continued_pages = len(found)
+    if len(in_pool) == len(found):
+      lease.exact_pages = np.concatenate(
+          [lease.exact_pages, [b.page for b in in_pool]]).astype(np.int32)
+      return
+    # Host blocks: their table slots are filled when their pages are allocated.
+    table = [b.page if not isinstance(b, tuple) else -1 for b in found]
+    lease.exact_pages = np.concatenate([lease.exact_pages, table]).astype(np.int32)
+    loads: dict[int, RunLoad] = {}
+    for slot, b in enumerate(found, start=keep):
+      if isinstance(b, tuple):
+        run, j = b
+        if id(run) not in loads:
+          tier.pin(run)
+          lease.run_pins.append(run)
+          loads[id(run)] = RunLoad(np.full(run.n_pages, -1, np.int32), run)
+        loads[id(run)].pages[j] = slot  # a slot of exact_pages for now; a page once allocated
+    tier.run_hits += len(found) - len(in_pool)
+    lease.run_loads = list(loads.values())
+
+  def _allocate_run_pages(self, lease: Lease) -> None:
+    """Pages for the continued blocks the host tier holds (marked -1 in exact_pages), each run
+    load told where its blocks go. All or nothing (PoolExhausted: the lease is released)."""
+    slots = np.flatnonzero(lease.exact_pages < 0)
+    pages = self.allocator.allocate(slots.size)
+    table = lease.exact_pages.copy()
+    table[slots] = pages
+    for load in lease.run_loads:
+      taken = load.pages >= 0
+      load.pages[taken] = table[load.pages[taken]]
+    lease.exact_pages = table
+
+  def _spill_runs(self, blocks) -> None:
+    """The continuation cache's on_evict: keeps the evicted blocks in the host tier as runs of
+    consecutive blocks, read off the device in one call (a blocking copy, inside the allocation
+    that evicts). A chain whose first block continued exact blocks (its anchor: those are the
+    prefix cache's, and may go once the anchor is released) takes them along, keyed as the
+    continuation's, so that it stays reachable after they leave the pool. Blocks the tier
+    already holds (loaded from it, unchanged since; or another history's same exact blocks) are
+    not read again: a run ends before them."""
+    tier = self.host_tier
+    chains: list[list[tuple]] = []  # (key, tokens, tails, page, depth), consecutive
+    end_of: dict[bytes, list] = {}  # a chain's last key -> the chain
+    for block in sorted(blocks, key=lambda b: b.depth):
+      chain = end_of.pop(block.parent, None)
+      if chain is None:
+        chain = self._anchor_blocks(block)
+        chains.append(chain)
+      chain.append((block.key, block.tokens, block.tails, block.page, block.depth))
+      end_of[block.key] = chain
+    runs, seen = [], set()
+    for chain in chains:
+      run = []
+      for b in chain:
+        if tier.has_block(b[0]) or b[0] in seen:
+          if run:
+            runs.append(run)
+          run = []
+          continue
+        seen.add(b[0])
+        run.append(b)
+      if run:
+        runs.append(run)
+    if not runs:
+      return
+    n_blocks = sum(map(len, runs))
+    t0 = time.perf_counter()
+    try:
+      k, v = self.page_io.read_pages(np.asarray([b[3] for run in runs for b in run], np.int32))
+    except Exception as e:  # pylint: disable=broad-except
+      warnings.warn(f"{n_blocks} continuation blocks evicted but not read to the host tier: {e}",
+                    stacklevel=2)
+      tier.run_blocks_dropped += n_blocks
+      return
+    tier.spill_read_s += time.perf_counter() - t0
+    at = 0
+    for run in runs:
+      part = slice(at, at + len(run))
+      at += len(run)
+      try:
+        tier.put_run([b[0] for b in run], np.stack([b[1] for b in run]), [b[2] for b in run],
+                     run[0][4], k[:, :, part], v[:, :, part])
+      except Exception as e:  # pylint: disable=broad-except
+        warnings.warn(f"{len(run)} continuation blocks evicted but not kept in the host "
+                      f"tier: {e}", stacklevel=2)
+        tier.run_blocks_dropped += len(run)
+
+  def _anchor_blocks(self, block) -> list[tuple]:
+    """The exact blocks a continuation's first block continues, keyed as the continuation's
+    chain (their K/V is as that prompt computed it: exact), root first; [] for a block that is
+    not a continuation's first."""
+    if block.anchor is None:
+      return []
+    exact = self.prefix_cache.chain_to(block.anchor)
+    out, key = [], block.root
+    for b in exact:
+      key = hash_tokens(b.tokens, key)
+      out.append((key, b.tokens, frozenset(), b.page, b.depth))
+    if len(exact) != block.depth or key != block.parent:  # not while the anchor is held
+      return []
+    return out
 
   def _plan_loads(self, lease: Lease, from_host: dict[int, HostSegment], policy) -> None:
     """Pages for each host-tier hit, and the copy that fills layers [T, L) of them (every layer
@@ -284,6 +412,9 @@ class KVStore:
   def release(self, lease: Lease) -> None:
     """Drops a lease's page references and pins (idempotent)."""
     self._unpin(lease)
+    for run in lease.run_pins:  # its loads' pages are among exact_pages
+      self.host_tier.unpin(run)
+    lease.run_pins, lease.run_loads = [], []
     for name in ("exact_pages", "own_pages"):
       pages = getattr(lease, name)
       if pages.size:
@@ -449,10 +580,15 @@ class KVStore:
       self.host_tier.check_invariants()
       host_pins: dict[int, int] = {}
       for lease in self._live.values():
-        for seg in lease.host_pins:
+        for seg in lease.host_pins + lease.run_pins:
           host_pins[id(seg)] = host_pins.get(id(seg), 0) + 1
       for key in self.host_tier.keys():
         seg = self.host_tier.get(key)
+        if isinstance(seg, HostRun):
+          if seg.pin_count != host_pins.get(id(seg), 0):
+            raise AssertionError(f"host run {key[:16]} has {seg.pin_count} pins, live requests "
+                                 f"hold {host_pins.get(id(seg), 0)}")
+          continue
         if key in self.segment_cache:
           raise AssertionError(f"segment {key[:12]} is in the pool and the host tier")
         if seg.pin_count != host_pins.get(id(seg), 0):

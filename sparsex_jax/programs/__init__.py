@@ -198,7 +198,8 @@ class KVPool:
     """Dispatches the program that writes layers [first_layer, L) of the staged arrays
     (stage_page_layers; they may begin below first_layer) into whole pool pages; the host tier
     pads each segment once to its page bucket, so the staged arrays may hold more pages than
-    `pages` (the rest are dropped). Programs dispatched after it run after it."""
+    `pages` (the rest are dropped), and a page of -1 is not written (a block of a host run that
+    the request does not continue). Programs dispatched after it run after it."""
     from sparsex_jax.programs.copy import write_page_layers
     k_values, v_values, k_scale, v_scale = staged
     pages = np.asarray(pages, np.int32)
@@ -206,7 +207,7 @@ class KVPool:
     if n < pages.size:
       raise ValueError(f"host copy holds {n} pages, the lease has {pages.size}")
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
-    padded[:pages.size] = pages
+    padded[:pages.size] = np.where(pages < 0, self.layout.num_pages, pages)  # -1: not written
     self.run(write_page_layers, padded, k_values, v_values, k_scale or None, v_scale or None,
              first_layer=int(first_layer))
 

@@ -468,3 +468,74 @@ def test_a_failed_write_between_the_prefill_halves_loses_nothing(monkeypatch, po
   eng.store.check_invariants()
   stats = eng.stats()["host_tier"]
   assert stats["failed_loads"] == 2 and stats["loads"] == 2  # the retry's
+
+
+# ---- continuations (a chat's history as its reuse method computed it) through the host tier ----
+
+SYSTEM = _ids(12, 930)
+
+
+def _first_turn():
+  return sx.Request([sx.Segment(SYSTEM), sx.Segment(PASSAGES[0]),
+                     sx.Segment(_ids(5, 931), cache=False), sx.Segment(PASSAGES[1]),
+                     sx.Segment(_ids(6, 932), cache=False)])
+
+
+def _chat_engine(**kw):
+  """Passages cached alone, the system prompt exact, one turn answered with reuse."""
+  eng = _engine(**kw)
+  eng.cache_segments(PASSAGES)
+  eng.prefill_logits(sx.Request([sx.Segment(SYSTEM, cache=False), sx.Segment(_ids(3, 933))]),
+                     reuse=sx.ReuseConfig("prefix"))
+  return eng
+
+
+@pytest.mark.parametrize("exact_blocks_evicted", [False, True])
+def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
+    exact_blocks_evicted):
+  """The next turn of a chat whose history the pool evicted to the host tier continues it from
+  there: every layer of the history's blocks is copied into fresh pages (poisoned first) before
+  the prefill, and its logits are those of the turn continued from the pool, bit for bit. When
+  the exact blocks the history continued leave the pool too (the prefix cache is evicted first),
+  the run took them along and the whole history is continued from the host."""
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
+  results = []
+  for host in (False, True):
+    eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
+    answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
+    assert answer.stats.n_reused > 0
+    turn = sx.Request(_first_turn().segments + (sx.Segment(answer.token_ids[:-1], cache=False),
+                                                sx.Segment(_ids(4, 934), cache=False)))
+    if host:
+      n_blocks = len(eng.store.continuation_cache)
+      eng.store.continuation_cache.evict(10**6)  # the history goes down to the host tier
+      assert len(eng.store.continuation_cache) == 0
+      if exact_blocks_evicted:  # its anchor released, the exact system prompt can go too
+        eng.store.prefix_cache.evict(10**6)
+        assert len(eng.store.prefix_cache) == 0
+      stats = eng.stats()["host_tier"]
+      assert stats["continuation_blocks"] == n_blocks + len(SYSTEM) // eng.layout.page_size
+      _poison_free_pages(eng, 5)
+    cache, tier = eng.store.continuation_cache, eng.host_tier
+    before = (cache.hits, tier.run_hits if tier is not None else 0)
+    logits, plan = eng.prefill_logits(turn, reuse, return_plan=True)
+    continued = (cache.hits - before[0], (tier.run_hits if tier is not None else 0) - before[1])
+    results.append((logits, plan, continued, eng))
+  (want, pool_plan, (pool_blocks, none), _), (got, host_plan, (in_pool, from_host), eng) = results
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(host_plan.labels, pool_plan.labels)
+  n_system = len(SYSTEM) // eng.layout.page_size
+  assert pool_blocks > 0 and none == 0 and in_pool == 0
+  assert from_host == pool_blocks + (n_system if exact_blocks_evicted else 0)
+  stats = eng.stats()["host_tier"]
+  assert stats["continuation_hits"] == from_host and stats["continuation_loads"] == 1
+  assert stats["continuation_bytes_moved"] > 0
+  # The continued blocks are in the pool again and stay in the host tier (their K/V never
+  # changes): evicted again, only the turn's own blocks are read off the device.
+  n_pool = len(eng.store.continuation_cache)
+  received = stats["continuation_blocks_received"]
+  eng.store.continuation_cache.evict(10**6)
+  assert eng.stats()["host_tier"]["continuation_blocks_received"] - received == n_pool - from_host
+  eng.store.check_invariants()
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages  # no page or pin left behind

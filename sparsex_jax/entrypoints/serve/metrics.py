@@ -48,17 +48,33 @@ class Metrics:
     self.programs = Gauge("sparsex_compiled_programs",
                           "distinct device programs the engine has run (each compiled once)",
                           registry=r)
-    self.compiling_steps = Gauge("sparsex_compiling_steps",
-                                 "engine steps that compiled a new program first", registry=r)
-    self.compile_stall = Gauge("sparsex_compile_stall_seconds",
-                               "wall time of the steps that compiled a new program: every "
-                               "request waiting meanwhile waited for the compiler", registry=r)
-    self.compiled_ahead = Gauge("sparsex_programs_compiled_ahead",
-                                "prefill programs compiled on the compile thread while the "
-                                "running requests went on", registry=r)
-    self.deferred = Gauge("sparsex_admissions_deferred",
-                          "times a waiting request was passed over while its prefill "
-                          "program compiled", registry=r)
+    # Counts the engine loop keeps: Counters (`_total`), advanced to the loop's count at scrape.
+    self.compiling_steps = Counter("sparsex_compiling_steps",
+                                   "engine steps that compiled a new program first", registry=r)
+    self.compile_stall = Counter("sparsex_compile_stall_seconds",
+                                 "wall time of the steps that compiled a new program: every "
+                                 "request waiting meanwhile waited for the compiler", registry=r)
+    self.compiled_ahead = Counter("sparsex_programs_compiled_ahead",
+                                  "prefill programs compiled on the compile thread while the "
+                                  "running requests went on", registry=r)
+    self.deferred = Counter("sparsex_admissions_deferred",
+                            "times a waiting request was passed over while its prefill "
+                            "program compiled", registry=r)
+    self.host_bytes_used = Gauge("sparsex_host_tier_bytes_used",
+                                 "host-memory tier bytes in use (0 without one)", registry=r)
+    self.host_continued_tokens = Counter(
+        "sparsex_host_tier_continued_tokens",
+        "continued tokens (a chat's history) copied back from the host tier", registry=r)
+    self.host_segment_loads = Counter("sparsex_host_tier_segment_loads",
+                                      "segments copied back from the host tier", registry=r)
+    self._seen: dict[str, float] = {}
+
+  def _advance(self, name: str, counter: Counter, value: float) -> None:
+    """Counts up to `value` (a count kept elsewhere, which never decreases)."""
+    delta = value - self._seen.get(name, 0)
+    if delta > 0:
+      counter.inc(delta)
+      self._seen[name] = value
 
   def refresh(self, loop, engine) -> None:
     """The gauges, read at scrape time (host counters; approximate while a step runs)."""
@@ -71,7 +87,13 @@ class Metrics:
     self.segment_hit_rate.set(stats["segment_cache"]["hit_rate"])
     self.prefix_hit_rate.set(stats["prefix_cache"]["hit_rate"])
     self.programs.set(engine.num_compilations)
-    self.compiling_steps.set(loop.compiling_steps)
-    self.compile_stall.set(loop.compile_stall_s)
-    self.compiled_ahead.set(loop.programs_compiled_ahead)
-    self.deferred.set(loop.admissions_deferred)
+    self._advance("compiling_steps", self.compiling_steps, loop.compiling_steps)
+    self._advance("compile_stall", self.compile_stall, loop.compile_stall_s)
+    self._advance("compiled_ahead", self.compiled_ahead, loop.programs_compiled_ahead)
+    self._advance("deferred", self.deferred, loop.admissions_deferred)
+    host = stats.get("host_tier")
+    if host is not None:
+      self.host_bytes_used.set(host["bytes_used"])
+      self._advance("host_continued", self.host_continued_tokens,
+                    host["continuation_hits"] * engine.layout.page_size)
+      self._advance("host_segment_loads", self.host_segment_loads, host["loads"])
