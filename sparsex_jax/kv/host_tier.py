@@ -132,6 +132,16 @@ class StoredKV:
                     self.start_layer)
 
 
+@dataclasses.dataclass(frozen=True)
+class Staged:
+  """K and V of n_pages already in the tier's form (padded to stored_pages(n_pages), cut at its
+  split layer, in its memory), for `put` and `put_run` in place of numpy arrays (v unused)."""
+
+  k: StoredKV
+  v: StoredKV
+  n_pages: int
+
+
 def split_layers(x, split_layer: int) -> tuple:
   """x [L, ...] as the tier keeps it: (x[:split], x[split:]) for 0 < split < L, else (x,)."""
   if 0 < split_layer < x.shape[0]:
@@ -429,20 +439,19 @@ class HostTier:
     self._entries.move_to_end(run.key)
     return found
 
-  def put_run(self, block_keys, tokens: np.ndarray, tails, first_depth: int, k: np.ndarray,
-              v: np.ndarray) -> bool:
+  def put_run(self, block_keys, tokens: np.ndarray, tails, first_depth: int,
+              k: "np.ndarray | Staged", v: np.ndarray | None) -> bool:
     """Keeps consecutive continuation blocks (block_keys[j]: tokens[j], tails[j]) with their K/V
-    [L, K, n, S, H] (n = len(block_keys)), making room as `put` does. Blocks already here must
+    [L, K, n, S, H] (n = len(block_keys); or `Staged`), making room as `put` does. Blocks already here must
     not be passed. Returns True if the run is here, False if it was dropped (counted)."""
     n = len(block_keys)
     if n == 0:
       return True
     if any(key in self._run_blocks for key in block_keys):
       raise ValueError("put_run: a block of the run is already in the host tier")
-    k, v = layout.pad_pages(k, stored_pages(n)), layout.pad_pages(v, stored_pages(n))
-    k, v = (quantize(x, self.host_dtype, self.split_layer) for x in (k, v))
-    if self.memory is not None:
-      k, v = k.staged(self.memory), v.staged(self.memory)
+    k, v, n_pages = self._stored(k, v)
+    if n_pages != n:
+      raise ValueError(f"put_run: {n} blocks, K/V of {n_pages} pages")
     run = HostRun(run_key(block_keys[0]), tuple(block_keys),
                   _read_only(np.asarray(tokens, np.int32).reshape(n, -1)),
                   tuple(frozenset(t) for t in tails), int(first_depth), k, v, n)
@@ -456,8 +465,10 @@ class HostTier:
     self.run_blocks_received += n
     return True
 
-  def put(self, token_ids, positions, k: np.ndarray, v: np.ndarray, namespace: str = "") -> bool:
-    """Keeps a segment's K/V [L, K, n_pages, S, H] (stored in host_dtype); evicts least recently
+  def put(self, token_ids, positions, k: "np.ndarray | Staged", v: np.ndarray | None,
+          namespace: str = "") -> bool:
+    """Keeps a segment's K/V [L, K, n_pages, S, H] (stored in host_dtype; or K and V already
+    `Staged`, v None); evicts least recently
     used unpinned segments down a tier to make room. Returns True if it is here; a segment that
     cannot fit (bigger than the budget, or everything else pinned) goes down itself."""
     tokens = as_token_array(token_ids)
@@ -465,11 +476,7 @@ class HostTier:
     if key in self._entries:
       self._entries.move_to_end(key)
       return True
-    n_pages = int(k.shape[2])
-    k, v = layout.pad_pages(k, stored_pages(n_pages)), layout.pad_pages(v, stored_pages(n_pages))
-    k, v = (quantize(x, self.host_dtype, self.split_layer) for x in (k, v))
-    if self.memory is not None:
-      k, v = k.staged(self.memory), v.staged(self.memory)
+    k, v, n_pages = self._stored(k, v)
     seg = HostSegment(key, _read_only(tokens), _read_only(np.asarray(positions, np.int32)),
                       namespace, k, v, n_pages)
     self.received += 1
@@ -481,6 +488,24 @@ class HostTier:
     self.bytes_used += seg.nbytes
     self.bytes_in += seg.nbytes
     return True
+
+  def _stored(self, k, v) -> tuple[StoredKV, StoredKV, int]:
+    """K and V [L, K, n_pages, S, H] as this tier keeps them (padded, in host_dtype, cut at
+    split_layer, staged in `memory`), and n_pages. `Staged` K and V (read straight into host
+    memory by the pool, KVPool.read_pages_into) are kept as they are."""
+    if isinstance(k, Staged):
+      return k.k, k.v, k.n_pages
+    n_pages = int(k.shape[2])
+    k, v = layout.pad_pages(k, stored_pages(n_pages)), layout.pad_pages(v, stored_pages(n_pages))
+    k, v = (quantize(x, self.host_dtype, self.split_layer) for x in (k, v))
+    if self.memory is not None:
+      k, v = k.staged(self.memory), v.staged(self.memory)
+    return k, v, n_pages
+
+  def reads_into_memory(self) -> bool:
+    """Whether evicted pages can be read straight into this tier's memory as it keeps them
+    (pinned host memory, the pool's dtype): then an eviction waits for nothing."""
+    return self.memory is not None and self.host_dtype == "native"
 
   def _make_room(self, n_bytes: int) -> bool:
     free = self.budget_bytes - self.bytes_used

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 import numpy as np
 
 from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
-from sparsex_jax.kv.host_tier import HostLoad, HostRun, HostSegment, HostTier, RunLoad
+from sparsex_jax.kv.host_tier import (HostLoad, HostRun, HostSegment, HostTier, RunLoad, Staged,
+                                     StoredKV, stored_pages)
 from sparsex_jax.kv.layout import PoolLayout
-from sparsex_jax.kv.prefix_cache import PrefixCache, hash_tokens, namespace_root, whole_prompt_end
+from sparsex_jax.kv.prefix_cache import PrefixCache, hash_tokens, whole_prompt_end
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
 from sparsex_jax.labels import REUSED
 from sparsex_jax.prompt import Prompt
@@ -272,8 +273,8 @@ class KVStore:
 
   def _spill_runs(self, blocks) -> None:
     """The continuation cache's on_evict: keeps the evicted blocks in the host tier as runs of
-    consecutive blocks, read off the device in one call (a blocking copy, inside the allocation
-    that evicts). A chain whose first block continued exact blocks (its anchor: those are the
+    consecutive blocks, each read off the device in one call (inside the allocation that evicts:
+    a dispatch into pinned host memory on a GPU, else a blocking copy). A chain whose first block continued exact blocks (its anchor: those are the
     prefix cache's, and may go once the anchor is released) takes them along, keyed as the
     continuation's, so that it stays reachable after they leave the pool. Blocks the tier
     already holds (loaded from it, unchanged since; or another history's same exact blocks) are
@@ -303,27 +304,17 @@ class KVStore:
         runs.append(run)
     if not runs:
       return
-    n_blocks = sum(map(len, runs))
     t0 = time.perf_counter()
-    try:
-      k, v = self.page_io.read_pages(np.asarray([b[3] for run in runs for b in run], np.int32))
-    except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"{n_blocks} continuation blocks evicted but not read to the host tier: {e}",
-                    stacklevel=2)
-      tier.run_blocks_dropped += n_blocks
-      return
-    tier.spill_read_s += time.perf_counter() - t0
-    at = 0
-    for run in runs:
-      part = slice(at, at + len(run))
-      at += len(run)
+    for run in runs:  # one read each: a run's arrays are padded to its own page bucket
       try:
+        k, v = self._read_for_host(np.asarray([b[3] for b in run], np.int32))
         tier.put_run([b[0] for b in run], np.stack([b[1] for b in run]), [b[2] for b in run],
-                     run[0][4], k[:, :, part], v[:, :, part])
+                     run[0][4], k, v)
       except Exception as e:  # pylint: disable=broad-except
         warnings.warn(f"{len(run)} continuation blocks evicted but not kept in the host "
                       f"tier: {e}", stacklevel=2)
         tier.run_blocks_dropped += len(run)
+    tier.spill_read_s += time.perf_counter() - t0
 
   def _anchor_blocks(self, block) -> list[tuple]:
     """The exact blocks a continuation's first block continues, keyed as the continuation's
@@ -390,12 +381,23 @@ class KVStore:
     return (load.written and load.first_layer == 0
             and load.source.key not in self.segment_cache)
 
+  def _read_for_host(self, pages) -> tuple:
+    """K, V of pool pages for the host tier: read straight into its pinned host memory without
+    waiting where it can (`Staged`, None), else as numpy arrays (a blocking copy)."""
+    if self.host_tier.reads_into_memory() and hasattr(self.page_io, "read_pages_into"):
+      n = len(pages)
+      k, v = self.page_io.read_pages_into(pages, stored_pages(n), self.host_tier.split_layer,
+                                          self.host_tier.memory)
+      return Staged(StoredKV(k), StoredKV(v), n), None
+    return self.page_io.read_pages(pages)
+
   def _spill_to_host(self, entry: SegmentEntry) -> None:
     """The segment cache's on_evict: reads the entry's K/V off the device into the host tier
-    (a blocking device-to-host copy, inside the allocation that evicts)."""
+    (inside the allocation that evicts: a dispatch into pinned host memory on a GPU, else a
+    blocking device-to-host copy)."""
     t0 = time.perf_counter()
     try:
-      k, v = self.page_io.read_pages(entry.pages)
+      k, v = self._read_for_host(entry.pages)
     except Exception as e:  # pylint: disable=broad-except
       warnings.warn(f"segment {entry.key[:12]} evicted but not read to the host tier: {e}",
                     stacklevel=2)

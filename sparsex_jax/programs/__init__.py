@@ -170,6 +170,23 @@ class KVPool:
     k, v = self.run(read_pages, padded)
     return np.asarray(k)[:, :, :pages.size], np.asarray(v)[:, :, :pages.size]
 
+  def read_pages_into(self, pages, n_stored: int, split_layer: int, memory) -> tuple:
+    """K and V of whole pool pages, padded to n_stored pages and cut at split_layer as the host
+    tier keeps them (kv/host_tier.StoredKV, the pool's dtype), copied into `memory` (a jax
+    sharding: pinned host memory) without waiting: the gather runs on the device and the
+    device-to-host copy is a DMA, so an eviction costs the engine loop a dispatch, not a
+    round trip. The gathered arrays hold device memory until their copy is done.
+    Returns (K parts, V parts), each a tuple of [l, K, n_stored, S, H] arrays."""
+    from sparsex_jax.programs.copy import read_page_layers
+    pages = np.asarray(pages, np.int32)
+    if n_stored < pages.size:
+      raise ValueError(f"{pages.size} pages do not fit {n_stored} stored pages")
+    padded = np.zeros(n_stored, np.int32)  # the null page: padding, never loaded back
+    padded[:pages.size] = pages
+    k, v = self.run(read_page_layers, padded, split_layer=int(split_layer))
+    k, v = jax.device_put([list(k), list(v)], memory)
+    return tuple(k), tuple(v)
+
   def write_pages(self, pages, k, v) -> None:
     """Writes K, V [L, K, n, S, H] into whole pool pages (kv/persist.py's PageIO)."""
     from sparsex_jax.programs.copy import write_pages

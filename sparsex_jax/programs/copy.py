@@ -30,6 +30,20 @@ def read_pages(pool, pages):
   return pool, (pool["k"][:, :, pages], pool["v"][:, :, pages])
 
 
+@functools.partial(jax.jit, static_argnames=("split_layer",), donate_argnames=("pool",))
+def read_page_layers(pool, pages, *, split_layer):
+  """K and V of whole pages [n], cut along the layers as the host tier keeps them -> (pool,
+  (k_parts, v_parts)): ([0, split), [split, L)) for 0 < split_layer < L, else (all,). Each part
+  [l, K, n, S, H]. Pad `pages` with the null page 0 (those rows are never loaded back)."""
+  n_layers = pool["k"].shape[0]
+  cuts = [0, split_layer, n_layers] if 0 < split_layer < n_layers else [0, n_layers]
+
+  def parts(x):
+    return tuple(x[lo:hi][:, :, pages] for lo, hi in zip(cuts, cuts[1:]))
+
+  return pool, (parts(pool["k"]), parts(pool["v"]))
+
+
 @functools.partial(jax.jit, donate_argnames=("pool",))
 def write_pages(pool, pages, k, v):
   """Writes K and V [L, K, n, S, H] into whole pages [n] -> (pool, None).

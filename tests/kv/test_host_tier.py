@@ -405,18 +405,23 @@ def test_host_memory_is_pinned_only_on_a_gpu_that_has_it():
   assert host_memory(None) is None
 
 
-def test_a_failed_host_copy_drops_the_segment_counted_and_frees_its_pages(monkeypatch):
+@pytest.mark.parametrize("host_dtype", ["native", "int8"])
+def test_a_failed_host_copy_drops_the_segment_counted_and_frees_its_pages(monkeypatch,
+                                                                          host_dtype):
+  """Pinned host memory runs out while evicted pages are copied there: read straight into it
+  (the pool's dtype) or staged after quantising on the host (8-bit)."""
   from sparsex_jax.kv import host_tier
 
-  def fail(self, memory):
+  def fail(*args, **kw):
     raise MemoryError("pinned host memory exhausted")
 
-  eng = _engine(host_cache_bytes=HOST_BYTES)
+  eng = _engine(host_cache_bytes=HOST_BYTES, host_cache_dtype=host_dtype)
   eng.host_tier.memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
                                                            memory_kind="pinned_host")
   monkeypatch.setattr(host_tier.StoredKV, "staged", fail)
+  monkeypatch.setattr(eng.kv, "read_pages_into", fail)
   eng.cache_segments(PASSAGES)
-  with pytest.warns(UserWarning, match="not kept in the host tier"):
+  with pytest.warns(UserWarning, match="not (kept in|read to) the host tier"):
     eng.store.segment_cache.evict(10**6)
   assert len(eng.host_tier) == 0 and eng.stats()["host_tier"]["dropped"] == 3
   assert eng.store.allocator.num_used == eng.store.num_cached_pages
@@ -490,19 +495,25 @@ def _chat_engine(**kw):
   return eng
 
 
-@pytest.mark.parametrize("exact_blocks_evicted", [False, True])
+@pytest.mark.parametrize("exact_blocks_evicted,memory", [(False, None), (True, None),
+                                                         (True, "pinned_host")])
 def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
-    exact_blocks_evicted):
+    exact_blocks_evicted, memory):
   """The next turn of a chat whose history the pool evicted to the host tier continues it from
   there: every layer of the history's blocks is copied into fresh pages (poisoned first) before
   the prefill, and its logits are those of the turn continued from the pool, bit for bit. When
   the exact blocks the history continued leave the pool too (the prefix cache is evicted first),
-  the run took them along and the whole history is continued from the host."""
+  the run took them along and the whole history is continued from the host. With the tier in
+  pinned host memory (the GPU's layout, on the CPU's own), evicted pages are read straight into
+  it, without a round trip through numpy."""
   reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
   sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
   results = []
   for host in (False, True):
     eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
+    if host and memory:
+      eng.host_tier.memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                                               memory_kind=memory)
     answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
     assert answer.stats.n_reused > 0
     turn = sx.Request(_first_turn().segments + (sx.Segment(answer.token_ids[:-1], cache=False),
@@ -516,6 +527,9 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
         assert len(eng.store.prefix_cache) == 0
       stats = eng.stats()["host_tier"]
       assert stats["continuation_blocks"] == n_blocks + len(SYSTEM) // eng.layout.page_size
+      runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+      assert all((x.sharding.memory_kind if memory else type(x)) == (memory or np.ndarray)
+                 for run in runs for x in run.k.values + run.v.values)
       _poison_free_pages(eng, 5)
     cache, tier = eng.store.continuation_cache, eng.host_tier
     before = (cache.hits, tier.run_hits if tier is not None else 0)
