@@ -419,8 +419,8 @@ class KVStore:
     lease.run_pins, lease.run_loads = [], []
     for name in ("exact_pages", "own_pages"):
       pages = getattr(lease, name)
-      if pages.size:
-        self.allocator.decref(pages)
+      if pages.size:  # (-1: a host block's page, not allocated yet when acquire failed)
+        self.allocator.decref(pages[pages >= 0])
         setattr(lease, name, np.zeros(0, np.int32))
     self._live.pop(id(lease), None)
 
@@ -561,7 +561,7 @@ class KVStore:
       np.add.at(held, pages.astype(np.int64), 1)
     pins: dict[str, int] = {}
     for lease in self._live.values():
-      np.add.at(held, lease.exact_pages.astype(np.int64), 1)
+      np.add.at(held, lease.exact_pages[lease.exact_pages >= 0].astype(np.int64), 1)
       np.add.at(held, lease.own_pages.astype(np.int64), 1)
       for load in lease.loads:
         np.add.at(held, load.entry.pages.astype(np.int64), 1)

@@ -136,3 +136,47 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
     assert all(tier.get(key).pin_count == 0 for key in tier.keys())
   event(f"blocks continued from the host tier: {'some' if continued_from_host else 'none'}")
   event(f"continuation blocks dropped: {'some' if tier.run_blocks_dropped else 'none'}")
+
+
+def test_a_turn_that_finds_no_pages_for_its_host_blocks_leaves_nothing_behind(monkeypatch):
+  """The pool cannot give pages to the history blocks found in the host tier: acquire fails
+  (PoolExhausted) with every pool reference and host pin given back, and the next try, with
+  pages, continues the history from the host."""
+  bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
+  layout = PoolLayout(32, S, bytes_per_page)
+  io = RowPool(32)
+  tier = HostTier(64 * bytes_per_page, split_layer=1)
+  store = KVStore(layout, tier)
+  store.page_io = io
+  policy = ReuseConfig("sparsex", layer_threshold=1).resolve(CFG)
+  full = ReuseConfig("full").resolve(CFG)
+  with store.acquire([Prompt((PASSAGES[1],), (True,))], full, 0) as leases:
+    store.keep_alone(Prompt((PASSAGES[1],), (True,)), leases[0])
+  first = Prompt((SYSTEM, PASSAGES[1], np.array([7, 8, 9], np.int32)), (False, True, False))
+  with store.acquire([first], policy, 1) as leases:
+    plan = Plan(_labels(first, leases[0]), leases[0].page_table, leases[0].n_exact,
+                leases[0].n_continued)
+    with store.commit([first], [plan], policy):
+      pass
+  store.continuation_cache.evict(10**6)
+  assert tier.stats()["continuation_blocks"] > 0
+  turn = Prompt((first.token_ids, np.array([5, 5, 5, 5, 5], np.int32)), (False, False))
+  allocate = store.allocator.allocate
+
+  def exhausted(n):
+    raise PoolExhausted(n, 0, 31)
+
+  monkeypatch.setattr(store.allocator, "allocate", exhausted)
+  used = store.allocator.num_used
+  try:
+    store.acquire([turn], policy, 1)
+    raise AssertionError("acquire should have failed")
+  except PoolExhausted:
+    pass
+  store.check_invariants()
+  assert store.allocator.num_used == used == store.num_cached_pages
+  assert all(tier.get(key).pin_count == 0 for key in tier.keys())
+  monkeypatch.setattr(store.allocator, "allocate", allocate)
+  with store.acquire([turn], policy, 1) as leases:
+    assert leases[0].run_loads and leases[0].n_continued > 0
+  store.check_invariants()
