@@ -200,7 +200,7 @@ def engine_argv(args) -> list[str]:
   if args.model.startswith("random:"):
     argv += ["--tokenizer", "bytes"]
   if args.smoke:
-    argv += ["--page-size", "4", "--pool-gib", "0.004", "--batch-size", "4"]
+    argv += ["--page-size", "4", "--pool-gib", str(args.pool_gib or 0.004), "--batch-size", "4"]
   else:
     argv += ["--page-size", str(args.page_size), "--batch-size", str(args.batch_size)]
     argv += ["--pool-fraction", str(args.pool_fraction)] if args.pool_gib is None else [

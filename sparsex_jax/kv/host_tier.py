@@ -383,8 +383,9 @@ class HostTier:
     # Continuation runs (counted in blocks, one block = one pool page).
     self.run_blocks_received = 0  # blocks the pool evicted that were kept here
     self.run_blocks_dropped = 0  # blocks dropped for want of room (no tier below holds them)
-    self.run_hits = 0  # blocks found here by a prompt continuing them
+    self.run_hits = 0  # blocks found here by a prompt continuing them (per lookup, as hits are)
     self.run_loads = 0  # copies of (parts of) runs issued
+    self.run_blocks_loaded = 0  # blocks those copies wrote into the pool
     self.run_bytes_moved = 0
     self.spill_read_s = 0.0  # host time reading evicted pages off the device (a blocking read)
     self.clock = LoadClock()  # the copies' time in flight, hidden and exposed
@@ -568,6 +569,7 @@ class HostTier:
   def note_load(self, load: HostLoad | RunLoad, issue_s: float) -> None:
     if isinstance(load, RunLoad):
       self.run_loads += 1
+      self.run_blocks_loaded += int(np.count_nonzero(load.pages >= 0))
       self.run_bytes_moved += load.nbytes
       self.load_issue_s += issue_s
       return
@@ -609,6 +611,7 @@ class HostTier:
         "continuation_blocks_received": self.run_blocks_received,
         "continuation_blocks_dropped": self.run_blocks_dropped,
         "continuation_hits": self.run_hits, "continuation_loads": self.run_loads,
+        "continuation_blocks_loaded": self.run_blocks_loaded,
         "continuation_bytes_moved": self.run_bytes_moved,
         "pinned_entries": sum(1 for s in self._entries.values() if s.pin_count),
         "bytes_used": self.bytes_used, "hits": self.hits, "misses": self.misses,

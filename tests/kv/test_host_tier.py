@@ -544,6 +544,7 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
   assert from_host == pool_blocks + (n_system if exact_blocks_evicted else 0)
   stats = eng.stats()["host_tier"]
   assert stats["continuation_hits"] == from_host and stats["continuation_loads"] == 1
+  assert stats["continuation_blocks_loaded"] == from_host
   assert stats["continuation_bytes_moved"] > 0
   # The continued blocks are in the pool again and stay in the host tier (their K/V never
   # changes): evicted again, only the turn's own blocks are read off the device.

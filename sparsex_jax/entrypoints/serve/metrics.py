@@ -95,5 +95,5 @@ class Metrics:
     if host is not None:
       self.host_bytes_used.set(host["bytes_used"])
       self._advance("host_continued", self.host_continued_tokens,
-                    host["continuation_hits"] * engine.layout.page_size)
+                    host["continuation_blocks_loaded"] * engine.layout.page_size)
       self._advance("host_segment_loads", self.host_segment_loads, host["loads"])
