@@ -60,6 +60,8 @@ def make_engine(model: str, dtype: str, page_size: int, batch_size: int, pool_fr
 
   import sparsex_jax as sx
   from models.loaders import load_model
+  from sparsex_jax.entrypoints import compile_cache
+  compile_cache.enable()  # as `sparsex generate --replicas` does: programs shared on disk
   loaded = load_model(model, dtype=dtype)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}

@@ -78,12 +78,14 @@ def import_ray():
 @dataclasses.dataclass
 class WindowDone:
   """A window's last item: the shared segments the replica computed alone for it, the tokens in
-  them, its busy time, and the replica's cache-dir counters so far (loaded, saved)."""
+  them, its busy time, and the replica's counters so far: cache dir (loaded, saved) and
+  compilations (programs compiled, seconds in the compiler)."""
 
   computed: list[str]
   n_precomputed: int
   seconds: float
   disk: tuple[int, int]
+  compiled: tuple[int, float] = (0, 0.0)
 
 
 class Replica:
@@ -98,6 +100,10 @@ class Replica:
       raise TypeError(f"make_engine must return an Engine, got {type(self.engine).__name__}")
     disk = self.engine.disk_cache
     self._keep_off_disk = set(disk.keep_off_disk) if disk is not None else set()
+    # The process's compilations (a replica that compiles during a job stalls its requests:
+    # the job summary reports them per replica).
+    from sparsex_jax.entrypoints import compile_cache
+    self._compiles = compile_cache.stats()
     self.reuse: ReuseMethod = ReuseConfig()
     self.batch_size = 16
 
@@ -117,14 +123,21 @@ class Replica:
     return [k for k in keys if disk is not None and k in disk]
 
   def start_job(self, reuse: ReuseMethod, batch_size: int, keep_off_disk: set[str]
-                ) -> tuple[int, int]:
-    """Settings of the job to come (as run_job's); returns the cache-dir counters so far."""
+                ) -> tuple[tuple[int, int], tuple[int, float]]:
+    """Settings of the job to come (as run_job's); returns the counters so far (cache dir,
+    compilations)."""
     self.reuse, self.batch_size = reuse, batch_size
     disk = self.engine.disk_cache
-    if disk is None:
-      return 0, 0
-    disk.keep_off_disk = self._keep_off_disk | keep_off_disk
-    return disk.loaded, disk.saved
+    if disk is not None:
+      disk.keep_off_disk = self._keep_off_disk | keep_off_disk
+    return self._disk_counts(), self._compiled()
+
+  def _disk_counts(self) -> tuple[int, int]:
+    disk = self.engine.disk_cache
+    return (disk.loaded, disk.saved) if disk is not None else (0, 0)
+
+  def _compiled(self) -> tuple[int, float]:
+    return self._compiles.programs, self._compiles.compile_s
 
   def clear_caches(self) -> int:
     return self.engine.clear_caches()
@@ -139,10 +152,9 @@ class Replica:
     with contextlib.closing(results):
       for index, out in results:
         yield index, out
-    disk = self.engine.disk_cache
     yield WindowDone([segment_key(ids, ns) for ids, ns in computed],
                      int(sum(len(ids) for ids, _ in computed)), time.perf_counter() - t0,
-                     (disk.loaded, disk.saved) if disk is not None else (0, 0))
+                     self._disk_counts(), self._compiled())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,6 +171,8 @@ class ReplicaStats:
   busy_s: float = 0.0  # time spent running windows
   disk0: tuple[int, int] = (0, 0)  # cache-dir counters when the job started
   disk: tuple[int, int] = (0, 0)  # and at its latest window
+  compiled0: tuple[int, float] = (0, 0.0)  # compilations when the job started
+  compiled: tuple[int, float] = (0, 0.0)  # and at its latest window
   died: str | None = None
 
   def as_dict(self) -> dict:
@@ -169,7 +183,9 @@ class ReplicaStats:
             "token_layers": s.token_layers, "n_prompt": s.n_prompt, "n_generated": s.n_generated,
             "hit_rate": round(s.hit_rate, 4), "busy_s": round(self.busy_s, 3),
             "segments_loaded": self.disk[0] - self.disk0[0],
-            "segments_saved": self.disk[1] - self.disk0[1], "died": self.died}
+            "segments_saved": self.disk[1] - self.disk0[1],
+            "programs_compiled": self.compiled[0] - self.compiled0[0],
+            "compile_s": round(self.compiled[1] - self.compiled0[1], 3), "died": self.died}
 
 
 @dataclasses.dataclass
@@ -325,8 +341,9 @@ class _Driver:
                 for n, ks, m in zip(job.n_prompt, job.keys, job.max_new_tokens)]
     counters = self.ray.get([pool.actors[r].start_job.remote(job.reuse, batch_size,
                                                              job.singletons) for r in live])
-    for r, c in zip(live, counters):
-      self.stats[r].disk0 = self.stats[r].disk = tuple(c)
+    for r, (disk, compiled) in zip(live, counters):
+      self.stats[r].disk0 = self.stats[r].disk = tuple(disk)
+      self.stats[r].compiled0 = self.stats[r].compiled = tuple(compiled)
     self.assign(list(range(len(job.runnable))), live)
 
   # ---- routing ----
@@ -421,7 +438,7 @@ class _Driver:
     stats = self.stats[w.replica]
     if isinstance(item, WindowDone):
       stats.busy_s += item.seconds
-      stats.disk = item.disk
+      stats.disk, stats.compiled = item.disk, item.compiled
       stats.summary.n_precomputed += item.n_precomputed
       stats.summary.token_layers += item.n_precomputed * self.job.config.n_layers
       self.job.precomputed(item.n_precomputed)
