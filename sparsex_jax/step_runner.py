@@ -17,7 +17,7 @@ import numpy as np
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import RequestOutput, RequestStats
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
-from sparsex_jax.kv.host_tier import finish_loads, start_loads
+from sparsex_jax.kv.host_tier import RunLoad, finish_loads, start_loads
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
 from sparsex_jax.programs.copy import copy_slots
@@ -204,18 +204,42 @@ def _in_halves(engine: "Engine", loads, spec) -> bool:
   return bool(loads) and 0 < spec.layer_threshold < engine.config.n_layers
 
 
+def _host_copies(engine: "Engine", leases, spec) -> tuple[list, list]:
+  """The host-tier copies a group's prefill issues: (written before its first program, written
+  between its halves; empty: it runs whole).
+
+  Segments' copies (layers [T, L)) go between the halves. A continued history's blocks are read
+  by every layer: where the prefill runs in halves and its run is kept cut at T, layers [0, T)
+  go before the first program and [T, L) between the halves; otherwise all of it goes first."""
+  segments = [load for lease in leases for load in lease.loads if not load.written]
+  runs = [load for lease in leases for load in lease.run_loads if not load.written]
+  t = spec.layer_threshold
+  cut = [load for load in runs if load.first_layer == 0 and load.end_layer is None
+         and load.source.k.cut_at(t)]
+  if not _in_halves(engine, segments + cut, spec):
+    return runs + segments, []
+  first = [load for load in runs if load not in cut]
+  later = list(segments)
+  for load in cut:
+    first.append(RunLoad(load.pages, load.source, 0, t))
+    later.append(RunLoad(load.pages, load.source, t))
+  return first, later
+
+
 def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
   """(program, args, static) of the prefill `prefill_and_commit` would run for this group, or
   None where it would run the two halves around host-tier loads (not compiled ahead)."""
   _, batch, spec = _plan_group(engine, prompts, leases, policy)
-  if _in_halves(engine, [load for lease in leases for load in lease.loads if not load.written],
-                spec):
+  segments = [load for lease in leases for load in lease.loads if not load.written]
+  runs = [load for lease in leases for load in lease.run_loads
+          if not load.written and load.source.k.cut_at(spec.layer_threshold)]
+  if _in_halves(engine, segments + runs, spec):
     return None
   return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
 
 
 def _staged(loads) -> list:
-  return [load.staged for load in loads if load.staged is not None]
+  return [load.staged[0] for load in loads if load.staged is not None]
 
 
 def inputs_ahead_of_loads(batch: "PrefillBatch") -> "PrefillBatch":
@@ -239,28 +263,27 @@ def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, po
   right after the batch's own inputs (inputs_ahead_of_loads), so that they run while the full
   layers [0, T) do: the prefill is then dispatched in two halves with the copies' pool writes
   between them, since the full layers read nothing cached above T (programs/prefill.py).
-  Continued history from the host tier (every layer: the full layers read it too) is copied
-  and written before the first program: that copy is exposed."""
-  loads = [load for lease in leases for load in lease.loads if not load.written]
-  run_loads = [load for lease in leases for load in lease.run_loads if not load.written]
+  Continued history from the host tier is read by every layer: where the prefill runs in halves,
+  its layers [0, T) are copied and written before the first program (that copy is exposed) and
+  its layers [T, L) beside the segments'; otherwise all of it before (_host_copies)."""
   tier = engine.store.host_tier
   plans, batch, spec = _plan_group(engine, prompts, leases, policy)
-  if loads or run_loads:
+  first, loads = _host_copies(engine, leases, spec)
+  if first or loads:
     batch = inputs_ahead_of_loads(batch)
     issued = time.perf_counter()
-    # Continued history first: every layer of it is read from the first program on.
-    start_loads(tier, run_loads, engine.kv)
+    start_loads(tier, first, engine.kv)
     start_loads(tier, loads, engine.kv)
-    finish_loads(tier, run_loads, engine.kv)
+    if not loads:  # the prefill runs whole: every copy is exposed
+      tier.clock.time(_staged([load for load in first if not isinstance(load, RunLoad)]), None,
+                      issued)
+    finish_loads(tier, first, engine.kv)
   if _in_halves(engine, loads, spec):
     full = engine.kv.run(prefill_full_layers, engine.params, batch, cfg=engine.config, spec=spec)
     tier.clock.time(_staged(loads), full, issued)
     finish_loads(tier, loads, engine.kv)
     out = engine.kv.run(prefill_rest, engine.params, batch, full, cfg=engine.config, spec=spec)
   else:
-    if loads:
-      tier.clock.time(_staged(loads), None, issued)
-      finish_loads(tier, loads, engine.kv)
     out = engine.kv.run(prefill, engine.params, batch, cfg=engine.config, spec=spec)
   with engine.store.commit(prompts, plans, policy) as copies:
     if copies:

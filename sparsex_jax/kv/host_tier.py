@@ -114,14 +114,28 @@ class StoredKV:
     """One past the last layer held (L for a whole segment)."""
     return self.start_layer + sum(int(x.shape[0]) for x in self.values)
 
-  def covering(self, first: int) -> "StoredKV":
-    """The arrays that hold layers [first, L), whole (no copy): from the one holding layer
-    `first` on, so its start_layer may be below `first` (what a load stages and moves)."""
+  def covering(self, first: int, end: int | None = None) -> "StoredKV":
+    """The arrays that hold layers [first, end) (end None: L), whole (no copy): from the one
+    holding layer `first` to the one holding layer end - 1, so they may begin below `first`
+    and end above `end` (what a load stages and moves)."""
     start, i = self.start_layer, 0
     while i < len(self.values) and start + int(self.values[i].shape[0]) <= first:
       start += int(self.values[i].shape[0])
       i += 1
-    return StoredKV(self.values[i:], None if self.scale is None else self.scale[i:], start)
+    j, stop = i, start
+    while j < len(self.values) and (end is None or stop < end):
+      stop += int(self.values[j].shape[0])
+      j += 1
+    return StoredKV(self.values[i:j], None if self.scale is None else self.scale[i:j], start)
+
+  def cut_at(self, layer: int) -> bool:
+    """Whether one of the arrays begins at `layer` (a load from it stages nothing below)."""
+    start = self.start_layer
+    for x in self.values:
+      if start == layer:
+        return True
+      start += int(x.shape[0])
+    return False
 
   def staged(self, memory) -> "StoredKV":
     """The same K or V in `memory` (a jax sharding: pinned host memory); one batched copy."""
@@ -237,19 +251,29 @@ def run_key(first_block_key: bytes) -> str:
 
 @dataclasses.dataclass(eq=False)
 class RunLoad:
-  """A copy of every layer of some blocks of a host run into pool pages the lease holds (in its
-  page table, as continued history). pages[j] receives block j of the run; -1: not copied."""
+  """A copy of layers [first_layer, end_layer) of some blocks of a host run into pool pages the
+  lease holds (in its page table, as continued history). pages[j] receives block j of the run;
+  -1: not copied. A continued token is read as exact by every layer, so a request needs all of
+  them: [0, T) before the prefill's first half, [T, L) before its second (`KVStore._continue`
+  plans the two where the run is cut at T), or every layer before the first."""
 
   pages: np.ndarray  # int32 [source.n_pages]
   source: HostRun  # pinned until the lease is released
   first_layer: int = 0
+  end_layer: int | None = None  # None: the model's last layer + 1
   written: bool = False
   staged: object = None
   issue_s: float = 0.0
 
+  def parts(self) -> tuple[StoredKV, StoredKV]:
+    """What the load stages: the arrays of K and V that hold its layers."""
+    return (self.source.k.covering(self.first_layer, self.end_layer),
+            self.source.v.covering(self.first_layer, self.end_layer))
+
   @property
   def nbytes(self) -> int:
-    return self.source.nbytes
+    k, v = self.parts()
+    return k.nbytes + v.nbytes
 
 
 @dataclasses.dataclass(eq=False)
@@ -265,17 +289,22 @@ class HostLoad:
   staged: object = None  # the device arrays whose copy start_loads started (until written)
   issue_s: float = 0.0  # host time spent issuing it
 
+  end_layer = None  # every load of a segment runs to the model's last layer
+
   @property
   def pages(self) -> np.ndarray:
     return self.entry.pages
+
+  def parts(self) -> tuple[StoredKV, StoredKV]:
+    return self.source.k.covering(self.first_layer), self.source.v.covering(self.first_layer)
 
   @property
   def nbytes(self) -> int:
     """Bytes this load moves to the device: the arrays that hold layers [first_layer, L), K and V
     with their scales (layers [first_layer, L) exactly when first_layer is the tier's split
     layer; below first_layer too when the array it falls in begins lower)."""
-    return self.source.k.covering(self.first_layer).nbytes + \
-        self.source.v.covering(self.first_layer).nbytes
+    k, v = self.parts()
+    return k.nbytes + v.nbytes
 
 
 # spill(segment) -> True if the segment is now in the tier below (disk), False if it was dropped.
@@ -569,7 +598,8 @@ class HostTier:
   def note_load(self, load: HostLoad | RunLoad, issue_s: float) -> None:
     if isinstance(load, RunLoad):
       self.run_loads += 1
-      self.run_blocks_loaded += int(np.count_nonzero(load.pages >= 0))
+      if load.first_layer == 0:  # (a block copied in two parts counts once)
+        self.run_blocks_loaded += int(np.count_nonzero(load.pages >= 0))
       self.run_bytes_moved += load.nbytes
       self.load_issue_s += issue_s
       return
@@ -647,8 +677,8 @@ def start_loads(tier: HostTier, loads, io) -> None:
       if load.written or load.staged is not None or load.first_layer >= load.source.k.end_layer:
         continue
       t0 = time.perf_counter()
-      load.staged = io.stage_page_layers(load.source.k.covering(load.first_layer),
-                                         load.source.v.covering(load.first_layer))
+      k, v = load.parts()
+      load.staged = (io.stage_page_layers(k, v), k.start_layer)
       load.issue_s += time.perf_counter() - t0
 
 
@@ -662,7 +692,8 @@ def finish_loads(tier: HostTier, loads, io) -> None:
         continue
       t0 = time.perf_counter()
       if load.staged is not None:
-        io.write_page_layers(load.pages, load.staged, load.first_layer)
+        staged, start = load.staged
+        io.write_page_layers(load.pages, staged, load.first_layer, start, load.end_layer)
       load.staged, load.written = None, True
       load.issue_s += time.perf_counter() - t0
       tier.note_load(load, load.issue_s)

@@ -211,9 +211,11 @@ class KVPool:
     leaves = [k.values, v.values, k.scale or (), v.scale or ()]
     return tuple(tuple(x) for x in jax.device_put(leaves, self.arrays["k"].sharding))
 
-  def write_page_layers(self, pages, staged, first_layer: int) -> None:
-    """Dispatches the program that writes layers [first_layer, L) of the staged arrays
-    (stage_page_layers; they may begin below first_layer) into whole pool pages; the host tier
+  def write_page_layers(self, pages, staged, first_layer: int, start_layer: int | None = None,
+                        end_layer: int | None = None) -> None:
+    """Dispatches the program that writes layers [first_layer, end_layer) (end None: L) of the
+    staged arrays (stage_page_layers; they hold consecutive layers from start_layer on, None:
+    up to L, and may begin below first_layer) into whole pool pages; the host tier
     pads each segment once to its page bucket, so the staged arrays may hold more pages than
     `pages` (the rest are dropped), and a page of -1 is not written (a block of a host run that
     the request does not continue). Programs dispatched after it run after it."""
@@ -225,8 +227,12 @@ class KVPool:
       raise ValueError(f"host copy holds {n} pages, the lease has {pages.size}")
     padded = np.full(n, self.layout.num_pages, np.int32)  # out of range: dropped
     padded[:pages.size] = np.where(pages < 0, self.layout.num_pages, pages)  # -1: not written
+    n_layers = self.arrays["k"].shape[0]
+    if start_layer is None:
+      start_layer = n_layers - sum(int(x.shape[0]) for x in k_values)
     self.run(write_page_layers, padded, k_values, v_values, k_scale or None, v_scale or None,
-             first_layer=int(first_layer))
+             first_layer=int(first_layer), start_layer=int(start_layer),
+             end_layer=int(n_layers if end_layer is None else end_layer))
 
   def is_valid(self) -> bool:
     """False when the pool was donated to a program that failed, or holds a failed result."""

@@ -54,33 +54,36 @@ def write_pages(pool, pages, k, v):
           "v": pool["v"].at[:, :, pages].set(v.astype(pool["v"].dtype), mode="drop")}, None
 
 
-@functools.partial(jax.jit, static_argnames=("first_layer",), donate_argnames=("pool",))
-def write_page_layers(pool, pages, k, v, k_scale, v_scale, *, first_layer):
-  """Writes layers [first_layer, L) of whole pages [n] -> (pool, None) (the host tier's load).
+@functools.partial(jax.jit, static_argnames=("first_layer", "start_layer", "end_layer"),
+                   donate_argnames=("pool",))
+def write_page_layers(pool, pages, k, v, k_scale, v_scale, *, first_layer, start_layer,
+                      end_layer):
+  """Writes layers [first_layer, end_layer) of whole pages [n] -> (pool, None) (the host tier's
+  load).
 
-  k, v: what the load staged of a host-tier segment, one or two arrays [l, K, n, S, H] of
-  consecutive layers that end at layer L (the host tier keeps K and V cut at its split layer),
+  k, v: what the load staged of a host-tier segment or run, one or two arrays [l, K, n, S, H] of
+  consecutive layers from start_layer on (the host tier keeps K and V cut at its split layer),
   in the pool's dtype or 8-bit with float32 scales [l, K, n, S, 1] cut the same way (None for no
   scale), dequantised here on the device so that only the 8-bit values cross to it. Staged
-  layers below first_layer (a threshold above the split) are sliced off here: jax has no view of
-  part of a host array, so a slice before the copy would be a host copy per load. Layers
-  [0, first_layer) of the pages are left as they are. Pad `pages` with num_pages (out of
+  layers outside [first_layer, end_layer) (a threshold above the split) are sliced off here:
+  jax has no view of part of a host array, so a slice before the copy would be a host copy per
+  load. The pages' other layers are left as they are. Pad `pages` with num_pages (out of
   range): those writes are dropped.
   """
-  n_layers = pool["k"].shape[0]
-
   def write(dst, parts, scales):
-    start = n_layers - sum(part.shape[0] for part in parts)  # the first staged layer
-    if start > first_layer:
-      raise ValueError(f"staged layers [{start}, {n_layers}) miss layers from {first_layer}")
+    stop = start_layer + sum(part.shape[0] for part in parts)
+    if start_layer > first_layer or stop < end_layer:
+      raise ValueError(f"staged layers [{start_layer}, {stop}) miss some of "
+                       f"[{first_layer}, {end_layer})")
+    start = start_layer
     for i, part in enumerate(parts):
       end = start + part.shape[0]
-      lo = max(start, first_layer)
-      if lo < end:
-        x = part[lo - start:]
+      lo, hi = max(start, first_layer), min(end, end_layer)
+      if lo < hi:
+        x = part[lo - start:hi - start]
         if scales is not None:
-          x = x.astype(jax.numpy.float32) * scales[i][lo - start:]
-        dst = dst.at[lo:end, :, pages].set(x.astype(dst.dtype), mode="drop")
+          x = x.astype(jax.numpy.float32) * scales[i][lo - start:hi - start]
+        dst = dst.at[lo:hi, :, pages].set(x.astype(dst.dtype), mode="drop")
       start = end
     return dst
 

@@ -29,19 +29,6 @@ PASSAGES = [np.random.default_rng(50 + i).integers(3, 500, size=n).astype(np.int
 SYSTEM = np.arange(10, 19, dtype=np.int32)  # 2 full blocks and a bit
 
 
-class RowPool(NumpyPool):
-  """NumpyPool whose run loads may skip blocks (page -1: not written)."""
-
-  def write_page_layers(self, pages, staged, first_layer):
-    from sparsex_jax.kv.host_tier import dequantize
-    k, v = staged
-    pages = np.asarray(pages)
-    keep = np.flatnonzero(pages >= 0)
-    extra = first_layer - k.start_layer
-    self.k[first_layer:, :, pages[keep]] = dequantize(k)[extra:, :, keep]
-    self.v[first_layer:, :, pages[keep]] = dequantize(v)[extra:, :, keep]
-
-
 def computed(tokens: np.ndarray, block: int):
   """The K/V the simulated prefill writes for block `block` of a prompt: a function of every
   token up to the block's end (what its attention saw), random, never zeros."""
@@ -82,7 +69,7 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
                                                                         host_pages, t):
   bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
   layout = PoolLayout(num_pages, S, bytes_per_page)
-  io = RowPool(num_pages)
+  io = NumpyPool(num_pages)
   tier = HostTier(host_pages * bytes_per_page, split_layer=t)
   store = KVStore(layout, tier)
   store.page_io = io
@@ -144,7 +131,7 @@ def test_a_turn_that_finds_no_pages_for_its_host_blocks_leaves_nothing_behind(mo
   pages, continues the history from the host."""
   bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
   layout = PoolLayout(32, S, bytes_per_page)
-  io = RowPool(32)
+  io = NumpyPool(32)
   tier = HostTier(64 * bytes_per_page, split_layer=1)
   store = KVStore(layout, tier)
   store.page_io = io

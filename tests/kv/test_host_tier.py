@@ -327,10 +327,11 @@ def test_8bit_tier_logits_close_to_16bit(host_dtype):
 @pytest.mark.parametrize("host_dtype", ["native", "int8"])
 @pytest.mark.parametrize("split_layer", [0, 1, 2, 3, 4])
 def test_split_and_stage_arithmetic_matches_numpy(host_dtype, split_layer):
-  """For every split layer and threshold of a 4-layer segment: the arrays the tier keeps, the
-  part a load stages (its first layer and bytes), and the write program's pool (layers
-  [T, L) of the pages written, dequantised on the device; every other layer and page as it was,
-  whatever was staged below T; a padding page dropped), each against a numpy reference."""
+  """For every split layer and layer range [T, E) of a 4-layer segment: the arrays the tier
+  keeps, the part a load stages (its first and last layer and bytes), and the write program's
+  pool (layers [T, E) of the pages written, dequantised on the device; every other layer and
+  page as it was, whatever was staged outside them; a padding page dropped), each against a
+  numpy reference."""
   from sparsex_jax.programs.copy import write_page_layers
   n_layers, n_pages, n_pool = 4, 3, 6
   rng = np.random.default_rng(10 + split_layer)
@@ -345,6 +346,7 @@ def test_split_and_stage_arithmetic_matches_numpy(host_dtype, split_layer):
   pool0 = {name: rng.standard_normal((n_layers, 2, n_pool, 4, 8)).astype(np.float32)
            for name in ("k", "v")}  # random, never zeros: an unwanted write shows
   pages = np.array([4, 1, n_pool], np.int32)  # the last stored page is padding: dropped
+  bounds = [0, split_layer, n_layers] if cut else [0, n_layers]  # where the arrays begin and end
   for t in range(n_layers):
     part_k, part_v = stored_k.covering(t), stored_v.covering(t)
     start = split_layer if cut and t >= split_layer else 0
@@ -352,13 +354,18 @@ def test_split_and_stage_arithmetic_matches_numpy(host_dtype, split_layer):
     per_layer = stored_k.nbytes // n_layers
     assert part_k.nbytes == (n_layers - start) * per_layer
     np.testing.assert_array_equal(dequantize(part_k), restored_k[start:])
-    pool, _ = write_page_layers({name: jax.numpy.asarray(x) for name, x in pool0.items()},
-                                pages, part_k.values, part_v.values, part_k.scale,
-                                part_v.scale, first_layer=t)
-    for name, restored in (("k", restored_k), ("v", restored_v)):
-      want = pool0[name].copy()
-      want[t:, :, pages[:2]] = restored[t:, :, :2]
-      np.testing.assert_allclose(np.asarray(pool[name]), want, rtol=1e-6, atol=0)
+    for end in range(t + 1, n_layers + 1):  # layers [t, end): a run's part of a continuation
+      part_k, part_v = stored_k.covering(t, end), stored_v.covering(t, end)
+      stop = min(b for b in bounds if b >= end)
+      assert (part_k.start_layer, part_k.end_layer) == (start, stop)
+      assert part_k.nbytes == (stop - start) * per_layer
+      pool, _ = write_page_layers({name: jax.numpy.asarray(x) for name, x in pool0.items()},
+                                  pages, part_k.values, part_v.values, part_k.scale,
+                                  part_v.scale, first_layer=t, start_layer=start, end_layer=end)
+      for name, restored in (("k", restored_k), ("v", restored_v)):
+        want = pool0[name].copy()
+        want[t:end, :, pages[:2]] = restored[t:end, :, :2]
+        np.testing.assert_allclose(np.asarray(pool[name]), want, rtol=1e-6, atol=0)
 
 
 def test_cache_warm_fills_the_host_tier(tmp_path, monkeypatch, capsys):
@@ -543,9 +550,12 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
   assert pool_blocks > 0 and none == 0 and in_pool == 0
   assert from_host == pool_blocks + (n_system if exact_blocks_evicted else 0)
   stats = eng.stats()["host_tier"]
+  # The turn reuses nothing (its history is continued, its own tokens new): its prefill runs
+  # whole, and the run is copied whole before it.
+  runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
   assert stats["continuation_hits"] == from_host and stats["continuation_loads"] == 1
   assert stats["continuation_blocks_loaded"] == from_host
-  assert stats["continuation_bytes_moved"] > 0
+  assert stats["continuation_bytes_moved"] == sum(run.nbytes for run in runs)
   # The continued blocks are in the pool again and stay in the host tier (their K/V never
   # changes): evicted again, only the turn's own blocks are read off the device.
   n_pool = len(eng.store.continuation_cache)
@@ -554,3 +564,35 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
   assert eng.stats()["host_tier"]["continuation_blocks_received"] - received == n_pool - from_host
   eng.store.check_invariants()
   assert eng.store.allocator.num_used == eng.store.num_cached_pages  # no page or pin left behind
+
+
+def test_a_history_from_the_host_tier_is_copied_in_two_parts_around_the_full_layers():
+  """A turn that continues its history and reuses a passage too (RAG within a chat) runs its
+  prefill in halves at T = 1: the history's layers [0, 1), which the full layer reads, are
+  copied before it, its layers [1, 3) between the halves with the passage's, every byte once;
+  with the pages poisoned first, the logits are those of an engine that kept everything in the
+  pool."""
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
+  results = []
+  for host in (False, True):
+    eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
+    answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
+    turn = sx.Request(_first_turn().segments + (
+        sx.Segment(answer.token_ids[:-1], cache=False), sx.Segment(PASSAGES[2]),
+        sx.Segment(_ids(4, 935), cache=False)))
+    if host:
+      eng.store.continuation_cache.evict(10**6)
+      eng.store.segment_cache.evict(10**6)  # the new passage too
+      _poison_free_pages(eng, 6)
+    results.append((eng.prefill_logits(turn, reuse), eng))
+  (want, _), (got, eng) = results
+  np.testing.assert_array_equal(got, want)
+  stats = eng.stats()["host_tier"]
+  runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+  assert stats["continuation_loads"] == 2 and stats["loads"] == 1
+  assert stats["continuation_blocks_loaded"] == stats["continuation_hits"] > 0
+  assert stats["continuation_bytes_moved"] == sum(run.nbytes for run in runs)
+  assert {"prefill_full_layers", "prefill_rest"} <= _programs(eng)
+  eng.store.check_invariants()
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages

@@ -41,13 +41,17 @@ class NumpyPool:
   def stage_page_layers(self, k, v):
     return k, v
 
-  def write_page_layers(self, pages, staged, first_layer):
+  def write_page_layers(self, pages, staged, first_layer, start_layer=None, end_layer=None):
     from sparsex_jax.kv.host_tier import dequantize
     k, v = staged
+    end = CFG.n_layers if end_layer is None else end_layer
     extra = first_layer - k.start_layer  # staged layers below first_layer: not written
-    assert extra >= 0 and k.end_layer == CFG.n_layers
-    self.k[first_layer:, :, pages] = dequantize(k)[extra:, :, :len(pages)]
-    self.v[first_layer:, :, pages] = dequantize(v)[extra:, :, :len(pages)]
+    assert extra >= 0 and k.end_layer >= end and start_layer in (None, k.start_layer)
+    pages = np.asarray(pages)
+    keep = np.flatnonzero(pages >= 0)  # -1: a block of a run the request does not continue
+    n = end - first_layer
+    self.k[first_layer:end, :, pages[keep]] = dequantize(k)[extra:extra + n, :, keep]
+    self.v[first_layer:end, :, pages[keep]] = dequantize(v)[extra:extra + n, :, keep]
 
 
 def _fingerprint():

@@ -67,6 +67,9 @@ class Metrics:
         "continued tokens (a chat's history) copied back from the host tier", registry=r)
     self.host_segment_loads = Counter("sparsex_host_tier_segment_loads",
                                       "segments copied back from the host tier", registry=r)
+    self.host_spill = Counter("sparsex_host_tier_spill_seconds",
+                              "engine-loop time spent sending evicted pages to the host tier",
+                              registry=r)
     self._seen: dict[str, float] = {}
 
   def _advance(self, name: str, counter: Counter, value: float) -> None:
@@ -97,3 +100,4 @@ class Metrics:
       self._advance("host_continued", self.host_continued_tokens,
                     host["continuation_blocks_loaded"] * engine.layout.page_size)
       self._advance("host_segment_loads", self.host_segment_loads, host["loads"])
+      self._advance("host_spill", self.host_spill, host["spill_read_s"])
