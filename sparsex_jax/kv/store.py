@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -51,6 +51,16 @@ def continuation_namespace(namespace: str, policy: "ReusePolicy") -> str:
   return f"{namespace}\0continuation\0{fields!r}\0T={policy.layer_threshold}"
 
 
+class _Spilled(NamedTuple):
+  """A block on its way from the continuation cache to the host tier."""
+
+  key: bytes
+  tokens: np.ndarray
+  tails: frozenset
+  page: int
+  depth: int
+
+
 @dataclasses.dataclass(eq=False)
 class Lease:
   """The cache resources one request holds from acquire until release."""
@@ -59,10 +69,10 @@ class Lease:
   own_pages: np.ndarray  # pages allocated for the request (one reference each)
   hits: dict[int, SegmentEntry]  # segment index -> segment-cache entry (pinned), or a host load's
   page_size: int
-  host_pins: list[HostSegment | HostRun] = dataclasses.field(default_factory=list)  # host pins
+  host_pins: list[HostSegment] = dataclasses.field(default_factory=list)  # pinned in the host tier
   loads: list[HostLoad] = dataclasses.field(default_factory=list)  # host -> pool copies (own pages)
-  # Continued history copied from the host tier into pages of exact_pages (every layer), written
-  # before the prefill's first program.
+  # Continued history copied from the host tier into pages of exact_pages (every layer; when:
+  # step_runner._host_copies).
   run_loads: list[RunLoad] = dataclasses.field(default_factory=list)
   run_pins: list[HostRun] = dataclasses.field(default_factory=list)  # their runs, pinned
   # The last pages of exact_pages that came from the continuation cache: an earlier prompt's K/V
@@ -273,50 +283,52 @@ class KVStore:
 
   def _spill_runs(self, blocks) -> None:
     """The continuation cache's on_evict: keeps the evicted blocks in the host tier as runs of
-    consecutive blocks, each read off the device in one call (inside the allocation that evicts:
-    a dispatch into pinned host memory on a GPU, else a blocking copy). A chain whose first block continued exact blocks (its anchor: those are the
-    prefix cache's, and may go once the anchor is released) takes them along, keyed as the
-    continuation's, so that it stays reachable after they leave the pool. Blocks the tier
-    already holds (loaded from it, unchanged since; or another history's same exact blocks) are
-    not read again: a run ends before them."""
+    consecutive blocks, each read off the device in one call (inside the allocation that
+    evicts: a dispatch into pinned host memory on a GPU, else a blocking copy).
+
+    A chain whose first block continued exact blocks (its anchor: those are the prefix cache's,
+    and may go once the anchor is released) takes them along, keyed as the continuation's, so
+    that it stays reachable after they leave the pool. Blocks the tier already holds (loaded
+    from it, unchanged since; or another history's same exact blocks) are not read again: a run
+    ends before them."""
     tier = self.host_tier
-    chains: list[list[tuple]] = []  # (key, tokens, tails, page, depth), consecutive
-    end_of: dict[bytes, list] = {}  # a chain's last key -> the chain
+    chains: list[list[_Spilled]] = []  # consecutive blocks, shallowest first
+    end_of: dict[bytes, list[_Spilled]] = {}  # a chain's last key -> the chain
     for block in sorted(blocks, key=lambda b: b.depth):
       chain = end_of.pop(block.parent, None)
       if chain is None:
         chain = self._anchor_blocks(block)
         chains.append(chain)
-      chain.append((block.key, block.tokens, block.tails, block.page, block.depth))
+      chain.append(_Spilled(block.key, block.tokens, frozenset(block.tails), block.page,
+                            block.depth))
       end_of[block.key] = chain
-    runs, seen = [], set()
+    runs: list[list[_Spilled]] = []
+    seen: set[bytes] = set()
     for chain in chains:
       run = []
       for b in chain:
-        if tier.has_block(b[0]) or b[0] in seen:
+        if tier.has_block(b.key) or b.key in seen:
           if run:
             runs.append(run)
           run = []
           continue
-        seen.add(b[0])
+        seen.add(b.key)
         run.append(b)
       if run:
         runs.append(run)
-    if not runs:
-      return
     t0 = time.perf_counter()
     for run in runs:  # one read each: a run's arrays are padded to its own page bucket
       try:
-        k, v = self._read_for_host(np.asarray([b[3] for b in run], np.int32))
-        tier.put_run([b[0] for b in run], np.stack([b[1] for b in run]), [b[2] for b in run],
-                     run[0][4], k, v)
+        k, v = self._read_for_host(np.asarray([b.page for b in run], np.int32))
+        tier.put_run([b.key for b in run], np.stack([b.tokens for b in run]),
+                     [b.tails for b in run], run[0].depth, k, v)
       except Exception as e:  # pylint: disable=broad-except
         warnings.warn(f"{len(run)} continuation blocks evicted but not kept in the host "
                       f"tier: {e}", stacklevel=2)
         tier.run_blocks_dropped += len(run)
     tier.spill_read_s += time.perf_counter() - t0
 
-  def _anchor_blocks(self, block) -> list[tuple]:
+  def _anchor_blocks(self, block) -> list["_Spilled"]:
     """The exact blocks a continuation's first block continues, keyed as the continuation's
     chain (their K/V is as that prompt computed it: exact), root first; [] for a block that is
     not a continuation's first."""
@@ -326,7 +338,7 @@ class KVStore:
     out, key = [], block.root
     for b in exact:
       key = hash_tokens(b.tokens, key)
-      out.append((key, b.tokens, frozenset(), b.page, b.depth))
+      out.append(_Spilled(key, b.tokens, frozenset(), b.page, b.depth))
     if len(exact) != block.depth or key != block.parent:  # not while the anchor is held
       return []
     return out
