@@ -230,10 +230,7 @@ def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   """(program, args, static) of the prefill `prefill_and_commit` would run for this group, or
   None where it would run the two halves around host-tier loads (not compiled ahead)."""
   _, batch, spec = _plan_group(engine, prompts, leases, policy)
-  segments = [load for lease in leases for load in lease.loads if not load.written]
-  runs = [load for lease in leases for load in lease.run_loads
-          if not load.written and load.source.k.cut_at(spec.layer_threshold)]
-  if _in_halves(engine, segments + runs, spec):
+  if _host_copies(engine, leases, spec)[1]:
     return None
   return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
 
