@@ -111,7 +111,7 @@ def simulate(policy: str, num_pages: int, sessions=24, turns=4, docs=4, doc_len=
         continue
       size = store.layout.page_size
       last = (plan.n - 1) // size  # the last token is always computed
-      keys = cont._block_keys(prompt.token_ids, namespace)  # pylint: disable=protected-access
+      keys = cont.block_keys(prompt.token_ids, namespace)  # (private until round 18)
       for b, key in enumerate(keys):
         if b < plan.n_exact // size:
           continue
