@@ -78,14 +78,14 @@ def import_ray():
 @dataclasses.dataclass
 class WindowDone:
   """A window's last item: the shared segments the replica computed alone for it, the tokens in
-  them, its busy time, and the replica's counters so far: cache dir (loaded, saved) and
-  compilations (programs compiled, seconds in the compiler)."""
+  them, its busy time, and the replica's counters so far: cache dir (loaded, saved) and the
+  programs its engine has run."""
 
   computed: list[str]
   n_precomputed: int
   seconds: float
   disk: tuple[int, int]
-  compiled: tuple[int, float] = (0, 0.0)
+  compiled: int = 0
 
 
 class Replica:
@@ -100,10 +100,6 @@ class Replica:
       raise TypeError(f"make_engine must return an Engine, got {type(self.engine).__name__}")
     disk = self.engine.disk_cache
     self._keep_off_disk = set(disk.keep_off_disk) if disk is not None else set()
-    # The process's compilations (a replica that compiles during a job stalls its requests:
-    # the job summary reports them per replica).
-    from sparsex_jax.entrypoints import compile_cache
-    self._compiles = compile_cache.stats()
     self.reuse: ReuseMethod = ReuseConfig()
     self.batch_size = 16
 
@@ -123,7 +119,7 @@ class Replica:
     return [k for k in keys if disk is not None and k in disk]
 
   def start_job(self, reuse: ReuseMethod, batch_size: int, keep_off_disk: set[str]
-                ) -> tuple[tuple[int, int], tuple[int, float]]:
+                ) -> tuple[tuple[int, int], int]:
     """Settings of the job to come (as run_job's); returns the counters so far (cache dir,
     compilations)."""
     self.reuse, self.batch_size = reuse, batch_size
@@ -136,8 +132,10 @@ class Replica:
     disk = self.engine.disk_cache
     return (disk.loaded, disk.saved) if disk is not None else (0, 0)
 
-  def _compiled(self) -> tuple[int, float]:
-    return self._compiles.programs, self._compiles.compile_s
+  def _compiled(self) -> int:
+    """Programs the engine has run, each compiled (or read from a compile cache) at its first
+    run: a replica that meets new ones during a job stalls its requests meanwhile."""
+    return self.engine.num_compilations
 
   def clear_caches(self) -> int:
     return self.engine.clear_caches()
@@ -171,8 +169,8 @@ class ReplicaStats:
   busy_s: float = 0.0  # time spent running windows
   disk0: tuple[int, int] = (0, 0)  # cache-dir counters when the job started
   disk: tuple[int, int] = (0, 0)  # and at its latest window
-  compiled0: tuple[int, float] = (0, 0.0)  # compilations when the job started
-  compiled: tuple[int, float] = (0, 0.0)  # and at its latest window
+  compiled0: int = 0  # programs its engine had run when the job started
+  compiled: int = 0  # and at its latest window
   died: str | None = None
 
   def as_dict(self) -> dict:
@@ -184,8 +182,7 @@ class ReplicaStats:
             "hit_rate": round(s.hit_rate, 4), "busy_s": round(self.busy_s, 3),
             "segments_loaded": self.disk[0] - self.disk0[0],
             "segments_saved": self.disk[1] - self.disk0[1],
-            "programs_compiled": self.compiled[0] - self.compiled0[0],
-            "compile_s": round(self.compiled[1] - self.compiled0[1], 3), "died": self.died}
+            "new_programs": self.compiled - self.compiled0, "died": self.died}
 
 
 @dataclasses.dataclass
@@ -343,7 +340,7 @@ class _Driver:
                                                              job.singletons) for r in live])
     for r, (disk, compiled) in zip(live, counters):
       self.stats[r].disk0 = self.stats[r].disk = tuple(disk)
-      self.stats[r].compiled0 = self.stats[r].compiled = tuple(compiled)
+      self.stats[r].compiled0 = self.stats[r].compiled = compiled
     self.assign(list(range(len(job.runnable))), live)
 
   # ---- routing ----

@@ -105,9 +105,8 @@ class Summary:
       lines.append(
           f"replica {r['index']} ({r['where']}): {r['requests']} requests, {r['failed']} failed, "
           f"{r['tokens_computed']} prompt tokens computed, hit rate {r['hit_rate']:.1%}, busy "
-          f"{r['busy_s']:.1f} s ({rate_r:.2f} requests/s), "
-          f"{r.get('programs_compiled', 0)} programs compiled ({r.get('compile_s', 0):.1f} s)"
-          f"{died}")
+          f"{r['busy_s']:.1f} s ({rate_r:.2f} requests/s), {r.get('new_programs', 0)} new "
+          f"programs{died}")
     if self.routing is not None:
       lines.append(f"routing {self.routing}: shared segments computed on more than one replica: "
                    f"{self.segments_duplicated} ({self.tokens_duplicated} tokens)")
