@@ -167,3 +167,44 @@ def test_a_turn_that_finds_no_pages_for_its_host_blocks_leaves_nothing_behind(mo
   with store.acquire([turn], policy, 1) as leases:
     assert leases[0].run_loads and leases[0].n_continued > 0
   store.check_invariants()
+
+
+def _store_with_history_on_host(namespace=""):
+  """A store whose one history (system prompt, a passage cached alone, a question) the pool
+  evicted to the host tier; returns (store, the prompt that continues it)."""
+  bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
+  store = KVStore(PoolLayout(32, S, bytes_per_page), HostTier(64 * bytes_per_page, split_layer=1))
+  store.page_io = NumpyPool(32)
+  policy = ReuseConfig("sparsex", layer_threshold=1).resolve(CFG)
+  full = ReuseConfig("full").resolve(CFG)
+  alone = Prompt((PASSAGES[1],), (True,), namespace)
+  with store.acquire([alone], full, 0) as leases:
+    store.keep_alone(alone, leases[0])
+  first = Prompt((SYSTEM, PASSAGES[1], np.array([7, 8, 9], np.int32)), (False, True, False),
+                 namespace)
+  with store.acquire([first], policy, 1) as leases:
+    plan = Plan(_labels(first, leases[0]), leases[0].page_table, leases[0].n_exact,
+                leases[0].n_continued)
+    with store.commit([first], [plan], policy):
+      pass
+  store.continuation_cache.evict(10**6)
+  return store, policy, first
+
+
+def test_a_history_on_the_host_tier_is_continued_only_in_its_namespace_and_policy():
+  """Runs are keyed by the continuation cache's chain, salted by namespace and reuse setting:
+  another tenant's identical turn, or another setting of the method, continues nothing from
+  the host tier (it reuses the passage afresh); the owner's turn continues all of it."""
+  store, policy, first = _store_with_history_on_host("tenant-a")
+  more = np.array([5, 5, 5, 5, 5], np.int32)
+  other_tenant = Prompt(first.segments + (more,), first.cacheable + (False,), "tenant-b")
+  other_setting = ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.5).resolve(CFG)
+  owner = Prompt(first.segments + (more,), first.cacheable + (False,), "tenant-a")
+  for prompt, pol in ((other_tenant, policy), (owner, other_setting)):
+    with store.acquire([prompt], pol, 1) as leases:
+      assert leases[0].n_continued == 0 and not leases[0].run_loads
+  with store.acquire([owner], policy, 1) as leases:
+    n_full = first.token_ids.size // S  # the exact system prompt's blocks, then the history
+    assert leases[0].n_exact == n_full * S and leases[0].n_continued > 0
+    assert leases[0].run_loads
+  store.check_invariants()
