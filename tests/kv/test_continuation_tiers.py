@@ -125,27 +125,34 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
   event(f"continuation blocks dropped: {'some' if tier.run_blocks_dropped else 'none'}")
 
 
-def test_a_turn_that_finds_no_pages_for_its_host_blocks_leaves_nothing_behind(monkeypatch):
-  """The pool cannot give pages to the history blocks found in the host tier: acquire fails
-  (PoolExhausted) with every pool reference and host pin given back, and the next try, with
-  pages, continues the history from the host."""
+def _store_with_history_on_host(namespace=""):
+  """A store whose one history (system prompt, a passage cached alone, a question) the pool
+  evicted to the host tier; returns (store, the prompt that continues it)."""
   bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
-  layout = PoolLayout(32, S, bytes_per_page)
-  io = NumpyPool(32)
-  tier = HostTier(64 * bytes_per_page, split_layer=1)
-  store = KVStore(layout, tier)
-  store.page_io = io
+  store = KVStore(PoolLayout(32, S, bytes_per_page), HostTier(64 * bytes_per_page, split_layer=1))
+  store.page_io = NumpyPool(32)
   policy = ReuseConfig("sparsex", layer_threshold=1).resolve(CFG)
   full = ReuseConfig("full").resolve(CFG)
-  with store.acquire([Prompt((PASSAGES[1],), (True,))], full, 0) as leases:
-    store.keep_alone(Prompt((PASSAGES[1],), (True,)), leases[0])
-  first = Prompt((SYSTEM, PASSAGES[1], np.array([7, 8, 9], np.int32)), (False, True, False))
+  alone = Prompt((PASSAGES[1],), (True,), namespace)
+  with store.acquire([alone], full, 0) as leases:
+    store.keep_alone(alone, leases[0])
+  first = Prompt((SYSTEM, PASSAGES[1], np.array([7, 8, 9], np.int32)), (False, True, False),
+                 namespace)
   with store.acquire([first], policy, 1) as leases:
     plan = Plan(_labels(first, leases[0]), leases[0].page_table, leases[0].n_exact,
                 leases[0].n_continued)
     with store.commit([first], [plan], policy):
       pass
   store.continuation_cache.evict(10**6)
+  return store, policy, first
+
+
+def test_a_turn_that_finds_no_pages_for_its_host_blocks_leaves_nothing_behind(monkeypatch):
+  """The pool cannot give pages to the history blocks found in the host tier: acquire fails
+  (PoolExhausted) with every pool reference and host pin given back, and the next try, with
+  pages, continues the history from the host."""
+  store, policy, first = _store_with_history_on_host()
+  tier = store.host_tier
   assert tier.stats()["continuation_blocks"] > 0
   turn = Prompt((first.token_ids, np.array([5, 5, 5, 5, 5], np.int32)), (False, False))
   allocate = store.allocator.allocate
@@ -167,28 +174,6 @@ def test_a_turn_that_finds_no_pages_for_its_host_blocks_leaves_nothing_behind(mo
   with store.acquire([turn], policy, 1) as leases:
     assert leases[0].run_loads and leases[0].n_continued > 0
   store.check_invariants()
-
-
-def _store_with_history_on_host(namespace=""):
-  """A store whose one history (system prompt, a passage cached alone, a question) the pool
-  evicted to the host tier; returns (store, the prompt that continues it)."""
-  bytes_per_page = 2 * CFG.n_layers * CFG.n_kv_heads * S * CFG.head_dim * 4
-  store = KVStore(PoolLayout(32, S, bytes_per_page), HostTier(64 * bytes_per_page, split_layer=1))
-  store.page_io = NumpyPool(32)
-  policy = ReuseConfig("sparsex", layer_threshold=1).resolve(CFG)
-  full = ReuseConfig("full").resolve(CFG)
-  alone = Prompt((PASSAGES[1],), (True,), namespace)
-  with store.acquire([alone], full, 0) as leases:
-    store.keep_alone(alone, leases[0])
-  first = Prompt((SYSTEM, PASSAGES[1], np.array([7, 8, 9], np.int32)), (False, True, False),
-                 namespace)
-  with store.acquire([first], policy, 1) as leases:
-    plan = Plan(_labels(first, leases[0]), leases[0].page_table, leases[0].n_exact,
-                leases[0].n_continued)
-    with store.commit([first], [plan], policy):
-      pass
-  store.continuation_cache.evict(10**6)
-  return store, policy, first
 
 
 def test_a_history_on_the_host_tier_is_continued_only_in_its_namespace_and_policy():
