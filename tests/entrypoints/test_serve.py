@@ -648,3 +648,44 @@ def test_a_new_prefill_program_compiles_on_its_own_thread_while_the_running_requ
   later.join(60)
   assert got["r"].model_extra["x_sparsex"]["token_ids"] == want.token_ids
   assert server.loop.compiling_steps == stalls  # nothing compiled on the engine loop
+
+
+def test_a_conversation_continues_its_history_from_the_host_tier_as_from_the_pool():
+  """With a host tier, a conversation whose history the pool evicted between its turns continues
+  it from host memory: the next turn gives the tokens and the continued count of an engine that
+  kept the history in the pool, and /metrics counts the tokens copied back."""
+  passage = {"role": "user", "content": "Passage: the keeper logged storms and ships. " * 3}
+  earlier = [{"role": "system", "content": "Be brief."}, passage]
+  turn1 = [{"role": "system", "content": "You answer in one word, always."}, passage]
+  ref = _engine(tokenizer=TOK, num_pages=512)
+  ref.generate([_chat(earlier, max_new_tokens=3)])
+  want1 = ref.generate([_chat(turn1, max_new_tokens=4)])[0]
+  turn2 = turn1 + [{"role": "assistant", "content": want1.text},
+                   {"role": "user", "content": "Why?"}]
+  want2 = ref.generate([_chat(turn2, max_new_tokens=4)])[0]
+  assert want2.stats.n_continued > 0
+
+  engine = _engine(tokenizer=TOK, num_pages=512, max_batch_size=8, host_cache_bytes=1 << 24)
+  for server in serving(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"),
+                                            default_max_tokens=8)):
+    client = _client(server)
+    client.chat.completions.create(model=MODEL, messages=earlier, max_tokens=3, temperature=0)
+    r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=4,
+                                        temperature=0)
+    assert r1.model_extra["x_sparsex"]["token_ids"] == want1.token_ids
+    _wait_idle(server)
+    engine.store.continuation_cache.evict(10**6)  # between the turns, the pool lets it go
+    assert engine.host_tier.stats()["continuation_blocks"] > 0
+    r2 = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4,
+                                        temperature=0)
+    x = r2.model_extra["x_sparsex"]
+    assert x["token_ids"] == want2.token_ids
+    assert (x["continued_tokens"], x["reused_tokens"]) == (want2.stats.n_continued, 0)
+    text = httpx.get(server.url + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["sparsex_host_tier_continued_tokens_total"] > 0
+    assert values["sparsex_host_tier_bytes_used"] > 0
+    _wait_idle(server)
+    engine.store.check_invariants()
+    assert engine.stats()["pool"]["pages_used"] == engine.store.num_cached_pages
