@@ -553,10 +553,11 @@ def main(argv=None) -> int:
           break
       report["sweep"] = {str(r): {k: v for k, v in res.items() if k != "records"}
                          for r, res in sweep.items()}
-    results = {"sparsex": run_config(args, "sparsex", rate, progs, shape),
-               "prefix": sweep.get(rate) or run_config(args, "prefix", rate, progs, shape)}
     report["rate"] = rate
-    report["results"] = results
+    report["results"] = results = {}
+    results["sparsex"] = run_config(args, "sparsex", rate, progs, shape)
+    _save(report, args.out)  # a run cut short keeps what it measured
+    results["prefix"] = sweep.get(rate) or run_config(args, "prefix", rate, progs, shape)
     report["comparison"] = c = compare(results)
     print(f"[compare @ {rate:g} req/s] prefix-only p50 TTFT {fmt(c['prefix_p50_ttft_s'])}; "
           f"sparsex cuts it {c['p50_ttft_cut'] or float('nan'):.2f}x (prefill work "
@@ -565,11 +566,16 @@ def main(argv=None) -> int:
           f"{'applies' if c['load_applies'] else 'does not apply (prefix p50 TTFT <= 1 s)'}, "
           f"{'met' if c['target_met'] else 'not met'}", flush=True)
     plot(results, os.path.join(args.out, "bench_serve.png"))
-  path = os.path.join(args.out, "bench_serve.json")
+  print(f"wrote {_save(report, args.out)}")
+  return 0
+
+
+def _save(report: dict, out: str) -> str:
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "bench_serve.json")
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
-  print(f"wrote {path}")
-  return 0
+  return path
 
 
 if __name__ == "__main__":
