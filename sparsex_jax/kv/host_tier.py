@@ -254,8 +254,9 @@ class RunLoad:
   """A copy of layers [first_layer, end_layer) of some blocks of a host run into pool pages the
   lease holds (in its page table, as continued history). pages[j] receives block j of the run;
   -1: not copied. A continued token is read as exact by every layer, so a request needs all of
-  them: [0, T) before the prefill's first half, [T, L) before its second (`KVStore._continue`
-  plans the two where the run is cut at T), or every layer before the first."""
+  them: [0, T) before the prefill's first half, [T, L) before its second (where the prefill runs
+  in halves and the run is cut at T: step_runner._host_copies), or every layer before the
+  first."""
 
   pages: np.ndarray  # int32 [source.n_pages]
   source: HostRun  # pinned until the lease is released
@@ -416,7 +417,8 @@ class HostTier:
     self.run_loads = 0  # copies of (parts of) runs issued
     self.run_blocks_loaded = 0  # blocks those copies wrote into the pool
     self.run_bytes_moved = 0
-    self.spill_read_s = 0.0  # host time reading evicted pages off the device (a blocking read)
+    self.spill_read_s = 0.0  # host time sending evicted pages here (a dispatch into pinned host
+                             # memory, or a blocking read to numpy: KVStore._read_for_host)
     self.clock = LoadClock()  # the copies' time in flight, hidden and exposed
 
   def __contains__(self, key: str) -> bool:
@@ -458,8 +460,8 @@ class HostTier:
 
   def run_block(self, block_key: bytes, tokens: np.ndarray) -> tuple[HostRun, int] | None:
     """The run holding this continuation block and its index there, if the block holds exactly
-    these tokens; touches the run in the LRU. Counted by the caller (`count_run_hits`), which
-    may not take every block it finds (the whole-prompt rule)."""
+    these tokens; touches the run in the LRU. Counted by the caller (run_hits), which may not
+    take every block it finds (the whole-prompt rule)."""
     found = self._run_blocks.get(block_key)
     if found is None:
       return None
@@ -472,8 +474,9 @@ class HostTier:
   def put_run(self, block_keys, tokens: np.ndarray, tails, first_depth: int,
               k: "np.ndarray | Staged", v: np.ndarray | None) -> bool:
     """Keeps consecutive continuation blocks (block_keys[j]: tokens[j], tails[j]) with their K/V
-    [L, K, n, S, H] (n = len(block_keys); or `Staged`), making room as `put` does. Blocks already here must
-    not be passed. Returns True if the run is here, False if it was dropped (counted)."""
+    [L, K, n, S, H] (n = len(block_keys); or `Staged`), making room as `put` does. Blocks
+    already here must not be passed. Returns True if the run is here, False if it was dropped
+    (counted)."""
     n = len(block_keys)
     if n == 0:
       return True
@@ -485,22 +488,19 @@ class HostTier:
     run = HostRun(run_key(block_keys[0]), tuple(block_keys),
                   _read_only(np.asarray(tokens, np.int32).reshape(n, -1)),
                   tuple(frozenset(t) for t in tails), int(first_depth), k, v, n)
-    if run.nbytes > self.budget_bytes or not self._make_room(run.nbytes):
-      self._send_down(run)
+    if not self._keep(run):
       return False
-    self._entries[run.key] = run
     for j, key in enumerate(run.block_keys):
       self._run_blocks[key] = (run, j)
-    self.bytes_used += run.nbytes
     self.run_blocks_received += n
     return True
 
   def put(self, token_ids, positions, k: "np.ndarray | Staged", v: np.ndarray | None,
           namespace: str = "") -> bool:
     """Keeps a segment's K/V [L, K, n_pages, S, H] (stored in host_dtype; or K and V already
-    `Staged`, v None); evicts least recently
-    used unpinned segments down a tier to make room. Returns True if it is here; a segment that
-    cannot fit (bigger than the budget, or everything else pinned) goes down itself."""
+    `Staged`, v None); evicts least recently used unpinned entries down a tier to make room.
+    Returns True if it is here; a segment that cannot fit (bigger than the budget, or
+    everything else pinned) goes down itself."""
     tokens = as_token_array(token_ids)
     key = segment_key(tokens, namespace)
     if key in self._entries:
@@ -511,12 +511,19 @@ class HostTier:
                       namespace, k, v, n_pages)
     self.received += 1
     self.dropped.discard(key)
-    if seg.nbytes > self.budget_bytes or not self._make_room(seg.nbytes):
-      self._send_down(seg)
+    if not self._keep(seg):
       return False
-    self._entries[key] = seg
-    self.bytes_used += seg.nbytes
     self.bytes_in += seg.nbytes
+    return True
+
+  def _keep(self, entry: HostSegment | HostRun) -> bool:
+    """Adds an entry, making room for it; one that cannot fit (bigger than the budget, or
+    everything else pinned) goes down a tier itself (False)."""
+    if entry.nbytes > self.budget_bytes or not self._make_room(entry.nbytes):
+      self._send_down(entry)
+      return False
+    self._entries[entry.key] = entry
+    self.bytes_used += entry.nbytes
     return True
 
   def _stored(self, k, v) -> tuple[StoredKV, StoredKV, int]:

@@ -396,7 +396,7 @@ class KVStore:
   def _read_for_host(self, pages) -> tuple:
     """K, V of pool pages for the host tier: read straight into its pinned host memory without
     waiting where it can (`Staged`, None), else as numpy arrays (a blocking copy)."""
-    if self.host_tier.reads_into_memory() and hasattr(self.page_io, "read_pages_into"):
+    if self.host_tier.reads_into_memory():
       n = len(pages)
       k, v = self.page_io.read_pages_into(pages, stored_pages(n), self.host_tier.split_layer,
                                           self.host_tier.memory)

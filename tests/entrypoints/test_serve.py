@@ -112,6 +112,22 @@ def _chat(messages, **sampling):
   return sx.chat_request(TOK, messages, sampling=sx.SamplingParams(**sampling))
 
 
+def _conversation():
+  """A passage cached by an earlier request, a turn that reuses it at a new position, and the
+  next turn of that conversation: (earlier, turn1, turn2) messages and the engine's outputs of
+  the two turns (a fresh engine of the same weights)."""
+  passage = {"role": "user", "content": "Passage: the keeper logged storms and ships. " * 3}
+  earlier = [{"role": "system", "content": "Be brief."}, passage]
+  turn1 = [{"role": "system", "content": "You answer in one word, always."}, passage]
+  ref = _engine(tokenizer=TOK, num_pages=512)
+  ref.generate([_chat(earlier, max_new_tokens=3)])
+  want1 = ref.generate([_chat(turn1, max_new_tokens=4)])[0]
+  turn2 = turn1 + [{"role": "assistant", "content": want1.text},
+                   {"role": "user", "content": "Why?"}]
+  want2 = ref.generate([_chat(turn2, max_new_tokens=4)])[0]
+  return earlier, turn1, turn2, want1, want2
+
+
 def _wait_idle(server, timeout=30):
   deadline = time.time() + timeout
   while server.loop.pending:
@@ -212,15 +228,7 @@ def test_a_conversation_continues_its_reused_history_as_the_engine_does(server):
   """A turn whose passage was reused at a new position is approximate after it; the next turn
   starts with that whole prompt, so it continues its K/V (x_sparsex.continued_tokens) instead of
   reusing the passage again, and gives the engine's tokens for the same calls."""
-  passage = {"role": "user", "content": "Passage: the keeper logged storms and ships. " * 3}
-  earlier = [{"role": "system", "content": "Be brief."}, passage]
-  turn1 = [{"role": "system", "content": "You answer in one word, always."}, passage]
-  ref = _engine(tokenizer=TOK, num_pages=512)
-  ref.generate([_chat(earlier, max_new_tokens=3)])
-  want1 = ref.generate([_chat(turn1, max_new_tokens=4)])[0]
-  turn2 = turn1 + [{"role": "assistant", "content": want1.text},
-                   {"role": "user", "content": "Why?"}]
-  want2 = ref.generate([_chat(turn2, max_new_tokens=4)])[0]
+  earlier, turn1, turn2, want1, want2 = _conversation()
   assert want1.stats.n_reused > 0 and want2.stats.n_continued > 0 and want2.stats.n_reused == 0
 
   client = _client(server, "key-continue")
@@ -654,15 +662,7 @@ def test_a_conversation_continues_its_history_from_the_host_tier_as_from_the_poo
   """With a host tier, a conversation whose history the pool evicted between its turns continues
   it from host memory: the next turn gives the tokens and the continued count of an engine that
   kept the history in the pool, and /metrics counts the tokens copied back."""
-  passage = {"role": "user", "content": "Passage: the keeper logged storms and ships. " * 3}
-  earlier = [{"role": "system", "content": "Be brief."}, passage]
-  turn1 = [{"role": "system", "content": "You answer in one word, always."}, passage]
-  ref = _engine(tokenizer=TOK, num_pages=512)
-  ref.generate([_chat(earlier, max_new_tokens=3)])
-  want1 = ref.generate([_chat(turn1, max_new_tokens=4)])[0]
-  turn2 = turn1 + [{"role": "assistant", "content": want1.text},
-                   {"role": "user", "content": "Why?"}]
-  want2 = ref.generate([_chat(turn2, max_new_tokens=4)])[0]
+  earlier, turn1, turn2, want1, want2 = _conversation()
   assert want2.stats.n_continued > 0
 
   engine = _engine(tokenizer=TOK, num_pages=512, max_batch_size=8, host_cache_bytes=1 << 24)
