@@ -127,7 +127,10 @@ class StepRunner:
                        backend=engine.attention_backend)
       except Exception as e:  # pylint: disable=broad-except
         return StepResult(tuple(finished), decode_error=e, pool_lost=engine.kv.recover())
-      finished += [(seq.key.index, self.output(seq)) for seq in batch.finished()]
+      for seq in batch.finished():
+        # The answer's K/V, while the request's lease still holds its pages (update releases it).
+        engine.store.keep_output(seq.key.prompt, seq.payload[0], seq.tokens, self.policy)
+        finished.append((seq.key.index, self.output(seq)))
     return StepResult(tuple(finished))
 
   def start_split(self, requests: Sequence[ScheduledRequest], leases) -> list[DecodingRequest]:

@@ -150,6 +150,7 @@ class KVStore:
       self.segment_cache.on_evict = self._spill_to_host
       self.continuation_cache.on_evict = self._spill_runs
     self._live: dict[int, Lease] = {}
+    self.output_tokens_kept = 0  # generated tokens cached after their decode (keep_output)
 
   # ---- acquire / release ----
 
@@ -468,21 +469,7 @@ class KVStore:
     layout = self.layout
     for prompt, plan in zip(prompts, plans):
       if policy.writes_prefix_cache:
-        n = prompt.token_ids.size
-        reused = np.flatnonzero(plan.labels == REUSED)
-        exact_until = int(reused[0]) if reused.size else n
-        if plan.n_continued:  # the continued history is approximate from where it began
-          exact_until = min(exact_until, plan.n_exact - plan.n_continued)
-        n_blocks = exact_until // layout.page_size
-        if n_blocks:
-          self.prefix_cache.insert(prompt.token_ids[:n_blocks * layout.page_size],
-                                   plan.page_table[:n_blocks], prompt.namespace)
-        n_full = n // layout.page_size
-        if policy.reads_segment_cache and n_blocks < n_full:
-          self.continuation_cache.insert(
-              prompt.token_ids, plan.page_table[:n_full],
-              continuation_namespace(prompt.namespace, policy), first_block=n_blocks,
-              anchor=lambda: self._hold_anchor(prompt, n_blocks))
+        self._keep_blocks(prompt.token_ids, prompt.namespace, plan, policy)
       if not policy.writes_segment_cache:
         continue
       for start, end, seg_ids, cacheable in prompt.spans:
@@ -508,10 +495,55 @@ class KVStore:
       self._leave_host(self.segment_cache.insert(seg_ids, pages, positions, namespace).key)
       self.allocator.decref(pages)
 
+  def keep_output(self, prompt: Prompt, plan: LabelledPrompt, generated: Sequence[int],
+                  policy: "ReusePolicy") -> int:
+    """After a request finished decoding, before its lease is released: caches the K/V its decode
+    loop wrote, that of every generated token but the last (the only one never fed back), as
+    `commit` caches the prompt's. A chat's next turn resends the answer after the prompt, so it
+    continues past the answer instead of computing it again (vLLM caches generated blocks the
+    same way). The answer's K/V is exact if the whole prompt's was (prefix cache) and an
+    approximate history's continuation otherwise; served only as a whole, as every continuation
+    is, so a later prompt gets exactly the state this decode had. Best effort: nothing is
+    allocated. Returns the number of generated tokens now in full cached blocks."""
+    fed = np.asarray(generated, np.int32)[:-1]
+    if not policy.writes_prefix_cache or not fed.size:
+      return 0
+    n = prompt.token_ids.size
+    tokens = np.concatenate([prompt.token_ids, fed])
+    if tokens.size // self.layout.page_size <= n // self.layout.page_size:
+      return 0  # no block the prompt's commit did not already see
+    self._keep_blocks(tokens, prompt.namespace, plan, policy)
+    kept = int(tokens.size // self.layout.page_size * self.layout.page_size - n)
+    self.output_tokens_kept += kept
+    return kept
+
+  def _keep_blocks(self, tokens: np.ndarray, namespace: str, plan: LabelledPrompt,
+                   policy: "ReusePolicy") -> None:
+    """Caches the full blocks of `tokens` (the plan's prompt, then possibly what its decode fed
+    back), whose K/V is in plan.page_table: exact ones in the prefix cache; from the first block
+    with approximate K/V on (a reused token, or a continued one), the whole sequence in the
+    continuation cache, for the prompts that continue it."""
+    layout = self.layout
+    exact_until = tokens.size  # an exact prompt: what its decode wrote is exact too
+    reused = np.flatnonzero(plan.labels == REUSED)
+    if reused.size:
+      exact_until = int(reused[0])
+    if plan.n_continued:  # the continued history is approximate from where it began
+      exact_until = min(exact_until, plan.n_exact - plan.n_continued)
+    n_blocks = exact_until // layout.page_size
+    if n_blocks:
+      self.prefix_cache.insert(tokens[:n_blocks * layout.page_size], plan.page_table[:n_blocks],
+                               namespace)
+    n_full = tokens.size // layout.page_size
+    if policy.reads_segment_cache and n_blocks < n_full:
+      self.continuation_cache.insert(
+          tokens, plan.page_table[:n_full], continuation_namespace(namespace, policy),
+          first_block=n_blocks, anchor=lambda: self._hold_anchor(tokens, namespace, n_blocks))
+
   # ---- maintenance ----
 
-  def _hold_anchor(self, prompt: Prompt, n_blocks: int) -> bytes:
-    key = self.prefix_cache.block_key(prompt.token_ids, prompt.namespace, n_blocks)
+  def _hold_anchor(self, tokens: np.ndarray, namespace: str, n_blocks: int) -> bytes:
+    key = self.prefix_cache.block_key(tokens, namespace, n_blocks)
     self.prefix_cache.hold(key)
     return key
 
@@ -556,7 +588,8 @@ class KVStore:
       return {"segment_cache": self.segment_cache.stats(bpp, namespace)}
     out = {"pool": self.allocator.stats(bpp), "prefix_cache": self.prefix_cache.stats(bpp),
            "continuation_cache": self.continuation_cache.stats(bpp),
-           "segment_cache": self.segment_cache.stats(bpp)}
+           "segment_cache": self.segment_cache.stats(bpp),
+           "output_tokens_kept": self.output_tokens_kept}
     if self.host_tier is not None:
       out["host_tier"] = self.host_tier.stats()
     return out

@@ -30,6 +30,10 @@ def _full_ids():
 
 @pytest.fixture()
 def warm_engine():
+  return _warm()
+
+
+def _warm():
   """Docs cached alone; the system prompt cached as an exact prefix."""
   eng = _engine()
   eng.cache_segments([DOC_A, DOC_B, DOC_C])
@@ -426,7 +430,9 @@ def test_the_next_chat_turn_continues_the_last_one_as_its_decoding_saw_it(warm_e
   assert last.stats.n_reused > 0 and last.stats.n_continued == 0
   turn = sx.Request(_request().segments + (sx.Segment(last.token_ids[:-1], cache=False),))
   nxt = warm_engine.generate([turn], sx.SamplingParams(max_new_tokens=1), reuse=reuse)[0]
-  n_full = len(_full_ids()) // 4 * 4  # the last prompt's full pages; its partial one is computed
+  # The last prompt and the answer its decoding fed back (5 tokens), in full pages; the page of
+  # the turn's last token is computed.
+  n_full = (len(_full_ids()) + 5 - 1) // 4 * 4
   assert (nxt.stats.n_exact, nxt.stats.n_reused) == (n_full, 0)
   assert nxt.stats.n_continued == n_full - len(SYSTEM)  # the system prompt's pages are exact
   assert nxt.token_ids == last.token_ids[-1:]
@@ -435,6 +441,48 @@ def test_the_next_chat_turn_continues_the_last_one_as_its_decoding_saw_it(warm_e
                                reuse=sx.ReuseConfig("sparsex", layer_threshold=1,
                                                     recompute_ratio=0.5))[0]
   assert other.stats.n_continued == 0 and other.stats.n_reused > 0
+
+
+def test_a_turn_continues_past_the_answer_with_the_logits_of_computing_it():
+  """The answer's K/V, written by the decode loop, is cached as the rest of its prompt's
+  continuation. A turn that resends prompt and answer continues both; its logits equal those of
+  an engine that continued the prompt alone and computed the answer in the turn's prefill (the
+  same attention over the same history, done by the decode loop in one and the prefill in the
+  other). An answer the client edited is not continued past the prompt."""
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+  sp = sx.SamplingParams(max_new_tokens=9, ignore_eos=True)
+  decoded, computed = _warm(), _warm()
+  answer = decoded.generate([_request()], sp, reuse=reuse)[0].token_ids
+  computed.prefill_logits(_request(), reuse=reuse)  # the prompt's continuation only
+  turn = sx.Request(_request().segments + (sx.Segment(answer[:-1] + _ids(3, 80), cache=False),))
+  got, plan = decoded.prefill_logits(turn, reuse=reuse, return_plan=True)
+  want, want_plan = computed.prefill_logits(turn, reuse=reuse, return_plan=True)
+  n, exact = len(_full_ids()), lambda plan: int(np.sum(plan.labels == 0))
+  assert exact(want_plan) == n // 4 * 4  # the prompt's full pages (continued) ...
+  assert exact(plan) == (n + len(answer) - 1) // 4 * 4  # ... and the answer's
+  assert not np.any(plan.labels == 1) and not np.any(want_plan.labels == 1)  # nothing re-blended
+  assert _rel(got, want) < 1e-5
+  edited = answer[:-2] + [answer[-2] + 1]
+  _, plan = decoded.prefill_logits(sx.Request(_request().segments + (
+      sx.Segment(edited, cache=False),)), reuse=reuse, return_plan=True)
+  assert exact(plan) == n // 4 * 4
+
+
+@pytest.mark.parametrize("method", ["prefix", "sparsex"])
+def test_an_exact_answer_is_cached_as_exact_prefix_blocks(method):
+  """With every token of the prompt exact, the answer's K/V is exact too: it joins the prefix
+  cache, and a turn that resends it hits it with the logits of a full forward pass."""
+  eng = _engine()
+  ids = _ids(23, 81)
+  sp = sx.SamplingParams(max_new_tokens=11, ignore_eos=True)
+  answer = eng.generate([sx.Request([sx.Segment(ids)])], sp, reuse=sx.ReuseConfig(method))[0]
+  turn = ids + answer.token_ids[:-1] + _ids(2, 82)
+  stats = eng.generate([sx.Request([sx.Segment(turn)])], sx.SamplingParams(max_new_tokens=1),
+                       reuse=sx.ReuseConfig(method))[0].stats
+  assert (stats.n_exact, stats.n_continued) == ((23 + 10) // 4 * 4, 0)
+  got = eng.prefill_logits(sx.Request([sx.Segment(turn)]), reuse=sx.ReuseConfig(method))
+  assert _rel(got, _full_logits(turn)) < 1e-4
+  eng.store.check_invariants()
 
 
 def test_a_group_prefills_requests_without_hits_apart_from_those_with_hits(warm_engine):

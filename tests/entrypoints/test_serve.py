@@ -398,6 +398,8 @@ def test_health_models_and_metrics(server):
   assert values["sparsex_compiled_programs"] == server.engine.num_compilations >= 2
   assert 1 <= values["sparsex_compiling_steps_total"] <= values["sparsex_compiled_programs"]
   assert values["sparsex_compile_stall_seconds_total"] > 0
+  # the answer's first 2 tokens fill the prompt's page (4 tokens): cached for a next turn
+  assert values["sparsex_output_tokens_cached_total"] >= 2
   for name in ("sparsex_requests_total", "sparsex_time_to_first_token_seconds_bucket",
                "sparsex_time_per_output_token_seconds_bucket", "sparsex_requests_running",
                "sparsex_requests_waiting", "sparsex_pool_pages_used",

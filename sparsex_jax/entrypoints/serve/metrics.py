@@ -70,6 +70,10 @@ class Metrics:
     self.host_spill = Counter("sparsex_host_tier_spill_seconds",
                               "engine-loop time spent sending evicted pages to the host tier",
                               registry=r)
+    self.output_tokens_kept = Counter(
+        "sparsex_output_tokens_cached",
+        "generated tokens whose K/V was cached after their request finished (a chat's next turn "
+        "resends them and continues past them)", registry=r)
     self._seen: dict[str, float] = {}
 
   def _advance(self, name: str, counter: Counter, value: float) -> None:
@@ -94,6 +98,7 @@ class Metrics:
     self._advance("compile_stall", self.compile_stall, loop.compile_stall_s)
     self._advance("compiled_ahead", self.compiled_ahead, loop.programs_compiled_ahead)
     self._advance("deferred", self.deferred, loop.admissions_deferred)
+    self._advance("output_tokens_kept", self.output_tokens_kept, stats["output_tokens_kept"])
     host = stats.get("host_tier")
     if host is not None:
       self.host_bytes_used.set(host["bytes_used"])
