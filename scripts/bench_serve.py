@@ -297,7 +297,8 @@ def summarize(records: list[dict], elapsed: float, metrics: dict[str, float]) ->
           "sparsex_compiling_steps_total", "sparsex_compile_stall_seconds_total",
           "sparsex_programs_compiled_ahead_total", "sparsex_admissions_deferred_total",
           "sparsex_host_tier_bytes_used", "sparsex_host_tier_continued_tokens_total",
-          "sparsex_host_tier_segment_loads_total", "sparsex_host_tier_spill_seconds_total")
+          "sparsex_host_tier_segment_loads_total", "sparsex_host_tier_spill_seconds_total",
+          "sparsex_output_tokens_cached_total")
   return {"requests": len(ok), "errors": [r["error"] for r in records if "error" in r],
           "elapsed_s": elapsed,
           "ttft_s": pcts(r["ttft_s"] for r in ok), "tpot_s": pcts(r["tpot_s"] for r in ok),
