@@ -89,6 +89,21 @@ def stored_pages(n_pages: int) -> int:
   return layout.page_bucket(n_pages, steps_per_octave=4)
 
 
+# A history evicted from the pool goes to the host tier as runs of consecutive blocks, cut into
+# pieces of at most RUN_BLOCKS blocks, each padded to a power of two (run_pages). Evictions cut a
+# history anywhere, so its runs have every length; padded as segments are, each length bucket
+# was a read program and up to three write programs (the whole run, or its layers below and above
+# T), compiled on the engine loop as new lengths came: 32 programs against prefix-only's 11 on a
+# CPU run of the serving benchmark (round 19). In pieces: at most six sizes, 1 to 32 pages; the
+# padding is that of the last piece of a run, under 32 pages.
+RUN_BLOCKS = 32
+
+
+def run_pages(n_blocks: int) -> int:
+  """Pages a piece of a run of n_blocks (<= RUN_BLOCKS) is padded to in the host tier."""
+  return layout.page_bucket(n_blocks, steps_per_octave=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # 8-bit storage
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +250,7 @@ class HostRun:
   tokens: np.ndarray  # int32 [n_pages, page_size]
   tails: tuple[frozenset[bytes], ...]
   first_depth: int
-  k: StoredKV  # [L, K, stored_pages(n_pages), S, H]
+  k: StoredKV  # [L, K, run_pages(n_pages), S, H]
   v: StoredKV
   n_pages: int
   pin_count: int = 0
@@ -480,9 +495,11 @@ class HostTier:
     n = len(block_keys)
     if n == 0:
       return True
+    if n > RUN_BLOCKS:
+      raise ValueError(f"put_run: {n} blocks, more than a piece's {RUN_BLOCKS}")
     if any(key in self._run_blocks for key in block_keys):
       raise ValueError("put_run: a block of the run is already in the host tier")
-    k, v, n_pages = self._stored(k, v)
+    k, v, n_pages = self._stored(k, v, run_pages)
     if n_pages != n:
       raise ValueError(f"put_run: {n} blocks, K/V of {n_pages} pages")
     run = HostRun(run_key(block_keys[0]), tuple(block_keys),
@@ -526,14 +543,14 @@ class HostTier:
     self.bytes_used += entry.nbytes
     return True
 
-  def _stored(self, k, v) -> tuple[StoredKV, StoredKV, int]:
-    """K and V [L, K, n_pages, S, H] as this tier keeps them (padded, in host_dtype, cut at
-    split_layer, staged in `memory`), and n_pages. `Staged` K and V (read straight into host
-    memory by the pool, KVPool.read_pages_into) are kept as they are."""
+  def _stored(self, k, v, padded=stored_pages) -> tuple[StoredKV, StoredKV, int]:
+    """K and V [L, K, n_pages, S, H] as this tier keeps them (padded to padded(n_pages), in
+    host_dtype, cut at split_layer, staged in `memory`), and n_pages. `Staged` K and V (read
+    straight into host memory by the pool, KVPool.read_pages_into) are kept as they are."""
     if isinstance(k, Staged):
       return k.k, k.v, k.n_pages
     n_pages = int(k.shape[2])
-    k, v = layout.pad_pages(k, stored_pages(n_pages)), layout.pad_pages(v, stored_pages(n_pages))
+    k, v = layout.pad_pages(k, padded(n_pages)), layout.pad_pages(v, padded(n_pages))
     k, v = (quantize(x, self.host_dtype, self.split_layer) for x in (k, v))
     if self.memory is not None:
       k, v = k.staged(self.memory), v.staged(self.memory)

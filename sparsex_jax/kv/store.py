@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
-from sparsex_jax.kv.host_tier import (HostLoad, HostRun, HostSegment, HostTier, RunLoad, Staged,
-                                     StoredKV, stored_pages)
+from sparsex_jax.kv.host_tier import (RUN_BLOCKS, HostLoad, HostRun, HostSegment, HostTier,
+                                     RunLoad, Staged, StoredKV, run_pages, stored_pages)
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.prefix_cache import PrefixCache, hash_tokens, whole_prompt_end
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
@@ -308,19 +308,22 @@ class KVStore:
     for chain in chains:
       run = []
       for b in chain:
-        if tier.has_block(b.key) or b.key in seen:
+        if tier.has_block(b.key) or b.key in seen:  # a run ends before a block the tier holds
           if run:
             runs.append(run)
           run = []
           continue
+        if len(run) == RUN_BLOCKS:  # a full piece
+          runs.append(run)
+          run = []
         seen.add(b.key)
         run.append(b)
       if run:
         runs.append(run)
     t0 = time.perf_counter()
-    for run in runs:  # one read each: a run's arrays are padded to its own page bucket
+    for run in runs:  # one read each, padded to run_pages (RUN_BLOCKS: why)
       try:
-        k, v = self._read_for_host(np.asarray([b.page for b in run], np.int32))
+        k, v = self._read_for_host(np.asarray([b.page for b in run], np.int32), run_pages)
         tier.put_run([b.key for b in run], np.stack([b.tokens for b in run]),
                      [b.tails for b in run], run[0].depth, k, v)
       except Exception as e:  # pylint: disable=broad-except
@@ -394,12 +397,13 @@ class KVStore:
     return (load.written and load.first_layer == 0
             and load.source.key not in self.segment_cache)
 
-  def _read_for_host(self, pages) -> tuple:
+  def _read_for_host(self, pages, padded=stored_pages) -> tuple:
     """K, V of pool pages for the host tier: read straight into its pinned host memory without
-    waiting where it can (`Staged`, None), else as numpy arrays (a blocking copy)."""
+    waiting where it can (`Staged`, None; padded to padded(n) pages), else as numpy arrays (a
+    blocking copy)."""
     if self.host_tier.reads_into_memory():
       n = len(pages)
-      k, v = self.page_io.read_pages_into(pages, stored_pages(n), self.host_tier.split_layer,
+      k, v = self.page_io.read_pages_into(pages, padded(n), self.host_tier.split_layer,
                                           self.host_tier.memory)
       return Staged(StoredKV(k), StoredKV(v), n), None
     return self.page_io.read_pages(pages)

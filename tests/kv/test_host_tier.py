@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax.kv.host_tier import dequantize, quantize, stored_pages
+from sparsex_jax.kv.host_tier import dequantize, quantize, run_pages, stored_pages
 from sparsex_jax.kv.layout import page_bucket
 from sparsex_jax.reuse import METHODS
 from tests.engine.test_engine import CFG, _ids
@@ -500,6 +500,40 @@ def _chat_engine(**kw):
   eng.prefill_logits(sx.Request([sx.Segment(SYSTEM, cache=False), sx.Segment(_ids(3, 933))]),
                      reuse=sx.ReuseConfig("prefix"))
   return eng
+
+
+def test_a_long_history_goes_down_in_pieces_and_comes_back_whole(monkeypatch):
+  """A history is kept in pieces of at most RUN_BLOCKS blocks, each padded to a power of two (the
+  copy programs then come in a few sizes): with pieces of 3 blocks, the next turn continues the
+  whole history from the host tier across every piece, with the logits of the pool, bit for bit."""
+  from sparsex_jax.kv import store as store_module
+  monkeypatch.setattr(store_module, "RUN_BLOCKS", 3)
+  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
+  logits = []
+  for host in (False, True):
+    eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
+    answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
+    turn = sx.Request(_first_turn().segments + (sx.Segment(answer.token_ids[:-1], cache=False),
+                                                sx.Segment(_ids(4, 935), cache=False)))
+    if host:
+      n_blocks = len(eng.store.continuation_cache)
+      eng.store.continuation_cache.evict(10**6)
+      eng.store.prefix_cache.evict(10**6)  # the system prompt's exact blocks go along
+      runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+      n_system = len(SYSTEM) // eng.layout.page_size
+      assert sum(run.n_pages for run in runs) == n_blocks + n_system
+      assert len(runs) == -(-(n_blocks + n_system) // 3)
+      assert all(run.n_pages <= 3 and x.shape[2] == run_pages(run.n_pages)
+                 for run in runs for x in run.k.values + run.v.values)
+      _poison_free_pages(eng, 6)
+    got, plan = eng.prefill_logits(turn, reuse, return_plan=True)
+    logits.append(got)
+    if host:
+      assert eng.stats()["host_tier"]["continuation_loads"] == len(runs)
+      assert int(np.sum(plan.labels == 0)) == (n_blocks + n_system) * eng.layout.page_size
+      eng.store.check_invariants()
+  np.testing.assert_array_equal(logits[1], logits[0])
 
 
 @pytest.mark.parametrize("exact_blocks_evicted,memory", [(False, None), (True, None),
