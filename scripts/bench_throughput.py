@@ -475,6 +475,8 @@ def bench_decode_step(results: dict, args, cfg):
               f" floor {row['floor_ms']:6.2f} ms ({100 * row['of_floor']:.0f}% of it), weight-"
               f"sized buffers {copies}, compile {compile_s:.0f} s", flush=True)
 
+  if args.skip_engine_decode:
+    return
   # The engine end to end: per-token time with host visits, against the device step.
   batch, context = args.micro_batches[0], args.micro_contexts[0]
   rng = np.random.default_rng(2)
@@ -716,6 +718,8 @@ def main(argv=None):
   micro.add_argument("--micro-pool-gib", type=float, default=16.0,
                      help="K/V pool of the step benchmark (rows share pages beyond it)")
   micro.add_argument("--copy-gib", type=float, default=4.0, help="bandwidth probe size")
+  micro.add_argument("--skip-engine-decode", action="store_true",
+                     help="the device step only, not the engine's time per token beside it")
   micro.add_argument("--layer-loops", type=lambda s: s.split(","),
                      default=["scan", "unrolled", "per_layer"],
                      help="scan: lax.scan over the stacked layers (the engine's); unrolled: a\n"
