@@ -164,8 +164,38 @@ async def run_program(client, model: str, program: dict, shape: Shape, seed: int
     records.append({"error": f"{type(e).__name__}: {e}"})
 
 
+# Seconds between progress lines: a run stopped by a time limit still shows how far it got and
+# where the server's time went (round 19's GPU run printed nothing in 565 s).
+PROGRESS_S = 20.0
+PROGRESS_METRICS = ("sparsex_compiled_programs", "sparsex_compile_stall_seconds_total",
+                    "sparsex_host_tier_spill_seconds_total",
+                    "sparsex_host_tier_continued_tokens_total", "sparsex_requests_running",
+                    "sparsex_requests_waiting")
+
+
+async def report_progress(url: str, label: str, records: list, n_requests_total: int,
+                          t0: float) -> None:
+  """Prints a progress line every PROGRESS_S until cancelled."""
+  import httpx
+  async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    while True:
+      await asyncio.sleep(PROGRESS_S)
+      done = sum("error" not in r for r in records)
+      try:
+        text = (await client.get("/metrics")).text
+        values = dict(line.rpartition(" ")[::2] for line in text.splitlines()
+                      if line and not line.startswith("#"))
+        server = ", ".join(f"{k.removeprefix('sparsex_')} {float(values[k]):.4g}"
+                           for k in PROGRESS_METRICS if k in values)
+      except httpx.HTTPError as e:
+        server = f"metrics unavailable ({type(e).__name__})"
+      print(f"[progress {label}] {time.perf_counter() - t0:.0f} s: {done} of "
+            f"{n_requests_total} requests answered, {len(records) - done} failed; {server}",
+            flush=True)
+
+
 async def run_workload(url: str, model: str, progs: list[dict], shape: Shape, rate: float,
-                       seed: int) -> tuple[list[dict], float]:
+                       seed: int, label: str = "") -> tuple[list[dict], float]:
   import openai
   rng = np.random.default_rng(seed + 1)
   requests_per_program = np.mean([n_requests(p) for p in progs])
@@ -174,12 +204,17 @@ async def run_workload(url: str, model: str, progs: list[dict], shape: Shape, ra
   client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
                               timeout=600)
   t0 = time.perf_counter()
+  progress = asyncio.create_task(report_progress(
+      url, label, records, int(sum(n_requests(p) for p in progs)), t0))
   tasks = []
-  for i, (program, gap) in enumerate(zip(progs, gaps)):
-    await asyncio.sleep(float(gap))
-    tasks.append(asyncio.create_task(run_program(client, model, program, shape, 1000 * i,
-                                                 records)))
-  await asyncio.gather(*tasks)
+  try:
+    for i, (program, gap) in enumerate(zip(progs, gaps)):
+      await asyncio.sleep(float(gap))
+      tasks.append(asyncio.create_task(run_program(client, model, program, shape, 1000 * i,
+                                                   records)))
+    await asyncio.gather(*tasks)
+  finally:
+    progress.cancel()
   elapsed = time.perf_counter() - t0
   await client.close()
   return records, elapsed
@@ -243,12 +278,14 @@ class ServerProcess:
                 "--max-tokens", str(shape_for(args).max_tokens), "--max-waiting", "4096"]
     self.proc = subprocess.Popen(self.cmd, env=child_env(args), cwd=ROOT)
     _RUNNING.add(self)
-    deadline = time.time() + args.start_timeout
+    started = time.time()
+    deadline = started + args.start_timeout
     while True:
       if self.proc.poll() is not None:
         raise RuntimeError(f"the server exited ({self.proc.returncode}): {shlex.join(self.cmd)}")
       try:
         if httpx.get(self.url + "/health").status_code == 200:
+          print(f"[{reuse} server] up in {time.time() - started:.0f} s", flush=True)
           return
       except httpx.TransportError:
         pass
@@ -322,11 +359,15 @@ def run_config(args, reuse: str, rate: float, progs: list[dict], shape: Shape) -
     # requests waiting on them set its p90), and the pool starts full, as a server's is.
     small = dataclasses.replace(shape, sessions=2, pipelines=1, turns=2, agents=2)
     warm = programs(shape if args.warmup == "full" else small, seed=args.seed + 99)
+    t0 = time.perf_counter()
     asyncio.run(run_workload(server.url, "bench", warm, shape,
-                             rate if args.warmup == "full" else 1e6, args.seed))
+                             rate if args.warmup == "full" else 1e6, args.seed,
+                             f"{reuse} warm-up"))
+    print(f"[{reuse} @ {rate:g} req/s] warm-up ({args.warmup}) done in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
     before = server.metrics()
     records, elapsed = asyncio.run(run_workload(server.url, "bench", progs, shape, rate,
-                                                args.seed))
+                                                args.seed, f"{reuse} @ {rate:g} req/s"))
     after = server.metrics()
   finally:
     server.close()
