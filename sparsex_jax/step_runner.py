@@ -8,6 +8,7 @@ raised, with the pool left valid; the scheduler decides who is retried and who f
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -20,6 +21,7 @@ from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
 from sparsex_jax.kv.host_tier import RunLoad, finish_loads, start_loads
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
+from sparsex_jax.programs import CompileLog
 from sparsex_jax.programs.copy import copy_slots
 from sparsex_jax.programs.prefill import prefill, prefill_full_layers, prefill_rest
 from sparsex_jax.scheduler import ScheduledRequest, Step, StepResult
@@ -229,13 +231,30 @@ def _host_copies(engine: "Engine", leases, spec) -> tuple[list, list]:
   return first, later
 
 
-def prefill_program(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
-  """(program, args, static) of the prefill `prefill_and_commit` would run for this group, or
-  None where it would run the two halves around host-tier loads (not compiled ahead)."""
+def prefill_compile(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
+                    ) -> tuple[tuple, Callable[[], list[tuple]]]:
+  """What compiling ahead needs of the prefill `prefill_and_commit` would run for this group:
+  (key, compile). key: its program's (the first half's, where host-tier loads split it) as
+  `engine.kv.log` keys it once run. compile(), for another thread: compiles it from shapes (both
+  halves: the second's input is the first's output, whose shapes the first's compilation gives)
+  and returns the keys of the programs compiled. jit keeps them: the prefill then compiles
+  nothing."""
   _, batch, spec = _plan_group(engine, prompts, leases, policy)
-  if _host_copies(engine, leases, spec)[1]:
-    return None
-  return prefill, (engine.params, batch), {"cfg": engine.config, "spec": spec}
+  kv, params, static = engine.kv, engine.params, {"cfg": engine.config, "spec": spec}
+  key = functools.partial(CompileLog.key, static=tuple(sorted(static.items())))
+  if not _host_copies(engine, leases, spec)[1]:
+    whole = kv.compile_later(prefill, params, batch, **static)
+    return key("prefill", args=(params, batch)), lambda: (whole(), [key(
+        "prefill", args=(params, batch))])[1]
+  first = kv.compile_later(prefill_full_layers, params, batch, **static)
+
+  def halves() -> list[tuple]:
+    _, full = first().out_info  # the first half's output, as shapes
+    kv.compile_later(prefill_rest, params, batch, full, **static)()
+    return [key("prefill_full_layers", args=(params, batch)),
+            key("prefill_rest", args=(params, batch, full))]
+
+  return key("prefill_full_layers", args=(params, batch)), halves
 
 
 def _staged(loads) -> list:

@@ -8,15 +8,15 @@ whether its prefill program is compiled (`ready`). If not, the program is compil
 module's thread from the request's planned batch (shapes only), the lease is given back, and
 the request keeps its place in the queue while the running requests go on decoding and the
 requests behind it whose programs exist are admitted. jit keeps what the thread compiled, so
-the prefill that follows compiles nothing.
+the prefill that follows compiles nothing. A prefill split in two around host-tier loads has
+both halves compiled, in one job (the second's input shapes are the first's output).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 
-from sparsex_jax.programs import CompileLog
-from sparsex_jax.step_runner import prefill_program
+from sparsex_jax.step_runner import prefill_compile
 
 
 class CompileAhead:
@@ -26,24 +26,23 @@ class CompileAhead:
     self.engine, self.policy = engine, policy
     self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sparsex-compile")
     self._compiling: dict[tuple, concurrent.futures.Future] = {}
-    self.keys: set[tuple] = set()  # the programs compiled (or compiling) on the thread
+    # The programs compiled (or compiling) on the thread; added to on the engine thread only
+    # (the engine loop reads it between steps).
+    self.keys: set[tuple] = set()
     self.deferred = 0  # admissions deferred while their program compiled
 
   def ready(self, request, lease) -> bool:
-    choice = prefill_program(self.engine, [request.prompt], [lease], self.policy)
-    if choice is None:  # host-tier loads: the two halves compile on the engine loop
-      return True
-    program, args, static = choice
-    key = CompileLog.key(program.__name__, tuple(sorted(static.items())), args)
+    key, compile_now = prefill_compile(self.engine, [request.prompt], [lease], self.policy)
     if key in self.engine.kv.log:
       return True
     future = self._compiling.get(key)
     if future is None:
-      self._compiling[key] = self._thread.submit(
-          self.engine.kv.compile_later(program, *args, **static))
+      self._compiling[key] = self._thread.submit(compile_now)
       self.keys.add(key)
     elif future.done():  # compiled (or failed: then the prefill compiles it and reports why)
       del self._compiling[key]
+      if future.exception() is None:
+        self.keys.update(future.result())  # both halves, where host-tier loads split it
       return True
     self.deferred += 1
     return False
