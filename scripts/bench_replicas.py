@@ -64,7 +64,15 @@ def make_engine(model: str, dtype: str, page_size: int, batch_size: int, pool_fr
   from models.loaders import load_model
   from sparsex_jax.entrypoints import compile_cache
   compile_cache.enable()  # as `sparsex generate --replicas` does: programs shared on disk
-  loaded = load_model(model, dtype=dtype)
+  if model.startswith("random:"):  # a machine without the model file: random weights, bytes
+    from models import llama
+    from models.config import get_config
+    from models.loaders import LoadedModel
+    from models.tokenizer import ByteTokenizer
+    cfg = get_config(model.split(":", 1)[1], dtype=dtype)
+    loaded = LoadedModel(cfg, llama.init_params(cfg, 0), ByteTokenizer(cfg.vocab_size))
+  else:
+    loaded = load_model(model, dtype=dtype)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   if "bytes_limit" in stats:
@@ -150,7 +158,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", required=True, help="a directory: bench_replicas.json and the outputs")
   ap.add_argument("--smoke", action="store_true", help="a few requests on the CPU")
-  ap.add_argument("--model", default="smollm2-135m")
+  ap.add_argument("--model", default="smollm2-135m",
+                  help="a model load_model takes, or random:PRESET (random weights at a preset's "
+                       "shapes, a byte tokenizer: for a machine without the model file)")
   ap.add_argument("--requests", type=int, default=2000)
   ap.add_argument("--passages", type=int, default=150)
   ap.add_argument("--passage-words", type=int, default=300)
