@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
@@ -131,7 +132,11 @@ class StepRunner:
         return StepResult(tuple(finished), decode_error=e, pool_lost=engine.kv.recover())
       for seq in batch.finished():
         # The answer's K/V, while the request's lease still holds its pages (update releases it).
-        engine.store.keep_output(seq.key.prompt, seq.payload[0], seq.tokens, self.policy)
+        try:
+          engine.store.keep_output(seq.key.prompt, seq.payload[0], seq.tokens, self.policy)
+        except Exception as e:  # pylint: disable=broad-except  # best effort: the output is whole
+          warnings.warn(f"request {seq.key.request_id!r}: its answer's K/V was not cached: {e}",
+                        stacklevel=2)
         finished.append((seq.key.index, self.output(seq)))
     return StepResult(tuple(finished))
 

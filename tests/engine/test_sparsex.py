@@ -485,6 +485,24 @@ def test_an_exact_answer_is_cached_as_exact_prefix_blocks(method):
   eng.store.check_invariants()
 
 
+def test_a_failure_to_cache_the_answer_loses_nothing_of_the_output(monkeypatch):
+  """Caching the answer is best effort: if it raises, the request's output is whole (the tokens
+  of an engine that cached it), a warning names the request, and no page is left behind."""
+  ids, sp = _ids(23, 83), sx.SamplingParams(max_new_tokens=11, ignore_eos=True)
+  want = _engine().generate([sx.Request([sx.Segment(ids)])], sp)[0].token_ids
+  eng = _engine()
+
+  def broken(*_):
+    raise RuntimeError("no room")
+
+  monkeypatch.setattr(eng.store, "keep_output", broken)
+  with pytest.warns(UserWarning, match="its answer's K/V was not cached: no room"):
+    out = eng.generate([sx.Request([sx.Segment(ids)], id="r7")], sp)[0]
+  assert out.token_ids == want and out.request_id == "r7"
+  eng.store.check_invariants()
+  assert eng.store.allocator.num_used == eng.store.num_cached_pages
+
+
 def test_a_group_prefills_requests_without_hits_apart_from_those_with_hits(warm_engine):
   """One request without segment hits (every token active) would pad every row of a reuse
   batch to all its tokens in the sparse layers: the step runner prefills the two kinds apart,
