@@ -55,7 +55,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -262,6 +262,17 @@ class HostRun:
 
 def run_key(first_block_key: bytes) -> str:
   return "run:" + first_block_key.hex()
+
+
+class HostBlock(NamedTuple):
+  """Block `index` of a run in the host tier (what a continuation's walk finds there)."""
+
+  run: "HostRun"
+  index: int
+
+  @property
+  def tails(self) -> frozenset:
+    return self.run.tails[self.index]
 
 
 @dataclasses.dataclass(eq=False)
@@ -473,7 +484,7 @@ class HostTier:
   def has_block(self, block_key: bytes) -> bool:
     return block_key in self._run_blocks
 
-  def run_block(self, block_key: bytes, tokens: np.ndarray) -> tuple[HostRun, int] | None:
+  def run_block(self, block_key: bytes, tokens: np.ndarray) -> HostBlock | None:
     """The run holding this continuation block and its index there, if the block holds exactly
     these tokens; touches the run in the LRU. Counted by the caller (run_hits), which may not
     take every block it finds (the whole-prompt rule)."""
@@ -484,7 +495,7 @@ class HostTier:
     if not np.array_equal(run.tokens[j], tokens):
       return None
     self._entries.move_to_end(run.key)
-    return found
+    return HostBlock(run, j)
 
   def put_run(self, block_keys, tokens: np.ndarray, tails, first_depth: int,
               k: "np.ndarray | Staged", v: np.ndarray | None) -> bool:

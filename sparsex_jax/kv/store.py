@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from sparsex_jax.kv.allocator import PageAllocator, PoolExhausted
-from sparsex_jax.kv.host_tier import (RUN_BLOCKS, HostLoad, HostRun, HostSegment, HostTier,
-                                     RunLoad, Staged, StoredKV, run_pages, stored_pages)
+from sparsex_jax.kv.host_tier import (RUN_BLOCKS, HostBlock, HostLoad, HostRun, HostSegment,
+                                     HostTier, RunLoad, Staged, StoredKV, run_pages,
+                                     stored_pages)
 from sparsex_jax.kv.layout import PoolLayout
 from sparsex_jax.kv.prefix_cache import PrefixCache, hash_tokens, whole_prompt_end
 from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
@@ -235,7 +236,7 @@ class KVStore:
     ids, size = prompt.token_ids, self.layout.page_size
     cache, tier = self.continuation_cache, self.host_tier
     namespace = continuation_namespace(prompt.namespace, policy)
-    found = []  # per block from `keep` on: a pool _Block, or (HostRun, index)
+    found = []  # per block from `keep` on: a pool _Block, or a HostBlock
     for i, key in enumerate(cache.block_keys(ids, namespace)):
       if i < keep:
         continue
@@ -246,9 +247,9 @@ class KVStore:
       if block is None:
         break
       found.append(block)
-    tails = [b.tails if not isinstance(b, tuple) else b[0].tails[b[1]] for b in found]
+    tails = [b.tails for b in found]
     found = found[:min(whole_prompt_end(ids, keep, tails, size), last - keep)]
-    in_pool = [b for b in found if not isinstance(b, tuple)]
+    in_pool = [b for b in found if not isinstance(b, HostBlock)]
     cache.take(in_pool, asked=max(ids.size // size - keep, 0))
     lease.continued_pages = len(found)
     if len(in_pool) == len(found):
@@ -256,11 +257,11 @@ class KVStore:
           [lease.exact_pages, [b.page for b in in_pool]]).astype(np.int32)
       return
     # Host blocks: their table slots are filled when their pages are allocated.
-    table = [b.page if not isinstance(b, tuple) else -1 for b in found]
+    table = [-1 if isinstance(b, HostBlock) else b.page for b in found]
     lease.exact_pages = np.concatenate([lease.exact_pages, table]).astype(np.int32)
     loads: dict[int, RunLoad] = {}
     for slot, b in enumerate(found, start=keep):
-      if isinstance(b, tuple):
+      if isinstance(b, HostBlock):
         run, j = b
         if id(run) not in loads:
           tier.pin(run)
