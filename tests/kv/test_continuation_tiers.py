@@ -4,8 +4,9 @@ stand-in for the device pool. Each turn continues its session's whole last promp
 evicts histories (and the exact blocks they continue) to the host tier as runs, and a turn finds
 its history in the pool, in the host tier, or partly in each. After every turn: every page of the
 turn's exact and continued prefix holds the K/V computed for exactly those tokens (a block loaded
-from the host lands in the right page, whole), every page is free or referenced by exactly its
-holders, every host run is pinned only by live leases, and nothing is left behind."""
+from the host lands in the right page, whole; a block the last turn's decode wrote, its answer,
+is continued too), every page is free or referenced by exactly its holders, every host run is
+pinned only by live leases, and nothing is left behind."""
 
 import dataclasses
 import hashlib
@@ -81,6 +82,8 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
   histories: dict[int, list[np.ndarray]] = {}
   rng = np.random.default_rng(0)
   continued_from_host = 0
+  into_answer = 0  # turns that continued past their last prompt, into the answer's blocks
+  last_prompt: dict[int, int] = {}
   for kind, session, passage, n_new in jobs:
     if kind == "pressure":  # another request's allocation: the pool evicts
       short = min(n_new, store.allocator.num_reclaimable())
@@ -90,9 +93,10 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
     history = histories.get(session) or [SYSTEM, PASSAGES[passage]]
     new = rng.integers(600, 900, size=n_new).astype(np.int32)
     prompt = Prompt(tuple(history) + (new,), (False,) + (True,) * (len(history) - 1) + (False,))
+    answer = rng.integers(900, 999, size=int(rng.integers(1, 7))).astype(np.int32)
     hits_before = tier.run_hits
     try:
-      leases = store.acquire([prompt], policy, 1)
+      leases = store.acquire([prompt], policy, answer.size)
     except (PoolExhausted, ValueError):
       store.check_invariants()
       continue
@@ -101,6 +105,8 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
       finish_loads(tier, lease.run_loads, io)
       finish_loads(tier, lease.loads, io)
       ids = prompt.token_ids
+      into_answer += lease.n_exact > last_prompt.get(session, ids.size)
+      last_prompt[session] = ids.size
       for b in range(lease.n_exact // S):  # exact and continued: as computed for these tokens
         k, v = computed(ids, b)
         page = lease.page_table[b]
@@ -115,14 +121,20 @@ def test_turns_continue_from_any_tier_with_the_right_kv_and_leak_nothing(jobs, n
             flat = x.reshape(CFG.n_layers, CFG.n_kv_heads, -1, CFG.head_dim)
             flat[:, :, dst] = flat[:, :, src]
       store.check_invariants()
+      # The decode loop writes the K/V of every answer token but the last; then it is kept.
+      fed = np.concatenate([ids, answer[:-1]])
+      for b in range(ids.size // S, fed.size // S):
+        io.k[:, :, lease.page_table[b]], io.v[:, :, lease.page_table[b]] = computed(fed, b)
+      store.keep_output(prompt, plan, answer, policy)
+      store.check_invariants()
     continued_from_host += tier.run_hits - hits_before
-    answer = rng.integers(900, 999, size=2).astype(np.int32)
     histories[session] = [np.concatenate([*history, new, answer])]
     store.check_invariants()
     assert store.allocator.num_used == store.num_cached_pages  # nothing live is left
     assert all(tier.get(key).pin_count == 0 for key in tier.keys())
   event(f"blocks continued from the host tier: {'some' if continued_from_host else 'none'}")
   event(f"continuation blocks dropped: {'some' if tier.run_blocks_dropped else 'none'}")
+  event(f"turns continued into an answer: {'some' if into_answer else 'none'}")
 
 
 def _store_with_history_on_host(namespace=""):
