@@ -173,9 +173,8 @@ class Staged:
 
 def split_layers(x, split_layer: int) -> tuple:
   """x [L, ...] as the tier keeps it: (x[:split], x[split:]) for 0 < split < L, else (x,)."""
-  if 0 < split_layer < x.shape[0]:
-    return (np.ascontiguousarray(x[:split_layer]), np.ascontiguousarray(x[split_layer:]))
-  return (np.ascontiguousarray(x),)
+  cuts = layout.layer_cuts(x.shape[0], split_layer)
+  return tuple(np.ascontiguousarray(x[lo:hi]) for lo, hi in zip(cuts, cuts[1:]))
 
 
 def _fp8():

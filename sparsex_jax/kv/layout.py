@@ -47,6 +47,12 @@ def page_bucket(n_pages: int, steps_per_octave: int = 1) -> int:
   return -(-n // step) * step
 
 
+def layer_cuts(n_layers: int, split_layer: int) -> list[int]:
+  """Where the host tier cuts a page's layers: [0, split, L] for 0 < split < L (layers [0, T)
+  and [T, L) kept apart, so a load can copy [T, L) alone), else [0, L]."""
+  return [0, split_layer, n_layers] if 0 < split_layer < n_layers else [0, n_layers]
+
+
 def pad_pages(x, n: int) -> np.ndarray:
   """K or V [L, K, n_pages, S, H] with zero pages up to n (a no-op when it has n)."""
   x = np.asarray(x)

@@ -7,6 +7,7 @@ import functools
 
 import jax
 
+from sparsex_jax.kv.layout import layer_cuts
 from sparsex_jax.programs.layers import gather_kv, scatter_kv
 
 
@@ -35,8 +36,7 @@ def read_page_layers(pool, pages, *, split_layer):
   """K and V of whole pages [n], cut along the layers as the host tier keeps them -> (pool,
   (k_parts, v_parts)): ([0, split), [split, L)) for 0 < split_layer < L, else (all,). Each part
   [l, K, n, S, H]. Pad `pages` with the null page 0 (those rows are never loaded back)."""
-  n_layers = pool["k"].shape[0]
-  cuts = [0, split_layer, n_layers] if 0 < split_layer < n_layers else [0, n_layers]
+  cuts = layer_cuts(pool["k"].shape[0], split_layer)
 
   def parts(x):
     return tuple(x[lo:hi][:, :, pages] for lo, hi in zip(cuts, cuts[1:]))
