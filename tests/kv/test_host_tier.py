@@ -502,32 +502,50 @@ def _chat_engine(**kw):
   return eng
 
 
+CHAT_REUSE = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
+
+
+def _answered_chat(host: bool, *after_answer, memory=None):
+  """A chat engine (with a host tier, in `memory` if given, or none) whose first turn was
+  answered with CHAT_REUSE; returns (engine, answer, the next turn: the first turn, the answer
+  but its last token, then the segments after_answer)."""
+  eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
+  if host and memory:
+    eng.host_tier.memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                                             memory_kind=memory)
+  answer = eng.generate([_first_turn()], sx.SamplingParams(max_new_tokens=6, ignore_eos=True),
+                        reuse=CHAT_REUSE)[0]
+  turn = sx.Request(_first_turn().segments + (sx.Segment(answer.token_ids[:-1], cache=False),)
+                    + after_answer)
+  return eng, answer, turn
+
+
+def _runs(eng) -> list:
+  """The continuation runs in the engine's host tier."""
+  return [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+
+
 def test_a_long_history_goes_down_in_pieces_and_comes_back_whole(monkeypatch):
   """A history is kept in pieces of at most RUN_BLOCKS blocks, each padded to a power of two (the
   copy programs then come in a few sizes): with pieces of 3 blocks, the next turn continues the
   whole history from the host tier across every piece, with the logits of the pool, bit for bit."""
   from sparsex_jax.kv import store as store_module
   monkeypatch.setattr(store_module, "RUN_BLOCKS", 3)
-  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
-  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
   logits = []
   for host in (False, True):
-    eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
-    answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
-    turn = sx.Request(_first_turn().segments + (sx.Segment(answer.token_ids[:-1], cache=False),
-                                                sx.Segment(_ids(4, 935), cache=False)))
+    eng, _, turn = _answered_chat(host, sx.Segment(_ids(4, 935), cache=False))
     if host:
       n_blocks = len(eng.store.continuation_cache)
       eng.store.continuation_cache.evict(10**6)
       eng.store.prefix_cache.evict(10**6)  # the system prompt's exact blocks go along
-      runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+      runs = _runs(eng)
       n_system = len(SYSTEM) // eng.layout.page_size
       assert sum(run.n_pages for run in runs) == n_blocks + n_system
       assert len(runs) == -(-(n_blocks + n_system) // 3)
       assert all(run.n_pages <= 3 and x.shape[2] == run_pages(run.n_pages)
                  for run in runs for x in run.k.values + run.v.values)
       _poison_free_pages(eng, 6)
-    got, plan = eng.prefill_logits(turn, reuse, return_plan=True)
+    got, plan = eng.prefill_logits(turn, CHAT_REUSE, return_plan=True)
     logits.append(got)
     if host:
       assert eng.stats()["host_tier"]["continuation_loads"] == len(runs)
@@ -547,18 +565,11 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
   the run took them along and the whole history is continued from the host. With the tier in
   pinned host memory (the GPU's layout, on the CPU's own), evicted pages are read straight into
   it, without a round trip through numpy."""
-  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
-  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
   results = []
   for host in (False, True):
-    eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
-    if host and memory:
-      eng.host_tier.memory = jax.sharding.SingleDeviceSharding(jax.devices()[0],
-                                                               memory_kind=memory)
-    answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
+    eng, answer, turn = _answered_chat(host, sx.Segment(_ids(4, 934), cache=False),
+                                       memory=memory)
     assert answer.stats.n_reused > 0
-    turn = sx.Request(_first_turn().segments + (sx.Segment(answer.token_ids[:-1], cache=False),
-                                                sx.Segment(_ids(4, 934), cache=False)))
     if host:
       n_blocks = len(eng.store.continuation_cache)
       eng.store.continuation_cache.evict(10**6)  # the history goes down to the host tier
@@ -568,13 +579,13 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
         assert len(eng.store.prefix_cache) == 0
       stats = eng.stats()["host_tier"]
       assert stats["continuation_blocks"] == n_blocks + len(SYSTEM) // eng.layout.page_size
-      runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+      runs = _runs(eng)
       assert all((x.sharding.memory_kind if memory else type(x)) == (memory or np.ndarray)
                  for run in runs for x in run.k.values + run.v.values)
       _poison_free_pages(eng, 5)
     cache, tier = eng.store.continuation_cache, eng.host_tier
     before = (cache.hits, tier.run_hits if tier is not None else 0)
-    logits, plan = eng.prefill_logits(turn, reuse, return_plan=True)
+    logits, plan = eng.prefill_logits(turn, CHAT_REUSE, return_plan=True)
     continued = (cache.hits - before[0], (tier.run_hits if tier is not None else 0) - before[1])
     results.append((logits, plan, continued, eng))
   (want, pool_plan, (pool_blocks, none), _), (got, host_plan, (in_pool, from_host), eng) = results
@@ -586,7 +597,7 @@ def test_a_history_continued_from_the_host_tier_gives_the_logits_of_the_pool(
   stats = eng.stats()["host_tier"]
   # The turn reuses nothing (its history is continued, its own tokens new): its prefill runs
   # whole, and the run is copied whole before it.
-  runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+  runs = _runs(eng)
   assert stats["continuation_hits"] == from_host and stats["continuation_loads"] == 1
   assert stats["continuation_blocks_loaded"] == from_host
   assert stats["continuation_bytes_moved"] == sum(run.nbytes for run in runs)
@@ -606,24 +617,19 @@ def test_a_history_from_the_host_tier_is_copied_in_two_parts_around_the_full_lay
   copied before it, its layers [1, 3) between the halves with the passage's, every byte once;
   with the pages poisoned first, the logits are those of an engine that kept everything in the
   pool."""
-  reuse = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3)
-  sp = sx.SamplingParams(max_new_tokens=6, ignore_eos=True)
   results = []
   for host in (False, True):
-    eng = _chat_engine(host_cache_bytes=HOST_BYTES if host else None)
-    answer = eng.generate([_first_turn()], sp, reuse=reuse)[0]
-    turn = sx.Request(_first_turn().segments + (
-        sx.Segment(answer.token_ids[:-1], cache=False), sx.Segment(PASSAGES[2]),
-        sx.Segment(_ids(4, 935), cache=False)))
+    eng, _, turn = _answered_chat(host, sx.Segment(PASSAGES[2]),
+                                  sx.Segment(_ids(4, 935), cache=False))
     if host:
       eng.store.continuation_cache.evict(10**6)
       eng.store.segment_cache.evict(10**6)  # the new passage too
       _poison_free_pages(eng, 6)
-    results.append((eng.prefill_logits(turn, reuse), eng))
+    results.append((eng.prefill_logits(turn, CHAT_REUSE), eng))
   (want, _), (got, eng) = results
   np.testing.assert_array_equal(got, want)
   stats = eng.stats()["host_tier"]
-  runs = [eng.host_tier.get(key) for key in eng.host_tier.keys() if key.startswith("run:")]
+  runs = _runs(eng)
   assert stats["continuation_loads"] == 2 and stats["loads"] == 1
   assert stats["continuation_blocks_loaded"] == stats["continuation_hits"] > 0
   assert stats["continuation_bytes_moved"] == sum(run.nbytes for run in runs)
