@@ -248,18 +248,23 @@ def prefill_compile(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   kv, params, static = engine.kv, engine.params, {"cfg": engine.config, "spec": spec}
   key = functools.partial(CompileLog.key, static=tuple(sorted(static.items())))
   if not _host_copies(engine, leases, spec)[1]:
-    whole = kv.compile_later(prefill, params, batch, **static)
-    return key("prefill", args=(params, batch)), lambda: (whole(), [key(
-        "prefill", args=(params, batch))])[1]
-  first = kv.compile_later(prefill_full_layers, params, batch, **static)
+    whole, whole_key = kv.compile_later(prefill, params, batch, **static), key(
+        "prefill", args=(params, batch))
+
+    def compile_whole() -> list[tuple]:
+      whole()
+      return [whole_key]
+
+    return whole_key, compile_whole
+  first, first_key = kv.compile_later(prefill_full_layers, params, batch, **static), key(
+      "prefill_full_layers", args=(params, batch))
 
   def halves() -> list[tuple]:
     _, full = first().out_info  # the first half's output, as shapes
     kv.compile_later(prefill_rest, params, batch, full, **static)()
-    return [key("prefill_full_layers", args=(params, batch)),
-            key("prefill_rest", args=(params, batch, full))]
+    return [first_key, key("prefill_rest", args=(params, batch, full))]
 
-  return key("prefill_full_layers", args=(params, batch)), halves
+  return first_key, halves
 
 
 def _staged(loads) -> list:

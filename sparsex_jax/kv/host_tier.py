@@ -274,8 +274,26 @@ class HostBlock(NamedTuple):
     return self.run.tails[self.index]
 
 
+class _LayerCopy:
+  """A copy of layers [first_layer, end_layer) (end None: L) of a host entry (`source`) into
+  pool pages: what it stages and the bytes it moves."""
+
+  def parts(self) -> tuple[StoredKV, StoredKV]:
+    """The arrays of K and V that hold its layers, whole (no copy)."""
+    return (self.source.k.covering(self.first_layer, self.end_layer),
+            self.source.v.covering(self.first_layer, self.end_layer))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes it moves to the device: the arrays that hold its layers, K and V with their scales
+    (exactly its layers when they begin at the tier's split layer; more where an array begins
+    lower or ends higher)."""
+    k, v = self.parts()
+    return k.nbytes + v.nbytes
+
+
 @dataclasses.dataclass(eq=False)
-class RunLoad:
+class RunLoad(_LayerCopy):
   """A copy of layers [first_layer, end_layer) of some blocks of a host run into pool pages the
   lease holds (in its page table, as continued history). pages[j] receives block j of the run;
   -1: not copied. A continued token is read as exact by every layer, so a request needs all of
@@ -291,19 +309,9 @@ class RunLoad:
   staged: object = None
   issue_s: float = 0.0
 
-  def parts(self) -> tuple[StoredKV, StoredKV]:
-    """What the load stages: the arrays of K and V that hold its layers."""
-    return (self.source.k.covering(self.first_layer, self.end_layer),
-            self.source.v.covering(self.first_layer, self.end_layer))
-
-  @property
-  def nbytes(self) -> int:
-    k, v = self.parts()
-    return k.nbytes + v.nbytes
-
 
 @dataclasses.dataclass(eq=False)
-class HostLoad:
+class HostLoad(_LayerCopy):
   """A copy from the host tier into pool pages that a lease holds (KVStore._lease plans it, the
   step runner issues it before the prefill). `entry` is a SegmentEntry owned by the lease (not in
   the segment cache) whose pages receive layers [first_layer, L) of `source`."""
@@ -320,17 +328,6 @@ class HostLoad:
   @property
   def pages(self) -> np.ndarray:
     return self.entry.pages
-
-  def parts(self) -> tuple[StoredKV, StoredKV]:
-    return self.source.k.covering(self.first_layer), self.source.v.covering(self.first_layer)
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes this load moves to the device: the arrays that hold layers [first_layer, L), K and V
-    with their scales (layers [first_layer, L) exactly when first_layer is the tier's split
-    layer; below first_layer too when the array it falls in begins lower)."""
-    k, v = self.parts()
-    return k.nbytes + v.nbytes
 
 
 # spill(segment) -> True if the segment is now in the tier below (disk), False if it was dropped.
