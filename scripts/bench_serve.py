@@ -173,6 +173,16 @@ PROGRESS_METRICS = ("sparsex_compiled_programs", "sparsex_compile_stall_seconds_
                     "sparsex_requests_waiting")
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+  """Prometheus text exposition -> {sample name with labels: value}."""
+  values = {}
+  for line in text.splitlines():
+    if line and not line.startswith("#"):
+      name, _, value = line.rpartition(" ")
+      values[name] = float(value)
+  return values
+
+
 async def report_progress(url: str, label: str, records: list, n_requests_total: int,
                           t0: float) -> None:
   """Prints a progress line every PROGRESS_S until cancelled."""
@@ -182,10 +192,8 @@ async def report_progress(url: str, label: str, records: list, n_requests_total:
       await asyncio.sleep(PROGRESS_S)
       done = sum("error" not in r for r in records)
       try:
-        text = (await client.get("/metrics")).text
-        values = dict(line.rpartition(" ")[::2] for line in text.splitlines()
-                      if line and not line.startswith("#"))
-        server = ", ".join(f"{k.removeprefix('sparsex_')} {float(values[k]):.4g}"
+        values = parse_metrics((await client.get("/metrics")).text)
+        server = ", ".join(f"{k.removeprefix('sparsex_')} {values[k]:.4g}"
                            for k in PROGRESS_METRICS if k in values)
       except httpx.HTTPError as e:
         server = f"metrics unavailable ({type(e).__name__})"
@@ -296,12 +304,7 @@ class ServerProcess:
 
   def metrics(self) -> dict[str, float]:
     import httpx
-    values = {}
-    for line in httpx.get(self.url + "/metrics").text.splitlines():
-      if line and not line.startswith("#"):
-        name, _, value = line.rpartition(" ")
-        values[name] = float(value)
-    return values
+    return parse_metrics(httpx.get(self.url + "/metrics").text)
 
   def close(self) -> None:
     _RUNNING.discard(self)
