@@ -24,6 +24,10 @@ Modes:
   --overhead       one request at a time through the server vs Engine.generate (a separate
                    process, the same engine flags): the target is server TTFT <= 1.1x.
   --smoke          the tiny random model on CPU, a few sessions (seconds to a minute).
+  --reuses R..     run only these configurations (a run too long for one call, split in two
+                   calls on one warm machine: `--reuses sparsex`, then `--reuses prefix`);
+  --merge A B      one report from such runs' bench_serve.json files (same workload and rate:
+                   checked), with the comparison and the plot, written under --out.
 
 GPU (Llama-3-8B shapes, random bf16 weights, the synthetic byte tokenizer):
   python scripts/bench_serve.py --model random:llama3-8b --rate-sweep 1 2 4 8 16 --out runs/serve
@@ -50,6 +54,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("sparsex", "prefix")
+# What runs merged into one comparison (--merge) must share: the workload, the load and the server.
+MERGE_KEYS = ("model", "rate", "seed", "shape", "page_size", "batch_size", "pool_gib",
+              "pool_fraction", "host_cache_bytes", "warmup", "tp")
 WORDS = ("harbour ship keeper light tide anchor rope signal storm coast chart compass "
          "lantern beacon sail mast deck crew cargo port wave reef island current").split()
 
@@ -554,6 +561,10 @@ def main(argv=None) -> int:
                  help="the servers' host-memory tier (e.g. 32G): evicted segments and chat "
                       "histories are kept there and loaded back (prefix-only keeps neither)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--reuses", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                 help="the configurations to run (default: both)")
+  p.add_argument("--merge", nargs="+", metavar="JSON",
+                 help="merge the reports of runs of one configuration each, then exit")
   p.add_argument("--warmup", choices=("small", "full"), default="small",
                  help="before the timed run: two sessions and a pipeline (small), or the whole "
                       "workload with another seed at the same rate (full: a server in steady "
@@ -571,6 +582,16 @@ def main(argv=None) -> int:
   if args.engine_ttft:  # the --overhead reference process
     print(json.dumps(engine_ttft(args.engine_args, args.reuse, args.engine_ttft,
                                  args.max_tokens)))
+    return 0
+  if args.merge:
+    try:
+      report = merge(args.merge)
+    except (OSError, ValueError, KeyError) as e:
+      p.error(f"--merge: {e}")
+    os.makedirs(args.out, exist_ok=True)
+    print_comparison(report["rate"], report["comparison"])
+    plot(report["results"], os.path.join(args.out, "bench_serve.png"))
+    print(f"wrote {_save(report, args.out)}")
     return 0
   if args.smoke and args.model == "random:llama3-8b":
     args.model = "random:tiny"
@@ -600,19 +621,57 @@ def main(argv=None) -> int:
                          for r, res in sweep.items()}
     report["rate"] = rate
     report["results"] = results = {}
-    results["sparsex"] = run_config(args, "sparsex", rate, progs, shape)
-    _save(report, args.out)  # a run cut short keeps what it measured
-    results["prefix"] = sweep.get(rate) or run_config(args, "prefix", rate, progs, shape)
-    report["comparison"] = c = compare(results)
-    print(f"[compare @ {rate:g} req/s] prefix-only p50 TTFT {fmt(c['prefix_p50_ttft_s'])}; "
-          f"sparsex cuts it {c['p50_ttft_cut'] or float('nan'):.2f}x (prefill work "
-          f"{c['prefill_work_cut'] or float('nan'):.2f}x), TPOT ratio "
-          f"{c['p50_tpot_ratio'] or float('nan'):.3f}; load target "
-          f"{'applies' if c['load_applies'] else 'does not apply (prefix p50 TTFT <= 1 s)'}, "
-          f"{'met' if c['target_met'] else 'not met'}", flush=True)
+    if "sparsex" in args.reuses:
+      results["sparsex"] = run_config(args, "sparsex", rate, progs, shape)
+      _save(report, args.out)  # a run cut short keeps what it measured
+    if "prefix" in args.reuses:
+      results["prefix"] = sweep.get(rate) or run_config(args, "prefix", rate, progs, shape)
+    if len(results) == len(CONFIGS):
+      report["comparison"] = compare(results)
+      print_comparison(rate, report["comparison"])
     plot(results, os.path.join(args.out, "bench_serve.png"))
   print(f"wrote {_save(report, args.out)}")
   return 0
+
+
+def print_comparison(rate: float, c: dict) -> None:
+  print(f"[compare @ {rate:g} req/s] prefix-only p50 TTFT {fmt(c['prefix_p50_ttft_s'])}; "
+        f"sparsex cuts it {c['p50_ttft_cut'] or float('nan'):.2f}x (prefill work "
+        f"{c['prefill_work_cut'] or float('nan'):.2f}x), TPOT ratio "
+        f"{c['p50_tpot_ratio'] or float('nan'):.3f}; load target "
+        f"{'applies' if c['load_applies'] else 'does not apply (prefix p50 TTFT <= 1 s)'}, "
+        f"{'met' if c['target_met'] else 'not met'}", flush=True)
+
+
+def merge(paths: list[str]) -> dict:
+  """One report from runs of one configuration each (--reuses), which must share the workload,
+  the rate and the device: the later run's results join the first's."""
+  reports = []
+  for path in paths:
+    with open(path) as f:
+      reports.append(json.load(f))
+  report = reports[0]
+  same = ("workload", "rate", "device", "jax")
+  for path, other in zip(paths[1:], reports[1:]):
+    for key in same:
+      if other.get(key) != report.get(key):
+        raise ValueError(f"{path}: {key} {other.get(key)!r} differs from {paths[0]}'s "
+                         f"{report.get(key)!r}; only runs of one workload, rate and device merge")
+    for key in MERGE_KEYS:
+      a, b = report["config"].get(key), other["config"].get(key)
+      if a != b:
+        raise ValueError(f"{path}: config {key} {b!r} differs from {paths[0]}'s {a!r}")
+    for reuse, res in other["results"].items():
+      if reuse in report["results"]:
+        raise ValueError(f"{path}: {reuse} is in {paths[0]} too")
+      report["results"][reuse] = res
+  missing = [r for r in CONFIGS if r not in report["results"]]
+  if missing:
+    raise ValueError(f"no run of {', '.join(missing)} among {', '.join(paths)}")
+  report["merged_from"] = [{"path": p, "command": r.get("command"), "date": r.get("date")}
+                           for p, r in zip(paths, reports)]
+  report["comparison"] = compare(report["results"])
+  return report
 
 
 def _save(report: dict, out: str) -> str:

@@ -40,3 +40,25 @@ def test_bench_serve_smoke_writes_both_configurations_and_only_sparsex_hits_segm
   assert 0 < res["sparsex"]["prefill_work_tokens"] < sparsex["prompt_tokens_total"]
   assert report["comparison"]["prefill_work_cut"] == pytest.approx(
       res["prefix"]["prefill_work_tokens"] / res["sparsex"]["prefill_work_tokens"])
+
+  # --merge: the run split in two (one configuration each, as two device calls would make it)
+  # merges back into the same comparison; runs of different loads refuse to merge.
+  halves = []
+  for reuse in ("prefix", "sparsex"):
+    half = dict(report, results={reuse: report["results"][reuse]})
+    half.pop("comparison")
+    halves.append(tmp_path / f"{reuse}.json")
+    halves[-1].write_text(json.dumps(half))
+  merged_dir = tmp_path / "merged"
+  proc = run_script("bench_serve", "--merge", *map(str, halves), "--out", str(merged_dir),
+                    timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  merged = json.loads((merged_dir / "bench_serve.json").read_text())
+  assert merged["comparison"] == report["comparison"]
+  assert [m["path"] for m in merged["merged_from"]] == list(map(str, halves))
+  other = json.loads(halves[1].read_text())
+  other["config"]["rate"] = 99.0
+  halves[1].write_text(json.dumps(other))
+  proc = run_script("bench_serve", "--merge", *map(str, halves), "--out", str(merged_dir),
+                    timeout=120)
+  assert proc.returncode != 0 and "config rate 99.0 differs" in proc.stderr, proc.stderr[-2000:]
