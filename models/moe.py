@@ -75,11 +75,16 @@ def experts_ffn(hx: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: j
   gate = grouped_matmul(rows, w_gate, group_sizes)
   up = grouped_matmul(rows, w_up, group_sizes)
   out = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M * k, D]
-  scale = jnp.where(here, weights.reshape(-1), 0.0)[order]
+  # Back to (token, j) order by gathering the rows in the matmul's dtype, then scale and sum in
+  # float32 in token order: one fusion reads the [M * k, D] rows once, where scaling first in
+  # float32 wrote and read them again at twice the bytes (the same products and sums, bit for bit).
+  # The inverse permutation is a scatter of unique indices, not a second sort.
+  unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
+                                                 unique_indices=True)
+  scale = jnp.where(here, weights.reshape(-1), 0.0).reshape(m, k, 1)
   # where, not a product alone: rows outside every group are unspecified on some backends.
-  out = jnp.where(here[order][:, None], out.astype(jnp.float32) * scale[:, None], 0.0)
-  unsort = jnp.argsort(order)  # back to (token, j) order by a gather, not a scatter-add
-  return jnp.sum(out[unsort].reshape(m, k, d), axis=1)
+  out = out[unsort].reshape(m, k, d).astype(jnp.float32)
+  return jnp.sum(jnp.where(here.reshape(m, k, 1), out * scale, 0.0), axis=1)
 
 
 def moe_ffn(hx: jax.Array, params: dict, cfg: ModelConfig, first_expert=0,
