@@ -18,7 +18,8 @@ during the timed job:
   3. the same two replicas, round-robin routing (what a cache-blind router computes).
 Per run: requests/s of the timed job, its time, prompt tokens computed (new tokens and shared
 segments computed alone; token-layers too), hit rate, and per replica its requests, tokens and
-busy time. Then the speed-up of 2 over 1 and the ratio of their tokens computed, against the
+busy time, and the GPU's utilization while the timed job ran (nvidia-smi, every 200 ms: a replica
+that keeps the GPU busy leaves a second nothing to fill). Then the speed-up of 2 over 1 and the ratio of their tokens computed, against the
 targets (>= 1.6x; <= 1.1x), and the share of identical outputs between runs 1 and 2 (greedy: on
 a GPU batch composition can move bf16 logits, so a few may differ). Written to OUT/
 bench_replicas.json after every run (a run cut short keeps what was measured).
@@ -119,6 +120,37 @@ def write_job(path: str, n_requests: int, texts: list[str], max_new_tokens: int,
       f.write(json.dumps(lines[j]) + "\n")
 
 
+class GpuUtilization:
+  """nvidia-smi's utilization.gpu (the share of each sample period in which some kernel ran),
+  sampled every 200 ms while the block runs: whether one replica leaves the GPU idle for a second
+  to fill (the premise of the speed-up target). None where there is no nvidia-smi."""
+
+  def __enter__(self):
+    import shutil
+    import subprocess
+    self.proc = None
+    if shutil.which("nvidia-smi"):
+      self.proc = subprocess.Popen(
+          ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+           "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return self
+
+  def __exit__(self, *exc):
+    self.samples = []
+    if self.proc is not None:
+      self.proc.terminate()
+      out, _ = self.proc.communicate(timeout=10)
+      self.samples = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+    return False
+
+  def summary(self) -> dict | None:
+    if not self.samples:
+      return None
+    xs = np.asarray(self.samples)
+    return {"mean_pct": round(float(xs.mean()), 1), "p50_pct": float(np.median(xs)),
+            "idle_share": round(float(np.mean(xs < 50)), 3), "samples": int(xs.size)}
+
+
 def run(pool, label: str, inp: str, warm: str, out_dir: str, routing: str, batch_size: int
         ) -> dict:
   """A warm-up job, the caches cleared, then the timed job; its numbers."""
@@ -130,10 +162,11 @@ def run(pool, label: str, inp: str, warm: str, out_dir: str, routing: str, batch
   pool.run_job(warm, os.path.join(out_dir, f"{label}.warm.jsonl"), routing=routing,
                batch_size=batch_size, progress=False)
   pool.clear_caches()
-  t0 = time.perf_counter()
-  s = pool.run_job(inp, os.path.join(out_dir, f"{label}.jsonl"), routing=routing,
-                   batch_size=batch_size, progress=False)
-  wall = time.perf_counter() - t0
+  with GpuUtilization() as util:
+    t0 = time.perf_counter()
+    s = pool.run_job(inp, os.path.join(out_dir, f"{label}.jsonl"), routing=routing,
+                     batch_size=batch_size, progress=False)
+    wall = time.perf_counter() - t0
   print(s.text(), file=sys.stderr, flush=True)
   return {"label": label, "replicas": len(s.replicas), "routing": routing, "done": s.done,
           "failed": s.failed, "seconds": round(s.seconds, 3), "wall_s": round(wall, 3),
@@ -142,7 +175,8 @@ def run(pool, label: str, inp: str, warm: str, out_dir: str, routing: str, batch
           "tokens_computed": s.n_new + s.n_precomputed, "n_precomputed": s.n_precomputed,
           "token_layers": s.token_layers, "token_layers_no_reuse": s.token_layers_no_reuse,
           "hit_rate": round(s.hit_rate, 4), "segments_duplicated": s.segments_duplicated,
-          "tokens_duplicated": s.tokens_duplicated, "per_replica": s.replicas}
+          "tokens_duplicated": s.tokens_duplicated, "per_replica": s.replicas,
+          "gpu_utilization": util.summary()}
 
 
 def identical(a: str, b: str) -> float:
