@@ -53,6 +53,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the script's own imports of the project (prefill_work, --overhead)
+  sys.path.insert(0, ROOT)
 CONFIGS = ("sparsex", "prefix")
 # What runs merged into one comparison (--merge) must share: the workload, the load and the server.
 MERGE_KEYS = ("model", "rate", "seed", "shape", "page_size", "batch_size", "pool_gib",
