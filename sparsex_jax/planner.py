@@ -22,7 +22,7 @@ from sparsex_jax.reuse import ReusePolicy
 from sparsex_jax.prompt import Prompt
 
 __all__ = ["EXACT", "NEW", "REUSED", "Prompt", "RequestPlan", "bucket",
-           "plan_request", "plan_batch", "pad_copies", "describe"]
+           "plan_request", "plan_batch", "pad_copies", "copy_widths", "describe"]
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -202,7 +202,7 @@ def full_attention_kind(cfg: ModelConfig, backend: str) -> str:
 
 def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
                layout: PoolLayout) -> tuple[np.ndarray, np.ndarray]:
-  """All slot copies in one row, [1, a power of two >= total]; padding copies slot 0 to the sentinel
+  """All slot copies in one row, [1, copy_width(total)]; padding copies slot 0 to the sentinel
   (dropped). A copy moves each slot on its own, so rows mean nothing to the program: one row
   makes the copy's program depend on a single bucketed size. A server commits a different number
   and length of new segments after almost every prefill, and [copies, longest] shapes compiled a
@@ -210,15 +210,27 @@ def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
   total = sum(s.size for s in src)
   if total != sum(d.size for d in dst):
     raise ValueError(f"{total} source slots for {sum(d.size for d in dst)} destinations")
-  # A power of two (not a quarter octave): a copy moves a few MB at most, while each width is a
-  # program a server compiles between its requests.
-  width = 1 << (max(total, 16) - 1).bit_length()
-  src_slots = np.zeros((1, width), np.int32)
-  dst_slots = np.full((1, width), layout.sentinel, np.int32)
+  src_slots = np.zeros((1, copy_width(total)), np.int32)
+  dst_slots = np.full((1, copy_width(total)), layout.sentinel, np.int32)
   if total:
     src_slots[0, :total] = np.concatenate(src)
     dst_slots[0, :total] = np.concatenate(dst)
   return src_slots, dst_slots
+
+
+def copy_width(total: int) -> int:
+  """The padded width of `total` slot copies: a power of two >= 16 (not a quarter octave: a copy
+  moves a few MB at most, while each width is a program a server compiles between requests)."""
+  return 1 << (max(total, 16) - 1).bit_length()
+
+
+def copy_widths(max_slots: int) -> list[int]:
+  """Every width pad_copies gives for up to max_slots copies, smallest first (what a server
+  compiles ahead: entrypoints/serve/compiling.py)."""
+  widths = [16]
+  while widths[-1] < max_slots:
+    widths.append(widths[-1] * 2)
+  return widths
 
 
 def describe(plan: RequestPlan, scores, selected, policy: ReusePolicy) -> PrefillPlan:

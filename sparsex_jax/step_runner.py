@@ -267,6 +267,22 @@ def prefill_compile(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   return first_key, halves
 
 
+def copy_compile(engine: "Engine", width: int) -> tuple[tuple, Callable[[], list[tuple]]]:
+  """As prefill_compile, for the slot-copy program a commit runs when its copies pad to `width`
+  (planner.copy_widths): (key, compile)."""
+  # Padding only (slot 0 to the sentinel, dropped): the shapes and dtypes pad_copies gives.
+  src = np.zeros((1, width), np.int32)
+  dst = np.full((1, width), engine.layout.sentinel, np.int32)
+  key = CompileLog.key("copy_slots", (), (src, dst))
+  compile_later = engine.kv.compile_later(copy_slots, src, dst)
+
+  def compile_now() -> list[tuple]:
+    compile_later()
+    return [key]
+
+  return key, compile_now
+
+
 def _staged(loads) -> list:
   return [load.staged[0] for load in loads if load.staged is not None]
 

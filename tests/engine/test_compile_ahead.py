@@ -1,13 +1,15 @@
 """Compiling a prefill ahead (step_runner.prefill_compile, the server's compile thread): the
 prefill that follows compiles nothing, as jax itself reports its backend compilations; also a
 prefill split in two around host-tier loads, whose second half's input shapes come from the
-first half's compilation."""
+first half's compilation; and the server's slot-copy programs, compiled ahead while it is idle."""
+
+import time
 
 import jax
 import pytest
 
 import sparsex_jax as sx
-from sparsex_jax import step_runner
+from sparsex_jax import scheduler, step_runner
 from tests.engine.test_engine import _engine, _ids
 
 _COMPILED: list[str] = []  # jit'd function names, as jax reports their backend compiles
@@ -45,3 +47,38 @@ def test_a_prefill_compiled_ahead_compiles_nothing_when_it_runs(host_loads):
     step_runner.prefill_and_commit(eng, [prompt], leases, policy)
     assert _prefills(_COMPILED[start:]) == []  # (a load's write program may compile here)
   assert key in eng.kv.log and all(k in eng.kv.log for k in keys) and len(keys) == len(ahead)
+
+
+def test_a_server_compiles_every_slot_copy_width_ahead_while_idle():
+  """The server's CompileAhead (entrypoints/serve/compiling.py) compiles each width of the copy
+  that caches segments computed in context, one at a time between admissions; a commit that
+  then copies compiles nothing, and its segment is cached."""
+  from sparsex_jax import planner
+  from sparsex_jax.entrypoints.serve.compiling import CompileAhead
+  eng = _engine(num_pages=250)  # a pool shape of its own: no other test compiled its copies
+  policy = sx.ReuseConfig("sparsex", layer_threshold=1).resolve(eng.config)
+  ahead = CompileAhead(eng, policy)
+  widths = planner.copy_widths(min(eng.config.max_seq_len, eng.layout.sentinel))
+  assert widths == [16, 32, 64, 128, 256, 512, 1024] and ahead.copies_pending == 7
+  segment = _ids(37, 305)  # 37 slots: copies pad to 64
+  prompt = eng.tokenize(sx.Request([sx.Segment(_ids(5, 306), cache=False), sx.Segment(segment),
+                                    sx.Segment(_ids(3, 307), cache=False)]), 4)
+  request = scheduler.ScheduledRequest(0, "r0", prompt, sx.SamplingParams(max_new_tokens=4))
+  start = len(_COMPILED)
+  try:
+    with eng.store.acquire([prompt], policy, [4]) as leases:
+      deadline = time.monotonic() + 120
+      while not (ahead.ready(request, leases[0]) and ahead.copies_pending == 0):
+        assert time.monotonic() < deadline, "the copies did not compile"
+        time.sleep(0.05)
+      compiled_ahead = _COMPILED[start:]
+      assert compiled_ahead.count("jit(copy_slots)") == len(widths)
+      start = len(_COMPILED)
+      step_runner.prefill_and_commit(eng, [prompt], leases, policy)
+      assert "jit(copy_slots)" not in _COMPILED[start:]
+  finally:
+    ahead.close()
+  assert eng.store.contains_segment(segment)  # the copy ran: the segment is cached
+  prefix_only = CompileAhead(eng, sx.ReuseConfig("prefix").resolve(eng.config))
+  assert prefix_only.copies_pending == 0  # a policy that caches no segments copies nothing
+  prefix_only.close()
