@@ -219,6 +219,23 @@ def put(x, sharding: NamedSharding):
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def replicated_shapes(tree, mesh: Mesh):
+  """As put_replicated, as shapes (nothing moves): what a program run with put_replicated's
+  arguments is compiled for. Leaves already placed on the mesh (arrays, or shapes with a
+  sharding over its devices) keep theirs."""
+  rep = replicated(mesh)
+  devices = set(mesh.devices.flat)
+
+  def shape(x):
+    placed = getattr(x, "sharding", None)
+    if placed is not None and placed.device_set == devices:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
+    x = x if hasattr(x, "dtype") and hasattr(x, "shape") else np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+
+  return jax.tree.map(shape, tree)
+
+
 def put_replicated(tree, mesh: Mesh):
   """Host leaves of a program's arguments -> replicated global arrays; arrays already on the mesh
   (the params, the pool, earlier outputs) pass through."""

@@ -136,12 +136,23 @@ class KVPool:
   def compile_later(self, program, *args, **static) -> Callable[[], object]:
     """A call that compiles what `run(program, *args, **static)` will run, for another thread:
     the pool is taken as shapes and shardings now (the arrays themselves are donated to the
-    next program). jit keeps what it compiles, so that run then compiles nothing."""
-    if self.mesh is not None:
-      raise NotImplementedError("compiling ahead under a mesh")
+    next program), and so are the arguments under a mesh (replicated, as run puts them). jit
+    keeps what it compiles, so that run then compiles nothing. Arguments may be shapes
+    (jax.ShapeDtypeStruct: another compilation's outputs)."""
     pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                         self.arrays)
-    return lambda: program.lower(pool, *args, **static).compile()
+    if self.mesh is None:
+      return lambda: program.lower(pool, *args, **static).compile()
+    from sparsex_jax import sharding
+    fn, _ = self._jitted(program, (), static)
+    args = sharding.replicated_shapes(args, self.mesh)
+    mesh_context = self._mesh_context
+
+    def compile_now():
+      with mesh_context():
+        return fn.lower(pool, *args).compile()
+
+    return compile_now
 
   def run(self, program, *args, **static):
     """pool, out = program(pool, *args, **static); keeps the new pool, returns out."""

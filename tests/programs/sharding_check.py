@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import sparsex_jax as sx  # noqa: E402
 from models import llama  # noqa: E402
 from models.config import get_config  # noqa: E402
-from sparsex_jax import sharding  # noqa: E402
+from sparsex_jax import sharding, step_runner  # noqa: E402
 from sparsex_jax.programs.decode import decode_step  # noqa: E402
 
 # 4 KV heads (tp 1, 2, 4), 4 layers so that T = 2 leaves sparse layers, q/k/v biases (Qwen2).
@@ -55,6 +55,10 @@ FAILED = []
 
 
 START = time.perf_counter()
+COMPILED: list[str] = []  # jit'd function names, as jax reports their backend compiles
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, fun_name="", **__: COMPILED.append(fun_name)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
 
 
 def report(**row):
@@ -164,6 +168,30 @@ def check_decode_program(engine, tp):
            alias=alias, temp=temp, pool=pool, ok=alias >= pool and temp < pool / 2)
 
 
+def check_compile_ahead(engine, docs, tp):
+  """A server's compile thread under a mesh (entrypoints/serve/compiling.py): a prefill and a
+  slot-copy width compiled ahead (programs' compile_later) compile nothing when they run, and
+  the copy's segment is then cached."""
+  policy = sx.ReuseConfig("sparsex", layer_threshold=1).resolve(engine.config)
+  rng = np.random.default_rng(1)
+  new_segment = [int(i) for i in rng.integers(10, CFG.vocab_size, 33)]  # copies pad to 64
+  prompt = engine.tokenize(sx.Request([sx.Segment(docs[0]), sx.Segment(new_segment),
+                                       sx.Segment([11, 12, 13], cache=False)]), 4)
+  with engine.store.acquire([prompt], policy, [4]) as leases:
+    _, prefill_now = step_runner.prefill_compile(engine, [prompt], leases, policy)
+    _, copy_now = step_runner.copy_compile(engine, 64)
+    start = len(COMPILED)
+    prefill_now()
+    copy_now()
+    ahead = len(COMPILED) - start
+    start = len(COMPILED)
+    step_runner.prefill_and_commit(engine, [prompt], leases, policy)
+    at_run = COMPILED[start:]
+  report(check="compiled ahead, nothing compiled at run", tp=tp, ahead=ahead, at_run=at_run,
+         cached=engine.store.contains_segment(new_segment),
+         ok=ahead == 2 and not at_run and engine.store.contains_segment(new_segment))
+
+
 def _elems(shape: str) -> int:
   m = re.match(r"\w+\[([\d,]*)\]", shape)
   return int(np.prod([int(x) for x in m.group(1).split(",") if x])) if m else 0
@@ -203,6 +231,8 @@ def main():
     report(check="greedy tokens", tp=tp, tokens=tokens, ok=tokens == ref_tokens)
     check_layout(engine, tp)
     check_decode_program(engine, tp)
+    if labels_at(tp, args.tp) is None:
+      check_compile_ahead(engine, docs, tp)
   check_persist(params, docs, req, ref_logits, args.tp)
   try:
     sharding.check_model(CFG.replace(n_kv_heads=4, n_heads=8), sharding.make_mesh(3))

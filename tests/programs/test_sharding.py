@@ -30,7 +30,8 @@ def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
   assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
   checks = {r.get("check") for r in rows}
   assert {"logits", "greedy tokens", "weights per device", "pool per device",
-          "decode all-reduces of the residual stream per layer"} <= checks
+          "decode all-reduces of the residual stream per layer",
+          "compiled ahead, nothing compiled at run"} <= checks
   policies = {tp: sum(r.get("check") == "logits" and r["tp"] == tp for r in rows)
               for tp in (1, 2, 4)}
   assert policies == {1: 3, 2: 10, 4: 3}, policies  # every policy at 2, three at 1 and 4

@@ -83,7 +83,7 @@ class _Group:
   method: ReuseMethod
   scheduler: Scheduler
   runner: StepRunner
-  ahead: CompileAhead | None = None
+  ahead: CompileAhead
 
 
 class EngineLoop:
@@ -127,11 +127,11 @@ class EngineLoop:
 
   @property
   def programs_compiled_ahead(self) -> int:
-    return sum(len(g.ahead.keys) for g in list(self._groups.values()) if g.ahead is not None)
+    return sum(len(g.ahead.keys) for g in list(self._groups.values()))
 
   @property
   def admissions_deferred(self) -> int:
-    return sum(g.ahead.deferred for g in list(self._groups.values()) if g.ahead is not None)
+    return sum(g.ahead.deferred for g in list(self._groups.values()))
 
   def counts(self) -> tuple[int, int]:
     """(running, waiting) requests, read without the engine thread's help (approximate)."""
@@ -177,8 +177,7 @@ class EngineLoop:
         if not self._has_work():
           if self._stopping.is_set() and self._inbox.empty():
             for group in self._groups.values():  # drained: no compile is waited for now
-              if group.ahead is not None:
-                group.ahead.close()
+              group.ahead.close()
             return
           continue
         progressed = False
@@ -250,12 +249,12 @@ class EngineLoop:
       runner.on_first_logits = self._first_logits if self.on_first_logits is not None else None
       runner.on_prefilled = self._send_first_tokens
       runner.prefill_alone = True
-      ahead = CompileAhead(engine, policy) if engine.kv.mesh is None else None
+      ahead = CompileAhead(engine, policy)
       sched = Scheduler(engine.store, policy, runner.batch.n_rows,
                         steps_per_visit=engine.steps_per_visit, prepare=runner.prepare,
                         others_running=lambda: self._others_running(method),
                         may_admit=lambda request: self._may_admit(method, request),
-                        ready=None if ahead is None else ahead.ready,
+                        ready=ahead.ready,
                         max_prefill_tokens=engine.max_prefill_tokens)
       group = self._groups[method] = _Group(method, sched, runner, ahead)
     return group
@@ -274,8 +273,7 @@ class EngineLoop:
       n_programs, t0 = len(log), time.perf_counter()
       result = runner.run(step)
       new = set(log.since(n_programs))
-      if group.ahead is not None:
-        new -= group.ahead.keys  # compiled on the compile thread: nothing waited for them
+      new -= group.ahead.keys  # compiled on the compile thread: nothing waited for them
       if new:
         self.compiling_steps += 1
         self.compile_stall_s += time.perf_counter() - t0
@@ -285,8 +283,7 @@ class EngineLoop:
       # Its requests fail, everything it held is given back, and the next request starts anew.
       traceback.print_exc()
       sched.close()
-      if group.ahead is not None:
-        group.ahead.close()
+      group.ahead.close()
       del self._groups[group.method]
       for handle in list(self._handles.values()):
         if handle.reuse == group.method:
