@@ -655,6 +655,20 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32", name: str | None 
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
+def random_model(preset: str, dtype: str = "float32", byte_tokenizer: bool = False,
+                 init_params=None) -> LoadedModel:
+  """Random weights (seed 0) at a preset's shapes: `random:PRESET` of the CLI and the benchmarks,
+  for a machine without the model's files. byte_tokenizer: a synthetic byte-level tokenizer (text
+  in and out), else none (token ids only). init_params(cfg, seed): how the weights are made
+  (default models.llama.init_params; the CLI passes a sharded one under a mesh)."""
+  from models import llama  # pylint: disable=import-outside-toplevel
+  from models.config import get_config  # pylint: disable=import-outside-toplevel
+  from models.tokenizer import ByteTokenizer  # pylint: disable=import-outside-toplevel
+  cfg = get_config(preset, dtype=dtype)
+  params = (init_params or llama.init_params)(cfg, 0)
+  return LoadedModel(cfg, params, ByteTokenizer(cfg.vocab_size) if byte_tokenizer else None)
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
   """Loads a model by name or path.
 
@@ -662,7 +676,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32") -> Loade
   (llama, qwen2, qwen3, qwen3moe), or a Hugging Face checkpoint folder (config.json, *.safetensors
   or shards with model.safetensors.index.json, tokenizer.json) of LlamaForCausalLM,
   Qwen2ForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM (docs/MODELS.md).
-  Random weights at preset shapes: `models.llama.init_params(get_config(preset), seed)`.
+  Random weights at preset shapes: `random_model`.
   """
   s = os.fspath(name_or_path)
   if s == DEFAULT_MODEL:

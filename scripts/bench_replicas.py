@@ -62,16 +62,11 @@ def make_engine(model: str, dtype: str, page_size: int, batch_size: int, pool_fr
   import jax
 
   import sparsex_jax as sx
-  from models.loaders import load_model
+  from models.loaders import load_model, random_model
   from sparsex_jax.entrypoints import compile_cache
   compile_cache.enable()  # as `sparsex generate --replicas` does: programs shared on disk
   if model.startswith("random:"):  # a machine without the model file: random weights, bytes
-    from models import llama
-    from models.config import get_config
-    from models.loaders import LoadedModel
-    from models.tokenizer import ByteTokenizer
-    cfg = get_config(model.split(":", 1)[1], dtype=dtype)
-    loaded = LoadedModel(cfg, llama.init_params(cfg, 0), ByteTokenizer(cfg.vocab_size))
+    loaded = random_model(model.split(":", 1)[1], dtype, byte_tokenizer=True)
   else:
     loaded = load_model(model, dtype=dtype)
   device = jax.devices()[0]

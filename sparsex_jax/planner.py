@@ -210,8 +210,9 @@ def pad_copies(src: list[np.ndarray], dst: list[np.ndarray],
   total = sum(s.size for s in src)
   if total != sum(d.size for d in dst):
     raise ValueError(f"{total} source slots for {sum(d.size for d in dst)} destinations")
-  src_slots = np.zeros((1, copy_width(total)), np.int32)
-  dst_slots = np.full((1, copy_width(total)), layout.sentinel, np.int32)
+  width = copy_width(total)
+  src_slots = np.zeros((1, width), np.int32)
+  dst_slots = np.full((1, width), layout.sentinel, np.int32)
   if total:
     src_slots[0, :total] = np.concatenate(src)
     dst_slots[0, :total] = np.concatenate(dst)

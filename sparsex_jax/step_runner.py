@@ -8,7 +8,6 @@ raised, with the pool left valid; the scheduler decides who is retried and who f
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -22,7 +21,6 @@ from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
 from sparsex_jax.kv.host_tier import RunLoad, finish_loads, start_loads
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
-from sparsex_jax.programs import CompileLog
 from sparsex_jax.programs.copy import copy_slots
 from sparsex_jax.programs.prefill import prefill, prefill_full_layers, prefill_rest
 from sparsex_jax.scheduler import ScheduledRequest, Step, StepResult
@@ -246,23 +244,15 @@ def prefill_compile(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   nothing."""
   _, batch, spec = _plan_group(engine, prompts, leases, policy)
   kv, params, static = engine.kv, engine.params, {"cfg": engine.config, "spec": spec}
-  key = functools.partial(CompileLog.key, static=tuple(sorted(static.items())))
   if not _host_copies(engine, leases, spec)[1]:
-    whole, whole_key = kv.compile_later(prefill, params, batch, **static), key(
-        "prefill", args=(params, batch))
-
-    def compile_whole() -> list[tuple]:
-      whole()
-      return [whole_key]
-
-    return whole_key, compile_whole
-  first, first_key = kv.compile_later(prefill_full_layers, params, batch, **static), key(
-      "prefill_full_layers", args=(params, batch))
+    return _compile_one(kv, prefill, params, batch, **static)
+  first, first_key = kv.compile_later(prefill_full_layers, params, batch, **static), (
+      kv.program_key(prefill_full_layers, params, batch, **static))
 
   def halves() -> list[tuple]:
     _, full = first().out_info  # the first half's output, as shapes
     kv.compile_later(prefill_rest, params, batch, full, **static)()
-    return [first_key, key("prefill_rest", args=(params, batch, full))]
+    return [first_key, kv.program_key(prefill_rest, params, batch, full, **static)]
 
   return first_key, halves
 
@@ -273,8 +263,13 @@ def copy_compile(engine: "Engine", width: int) -> tuple[tuple, Callable[[], list
   # Padding only (slot 0 to the sentinel, dropped): the shapes and dtypes pad_copies gives.
   src = np.zeros((1, width), np.int32)
   dst = np.full((1, width), engine.layout.sentinel, np.int32)
-  key = CompileLog.key("copy_slots", (), (src, dst))
-  compile_later = engine.kv.compile_later(copy_slots, src, dst)
+  return _compile_one(engine.kv, copy_slots, src, dst)
+
+
+def _compile_one(kv, program, *args, **static) -> tuple[tuple, Callable[[], list[tuple]]]:
+  """(key, compile) of one program: compile() compiles it and returns [key]."""
+  key, compile_later = kv.program_key(program, *args, **static), kv.compile_later(
+      program, *args, **static)
 
   def compile_now() -> list[tuple]:
     compile_later()

@@ -262,9 +262,8 @@ def _build_engine(args):
   import jax
 
   import sparsex_jax as sx
-  from models import llama
   from models.config import get_config
-  from models.loaders import load_model
+  from models.loaders import load_model, random_model
   from sparsex_jax import sharding
   mesh = sharding.mesh_for(args.tp)
   dtype = args.dtype
@@ -275,13 +274,12 @@ def _build_engine(args):
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
   if args.model.startswith("random:"):
-    cfg = get_config(args.model.split(":", 1)[1], dtype=dtype)
-    sharding.check_model(cfg, mesh)
-    params = llama.init_params(cfg, 0) if mesh is None else sharding.init_params_sharded(cfg, mesh)
-    config, tokenizer = cfg, None
-    if getattr(args, "tokenizer", None) == "bytes":
-      from models.tokenizer import ByteTokenizer
-      tokenizer = ByteTokenizer(cfg.vocab_size)
+    preset = args.model.split(":", 1)[1]
+    sharding.check_model(get_config(preset, dtype=dtype), mesh)
+    config, params, tokenizer = random_model(
+        preset, dtype, byte_tokenizer=getattr(args, "tokenizer", None) == "bytes",
+        init_params=None if mesh is None else (
+            lambda cfg, seed: sharding.init_params_sharded(cfg, mesh, seed)))
   else:
     if getattr(args, "tokenizer", None) is not None:
       raise ValueError("--tokenizer is for random:PRESET models (a model brings its own)")

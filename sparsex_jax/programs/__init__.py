@@ -43,8 +43,7 @@ class CompileLog:
                    for x in leaves)
     return (name, static, tree, shapes)
 
-  def note(self, name: str, static, args) -> None:
-    key = self.key(name, static, args)
+  def note(self, key: tuple) -> None:
     if key not in self._seen:
       self._seen.add(key)
       self._order.append(key)
@@ -154,9 +153,14 @@ class KVPool:
 
     return compile_now
 
+  @staticmethod
+  def program_key(program, *args, **static) -> tuple:
+    """How `log` keys `run(program, *args, **static)` (what compiling ahead checks against)."""
+    return CompileLog.key(program.__name__, tuple(sorted(static.items())), args)
+
   def run(self, program, *args, **static):
     """pool, out = program(pool, *args, **static); keeps the new pool, returns out."""
-    self.log.note(program.__name__, tuple(sorted(static.items())), args)
+    self.log.note(self.program_key(program, *args, **static))
     with self.recovering():
       pool, out = self._call(program, args, static)
     self.arrays = pool
