@@ -18,6 +18,7 @@ import numpy as np
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import RequestOutput, RequestStats
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
+from sparsex_jax.kv import host_tier as host_tier_lib
 from sparsex_jax.kv.host_tier import RunLoad, finish_loads, start_loads
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
@@ -264,6 +265,60 @@ def copy_compile(engine: "Engine", width: int) -> tuple[tuple, Callable[[], list
   src = np.zeros((1, width), np.int32)
   dst = np.full((1, width), engine.layout.sentinel, np.int32)
   return _compile_one(engine.kv, copy_slots, src, dst)
+
+
+def host_tier_compiles(engine: "Engine", policy) -> list[Callable[[], tuple]]:
+  """As copy_compile, for the host tier's programs: an eviction's read into the tier and a load's
+  write back into pool pages, one program per padded size (a segment's stored_pages up to the
+  model's context, a run's piece run_pages up to RUN_BLOCKS) and, for the writes, per layer range
+  a load under `policy` copies (_host_copies: a segment's [T, L); a continued run's [0, T),
+  [T, L) or all of it). Each item is a thunk giving (key, compile); smallest sizes first.
+  [] without a host tier or under a mesh (the host tier does not run under one)."""
+  tier, kv = engine.host_tier, engine.kv
+  if tier is None or kv.mesh is not None:
+    return []
+  pool = kv.arrays["k"]
+  n_layers, t = int(pool.shape[0]), int(policy.layer_threshold)
+  values_dtype = host_tier_lib.stored_dtype(tier.host_dtype, pool.dtype)
+  cuts = host_tier_lib.layout.layer_cuts(n_layers, tier.split_layer)
+  max_pages = -(-engine.config.max_seq_len // engine.layout.page_size)
+
+  def stored(n: int):
+    """One K or V of n stored pages, as shapes in the arrays the tier cuts (what a load stages)."""
+    def shapes(last: int, dtype):
+      return tuple(jax.ShapeDtypeStruct((hi - lo, *pool.shape[1:2], n, *pool.shape[3:-1], last),
+                                        dtype, sharding=pool.sharding)
+                   for lo, hi in zip(cuts, cuts[1:]))
+    scale = None if tier.host_dtype == "native" else shapes(1, np.float32)
+    return host_tier_lib.StoredKV(shapes(pool.shape[-1], values_dtype), scale)
+
+  def read(n: int, padded):
+    pages = np.zeros(n, np.int32)
+    if tier.reads_into_memory():
+      program, args, static = kv.read_pages_into_call(pages, padded(n), tier.split_layer)
+    else:
+      program, args, static = kv.read_pages_call(pages)
+    return lambda: _compile_one(kv, program, *args, **static)
+
+  def write(n: int, first: int, end: int | None):
+    def key_and_compile():
+      part = stored(n).covering(first, end)
+      staged = (part.values, part.values, part.scale, part.scale)
+      program, args, static = kv.write_page_layers_call(np.zeros(n, np.int32), staged, first,
+                                                        part.start_layer, end)
+      return _compile_one(kv, program, *args, **static)
+    return key_and_compile
+
+  segment_ranges = [(t, None)] if 0 < t < n_layers else [(0, None)]
+  run_ranges = [(0, t), (t, None), (0, None)] if 0 < t < n_layers else [(0, None)]
+  todo = []  # (stored pages, thunk)
+  for n in sorted({host_tier_lib.stored_pages(m) for m in range(1, max_pages + 1)}):
+    todo += [(n, read(n, host_tier_lib.stored_pages))]
+    todo += [(n, write(n, first, end)) for first, end in segment_ranges]
+  for n in sorted({host_tier_lib.run_pages(m) for m in range(1, host_tier_lib.RUN_BLOCKS + 1)}):
+    todo += [(n, read(n, host_tier_lib.run_pages))]
+    todo += [(n, write(n, first, end)) for first, end in run_ranges]
+  return [thunk for _, thunk in sorted(todo, key=lambda item: item[0])]
 
 
 def _compile_one(kv, program, *args, **static) -> tuple[tuple, Callable[[], list[tuple]]]:

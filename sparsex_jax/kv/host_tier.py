@@ -182,6 +182,11 @@ def _fp8():
   return ml_dtypes.float8_e4m3fn
 
 
+def stored_dtype(host_dtype: str, native):
+  """The dtype the tier keeps values of a pool of dtype `native` in (scales: float32)."""
+  return {"native": native, "int8": np.int8, "fp8": _fp8()}[host_dtype]
+
+
 def quantize(x: np.ndarray, host_dtype: str, split_layer: int = 0) -> StoredKV:
   """x [L, ..., H] in host_dtype ("native": kept as it is), in the arrays `split_layers` cuts."""
   if host_dtype == "native":

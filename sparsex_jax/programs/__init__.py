@@ -177,13 +177,19 @@ class KVPool:
 
   def read_pages(self, pages) -> tuple[np.ndarray, np.ndarray]:
     """K, V [L, K, n, S, H] of whole pool pages, on the host (kv/persist.py's PageIO)."""
-    from sparsex_jax.programs.copy import read_pages
     pages = np.asarray(pages, np.int32)
-    # padding reads the null page, dropped below
-    padded = np.zeros(page_bucket(pages.size), np.int32)
-    padded[:pages.size] = pages
-    k, v = self.run(read_pages, padded)
+    program, args, static = self.read_pages_call(pages)
+    k, v = self.run(program, *args, **static)
     return np.asarray(k)[:, :, :pages.size], np.asarray(v)[:, :, :pages.size]
+
+  @staticmethod
+  def read_pages_call(pages) -> tuple:
+    """(program, args, static) that read_pages runs: what compiling ahead compiles
+    (step_runner.host_tier_compiles)."""
+    from sparsex_jax.programs.copy import read_pages
+    padded = np.zeros(page_bucket(pages.size), np.int32)  # the null page, dropped by read_pages
+    padded[:pages.size] = pages
+    return read_pages, (padded,), {}
 
   def read_pages_into(self, pages, n_stored: int, split_layer: int, memory) -> tuple:
     """K and V of whole pool pages, padded to n_stored pages and cut at split_layer as the host
@@ -192,15 +198,21 @@ class KVPool:
     device-to-host copy is a DMA, so an eviction costs the engine loop a dispatch, not a
     round trip. The gathered arrays hold device memory until their copy is done.
     Returns (K parts, V parts), each a tuple of [l, K, n_stored, S, H] arrays."""
+    program, args, static = self.read_pages_into_call(pages, n_stored, split_layer)
+    k, v = self.run(program, *args, **static)
+    k, v = jax.device_put([list(k), list(v)], memory)
+    return tuple(k), tuple(v)
+
+  @staticmethod
+  def read_pages_into_call(pages, n_stored: int, split_layer: int) -> tuple:
+    """(program, args, static) that read_pages_into runs."""
     from sparsex_jax.programs.copy import read_page_layers
     pages = np.asarray(pages, np.int32)
     if n_stored < pages.size:
       raise ValueError(f"{pages.size} pages do not fit {n_stored} stored pages")
     padded = np.zeros(n_stored, np.int32)  # the null page: padding, never loaded back
     padded[:pages.size] = pages
-    k, v = self.run(read_page_layers, padded, split_layer=int(split_layer))
-    k, v = jax.device_put([list(k), list(v)], memory)
-    return tuple(k), tuple(v)
+    return read_page_layers, (padded,), {"split_layer": int(split_layer)}
 
   def write_pages(self, pages, k, v) -> None:
     """Writes K, V [L, K, n, S, H] into whole pool pages (kv/persist.py's PageIO)."""
@@ -234,6 +246,15 @@ class KVPool:
     pads each segment once to its page bucket, so the staged arrays may hold more pages than
     `pages` (the rest are dropped), and a page of -1 is not written (a block of a host run that
     the request does not continue). Programs dispatched after it run after it."""
+    program, args, static = self.write_page_layers_call(pages, staged, first_layer, start_layer,
+                                                        end_layer)
+    self.run(program, *args, **static)
+
+  def write_page_layers_call(self, pages, staged, first_layer: int,
+                             start_layer: int | None = None, end_layer: int | None = None
+                             ) -> tuple:
+    """(program, args, static) that write_page_layers runs (staged may be shapes:
+    jax.ShapeDtypeStruct, for compiling ahead)."""
     from sparsex_jax.programs.copy import write_page_layers
     k_values, v_values, k_scale, v_scale = staged
     pages = np.asarray(pages, np.int32)
@@ -245,9 +266,9 @@ class KVPool:
     n_layers = self.arrays["k"].shape[0]
     if start_layer is None:
       start_layer = n_layers - sum(int(x.shape[0]) for x in k_values)
-    self.run(write_page_layers, padded, k_values, v_values, k_scale or None, v_scale or None,
-             first_layer=int(first_layer), start_layer=int(start_layer),
-             end_layer=int(n_layers if end_layer is None else end_layer))
+    return write_page_layers, (padded, k_values, v_values, k_scale or None, v_scale or None), {
+        "first_layer": int(first_layer), "start_layer": int(start_layer),
+        "end_layer": int(n_layers if end_layer is None else end_layer)}
 
   def is_valid(self) -> bool:
     """False when the pool was donated to a program that failed, or holds a failed result."""

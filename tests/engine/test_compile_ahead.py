@@ -1,11 +1,13 @@
 """Compiling a prefill ahead (step_runner.prefill_compile, the server's compile thread): the
 prefill that follows compiles nothing, as jax itself reports its backend compilations; also a
 prefill split in two around host-tier loads, whose second half's input shapes come from the
-first half's compilation; and the server's slot-copy programs, compiled ahead while it is idle."""
+first half's compilation; and the server's slot-copy and host-tier programs, compiled ahead while
+it is idle."""
 
 import time
 
 import jax
+import numpy as np
 import pytest
 
 import sparsex_jax as sx
@@ -59,7 +61,7 @@ def test_a_server_compiles_every_slot_copy_width_ahead_while_idle():
   policy = sx.ReuseConfig("sparsex", layer_threshold=1).resolve(eng.config)
   ahead = CompileAhead(eng, policy)
   widths = planner.copy_widths(min(eng.config.max_seq_len, eng.layout.sentinel))
-  assert widths == [16, 32, 64, 128, 256, 512, 1024] and ahead.copies_pending == 7
+  assert widths == [16, 32, 64, 128, 256, 512, 1024] and ahead.background_pending == 7
   segment = _ids(37, 305)  # 37 slots: copies pad to 64
   prompt = eng.tokenize(sx.Request([sx.Segment(_ids(5, 306), cache=False), sx.Segment(segment),
                                     sx.Segment(_ids(3, 307), cache=False)]), 4)
@@ -68,7 +70,7 @@ def test_a_server_compiles_every_slot_copy_width_ahead_while_idle():
   try:
     with eng.store.acquire([prompt], policy, [4]) as leases:
       deadline = time.monotonic() + 120
-      while not (ahead.ready(request, leases[0]) and ahead.copies_pending == 0):
+      while not (ahead.ready(request, leases[0]) and ahead.background_pending == 0):
         assert time.monotonic() < deadline, "the copies did not compile"
         time.sleep(0.05)
       compiled_ahead = _COMPILED[start:]
@@ -80,5 +82,53 @@ def test_a_server_compiles_every_slot_copy_width_ahead_while_idle():
     ahead.close()
   assert eng.store.contains_segment(segment)  # the copy ran: the segment is cached
   prefix_only = CompileAhead(eng, sx.ReuseConfig("prefix").resolve(eng.config))
-  assert prefix_only.copies_pending == 0  # a policy that caches no segments copies nothing
+  assert prefix_only.background_pending == 0  # a policy that caches no segments copies nothing
   prefix_only.close()
+
+
+@pytest.mark.parametrize("host_dtype", ["native", "int8"])
+def test_a_server_compiles_the_host_tiers_reads_and_writes_ahead(host_dtype):
+  """With a host tier, CompileAhead also compiles the programs that evict pages into the tier and
+  load them back (step_runner.host_tier_compiles): every padded size and layer range, while the
+  server is idle. An eviction and a load that follow compile none of them, and the reused
+  segment's prefill equals the one from the device cache (to 8-bit rounding in an int8 tier)."""
+  from sparsex_jax.entrypoints.serve.compiling import CompileAhead
+  num_pages = {"native": 251, "int8": 247}[host_dtype]  # pool shapes of their own
+  eng = _engine(num_pages=num_pages, host_cache_bytes=1 << 22, host_cache_dtype=host_dtype)
+  policy = sx.ReuseConfig("sparsex", layer_threshold=1, recompute_ratio=0.3).resolve(eng.config)
+  eng.host_tier.split_layer = policy.layer_threshold  # as `sparsex serve` sets it
+  ahead = CompileAhead(eng, policy)
+  thunks = step_runner.host_tier_compiles(eng, policy)
+  # a segment's stored sizes up to 1024 tokens / 4 per page (quarter octaves: 28) with one read
+  # and one write ([1, 3)); a run's powers of two up to 32 (6) with one read and three writes
+  assert len(thunks) == 28 * 2 + 6 * 4
+  keys = {thunk()[0] for thunk in thunks}  # some coincide (on the CPU, reads pad to powers of 2)
+  start = len(_COMPILED)
+  try:
+    deadline = time.monotonic() + 300
+    while ahead.background_pending:
+      assert time.monotonic() < deadline, "the background programs did not compile"
+      ahead.compile_idle()
+      time.sleep(0.02)
+  finally:
+    ahead.close()
+  host_programs = [n for n in _COMPILED[start:] if "page" in n]
+  assert len(host_programs) == len(keys) and all(key in ahead.keys for key in keys)
+  prompt = eng.tokenize(sx.Request([sx.Segment(_ids(7, 303), cache=False),
+                                    sx.Segment(PASSAGES[0]), sx.Segment(PASSAGES[1]),
+                                    sx.Segment(_ids(9, 304), cache=False)]), 4)
+  pool_only = _engine(num_pages=num_pages)  # the same prompt with its segments in the device cache
+  pool_only.cache_segments(PASSAGES)
+  with pool_only.store.acquire([prompt], policy, [4]) as leases:
+    _, from_pool, _ = step_runner.prefill_and_commit(pool_only, [prompt], leases, policy)
+  eng.cache_segments(PASSAGES)
+  start = len(_COMPILED)
+  eng.store.segment_cache.evict(10**6)  # evicted into the host tier
+  assert len(eng.host_tier) == 2
+  with eng.store.acquire([prompt], policy, [4]) as leases:
+    assert len(leases[0].loads) == 2
+    _, from_host, _ = step_runner.prefill_and_commit(eng, [prompt], leases, policy)
+  assert [n for n in _COMPILED[start:] if "page" in n] == []
+  tolerance = 1e-5 if host_dtype == "native" else 2e-2
+  np.testing.assert_allclose(np.asarray(from_host.logits), np.asarray(from_pool.logits),
+                             rtol=tolerance, atol=tolerance)

@@ -17,14 +17,23 @@ meets a new one whenever a prompt brings more new segment tokens than any before
 engine loop, compiling while every request waited (round 20: once in a CPU load run's timed part
 after a full warm-up). For a policy that caches segments, every width up to the model's context
 is compiled here too, smallest first, one at a time and only while no prefill is compiling.
+
+The host tier's programs are the same kind of thing (round 21): an eviction reads a segment's or
+a history run's pages into the tier, a later request's load writes them back, each with one
+program per padded size and layer range, met whenever a size first occurs, and until now
+compiled on the engine loop (the test of round 19 allowed a load's write to compile there). With
+a host tier, they are compiled here after the copy widths, in the same way
+(step_runner.host_tier_compiles), also while the server has no request at all (`compile_idle`,
+which the engine loop calls while it waits).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 
 from sparsex_jax import planner
-from sparsex_jax.step_runner import copy_compile, prefill_compile
+from sparsex_jax.step_runner import copy_compile, host_tier_compiles, prefill_compile
 
 
 class CompileAhead:
@@ -38,14 +47,18 @@ class CompileAhead:
     # (the engine loop reads it between steps).
     self.keys: set[tuple] = set()
     self.deferred = 0  # admissions deferred while their program compiled
+    # Programs compiled while no prefill compiles, each a thunk giving (key, compile): the copy
+    # widths, then the host tier's reads and writes.
     max_slots = min(engine.config.max_seq_len, engine.layout.sentinel)
-    self._copy_widths = (planner.copy_widths(max_slots) if policy.writes_segment_cache else [])
-    self._copying: concurrent.futures.Future | None = None
+    self._background = [functools.partial(copy_compile, engine, width) for width in (
+        planner.copy_widths(max_slots) if policy.writes_segment_cache else [])]
+    self._background += host_tier_compiles(engine, policy)
+    self._running: concurrent.futures.Future | None = None
 
   def ready(self, request, lease) -> bool:
     key, compile_now = prefill_compile(self.engine, [request.prompt], [lease], self.policy)
     if key in self.engine.kv.log:
-      self._compile_a_copy()
+      self.compile_idle()
       return True
     future = self._compiling.get(key)
     if future is None:
@@ -55,26 +68,28 @@ class CompileAhead:
       del self._compiling[key]
       if future.exception() is None:
         self.keys.update(future.result())  # both halves, where host-tier loads split it
-      self._compile_a_copy()
+      self.compile_idle()
       return True
     self.deferred += 1
     return False
 
-  def _compile_a_copy(self) -> None:
-    """The next slot-copy width, if the thread is idle: a prefill's compile waits for at most one
-    copy's, never for all of them."""
-    if not self._copy_widths or any(not f.done() for f in self._compiling.values()) or (
-        self._copying is not None and not self._copying.done()):
-      return
-    key, compile_now = copy_compile(self.engine, self._copy_widths.pop(0))
-    if key not in self.engine.kv.log:
-      self._copying = self._thread.submit(compile_now)
-      self.keys.add(key)
+  def compile_idle(self) -> None:
+    """Starts the next background program (a copy width, a host-tier read or write) if the
+    thread is idle: a prefill's compile waits for at most one of them, never for all."""
+    while self._background and self._idle():
+      key, compile_now = self._background.pop(0)()
+      if key not in self.engine.kv.log and key not in self.keys:
+        self._running = self._thread.submit(compile_now)
+        self.keys.add(key)
+
+  def _idle(self) -> bool:
+    return (all(f.done() for f in self._compiling.values())
+            and (self._running is None or self._running.done()))
 
   @property
-  def copies_pending(self) -> int:
-    """Slot-copy widths not yet compiled (or compiling)."""
-    return len(self._copy_widths) + int(self._copying is not None and not self._copying.done())
+  def background_pending(self) -> int:
+    """Background programs not yet compiled (or compiling)."""
+    return len(self._background) + int(self._running is not None and not self._running.done())
 
   def close(self) -> None:
     self._thread.shutdown(wait=False, cancel_futures=True)

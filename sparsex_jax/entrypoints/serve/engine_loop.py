@@ -179,6 +179,8 @@ class EngineLoop:
             for group in self._groups.values():  # drained: no compile is waited for now
               group.ahead.close()
             return
+          for group in self._groups.values():  # nothing to run: compile what a server will meet
+            group.ahead.compile_idle()
           continue
         progressed = False
         for group in self._in_arrival_order():
