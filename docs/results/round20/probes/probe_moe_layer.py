@@ -56,10 +56,10 @@ def main(argv=None) -> int:
   key = jax.random.split(jax.random.key(0), 8)
   bf = jnp.bfloat16
   hx = jax.random.normal(key[0], (M, D), bf)
-  router = jax.random.normal(key[1], (D, E), bf) / np.sqrt(D)
-  w_gate = jax.random.normal(key[2], (E, D, F), bf) / np.sqrt(D)
-  w_up = jax.random.normal(key[3], (E, D, F), bf) / np.sqrt(D)
-  w_down = jax.random.normal(key[4], (E, F, D), bf) / np.sqrt(F)
+  router = (jax.random.normal(key[1], (D, E), bf) / np.sqrt(D)).astype(bf)  # a numpy scalar is not weakly typed
+  w_gate = (jax.random.normal(key[2], (E, D, F), bf) / np.sqrt(D)).astype(bf)
+  w_up = (jax.random.normal(key[3], (E, D, F), bf) / np.sqrt(D)).astype(bf)
+  w_down = (jax.random.normal(key[4], (E, F, D), bf) / np.sqrt(F)).astype(bf)
   cfg = get_config("qwen3-30b-a3b")
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "shapes": {"M": M, "D": D, "E": E, "F": F, "k": K_TOP}, "ms": {}}
