@@ -84,14 +84,14 @@ class Engine:
                                        kv_pool_bytes=kv_pool_bytes)
     host_tier = None
     if host_cache_bytes:
-      if mesh is not None:
-        raise ValueError("host_cache_bytes: the host tier does not run under a mesh yet")
       if not is_int(host_cache_bytes) or host_cache_bytes < 0:
         raise ValueError(f"host_cache_bytes must be an int >= 0, got {host_cache_bytes!r}")
       # Cut at the default policy's threshold, so that its loads stage one array per K and V.
       default_threshold = ReuseConfig().resolve(config).layer_threshold
+      memory = (host_memory(jax.devices()[0]) if mesh is None else
+                host_memory(mesh.devices.flat[0], sharding.pool_sharding(mesh)))
       host_tier = HostTier(int(host_cache_bytes), host_cache_dtype, spill=self._spill_to_disk,
-                           memory=host_memory(jax.devices()[0]), split_layer=default_threshold)
+                           memory=memory, split_layer=default_threshold)
     elif host_cache_dtype not in HOST_DTYPES:
       raise ValueError(f"host_cache_dtype must be one of {HOST_DTYPES}, got {host_cache_dtype!r}")
     self.store = KVStore(self.layout, host_tier)

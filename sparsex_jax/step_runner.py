@@ -273,9 +273,10 @@ def host_tier_compiles(engine: "Engine", policy) -> list[Callable[[], tuple]]:
   model's context, a run's piece run_pages up to RUN_BLOCKS) and, for the writes, per layer range
   a load under `policy` copies (_host_copies: a segment's [T, L); a continued run's [0, T),
   [T, L) or all of it). Each item is a thunk giving (key, compile); smallest sizes first.
-  [] without a host tier or under a mesh (the host tier does not run under one)."""
+  [] without a host tier. Under a mesh the staged arrays are shapes in the pool's layout, as
+  KVPool.stage_page_layers puts them."""
   tier, kv = engine.host_tier, engine.kv
-  if tier is None or kv.mesh is not None:
+  if tier is None:
     return []
   pool = kv.arrays["k"]
   n_layers, t = int(pool.shape[0]), int(policy.layer_threshold)

@@ -69,16 +69,20 @@ _INT8_MAX = 127.0
 _FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def host_memory(device):
+def host_memory(device, pool_sharding=None):
   """Where host-tier arrays live, the one place this is decided: a jax sharding in "pinned_host"
   memory of `device` (page-locked, so that the host-to-device copy is a DMA the runtime runs while
   the host and the device go on) on a GPU that has such memory; None, plain numpy (pageable, which
   jax stages through a buffer of its own on each copy), elsewhere: on the CPU there is no bus to
-  cross, and pinning would only take memory from the OS."""
+  cross, and pinning would only take memory from the OS. Under a mesh, pool_sharding (the
+  pool's): the arrays keep the pool's layout in pinned memory, so that each device copies its own
+  KV heads in and out."""
   if device is None or device.platform != "gpu":
     return None
   if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
     return None
+  if pool_sharding is not None:
+    return pool_sharding.with_memory_kind("pinned_host")
   import jax
   return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 

@@ -232,9 +232,8 @@ class KVPool:
     or two arrays [l, K, n, S, H] of consecutive layers, 8-bit ones with scales) with one
     batched jax.device_put (DMAs from pinned host memory on a GPU) -> the device arrays, for
     write_page_layers. Nothing here waits: programs dispatched before write_page_layers (the
-    prefill's full layers) run while the copies do."""
-    if self.mesh is not None:
-      raise NotImplementedError("the host tier does not run under a mesh yet")
+    prefill's full layers) run while the copies do. Under a mesh the arrays take the pool's
+    layout: each device receives its own KV heads."""
     leaves = [k.values, v.values, k.scale or (), v.scale or ()]
     return tuple(tuple(x) for x in jax.device_put(leaves, self.arrays["k"].sharding))
 

@@ -7,7 +7,8 @@ parallel degree: prefill logits of every reuse policy (at the smallest degree ab
 others, tp 1 and 4: the sparse and prefix ones, see labels_at) equal
 the unsharded engine's (float32, rel. error < 1e-5), greedy tokens are equal, every device holds 1/tp of the layer weights and of the KV
 pool, the compiled decode step all-reduces exactly twice per layer (after o and after down), and
-a segment cache saved from the sharded pool loads into a pool of another degree. Prints one JSON
+a segment cache saved from the sharded pool loads into a pool of another degree, and segments
+evicted into the host tier load back into the sharded pool. Prints one JSON
 line per check and exits non-zero on any failure.
 """
 
@@ -192,6 +193,32 @@ def check_compile_ahead(engine, docs, tp):
          ok=ahead == 2 and not at_run and engine.store.contains_segment(new_segment))
 
 
+def check_host_tier(params, docs, req, ref_logits, tp):
+  """The host tier under a mesh: segments evicted from the sharded pool into the tier and loaded
+  back for a sparse prefill give the unsharded engine's logits (its segments in the pool), and
+  the tier's programs compiled ahead (step_runner.host_tier_compiles) compile nothing when the
+  eviction and the load run."""
+  engine = sx.Engine(CFG, params, page_size=8, num_pages=96, max_batch_size=2,
+                     mesh=sharding.make_mesh(tp), host_cache_bytes=1 << 22)
+  label, reuse = POLICIES[4]  # sparsex T=2: the loads copy layers [2, 4)
+  policy = reuse.resolve(engine.config)
+  engine.host_tier.split_layer = policy.layer_threshold  # as `sparsex serve` sets it
+  thunks = step_runner.host_tier_compiles(engine, policy)
+  for thunk in thunks:
+    thunk()[1]()
+  start = len(COMPILED)
+  engine.cache_segments(docs)
+  engine.store.segment_cache.evict(10**6)
+  in_tier = len(engine.host_tier)
+  got = engine.prefill_logits(req, reuse=reuse)
+  loads = engine.host_tier.stats()["loads"]
+  page_programs = [n for n in COMPILED[start:] if "page" in n]
+  rel = float(np.linalg.norm(got - ref_logits[label]) / np.linalg.norm(ref_logits[label]))
+  report(check="host tier under a mesh", tp=tp, in_tier=in_tier, loads=loads, rel_err=rel,
+         compiled_ahead=len(thunks), page_programs_at_run=page_programs,
+         ok=in_tier == len(docs) and bool(loads) and rel < TOL and not page_programs)
+
+
 def _elems(shape: str) -> int:
   m = re.match(r"\w+\[([\d,]*)\]", shape)
   return int(np.prod([int(x) for x in m.group(1).split(",") if x])) if m else 0
@@ -233,6 +260,7 @@ def main():
     check_decode_program(engine, tp)
     if labels_at(tp, args.tp) is None:
       check_compile_ahead(engine, docs, tp)
+      check_host_tier(params, docs, req, ref_logits, tp)
   check_persist(params, docs, req, ref_logits, args.tp)
   try:
     sharding.check_model(CFG.replace(n_kv_heads=4, n_heads=8), sharding.make_mesh(3))

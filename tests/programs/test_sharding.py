@@ -31,7 +31,7 @@ def test_sharded_engine_matches_unsharded_on_1_2_4_devices():
   checks = {r.get("check") for r in rows}
   assert {"logits", "greedy tokens", "weights per device", "pool per device",
           "decode all-reduces of the residual stream per layer",
-          "compiled ahead, nothing compiled at run"} <= checks
+          "compiled ahead, nothing compiled at run", "host tier under a mesh"} <= checks
   policies = {tp: sum(r.get("check") == "logits" and r["tp"] == tp for r in rows)
               for tp in (1, 2, 4)}
   assert policies == {1: 3, 2: 10, 4: 3}, policies  # every policy at 2, three at 1 and 4
