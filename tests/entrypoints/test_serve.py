@@ -84,6 +84,12 @@ def serving(engine, config):
   thread.join(30)
 
 
+def _metrics(server) -> dict[str, float]:
+  text = httpx.get(server.url + "/metrics").text
+  return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+          if line and not line.startswith("#")}
+
+
 def _wait_healthy(proc, url, timeout):
   """Until a `sparsex serve` subprocess answers /health (fails if it exits first)."""
   deadline = time.time() + timeout
@@ -663,13 +669,25 @@ def test_a_new_prefill_program_compiles_on_its_own_thread_while_the_running_requ
 def test_a_conversation_continues_its_history_from_the_host_tier_as_from_the_pool():
   """With a host tier, a conversation whose history the pool evicted between its turns continues
   it from host memory: the next turn gives the tokens and the continued count of an engine that
-  kept the history in the pool, and /metrics counts the tokens copied back."""
+  kept the history in the pool, and /metrics counts the tokens copied back. The server compiles
+  its slot-copy and host-tier programs from its start, before any request
+  (`sparsex_programs_to_compile_ahead` falls to 0), so that the turn which evicts and loads
+  compiles nothing on the engine loop."""
   earlier, turn1, turn2, want1, want2 = _conversation()
   assert want2.stats.n_continued > 0
 
   engine = _engine(tokenizer=TOK, num_pages=512, max_batch_size=8, host_cache_bytes=1 << 24)
   for server in serving(engine, ServeConfig(MODEL, sx.ReuseConfig("sparsex"),
                                             default_max_tokens=8)):
+    deadline = time.time() + 300
+    while True:
+      values = _metrics(server)
+      if values["sparsex_programs_to_compile_ahead"] == 0:
+        break
+      assert time.time() < deadline, "the compile thread did not finish"
+      time.sleep(0.2)
+    # every copy width and host-tier program, with no request yet (some coincide on the CPU)
+    assert values["sparsex_programs_compiled_ahead_total"] > 7 + 28
     client = _client(server)
     client.chat.completions.create(model=MODEL, messages=earlier, max_tokens=3, temperature=0)
     r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=4,
@@ -678,14 +696,14 @@ def test_a_conversation_continues_its_history_from_the_host_tier_as_from_the_poo
     _wait_idle(server)
     engine.store.continuation_cache.evict(10**6)  # between the turns, the pool lets it go
     assert engine.host_tier.stats()["continuation_blocks"] > 0
+    stalls = server.loop.compiling_steps
     r2 = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4,
                                         temperature=0)
+    assert server.loop.compiling_steps == stalls  # the eviction's and the load's programs too
     x = r2.model_extra["x_sparsex"]
     assert x["token_ids"] == want2.token_ids
     assert (x["continued_tokens"], x["reused_tokens"]) == (want2.stats.n_continued, 0)
-    text = httpx.get(server.url + "/metrics").text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = _metrics(server)
     assert values["sparsex_host_tier_continued_tokens_total"] > 0
     assert values["sparsex_host_tier_bytes_used"] > 0
     _wait_idle(server)

@@ -130,6 +130,11 @@ class EngineLoop:
     return sum(len(g.ahead.keys) for g in list(self._groups.values()))
 
   @property
+  def programs_to_compile_ahead(self) -> int:
+    """Slot-copy and host-tier programs the compile threads have not compiled yet."""
+    return sum(g.ahead.background_pending for g in list(self._groups.values()))
+
+  @property
   def admissions_deferred(self) -> int:
     return sum(g.ahead.deferred for g in list(self._groups.values()))
 
@@ -172,6 +177,9 @@ class EngineLoop:
 
   def _run(self) -> None:
     try:
+      # The server's own method gets its running batch now, so that its compile thread works
+      # through the programs a server will meet (CompileAhead) before the first request.
+      self._group(self.reuse)
       while True:
         self._take(block=not self._has_work())
         if not self._has_work():

@@ -55,8 +55,13 @@ class Metrics:
                                  "wall time of the steps that compiled a new program: every "
                                  "request waiting meanwhile waited for the compiler", registry=r)
     self.compiled_ahead = Counter("sparsex_programs_compiled_ahead",
-                                  "prefill programs compiled on the compile thread while the "
-                                  "running requests went on", registry=r)
+                                  "programs compiled on the compile thread (prefills, slot "
+                                  "copies, host-tier copies) while the engine loop went on",
+                                  registry=r)
+    self.to_compile_ahead = Gauge("sparsex_programs_to_compile_ahead",
+                                  "slot-copy and host-tier programs the compile thread has yet "
+                                  "to compile (0: every one a server meets is compiled, except "
+                                  "prefills of prompt shapes not seen yet)", registry=r)
     self.deferred = Counter("sparsex_admissions_deferred",
                             "times a waiting request was passed over while its prefill "
                             "program compiled", registry=r)
@@ -97,6 +102,7 @@ class Metrics:
     self._advance("compiling_steps", self.compiling_steps, loop.compiling_steps)
     self._advance("compile_stall", self.compile_stall, loop.compile_stall_s)
     self._advance("compiled_ahead", self.compiled_ahead, loop.programs_compiled_ahead)
+    self.to_compile_ahead.set(loop.programs_to_compile_ahead)
     self._advance("deferred", self.deferred, loop.admissions_deferred)
     self._advance("output_tokens_kept", self.output_tokens_kept, stats["output_tokens_kept"])
     host = stats.get("host_tier")
