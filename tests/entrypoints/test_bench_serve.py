@@ -26,6 +26,7 @@ def test_bench_serve_smoke_writes_both_configurations_and_only_sparsex_hits_segm
       p = res[metric]
       assert 0 < p["p50"] <= p["p90"] <= p["p99"], (reuse, metric, p)
     assert res["throughput"]["output_tokens_per_s"] > 0
+    assert res["compile_ahead_wait_s"] >= 0  # the clock ran after the compile thread's list
     assert res["server_metrics"]["generation_tokens_total"] == sum(
         r["output_tokens"] for r in res["records"])
   sparsex, prefix = (report["results"][r]["server_metrics"] for r in ("sparsex", "prefix"))
