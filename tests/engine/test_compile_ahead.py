@@ -132,3 +132,27 @@ def test_a_server_compiles_the_host_tiers_reads_and_writes_ahead(host_dtype):
   tolerance = 1e-5 if host_dtype == "native" else 2e-2
   np.testing.assert_allclose(np.asarray(from_host.logits), np.asarray(from_pool.logits),
                              rtol=tolerance, atol=tolerance)
+
+
+def test_a_program_compiling_ahead_cannot_describe_is_skipped_not_raised():
+  """Compiling ahead is an optimisation: a background program whose arguments fail to build is
+  skipped with a warning (it compiles when it runs), and the next one still compiles."""
+  from sparsex_jax.entrypoints.serve.compiling import CompileAhead
+  eng = _engine()
+  ahead = CompileAhead(eng, sx.ReuseConfig("prefix").resolve(eng.config))
+  compiled = []
+
+  def broken():
+    raise ValueError("no such shape")
+
+  ahead._background = [broken, lambda: (("a key",), lambda: compiled.append(1) or [("a key",)])]
+  try:
+    with pytest.warns(UserWarning, match="skipped a program.*no such shape"):
+      ahead.compile_idle()
+    deadline = time.monotonic() + 30
+    while ahead.background_pending:
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+  finally:
+    ahead.close()
+  assert compiled == [1] and ("a key",) in ahead.keys

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import warnings
 
 from sparsex_jax import planner
 from sparsex_jax.step_runner import copy_compile, host_tier_compiles, prefill_compile
@@ -77,7 +78,13 @@ class CompileAhead:
     """Starts the next background program (a copy width, a host-tier read or write) if the
     thread is idle: a prefill's compile waits for at most one of them, never for all."""
     while self._background and self._idle():
-      key, compile_now = self._background.pop(0)()
+      thunk = self._background.pop(0)
+      try:
+        key, compile_now = thunk()
+      except Exception as e:  # pylint: disable=broad-except
+        # Compiling ahead is an optimisation: a program it cannot describe compiles when it runs.
+        warnings.warn(f"compile ahead: skipped a program ({type(e).__name__}: {e})")
+        continue
       if key not in self.engine.kv.log and key not in self.keys:
         self._running = self._thread.submit(compile_now)
         self.keys.add(key)
