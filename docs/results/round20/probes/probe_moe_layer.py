@@ -15,6 +15,7 @@ timed loops after a warm-up (jax and numpy only, plus the repo's models.moe for 
                     in float32 in token order, the inverse order by a scatter
   gate_up_fused     one grouped matmul at N = 2F (gate and up weights side by side) against two
   moe_ffn           models.moe.moe_ffn with the engine's grouped matmul (the whole layer)
+  capacity_*        (round 21) the experts as one batched matmul over rows padded to a capacity
 
     python probe_moe_layer.py OUT.json          (Hopper GPU)
 """
@@ -134,6 +135,20 @@ def main(argv=None) -> int:
     return jnp.sum(out[jnp.argsort(order)].reshape(M, K_TOP, D), axis=1).astype(bf)
 
   ms["moe_ffn_before"] = timeit(jax.jit(moe_ffn_before), hx)
+  # Round 21 candidate: every expert's rows padded to one static capacity C (a multiple of 128
+  # above the largest group here), as one batched matmul [E, C, D] x [E, D, F] (cuBLAS): the
+  # same row count as the Mosaic kernel's static grid (cdiv(M k, 128) + E - 1 row blocks), at
+  # the dense rate if cuBLAS keeps it; overflow past C would go to the grouped kernel.
+  cap = -(-int(sizes.max()) // 128) * 128
+  res["capacity"] = cap
+  x_cap = jax.random.normal(key[6], (E, cap, D), bf)
+  m_cap = jax.random.normal(key[7], (E, cap, F), bf)
+  ms["capacity_gate"] = timeit(jax.jit(lambda a, b: jnp.einsum("ecd,edf->ecf", a, b)), x_cap,
+                               w_gate)
+  ms["capacity_down"] = timeit(jax.jit(lambda a, b: jnp.einsum("ecf,efd->ecd", a, b)), m_cap,
+                               w_down)
+  ms["capacity_gate_up"] = timeit(jax.jit(lambda a, b: jnp.einsum("ecd,edf->ecf", a, b)), x_cap,
+                                  w_gate_up)
   print(json.dumps(ms), flush=True)
   with open(out_path, "w") as f:  # the sweep below may be cut by a timeout
     json.dump(res, f, indent=1)
