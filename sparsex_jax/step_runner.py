@@ -18,8 +18,9 @@ import numpy as np
 from sparsex_jax import decoding, planner, scheduler
 from sparsex_jax.api import RequestOutput, RequestStats
 from sparsex_jax.batching import DecodingRequest, RunningBatch, stop_width
-from sparsex_jax.kv import host_tier as host_tier_lib
-from sparsex_jax.kv.host_tier import RunLoad, finish_loads, start_loads
+from sparsex_jax.kv.host_tier import (RUN_BLOCKS, RunLoad, StoredKV, finish_loads, run_pages,
+                                      start_loads, stored_dtype, stored_pages)
+from sparsex_jax.kv.layout import layer_cuts
 from sparsex_jax.labels import NEW
 from sparsex_jax.sampling import resolve_stop_ids, sample_step
 from sparsex_jax.programs.copy import copy_slots
@@ -278,28 +279,31 @@ def host_tier_compiles(engine: "Engine", policy) -> list[Callable[[], tuple]]:
   tier, kv = engine.host_tier, engine.kv
   if tier is None:
     return []
-  pool = kv.arrays["k"]
-  n_layers, t = int(pool.shape[0]), int(policy.layer_threshold)
-  values_dtype = host_tier_lib.stored_dtype(tier.host_dtype, pool.dtype)
-  cuts = host_tier_lib.layout.layer_cuts(n_layers, tier.split_layer)
+  pool = kv.arrays["k"]  # [L, K, pages, S, H]
+  n_layers, kv_heads, _, page_size, head_dim = pool.shape
+  t = int(policy.layer_threshold)
+  values_dtype = stored_dtype(tier.host_dtype, pool.dtype)
+  cuts = layer_cuts(n_layers, tier.split_layer)
   max_pages = -(-engine.config.max_seq_len // engine.layout.page_size)
 
-  def stored(n: int):
+  def stored(n: int) -> StoredKV:
     """One K or V of n stored pages, as shapes in the arrays the tier cuts (what a load stages)."""
     def shapes(last: int, dtype):
-      return tuple(jax.ShapeDtypeStruct((hi - lo, *pool.shape[1:2], n, *pool.shape[3:-1], last),
-                                        dtype, sharding=pool.sharding)
+      return tuple(jax.ShapeDtypeStruct((hi - lo, kv_heads, n, page_size, last), dtype,
+                                        sharding=pool.sharding)
                    for lo, hi in zip(cuts, cuts[1:]))
     scale = None if tier.host_dtype == "native" else shapes(1, np.float32)
-    return host_tier_lib.StoredKV(shapes(pool.shape[-1], values_dtype), scale)
+    return StoredKV(shapes(head_dim, values_dtype), scale)
 
   def read(n: int, padded):
-    pages = np.zeros(n, np.int32)
-    if tier.reads_into_memory():
-      program, args, static = kv.read_pages_into_call(pages, padded(n), tier.split_layer)
-    else:
-      program, args, static = kv.read_pages_call(pages)
-    return lambda: _compile_one(kv, program, *args, **static)
+    def key_and_compile():
+      pages = np.zeros(n, np.int32)
+      if tier.reads_into_memory():
+        program, args, static = kv.read_pages_into_call(pages, padded(n), tier.split_layer)
+      else:
+        program, args, static = kv.read_pages_call(pages)
+      return _compile_one(kv, program, *args, **static)
+    return key_and_compile
 
   def write(n: int, first: int, end: int | None):
     def key_and_compile():
@@ -313,11 +317,11 @@ def host_tier_compiles(engine: "Engine", policy) -> list[Callable[[], tuple]]:
   segment_ranges = [(t, None)] if 0 < t < n_layers else [(0, None)]
   run_ranges = [(0, t), (t, None), (0, None)] if 0 < t < n_layers else [(0, None)]
   todo = []  # (stored pages, thunk)
-  for n in sorted({host_tier_lib.stored_pages(m) for m in range(1, max_pages + 1)}):
-    todo += [(n, read(n, host_tier_lib.stored_pages))]
+  for n in sorted({stored_pages(m) for m in range(1, max_pages + 1)}):
+    todo += [(n, read(n, stored_pages))]
     todo += [(n, write(n, first, end)) for first, end in segment_ranges]
-  for n in sorted({host_tier_lib.run_pages(m) for m in range(1, host_tier_lib.RUN_BLOCKS + 1)}):
-    todo += [(n, read(n, host_tier_lib.run_pages))]
+  for n in sorted({run_pages(m) for m in range(1, RUN_BLOCKS + 1)}):
+    todo += [(n, read(n, run_pages))]
     todo += [(n, write(n, first, end)) for first, end in run_ranges]
   return [thunk for _, thunk in sorted(todo, key=lambda item: item[0])]
 
