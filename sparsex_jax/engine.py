@@ -99,7 +99,7 @@ class Engine:
     self.store.page_io = self.kv
     self.max_batch_size = int(max_batch_size)
     self.attention_backend = attention_backend
-    self._disk: persist.DiskLink | None = None  # use_cache_dir()
+    self.disk_link: persist.DiskLink | None = None  # set by use_cache_dir(); the step runner loads and saves through it
     if backend == "reference" and config.dtype in ("bfloat16", "float16") and _cpu_only():
       warnings.warn(f"a {config.dtype} engine on CPU runs about 100x slower than float32 (XLA's "
                     f"CPU backend emulates it); pass dtype='float32' on CPU", stacklevel=2)
@@ -231,16 +231,16 @@ class Engine:
     warning and its segment computed afresh; strict=True makes it a CacheError."""
     fp = persist.fingerprint(self.config, self.params, self.layout.page_size)
     cache = persist.SegmentDiskCache(path, fp, key=key, strict=strict)
-    self._disk = persist.DiskLink(cache, self.store, self.kv, save)
-    self._disk.autosave()  # what this engine cached before it had a cache dir
-    return self._disk.cache
+    self.disk_link = persist.DiskLink(cache, self.store, self.kv, save)
+    self.disk_link.autosave()  # what this engine cached before it had a cache dir
+    return self.disk_link.cache
 
   def _spill_to_disk(self, seg: HostSegment) -> bool:
     """The host tier's overflow: to the cache dir if there is one (True if it is there now)."""
-    if self._disk is None:
+    if self.disk_link is None:
       return False
     k, v = seg.restored(np.dtype(self.config.jnp_dtype))
-    return self._disk.keep(seg.token_ids, seg.positions, k, v, seg.namespace)
+    return self.disk_link.keep(seg.token_ids, seg.positions, k, v, seg.namespace)
 
   @property
   def host_tier(self) -> HostTier | None:
@@ -250,15 +250,15 @@ class Engine:
     """Reads segments of the cache dir (those in neither the pool nor the host tier) into the host
     tier while its budget has room; returns how many (`sparsex cache warm --fill-host-tier`)."""
     tier = self.store.host_tier
-    if tier is None or self._disk is None:
+    if tier is None or self.disk_link is None:
       raise ValueError("fill_host_tier needs host_cache_bytes and a cache dir (use_cache_dir)")
     namespace = self.namespace if namespace is None else namespace
     n = 0
-    for key in list(self._disk.cache.entries):
+    for key in list(self.disk_link.cache.entries):
       if key in self.store.segment_cache or key in tier:
         continue
       try:
-        seg = self._disk.cache.read(key, namespace)
+        seg = self.disk_link.cache.read(key, namespace)
       except persist.CacheError:
         continue  # another namespace's, or a bad file (found again when a request needs it)
       if tier.bytes_used + 2 * tier.stored_nbytes(seg.k) > tier.budget_bytes:
@@ -269,26 +269,26 @@ class Engine:
 
   @property
   def disk_cache(self) -> persist.SegmentDiskCache | None:
-    return self._disk.cache if self._disk is not None else None
+    return self.disk_link.cache if self.disk_link is not None else None
 
   def save_cache(self) -> int:
     """Writes the in-memory segments missing from the cache dir; returns how many."""
-    if self._disk is None:
+    if self.disk_link is None:
       raise ValueError("no cache dir: call use_cache_dir(path) first")
-    return self._disk.save()
+    return self.disk_link.save()
 
   def prefill_logits(self, request: Request, reuse: ReuseMethod = ReuseConfig(),
                      return_plan: bool = False):
     """The first output token's float32 logits [V] (and the PrefillPlan with return_plan)."""
     policy = reuse.resolve(self.config)
     prompt = tokenize(request, self.tokenizer, self.config, 0, self.namespace)
-    if self._disk is not None and policy.reads_segment_cache:
-      self._disk.load_for([prompt])
+    if self.disk_link is not None and policy.reads_segment_cache:
+      self.disk_link.load_for([prompt])
     with self.store.acquire([prompt], policy, 0) as leases, self.kv.recovering():
       plans, out, _ = prefill_and_commit(self, [prompt], leases, policy)
       logits = np.asarray(out.logits[0], np.float32)
-    if self._disk is not None:
-      self._disk.autosave()
+    if self.disk_link is not None:
+      self.disk_link.autosave()
     if not return_plan:
       return logits
     return logits, planner.describe(plans[0], out.scores[0], out.selected[0], policy)
@@ -323,10 +323,10 @@ class Engine:
     if namespace is not None:
       return self.store.stats(namespace)
     out = self.store.stats() | {"compilations": self.num_compilations}
-    if self._disk is not None:
-      out["disk_cache"] = {"segments": len(self._disk.cache), "loaded": self._disk.cache.loaded,
-                           "saved": self._disk.cache.saved,
-                           "load_s": round(self._disk.load_s, 6)}
+    if self.disk_link is not None:
+      out["disk_cache"] = {"segments": len(self.disk_link.cache), "loaded": self.disk_link.cache.loaded,
+                           "saved": self.disk_link.cache.saved,
+                           "load_s": round(self.disk_link.load_s, 6)}
     return out
 
 

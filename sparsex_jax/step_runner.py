@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -28,10 +28,26 @@ from sparsex_jax.programs.prefill import prefill, prefill_full_layers, prefill_r
 from sparsex_jax.scheduler import ScheduledRequest, Step, StepResult
 
 if TYPE_CHECKING:
-  from sparsex_jax.engine import Engine
   from sparsex_jax.planner import RequestPlan
   from sparsex_jax.programs.prefill import PrefillBatch, PrefillOutput
   from sparsex_jax.prompt import Prompt
+
+
+class EngineView(Protocol):
+  """What the step runner uses of an engine (sparsex_jax/engine.py's Engine), named here so that
+  imports run one way: the engine imports this module, never the reverse."""
+
+  config: Any
+  params: Any
+  tokenizer: Any
+  layout: Any
+  kv: Any
+  store: Any
+  disk_link: Any
+  host_tier: Any
+  attention_backend: str
+  max_batch_size: int
+  num_compilations: int
 
 
 def sampling_rows(requests: Sequence[ScheduledRequest], b: int):
@@ -62,7 +78,7 @@ class StepRunner:
   # buckets, instead of one per mix of rows, lengths and active sets (see `start_split`).
   prefill_alone: bool = False
 
-  def __init__(self, engine: "Engine", policy, requests: Sequence[ScheduledRequest],
+  def __init__(self, engine: EngineView, policy, requests: Sequence[ScheduledRequest],
                t_job: float, *, batch: RunningBatch | None = None):
     """batch: the running batch to use (a server's, sized for any request it admits: see
     `serving_batch`); by default one sized for `requests`."""
@@ -79,7 +95,7 @@ class StepRunner:
                               layout)
 
   @staticmethod
-  def serving_batch(engine: "Engine", max_stops: int = 1) -> RunningBatch:
+  def serving_batch(engine: EngineView, max_stops: int = 1) -> RunningBatch:
     """A running batch for requests not known in advance (a server): max_batch_size rows (a
     bucket) and a page table wide enough for the model's whole context, so its decode loop
     compiles once for the server's life."""
@@ -91,8 +107,8 @@ class StepRunner:
   def prepare(self, request: ScheduledRequest) -> None:
     """Before a request's cache lookups (the scheduler's hook): loads its segments from the
     engine's disk cache, if it has one and the policy reads the segment cache."""
-    if self.engine._disk is not None and self.policy.reads_segment_cache:
-      self.engine._disk.load_for([request.prompt])
+    if self.engine.disk_link is not None and self.policy.reads_segment_cache:
+      self.engine.disk_link.load_for([request.prompt])
 
   def stops(self, request: ScheduledRequest) -> frozenset[int]:
     return resolve_stop_ids(request.sampling, getattr(self.engine.tokenizer, "stop_ids", ()))
@@ -109,8 +125,8 @@ class StepRunner:
     if step.prefill:
       try:
         seqs = self.start_split(step.prefill, step.leases)
-        if engine._disk is not None:  # saved before a later prefill can evict what this one added
-          engine._disk.autosave()
+        if engine.disk_link is not None:  # saved before a later prefill can evict what this one added
+          engine.disk_link.autosave()
       except Exception as e:  # pylint: disable=broad-except
         return StepResult(prefill_error=e, pool_lost=engine.kv.recover())
       for seq in seqs:
@@ -200,7 +216,7 @@ class StepRunner:
                          request_id=request.request_id, prefill=account)
 
 
-def _plan_group(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
+def _plan_group(engine: EngineView, prompts: Sequence["Prompt"], leases, policy):
   """The group's plans, its padded batch and the static spec of its prefill."""
   plans = [planner.plan_request(p, lease, policy, engine.layout)
            for p, lease in zip(prompts, leases)]
@@ -209,12 +225,12 @@ def _plan_group(engine: "Engine", prompts: Sequence["Prompt"], leases, policy):
   return plans, batch, spec
 
 
-def _in_halves(engine: "Engine", loads, spec) -> bool:
+def _in_halves(engine: EngineView, loads, spec) -> bool:
   """Host-tier loads run between the full layers and the rest (see prefill_and_commit)."""
   return bool(loads) and 0 < spec.layer_threshold < engine.config.n_layers
 
 
-def _host_copies(engine: "Engine", leases, spec) -> tuple[list, list]:
+def _host_copies(engine: EngineView, leases, spec) -> tuple[list, list]:
   """The host-tier copies a group's prefill issues: (written before its first program, written
   between its halves; empty: it runs whole).
 
@@ -236,7 +252,7 @@ def _host_copies(engine: "Engine", leases, spec) -> tuple[list, list]:
   return first, later
 
 
-def prefill_compile(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
+def prefill_compile(engine: EngineView, prompts: Sequence["Prompt"], leases, policy
                     ) -> tuple[tuple, Callable[[], list[tuple]]]:
   """What compiling ahead needs of the prefill `prefill_and_commit` would run for this group:
   (key, compile). key: its program's (the first half's, where host-tier loads split it) as
@@ -259,7 +275,7 @@ def prefill_compile(engine: "Engine", prompts: Sequence["Prompt"], leases, polic
   return first_key, halves
 
 
-def copy_compile(engine: "Engine", width: int) -> tuple[tuple, Callable[[], list[tuple]]]:
+def copy_compile(engine: EngineView, width: int) -> tuple[tuple, Callable[[], list[tuple]]]:
   """As prefill_compile, for the slot-copy program a commit runs when its copies pad to `width`
   (planner.copy_widths): (key, compile)."""
   # Padding only (slot 0 to the sentinel, dropped): the shapes and dtypes pad_copies gives.
@@ -268,7 +284,7 @@ def copy_compile(engine: "Engine", width: int) -> tuple[tuple, Callable[[], list
   return _compile_one(engine.kv, copy_slots, src, dst)
 
 
-def host_tier_compiles(engine: "Engine", policy) -> list[Callable[[], tuple]]:
+def host_tier_compiles(engine: EngineView, policy) -> list[Callable[[], tuple]]:
   """As copy_compile, for the host tier's programs: an eviction's read into the tier and a load's
   write back into pool pages, one program per padded size (a segment's stored_pages up to the
   model's context, a run's piece run_pages up to RUN_BLOCKS) and, for the writes, per layer range
@@ -354,7 +370,7 @@ def inputs_ahead_of_loads(batch: "PrefillBatch") -> "PrefillBatch":
   return jax.device_put(batch)
 
 
-def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, policy
+def prefill_and_commit(engine: EngineView, prompts: Sequence["Prompt"], leases, policy
                        ) -> tuple[list["RequestPlan"], "PrefillOutput", "PrefillBatch"]:
   """Plans a group, runs the prefill program and commits the caches (the pool donated to both
   programs through engine.kv). Nothing here waits for the device.
@@ -392,7 +408,7 @@ def prefill_and_commit(engine: "Engine", prompts: Sequence["Prompt"], leases, po
   return plans, out, batch
 
 
-def prefill_alone(engine: "Engine", prompts: Sequence["Prompt"], full, batch_size: int) -> None:
+def prefill_alone(engine: EngineView, prompts: Sequence["Prompt"], full, batch_size: int) -> None:
   """Prefills each prompt alone from position 0 (`full`: the "full" policy), in batches of up to
   batch_size (halved until the pool holds one), and hands it to the segment cache
   (Engine.cache_segments)."""
@@ -408,5 +424,5 @@ def prefill_alone(engine: "Engine", prompts: Sequence["Prompt"], full, batch_siz
       for prompt, lease in zip(chunk, leases):
         engine.store.keep_alone(prompt, lease)
     i += size
-    if engine._disk is not None:
-      engine._disk.autosave()
+    if engine.disk_link is not None:
+      engine.disk_link.autosave()

@@ -58,8 +58,8 @@ def _run(engine, runner: StepRunner, todo: list[ScheduledRequest], max_batch_siz
     try:
       with leases:
         done = _prefill_and_decode(engine, runner, chunk, leases)
-        if engine._disk is not None:  # per batch: a later batch may evict what this one added
-          engine._disk.autosave()
+        if engine.disk_link is not None:  # per batch: a later batch may evict what this one added
+          engine.disk_link.autosave()
     except Exception as e:  # pylint: disable=broad-except
       engine.kv.recover()
       if len(chunk) == 1:
@@ -90,8 +90,8 @@ def _batches(engine, runner: StepRunner, todo: list[ScheduledRequest], max_batch
 
 def _load_segments(runner: StepRunner, requests: list[ScheduledRequest]) -> None:
   engine = runner.engine
-  if engine._disk is not None and runner.policy.reads_segment_cache:
-    engine._disk.load_for([r.prompt for r in requests])
+  if engine.disk_link is not None and runner.policy.reads_segment_cache:
+    engine.disk_link.load_for([r.prompt for r in requests])
 
 
 def _prefill_and_decode(engine, runner: StepRunner, chunk: list[ScheduledRequest], leases

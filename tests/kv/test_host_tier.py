@@ -222,7 +222,7 @@ def test_host_budget_overflow_spills_to_disk_or_drops(tmp_path):
   disk.use_cache_dir(tmp_path, save=False)  # a cache dir that this engine does not autosave to
   disk.cache_segments(PASSAGES)
   disk.store.segment_cache.evict(10**6)
-  disk._disk.autosave_enabled = True  # the spill writes (the write path of a saving engine)
+  disk.disk_link.autosave_enabled = True  # the spill writes (the write path of a saving engine)
   disk.store.segment_cache.evict(10**6)
   assert disk.disk_cache.verify() == []
 
