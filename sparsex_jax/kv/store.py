@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol, Sequence
+from typing import Any, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -29,8 +29,18 @@ from sparsex_jax.kv.segment_cache import SegmentCache, SegmentEntry, segment_key
 from sparsex_jax.labels import REUSED
 from sparsex_jax.prompt import Prompt
 
-if TYPE_CHECKING:
-  from sparsex_jax.reuse import ReusePolicy
+
+
+class ReusePolicy(Protocol):
+  """What the store reads of a resolved reuse policy (sparsex_jax/reuse: ReusePolicy), named here
+  so that kv/ imports nothing above it."""
+
+  method: Any  # its as_record() salts the continuation cache
+  layer_threshold: int
+  reads_prefix_cache: bool
+  reads_segment_cache: bool
+  writes_prefix_cache: bool
+  writes_segment_cache: bool
 
 
 class LabelledPrompt(Protocol):
@@ -42,7 +52,7 @@ class LabelledPrompt(Protocol):
   n_continued: int  # the last of them, from the continuation cache (approximate)
 
 
-def continuation_namespace(namespace: str, policy: "ReusePolicy") -> str:
+def continuation_namespace(namespace: str, policy: ReusePolicy) -> str:
   """The continuation cache's chains are salted apart from the exact cache's, by namespace (as
   every cache is) and by the reuse policy that computed them: equal tokens never turn an
   approximate block into an exact one, and an ablation of r or T never continues another
@@ -155,7 +165,7 @@ class KVStore:
 
   # ---- acquire / release ----
 
-  def acquire(self, prompts: Sequence[Prompt], policy: "ReusePolicy",
+  def acquire(self, prompts: Sequence[Prompt], policy: ReusePolicy,
               max_new_tokens: int | Sequence[int]) -> Leases:
     """Looks up, pins and allocates for every prompt (room for its prompt and max_new_tokens,
     one value or one per prompt); all or nothing (PoolExhausted, ValueError).
@@ -173,7 +183,7 @@ class KVStore:
       raise
     return leases
 
-  def _lease(self, prompt: Prompt, policy: "ReusePolicy", max_new_tokens: int) -> Lease:
+  def _lease(self, prompt: Prompt, policy: ReusePolicy, max_new_tokens: int) -> Lease:
     layout = self.layout
     ids = prompt.token_ids
     n = ids.size
@@ -458,7 +468,7 @@ class KVStore:
 
   @contextlib.contextmanager
   def commit(self, prompts: Sequence[Prompt], plans: Sequence[LabelledPrompt],
-             policy: "ReusePolicy") -> Iterator[SlotCopies]:
+             policy: ReusePolicy) -> Iterator[SlotCopies]:
     """After a prefill: registers the exact prefix blocks, and yields the copies that move each
     cacheable segment computed in context (it missed the segment cache) into pages of its own.
     When the `with` block ends cleanly the copied segments are cached; if it raises, their pages
@@ -501,7 +511,7 @@ class KVStore:
       self.allocator.decref(pages)
 
   def keep_output(self, prompt: Prompt, plan: LabelledPrompt, generated: Sequence[int],
-                  policy: "ReusePolicy") -> int:
+                  policy: ReusePolicy) -> int:
     """After a request finished decoding, before its lease is released: caches the K/V its decode
     loop wrote, that of every generated token but the last (the only one never fed back), as
     `commit` caches the prompt's. A chat's next turn resends the answer after the prompt, so it
@@ -523,7 +533,7 @@ class KVStore:
     return kept
 
   def _keep_blocks(self, tokens: np.ndarray, namespace: str, plan: LabelledPrompt,
-                   policy: "ReusePolicy") -> None:
+                   policy: ReusePolicy) -> None:
     """Caches the full blocks of `tokens` (the plan's prompt, then possibly what its decode fed
     back), whose K/V is in plan.page_table: exact ones in the prefix cache; from the first block
     with approximate K/V on (a reused token, or a continued one), the whole sequence in the
