@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timeit  # noqa: E402
 
 SHAPES = {  # name: (layers, D, N heads, K kv heads, H head dim, F ffn)
     "qwen3-8b": (36, 4096, 32, 8, 128, 12288),
@@ -35,16 +36,6 @@ SHAPES = {  # name: (layers, D, N heads, K kv heads, H head dim, F ffn)
 ROWS = 16
 
 
-def timeit(fn, *args, iters=20, runs=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / iters * 1e3)
-  return round(statistics.median(times), 4)
 
 
 def weights(key, shape, layout):

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grouped_tiles as gt  # noqa: E402
+from _timing import timeit  # noqa: E402
 
 D, E, F, K_TOP = 2048, 128, 768, 8
 
 
-def timeit(fn, *args, iters=20, runs=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / iters * 1e3)
-  return round(statistics.median(times), 4)
 
 
 def rel_err(got, lhs, rhs, sizes):
