@@ -25,7 +25,8 @@ from models.config import ModelConfig, get_config
 from sparsex_jax import decoding, planner, scheduler, sharding
 from sparsex_jax.api import Request, RequestOutput, Segment
 from sparsex_jax.kv import KVStore, PoolLayout, persist
-from sparsex_jax.kv.host_tier import HOST_DTYPES, HostSegment, HostTier, host_memory
+from sparsex_jax.kv.host_tier import (HOST_DTYPES, HostSegment, HostTier, check_pinned_budget,
+                                     host_memory)
 from sparsex_jax.kv.segment_cache import segment_key
 from sparsex_jax.prompt import Prompt, check_prompt, segment_ids, tokenize
 from sparsex_jax.programs import KVPool
@@ -90,6 +91,8 @@ class Engine:
       default_threshold = ReuseConfig().resolve(config).layer_threshold
       memory = (host_memory(jax.devices()[0]) if mesh is None else
                 host_memory(mesh.devices.flat[0], sharding.pool_sharding(mesh)))
+      if memory is not None:  # pinned host memory: XLA caps it (kv/host_tier.py)
+        check_pinned_budget(int(host_cache_bytes))
       host_tier = HostTier(int(host_cache_bytes), host_cache_dtype, spill=self._spill_to_disk,
                            memory=memory, split_layer=default_threshold)
     elif host_cache_dtype not in HOST_DTYPES:

@@ -261,6 +261,11 @@ def _build_engine(args):
   """The engine the flags describe (model, dtype, page size, pool size, batch size)."""
   import jax
 
+  if getattr(args, "host_cache_bytes", None):
+    # Before anything starts jax's GPU client: it reads the pinned host pool's size once.
+    from sparsex_jax.kv.host_tier import reserve_pinned_memory
+    reserve_pinned_memory(args.host_cache_bytes)
+
   import sparsex_jax as sx
   from models.config import get_config
   from models.loaders import load_model, random_model

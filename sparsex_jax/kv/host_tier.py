@@ -53,6 +53,8 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
+import os
 import threading
 import time
 from typing import Callable, NamedTuple
@@ -85,6 +87,69 @@ def host_memory(device, pool_sharding=None):
     return pool_sharding.with_memory_kind("pinned_host")
   import jax
   return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
+# XLA's pinned host memory on a GPU is one pool per device (a BFC allocator that grows on demand
+# up to this many GiB, read once when the GPU client starts), and the same pool stages the
+# host-to-device copy of every numpy input a program is given. The host tier lives in it. Round
+# 22's load run gave a 64 GiB tier the default 64 GiB pool: allocations failed with "Out of host
+# memory" (continuation blocks dropped) and the server stopped answering (docs/serving_log.md).
+PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_DEFAULT_GIB = 64
+# The tier's share of that pool at most: the rest stages every other transfer and absorbs the
+# allocator's rounding over the tier's many padded sizes.
+PINNED_TIER_SHARE = 0.75
+
+
+def pinned_limit_bytes() -> int:
+  """The pinned host pool XLA allows this process ($XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, in GiB)."""
+  raw = os.environ.get(PINNED_LIMIT_ENV, "").strip()
+  try:
+    gib = int(raw) if raw else PINNED_DEFAULT_GIB
+  except ValueError:
+    raise ValueError(f"{PINNED_LIMIT_ENV}={raw!r}: XLA reads a whole number of GiB") from None
+  return gib << 30
+
+
+def pinned_gib_for(budget_bytes: int) -> int:
+  """The pinned pool (whole GiB) a tier of budget_bytes needs: budget / PINNED_TIER_SHARE."""
+  return math.ceil(int(budget_bytes) / PINNED_TIER_SHARE / 2**30)
+
+
+def check_pinned_budget(budget_bytes: int) -> None:
+  """Raises ValueError if a tier of budget_bytes in pinned host memory does not fit the pool XLA
+  allows (at most PINNED_TIER_SHARE of it), naming the setting that would make it fit."""
+  limit = pinned_limit_bytes()
+  if int(budget_bytes) > PINNED_TIER_SHARE * limit:
+    raise ValueError(
+        f"host_cache_bytes={int(budget_bytes) / 2**30:.1f} GiB does not fit the pinned host memory "
+        f"XLA gives this process: {limit >> 30} GiB ({PINNED_LIMIT_ENV}="
+        f"{os.environ.get(PINNED_LIMIT_ENV) or f'unset: {PINNED_DEFAULT_GIB}'}), of which the "
+        f"host tier may take {PINNED_TIER_SHARE:.0%} (the rest stages every other host-to-device "
+        f"copy). Set {PINNED_LIMIT_ENV}={pinned_gib_for(budget_bytes)} before jax starts (the "
+        f"sparsex CLI does this for --host-cache-bytes), or lower host_cache_bytes to "
+        f"{PINNED_TIER_SHARE * limit / 2**30:.1f} GiB")
+
+
+def reserve_pinned_memory(budget_bytes: int) -> bool:
+  """Raises XLA's pinned host pool so that a host tier of budget_bytes fits (check_pinned_budget),
+  where it is too small, nobody set it, jax has not started its backends (the setting is read
+  once, then) and the machine has the memory (at most 90% of its RAM pinned). Returns whether it
+  set it; where it did not, the engine's check explains what to do."""
+  from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
+  need = pinned_gib_for(budget_bytes)
+  if os.environ.get(PINNED_LIMIT_ENV) or need <= PINNED_DEFAULT_GIB:
+    return False
+  if xla_bridge.backends_are_initialized():
+    return False
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return False
+  if need << 30 > 0.9 * ram:
+    return False
+  os.environ[PINNED_LIMIT_ENV] = str(need)
+  return True
 
 
 def stored_pages(n_pages: int) -> int:
@@ -448,6 +513,7 @@ class HostTier:
     self.run_loads = 0  # copies of (parts of) runs issued
     self.run_blocks_loaded = 0  # blocks those copies wrote into the pool
     self.run_bytes_moved = 0
+    self.spill_reads = 0  # reads of evicted pages sent here (segments and pieces of runs)
     self.spill_read_s = 0.0  # host time sending evicted pages here (a dispatch into pinned host
                              # memory, or a blocking read to numpy: KVStore._read_for_host)
     self.clock = LoadClock()  # the copies' time in flight, hidden and exposed
@@ -690,6 +756,7 @@ class HostTier:
         "failed_loads": self.failed_loads, "bytes_moved": self.bytes_moved,
         "bytes_all_layers": self.bytes_all_layers,
         "load_issue_s": round(self.load_issue_s, 6), "spill_read_s": round(self.spill_read_s, 6),
+        "spill_reads": self.spill_reads,
         **self.load_times(),
     }
 

@@ -334,6 +334,7 @@ class KVStore:
     t0 = time.perf_counter()
     for run in runs:  # one read each, padded to run_pages (RUN_BLOCKS: why)
       try:
+        tier.spill_reads += 1
         k, v = self._read_for_host(np.asarray([b.page for b in run], np.int32), run_pages)
         tier.put_run([b.key for b in run], np.stack([b.tokens for b in run]),
                      [b.tails for b in run], run[0].depth, k, v)
@@ -424,6 +425,7 @@ class KVStore:
     (inside the allocation that evicts: a dispatch into pinned host memory on a GPU, else a
     blocking device-to-host copy)."""
     t0 = time.perf_counter()
+    self.host_tier.spill_reads += 1
     try:
       k, v = self._read_for_host(entry.pages)
     except Exception as e:  # pylint: disable=broad-except

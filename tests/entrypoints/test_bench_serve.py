@@ -27,6 +27,7 @@ def test_bench_serve_smoke_writes_both_configurations_and_only_sparsex_hits_segm
       assert 0 < p["p50"] <= p["p90"] <= p["p99"], (reuse, metric, p)
     assert res["throughput"]["output_tokens_per_s"] > 0
     assert res["compile_ahead_wait_s"] >= 0  # the clock ran after the compile thread's list
+    assert res["cut_at_time_limit"] is False and res["unanswered"] == 0
     assert res["server_metrics"]["generation_tokens_total"] == sum(
         r["output_tokens"] for r in res["records"])
   sparsex, prefix = (report["results"][r]["server_metrics"] for r in ("sparsex", "prefix"))
@@ -63,3 +64,19 @@ def test_bench_serve_smoke_writes_both_configurations_and_only_sparsex_hits_segm
   proc = run_script("bench_serve", "--merge", *map(str, halves), "--out", str(merged_dir),
                     timeout=120)
   assert proc.returncode != 0 and "config rate 99.0 differs" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_serve_cuts_a_run_at_its_time_limit_and_still_reports_it(tmp_path):
+  """--time-limit: what a configuration's timed run has not answered by then is cancelled, and
+  the report is written with the requests answered, marked cut (round 22's GPU run stalled and
+  was killed by the machine's time limit with nothing written)."""
+  out = tmp_path / "bench"
+  proc = run_script("bench_serve", "--smoke", "--rate", "8", "--reuses", "sparsex",
+                    "--time-limit", "1", "--out", str(out), timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "cut at the time limit" in proc.stdout
+  res = json.loads((out / "bench_serve.json").read_text())["results"]["sparsex"]
+  n = json.loads((out / "bench_serve.json").read_text())["workload"]["requests"]
+  assert res["cut_at_time_limit"] is True
+  assert res["unanswered"] > 0 and res["requests"] + res["unanswered"] + len(res["errors"]) >= n
+  assert 1 <= res["elapsed_s"] < 30

@@ -6,12 +6,14 @@ layers [T, L) are moved when T is the split layer, and the bytes reported are th
 otherwise; the split and stage arithmetic against numpy; and the 8-bit tier's error bounds."""
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
 import pytest
 
 import sparsex_jax as sx
+from sparsex_jax.kv import host_tier
 from sparsex_jax.kv.host_tier import dequantize, quantize, run_pages, stored_pages
 from sparsex_jax.kv.layout import page_bucket
 from sparsex_jax.reuse import METHODS
@@ -636,3 +638,45 @@ def test_a_history_from_the_host_tier_is_copied_in_two_parts_around_the_full_lay
   assert {"prefill_full_layers", "prefill_rest"} <= _programs(eng)
   eng.store.check_invariants()
   assert eng.store.allocator.num_used == eng.store.num_cached_pages
+
+
+# ---- the pinned host pool the tier lives in on a GPU ------------------------------------------
+
+
+def test_a_tier_must_fit_the_pinned_host_memory_xla_allows(monkeypatch):
+  """XLA caps pinned host memory ($XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB GiB, default 64) and stages
+  every host-to-device copy in it too: a tier may take at most 3/4 of it, and one that does not
+  fit is refused with the setting that would make it fit."""
+  env = host_tier.PINNED_LIMIT_ENV
+  monkeypatch.delenv(env, raising=False)
+  assert host_tier.pinned_limit_bytes() == 64 << 30
+  host_tier.check_pinned_budget(48 << 30)
+  with pytest.raises(ValueError, match=rf"{env}=86 .*or lower host_cache_bytes to 48.0 GiB"):
+    host_tier.check_pinned_budget(64 << 30)  # round 22's load run: 64 GiB in a 64 GiB pool
+  monkeypatch.setenv(env, "128")
+  host_tier.check_pinned_budget(96 << 30)
+  with pytest.raises(ValueError, match=rf"128 GiB \({env}=128\)"):
+    host_tier.check_pinned_budget(97 << 30)
+  monkeypatch.setenv(env, "64GB")
+  with pytest.raises(ValueError, match=rf"{env}='64GB'"):
+    host_tier.pinned_limit_bytes()
+
+
+def test_the_cli_raises_the_pinned_pool_before_jax_starts_and_only_then(monkeypatch):
+  from jax._src import xla_bridge
+  env = host_tier.PINNED_LIMIT_ENV
+  monkeypatch.delenv(env, raising=False)
+  ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (128 << 30) // 4096}
+  monkeypatch.setattr(host_tier.os, "sysconf", lambda name: ram[name])
+  # jax's backends are running in this process: too late to change the pool.
+  assert xla_bridge.backends_are_initialized() or jax.devices()
+  assert not host_tier.reserve_pinned_memory(64 << 30) and env not in os.environ
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+  assert not host_tier.reserve_pinned_memory(48 << 30)  # fits the default pool as it is
+  assert host_tier.reserve_pinned_memory(64 << 30) and os.environ[env] == "86"
+  host_tier.check_pinned_budget(64 << 30)
+  assert not host_tier.reserve_pinned_memory(80 << 30)  # set (by us or the user): kept
+  assert os.environ[env] == "86"
+  monkeypatch.delenv(env)
+  assert not host_tier.reserve_pinned_memory(120 << 30)  # 160 GiB of 128 GiB of RAM: refused
+  assert env not in os.environ

@@ -75,6 +75,9 @@ class Metrics:
     self.host_spill = Counter("sparsex_host_tier_spill_seconds",
                               "engine-loop time spent sending evicted pages to the host tier",
                               registry=r)
+    self.host_spill_reads = Counter("sparsex_host_tier_spill_reads",
+                                    "reads of evicted pages into the host tier (a segment, or a "
+                                    "piece of a chat's history)", registry=r)
     self.output_tokens_kept = Counter(
         "sparsex_output_tokens_cached",
         "generated tokens whose K/V was cached after their request finished (a chat's next turn "
@@ -112,3 +115,4 @@ class Metrics:
                     host["continuation_blocks_loaded"] * engine.layout.page_size)
       self._advance("host_segment_loads", self.host_segment_loads, host["loads"])
       self._advance("host_spill", self.host_spill, host["spill_read_s"])
+      self._advance("host_spill_reads", self.host_spill_reads, host["spill_reads"])
