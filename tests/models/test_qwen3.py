@@ -224,3 +224,60 @@ def test_moe_config_validation():
     ModelConfig(**base, n_experts=8, n_experts_per_token=2)
   with pytest.raises(ValueError, match="n_experts is 0"):
     ModelConfig(**base, n_experts_per_token=2)
+
+
+@pytest.mark.parametrize("largest,form", [(100, "capacity 128"), (150, "capacity 192"),
+                                          (250, "grouped")])
+def test_both_forms_of_the_experts_match_float64(largest, form):
+  """A prefill-sized layer (mean 80 rows per expert: capacities 128 and 192) computes its experts
+  as one batched matmul over rows padded to the smallest capacity that holds its largest group,
+  or, past the largest, as a grouped matmul: the same sums either way, whole or split in blocks
+  of experts (expert parallelism); an idle expert adds nothing."""
+  rng = np.random.default_rng(largest)
+  e, d, f, m, k = 4, 12, 10, 160, 2
+  assert moe.capacities(m * k, e) == (128, 192)
+  # Expert 0 takes `largest` of the 320 assignments, expert 3 none, 1 and 2 half the rest each.
+  rest = m * k - largest
+  flat = np.repeat([0, 1, 2], [largest, rest // 2, rest - rest // 2])
+  experts = flat[rng.permutation(m * k)].reshape(m, k)
+  sizes = np.bincount(experts.reshape(-1), minlength=e)
+  assert sizes[0] == largest and sizes[3] == 0
+  caps = moe.capacities(m * k, e)
+  assert form == (f"capacity {caps[np.searchsorted(caps, sizes.max())]}"
+                  if sizes.max() <= caps[-1] else "grouped")
+  hx = rng.normal(size=(m, d)).astype(np.float32)
+  w_gate, w_up = (rng.normal(size=(e, d, f)).astype(np.float32) for _ in range(2))
+  w_down = rng.normal(size=(e, f, d)).astype(np.float32)
+  weights = rng.uniform(0.1, 1.0, size=(m, k)).astype(np.float32)
+  want = np.zeros((m, d))
+  for t in range(m):
+    for j in range(k):
+      ex = experts[t, j]
+      want[t] += weights[t, j] * _np_swiglu(hx[t].astype(np.float64), w_gate[ex], w_up[ex],
+                                            w_down[ex])
+  ffn = jax.jit(moe.experts_ffn, static_argnames="first_expert")
+  whole = np.asarray(ffn(hx, experts, weights, w_gate, w_up, w_down))
+  np.testing.assert_allclose(whole, want, rtol=2e-5, atol=2e-4)
+  shares = [np.asarray(ffn(hx, experts, weights, w_gate[i:i + 2], w_up[i:i + 2],
+                           w_down[i:i + 2], first_expert=i)) for i in (0, 2)]
+  np.testing.assert_allclose(shares[0] + shares[1], whole, rtol=1e-5, atol=1e-4)
+
+
+def test_small_groups_take_the_grouped_matmul():
+  """A decode step's groups (a few rows an expert) never pad: the grouped matmul reads only the
+  experts its tokens hit."""
+  assert moe.capacities(16 * 8, 128) == () and moe.capacities(63 * 128, 128) == ()
+  assert moe.capacities(65_536, 128) == (512, 640, 768, 1024)  # an 8K prefill of 30B-A3B
+
+
+def test_a_prefill_long_enough_to_pad_its_experts_matches_float64():
+  """300 tokens of the tiny MoE (8 experts, top 2: 75 rows an expert on average) take the padded
+  form in every layer; the whole forward still matches the float64 model."""
+  tokens = np.random.default_rng(7).integers(0, MOE.vocab_size, size=(1, 300))
+  assert moe.capacities(300 * MOE.n_experts_per_token, MOE.n_experts)
+  params = random_params(MOE, seed=8)
+  got = np.asarray(jax.jit(llama.forward, static_argnums=1)(params, MOE, tokens))[0]
+  margins = []
+  want = np_forward(params, MOE, tokens[0], margins)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+  assert min(margins) > 1e-6
