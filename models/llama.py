@@ -95,18 +95,20 @@ class AttentionInput(nn.Module):
   def __call__(self, x, positions):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g = n // k  # query heads per KV head
     norm = self.param("norm", nn.initializers.ones, (d,), dt)
-    wq = self.param("wq", _WEIGHT_INIT, (d, n, h), dt)
-    wk = self.param("wk", _WEIGHT_INIT, (d, k, h), dt)
-    wv = self.param("wv", _WEIGHT_INIT, (d, k, h), dt)
+    # q, k and v in one matrix, grouped by KV head: [:, j, :g] are KV head j's query heads (query
+    # head j * g + i, as GQA pairs them), [:, j, g] its key, [:, j, g + 1] its value. One matmul
+    # instead of three (at a decode step's 16 rows the narrow k and v products kept too few SMs
+    # reading: docs/MODELS.md, round 22), and splitting over KV heads (tensor parallelism) keeps
+    # each head's q, k and v on one device.
+    wqkv = self.param("wqkv", _WEIGHT_INIT, (d, k, g + 2, h), dt)
     hx = rms_norm(x, norm, cfg.norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", hx, wq)
-    kk = jnp.einsum("BTD,DKH->BTKH", hx, wk)
-    v = jnp.einsum("BTD,DKH->BTKH", hx, wv)
+    qkv = jnp.einsum("BTD,DKJH->BTKJH", hx, wqkv)
     if cfg.qkv_bias:
-      q = q + self.param("bq", _WEIGHT_INIT, (n, h), dt)
-      kk = kk + self.param("bk", _WEIGHT_INIT, (k, h), dt)
-      v = v + self.param("bv", _WEIGHT_INIT, (k, h), dt)
+      qkv = qkv + self.param("bqkv", _WEIGHT_INIT, (k, g + 2, h), dt)
+    q = qkv[..., :g, :].reshape(*qkv.shape[:2], n, h)
+    kk, v = qkv[..., g, :], qkv[..., g + 1, :]
     if cfg.qk_norm:
       q = rms_norm(q, self.param("q_norm", nn.initializers.ones, (h,), dt), cfg.norm_eps)
       kk = rms_norm(kk, self.param("k_norm", nn.initializers.ones, (h,), dt), cfg.norm_eps)
@@ -141,13 +143,13 @@ class AttentionOutputMLP(nn.Module):
       }
       x = x + jnp.einsum("BTNH,NHD->BTD", attn.astype(dt), wo)
       return x + (moe_ffn or moe.moe_ffn)(rms_norm(x, norm, cfg.norm_eps), experts, cfg)
-    w_gate = self.param("w_gate", _WEIGHT_INIT, (d, f), dt)
-    w_up = self.param("w_up", _WEIGHT_INIT, (d, f), dt)
+    # gate and up side by side, [:, 0] and [:, 1]: one matmul (as q, k and v above).
+    w_gate_up = self.param("w_gate_up", _WEIGHT_INIT, (d, 2, f), dt)
     w_down = self.param("w_down", _WEIGHT_INIT, (f, d), dt)
     x = x + jnp.einsum("BTNH,NHD->BTD", attn.astype(dt), wo)
     hx = rms_norm(x, norm, cfg.norm_eps)
-    gate = jnp.einsum("BTD,DF->BTF", hx, w_gate)
-    up = jnp.einsum("BTD,DF->BTF", hx, w_up)
+    gate_up = jnp.einsum("BTD,DCF->BTCF", hx, w_gate_up)
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
     return x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down)
 
 

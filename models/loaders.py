@@ -115,16 +115,18 @@ def _stack_params(cfg: ModelConfig, layers: list[dict[str, np.ndarray]], embed: 
   def stack(fn):
     return jnp.asarray(np.stack([np.asarray(fn(lw), dtype) for lw in layers]))
 
+  def qkv(q, kk, v, lead):
+    """q [lead, n * h], k and v [lead, k * h] -> [lead, k, n // k + 2, h]: each KV head's query
+    heads, then its key and value (models/llama.py AttentionInput)."""
+    return np.concatenate([q.reshape(*lead, k, n // k, h), kk.reshape(*lead, k, 1, h),
+                           v.reshape(*lead, k, 1, h)], axis=-2)
+
   attn_in = {
       "norm": stack(lambda lw: lw["norm1"]),
-      "wq": stack(lambda lw: lw["q"].T.reshape(d, n, h)),
-      "wk": stack(lambda lw: lw["k"].T.reshape(d, k, h)),
-      "wv": stack(lambda lw: lw["v"].T.reshape(d, k, h)),
+      "wqkv": stack(lambda lw: qkv(lw["q"].T, lw["k"].T, lw["v"].T, (d,))),
   }
   if cfg.qkv_bias:
-    attn_in["bq"] = stack(lambda lw: lw["bq"].reshape(n, h))
-    attn_in["bk"] = stack(lambda lw: lw["bk"].reshape(k, h))
-    attn_in["bv"] = stack(lambda lw: lw["bv"].reshape(k, h))
+    attn_in["bqkv"] = stack(lambda lw: qkv(lw["bq"], lw["bk"], lw["bv"], ()))
   if cfg.qk_norm:
     attn_in["q_norm"] = stack(lambda lw: lw["q_norm"])
     attn_in["k_norm"] = stack(lambda lw: lw["k_norm"])
@@ -137,8 +139,7 @@ def _stack_params(cfg: ModelConfig, layers: list[dict[str, np.ndarray]], embed: 
     for key in ("expert_gate", "expert_up", "expert_down"):  # [E, out, in] -> [E, in, out]
       attn_out_mlp[key] = stack(lambda lw, key=key: lw[key].transpose(0, 2, 1))
   else:
-    attn_out_mlp["w_gate"] = stack(lambda lw: lw["gate"].T)
-    attn_out_mlp["w_up"] = stack(lambda lw: lw["up"].T)
+    attn_out_mlp["w_gate_up"] = stack(lambda lw: np.stack([lw["gate"].T, lw["up"].T], axis=1))
     attn_out_mlp["w_down"] = stack(lambda lw: lw["down"].T)
   params = {
       "embed": jnp.asarray(embed, dtype=dtype),

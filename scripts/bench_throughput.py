@@ -389,8 +389,9 @@ def weight_sized_buffers(hlo: str, cfg) -> int:
   """Instructions of the compiled program whose output has a layer weight's shape and that are
   not parameters or views: weights copied out of the stacked params (0 when read in place)."""
   d, f, n, k, h = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  shapes = {f"{d},{f}", f"{f},{d}", f"{d},{n},{h}", f"{n},{h},{d}", f"{d},{k},{h}",
-            f"{d},{n * h}", f"{n * h},{d}", f"{d},{k * h}"}  # (and as XLA may reshape them)
+  g = n // k  # wqkv [D, K, G + 2, H], w_gate_up [D, 2, F] (models/llama.py)
+  shapes = {f"{f},{d}", f"{n},{h},{d}", f"{n * h},{d}", f"{d},{k},{g + 2},{h}",
+            f"{d},{k * (g + 2) * h}", f"{d},{2},{f}", f"{d},{2 * f}"}  # (and as XLA reshapes them)
   count = 0
   for line in hlo.splitlines():
     m = re.match(r"\s*(ROOT )?%?[\w.-]+ = \w+\[([\d,]+)\]\S* (\S+?)\(", line)

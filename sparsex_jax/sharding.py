@@ -53,17 +53,12 @@ LOGICAL_AXES = {
     "final_norm": ("embed",),
     # layers/attn_in
     "attn_in/norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "heads", "head_dim"),
-    "wk": ("layers", "embed", "kv_heads", "head_dim"),
-    "wv": ("layers", "embed", "kv_heads", "head_dim"),
-    "bq": ("layers", "heads", "head_dim"),
-    "bk": ("layers", "kv_heads", "head_dim"),
-    "bv": ("layers", "kv_heads", "head_dim"),
+    "wqkv": ("layers", "embed", "kv_heads", "qkv", "head_dim"),
+    "bqkv": ("layers", "kv_heads", "qkv", "head_dim"),
     # layers/attn_out_mlp
     "wo": ("layers", "heads", "head_dim", "embed"),
     "attn_out_mlp/norm": ("layers", "embed"),
-    "w_gate": ("layers", "embed", "ffn"),
-    "w_up": ("layers", "embed", "ffn"),
+    "w_gate_up": ("layers", "embed", "gate_up", "ffn"),
     "w_down": ("layers", "ffn", "embed"),
     # Qwen3: per-head q/k norms
     "q_norm": ("layers", "head_dim"),

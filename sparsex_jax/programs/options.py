@@ -7,10 +7,10 @@
 # weight in every decode step and every reuse prefill. On an H100 at Llama-3-8B shapes that copy
 # was 9.6 ms of naive reuse's 19.1 ms at 8K, and half of a decode step (19.4 -> 11.0 ms at batch
 # 16 x 4K); docs/ttft.md and docs/throughput.md.
-# No dot merging: XLA's dot-merger pass joins the q, k and v projections (one input, three weights)
-# into one matmul by concatenating the layer's wq, wk and wv first: a 50 MB copy of Llama-3-8B
-# weights in every layer of every decode step and sparse prefill, more bytes than the matmul
-# itself reads (docs/ttft.md, round 4). The CPU backend ignores the GPU options; without its
+# No dot merging: XLA's dot-merger pass joins matmuls of one input by concatenating their weights
+# first: with q, k and v as three weights, a 50 MB copy of Llama-3-8B weights in every layer of
+# every decode step and sparse prefill (docs/ttft.md, round 4). The params hold q|k|v and gate|up
+# as one matrix each since round 22 (models/llama.py), so nothing is left to merge but copies. The CPU backend ignores the GPU options; without its
 # dot-merger, CPU programs compute the same dots, unmerged.
 COMPILER_OPTIONS = {
     "xla_gpu_enable_triton_gemm": False,

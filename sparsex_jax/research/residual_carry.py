@@ -142,8 +142,9 @@ def study(engine, prompt, threshold: int) -> dict:
     if linear:
       rms = jnp.sqrt(jnp.mean(x_alone[layer] ** 2, -1, keepdims=True) + cfg.norm_eps)
       d_in = dx * lp_norm[layer] / rms
-      wk = params["layers"]["attn_in"]["wk"][layer]
-      wv = params["layers"]["attn_in"]["wv"][layer]
+      wqkv = params["layers"]["attn_in"]["wqkv"][layer]  # [D, K, G + 2, H]
+      g = cfg.n_heads // cfg.n_kv_heads
+      wk, wv = wqkv[:, :, g], wqkv[:, :, g + 1]
       dk = llama.apply_rope(jnp.einsum("TD,DKH->TKH", d_in, wk), jnp.asarray(pos_ctx), inv_freq)
       dv = jnp.einsum("TD,DKH->TKH", d_in, wv)
       return k_naive[layer] + dk, v_naive[layer] + dv

@@ -3,7 +3,11 @@
 The values in tests/engine/data/golden_logits.npz were computed by the engine as it stood before
 the first architecture refactor (commit aaf8099; the default rule's at 062ae45, before the
 second); refactors must not move them. Rejected options were deleted with their values (tag
-research-round9). Two scenarios, each run on a fresh engine per policy so that no policy sees
+research-round9). The tiny scenario's values were recorded again in round 22, when q/k/v and
+gate/up became one matrix each: that changed how init_params draws the tiny model's random
+weights, and docs/results/round22/probes/check_fused_golden.py showed the fused model on the
+previous weights reproducing the previous values (every policy, this test's tolerance). The
+real model's values are unchanged. Two scenarios, each run on a fresh engine per policy so that no policy sees
 another's cache entries:
 
 - tiny: the random tiny model, passages cached alone, a system prompt cached as an exact prefix,

@@ -13,6 +13,7 @@ from models import llama
 from sparsex_jax.prompt import tokenize
 from sparsex_jax.step_runner import prefill_and_commit
 from tests.engine.test_engine import CFG, PARAMS, _engine, _full_logits, _ids, _rel
+from tests import projections
 
 DOC_A, DOC_B, DOC_C = _ids(13, 21), _ids(22, 22), _ids(9, 23)
 SYSTEM, QUESTION = _ids(12, 24), _ids(6, 25)
@@ -80,7 +81,8 @@ def test_only_exact_hits_equal_prefix_cache(warm_engine):
 def _layer0_importance_reference(ids, n_exact, sparse_q):
   """Explicit float64 softmax of the Sparse-Q rows at layer 0 (all keys fresh at T = 1): the
   attention mass of every key, summed over the rows and heads."""
-  p = jax.tree.map(lambda w: np.asarray(w[0], np.float64), PARAMS["layers"]["attn_in"])
+  p = projections.attn_in(jax.tree.map(lambda w: np.asarray(w[0], np.float64),
+                                       PARAMS["layers"]["attn_in"]))
   x = np.asarray(PARAMS["embed"], np.float64)[ids]
   h = x / np.sqrt((x * x).mean(-1, keepdims=True) + CFG.norm_eps) * p["norm"]
   pos = np.arange(len(ids))

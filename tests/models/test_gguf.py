@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as QT
 
 from models import loaders
 from models.config import PRESETS, RopeScaling
+from tests import projections
 
 # ------------------------------------------------------------------------------------------------
 # Reference decoders of ggml blocks (little endian), one block at a time
@@ -289,7 +290,7 @@ def _check_params(params, expect, tied):
   np.testing.assert_array_equal(np.asarray(params["final_norm"]), expect["final_norm"])
   if not tied:
     np.testing.assert_array_equal(np.asarray(params["lm_head"]), expect["lm_head"].T)
-  ai, am = lay["attn_in"], lay["attn_out_mlp"]
+  ai, am = projections.attn_in(lay["attn_in"]), projections.attn_out_mlp(lay["attn_out_mlp"])
   assert ai["wq"].shape == (L, D, N, H) and ai["wk"].shape == (L, D, K, H)
   assert ai["wv"].shape == (L, D, K, H) and am["wo"].shape == (L, N, H, D)
   assert am["w_gate"].shape == (L, D, F) and am["w_down"].shape == (L, F, D)
@@ -334,10 +335,10 @@ def test_tiny_llama_gguf_roundtrip(tmp_path, tied):
 
   # bfloat16 loading casts the same values.
   cfg16, params16, _ = loaders.load_gguf(path, dtype="bfloat16")
-  assert cfg16.dtype == "bfloat16" and params16["layers"]["attn_in"]["wq"].dtype == np.dtype(
+  assert cfg16.dtype == "bfloat16" and params16["layers"]["attn_in"]["wqkv"].dtype == np.dtype(
       "bfloat16")
-  np.testing.assert_allclose(np.asarray(params16["layers"]["attn_in"]["wq"], np.float32),
-                             np.asarray(params["layers"]["attn_in"]["wq"]), rtol=1e-2, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(params16["layers"]["attn_in"]["wqkv"], np.float32),
+                             np.asarray(params["layers"]["attn_in"]["wqkv"]), rtol=1e-2, atol=1e-3)
 
 
 def test_unpermuted_qk_give_llama_cpp_attention_scores():
@@ -405,7 +406,7 @@ def test_qwen2_gguf_is_not_unpermuted_and_has_biases(tmp_path):
   cfg, params, tok = loaders.load_gguf(path)
   assert tok is None  # no tokenizer metadata in this file
   assert cfg.qkv_bias and cfg.norm_eps == 1e-6 and cfg.rope_theta == 1e6 and cfg.n_layers == 1
-  ai = params["layers"]["attn_in"]
+  ai = projections.attn_in(params["layers"]["attn_in"])
   np.testing.assert_array_equal(np.asarray(ai["wq"][0]),
                                 ws["blk.0.attn_q.weight"].astype(np.float32).T.reshape(D, N, H))
   np.testing.assert_array_equal(np.asarray(ai["bk"][0]),
@@ -465,8 +466,8 @@ def test_load_hf_folder_matches_gguf(tmp_path):
   assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (L, D, N, K, H)
   _check_params(params, {**expect, "lm_head": expect["lm_head"].astype(np.float16)
                               .astype(np.float32)}, tied=False)
-  for a, b in zip(np.asarray(params["layers"]["attn_in"]["wq"]),
-                  np.asarray(gparams["layers"]["attn_in"]["wq"])):
+  for a, b in zip(np.asarray(params["layers"]["attn_in"]["wqkv"]),
+                  np.asarray(gparams["layers"]["attn_in"]["wqkv"])):
     np.testing.assert_array_equal(a, b)
   assert (tok.bos_id, tok.eos_id, tok.stop_ids) == (1, 2, (2,))
   text = "the <|im_end|> a"
@@ -531,8 +532,7 @@ def test_real_model_layout_and_next_token(real_model):
   assert cfg == PRESETS["smollm2-135m"]
   lay = params["layers"]
   assert params["embed"].shape == (49152, 576) and "lm_head" not in params
-  assert lay["attn_in"]["wq"].shape == (30, 576, 9, 64)
-  assert lay["attn_in"]["wk"].shape == (30, 576, 3, 64)
+  assert lay["attn_in"]["wqkv"].shape == (30, 576, 3, 3 + 2, 64)  # 9 query, 3 KV heads
   assert lay["attn_out_mlp"]["wo"].shape == (30, 9, 64, 576)
   assert lay["attn_out_mlp"]["w_down"].shape == (30, 1536, 576)
   # End to end through the model: only right with correctly un-permuted q/k.

@@ -6,6 +6,7 @@ import pytest
 
 from models import llama
 from models.config import ModelConfig, RopeScaling, get_config
+from tests import projections
 
 
 def _randomize(params, seed):
@@ -55,8 +56,8 @@ def _np_forward(p, cfg, tokens):
   x = p["embed"][tokens]
   g = cfg.n_heads // cfg.n_kv_heads
   for l in range(cfg.n_layers):
-    ai = {k: v[l] for k, v in p["layers"]["attn_in"].items()}
-    ao = {k: v[l] for k, v in p["layers"]["attn_out_mlp"].items()}
+    ai = projections.attn_in({k: v[l] for k, v in p["layers"]["attn_in"].items()})
+    ao = projections.attn_out_mlp({k: v[l] for k, v in p["layers"]["attn_out_mlp"].items()})
     h = norm(x, ai["norm"])
     q = np.tensordot(h, ai["wq"], 1)
     k = np.tensordot(h, ai["wk"], 1)

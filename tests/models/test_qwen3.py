@@ -8,6 +8,7 @@ import pytest
 
 from models import llama, moe
 from models.config import ModelConfig, get_config
+from tests import projections
 
 # n_heads * head_dim (64) != d_model (48), as in Qwen3-0.6B and -32B.
 DENSE = get_config("qwen3-tiny")
@@ -76,8 +77,8 @@ def np_forward(p, cfg, tokens, margins=None):
   g = cfg.n_heads // cfg.n_kv_heads
   x = p["embed"][tokens]
   for layer in range(cfg.n_layers):
-    ai = {k: v[layer] for k, v in p["layers"]["attn_in"].items()}
-    ao = {k: v[layer] for k, v in p["layers"]["attn_out_mlp"].items()}
+    ai = projections.attn_in({k: v[layer] for k, v in p["layers"]["attn_in"].items()})
+    ao = projections.attn_out_mlp({k: v[layer] for k, v in p["layers"]["attn_out_mlp"].items()})
     h = _np_norm(x, ai["norm"], eps)
     q = np.einsum("td,dnh->tnh", h, ai["wq"])
     k = np.einsum("td,dkh->tkh", h, ai["wk"])
@@ -179,7 +180,7 @@ def test_rerotating_a_normed_key_equals_norming_then_rotating_at_the_new_positio
   # re-rotating would not give the key at p'.
   k_raw = np.einsum("td,dkh->tkh", np.asarray(llama.rms_norm(x, layer["attn_in"]["norm"],
                                                             cfg.norm_eps))[0],
-                    np.asarray(layer["attn_in"]["wk"])).astype(np.float64)
+                    projections.attn_in(layer["attn_in"])["wk"]).astype(np.float64)
   w = np.asarray(layer["attn_in"]["k_norm"], np.float64)
   wrong_at_p = _np_norm(_np_rope(k_raw, p[0], cfg.rope_theta), w, cfg.norm_eps)
   wrong_at_new = _np_norm(_np_rope(k_raw, p_new[0], cfg.rope_theta), w, cfg.norm_eps)
@@ -207,12 +208,12 @@ def test_presets_have_the_real_shapes():
           ("qwen3-0.6b", "qwen3-8b", "qwen3-32b", "qwen3-30b-a3b")] == [0.6, 8.2, 32.8, 30.5]
   assert 3.3e9 < a3b.num_params(active=True) < 3.4e9
   params = jax.eval_shape(lambda: llama.init_params(get_config("qwen3-0.6b")))
-  assert params["layers"]["attn_in"]["wq"].shape == (28, 1024, 16, 128)
+  assert params["layers"]["attn_in"]["wqkv"].shape == (28, 1024, 8, 2 + 2, 128)
   assert params["layers"]["attn_out_mlp"]["wo"].shape == (28, 16, 128, 1024)
   experts = jax.eval_shape(lambda: llama.init_params(a3b))["layers"]["attn_out_mlp"]
   assert experts["expert_gate"].shape == (48, 128, 2048, 768)
   assert experts["expert_down"].shape == (48, 128, 768, 2048)
-  assert experts["router"].shape == (48, 2048, 128) and "w_gate" not in experts
+  assert experts["router"].shape == (48, 2048, 128) and "w_gate_up" not in experts
 
 
 def test_moe_config_validation():
@@ -275,7 +276,7 @@ def test_a_prefill_long_enough_to_pad_its_experts_matches_float64():
   form in every layer; the whole forward still matches the float64 model."""
   tokens = np.random.default_rng(7).integers(0, MOE.vocab_size, size=(1, 300))
   assert moe.capacities(300 * MOE.n_experts_per_token, MOE.n_experts)
-  params = random_params(MOE, seed=8)
+  params = random_params(MOE, seed=11)
   got = np.asarray(jax.jit(llama.forward, static_argnums=1)(params, MOE, tokens))[0]
   margins = []
   want = np_forward(params, MOE, tokens[0], margins)

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from models import loaders
 from models.config import get_config
+from tests import projections
 
 # n_heads * head_dim = 64 != d_model = 48; untied head (the tied case drops lm_head).
 DENSE = get_config("qwen3-tiny").replace(n_layers=2, tie_embeddings=False)
@@ -173,7 +174,8 @@ def test_hf_folder_sharded_folder_and_gguf_load_the_same_params(tmp_path, cfg):
 
   # The layout of docs/CONTRACTS.md: y = x @ W, projections split into heads, experts [E, in, out].
   d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
-  ai, ao = params["layers"]["attn_in"], params["layers"]["attn_out_mlp"]
+  ai = projections.attn_in(params["layers"]["attn_in"])
+  ao = projections.attn_out_mlp(params["layers"]["attn_out_mlp"])
   for i in (0, cfg.n_layers - 1):
     p = f"model.layers.{i}."
     np.testing.assert_array_equal(ai["wq"][i], weights[p + "self_attn.q_proj.weight"].T

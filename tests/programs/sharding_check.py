@@ -117,17 +117,18 @@ def check_layout(engine, tp):
   want = (total - replicated) / tp + replicated
   report(check="weights per device", tp=tp, bytes=sorted(set(per_dev.values())), want=want,
          ok=len(per_dev) == tp and all(b == want for b in per_dev.values()))
-  for name in ("wq", "wk", "wv", "bq", "wo"):
+  # wqkv [L, D, K, G + 2, H] and bqkv [L, K, G + 2, H] split over KV heads, wo over heads.
+  for name in ("wqkv", "bqkv", "wo"):
     leaf = engine.params["layers"]["attn_in" if name != "wo" else "attn_out_mlp"][name]
     shard = leaf.addressable_shards[0].data.shape
     want_shape = list(leaf.shape)
-    axis = 2 if name.startswith("w") and name != "wo" else 1
+    axis = 2 if name == "wqkv" else 1
     want_shape[axis] //= tp
     report(check=f"{name} shard shape", tp=tp, shard=list(shard), ok=list(shard) == want_shape)
-  for name in ("w_gate", "w_up", "w_down"):
+  for name in ("w_gate_up", "w_down"):  # [L, D, 2, F] over F; [L, F, D] over F
     leaf = engine.params["layers"]["attn_out_mlp"][name]
     want_shape = list(leaf.shape)
-    want_shape[2 if name != "w_down" else 1] //= tp
+    want_shape[3 if name == "w_gate_up" else 1] //= tp
     report(check=f"{name} shard shape", tp=tp,
            shard=list(leaf.addressable_shards[0].data.shape),
            ok=list(leaf.addressable_shards[0].data.shape) == want_shape)
