@@ -108,11 +108,26 @@ def experts_ffn(hx: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: j
   order = jnp.argsort(group, stable=True)
   group_sizes = jnp.bincount(group, length=n_local + 1)[:n_local].astype(jnp.int32)
 
+  # Where each assignment sits in the sorted order (the inverse permutation: a scatter of unique
+  # indices, not a second sort), and its routing weight (0 for another shard's expert).
+  unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
+                                                 unique_indices=True)
+  scale = jnp.where(here, weights.reshape(-1), 0.0).reshape(m, k, 1)
+
+  def combine(rows):
+    """rows [M * k, D] in (token, j) order, in the matmul's dtype -> the weighted sum over j in
+    float32: one fusion reads the rows once (the same products and sums, bit for bit, as scaling
+    them in float32 first, which wrote and read them again at twice the bytes). where, not a
+    product alone: rows of another shard's assignments are unspecified on some backends."""
+    rows = rows.reshape(m, k, d).astype(jnp.float32)
+    return jnp.sum(jnp.where(here.reshape(m, k, 1), rows * scale, 0.0), axis=1)
+
   def grouped():
     rows = hx[order // k]  # [M * k, D]: the token of each sorted assignment
     gate = grouped_matmul(rows, w_gate, group_sizes)
     up = grouped_matmul(rows, w_up, group_sizes)
-    return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M * k, D]
+    out = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M * k, D], sorted
+    return combine(out[unsort])
 
   def padded(c: int):
     def run():
@@ -121,28 +136,17 @@ def experts_ffn(hx: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: j
       filled = jnp.arange(c)[None, :] < group_sizes[:, None]
       slot_token = order[jnp.minimum(slot, order.shape[0] - 1)] // k
       out = _swiglu_padded(hx, slot_token, filled, w_gate, w_up, w_down)  # [E, C, D]
-      # Sorted assignment i is row i - starts[e] of its expert e's block.
-      expert = jnp.minimum(group[order], n_local - 1)
-      row = jnp.clip(jnp.arange(order.shape[0]) - starts[expert], 0, c - 1)
-      return out[expert, row]  # [M * k, D], rows of other shards' assignments unspecified
+      # Assignment a (token order) is row unsort[a] - starts[e] of its expert e's block: read
+      # straight into token order, with no sorted copy in between.
+      expert = jnp.minimum(group, n_local - 1)
+      return combine(out[expert, jnp.clip(unsort - starts[expert], 0, c - 1)])
     return run
 
   caps = capacities(m * k, n_local)
-  if caps:
-    branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.max(group_sizes))
-    out = jax.lax.switch(branch, [padded(c) for c in caps] + [grouped])
-  else:
-    out = grouped()
-  # Back to (token, j) order by gathering the rows in the matmul's dtype, then scale and sum in
-  # float32 in token order: one fusion reads the [M * k, D] rows once, where scaling first in
-  # float32 wrote and read them again at twice the bytes (the same products and sums, bit for bit).
-  # The inverse permutation is a scatter of unique indices, not a second sort.
-  unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
-                                                 unique_indices=True)
-  scale = jnp.where(here, weights.reshape(-1), 0.0).reshape(m, k, 1)
-  # where, not a product alone: rows outside every group are unspecified on some backends.
-  out = out[unsort].reshape(m, k, d).astype(jnp.float32)
-  return jnp.sum(jnp.where(here.reshape(m, k, 1), out * scale, 0.0), axis=1)
+  if not caps:
+    return grouped()
+  branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.max(group_sizes))
+  return jax.lax.switch(branch, [padded(c) for c in caps] + [grouped])
 
 
 def moe_ffn(hx: jax.Array, params: dict, cfg: ModelConfig, first_expert=0,
