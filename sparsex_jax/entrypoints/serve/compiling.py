@@ -44,9 +44,11 @@ class CompileAhead:
     self.engine, self.policy = engine, policy
     self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sparsex-compile")
     self._compiling: dict[tuple, concurrent.futures.Future] = {}
-    # The programs compiled (or compiling) on the thread; added to on the engine thread only
-    # (the engine loop reads it between steps).
+    # The programs the thread has compiled (a compile that failed is not one: its program
+    # compiles when it runs, and the engine loop counts that as a stall); added to on the engine
+    # thread only (the engine loop reads it between steps).
     self.keys: set[tuple] = set()
+    self._submitted: set[tuple] = set()  # compiled, compiling or failed: never submitted twice
     self.deferred = 0  # admissions deferred while their program compiled
     # Programs compiled while no prefill compiles, each a thunk giving (key, compile): the copy
     # widths, then the host tier's reads and writes.
@@ -64,7 +66,7 @@ class CompileAhead:
     future = self._compiling.get(key)
     if future is None:
       self._compiling[key] = self._thread.submit(compile_now)
-      self.keys.add(key)
+      self._submitted.add(key)
     elif future.done():  # compiled (or failed: then the prefill compiles it and reports why)
       del self._compiling[key]
       if future.exception() is None:
@@ -85,18 +87,26 @@ class CompileAhead:
         # Compiling ahead is an optimisation: a program it cannot describe compiles when it runs.
         warnings.warn(f"compile ahead: skipped a program ({type(e).__name__}: {e})")
         continue
-      if key not in self.engine.kv.log and key not in self.keys:
+      if key not in self.engine.kv.log and key not in self._submitted:
         self._running = self._thread.submit(compile_now)
-        self.keys.add(key)
+        self._submitted.add(key)
+
+  def _collect(self) -> None:
+    """Counts the background program that finished, if it compiled (on the engine thread)."""
+    if self._running is not None and self._running.done():
+      if self._running.exception() is None:
+        self.keys.update(self._running.result())
+      self._running = None
 
   def _idle(self) -> bool:
-    return (all(f.done() for f in self._compiling.values())
-            and (self._running is None or self._running.done()))
+    self._collect()
+    return all(f.done() for f in self._compiling.values()) and self._running is None
 
   @property
   def background_pending(self) -> int:
     """Background programs not yet compiled (or compiling)."""
-    return len(self._background) + int(self._running is not None and not self._running.done())
+    self._collect()
+    return len(self._background) + int(self._running is not None)
 
   def close(self) -> None:
     self._thread.shutdown(wait=False, cancel_futures=True)
