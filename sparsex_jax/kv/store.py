@@ -30,7 +30,6 @@ from sparsex_jax.labels import REUSED
 from sparsex_jax.prompt import Prompt
 
 
-
 class ReusePolicy(Protocol):
   """What the store reads of a resolved reuse policy (sparsex_jax/reuse: ReusePolicy), named here
   so that kv/ imports nothing above it."""
